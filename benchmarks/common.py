@@ -1,0 +1,62 @@
+"""Models and timing shared by the benchmarks."""
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from personalab.model import ModelHandle, load_model
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
+
+
+def models() -> dict[str, ModelHandle]:
+    """The real stories260k (when present) and a random Llama of 8 blocks x 512 with a 32k vocabulary."""
+    out = {}
+    if STORIES.is_dir():
+        out["stories260k (real)"] = load_model(str(STORIES), device="auto")
+        tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    else:
+        raise SystemExit(f"benchmarks need the tokenizer in {STORIES}")
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_config(config).to(device).eval()
+    out["random llama 8x512, vocab 32k"] = ModelHandle.from_model(model, tokenizer, name="random-llama")
+    return out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(*fns, repeats: int = 3) -> list[float]:
+    """Median wall time in seconds of each of ``fns``, run interleaved ``repeats`` times after a warm-up.
+
+    Interleaving spreads machine noise evenly over the functions being compared.
+    """
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times, strict=True):
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]

@@ -1,0 +1,84 @@
+"""Every PyTorch hook personalab places on a model is registered here.
+
+``hook_residual`` reads or rewrites the residual stream at layer ``l`` (convention in
+``personalab.layers``): the input of block 0 for ``l = 0``, the output of block
+``l - 1`` otherwise, or, with ``final_norm=True`` at ``l = n_blocks``, the output of
+the decoder stack (``hidden_states[n_blocks]`` of transformers, after the final norm).
+``hook_call`` sees each top-level forward call before it runs (batch shape and
+attention mask), which is how interventions follow positions through cached decoding.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from personalab.model import ModelHandle, unwrap
+
+ResidualFn = Callable[[torch.Tensor], torch.Tensor | None]
+"""Receives the residual ``[batch, seq, hidden]``; returns a replacement or ``None``."""
+
+
+def _replace_first(output, new: torch.Tensor):
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new,) + output[1:]
+    output[0] = new  # ModelOutput: item assignment updates both key and attribute
+    return output
+
+
+def _first(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def hook_residual(
+    handle: ModelHandle, layer: int, fn: ResidualFn, *, final_norm: bool = False, prepend: bool = False
+) -> RemovableHandle:
+    """Register ``fn`` on the residual stream at ``layer``; remove it with ``.remove()``."""
+    if layer == 0:
+
+        def pre_hook(module, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new,) + args[1:], kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        return handle.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend)
+
+    module = handle.stack if final_norm and layer == handle.n_blocks else handle.blocks[layer - 1]
+
+    def post_hook(module, args, output):
+        new = fn(_first(output))
+        return None if new is None else _replace_first(output, new)
+
+    return module.register_forward_hook(post_hook, prepend=prepend)
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """One top-level forward call: ``batch`` rows, ``length`` new positions, full attention mask.
+
+    ``attention_mask`` is ``[batch, past + length]`` (``None`` if the caller gave none).
+    """
+
+    batch: int
+    length: int
+    attention_mask: torch.Tensor | None
+
+
+def hook_call(handle: ModelHandle, fn: Callable[[CallInfo], None]) -> RemovableHandle:
+    """Call ``fn`` before every forward of the transformers model (also inside ``generate``)."""
+
+    def pre_hook(module, args, kwargs):
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = args[0] if args else kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        fn(CallInfo(batch=tokens.shape[0], length=tokens.shape[1], attention_mask=mask))
+
+    return unwrap(handle.model).register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)

@@ -1,0 +1,300 @@
+"""Interventions on the residual stream: steer, ablate, clamp, substitute.
+
+Every intervention acts at a layer of the convention in ``personalab.layers``: on the
+output of block ``l - 1`` (the input of block 0 for ``l = 0``). Use them inside
+``intervene``, a context manager that removes its hooks on exit, also on exceptions::
+
+    with intervene(handle, Steer(layer=12, vector=v, alpha=4.0, positions="response")):
+        out = handle.model.generate(**batch)
+
+Positions are counted within each unpadded row, as in ``personalab.positions``:
+
+* ``"all"``: every real token (padding is never touched);
+* ``"prompt"``: indices ``< prompt_len``;
+* ``"response"``: the last prompt token and every token after it (the positions whose
+  outputs produce the answer, as in the public persona-vectors steerer);
+* ``"generated"``: indices ``>= prompt_len``.
+
+``prompt_len`` per row is taken from ``prompt_lengths`` when given (needed for a
+teacher-forced forward over prompt + response); otherwise it is the number of real
+tokens in the first forward call (the prefill of ``generate``), so with a KV cache the
+prompt is handled at prefill and each decoding step is a generated position. Left and
+right padding are both handled through the attention mask.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from personalab.errors import InvalidInputError
+from personalab.hooks import CallInfo, hook_call, hook_residual
+from personalab.layers import check_layers, check_vector
+from personalab.model import ModelHandle
+
+InterventionPositions = Literal["all", "prompt", "response", "generated"]
+_MODES = ("all", "prompt", "response", "generated")
+
+
+class CallPositions:
+    """Where the positions of the current forward call sit in each row.
+
+    ``index[b, t]`` is the unpadded index of position ``t`` of row ``b``; ``real`` marks
+    non-padding positions; ``left_pad[b]`` is the number of left pads of row ``b``.
+    """
+
+    def __init__(self, info: CallInfo, given: torch.Tensor | None, inferred: torch.Tensor | None):
+        mask = info.attention_mask
+        if mask is None:
+            mask = torch.ones(info.batch, info.length, dtype=torch.long)
+        if mask.dim() != 2:
+            raise InvalidInputError("interventions need a 2-D attention mask [batch, seq]; pass one to the model")
+        self.batch, self.length = info.batch, info.length
+        self.offset = mask.shape[1] - info.length
+        self.left_pad = (mask.cumsum(-1) == 0).sum(-1)
+        positions = torch.arange(self.offset, mask.shape[1], device=mask.device)
+        self.index = positions.unsqueeze(0) - self.left_pad.unsqueeze(1)
+        self.real = mask[:, self.offset :].bool()
+        if given is not None:
+            self.prompt_len = given.to(mask.device)
+        elif self.offset == 0:
+            self.prompt_len = self.real.sum(-1)
+        elif inferred is not None:
+            self.prompt_len = inferred
+        else:
+            raise InvalidInputError(
+                "the intervention saw a decoding step without its prompt; enter intervene() before generate(), "
+                "or pass prompt_lengths"
+            )
+        if self.prompt_len.shape[0] != self.batch:
+            raise InvalidInputError(
+                f"prompt_lengths has {self.prompt_len.shape[0]} rows but the batch has {self.batch}"
+            )
+        self._masks: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def mask(self, mode: str, device: torch.device) -> torch.Tensor:
+        """Bool ``[batch, length]`` of the positions selected by ``mode``."""
+        key = (mode, device)
+        if key not in self._masks:
+            p = self.prompt_len.unsqueeze(1)
+            chosen = {
+                "all": self.real,
+                "prompt": self.real & (self.index < p),
+                "response": self.real & (self.index >= p - 1),
+                "generated": self.real & (self.index >= p),
+            }[mode]
+            self._masks[key] = chosen.to(device)
+        return self._masks[key]
+
+
+Apply = Callable[[torch.Tensor, CallPositions], torch.Tensor]
+
+
+def _check_mode(positions: str) -> None:
+    if positions not in _MODES:
+        raise InvalidInputError(f"unknown positions {positions!r}; use one of {', '.join(_MODES)}")
+
+
+def _per_row(value: float | Sequence[float] | torch.Tensor, name: str) -> torch.Tensor:
+    """A scalar as a 0-d tensor or a ``[batch]`` tensor of per-row values, checked finite."""
+    t = torch.as_tensor(value, dtype=torch.float32)
+    if t.dim() > 1 or not torch.isfinite(t).all():
+        raise InvalidInputError(f"{name} must be a finite number or one finite number per batch row")
+    return t
+
+
+def _rows(value: torch.Tensor, call: CallPositions, device: torch.device, name: str) -> torch.Tensor:
+    """Broadcastable ``[batch, 1]`` (or 0-d) form of a scalar or per-row value."""
+    if value.dim() == 0:
+        return value.to(device)
+    if value.shape[0] != call.batch:
+        raise InvalidInputError(
+            f"per-row {name} has {value.shape[0]} entries but the batch has {call.batch} rows "
+            f"(num_return_sequences multiplies rows); give one {name} per row"
+        )
+    return value.to(device).unsqueeze(1)
+
+
+def _unit(direction: torch.Tensor, layer: int, handle: ModelHandle) -> torch.Tensor:
+    d = check_vector(direction, layer, handle.n_blocks, handle.hidden_size).float()
+    norm = d.norm()
+    if norm == 0:
+        raise InvalidInputError(f"direction for layer {layer} is all zeros; it has no direction to use")
+    return d / norm
+
+
+@dataclass(frozen=True)
+class Steer:
+    """Add ``alpha * vector`` at ``layer``; ``alpha`` is a number or one number per batch row.
+
+    ``vector`` is ``[hidden]`` or per-layer ``[n_blocks + 1, hidden]`` (row ``layer`` is used).
+    """
+
+    layer: int
+    vector: torch.Tensor
+    alpha: float | Sequence[float] | torch.Tensor = 1.0
+    positions: InterventionPositions = "all"
+
+    def prepare(self, handle: ModelHandle) -> Apply:
+        _check_mode(self.positions)
+        v = check_vector(self.vector, self.layer, handle.n_blocks, handle.hidden_size).float()
+        alpha = _per_row(self.alpha, "alpha")
+
+        def apply(h: torch.Tensor, call: CallPositions) -> torch.Tensor:
+            scale = call.mask(self.positions, h.device) * _rows(alpha, call, h.device, "alpha")
+            return h + scale.to(h.dtype).unsqueeze(-1) * v.to(h.device, h.dtype)
+
+        return apply
+
+
+@dataclass(frozen=True)
+class Ablate:
+    """Project ``direction`` out of the residual at ``layer`` (its projection becomes 0)."""
+
+    layer: int
+    direction: torch.Tensor
+    positions: InterventionPositions = "all"
+
+    def prepare(self, handle: ModelHandle) -> Apply:
+        return Clamp(self.layer, self.direction, 0.0, self.positions).prepare(handle)
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """Set the projection of the residual onto unit ``direction`` to ``value`` at ``layer``.
+
+    ``value`` is a number or one number per batch row.
+    """
+
+    layer: int
+    direction: torch.Tensor
+    value: float | Sequence[float] | torch.Tensor
+    positions: InterventionPositions = "all"
+
+    def prepare(self, handle: ModelHandle) -> Apply:
+        _check_mode(self.positions)
+        u = _unit(self.direction, self.layer, handle)
+        target = _per_row(self.value, "value")
+
+        def apply(h: torch.Tensor, call: CallPositions) -> torch.Tensor:
+            uu = u.to(h.device)
+            x = h.float()
+            shift = (_rows(target, call, h.device, "value") - x @ uu) * call.mask(self.positions, h.device)
+            return (x + shift.unsqueeze(-1) * uu).to(h.dtype)
+
+        return apply
+
+
+@dataclass(frozen=True)
+class Substitute:
+    """Replace the residual at ``layer`` with given vectors.
+
+    ``positions[b]`` lists unpadded indices of row ``b``; ``values[b]`` is ``[len(positions[b]), hidden]``.
+    """
+
+    layer: int
+    positions: Sequence[Sequence[int]]
+    values: Sequence[torch.Tensor]
+
+    def prepare(self, handle: ModelHandle) -> Apply:
+        check_layers(self.layer, handle.n_blocks)
+        if len(self.positions) != len(self.values):
+            raise InvalidInputError(
+                f"substitution has {len(self.positions)} position lists but {len(self.values)} value tensors"
+            )
+        rows, cols, vals = [], [], []
+        for b, (pos, val) in enumerate(zip(self.positions, self.values, strict=True)):
+            val = torch.as_tensor(val, dtype=torch.float32)
+            if val.dim() != 2 or val.shape != (len(pos), handle.hidden_size):
+                raise InvalidInputError(
+                    f"substitution values of row {b} have shape {tuple(val.shape)}; "
+                    f"expected ({len(pos)}, {handle.hidden_size})"
+                )
+            if not torch.isfinite(val).all() or any(p < 0 for p in pos):
+                raise InvalidInputError(f"substitution row {b} has NaN/inf values or negative positions")
+            rows += [b] * len(pos)
+            cols += list(pos)
+            vals.append(val)
+        row_t = torch.tensor(rows, dtype=torch.long)
+        col_t = torch.tensor(cols, dtype=torch.long)
+        val_t = torch.cat(vals) if vals else torch.empty(0, handle.hidden_size)
+
+        def apply(h: torch.Tensor, call: CallPositions) -> torch.Tensor:
+            if len(self.positions) != call.batch:
+                raise InvalidInputError(f"substitution has {len(self.positions)} rows but the batch has {call.batch}")
+            at = col_t + call.left_pad.cpu()[row_t] - call.offset
+            keep = (at >= 0) & (at < call.length)
+            if not keep.any():
+                return h
+            out = h.clone()
+            out[row_t[keep].to(h.device), at[keep].to(h.device)] = val_t[keep].to(h.device, h.dtype)
+            return out
+
+        return apply
+
+
+Intervention = Steer | Ablate | Clamp | Substitute
+
+
+class _State:
+    """Tracks the current forward call and the prompt lengths inferred at prefill."""
+
+    def __init__(self, prompt_lengths: Sequence[int] | torch.Tensor | None):
+        self.given = None if prompt_lengths is None else torch.as_tensor(prompt_lengths, dtype=torch.long)
+        self.inferred: torch.Tensor | None = None
+        self.call: CallPositions | None = None
+
+    def on_call(self, info: CallInfo) -> None:
+        self.call = CallPositions(info, self.given, self.inferred)
+        if self.call.offset == 0:
+            self.inferred = self.call.prompt_len
+
+
+@contextmanager
+def intervene(
+    handle: ModelHandle,
+    *interventions: Intervention,
+    prompt_lengths: Sequence[int] | torch.Tensor | None = None,
+) -> Iterator[None]:
+    """Apply ``interventions`` to every forward pass of ``handle.model`` inside the block.
+
+    Interventions at the same layer apply in the order given, before any capture hook.
+    All inputs are validated before a hook is placed; all hooks are removed on exit.
+    """
+    for iv in interventions:
+        check_layers(iv.layer, handle.n_blocks)
+    state = _State(prompt_lengths)
+    by_layer: dict[int, list[Apply]] = {}
+    for iv in interventions:
+        by_layer.setdefault(iv.layer, []).append(iv.prepare(handle))
+
+    def layer_fn(applies: list[Apply]):
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            for apply in applies:
+                h = apply(h, state.call)
+            return h
+
+        return fn
+
+    with ExitStack() as stack:
+        stack.callback(hook_call(handle, state.on_call).remove)
+        for layer, applies in by_layer.items():
+            stack.callback(hook_residual(handle, layer, layer_fn(applies), prepend=True).remove)
+        yield
+
+
+def steer(
+    handle: ModelHandle,
+    vector: torch.Tensor,
+    layers: int | Sequence[int],
+    alpha: float | Sequence[float] | torch.Tensor = 1.0,
+    positions: InterventionPositions = "all",
+    prompt_lengths: Sequence[int] | torch.Tensor | None = None,
+):
+    """Shorthand for ``intervene`` with one ``Steer`` per layer of ``layers``."""
+    layer_list = check_layers(layers, handle.n_blocks)
+    return intervene(
+        handle, *(Steer(layer, vector, alpha, positions) for layer in layer_list), prompt_lengths=prompt_lengths
+    )

@@ -1,0 +1,210 @@
+"""Loading models and locating their decoder blocks (layer convention: see ``personalab.layers``)."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from personalab.chat import ChatFormat, TokenSequence, detect_chat_format, encode_chat
+from personalab.errors import InvalidInputError, PersonalabError, UnsupportedArchitectureError
+
+KNOWN_BLOCK_PATHS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "gemma3": "model.language_model.layers",
+    "olmo": "model.layers",
+    "olmo2": "model.layers",
+    "olmo3": "model.layers",
+    "phi3": "model.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+}
+FALLBACK_BLOCK_PATHS: tuple[str, ...] = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.layers",
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (modules are shared, so hooks reach both)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _num_hidden_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "num_hidden_layers", None)
+
+
+def find_blocks(model: nn.Module, blocks_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return ``(path, blocks)``: the decoder blocks of ``model``, in order.
+
+    Tries ``blocks_path`` if given, then the known path for the model type, then
+    common paths, then any ``nn.ModuleList`` as long as ``config.num_hidden_layers``.
+    """
+    inner = unwrap(model)
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    candidates = [blocks_path] if blocks_path else []
+    if model_type in KNOWN_BLOCK_PATHS:
+        candidates.append(KNOWN_BLOCK_PATHS[model_type])
+    candidates += [p for p in FALLBACK_BLOCK_PATHS if p not in candidates]
+    for path in candidates:
+        try:
+            module = inner.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return path, module
+    n_layers = _num_hidden_layers(inner)
+    if n_layers:
+        for name, module in inner.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+                return name, module
+    raise UnsupportedArchitectureError(
+        f"cannot find the decoder blocks of {type(inner).__name__} (model_type={model_type!r}); "
+        f"tried {', '.join(candidates)} and any ModuleList of num_hidden_layers={n_layers}; "
+        f"pass blocks_path='<attribute path of the block list>'"
+    )
+
+
+@dataclass
+class ModelHandle:
+    """A causal LM with what personalab needs to know about it.
+
+    ``blocks[i]`` is decoder block ``i``; ``stack`` is the module that holds the blocks
+    and returns ``hidden_states[n_blocks]`` (after the final norm) as its first output.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    blocks: nn.ModuleList
+    blocks_path: str
+    stack: nn.Module
+    n_blocks: int
+    hidden_size: int
+    chat: ChatFormat
+    name: str
+    revision: str | None = None
+
+    @classmethod
+    def from_model(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str | None = None,
+        revision: str | None = None,
+        blocks_path: str | None = None,
+    ) -> "ModelHandle":
+        path, blocks = find_blocks(model, blocks_path)
+        inner = unwrap(model)
+        stack = inner.get_submodule(path.rpartition(".")[0]) if "." in path else inner
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        text_config = inner.config.get_text_config()
+        hidden = getattr(text_config, "hidden_size", None) or inner.get_input_embeddings().embedding_dim
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            blocks=blocks,
+            blocks_path=path,
+            stack=stack,
+            n_blocks=len(blocks),
+            hidden_size=int(hidden),
+            chat=detect_chat_format(tokenizer),
+            name=name or getattr(inner, "name_or_path", "") or type(inner).__name__,
+            revision=revision,
+        )
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers in the convention: ``n_blocks + 1``."""
+        return self.n_blocks + 1
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(unwrap(self.model).config, "architectures", None)
+        return archs[0] if archs else type(unwrap(self.model)).__name__
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def input_device(self) -> torch.device:
+        """Device of the input embeddings, where token ids must go."""
+        return unwrap(self.model).get_input_embeddings().weight.device
+
+    def encode(self, system: str | None, user: str, assistant: str | None = None) -> TokenSequence:
+        """Chat-format one turn; see ``personalab.chat.encode_chat``."""
+        return encode_chat(self.tokenizer, self.chat, system, user, assistant)
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype | str:
+    """Map a dtype name to torch; ``"auto"`` keeps the checkpoint's dtype on GPU, float32 on CPU."""
+    if dtype == "auto":
+        return "auto" if device != "cpu" else torch.float32
+    resolved = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(str(dtype).lower())
+    if resolved is None:
+        raise InvalidInputError(f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16")
+    if resolved == torch.float16 and device == "cpu":
+        raise InvalidInputError("float16 is not supported on CPU; use --dtype bfloat16 or float32")
+    return resolved
+
+
+def load_model(
+    name_or_path: str,
+    revision: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    blocks_path: str | None = None,
+) -> ModelHandle:
+    """Load a causal LM and its tokenizer with ``from_pretrained`` (hub name or local folder).
+
+    On CUDA the model is placed with ``device_map="auto"`` so models larger than one
+    GPU are split by accelerate; on CPU it stays in one piece.
+    """
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    device_map = "auto" if device == "cuda" else device
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, revision=revision, dtype=torch_dtype, device_map=device_map
+        )
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PersonalabError(
+            f"cannot load {name_or_path!r}"
+            + (f" at revision {revision!r}" if revision else "")
+            + f": {reason} (check the name, the revision, or the local folder)"
+        ) from exc
+    model.eval()
+    return ModelHandle.from_model(model, tokenizer, name=name_or_path, revision=revision, blocks_path=blocks_path)

@@ -1,0 +1,32 @@
+"""Reference computations that use transformers directly, not personalab's hooks."""
+
+import torch
+
+from personalab.chat import TokenSequence
+from personalab.model import ModelHandle
+
+
+@torch.no_grad()
+def hidden_states(handle: ModelHandle, seq: TokenSequence) -> torch.Tensor:
+    """``[n_blocks + 1, len(ids), hidden]`` from ``output_hidden_states=True`` on one unpadded sequence."""
+    ids = torch.tensor([seq.ids])
+    out = handle.model(input_ids=ids, output_hidden_states=True)
+    return torch.stack(out.hidden_states)[:, 0].float()
+
+
+@torch.no_grad()
+def logits(handle: ModelHandle, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    position_ids = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+    return handle.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.float()
+
+
+def encode_all(handle: ModelHandle, conversations) -> list[TokenSequence]:
+    return [handle.encode(system, user, answer) for system, user, answer in conversations]
+
+
+def hook_counts(handle: ModelHandle) -> list[int]:
+    """Number of hooks on every module of the model (transformers keeps some of its own)."""
+    return [
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_with_kwargs)
+        for m in handle.model.modules()
+    ]

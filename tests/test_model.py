@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from personalab import PersonalabError, load_model
+from personalab.errors import InvalidInputError, UnsupportedArchitectureError
+from personalab.model import KNOWN_BLOCK_PATHS, ModelHandle, find_blocks
+
+from conftest import ARCHS, BLOCKS, HIDDEN
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_model_finds_blocks_for_every_architecture(tiny, arch):
+    handle = tiny(arch)
+    assert handle.model.config.model_type == arch
+    assert handle.blocks_path == KNOWN_BLOCK_PATHS[arch]
+    assert handle.n_blocks == BLOCKS == handle.model.config.num_hidden_layers
+    assert handle.n_layers == BLOCKS + 1
+    assert handle.hidden_size == HIDDEN
+    assert handle.blocks is handle.model.get_submodule(handle.blocks_path)
+    assert handle.dtype == torch.float32
+
+
+class _Opaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = PretrainedConfig(num_hidden_layers=2)
+        self.stuff = nn.Linear(4, 4)
+
+
+def test_unknown_architecture_names_the_paths_it_tried():
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        find_blocks(_Opaque())
+    message = str(err.value)
+    assert "\n" not in message
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers"):
+        assert path in message
+    assert "blocks_path=" in message
+
+
+def test_generic_fallback_finds_a_modulelist_of_num_hidden_layers():
+    model = _Opaque()
+    model.trunk = nn.Module()
+    model.trunk.stages = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    path, blocks = find_blocks(model)
+    assert path == "trunk.stages" and blocks is model.trunk.stages
+
+
+def test_blocks_path_override(tiny):
+    handle = tiny("llama")
+    path, blocks = find_blocks(handle.model, blocks_path="model.layers")
+    assert blocks is handle.blocks
+
+
+def test_from_model_wraps_a_peft_model(tiny):
+    peft = pytest.importorskip("peft")
+    handle = tiny("llama")
+    wrapped = peft.get_peft_model(handle.model, peft.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="t")
+    try:
+        inner = ModelHandle.from_model(wrapped, handle.tokenizer)
+        assert inner.n_blocks == handle.n_blocks
+        assert inner.blocks[0] is wrapped.get_base_model().model.layers[0]
+    finally:
+        wrapped.unload()
+
+
+def test_float16_on_cpu_is_refused(model_folder):
+    with pytest.raises(InvalidInputError, match="float16 is not supported on CPU"):
+        load_model(str(model_folder("llama")), device="cpu", dtype="float16")
+
+
+def test_bfloat16_loads_on_cpu(model_folder):
+    handle = load_model(str(model_folder("llama")), device="cpu", dtype="bfloat16")
+    assert handle.dtype == torch.bfloat16
+
+
+def test_missing_model_is_a_one_line_error(tmp_path):
+    with pytest.raises(PersonalabError) as err:
+        load_model(str(tmp_path / "nope"), device="cpu")
+    assert "\n" not in str(err.value) and "nope" in str(err.value)
