@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from personalab import GeneratedToken, Indices, capture
 from personalab.chat import TokenSequence
@@ -115,3 +117,19 @@ def test_bad_selections_are_clear_errors(tiny):
         capture(handle, no_answer, positions=Indices([[99]]))
     with pytest.raises(InvalidInputError, match="reduce"):
         capture(handle, no_answer, positions="all", reduce="max")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.lists(st.tuples(st.integers(1, 12), st.integers(0, 12), st.integers(3, 300)), min_size=1, max_size=7),
+    batch_size=st.integers(1, 4),
+    side=st.sampled_from(["left", "right"]),
+    positions=st.sampled_from(["all", "prompt", "last_prompt"]),
+)
+def test_any_batching_equals_the_reference(tiny, data, batch_size, side, positions):
+    handle = tiny("gpt_neox")
+    seqs = [TokenSequence(tuple((seed * 7 + i) % 300 for i in range(p + r)), p) for p, r, seed in data]
+    got = capture(handle, seqs, layers=[0, 2, 3], positions=positions, batch_size=batch_size, padding_side=side)
+    for i, seq in enumerate(seqs):
+        ref = hidden_states(handle, seq)[[0, 2, 3]][:, _reference_select(seq, positions)].mean(dim=1)
+        torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=1e-5)

@@ -97,24 +97,44 @@ def _check_mode(positions: str) -> None:
         raise InvalidInputError(f"unknown positions {positions!r}; use one of {', '.join(_MODES)}")
 
 
-def _per_row(value: float | Sequence[float] | torch.Tensor, name: str) -> torch.Tensor:
-    """A scalar as a 0-d tensor or a ``[batch]`` tensor of per-row values, checked finite."""
-    t = torch.as_tensor(value, dtype=torch.float32)
-    if t.dim() > 1 or not torch.isfinite(t).all():
-        raise InvalidInputError(f"{name} must be a finite number or one finite number per batch row")
-    return t
+class _RowValues:
+    """A number, or one number per batch row, as a broadcastable ``[batch, 1]`` value per device."""
+
+    def __init__(self, value: float | Sequence[float] | torch.Tensor, name: str):
+        t = torch.as_tensor(value, dtype=torch.float32)
+        if t.dim() > 1 or not torch.isfinite(t).all():
+            raise InvalidInputError(f"{name} must be a finite number or one finite number per batch row")
+        self.name = name
+        self.rows = t.shape[0] if t.dim() == 1 else None
+        self.scalar = float(t) if self.rows is None else None
+        self.column = t.reshape(-1, 1)
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def on(self, call: CallPositions, device: torch.device) -> float | torch.Tensor:
+        if self.scalar is not None:
+            return self.scalar
+        if self.rows != call.batch:
+            raise InvalidInputError(
+                f"per-row {self.name} has {self.rows} entries but the batch has {call.batch} rows "
+                f"(num_return_sequences multiplies rows); give one {self.name} per row"
+            )
+        if device not in self._on:
+            self._on[device] = self.column.to(device)
+        return self._on[device]
 
 
-def _rows(value: torch.Tensor, call: CallPositions, device: torch.device, name: str) -> torch.Tensor:
-    """Broadcastable ``[batch, 1]`` (or 0-d) form of a scalar or per-row value."""
-    if value.dim() == 0:
-        return value.to(device)
-    if value.shape[0] != call.batch:
-        raise InvalidInputError(
-            f"per-row {name} has {value.shape[0]} entries but the batch has {call.batch} rows "
-            f"(num_return_sequences multiplies rows); give one {name} per row"
-        )
-    return value.to(device).unsqueeze(1)
+class _OnDevice:
+    """A float32 vector with cached copies per (device, dtype)."""
+
+    def __init__(self, vector: torch.Tensor):
+        self.vector = vector
+        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def like(self, h: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        key = (h.device, dtype or h.dtype)
+        if key not in self._copies:
+            self._copies[key] = self.vector.to(*key)
+        return self._copies[key]
 
 
 def _unit(direction: torch.Tensor, layer: int, handle: ModelHandle) -> torch.Tensor:
@@ -139,12 +159,12 @@ class Steer:
 
     def prepare(self, handle: ModelHandle) -> Apply:
         _check_mode(self.positions)
-        v = check_vector(self.vector, self.layer, handle.n_blocks, handle.hidden_size).float()
-        alpha = _per_row(self.alpha, "alpha")
+        v = _OnDevice(check_vector(self.vector, self.layer, handle.n_blocks, handle.hidden_size).float())
+        alpha = _RowValues(self.alpha, "alpha")
 
         def apply(h: torch.Tensor, call: CallPositions) -> torch.Tensor:
-            scale = call.mask(self.positions, h.device) * _rows(alpha, call, h.device, "alpha")
-            return h + scale.to(h.dtype).unsqueeze(-1) * v.to(h.device, h.dtype)
+            scale = call.mask(self.positions, h.device) * alpha.on(call, h.device)
+            return h + scale.to(h.dtype).unsqueeze(-1) * v.like(h)
 
         return apply
 
@@ -175,13 +195,13 @@ class Clamp:
 
     def prepare(self, handle: ModelHandle) -> Apply:
         _check_mode(self.positions)
-        u = _unit(self.direction, self.layer, handle)
-        target = _per_row(self.value, "value")
+        u = _OnDevice(_unit(self.direction, self.layer, handle))
+        target = _RowValues(self.value, "value")
 
         def apply(h: torch.Tensor, call: CallPositions) -> torch.Tensor:
-            uu = u.to(h.device)
+            uu = u.like(h, torch.float32)
             x = h.float()
-            shift = (_rows(target, call, h.device, "value") - x @ uu) * call.mask(self.positions, h.device)
+            shift = (target.on(call, h.device) - x @ uu) * call.mask(self.positions, h.device)
             return (x + shift.unsqueeze(-1) * uu).to(h.dtype)
 
         return apply
