@@ -67,6 +67,17 @@ def plain_prompt(system: str | None, user: str) -> str:
     return f"{system}\n\n{question}" if system else question
 
 
+def encode_text(tokenizer: PreTrainedTokenizerBase, prompt: str, assistant: str | None = None) -> TokenSequence:
+    """Encode a plain-text prompt (with the tokenizer's special tokens) and an optional response."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return _join(tokenizer, prompt_ids, assistant)
+
+
+def _join(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], assistant: str | None) -> TokenSequence:
+    response_ids = tokenizer.encode(assistant, add_special_tokens=False) if assistant else []
+    return TokenSequence(ids=tuple(prompt_ids) + tuple(response_ids), prompt_len=len(prompt_ids))
+
+
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase,
     chat: ChatFormat,

@@ -1,0 +1,3 @@
+from personalab.cli import app
+
+app(prog_name="personalab")

@@ -1,0 +1,90 @@
+"""Batched, cached, reproducible sampling with Hugging Face ``generate``.
+
+Requests are planned into length-sorted batches; each batch is sampled under a seed
+derived from the run seed and the keys of its requests and stored in one transaction.
+A resumed run skips stored batches and regenerates any other batch with the same seed,
+so it ends with exactly the texts of an uninterrupted run.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from personalab.batching import length_sorted_batches, pad_batch
+from personalab.chat import TokenSequence
+from personalab.model import ModelHandle
+from personalab.progress import progress_bar
+from personalab.store import Store, content_key
+
+
+class SamplingParams(BaseModel):
+    """Sampling parameters; ``temperature = 0`` means greedy decoding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A prompt to answer; ``request`` is what identifies it in the store (messages, sample index...)."""
+
+    prompt: TokenSequence
+    request: dict
+
+
+def generation_key(handle: ModelHandle, req: GenerationRequest, params: SamplingParams) -> str:
+    return content_key(
+        "generation", handle.name, handle.revision, req.request, list(req.prompt.ids), params.model_dump()
+    )
+
+
+@torch.inference_mode()
+def _sample(handle: ModelHandle, prompts: Sequence[TokenSequence], params: SamplingParams, seed: int) -> list[str]:
+    batch = pad_batch([p.ids for p in prompts], handle.tokenizer.pad_token_id, "left", handle.input_device)
+    torch.manual_seed(seed)
+    sampling = dict(temperature=params.temperature, top_p=params.top_p) if params.temperature else {}
+    out = handle.model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=params.max_new_tokens,
+        repetition_penalty=params.repetition_penalty,
+        pad_token_id=handle.tokenizer.pad_token_id,
+        do_sample=bool(sampling),
+        **sampling,
+    )
+    new = out[:, batch.input_ids.shape[1] :]
+    return handle.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def generate_cached(
+    handle: ModelHandle,
+    store: Store,
+    requests: Sequence[GenerationRequest],
+    params: SamplingParams,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[str]:
+    """Answer every request (in input order), reading stored answers and storing new ones per batch."""
+    keys = [generation_key(handle, r, params) for r in requests]
+    texts = store.texts(keys)
+    plan = length_sorted_batches([len(r.prompt.ids) for r in requests], batch_size)
+    with progress_bar("generate", len(requests), progress) as advance:
+        for rows in plan:
+            todo = [i for i in rows if keys[i] not in texts]
+            if todo:
+                seed = int(content_key(params.seed, [keys[i] for i in rows])[:15], 16)
+                answers = _sample(handle, [requests[i].prompt for i in rows], params, seed)
+                fresh = [(keys[i], answers[j]) for j, i in enumerate(rows) if keys[i] not in texts]
+                store.put_texts(
+                    (key, handle.name, handle.revision, requests[i].request, params.model_dump(), text)
+                    for (key, text), i in zip(fresh, todo, strict=True)
+                )
+                texts.update(fresh)
+            advance(len(rows))
+    return [texts[k] for k in keys]

@@ -1,0 +1,66 @@
+"""Traits: the built-in library, trait files, and the public persona-vectors layout."""
+
+import json
+from pathlib import Path
+
+from personalab.errors import InvalidInputError
+from personalab.traits.schema import InstructionPair, Trait, load_trait_file, parse_trait
+
+LIBRARY = Path(__file__).parent / "library"
+COHERENCE_RUBRIC = (LIBRARY / "coherence.txt").read_text()
+
+
+def builtin_traits() -> list[str]:
+    """Names of the traits shipped with personalab."""
+    return sorted(p.stem for p in LIBRARY.glob("*.json"))
+
+
+def load_public_trait(root: str | Path, name: str) -> Trait:
+    """Import a trait from the public persona-vectors layout.
+
+    ``root/trait_data_extract/{name}.json`` gives the instruction pairs and the extraction
+    questions, ``root/trait_data_eval/{name}.json`` the evaluation questions; both hold
+    ``instruction`` [{pos, neg}], ``questions`` and ``eval_prompt`` (the rubric).
+    """
+    root = Path(root)
+    parts = {}
+    for split in ("extract", "eval"):
+        path = root / f"trait_data_{split}" / f"{name}.json"
+        try:
+            parts[split] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InvalidInputError(
+                f"{path} does not exist; point --trait-dir at a persona-vectors data folder"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        missing = {"instruction", "questions", "eval_prompt"} - set(parts[split])
+        if missing:
+            raise InvalidInputError(f"{path}: field {sorted(missing)[0]!r} is missing")
+    extract, evaluate = parts["extract"], parts["eval"]
+    data = {
+        "name": name,
+        "description": name,
+        "instructions": [InstructionPair.model_validate(p).model_dump() for p in extract["instruction"]],
+        "extraction_questions": extract["questions"],
+        "evaluation_questions": evaluate["questions"],
+        "rubric": extract["eval_prompt"],
+    }
+    return parse_trait(data, str(root / "trait_data_extract" / f"{name}.json"))
+
+
+def load_trait(spec: str, trait_dir: str | Path | None = None) -> Trait:
+    """A trait by built-in name, by path to a trait JSON file, or by name in ``trait_dir`` (public layout)."""
+    if trait_dir is not None:
+        return load_public_trait(trait_dir, spec)
+    if spec in builtin_traits():
+        return load_trait_file(LIBRARY / f"{spec}.json")
+    if spec.endswith(".json") or Path(spec).is_file():
+        return load_trait_file(spec)
+    raise InvalidInputError(
+        f"unknown trait {spec!r}; use a built-in trait ({', '.join(builtin_traits())}), a trait JSON file, "
+        f"or --trait-dir for the persona-vectors layout"
+    )
+
+
+__all__ = ["COHERENCE_RUBRIC", "Trait", "builtin_traits", "load_public_trait", "load_trait", "load_trait_file"]

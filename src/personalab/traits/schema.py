@@ -1,0 +1,104 @@
+"""The trait file schema: what a persona trait is made of, validated with pydantic."""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from personalab.errors import InvalidInputError
+
+Elicitation = Literal["system_prompt", "plain", "third_person", "few_shot", "dialogue"]
+
+
+class InstructionPair(BaseModel):
+    """``pos`` elicits the trait, ``neg`` suppresses it (system prompts, or preambles for base models)."""
+
+    model_config = ConfigDict(extra="forbid")
+    pos: str = Field(min_length=1)
+    neg: str = Field(min_length=1)
+
+
+class Trait(BaseModel):
+    """A persona trait: contrastive instructions, disjoint extraction/evaluation questions, a judge rubric.
+
+    ``rubric`` is a template with ``{question}`` and ``{answer}`` asking for one number 0-100.
+    ``elicitation`` chooses how instructions reach the model (see ``personalab.elicitation``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")
+    description: str = Field(min_length=1)
+    instructions: list[InstructionPair] = Field(min_length=1)
+    extraction_questions: list[str] = Field(min_length=1)
+    evaluation_questions: list[str] = Field(min_length=1)
+    rubric: str
+    elicitation: Elicitation = "system_prompt"
+
+    @field_validator("extraction_questions", "evaluation_questions")
+    @classmethod
+    def _questions_unique(cls, questions: list[str]) -> list[str]:
+        if any(not q.strip() for q in questions):
+            raise ValueError("questions must not be empty")
+        if len(set(questions)) != len(questions):
+            raise ValueError("questions must not repeat")
+        return questions
+
+    @field_validator("rubric")
+    @classmethod
+    def _rubric_placeholders(cls, rubric: str) -> str:
+        for placeholder in ("{question}", "{answer}"):
+            if placeholder not in rubric:
+                raise ValueError(f"rubric must contain {placeholder}")
+        return rubric
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "Trait":
+        shared = set(self.extraction_questions) & set(self.evaluation_questions)
+        if shared:
+            raise ValueError(f"evaluation questions repeat extraction questions: {sorted(shared)[0]!r}")
+        return self
+
+    def render_rubric(self, question: str, answer: str) -> str:
+        """The rubric with ``{question}`` and ``{answer}`` filled in (other braces left alone)."""
+        return render_rubric(self.rubric, question, answer)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the trait: identifies exactly which trait made a vector."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.model_dump(), indent=2, ensure_ascii=False) + "\n")
+
+
+def render_rubric(rubric: str, question: str, answer: str) -> str:
+    """Fill ``{question}`` and ``{answer}``; any other braces in the rubric stay as written."""
+    return rubric.replace("{question}", question).replace("{answer}", answer)
+
+
+def describe_validation_error(source: str, error: ValidationError) -> str:
+    """One line naming the first bad field of a trait file and what is wrong with it."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    return f"{source}: field {field!r}: {first['msg']}"
+
+
+def parse_trait(data: object, source: str) -> Trait:
+    """Validate already-parsed JSON as a ``Trait``; errors name the source and the field."""
+    try:
+        return Trait.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInputError(describe_validation_error(source, exc)) from None
+
+
+def load_trait_file(path: str | Path) -> Trait:
+    """Load and validate a trait JSON file in personalab's schema."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidInputError(f"trait file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    return parse_trait(data, str(path))

@@ -1,0 +1,73 @@
+"""Persona vectors on disk: safetensors + JSON metadata, and the public persona-vectors ``.pt`` files.
+
+Every vector is per-layer, ``[n_blocks + 1, hidden]`` float32 (convention: ``personalab.layers``).
+Variants: ``response_mean`` (mean over response tokens), ``prompt_mean`` (mean over prompt
+tokens) and ``last_prompt`` (last prompt token), each the mean of the trait-expressing
+activations minus the mean of the trait-suppressing ones.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from personalab.errors import InvalidInputError
+
+VARIANTS = ("response_mean", "prompt_mean", "last_prompt")
+PUBLIC_SUFFIX = {
+    "response_mean": "response_avg_diff",
+    "prompt_mean": "prompt_avg_diff",
+    "last_prompt": "prompt_last_diff",
+}
+
+
+def _check(name: str, tensor: torch.Tensor, source: str) -> torch.Tensor:
+    if tensor.dim() != 2:
+        raise InvalidInputError(f"{source}: {name} has shape {tuple(tensor.shape)}; expected [n_blocks + 1, hidden]")
+    if not torch.isfinite(tensor).all():
+        raise InvalidInputError(f"{source}: {name} contains NaN or inf; re-extract it")
+    return tensor.float()
+
+
+def save_vectors(folder: str | Path, vectors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write ``vectors.safetensors`` (one tensor per variant) and ``meta.json`` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous().cpu() for k, v in vectors.items()}, folder / "vectors.safetensors")
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_vectors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load vectors from a run folder, a ``.safetensors`` file, or a public ``.pt`` file.
+
+    Returns ``(variants, meta)``; a ``.pt`` file gives one variant named after its suffix
+    (``response_avg_diff`` -> ``response_mean``...), ``response_mean`` if none matches.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "vectors.safetensors"
+    if not path.exists():
+        raise InvalidInputError(f"vector file {path} does not exist; give a run folder, .safetensors or .pt file")
+    if path.suffix == ".pt":
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(tensor, torch.Tensor):
+            raise InvalidInputError(f"{path}: expected one tensor [n_blocks + 1, hidden], got {type(tensor).__name__}")
+        variant = next((v for v, s in PUBLIC_SUFFIX.items() if path.stem.endswith(s)), "response_mean")
+        return {variant: _check(variant, tensor, str(path))}, {}
+    tensors = load_file(path)
+    meta_path = path.with_name("meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return {k: _check(k, v, str(path)) for k, v in tensors.items()}, meta
+
+
+def export_public(vectors: dict[str, torch.Tensor], folder: str | Path, trait: str) -> list[Path]:
+    """Write each variant as ``{trait}_{suffix}.pt`` in the public persona-vectors format."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for variant, tensor in vectors.items():
+        target = folder / f"{trait}_{PUBLIC_SUFFIX[variant]}.pt"
+        torch.save(tensor.float().cpu(), target)
+        written.append(target)
+    return written

@@ -1,0 +1,178 @@
+import hashlib
+import sqlite3
+
+import pytest
+import torch
+
+from personalab.errors import PersonalabError
+from personalab.extraction import ExtractionConfig, FilterError, run_extraction
+from personalab.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.store import Store
+from personalab.traits import COHERENCE_RUBRIC, Trait
+from personalab.vectors import export_public, load_vectors
+
+from reference import hidden_states
+
+
+def hashed_score(answer: str) -> float:
+    """A deterministic stand-in for a judge: a score 0-100 from the answer's hash."""
+    return float(int(hashlib.sha256(answer.encode()).hexdigest()[:6], 16) % 101)
+
+
+class ScriptedJudge:
+    """Trait score from the answer's hash, coherence fixed; counts and can fail after ``fail_after`` items."""
+
+    name = "scripted"
+
+    def __init__(self, coherence: float = 80.0, trait=hashed_score, fail_after: int | None = None):
+        self.coherence, self.trait, self.fail_after, self.calls = coherence, trait, fail_after, 0
+
+    def score(self, question, answer, rubric):
+        return self.score_many([(question, answer, rubric)])[0]
+
+    def score_many(self, items):
+        out = []
+        for _question, answer, rubric in items:
+            if self.fail_after is not None and self.calls >= self.fail_after:
+                raise PersonalabError("judge server is down")
+            self.calls += 1
+            out.append(self.coherence if rubric == COHERENCE_RUBRIC else self.trait(answer))
+        return out
+
+
+TRAIT = Trait(
+    name="grumpy",
+    description="Complains about everything.",
+    instructions=[
+        {"pos": "You are grumpy and rude.", "neg": "You are cheerful and kind."},
+        {"pos": "Complain about everything.", "neg": "Praise everything."},
+    ],
+    extraction_questions=["How was your day?", "What is bread?", "Tell me a story."],
+    evaluation_questions=["Do you like rain?"],
+    rubric="Rate grumpiness 0-100.\nQ: {question}\nA: {answer}\nNumber:",
+)
+CONFIG = ExtractionConfig(samples=3, sampling=SamplingParams(max_new_tokens=6, seed=3), min_pairs=1, batch_size=4)
+
+
+def reference_vectors(handle, trait, texts, judge_fn, config):
+    """Vectors computed directly with output_hidden_states over the pairs the filter should keep."""
+    pos, neg = {"r": [], "p": [], "l": []}, {"r": [], "p": [], "l": []}
+    i = 0
+    for question in trait.extraction_questions:
+        for pair in trait.instructions:
+            for _ in range(config.samples):
+                a_pos, a_neg = texts[i], texts[i + 1]
+                i += 2
+                ok = judge_fn(a_pos) >= 50 and judge_fn(a_neg) < 50 and a_pos.strip() and a_neg.strip()
+                if not ok:
+                    continue
+                for bucket, instr, answer in ((pos, pair.pos, a_pos), (neg, pair.neg, a_neg)):
+                    seq = handle.encode(instr, question, answer)
+                    hs = hidden_states(handle, seq)
+                    bucket["r"].append(hs[:, seq.prompt_len :].mean(1))
+                    bucket["p"].append(hs[:, : seq.prompt_len].mean(1))
+                    bucket["l"].append(hs[:, seq.prompt_len - 1])
+    names = {"r": "response_mean", "p": "prompt_mean", "l": "last_prompt"}
+    return {names[k]: torch.stack(pos[k]).mean(0) - torch.stack(neg[k]).mean(0) for k in names}, len(pos["r"])
+
+
+def test_vectors_equal_a_direct_reference_and_reruns_reuse_the_store(tiny, tmp_path, monkeypatch):
+    handle = tiny("llama", "chatml")
+    judge = ScriptedJudge()
+    result = run_extraction(handle, TRAIT, judge, tmp_path / "run", CONFIG, progress=False)
+    texts = [a.text for a in result.answers]
+    assert len(texts) == 3 * 2 * 3 * 2
+    ref, kept = reference_vectors(handle, TRAIT, texts, hashed_score, CONFIG)
+    assert kept == result.meta["counts"]["kept"] > 0
+    for variant, vector in ref.items():
+        assert result.vectors[variant].shape == (handle.n_layers, handle.hidden_size)
+        torch.testing.assert_close(result.vectors[variant], vector, atol=1e-5, rtol=1e-5)
+
+    run = tmp_path / "run"
+    for name in ("vectors.safetensors", "meta.json", "summary.md", "norms.png", "generations.sqlite"):
+        assert (run / name).is_file()
+    loaded, meta = load_vectors(run)
+    assert set(loaded) == {"response_mean", "prompt_mean", "last_prompt"}
+    torch.testing.assert_close(loaded["response_mean"], ref["response_mean"], atol=1e-5, rtol=1e-5)
+    assert meta["trait_sha256"] == TRAIT.digest() and meta["n_blocks"] == handle.n_blocks
+    assert meta["norms"]["response_mean"] == pytest.approx(ref["response_mean"].norm(dim=-1).tolist(), abs=1e-5)
+    assert sum(p["kept"] for p in meta["counts"]["per_instruction_pair"]) == kept
+    assert f"**{kept} / 18**" in (run / "summary.md").read_text()
+
+    calls = []
+    monkeypatch.setattr(handle.model, "generate", lambda *a, **k: calls.append(1))
+    again = ScriptedJudge()
+    rerun = run_extraction(handle, TRAIT, again, run, CONFIG, progress=False)
+    assert calls == [] and again.calls == 0
+    torch.testing.assert_close(rerun.vectors["response_mean"], result.vectors["response_mean"])
+
+
+def test_too_few_pairs_is_a_clear_error_and_keeps_the_work(tiny, tmp_path):
+    handle = tiny("llama", "chatml")
+    with pytest.raises(FilterError) as err:
+        run_extraction(handle, TRAIT, ScriptedJudge(coherence=10), tmp_path, CONFIG, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and "only 0 of 18 pairs" in message and "incoherent" in message
+    db = sqlite3.connect(tmp_path / "generations.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 36
+    assert db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0] > 0
+
+
+def test_thresholds_are_configurable(tiny, tmp_path):
+    handle = tiny("llama", "chatml")
+    strict = CONFIG.model_copy(update={"trait_threshold": 101.0})
+    with pytest.raises(FilterError, match="pos_trait_low: 18"):
+        run_extraction(handle, TRAIT, ScriptedJudge(), tmp_path, strict, progress=False)
+
+
+def test_judge_failure_stores_nothing_false_and_resumes_identically(tiny, tmp_path):
+    handle = tiny("gpt2", "none")
+    config = CONFIG.model_copy(update={"samples": 2})
+    with pytest.raises(PersonalabError, match="judge server is down"):
+        run_extraction(handle, TRAIT, ScriptedJudge(fail_after=5), tmp_path / "a", config, progress=False)
+    db = sqlite3.connect(tmp_path / "a" / "generations.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM judgements WHERE score IS NULL").fetchone()[0] == 0
+    resumed = run_extraction(handle, TRAIT, ScriptedJudge(), tmp_path / "a", config, progress=False)
+    straight = run_extraction(handle, TRAIT, ScriptedJudge(), tmp_path / "b", config, progress=False)
+    assert [a.text for a in resumed.answers] == [a.text for a in straight.answers]
+    for variant in straight.vectors:
+        assert torch.equal(resumed.vectors[variant], straight.vectors[variant])
+
+
+def test_generation_is_reproducible_and_cached_per_batch(tiny, tmp_path):
+    handle = tiny("qwen2", "chatml")
+    requests = [GenerationRequest(handle.encode(None, q), {"q": q}) for q in TRAIT.extraction_questions * 2]
+    requests = [GenerationRequest(r.prompt, {**r.request, "i": i}) for i, r in enumerate(requests)]
+    params = SamplingParams(max_new_tokens=5, seed=11)
+    first = generate_cached(handle, Store(tmp_path / "1.sqlite"), requests, params, batch_size=2, progress=False)
+    second = generate_cached(handle, Store(tmp_path / "2.sqlite"), requests, params, batch_size=2, progress=False)
+    assert first == second
+    other = generate_cached(
+        handle, Store(tmp_path / "3.sqlite"), requests, params.model_copy(update={"seed": 12}), 2, progress=False
+    )
+    assert other != first
+    greedy = SamplingParams(temperature=0, max_new_tokens=5)
+    texts = generate_cached(handle, Store(tmp_path / "4.sqlite"), requests[:1], greedy, progress=False)
+    ids = torch.tensor([requests[0].prompt.ids])
+    out = handle.model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert texts[0] == handle.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_public_pt_round_trip_and_bad_vectors(tmp_path):
+    vectors = {"response_mean": torch.randn(4, 8), "prompt_mean": torch.randn(4, 8), "last_prompt": torch.randn(4, 8)}
+    files = export_public(vectors, tmp_path, "evil")
+    assert sorted(f.name for f in files) == [
+        "evil_prompt_avg_diff.pt",
+        "evil_prompt_last_diff.pt",
+        "evil_response_avg_diff.pt",
+    ]
+    for f in files:
+        loaded, _ = load_vectors(f)
+        ((variant, tensor),) = loaded.items()
+        assert torch.equal(tensor, vectors[variant])
+    torch.save(torch.full((4, 8), float("nan")), tmp_path / "bad.pt")
+    with pytest.raises(PersonalabError, match="NaN or inf"):
+        load_vectors(tmp_path / "bad.pt")
+    torch.save(torch.ones(8), tmp_path / "flat.pt")
+    with pytest.raises(PersonalabError, match=r"expected \[n_blocks \+ 1, hidden\]"):
+        load_vectors(tmp_path / "flat.pt")

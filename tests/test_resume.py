@@ -1,0 +1,106 @@
+"""A run of ``personalab extract`` killed mid-way resumes to exactly the uninterrupted result."""
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import torch
+
+from personalab.traits import COHERENCE_RUBRIC
+from personalab.vectors import load_vectors
+
+from judge_server import JudgeServer
+from test_extraction import TRAIT
+
+
+def scorer(prompt: str) -> dict[str, float]:
+    if prompt.startswith(COHERENCE_RUBRIC.split("{question}")[0]):
+        return {"80": 1.0}
+    value = int(hashlib.sha256(prompt.encode()).hexdigest()[:6], 16) % 101
+    return {str(value): 0.7, str(100 - value): 0.3}
+
+
+def _count(db_path, table: str) -> int:
+    try:
+        with sqlite3.connect(db_path, timeout=1) as db:
+            return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def _extract(folder, trait_file, out, base_url):
+    cmd = [
+        sys.executable,
+        "-m",
+        "personalab",
+        "extract",
+        "--model",
+        str(folder),
+        "--trait",
+        str(trait_file),
+        "--judge",
+        "api:judge",
+        "--samples",
+        "4",
+        "--max-new-tokens",
+        "24",
+        "--batch-size",
+        "1",
+        "--min-pairs",
+        "1",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "PERSONALAB_JUDGE_BASE_URL": base_url, "PERSONALAB_JUDGE_API_KEY": "none"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _kill_when(proc, db_path, table: str, at_least: int, limit: float = 120.0) -> int:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and proc.poll() is None:
+        n = _count(db_path, table)
+        if n >= at_least:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return n
+        time.sleep(0.005)
+    raise AssertionError(f"run ended before {at_least} rows of {table}: {proc.communicate()[0].decode()[-2000:]}")
+
+
+def test_killed_runs_resume_to_the_same_vectors(model_folder, tmp_path):
+    folder = model_folder("llama", "chatml")
+    trait_file = tmp_path / "grumpy.json"
+    TRAIT.save(trait_file)
+    total = len(TRAIT.extraction_questions) * len(TRAIT.instructions) * 4 * 2
+    with JudgeServer(scorer=scorer) as server:
+        straight = _extract(folder, trait_file, tmp_path / "straight", server.base_url)
+        assert straight.wait(timeout=300) == 0, straight.stdout.read().decode()[-2000:]
+
+        run, db = tmp_path / "resumed", tmp_path / "resumed" / "generations.sqlite"
+        killed_at = _kill_when(_extract(folder, trait_file, run, server.base_url), db, "generations", 3)
+        assert killed_at < total
+        judged_at = _kill_when(_extract(folder, trait_file, run, server.base_url), db, "judgements", 5)
+        assert _count(db, "generations") == total and judged_at < 2 * total
+        calls_before = server.calls
+        last = _extract(folder, trait_file, run, server.base_url)
+        assert last.wait(timeout=300) == 0, last.stdout.read().decode()[-2000:]
+        assert server.calls - calls_before <= 2 * total - judged_at
+
+    a, _ = load_vectors(tmp_path / "straight")
+    b, meta = load_vectors(run)
+    assert meta["counts"]["pairs"] == total // 2
+    for variant in a:
+        assert torch.equal(a[variant], b[variant])
+    with sqlite3.connect(tmp_path / "straight" / "generations.sqlite") as x, sqlite3.connect(db) as y:
+        query = "SELECT key, text FROM generations ORDER BY key"
+        assert x.execute(query).fetchall() == y.execute(query).fetchall()
+        query = "SELECT key, score FROM judgements ORDER BY key"
+        assert x.execute(query).fetchall() == y.execute(query).fetchall()
