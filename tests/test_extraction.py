@@ -112,7 +112,7 @@ def test_too_few_pairs_is_a_clear_error_and_keeps_the_work(tiny, tmp_path):
     with pytest.raises(FilterError) as err:
         run_extraction(handle, TRAIT, ScriptedJudge(coherence=10), tmp_path, CONFIG, progress=False)
     message = str(err.value)
-    assert "\n" not in message and "only 0 of 18 pairs" in message and "incoherent" in message
+    assert "\n" not in message and "only 0 of 18 pairs" in message and "rejected incoherent: 18)" in message
     db = sqlite3.connect(tmp_path / "generations.sqlite")
     assert db.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 36
     assert db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0] > 0

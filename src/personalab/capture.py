@@ -88,6 +88,7 @@ def capture(
     batch_size: int = 16,
     padding_side: str = "right",
     progress: bool = False,
+    label: str = "capture",
 ) -> torch.Tensor | list[torch.Tensor]:
     """Residual-stream activations of ``sequences`` at ``layers`` (default: all ``n_blocks + 1``).
 
@@ -112,7 +113,7 @@ def capture(
     hooks = [hook_residual(handle, layer, recorder.hook_for(layer), final_norm=True) for layer in layer_list]
     try:
         batches = length_sorted_batches([len(s.ids) for s in sequences], batch_size)
-        with torch.inference_mode(), progress_bar("capture", len(sequences), progress) as advance:
+        with torch.inference_mode(), progress_bar(label, len(sequences), progress) as advance:
             for rows in batches:
                 batch = pad_batch([sequences[i].ids for i in rows], pad_id, padding_side, device)
                 recorder.arm(batch.offsets, [selected[i] for i in rows], batch.input_ids.shape[1], device)

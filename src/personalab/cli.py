@@ -20,7 +20,6 @@ from personalab.judges import judge_from_spec, openai_client
 from personalab.model import load_model
 from personalab.traits import builtin_traits, load_trait
 from personalab.traits.generate import generate_trait
-from personalab.traits.schema import describe_validation_error
 
 app = typer.Typer(help="Persona vectors in language models.", no_args_is_help=True, add_completion=False)
 trait_app = typer.Typer(help="Built-in, file and generated traits.", no_args_is_help=True)
@@ -44,7 +43,9 @@ def reported() -> Iterator[None]:
         errors.print("[red]error:[/red]", escape(str(exc)), highlight=False)
         raise typer.Exit(1) from None
     except ValidationError as exc:
-        errors.print("[red]error:[/red]", escape(describe_validation_error("option", exc)), highlight=False)
+        first = exc.errors()[0]
+        option = "--" + str(first["loc"][-1]).replace("_", "-")
+        errors.print("[red]error:[/red]", escape(f"invalid {option}: {first['msg']}"), highlight=False)
         raise typer.Exit(1) from None
 
 

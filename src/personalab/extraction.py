@@ -84,12 +84,12 @@ def _keep(pos: Answer, neg: Answer, config: ExtractionConfig) -> str | None:
     """``None`` if the pair passes, else the first reason it fails."""
     if None in (pos.trait, neg.trait, pos.coherence, neg.coherence):
         return "no_score"
+    if min(pos.coherence, neg.coherence) < config.coherence_threshold:
+        return "incoherent"
     if pos.trait < config.trait_threshold:
         return "pos_trait_low"
     if neg.trait >= config.trait_threshold:
         return "neg_trait_high"
-    if min(pos.coherence, neg.coherence) < config.coherence_threshold:
-        return "incoherent"
     if not pos.text.strip() or not neg.text.strip():
         return "empty_answer"
     return None
@@ -111,9 +111,13 @@ def compute_vectors(
         prompts.setdefault((a.instruction, a.question), elicit(handle, style, a.instruction, a.question))
     which = [list(prompts).index((a.instruction, a.question)) for a in answers]
     unique = list(prompts.values())
-    response = capture(handle, full, positions="response", batch_size=batch_size, progress=progress)
-    prompt_mean = capture(handle, unique, positions="prompt", batch_size=batch_size, progress=progress)[which]
-    last = capture(handle, unique, positions="last_prompt", batch_size=batch_size, progress=progress)[which]
+    response = capture(
+        handle, full, positions="response", batch_size=batch_size, progress=progress, label="capture answers"
+    )
+    prompt_mean, last = (
+        capture(handle, unique, positions=p, batch_size=batch_size, progress=progress, label=f"capture {p}")[which]
+        for p in ("prompt", "last_prompt")
+    )
     n = len(kept)
     return {
         "response_mean": _difference(response, n),
@@ -189,7 +193,7 @@ def _counts(trait: Trait, pairs: list[tuple[Answer, Answer]], verdicts: list[str
     for index, pair in enumerate(trait.instructions):
         mine = [v for (p, _), v in zip(pairs, verdicts, strict=True) if p.pair == index]
         per_pair.append({"pair": index, "pos": pair.pos, "generated": len(mine), "kept": mine.count(None)})
-    reasons = ("no_score", "pos_trait_low", "neg_trait_high", "incoherent", "empty_answer")
+    reasons = ("no_score", "incoherent", "pos_trait_low", "neg_trait_high", "empty_answer")
     return {
         "pairs": len(pairs),
         "kept": verdicts.count(None),
