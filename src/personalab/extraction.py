@@ -16,7 +16,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from personalab.capture import capture
-from personalab.chat import TokenSequence
 from personalab.elicitation import elicit
 from personalab.errors import InvalidInputError
 from personalab.generation import GenerationRequest, SamplingParams, generate_cached
@@ -65,8 +64,12 @@ def _requests(handle: ModelHandle, trait: Trait, samples: int) -> list[tuple[Gen
     out = []
     for question in trait.extraction_questions:
         for pair_index, pair in enumerate(trait.instructions):
+            polarities = [
+                (polarity, instruction, elicit(handle, trait.elicitation, instruction, question))
+                for polarity, instruction in (("pos", pair.pos), ("neg", pair.neg))
+            ]
             for sample in range(samples):
-                for polarity, instruction in (("pos", pair.pos), ("neg", pair.neg)):
+                for polarity, instruction, prompt in polarities:
                     request = {
                         "trait": trait.name,
                         "style": trait.elicitation,
@@ -74,7 +77,6 @@ def _requests(handle: ModelHandle, trait: Trait, samples: int) -> list[tuple[Gen
                         "question": question,
                         "sample": sample,
                     }
-                    prompt = elicit(handle, trait.elicitation, instruction, question)
                     info = {"pair": pair_index, "sample": sample, "polarity": polarity}
                     out.append((GenerationRequest(prompt, request), info))
     return out
@@ -106,11 +108,9 @@ def compute_vectors(
     """The three variants from kept ``(pos, neg)`` pairs, float32 ``[n_blocks + 1, hidden]`` each."""
     answers = [p for p, _ in kept] + [n for _, n in kept]
     full = [elicit(handle, style, a.instruction, a.question, a.text) for a in answers]
-    prompts: dict[tuple[str, str], TokenSequence] = {}
-    for a in answers:
-        prompts.setdefault((a.instruction, a.question), elicit(handle, style, a.instruction, a.question))
-    which = [list(prompts).index((a.instruction, a.question)) for a in answers]
-    unique = list(prompts.values())
+    slot: dict[tuple[str, str], int] = {}
+    which = [slot.setdefault((a.instruction, a.question), len(slot)) for a in answers]
+    unique = [elicit(handle, style, instruction, question) for instruction, question in slot]
     response = capture(
         handle, full, positions="response", batch_size=batch_size, progress=progress, label="capture answers"
     )
