@@ -176,3 +176,21 @@ def test_public_pt_round_trip_and_bad_vectors(tmp_path):
     torch.save(torch.ones(8), tmp_path / "flat.pt")
     with pytest.raises(PersonalabError, match=r"expected \[n_blocks \+ 1, hidden\]"):
         load_vectors(tmp_path / "flat.pt")
+
+
+def test_rerun_with_more_requests_samples_only_the_new_ones(tiny, tmp_path, monkeypatch):
+    handle = tiny("llama", "chatml")
+    requests = [
+        GenerationRequest(handle.encode(None, q), {"q": q, "s": s})
+        for q in TRAIT.extraction_questions
+        for s in range(3)
+    ]
+    params = SamplingParams(max_new_tokens=4, seed=2)
+    store = Store(tmp_path / "s.sqlite")
+    early = generate_cached(handle, store, requests[:4], params, batch_size=3, progress=False)
+    sampled = []
+    real = handle.model.generate
+    monkeypatch.setattr(handle.model, "generate", lambda **kw: sampled.append(len(kw["input_ids"])) or real(**kw))
+    later = generate_cached(handle, store, requests, params, batch_size=3, progress=False)
+    assert sum(sampled) == len(requests) - 4
+    assert later[:4] == early

@@ -1,12 +1,15 @@
 """Batched, cached, reproducible sampling with Hugging Face ``generate``.
 
-Requests are planned into length-sorted batches; each batch is sampled under a seed
-derived from the run seed and the keys of its requests and stored in one transaction.
-A resumed run skips stored batches and regenerates any other batch with the same seed,
-so it ends with exactly the texts of an uninterrupted run.
+Only requests missing from the store are planned, into length-sorted batches; each batch
+is sampled under a seed derived from the run seed and the keys of its requests and stored
+in one transaction. Batches are stored in plan order, so what an interrupted run stored is
+a prefix of its plan, and the resumed run's plan over the rest is the same batches with
+the same seeds: it ends with exactly the texts of an uninterrupted run, and a rerun with
+more requests computes only the new ones.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -69,22 +72,31 @@ def generate_cached(
     params: SamplingParams,
     batch_size: int = 16,
     progress: bool = True,
+    steering: Callable[[list[int]], AbstractContextManager] | None = None,
 ) -> list[str]:
-    """Answer every request (in input order), reading stored answers and storing new ones per batch."""
+    """Answer every request (in input order), reading stored answers and storing new ones per batch.
+
+    ``steering(rows)``, if given, is entered around the sampling of each batch with the
+    request indices of its rows, in batch order (e.g. per-row steering coefficients).
+    """
     keys = [generation_key(handle, r, params) for r in requests]
     texts = store.texts(keys)
-    plan = length_sorted_batches([len(r.prompt.ids) for r in requests], batch_size)
-    with progress_bar("generate", len(requests), progress) as advance:
-        for rows in plan:
-            todo = [i for i in rows if keys[i] not in texts]
-            if todo:
-                seed = int(content_key(params.seed, [keys[i] for i in rows])[:15], 16)
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key not in texts:
+            first.setdefault(key, i)
+    missing = list(first.values())
+    plan = length_sorted_batches([len(requests[i].prompt.ids) for i in missing], batch_size)
+    with progress_bar("generate", len(missing), progress) as advance:
+        for batch in plan:
+            rows = [missing[j] for j in batch]
+            seed = int(content_key(params.seed, [keys[i] for i in rows])[:15], 16)
+            with steering(rows) if steering else nullcontext():
                 answers = _sample(handle, [requests[i].prompt for i in rows], params, seed)
-                fresh = [(keys[i], answers[j]) for j, i in enumerate(rows) if keys[i] not in texts]
-                store.put_texts(
-                    (key, handle.name, handle.revision, requests[i].request, params.model_dump(), text)
-                    for (key, text), i in zip(fresh, todo, strict=True)
-                )
-                texts.update(fresh)
+            store.put_texts(
+                (keys[i], handle.name, handle.revision, requests[i].request, params.model_dump(), text)
+                for i, text in zip(rows, answers, strict=True)
+            )
+            texts.update((keys[i], text) for i, text in zip(rows, answers, strict=True))
             advance(len(rows))
     return [texts[k] for k in keys]
