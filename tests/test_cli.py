@@ -1,11 +1,19 @@
 import json
 
+import pandas as pd
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from personalab import cli
 from personalab.cli import app
+from personalab.generation import SamplingParams, sample_texts
+from personalab.interventions import steer
 from personalab.traits import load_trait
+from personalab.vectors import save_vectors
 
+from judge_server import JudgeServer
+from reference import hidden_states
 from test_traits import FakeClient
 
 runner = CliRunner()
@@ -78,3 +86,83 @@ def test_extract_rejects_bad_input_before_any_work(model_folder, tmp_path):
         assert result.exit_code == 1 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def _vector_folder(tmp_path, handle):
+    folder = tmp_path / "vec"
+    vectors = {
+        "response_mean": torch.randn(handle.n_layers, handle.hidden_size, generator=torch.Generator().manual_seed(0))
+    }
+    save_vectors(folder, vectors, {})
+    return folder, vectors["response_mean"]
+
+
+def test_steer_prints_both_answers(tiny, model_folder, tmp_path, monkeypatch):
+    handle = tiny("llama", "chatml")
+    folder, vector = _vector_folder(tmp_path, handle)
+    produced = []
+    monkeypatch.setattr(cli, "sample_texts", lambda *a: produced.append(sample_texts(*a)) or produced[-1])
+    args = ["steer", "--model", str(model_folder("llama", "chatml")), "--vector", str(folder), "--layer", "2"]
+    args += ["--alpha", "6", "--max-new-tokens", "4", "--device", "cpu"]
+    result = runner.invoke(app, args + ["Hi?"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert (
+        "unsteered" in result.output and "steered at layer 2, response positions, alpha 6 (raw scale)" in result.output
+    )
+    seq = handle.encode(None, "Hi?")
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    with steer(handle, vector, 2, alpha=6.0, positions="response"):
+        steered = sample_texts(handle, [seq], params, 0)
+    assert produced == [sample_texts(handle, [seq], params, 0), steered] and steered != produced[0]
+
+    chat = runner.invoke(app, args + ["--chat", "--ablate"], input="Hi?\nWhat is bread?\n\n", terminal_width=400)
+    assert chat.exit_code == 0 and chat.output.count("ablated") == 2
+    bad = runner.invoke(app, args[:-2] + ["--layer", "7", "Hi?"])
+    assert bad.exit_code == 1 and "layer 7 is out of range" in bad.output
+
+
+def test_sweep_command_writes_its_tables(model_folder, tiny, tmp_path):
+    handle = tiny("gpt2", "none")
+    folder, _ = _vector_folder(tmp_path, handle)
+    out = tmp_path / "sweep"
+    with JudgeServer(scorer=lambda prompt: {"70": 1.0}) as server:
+        args = ["sweep", "--model", str(model_folder("gpt2", "none")), "--vector", str(folder), "--trait", "evil"]
+        args += ["--judge", "api:j", "--layers", "1,3", "--alphas", "0,2", "--samples", "1", "--max-new-tokens", "3"]
+        args += ["--out", str(out), "--device", "cpu"]
+        result = runner.invoke(app, args, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "sweep.csv")
+    assert len(table) == 4 and (table["trait_mean"] == 70).all() and (table["n"] == 20).all()
+    assert (out / "heatmap_trait.png").is_file() and "| 3 | 2 | 70.0 +- 0.0 |" in result.output
+
+
+def test_project_command_modes(tiny, model_folder, tmp_path):
+    handle = tiny("llama", "chatml")
+    folder, vector = _vector_folder(tmp_path, handle)
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": "Hi?", "response": "Hello there."}, {"messages": [{"role": "user", "content": "Bread?"}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = str(model_folder("llama", "chatml"))
+    base = ["project", "--vector", str(folder), "--model", model, "--layer", "2", "--device", "cpu", str(data)]
+    result = runner.invoke(app, base)
+    assert result.exit_code == 0, result.output
+    written = [json.loads(line) for line in (tmp_path / "data.projections.jsonl").read_text().splitlines()]
+    assert [w["prompt"] if "prompt" in w else w["messages"][0]["content"] for w in written] == ["Hi?", "Bread?"]
+    seq = handle.encode(None, "Hi?", "Hello there.")
+    unit = vector[2] / vector[2].norm()
+    expected = hidden_states(handle, seq)[2, seq.prompt_len :].mean(0) @ unit
+    assert written[0]["projection"]["response_mean"] == pytest.approx(expected.item(), abs=1e-5)
+    assert written[1]["projection"]["response_mean"] is None
+
+    shifted = runner.invoke(app, base + ["--shift", "--top-k", "1"])
+    assert shifted.exit_code == 0, shifted.output
+    assert (tmp_path / "data.shift.png").is_file() and len((tmp_path / "data.top1.jsonl").read_text().splitlines()) == 1
+
+    out = tmp_path / "shift"
+    diff = runner.invoke(
+        app, ["project", "--vector", str(folder), "--diff", model, model, "--trait", "evil", "--out", str(out)]
+    )
+    assert diff.exit_code == 0, diff.output
+    assert pd.read_csv(f"{out}.csv")["shift"].abs().max() == 0.0
+    bad = runner.invoke(app, ["project", "--vector", str(folder), str(data)])
+    assert bad.exit_code == 1 and "--model and --layer" in bad.output

@@ -4,6 +4,7 @@ import torch
 from personalab import Ablate, Clamp, Indices, Steer, Substitute, capture, intervene, steer
 from personalab.batching import pad_batch
 from personalab.errors import InvalidInputError
+from personalab.steering import scaled_vector
 
 from reference import encode_all, hook_counts, logits
 
@@ -268,6 +269,8 @@ def test_bad_inputs_are_clear_errors(tiny, conversations):
         (Ablate(1, torch.zeros(h)), "all zeros"),
         (Substitute(1, [[0]], [torch.ones(2, h)]), "expected"),
     ]
+    with pytest.raises(InvalidInputError, match="layer 4 is out of range"):
+        scaled_vector(handle, torch.ones(handle.n_layers, h), 4, "raw")
     for iv, message in cases:
         with pytest.raises(InvalidInputError, match=message):
             with intervene(handle, iv):

@@ -1,10 +1,11 @@
 """The ``personalab`` command line."""
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -13,13 +14,27 @@ from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from personalab.chat import ChatFormat
-from personalab.errors import PersonalabError
+from personalab.errors import InvalidInputError, PersonalabError
 from personalab.extraction import ExtractionConfig, run_extraction
-from personalab.generation import SamplingParams
+from personalab.generation import SamplingParams, sample_texts
+from personalab.interventions import Ablate, Clamp, Steer, intervene
 from personalab.judges import judge_from_spec, openai_client
 from personalab.model import load_model
-from personalab.traits import builtin_traits, load_trait
+from personalab.monitor import (
+    load_records,
+    model_shift,
+    project_records,
+    projection_shift,
+    write_projections,
+    write_shift_report,
+)
+from personalab.plots import plot_model_shift
+from personalab.steering import scaled_vector
+from personalab.store import Store
+from personalab.sweep import SweepConfig, run_sweep
+from personalab.traits import builtin_traits, library_questions, load_trait
 from personalab.traits.generate import generate_trait
+from personalab.vectors import load_vectors
 
 app = typer.Typer(help="Persona vectors in language models.", no_args_is_help=True, add_completion=False)
 trait_app = typer.Typer(help="Built-in, file and generated traits.", no_args_is_help=True)
@@ -166,3 +181,162 @@ def extract(
         result = run_extraction(handle, chosen, scorer, folder, config)
     counts = result.meta["counts"]
     console.print(f"kept {counts['kept']} of {counts['pairs']} pairs; wrote {folder}/vectors.safetensors, summary.md")
+
+
+def _load_direction(path: Path, variant: str) -> torch.Tensor:
+    vectors, _ = load_vectors(path)
+    if variant not in vectors:
+        raise InvalidInputError(f"{path} has no variant {variant!r}; it has {', '.join(vectors)}")
+    return vectors[variant]
+
+
+@app.command("steer")
+def steer_command(
+    prompt: Annotated[str | None, typer.Argument(help="The user message (omit with --chat).")] = None,
+    model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")] = ...,
+    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")] = ...,
+    layer: Annotated[int, typer.Option(help="Layer l: acts on the output of block l-1.")] = ...,
+    alpha: Annotated[float, typer.Option(help="Coefficient (ignored by --ablate and --clamp).")] = 1.0,
+    positions: Annotated[str, typer.Option(help="all, prompt, response or generated.")] = "response",
+    variant: Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")] = "response_mean",
+    scale: Annotated[str, typer.Option(help="raw (alpha * v) or normalised (v at the mean residual norm).")] = "raw",
+    ablate: Annotated[bool, typer.Option(help="Project the direction out instead of adding it.")] = False,
+    clamp: Annotated[float | None, typer.Option(help="Set the projection onto the direction to this value.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    chat: Annotated[bool, typer.Option(help="Interactive loop: one prompt per line, empty line to stop.")] = False,
+    max_new_tokens: int = 128,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
+    seed: int = 0,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> None:
+    """Print the steered answer beside the unsteered one."""
+    with reported():
+        if prompt is None and not chat:
+            raise InvalidInputError("give a PROMPT or --chat")
+        direction = _load_direction(vector, variant)
+        handle = load_model(model, dtype=dtype, device=device)
+        norm_prompts = [handle.encode(None, q) for q in library_questions()]
+        if ablate:
+            intervention, label = Ablate(layer, direction, positions), "ablated"
+        elif clamp is not None:
+            intervention, label = Clamp(layer, direction, clamp, positions), f"projection clamped to {clamp:g}"
+        else:
+            v, _ = scaled_vector(handle, direction, layer, scale, norm_prompts)
+            intervention, label = Steer(layer, v, alpha, positions), f"alpha {alpha:g} ({scale} scale)"
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+        for text in [prompt] if not chat else iter(lambda: console.input("[bold]> [/bold]"), ""):
+            seq = handle.encode(system, text)
+            (plain,) = sample_texts(handle, [seq], params, seed)
+            with intervene(handle, intervention):
+                (steered,) = sample_texts(handle, [seq], params, seed)
+            table = Table(show_lines=True)
+            table.add_column("unsteered", ratio=1)
+            table.add_column(f"steered at layer {layer}, {positions} positions, {label}", ratio=1)
+            table.add_row(escape(plain), escape(steered))
+            console.print(table)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidInputError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@app.command()
+def sweep(
+    model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")],
+    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")],
+    trait: Annotated[str, typer.Option(help="Trait whose evaluation questions and rubric are used.")],
+    judge: Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")],
+    layers: Annotated[str, typer.Option(help="Comma-separated layers, e.g. 8,12,16,20.")],
+    alphas: Annotated[str, typer.Option(help="Comma-separated coefficients; include 0 for the paired tests.")],
+    samples: Annotated[int, typer.Option(help="Answers per question and configuration.")] = 10,
+    variant: str = "response_mean",
+    scale: Annotated[str, typer.Option(help="raw or normalised.")] = "raw",
+    positions: Annotated[str, typer.Option(help="all, prompt, response or generated.")] = "response",
+    trait_dir: Annotated[Path | None, typer.Option(help="persona-vectors data folder.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/sweep-TRAIT-MODEL).")] = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    batch_size: int = 16,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> None:
+    """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
+    with reported():
+        config = SweepConfig(
+            layers=[int(x) for x in _floats(layers)],
+            alphas=_floats(alphas),
+            samples=samples,
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
+            scale=scale,
+            positions=positions,
+            batch_size=batch_size,
+        )
+        chosen = load_trait(trait, trait_dir)
+        direction = _load_direction(vector, variant)
+        scorer = judge_from_spec(judge)
+        handle = load_model(model, dtype=dtype, device=device)
+        folder = out or Path("runs") / f"sweep-{chosen.name}-{Path(model.rstrip('/')).name}"
+        run_sweep(handle, direction, chosen, scorer, folder, config)
+    console.print((folder / "sweep.md").read_text(), markup=False)
+    console.print(f"wrote {folder}/sweep.csv, sweep.md, heatmap_trait.png, heatmap_coherence.png, curves.png")
+
+
+@app.command()
+def project(
+    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or .pt file of persona vectors.")],
+    data: Annotated[Path | None, typer.Argument(help="JSONL records (messages or prompt/response).")] = None,
+    model: Annotated[str | None, typer.Option(help="Hub name or local folder of the model.")] = None,
+    variant: Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")] = "response_mean",
+    layer: Annotated[int | None, typer.Option(help="Layer (0 = embeddings, l = output of block l-1).")] = None,
+    shift: Annotated[bool, typer.Option(help="Projection difference vs the model's own answers.")] = False,
+    top_k: Annotated[int | None, typer.Option(help="With --shift: also write the K most shifting records.")] = None,
+    diff: Annotated[tuple[str, str] | None, typer.Option(help="BASE TUNED: per-layer shift of a fine-tune.")] = None,
+    trait: Annotated[
+        str | None, typer.Option(help="With --diff: prompts from this trait's evaluation questions.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="With --diff: writes OUT.png and OUT.csv.")] = Path("model-shift"),
+    batch_size: int = 16,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> None:
+    """Project records (or a fine-tune's change) onto a persona vector."""
+    with reported():
+        direction = _load_direction(vector, variant)
+        if diff:
+            if trait is None and data is None:
+                raise InvalidInputError("--diff needs prompts; pass --trait NAME or a JSONL data file")
+            pairs = (
+                [(None, q) for q in load_trait(trait).evaluation_questions]
+                if trait
+                else [(r.system, r.prompt) for r in load_records(data)]
+            )
+            base, tuned = (load_model(name, dtype=dtype, device=device) for name in diff)
+            values = model_shift(base, tuned, pairs, direction, batch_size, progress=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            written = [Path(f"{out}.png"), Path(f"{out}.csv")]
+            plot_model_shift(values, f"{diff[1]} - {diff[0]} along {variant}", written[0])
+            rows = "".join(f"{i},{v}\n" for i, v in enumerate(values.tolist()))
+            written[1].write_text("layer,shift\n" + rows)
+        else:
+            if data is None or model is None or layer is None:
+                raise InvalidInputError("pass a JSONL data file, --model and --layer (or --diff BASE TUNED)")
+            if top_k is not None and not shift:
+                raise InvalidInputError("--top-k selects by projection shift; add --shift")
+            records = load_records(data)
+            handle = load_model(model, dtype=dtype, device=device)
+            if shift:
+                with closing(Store(data.with_name(f"{data.stem}.own.sqlite"))) as store:
+                    shifts = projection_shift(
+                        handle, records, direction, layer, store, batch_size=batch_size, progress=True
+                    )
+                written = write_shift_report(data, records, shifts, top_k)
+            else:
+                projections = project_records(handle, records, direction, layer, batch_size, progress=True)
+                written = [write_projections(data, records, projections)]
+    console.print("wrote " + ", ".join(str(p) for p in written))

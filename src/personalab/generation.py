@@ -48,7 +48,8 @@ def generation_key(handle: ModelHandle, req: GenerationRequest, params: Sampling
 
 
 @torch.inference_mode()
-def _sample(handle: ModelHandle, prompts: Sequence[TokenSequence], params: SamplingParams, seed: int) -> list[str]:
+def sample_texts(handle: ModelHandle, prompts: Sequence[TokenSequence], params: SamplingParams, seed: int) -> list[str]:
+    """Answers to ``prompts`` (left-padded, one ``generate`` call) sampled after ``torch.manual_seed(seed)``."""
     batch = pad_batch([p.ids for p in prompts], handle.tokenizer.pad_token_id, "left", handle.input_device)
     torch.manual_seed(seed)
     sampling = dict(temperature=params.temperature, top_p=params.top_p) if params.temperature else {}
@@ -92,7 +93,7 @@ def generate_cached(
             rows = [missing[j] for j in batch]
             seed = int(content_key(params.seed, [keys[i] for i in rows])[:15], 16)
             with steering(rows) if steering else nullcontext():
-                answers = _sample(handle, [requests[i].prompt for i in rows], params, seed)
+                answers = sample_texts(handle, [requests[i].prompt for i in rows], params, seed)
             store.put_texts(
                 (keys[i], handle.name, handle.revision, requests[i].request, params.model_dump(), text)
                 for i, text in zip(rows, answers, strict=True)

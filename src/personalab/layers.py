@@ -49,6 +49,7 @@ def check_vector(vector: torch.Tensor, layer: int, n_blocks: int, hidden: int) -
     ``[n_blocks + 1, hidden]`` (row ``layer`` is taken). Raises on a wrong width,
     a wrong number of layers, or non-finite values.
     """
+    check_layers(layer, n_blocks)
     if not isinstance(vector, torch.Tensor):
         vector = torch.as_tensor(vector)
     if vector.dim() == 2:

@@ -15,6 +15,11 @@ def builtin_traits() -> list[str]:
     return sorted(p.stem for p in LIBRARY.glob("*.json"))
 
 
+def library_questions() -> list[str]:
+    """The extraction questions of every built-in trait: a broad prompt set (e.g. to measure residual norms)."""
+    return [q for name in builtin_traits() for q in load_trait_file(LIBRARY / f"{name}.json").extraction_questions]
+
+
 def load_public_trait(root: str | Path, name: str) -> Trait:
     """Import a trait from the public persona-vectors layout.
 
@@ -63,4 +68,12 @@ def load_trait(spec: str, trait_dir: str | Path | None = None) -> Trait:
     )
 
 
-__all__ = ["COHERENCE_RUBRIC", "Trait", "builtin_traits", "load_public_trait", "load_trait", "load_trait_file"]
+__all__ = [
+    "COHERENCE_RUBRIC",
+    "Trait",
+    "builtin_traits",
+    "library_questions",
+    "load_public_trait",
+    "load_trait",
+    "load_trait_file",
+]

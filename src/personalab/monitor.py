@@ -1,0 +1,291 @@
+"""Projections of activations onto a persona direction: monitoring data and fine-tunes.
+
+A projection is the dot product of a residual-stream activation with the *unit* vector
+of the persona direction at a layer; layers follow ``personalab.layers`` (layer ``l`` is
+``hidden_states[l]``, per-layer vectors are ``[n_blocks + 1, hidden]``). Per record:
+
+* ``last_prompt``: projection of the residual at the last prompt token (index ``prompt_len - 1``);
+* ``response_mean``: projection of the mean residual over the response tokens (``ids[prompt_len:]``).
+
+The projection shift of a training example is the ``response_mean`` projection of its
+dataset response minus that of the model's own answer to the same prompt: large positive
+shifts mark examples that push the model along the direction.
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from personalab.capture import capture
+from personalab.chat import TokenSequence
+from personalab.errors import InvalidInputError
+from personalab.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.layers import check_layers, check_vector
+from personalab.model import ModelHandle
+from personalab.plots import plot_histogram
+from personalab.store import Store
+
+_RECORD_HINT = "each record needs 'messages' with a user turn or a 'prompt'"
+GREEDY = SamplingParams(temperature=0, max_new_tokens=128)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One conversation turn to project; ``source`` is the JSON object it was read from."""
+
+    system: str | None
+    prompt: str
+    response: str | None
+    source: dict = field(default_factory=dict, compare=False)
+
+
+def _text(value: object, what: str, where: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{where}: {what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _from_messages(messages: object, where: str) -> tuple[str | None, str, str | None]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise InvalidInputError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} objects")
+    roles = [m.get("role") for m in messages]
+    users = [i for i, role in enumerate(roles) if role == "user"]
+    if not users:
+        raise InvalidInputError(f"{where}: no user message; {_RECORD_HINT}")
+    system = _text(messages[0].get("content"), "system content", where) if roles[0] == "system" else None
+    prompt = _text(messages[users[-1]].get("content"), "user content", where)
+    if users[-1] == len(messages) - 1:
+        return system, prompt, None
+    if roles[-1] != "assistant":
+        raise InvalidInputError(f"{where}: the last message has role {roles[-1]!r}; end with a user or assistant turn")
+    return system, prompt, _text(messages[-1].get("content"), "assistant content", where)
+
+
+def _parse_record(obj: object, where: str) -> Record:
+    if not isinstance(obj, dict):
+        raise InvalidInputError(f"{where}: expected a JSON object, got {type(obj).__name__}; {_RECORD_HINT}")
+    if "messages" in obj:
+        system, prompt, response = _from_messages(obj["messages"], where)
+    elif "prompt" in obj:
+        prompt = _text(obj["prompt"], "'prompt'", where)
+        response = _text(obj.get("response"), "'response'", where, optional=True)
+        system = _text(obj.get("system"), "'system'", where, optional=True)
+    else:
+        raise InvalidInputError(f"{where}: no user message; {_RECORD_HINT}")
+    return Record(system=system, prompt=prompt, response=response, source=obj)
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Read a JSONL file of chat records (blank lines skipped), in file order.
+
+    Each line is ``{"messages": [...]}`` (optional leading system message; the last user
+    message is the prompt; a final assistant message, if present, the response) or
+    ``{"prompt": str, "response"?: str, "system"?: str}``.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InvalidInputError(f"{path} does not exist; give a JSONL file with one record per line") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from None
+        records.append(_parse_record(obj, where))
+    if not records:
+        raise InvalidInputError(f"{path} has no records; write one JSON object per line")
+    return records
+
+
+def unit_direction(vector: torch.Tensor, layer: int, handle: ModelHandle) -> torch.Tensor:
+    """The float32 unit direction ``[hidden]`` at ``layer`` of a ``[hidden]`` or ``[n_blocks + 1, hidden]`` vector."""
+    check_layers(layer, handle.n_blocks)
+    direction = check_vector(vector, layer, handle.n_blocks, handle.hidden_size).detach().float().cpu()
+    norm = direction.norm()
+    if norm == 0:
+        raise InvalidInputError(f"the vector is zero at layer {layer}; choose another layer or re-extract it")
+    return direction / norm
+
+
+def _response_projections(
+    handle: ModelHandle,
+    seqs: Sequence[TokenSequence],
+    unit: torch.Tensor,
+    layer: int,
+    batch_size: int,
+    progress: bool,
+    label: str,
+) -> list[float | None]:
+    """``response_mean`` projection per sequence; ``None`` where the response has no tokens."""
+    rows = [i for i, seq in enumerate(seqs) if seq.response_len > 0]
+    out: list[float | None] = [None] * len(seqs)
+    if rows:
+        acts = capture(
+            handle, [seqs[i] for i in rows], [layer], "response", batch_size=batch_size, progress=progress, label=label
+        )
+        for i, value in zip(rows, (acts[:, 0] @ unit).tolist(), strict=True):
+            out[i] = value
+    return out
+
+
+def project_records(
+    handle: ModelHandle,
+    records: Sequence[Record],
+    vector: torch.Tensor,
+    layer: int,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[dict]:
+    """Per record ``{"layer", "last_prompt", "response_mean"}`` (see the module docstring), in input order.
+
+    ``response_mean`` is ``None`` when the record has no response or it encodes to no tokens.
+    """
+    unit = unit_direction(vector, layer, handle)
+    if not records:
+        return []
+    prompts = [handle.encode(r.system, r.prompt) for r in records]
+    last = capture(handle, prompts, [layer], "last_prompt", batch_size=batch_size, progress=progress, label="prompts")
+    full = [handle.encode(r.system, r.prompt, r.response) for r in records]
+    means = _response_projections(handle, full, unit, layer, batch_size, progress, "responses")
+    return [
+        {"layer": layer, "last_prompt": p, "response_mean": m}
+        for p, m in zip((last[:, 0] @ unit).tolist(), means, strict=True)
+    ]
+
+
+def _write_jsonl(path: Path, objects: Sequence[dict]) -> Path:
+    path.write_text("".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj in objects), encoding="utf-8")
+    return path
+
+
+def write_projections(path: str | Path, records: Sequence[Record], projections: Sequence[dict]) -> Path:
+    """Write ``<stem>.projections.jsonl`` next to ``path``: each original object plus ``"projection"``."""
+    if len(records) != len(projections):
+        raise InvalidInputError(f"{len(records)} records but {len(projections)} projections; pass one per record")
+    path = Path(path)
+    objects = [{**r.source, "projection": p} for r, p in zip(records, projections, strict=True)]
+    return _write_jsonl(path.with_name(f"{path.stem}.projections.jsonl"), objects)
+
+
+def projection_shift(
+    handle: ModelHandle,
+    records: Sequence[Record],
+    vector: torch.Tensor,
+    layer: int,
+    store: Store,
+    params: SamplingParams = GREEDY,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[dict]:
+    """Dataset response vs the model's own answer to the same prompt, projected at ``layer``.
+
+    Own answers come from ``generate_cached`` (stored in ``store``, request
+    ``{"system", "prompt"}``). Returns, in input order, one
+    ``{"index", "shift", "dataset", "own", "own_response"}`` per record whose response has
+    tokens, with ``shift = dataset - own`` (``response_mean`` projections); ``own`` and
+    ``shift`` are ``None`` when the own answer is empty.
+    """
+    unit = unit_direction(vector, layer, handle)
+    dataset_seqs = [handle.encode(r.system, r.prompt, r.response) for r in records]
+    kept = [i for i, seq in enumerate(dataset_seqs) if seq.response_len > 0]
+    if not kept:
+        return []
+    dataset = _response_projections(
+        handle, [dataset_seqs[i] for i in kept], unit, layer, batch_size, progress, "dataset responses"
+    )
+    requests = [
+        GenerationRequest(
+            handle.encode(records[i].system, records[i].prompt),
+            {"system": records[i].system, "prompt": records[i].prompt},
+        )
+        for i in kept
+    ]
+    answers = generate_cached(handle, store, requests, params, batch_size, progress)
+    own_seqs = [handle.encode(records[i].system, records[i].prompt, a) for i, a in zip(kept, answers, strict=True)]
+    own = _response_projections(handle, own_seqs, unit, layer, batch_size, progress, "own answers")
+    return [
+        {"index": i, "shift": None if o is None else d - o, "dataset": d, "own": o, "own_response": a}
+        for i, d, o, a in zip(kept, dataset, own, answers, strict=True)
+    ]
+
+
+def write_shift_report(
+    path: str | Path, records: Sequence[Record], shifts: Sequence[dict], top_k: int | None = None
+) -> list[Path]:
+    """Write the shift report next to ``path``; returns the written paths.
+
+    ``<stem>.shift.jsonl``: original objects plus the shift fields, by shift descending
+    (``None`` last); ``<stem>.shift.png``: histogram of the shifts; with ``top_k``,
+    ``<stem>.top{k}.jsonl``: the original objects of the ``k`` largest shifts.
+    """
+    if top_k is not None and top_k < 1:
+        raise InvalidInputError(f"top_k is {top_k}; give a positive number of examples")
+    path = Path(path)
+    ordered = sorted(shifts, key=lambda s: (s["shift"] is None, -(s["shift"] or 0.0)))
+    written = [
+        _write_jsonl(path.with_name(f"{path.stem}.shift.jsonl"), [{**records[s["index"]].source, **s} for s in ordered])
+    ]
+    values = [s["shift"] for s in ordered if s["shift"] is not None]
+    png = path.with_name(f"{path.stem}.shift.png")
+    plot_histogram(values, "projection shift (dataset response - own answer)", f"{path.name}: projection shift", png)
+    written.append(png)
+    if top_k is not None:
+        top = [records[s["index"]].source for s in ordered[:top_k] if s["shift"] is not None]
+        written.append(_write_jsonl(path.with_name(f"{path.stem}.top{top_k}.jsonl"), top))
+    return written
+
+
+def model_shift(
+    base: ModelHandle,
+    tuned: ModelHandle,
+    prompts: Sequence[tuple[str | None, str]],
+    vector: torch.Tensor,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """How far a fine-tune moved the last-prompt-token residual along the direction, per layer.
+
+    ``shift[l] = mean over prompts of (a_tuned[l] - a_base[l]) . unit(vector[l])`` with
+    ``vector`` per-layer ``[n_blocks + 1, hidden]``; each model encodes the ``(system,
+    prompt)`` pairs with its own tokenizer. Rows of ``vector`` that are zero give 0.
+    Returns float32 ``[n_blocks + 1]``.
+    """
+    if (base.n_blocks, base.hidden_size) != (tuned.n_blocks, tuned.hidden_size):
+        raise InvalidInputError(
+            f"{base.name} has {base.n_blocks} blocks of width {base.hidden_size} but {tuned.name} has "
+            f"{tuned.n_blocks} of width {tuned.hidden_size}; compare a fine-tune with its own base model"
+        )
+    if not prompts:
+        raise InvalidInputError("no prompts to compare the models on; pass at least one (system, prompt)")
+    vector = torch.as_tensor(vector).detach().float().cpu()
+    if vector.dim() != 2:
+        raise InvalidInputError(
+            f"vector has shape {tuple(vector.shape)}; model_shift needs a per-layer vector [n_blocks + 1, hidden]"
+        )
+    rows = [check_vector(vector, layer, base.n_blocks, base.hidden_size) for layer in range(base.n_layers)]
+    norms = torch.stack(rows).norm(dim=1, keepdim=True)
+    if not norms.any():
+        raise InvalidInputError("the vector is zero at every layer; re-extract it")
+    unit = vector / norms.clamp(min=torch.finfo(torch.float32).tiny)
+    acts = [
+        capture(
+            handle,
+            [handle.encode(system, prompt) for system, prompt in prompts],
+            positions="last_prompt",
+            batch_size=batch_size,
+            progress=progress,
+            label=label,
+        )
+        for handle, label in ((base, "base"), (tuned, "tuned"))
+    ]
+    return ((acts[1] - acts[0]).mean(dim=0) * unit).sum(dim=-1).float()

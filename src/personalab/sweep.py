@@ -1,0 +1,203 @@
+"""Steering sweeps: layers x coefficients, judged for trait expression and coherence.
+
+Every configuration answers the trait's evaluation questions ``samples`` times, with the
+vector added at the layer on ``positions``. All coefficients of one layer share batches
+with a per-row alpha, so a sweep costs about one batched generation per layer. Answers
+at ``alpha = 0`` are the unsteered model's and are shared by every layer. Each steered
+configuration is compared with ``alpha = 0`` question by question (the mean trait score
+of a question's samples): a sign-flip permutation test and a sign test, both
+Bonferroni-corrected over the steered configurations. Standard deviations are over all
+answers (``ddof = 1``).
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from personalab.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.interventions import InterventionPositions, steer
+from personalab.judges import Judge
+from personalab.layers import check_layers
+from personalab.model import ModelHandle
+from personalab.plots import plot_heatmap, plot_sweep_curves
+from personalab.scoring import score_cached
+from personalab.stats import bonferroni, sign_flip_test, sign_test
+from personalab.steering import Scale, scaled_vector
+from personalab.store import Store
+from personalab.traits import COHERENCE_RUBRIC, Trait
+
+
+class SweepConfig(BaseModel):
+    """Settings of one sweep."""
+
+    model_config = ConfigDict(extra="forbid")
+    layers: list[int] = Field(min_length=1)
+    alphas: list[float] = Field(min_length=1)
+    samples: int = Field(10, ge=1)
+    sampling: SamplingParams = SamplingParams()
+    scale: Scale = "raw"
+    positions: InterventionPositions = "response"
+    batch_size: int = Field(16, ge=1)
+    n_resamples: int = Field(10_000, ge=100)
+
+
+def _answers(
+    handle: ModelHandle, store: Store, vector: torch.Tensor, trait: Trait, config: SweepConfig, progress: bool
+):
+    prompts = [handle.encode(None, q) for q in trait.evaluation_questions]
+    rows, norms = [], {}
+    for layer in config.layers:
+        v, norms[layer] = scaled_vector(handle, vector, layer, config.scale, prompts)
+        digest = hashlib.sha256(v.numpy().tobytes()).hexdigest()
+        plan = [
+            (alpha, qi, sample)
+            for alpha in config.alphas
+            for qi in range(len(prompts))
+            for sample in range(config.samples)
+        ]
+        requests = [
+            GenerationRequest(
+                prompts[qi],
+                {
+                    "question": trait.evaluation_questions[qi],
+                    "sample": sample,
+                    "steer": None
+                    if alpha == 0
+                    else {"layer": layer, "alpha": alpha, "vector": digest, "positions": config.positions},
+                },
+            )
+            for alpha, qi, sample in plan
+        ]
+
+        def per_row(indices: list[int], v=v, layer=layer, plan=plan):
+            alphas = torch.tensor([plan[i][0] for i in indices])
+            return steer(handle, v, layer, alpha=alphas, positions=config.positions)
+
+        texts = generate_cached(
+            handle, store, requests, config.sampling, config.batch_size, progress=progress, steering=per_row
+        )
+        rows += [
+            {"layer": layer, "alpha": alpha, "question": qi, "sample": sample, "answer": text}
+            for (alpha, qi, sample), text in zip(plan, texts, strict=True)
+        ]
+    return pd.DataFrame(rows), norms
+
+
+def _paired_tests(answers: pd.DataFrame, n_resamples: int) -> pd.DataFrame:
+    per_question = answers.groupby(["layer", "alpha", "question"])["trait"].mean().reset_index()
+    baseline = per_question[per_question["alpha"] == 0].groupby("question")["trait"].mean()
+    steered = per_question[per_question["alpha"] != 0]
+    configs = steered.groupby(["layer", "alpha"])
+    out = []
+    for (layer, alpha), rows in configs:
+        paired = rows.set_index("question")["trait"].to_frame("steered").join(baseline.rename("base"), how="inner")
+        diffs = (paired["steered"] - paired["base"]).dropna().tolist()
+        p_flip, p_sign = sign_flip_test(diffs, n_resamples), sign_test(diffs)
+        out.append(
+            {
+                "layer": layer,
+                "alpha": alpha,
+                "n_questions": len(diffs),
+                "p_signflip": bonferroni(p_flip, configs.ngroups),
+                "p_sign": bonferroni(p_sign, configs.ngroups),
+            }
+        )
+    return pd.DataFrame(out, columns=["layer", "alpha", "n_questions", "p_signflip", "p_sign"])
+
+
+def summarise(answers: pd.DataFrame, n_resamples: int = 10_000) -> pd.DataFrame:
+    """One row per (layer, alpha): trait and coherence mean and std, n, Bonferroni-corrected p-values.
+
+    ``answers`` has columns layer, alpha, question, sample, trait, coherence; p-values need ``alpha = 0``.
+    """
+    grouped = answers.groupby(["layer", "alpha"])
+    table = pd.DataFrame(
+        {
+            "trait_mean": grouped["trait"].mean(),
+            "trait_std": grouped["trait"].std(),
+            "coherence_mean": grouped["coherence"].mean(),
+            "coherence_std": grouped["coherence"].std(),
+            "n": grouped["trait"].count(),
+        }
+    ).reset_index()
+    if (answers["alpha"] == 0).any():
+        table = table.merge(_paired_tests(answers, n_resamples), on=["layer", "alpha"], how="left")
+    return table
+
+
+def _markdown(table: pd.DataFrame, scale: str) -> str:
+    has_p = "p_signflip" in table
+    head = "| layer | alpha | trait | coherence | n |" + (" p sign-flip (Bonf.) | p sign (Bonf.) |" if has_p else "")
+    lines = [f"Scale: {scale}. Mean +- std over all answers.", "", head, "|---" * (7 if has_p else 5) + "|"]
+    for row in table.itertuples():
+        cells = [
+            str(row.layer),
+            f"{row.alpha:g}",
+            f"{row.trait_mean:.1f} +- {row.trait_std:.1f}",
+            f"{row.coherence_mean:.1f} +- {row.coherence_std:.1f}",
+            str(row.n),
+        ]
+        if has_p:
+            cells += ["-" if pd.isna(row.p_signflip) else f"{row.p_signflip:.3g}"]
+            cells += ["-" if pd.isna(row.p_sign) else f"{row.p_sign:.3g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(
+    handle: ModelHandle,
+    vector: torch.Tensor,
+    trait: Trait,
+    judge: Judge,
+    out: str | Path,
+    config: SweepConfig,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run the sweep into ``out`` (resumable through ``out/generations.sqlite``); returns the table."""
+    check_layers(config.layers, handle.n_blocks)
+    out = Path(out)
+    store = Store(out / "generations.sqlite")
+    try:
+        answers, norms = _answers(handle, store, vector, trait, config, progress)
+        questions = [trait.evaluation_questions[q] for q in answers["question"]]
+        items = list(zip(questions, answers["answer"], strict=True))
+        answers["trait"] = score_cached(
+            store, judge, [(q, a, trait.rubric) for q, a in items], "judge trait", progress=progress
+        )
+        answers["coherence"] = score_cached(
+            store, judge, [(q, a, COHERENCE_RUBRIC) for q, a in items], "judge coherence", progress=progress
+        )
+    finally:
+        store.close()
+    answers = answers.astype({"trait": float, "coherence": float})
+    table = summarise(answers, config.n_resamples)
+    table.insert(2, "scale", config.scale)
+    table.to_csv(out / "sweep.csv", index=False)
+    answers.to_json(out / "answers.jsonl", orient="records", lines=True)
+    (out / "sweep.md").write_text(_markdown(table, config.scale))
+    for metric in ("trait", "coherence"):
+        grid = table.pivot(index="layer", columns="alpha", values=f"{metric}_mean")
+        plot_heatmap(
+            grid.to_numpy(),
+            grid.index.tolist(),
+            grid.columns.tolist(),
+            f"{trait.name}: {metric}",
+            metric,
+            out / f"heatmap_{metric}.png",
+        )
+    plot_sweep_curves(table, f"{trait.name} on {handle.name} ({config.scale} scale)", out / "curves.png")
+    meta = {
+        "model": handle.name,
+        "revision": handle.revision,
+        "trait": trait.name,
+        "trait_sha256": trait.digest(),
+        "judge": judge.name,
+        "config": config.model_dump(),
+        "residual_norms": {str(k): v for k, v in norms.items()} if config.scale == "normalised" else None,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return table

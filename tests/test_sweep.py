@@ -1,0 +1,88 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from personalab.generation import SamplingParams, sample_texts
+from personalab.interventions import steer
+from personalab.steering import mean_residual_norm, scaled_vector
+from personalab.sweep import SweepConfig, run_sweep
+
+from reference import hidden_states
+from test_extraction import TRAIT, ScriptedJudge, hashed_score
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=5)
+
+
+def _vector(handle, seed=0):
+    return torch.randn(handle.n_layers, handle.hidden_size, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_per_row_sweep_equals_separate_runs_and_table_matches(tiny, tmp_path):
+    handle = tiny("llama", "chatml")
+    trait = TRAIT.model_copy(update={"evaluation_questions": ["Do you like rain?", "Is it cold?", "Why?", "How?"]})
+    vector = _vector(handle)
+    config = SweepConfig(layers=[1, 3], alphas=[0, 2.0, -4.0], samples=1, sampling=GREEDY, batch_size=12)
+    table = run_sweep(handle, vector, trait, ScriptedJudge(), tmp_path, config, progress=False)
+    answers = pd.read_json(tmp_path / "answers.jsonl", lines=True)
+    for row in answers.itertuples():
+        prompt = handle.encode(None, trait.evaluation_questions[row.question])
+        with steer(handle, vector, row.layer, alpha=row.alpha, positions="response"):
+            (alone,) = sample_texts(handle, [prompt], GREEDY, seed=0)
+        assert row.answer == alone
+        assert row.trait == hashed_score(alone) and row.coherence == 80.0
+
+    assert len(table) == 6 and set(table["scale"]) == {"raw"}
+    for row in table.itertuples():
+        scores = [hashed_score(a) for a in answers[(answers.layer == row.layer) & (answers.alpha == row.alpha)].answer]
+        assert row.trait_mean == pytest.approx(np.mean(scores)) and row.trait_std == pytest.approx(
+            np.std(scores, ddof=1)
+        )
+        assert row.n == 4
+        if row.alpha == 0:
+            assert pd.isna(row.p_signflip)
+            continue
+        base = answers[answers.alpha == 0].groupby("question").first().answer.map(hashed_score)
+        mine = answers[(answers.layer == row.layer) & (answers.alpha == row.alpha)].set_index("question").answer
+        diffs = (mine.map(hashed_score) - base).to_numpy()
+        flip = stats.permutation_test((diffs,), np.mean, permutation_type="samples", n_resamples=np.inf).pvalue
+        nonzero = diffs[diffs != 0]
+        sign = stats.binomtest(int((nonzero > 0).sum()), len(nonzero), 0.5).pvalue if len(nonzero) else 1.0
+        assert row.p_signflip == pytest.approx(min(1.0, 4 * flip))
+        assert row.p_sign == pytest.approx(min(1.0, 4 * sign))
+    for name in ("sweep.csv", "sweep.md", "heatmap_trait.png", "heatmap_coherence.png", "curves.png", "meta.json"):
+        assert (tmp_path / name).is_file()
+    assert "| 3 | -4 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_rerun_with_more_alphas_computes_only_the_new_ones(tiny, tmp_path, monkeypatch):
+    handle = tiny("gpt2", "none")
+    vector = _vector(handle, 1)
+    config = SweepConfig(
+        layers=[2], alphas=[0, 1.0], samples=2, sampling=SamplingParams(max_new_tokens=4), batch_size=5
+    )
+    first = run_sweep(handle, vector, TRAIT, ScriptedJudge(), tmp_path, config, progress=False)
+    sampled, real = [], handle.model.generate
+    monkeypatch.setattr(handle.model, "generate", lambda **kw: sampled.append(len(kw["input_ids"])) or real(**kw))
+    judge = ScriptedJudge()
+    wider = config.model_copy(update={"alphas": [0, 1.0, 3.0]})
+    second = run_sweep(handle, vector, TRAIT, judge, tmp_path, wider, progress=False)
+    n_new = len(TRAIT.evaluation_questions) * 2
+    assert sum(sampled) == n_new and judge.calls <= 2 * n_new
+    pd.testing.assert_frame_equal(
+        second[second.alpha != 3.0].drop(columns=["p_signflip", "p_sign"]).reset_index(drop=True),
+        first.drop(columns=["p_signflip", "p_sign"]),
+    )
+
+
+def test_normalised_scale_gives_the_mean_residual_norm(tiny):
+    handle = tiny("qwen3", "chatml")
+    prompts = [handle.encode(None, q) for q in TRAIT.extraction_questions]
+    tokens = torch.cat([hidden_states(handle, p)[2] for p in prompts])
+    reference = tokens.norm(dim=-1).mean().item()
+    assert mean_residual_norm(handle, prompts, [2]) == pytest.approx([reference], rel=1e-5)
+    v, norm = scaled_vector(handle, _vector(handle), 2, "normalised", prompts)
+    assert norm == pytest.approx(reference, rel=1e-5) and v.norm().item() == pytest.approx(reference, rel=1e-5)
+    raw, zero = scaled_vector(handle, _vector(handle), 2, "raw")
+    assert torch.equal(raw, _vector(handle)[2]) and zero == 0.0
