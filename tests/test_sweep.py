@@ -4,6 +4,7 @@ import pytest
 import torch
 from scipy import stats
 
+from personalab.errors import PersonalabError
 from personalab.generation import SamplingParams, sample_texts
 from personalab.interventions import steer
 from personalab.steering import mean_residual_norm, scaled_vector
@@ -86,3 +87,19 @@ def test_normalised_scale_gives_the_mean_residual_norm(tiny):
     assert norm == pytest.approx(reference, rel=1e-5) and v.norm().item() == pytest.approx(reference, rel=1e-5)
     raw, zero = scaled_vector(handle, _vector(handle), 2, "raw")
     assert torch.equal(raw, _vector(handle)[2]) and zero == 0.0
+
+
+def test_resuming_a_half_done_sweep_computes_only_what_is_missing(tiny, tmp_path, monkeypatch):
+    handle = tiny("llama", "chatml")
+    vector = _vector(handle, 2)
+    config = SweepConfig(layers=[1, 2], alphas=[0, 3.0], samples=1, sampling=SamplingParams(max_new_tokens=3))
+    with pytest.raises(PersonalabError, match="judge server is down"):
+        run_sweep(handle, vector, TRAIT, ScriptedJudge(fail_after=3), tmp_path / "half", config, progress=False)
+    sampled, real = [], handle.model.generate
+    monkeypatch.setattr(handle.model, "generate", lambda **kw: sampled.append(1) or real(**kw))
+    judge = ScriptedJudge()
+    resumed = run_sweep(handle, vector, TRAIT, judge, tmp_path / "half", config, progress=False)
+    assert sampled == [] and judge.calls > 0
+    monkeypatch.setattr(handle.model, "generate", real)
+    straight = run_sweep(handle, vector, TRAIT, ScriptedJudge(), tmp_path / "straight", config, progress=False)
+    pd.testing.assert_frame_equal(resumed, straight)
