@@ -135,7 +135,9 @@ def tiny(model_folder):
 
     def get(arch: str = "llama", template: str = "chatml") -> ModelHandle:
         if (arch, template) not in cache:
-            cache[(arch, template)] = load_model(str(model_folder(arch, template)), device="cpu", dtype="float32")
+            handle = load_model(str(model_folder(arch, template)), device="cpu", dtype="float32")
+            handle.name = f"tiny-{arch}-{template}"  # stable store keys, so sampled texts repeat across runs
+            cache[(arch, template)] = handle
         return cache[(arch, template)]
 
     return get
