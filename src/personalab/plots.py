@@ -90,3 +90,16 @@ def plot_model_shift(shift: torch.Tensor, title: str, path: str | Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
+
+
+def plot_training_curve(losses: Sequence[float], path: str | Path) -> None:
+    """Loss per optimizer step."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("KL(steered teacher || student)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)

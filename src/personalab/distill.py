@@ -1,0 +1,311 @@
+"""Distillation: bake a steering vector into weights by matching the steered model.
+
+The teacher is the base weights with ``alpha * v`` added at ``layer`` on response
+positions; the student has no hook. Trajectories are sampled from the teacher (stored in
+the run's SQLite store). The loss is the token-level KL(teacher || student) over the full
+vocabulary, averaged over the positions that predict response tokens (prompt and padding
+masked). Full-vocabulary logits are formed ``kl_chunk`` positions at a time and the
+student's are recomputed in the backward pass, so the logits of a whole batch never sit
+in memory at once. With LoRA the teacher is the student with its adapter disabled; full
+fine-tuning keeps a frozen copy of the base model as teacher.
+"""
+
+import copy
+import hashlib
+import json
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.checkpoint import checkpoint
+from transformers import get_linear_schedule_with_warmup
+
+from personalab.batching import pad_batch
+from personalab.chat import TokenSequence
+from personalab.errors import InvalidInputError
+from personalab.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.hooks import hook_residual
+from personalab.interventions import steer
+from personalab.layers import check_layers, check_vector
+from personalab.model import ModelHandle, unwrap
+from personalab.plots import plot_training_curve
+from personalab.progress import progress_bar
+from personalab.store import Store
+
+TRAJECTORY_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=256)
+
+
+class DistillConfig(BaseModel):
+    """Settings of one distillation run; ``lora_rank = None`` means full fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+    layer: int
+    alpha: float
+    lora_rank: int | None = Field(8, ge=1)
+    lora_alpha: float | None = None
+    trajectories: int = Field(500, ge=2)
+    steps: int = Field(500, ge=1)
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    gradient_checkpointing: bool = False
+    kl_chunk: int = Field(256, ge=1)
+    held_out: float = Field(0.1, gt=0, lt=1)
+    sampling: SamplingParams = TRAJECTORY_SAMPLING
+    seed: int = 0
+
+
+def logits_fn(handle: ModelHandle):
+    """``h -> logits`` of the model's LM head for final hidden states ``[..., hidden]``, with logit soft-capping."""
+    inner = unwrap(handle.model)
+    head = inner.get_output_embeddings()
+    cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return fn
+
+
+def _kl_sum(student_logits_fn, hs: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    student_logp = F.log_softmax(student_logits_fn(hs).float(), dim=-1)
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+
+
+def chunked_kl(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    mask: torch.Tensor,
+    student_logits,
+    teacher_logits,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Mean over ``mask`` positions of KL(teacher || student) over the full vocabulary.
+
+    ``*_hidden`` are final hidden states ``[batch, seq, hidden]``, ``mask`` is bool
+    ``[batch, seq]``; logits are formed ``chunk`` positions at a time, in float32, and the
+    student's are recomputed in backward (activation checkpointing of the chunk).
+    """
+    hs, ht = student_hidden[mask], teacher_hidden[mask]
+    if hs.shape[0] == 0:
+        raise InvalidInputError("no response positions in the batch; trajectories need non-empty answers")
+    total = hs.new_zeros((), dtype=torch.float32)
+    for start in range(0, hs.shape[0], chunk):
+        with torch.no_grad():
+            teacher_logp = F.log_softmax(teacher_logits(ht[start : start + chunk]).float(), dim=-1)
+        part = hs[start : start + chunk]
+        if part.requires_grad:
+            total = total + checkpoint(_kl_sum, student_logits, part, teacher_logp, use_reentrant=False)
+        else:
+            total = total + _kl_sum(student_logits, part, teacher_logp)
+    return total / hs.shape[0]
+
+
+def final_hidden(handle: ModelHandle, batch, prompt_lengths=None, steering=None) -> torch.Tensor:
+    """``hidden_states[n_blocks]`` ``[batch, seq, hidden]`` of a forward that skips the full LM head."""
+    seen: list[torch.Tensor] = []
+    hook = hook_residual(handle, handle.n_blocks, lambda h: seen.append(h), final_norm=True)
+    try:
+        handle.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def response_mask(seqs: list[TokenSequence], batch) -> torch.Tensor:
+    """Bool ``[batch, seq]``: positions whose next token is a response token (right padding)."""
+    mask = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    for b, seq in enumerate(seqs):
+        mask[b, seq.prompt_len - 1 : len(seq.ids) - 1] = True
+    return mask
+
+
+@dataclass
+class DistillResult:
+    student: torch.nn.Module
+    losses: list[float]
+    held_out: dict[str, float]
+    trainable: int
+
+
+def check_inputs(handle: ModelHandle, vector: torch.Tensor, prompts: list[TokenSequence], config: DistillConfig):
+    """Validate before any work: layer range, vector width and values, a non-empty prompt set."""
+    check_layers(config.layer, handle.n_blocks)
+    v = check_vector(vector, config.layer, handle.n_blocks, handle.hidden_size).float()
+    if not prompts:
+        raise InvalidInputError("the prompt set is empty; give a trait with extraction questions or a JSONL of prompts")
+    if not math.isfinite(config.alpha):
+        raise InvalidInputError("alpha must be a finite number")
+    return v
+
+
+def trajectories(
+    handle: ModelHandle, v: torch.Tensor, prompts: list[TokenSequence], store: Store, config: DistillConfig, progress
+) -> list[TokenSequence]:
+    """``config.trajectories`` steered answers, cycling over ``prompts``; empty answers are dropped."""
+    digest = hashlib.sha256(v.numpy().tobytes()).hexdigest()
+    requests = [
+        GenerationRequest(
+            prompts[i % len(prompts)],
+            {"distill": digest, "layer": config.layer, "alpha": config.alpha, "sample": i // len(prompts)},
+        )
+        for i in range(config.trajectories)
+    ]
+    texts = generate_cached(
+        handle,
+        store,
+        requests,
+        config.sampling,
+        progress=progress,
+        steering=lambda rows: steer(handle, v, config.layer, alpha=config.alpha, positions="response"),
+    )
+    tok = handle.tokenizer
+    seqs = [
+        TokenSequence(r.prompt.ids + tuple(tok.encode(t, add_special_tokens=False)), r.prompt.prompt_len)
+        for r, t in zip(requests, texts, strict=True)
+    ]
+    return [s for s in seqs if s.response_len > 0]
+
+
+class _Models:
+    """Student and teacher forwards. The teacher is ``teacher`` with the steering hook on response
+    positions; for LoRA it is the student itself with the adapter disabled."""
+
+    def __init__(self, handle: ModelHandle, student, teacher: ModelHandle, v: torch.Tensor, config: DistillConfig):
+        self.handle, self.student, self.teacher, self.v, self.config = handle, student, teacher, v, config
+        self.lora = teacher is handle
+        self.student_logits, self.teacher_logits = logits_fn(handle), logits_fn(teacher)
+
+    def _teacher_hidden(self, seqs: list[TokenSequence], batch, steered: bool) -> torch.Tensor:
+        lengths = [s.prompt_len for s in seqs]
+        alpha = self.config.alpha if steered else 0.0
+        with (
+            torch.no_grad(),
+            self.student.disable_adapter() if self.lora else nullcontext(),
+            steer(self.teacher, self.v, self.config.layer, alpha, "response", prompt_lengths=lengths),
+        ):
+            return final_hidden(self.teacher, batch)
+
+    def kl(self, seqs: list[TokenSequence], steered: bool = True) -> torch.Tensor:
+        """KL(teacher || student) on ``seqs``; ``steered=False`` compares with the unsteered base instead."""
+        batch = pad_batch([s.ids for s in seqs], self.handle.tokenizer.pad_token_id, "right", self.handle.input_device)
+        target = self._teacher_hidden(seqs, batch, steered)
+        student = final_hidden(self.handle, batch)
+        mask = response_mask(seqs, batch)
+        return chunked_kl(student, target, mask, self.student_logits, self.teacher_logits, self.config.kl_chunk)
+
+    @torch.no_grad()
+    def mean_kl(self, seqs: list[TokenSequence], steered: bool = True) -> float:
+        batches = [seqs[i : i + self.config.batch_size] for i in range(0, len(seqs), self.config.batch_size)]
+        return sum(self.kl(b, steered).item() * len(b) for b in batches) / len(seqs)
+
+
+def _student(handle: ModelHandle, config: DistillConfig):
+    """``(student, teacher)``: a LoRA-wrapped model and itself, or the model and a frozen copy."""
+    if config.lora_rank is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha or 2 * config.lora_rank,
+            target_modules="all-linear",
+            lora_dropout=0.0,
+        )
+        return get_peft_model(handle.model, lora), handle
+    frozen = copy.deepcopy(handle.model).eval().requires_grad_(False)
+    return handle.model, ModelHandle.from_model(frozen, handle.tokenizer, name=handle.name, revision=handle.revision)
+
+
+def distill(
+    handle: ModelHandle,
+    vector: torch.Tensor,
+    prompts: list[TokenSequence],
+    config: DistillConfig,
+    out: str | Path,
+    progress: bool = True,
+) -> DistillResult:
+    """Train a student to match the steered model; writes trajectories, weights and curves into ``out``.
+
+    ``handle.model`` is trained in place (LoRA layers are injected into it).
+    """
+    v = check_inputs(handle, vector, prompts, config)
+    out = Path(out)
+    store = Store(out / "generations.sqlite")
+    try:
+        seqs = trajectories(handle, v, prompts, store, config, progress)
+    finally:
+        store.close()
+    if len(seqs) < 2:
+        raise InvalidInputError(f"only {len(seqs)} non-empty trajectories; raise --trajectories")
+    order = list(range(len(seqs)))
+    random.Random(config.seed).shuffle(order)
+    n_held = max(1, round(len(seqs) * config.held_out))
+    held, train = [seqs[i] for i in order[:n_held]], [seqs[i] for i in order[n_held:]]
+
+    torch.manual_seed(config.seed)
+    student, teacher = _student(handle, config)
+    models = _Models(handle, student, teacher, v, config)
+    if config.gradient_checkpointing:
+        unwrap(handle.model).gradient_checkpointing_enable()
+        unwrap(handle.model).enable_input_require_grads()
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if handle.input_device.type == "cuda" else nullcontext()
+
+    student.eval()
+    start = models.mean_kl(held)
+    student.train()
+    rng = random.Random(config.seed + 1)
+    losses: list[float] = []
+    with progress_bar("distill", config.steps, progress) as advance:
+        for _ in range(config.steps):
+            total = 0.0
+            for _ in range(config.grad_accum):
+                with autocast:
+                    loss = models.kl(rng.sample(train, min(config.batch_size, len(train))))
+                (loss / config.grad_accum).backward()
+                total += loss.item() / config.grad_accum
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            advance(1)
+    student.eval()
+    held_out = {"kl_start": start, "kl_end": models.mean_kl(held), "kl_to_base_end": models.mean_kl(held, False)}
+    trainable = sum(p.numel() for p in params)
+    _save(handle, student, config, out, losses, held_out, trainable, len(train), len(held))
+    return DistillResult(student, losses, held_out, trainable)
+
+
+def _save(handle, student, config, out: Path, losses, held_out, trainable, n_train, n_held) -> None:
+    target = out / ("adapter" if config.lora_rank is not None else "model")
+    student.save_pretrained(target)
+    handle.tokenizer.save_pretrained(target)
+    (out / "training_curve.csv").write_text("step,loss\n" + "".join(f"{i + 1},{x}\n" for i, x in enumerate(losses)))
+    plot_training_curve(losses, out / "training_curve.png")
+    meta = {
+        "model": handle.name,
+        "revision": handle.revision,
+        "config": config.model_dump(),
+        "trainable_parameters": trainable,
+        "trajectories": {"train": n_train, "held_out": n_held},
+        "held_out_kl": held_out,
+        "weights": str(target.name),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

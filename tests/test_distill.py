@@ -1,0 +1,98 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from personalab import load_model
+from personalab.batching import pad_batch
+from personalab.distill import (
+    DistillConfig,
+    check_inputs,
+    chunked_kl,
+    distill,
+    final_hidden,
+    logits_fn,
+    response_mask,
+)
+from personalab.errors import InvalidInputError
+from personalab.generation import SamplingParams
+
+from reference import hidden_states
+
+
+def test_chunked_kl_equals_kl_div():
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hs = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    ht = torch.randn(3, 7, 16, generator=g)
+    mask = torch.rand(3, 7, generator=g) > 0.4
+    got = chunked_kl(hs, ht, mask, head, head, chunk=4)
+    ref = (
+        F.kl_div(F.log_softmax(head(hs), -1), F.log_softmax(head(ht), -1), log_target=True, reduction="none")
+        .sum(-1)[mask]
+        .mean()
+    )
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    (grad,) = torch.autograd.grad(got, hs)
+    (ref_grad,) = torch.autograd.grad(ref, hs)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_final_hidden_and_response_mask(tiny, conversations):
+    handle = tiny("gemma2", "gemma")
+    seqs = [handle.encode(s, u, a) for s, u, a in conversations[:3]]
+    batch = pad_batch([s.ids for s in seqs], handle.tokenizer.pad_token_id, "right")
+    with torch.no_grad():
+        got = final_hidden(handle, batch)
+        full = handle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    for b, seq in enumerate(seqs):
+        torch.testing.assert_close(got[b, : len(seq.ids)], hidden_states(handle, seq)[-1], atol=1e-5, rtol=1e-5)
+
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(logits_fn(handle)(got)[real], full[real], atol=1e-4, rtol=1e-4)
+    mask = response_mask(seqs, batch)
+    assert [int(m.sum()) for m in mask] == [s.response_len for s in seqs]
+    assert all(mask[b, s.prompt_len - 1] and not mask[b, s.prompt_len - 2] for b, s in enumerate(seqs))
+
+
+CONFIG = DistillConfig(
+    layer=2,
+    alpha=6.0,
+    lora_rank=4,
+    trajectories=24,
+    steps=30,
+    batch_size=4,
+    grad_accum=1,
+    lr=2e-2,
+    warmup_steps=2,
+    sampling=SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12),
+    held_out=0.25,
+)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_student_learns_the_steered_teacher(model_folder, tmp_path, lora):
+    handle = load_model(str(model_folder("llama", "chatml")), device="cpu", dtype="float32")
+    handle.name = "tiny-llama-distill"
+    vector = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(3))
+    prompts = [handle.encode(None, q) for q in ("Hi?", "What is bread?", "Tell me a story.", "How are you?")]
+    config = CONFIG if lora else CONFIG.model_copy(update={"lora_rank": None, "lr": 1e-3})
+    result = distill(handle, vector, prompts, config, tmp_path, progress=False)
+    held = result.held_out
+    assert held["kl_end"] <= 0.5 * held["kl_start"]
+    assert held["kl_end"] < held["kl_to_base_end"]
+    assert (tmp_path / ("adapter" if lora else "model")).is_dir() and (tmp_path / "training_curve.png").is_file()
+    assert len((tmp_path / "training_curve.csv").read_text().splitlines()) == config.steps + 1
+
+
+def test_bad_input_fails_before_any_work(tiny, tmp_path):
+    handle = tiny("llama", "chatml")
+    prompts = [handle.encode(None, "Hi?")]
+    v = torch.ones(handle.hidden_size)
+    with pytest.raises(InvalidInputError, match="hidden size is 32"):
+        check_inputs(handle, torch.ones(7), prompts, CONFIG)
+    with pytest.raises(InvalidInputError, match="out of range"):
+        check_inputs(handle, v, prompts, CONFIG.model_copy(update={"layer": 9}))
+    with pytest.raises(InvalidInputError, match="prompt set is empty"):
+        check_inputs(handle, v, [], CONFIG)
+    with pytest.raises(Exception, match="greater than or equal to 1"):
+        DistillConfig(layer=1, alpha=1.0, lora_rank=0)
