@@ -1,9 +1,12 @@
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
 from personalab import load_model
 from personalab.batching import pad_batch
+from personalab.cli import app
 from personalab.distill import (
     DistillConfig,
     check_inputs,
@@ -15,7 +18,9 @@ from personalab.distill import (
 )
 from personalab.errors import InvalidInputError
 from personalab.generation import SamplingParams
+from personalab.vectors import save_vectors
 
+from judge_server import JudgeServer
 from reference import hidden_states
 
 
@@ -96,3 +101,33 @@ def test_bad_input_fails_before_any_work(tiny, tmp_path):
         check_inputs(handle, v, [], CONFIG)
     with pytest.raises(Exception, match="greater than or equal to 1"):
         DistillConfig(layer=1, alpha=1.0, lora_rank=0)
+
+
+def test_distill_ablation_and_compare_commands(model_folder, tmp_path):
+    runner = CliRunner()
+    model = str(model_folder("llama", "chatml"))
+    save_vectors(
+        tmp_path / "vec", {"response_mean": torch.randn(4, 32, generator=torch.Generator().manual_seed(1))}, {}
+    )
+    args = ["distill", "--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--alpha", "4"]
+    args += ["--trait", "evil", "--steps", "3", "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "6"]
+    args += ["--device", "cpu", "--out", str(tmp_path / "d")]
+    assert "choose one of --lora-rank R or --full" in runner.invoke(app, args).output
+    result = runner.invoke(app, args + ["--lora-rank", "2", "--trajectories", "8,16", "--merge"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "d" / "ablation.csv")
+    assert table["trajectories"].tolist() == [8, 16] and (table["trainable"] > 0).all()
+    for n in (8, 16):
+        assert (tmp_path / "d" / f"trajectories-{n}" / "adapter").is_dir()
+        assert (tmp_path / "d" / f"trajectories-{n}" / "model" / "config.json").is_file()
+
+    with JudgeServer(scorer=lambda prompt: {"60": 0.5, "80": 0.5}) as server:
+        compare = ["compare", "--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--alpha", "4"]
+        compare += ["--trait", "evil", "--judge", "api:j", "--samples", "1", "--max-new-tokens", "4", "--device", "cpu"]
+        compare += ["--distilled", str(tmp_path / "d" / "trajectories-8"), "--out", str(tmp_path / "c")]
+        result = runner.invoke(app, compare, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(tmp_path / "c" / "compare.csv")
+    assert rows["model"].tolist()[:2] == ["base", "steered layer 2 alpha 4"] and len(rows) == 3
+    assert (rows["trait_mean"] == 70.0).all() and rows["trainable"].tolist()[2] == table["trainable"][0]
+    assert "| base | 70.0 +- 0.0 |" in (tmp_path / "c" / "compare.md").read_text()

@@ -1,10 +1,13 @@
 """The ``personalab`` command line."""
 
+import json
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
+import pandas as pd
 import torch
 import typer
 from pydantic import ValidationError
@@ -14,11 +17,14 @@ from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from personalab.chat import ChatFormat
+from personalab.distill import TRAJECTORY_SAMPLING, DistillConfig, distill
 from personalab.errors import InvalidInputError, PersonalabError
+from personalab.evaluation import load_distilled, scorecard
 from personalab.extraction import ExtractionConfig, run_extraction
 from personalab.generation import SamplingParams, sample_texts
-from personalab.interventions import Ablate, Clamp, Steer, intervene
+from personalab.interventions import Ablate, Clamp, Steer, intervene, steer
 from personalab.judges import judge_from_spec, openai_client
+from personalab.layers import check_vector
 from personalab.model import load_model
 from personalab.monitor import (
     load_records,
@@ -183,11 +189,12 @@ def extract(
     console.print(f"kept {counts['kept']} of {counts['pairs']} pairs; wrote {folder}/vectors.safetensors, summary.md")
 
 
-def _load_direction(path: Path, variant: str) -> torch.Tensor:
-    vectors, _ = load_vectors(path)
+def _load_direction(path: Path, variant: str) -> tuple[torch.Tensor, dict]:
+    """The ``variant`` tensor of a vector file and the file's metadata."""
+    vectors, meta = load_vectors(path)
     if variant not in vectors:
         raise InvalidInputError(f"{path} has no variant {variant!r}; it has {', '.join(vectors)}")
-    return vectors[variant]
+    return vectors[variant], meta
 
 
 @app.command("steer")
@@ -214,7 +221,7 @@ def steer_command(
     with reported():
         if prompt is None and not chat:
             raise InvalidInputError("give a PROMPT or --chat")
-        direction = _load_direction(vector, variant)
+        direction, _ = _load_direction(vector, variant)
         handle = load_model(model, dtype=dtype, device=device)
         norm_prompts = [handle.encode(None, q) for q in library_questions()]
         if ablate:
@@ -278,7 +285,7 @@ def sweep(
             batch_size=batch_size,
         )
         chosen = load_trait(trait, trait_dir)
-        direction = _load_direction(vector, variant)
+        direction, _ = _load_direction(vector, variant)
         scorer = judge_from_spec(judge)
         handle = load_model(model, dtype=dtype, device=device)
         folder = out or Path("runs") / f"sweep-{chosen.name}-{Path(model.rstrip('/')).name}"
@@ -307,7 +314,7 @@ def project(
 ) -> None:
     """Project records (or a fine-tune's change) onto a persona vector."""
     with reported():
-        direction = _load_direction(vector, variant)
+        direction, _ = _load_direction(vector, variant)
         if diff:
             if trait is None and data is None:
                 raise InvalidInputError("--diff needs prompts; pass --trait NAME or a JSONL data file")
@@ -340,3 +347,140 @@ def project(
                 projections = project_records(handle, records, direction, layer, batch_size, progress=True)
                 written = [write_projections(data, records, projections)]
     console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _prompt_set(handle, trait: str | None, prompts: Path | None, meta: dict) -> list:
+    if prompts is not None:
+        return [handle.encode(r.system, r.prompt) for r in load_records(prompts)]
+    name = trait or meta.get("trait")
+    if name is None:
+        raise InvalidInputError("give --trait (its extraction questions are the prompts) or --prompts FILE.jsonl")
+    return [handle.encode(None, q) for q in load_trait(name).extraction_questions]
+
+
+@app.command("distill")
+def distill_command(
+    model: Annotated[str, typer.Option(help="Hub name or local folder of the base model.")],
+    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")],
+    layer: Annotated[int, typer.Option(help="Layer l: the teacher adds alpha * v to the output of block l-1.")],
+    alpha: Annotated[float, typer.Option(help="Steering coefficient of the teacher (raw scale).")],
+    out: Annotated[Path, typer.Option(help="Run folder.")],
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank on attention and MLP projections.")] = None,
+    full: Annotated[bool, typer.Option(help="Full fine-tuning instead of LoRA.")] = False,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2 x rank).")] = None,
+    trajectories: Annotated[str, typer.Option(help="Count, or comma-separated counts for an ablation.")] = "500",
+    steps: int = 500,
+    batch_size: int = 2,
+    grad_accum: int = 4,
+    lr: float = 1e-4,
+    warmup_steps: int = 20,
+    gradient_checkpointing: bool = False,
+    kl_chunk: Annotated[int, typer.Option(help="Positions per chunk of full-vocabulary logits.")] = 256,
+    max_new_tokens: int = 256,
+    merge: Annotated[bool, typer.Option(help="Also write the LoRA student merged into OUT/model.")] = False,
+    variant: str = "response_mean",
+    trait: Annotated[str | None, typer.Option(help="Prompt set: this trait's extraction questions.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt set: a JSONL of chat prompts.")] = None,
+    seed: int = 0,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> None:
+    """Bake a steering vector into weights: KL(steered teacher || student) on steered trajectories."""
+    with reported():
+        if full == (lora_rank is not None):
+            raise InvalidInputError("choose one of --lora-rank R or --full")
+        counts = [int(x) for x in _floats(trajectories)]
+        configs = [
+            DistillConfig(
+                layer=layer,
+                alpha=alpha,
+                lora_rank=lora_rank,
+                lora_alpha=lora_alpha,
+                trajectories=n,
+                steps=steps,
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                lr=lr,
+                warmup_steps=warmup_steps,
+                gradient_checkpointing=gradient_checkpointing,
+                kl_chunk=kl_chunk,
+                seed=seed,
+                sampling=TRAJECTORY_SAMPLING.model_copy(update={"max_new_tokens": max_new_tokens, "seed": seed}),
+            )
+            for n in counts
+        ]
+        direction, meta = _load_direction(vector, variant)
+        rows = []
+        for config in configs:
+            handle = load_model(model, dtype=dtype, device=device)
+            prompt_set = _prompt_set(handle, trait, prompts, meta)
+            folder = out if len(configs) == 1 else out / f"trajectories-{config.trajectories}"
+            result = distill(
+                handle, direction, prompt_set, config, folder, store_path=out / "generations.sqlite", merge=merge
+            )
+            rows.append({"trajectories": config.trajectories, **result.held_out, "trainable": result.trainable})
+    table = Table("trajectories", "held-out KL start", "held-out KL end", "KL to unsteered base", "trainable")
+    for row in rows:
+        table.add_row(*(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in row))
+    console.print(table)
+    if len(rows) > 1:
+        pd.DataFrame(rows).to_csv(out / "ablation.csv", index=False)
+        console.print(f"wrote {out}/ablation.csv")
+
+
+def _trainable(folder: Path) -> int:
+    meta = folder / "meta.json"
+    return json.loads(meta.read_text()).get("trainable_parameters", 0) if meta.is_file() else 0
+
+
+@app.command()
+def compare(
+    model: Annotated[str, typer.Option(help="Hub name or local folder of the base model.")],
+    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")],
+    layer: Annotated[int, typer.Option(help="Layer of the steered reference.")],
+    alpha: Annotated[float, typer.Option(help="Coefficient of the steered reference (raw scale).")],
+    trait: Annotated[str, typer.Option(help="Trait whose evaluation questions and rubric are used.")],
+    judge: Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")],
+    distilled: Annotated[list[Path], typer.Option(help="Distill run folder or model folder; repeat for several.")],
+    out: Annotated[Path, typer.Option(help="Folder for compare.csv, compare.md and the store.")],
+    samples: int = 5,
+    variant: str = "response_mean",
+    temperature: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> None:
+    """Judge base, steered and distilled models on the trait's evaluation questions."""
+    with reported():
+        direction, _ = _load_direction(vector, variant)
+        chosen = load_trait(trait)
+        scorer = judge_from_spec(judge)
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        base = load_model(model, dtype=dtype, device=device)
+        check_vector(direction, layer, base.n_blocks, base.hidden_size)
+        rows = []
+        with closing(Store(out / "generations.sqlite")) as store:
+
+            def card(handle, label, steering=None):
+                return scorecard(handle, chosen, scorer, store, label, samples, params, steering)
+
+            rows.append({"model": "base", **card(base, "base"), "trainable": 0})
+            steered = f"steered layer {layer} alpha {alpha:g}"
+            hook = partial(steer, base, direction, layer, alpha=alpha, positions="response")
+            rows.append({"model": steered, **card(base, steered, hook), "trainable": 0})
+            for folder in distilled:
+                handle = load_distilled(model, folder, dtype=dtype, device=device)
+                rows.append(
+                    {"model": str(folder), **card(handle, f"distilled {folder}"), "trainable": _trainable(folder)}
+                )
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "compare.csv", index=False)
+    lines = ["| model | trait | coherence | trainable parameters |", "|---|---|---|---|"]
+    lines += [
+        f"| {r.model} | {r.trait_mean:.1f} +- {r.trait_std:.1f} | {r.coherence_mean:.1f} +- {r.coherence_std:.1f} "
+        f"| {r.trainable} |"
+        for r in table.itertuples()
+    ]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    console.print("\n".join(lines), markup=False)

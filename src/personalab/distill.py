@@ -237,14 +237,19 @@ def distill(
     config: DistillConfig,
     out: str | Path,
     progress: bool = True,
+    store_path: str | Path | None = None,
+    merge: bool = False,
 ) -> DistillResult:
     """Train a student to match the steered model; writes trajectories, weights and curves into ``out``.
 
-    ``handle.model`` is trained in place (LoRA layers are injected into it).
+    ``handle.model`` is trained in place (LoRA layers are injected into it). Trajectories are
+    stored in ``store_path`` (default ``out/generations.sqlite``); runs that share a store
+    share their first trajectories. ``merge`` also writes a LoRA student merged into
+    ``out/model``, loadable with ``from_pretrained``.
     """
     v = check_inputs(handle, vector, prompts, config)
     out = Path(out)
-    store = Store(out / "generations.sqlite")
+    store = Store(store_path or out / "generations.sqlite")
     try:
         seqs = trajectories(handle, v, prompts, store, config, progress)
     finally:
@@ -289,14 +294,17 @@ def distill(
     student.eval()
     held_out = {"kl_start": start, "kl_end": models.mean_kl(held), "kl_to_base_end": models.mean_kl(held, False)}
     trainable = sum(p.numel() for p in params)
-    _save(handle, student, config, out, losses, held_out, trainable, len(train), len(held))
+    _save(handle, student, config, out, losses, held_out, trainable, len(train), len(held), merge)
     return DistillResult(student, losses, held_out, trainable)
 
 
-def _save(handle, student, config, out: Path, losses, held_out, trainable, n_train, n_held) -> None:
+def _save(handle, student, config, out: Path, losses, held_out, trainable, n_train, n_held, merge: bool) -> None:
     target = out / ("adapter" if config.lora_rank is not None else "model")
     student.save_pretrained(target)
     handle.tokenizer.save_pretrained(target)
+    if merge and config.lora_rank is not None:
+        student.merge_and_unload().save_pretrained(out / "model")
+        handle.tokenizer.save_pretrained(out / "model")
     (out / "training_curve.csv").write_text("step,loss\n" + "".join(f"{i + 1},{x}\n" for i, x in enumerate(losses)))
     plot_training_curve(losses, out / "training_curve.png")
     meta = {
