@@ -375,7 +375,7 @@ def distill_command(
     lr: float = 1e-4,
     warmup_steps: int = 20,
     gradient_checkpointing: bool = False,
-    kl_chunk: Annotated[int, typer.Option(help="Positions per chunk of full-vocabulary logits.")] = 256,
+    kl_chunk: Annotated[int, typer.Option(help="Positions per chunk of full-vocabulary logits.")] = 64,
     max_new_tokens: int = 256,
     merge: Annotated[bool, typer.Option(help="Also write the LoRA student merged into OUT/model.")] = False,
     variant: str = "response_mean",

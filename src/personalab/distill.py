@@ -56,7 +56,7 @@ class DistillConfig(BaseModel):
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     gradient_checkpointing: bool = False
-    kl_chunk: int = Field(256, ge=1)
+    kl_chunk: int = Field(64, ge=1)
     held_out: float = Field(0.1, gt=0, lt=1)
     sampling: SamplingParams = TRAJECTORY_SAMPLING
     seed: int = 0
@@ -86,7 +86,7 @@ def chunked_kl(
     mask: torch.Tensor,
     student_logits,
     teacher_logits,
-    chunk: int = 256,
+    chunk: int = 64,
 ) -> torch.Tensor:
     """Mean over ``mask`` positions of KL(teacher || student) over the full vocabulary.
 
