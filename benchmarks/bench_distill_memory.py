@@ -26,7 +26,7 @@ def step(mode: str) -> float:
 
     from personalab.batching import pad_batch
     from personalab.chat import TokenSequence
-    from personalab.distill import DistillConfig, _Models
+    from personalab.distill import DistillConfig, TeacherStudent
     from personalab.model import ModelHandle
 
     cuda = torch.cuda.is_available()
@@ -48,7 +48,7 @@ def step(mode: str) -> float:
     seqs = [TokenSequence(tuple(torch.randint(1, 32000, (256,)).tolist()), 64) for _ in range(2)]
     student = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
-    models_ = _Models(handle, student, handle, torch.randn(512), DistillConfig(layer=4, alpha=4.0))
+    pair = TeacherStudent(handle, student, handle, torch.randn(512), DistillConfig(layer=4, alpha=4.0))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -56,7 +56,7 @@ def step(mode: str) -> float:
     else:
         base = _rss_kib("VmRSS:")
     if mode == "kl":
-        loss = models_.kl(seqs)
+        loss = pair.kl(seqs)
     else:
         batch = pad_batch([s.ids for s in seqs], 0, "right", handle.input_device)
         labels = batch.input_ids.clone()

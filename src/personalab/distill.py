@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.checkpoint import checkpoint
 from transformers import get_linear_schedule_with_warmup
 
-from personalab.batching import pad_batch
+from personalab.batching import PaddedBatch, pad_batch
 from personalab.chat import TokenSequence
 from personalab.errors import InvalidInputError
 from personalab.generation import GenerationRequest, SamplingParams, generate_cached
@@ -109,7 +109,7 @@ def chunked_kl(
     return total / hs.shape[0]
 
 
-def final_hidden(handle: ModelHandle, batch, prompt_lengths=None, steering=None) -> torch.Tensor:
+def final_hidden(handle: ModelHandle, batch: PaddedBatch) -> torch.Tensor:
     """``hidden_states[n_blocks]`` ``[batch, seq, hidden]`` of a forward that skips the full LM head."""
     seen: list[torch.Tensor] = []
     hook = hook_residual(handle, handle.n_blocks, lambda h: seen.append(h), final_norm=True)
@@ -126,7 +126,7 @@ def final_hidden(handle: ModelHandle, batch, prompt_lengths=None, steering=None)
     return seen[0]
 
 
-def response_mask(seqs: list[TokenSequence], batch) -> torch.Tensor:
+def response_mask(seqs: list[TokenSequence], batch: PaddedBatch) -> torch.Tensor:
     """Bool ``[batch, seq]``: positions whose next token is a response token (right padding)."""
     mask = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
     for b, seq in enumerate(seqs):
@@ -181,7 +181,7 @@ def trajectories(
     return [s for s in seqs if s.response_len > 0]
 
 
-class _Models:
+class TeacherStudent:
     """Student and teacher forwards. The teacher is ``teacher`` with the steering hook on response
     positions; for LoRA it is the student itself with the adapter disabled."""
 
@@ -190,7 +190,7 @@ class _Models:
         self.lora = teacher is handle
         self.student_logits, self.teacher_logits = logits_fn(handle), logits_fn(teacher)
 
-    def _teacher_hidden(self, seqs: list[TokenSequence], batch, steered: bool) -> torch.Tensor:
+    def _teacher_hidden(self, seqs: list[TokenSequence], batch: PaddedBatch, steered: bool) -> torch.Tensor:
         lengths = [s.prompt_len for s in seqs]
         alpha = self.config.alpha if steered else 0.0
         with (
@@ -263,7 +263,7 @@ def distill(
 
     torch.manual_seed(config.seed)
     student, teacher = _student(handle, config)
-    models = _Models(handle, student, teacher, v, config)
+    models = TeacherStudent(handle, student, teacher, v, config)
     if config.gradient_checkpointing:
         unwrap(handle.model).gradient_checkpointing_enable()
         unwrap(handle.model).enable_input_require_grads()
