@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from personalab import load_model
+from personalab import load_model, steer
+from personalab.bake import bake_exact
 from personalab.batching import pad_batch
 from personalab.cli import app
 from personalab.distill import (
@@ -18,7 +19,7 @@ from personalab.distill import (
 )
 from personalab.errors import InvalidInputError
 from personalab.generation import SamplingParams
-from personalab.vectors import save_vectors
+from personalab.vectors import load_vectors, save_vectors
 
 from judge_server import JudgeServer
 from reference import hidden_states
@@ -121,13 +122,35 @@ def test_distill_ablation_and_compare_commands(model_folder, tmp_path):
         assert (tmp_path / "d" / f"trajectories-{n}" / "adapter").is_dir()
         assert (tmp_path / "d" / f"trajectories-{n}" / "model" / "config.json").is_file()
 
+    handle = load_model(model, device="cpu", dtype="float32")
+    bake_exact(handle, load_vectors(tmp_path / "vec")[0]["response_mean"], 2, 4.0, tmp_path / "baked")
     with JudgeServer(scorer=lambda prompt: {"60": 0.5, "80": 0.5}) as server:
         compare = ["compare", "--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--alpha", "4"]
         compare += ["--trait", "evil", "--judge", "api:j", "--samples", "1", "--max-new-tokens", "4", "--device", "cpu"]
         compare += ["--distilled", str(tmp_path / "d" / "trajectories-8"), "--out", str(tmp_path / "c")]
+        compare += ["--distilled", str(tmp_path / "baked")]
         result = runner.invoke(app, compare, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})
     assert result.exit_code == 0, result.output
     rows = pd.read_csv(tmp_path / "c" / "compare.csv")
-    assert rows["model"].tolist()[:2] == ["base", "steered layer 2 alpha 4"] and len(rows) == 3
+    assert rows["model"].tolist()[:2] == ["base", "steered layer 2 alpha 4"] and len(rows) == 4
     assert (rows["trait_mean"] == 70.0).all() and rows["trainable"].tolist()[2] == table["trainable"][0]
     assert "| base | 70.0 +- 0.0 |" in (tmp_path / "c" / "compare.md").read_text()
+
+
+def test_bake_command_and_compare_with_the_exact_bake(model_folder, tiny, tmp_path):
+    runner = CliRunner()
+    handle = tiny("gpt2", "none")
+    model = str(model_folder("gpt2", "none"))
+    vector = torch.randn(handle.n_layers, handle.hidden_size, generator=torch.Generator().manual_seed(4))
+    save_vectors(tmp_path / "vec", {"response_mean": vector}, {})
+    args = ["bake", "--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--alpha", "3"]
+    args += ["--out", str(tmp_path / "baked"), "--device", "cpu"]
+    assert "pass --exact" in runner.invoke(app, args).output
+    result = runner.invoke(app, args + ["--exact"])
+    assert result.exit_code == 0, result.output
+    baked = load_model(str(tmp_path / "baked"), device="cpu", dtype="float32")
+    batch = pad_batch([handle.encode(None, "Tell me a story.", "Once upon a time").ids], 0, "right")
+    with torch.no_grad(), steer(handle, vector, 2, alpha=3.0):
+        steered = handle.model(input_ids=batch.input_ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(baked.model(input_ids=batch.input_ids).logits, steered, atol=1e-5, rtol=1e-5)

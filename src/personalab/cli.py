@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
+from personalab.bake import bake_exact
 from personalab.chat import ChatFormat
 from personalab.distill import TRAJECTORY_SAMPLING, DistillConfig, distill
 from personalab.errors import InvalidInputError, PersonalabError
@@ -484,3 +485,26 @@ def compare(
     ]
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     console.print("\n".join(lines), markup=False)
+
+
+@app.command()
+def bake(
+    model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")],
+    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")],
+    layer: Annotated[int, typer.Option(help="Layer l: the baked model adds alpha * v to the output of block l-1.")],
+    alpha: Annotated[float, typer.Option(help="Steering coefficient (raw scale).")],
+    out: Annotated[Path, typer.Option(help="Folder for the baked model.")],
+    exact: Annotated[bool, typer.Option(help="Exact bias or embedding shift, no training (required for now).")] = False,
+    variant: Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")] = "response_mean",
+    dtype: str = "auto",
+    device: str = "auto",
+) -> None:
+    """Bake steering on all positions into the weights: the saved model's plain forward equals the steered one."""
+    with reported():
+        if not exact:
+            raise InvalidInputError("pass --exact; training-based baking is `personalab distill`")
+        direction, _ = _load_direction(vector, variant)
+        handle = load_model(model, dtype=dtype, device=device)
+        folder = bake_exact(handle, direction, layer, alpha, out)
+        method = json.loads((folder / "bake.json").read_text())["method"]
+    console.print(f"baked alpha {alpha:g} at layer {layer} as {method}; wrote {folder}")
