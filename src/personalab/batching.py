@@ -15,6 +15,10 @@ class PaddedBatch:
     position_ids: torch.Tensor
     offsets: torch.Tensor
 
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of a transformers forward: ids, attention mask and position ids."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
 
 def pad_batch(
     rows: Sequence[Sequence[int]], pad_id: int, side: str = "right", device: torch.device | str = "cpu"

@@ -118,12 +118,7 @@ def capture(
                 batch = pad_batch([sequences[i].ids for i in rows], pad_id, padding_side, device)
                 recorder.arm(batch.offsets, [selected[i] for i in rows], batch.input_ids.shape[1], device)
                 try:
-                    handle.model(
-                        input_ids=batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids,
-                        use_cache=False,
-                    )
+                    handle.model(**batch.model_inputs(), use_cache=False)
                 except _StopForward:
                     pass
                 recorder.check_finite(handle.dtype)

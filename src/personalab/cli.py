@@ -43,6 +43,11 @@ from personalab.traits import builtin_traits, library_questions, load_trait
 from personalab.traits.generate import generate_trait
 from personalab.vectors import load_vectors
 
+ModelOption = Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")]
+VectorOption = Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")]
+JudgeOption = Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")]
+VariantOption = Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")]
+
 app = typer.Typer(help="Persona vectors in language models.", no_args_is_help=True, add_completion=False)
 trait_app = typer.Typer(help="Built-in, file and generated traits.", no_args_is_help=True)
 app.add_typer(trait_app, name="trait")
@@ -144,9 +149,9 @@ def trait_new(
 
 @app.command()
 def extract(
-    model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")],
+    model: ModelOption,
     trait: Annotated[str, typer.Option(help="Built-in trait, trait JSON file, or name in --trait-dir.")],
-    judge: Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")],
+    judge: JudgeOption,
     trait_dir: Annotated[
         Path | None, typer.Option(help="persona-vectors data folder (trait_data_extract/...).")
     ] = None,
@@ -201,12 +206,12 @@ def _load_direction(path: Path, variant: str) -> tuple[torch.Tensor, dict]:
 @app.command("steer")
 def steer_command(
     prompt: Annotated[str | None, typer.Argument(help="The user message (omit with --chat).")] = None,
-    model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")] = ...,
-    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")] = ...,
+    model: ModelOption = ...,
+    vector: VectorOption = ...,
     layer: Annotated[int, typer.Option(help="Layer l: acts on the output of block l-1.")] = ...,
     alpha: Annotated[float, typer.Option(help="Coefficient (ignored by --ablate and --clamp).")] = 1.0,
     positions: Annotated[str, typer.Option(help="all, prompt, response or generated.")] = "response",
-    variant: Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")] = "response_mean",
+    variant: VariantOption = "response_mean",
     scale: Annotated[str, typer.Option(help="raw (alpha * v) or normalised (v at the mean residual norm).")] = "raw",
     ablate: Annotated[bool, typer.Option(help="Project the direction out instead of adding it.")] = False,
     clamp: Annotated[float | None, typer.Option(help="Set the projection onto the direction to this value.")] = None,
@@ -254,14 +259,14 @@ def _floats(text: str) -> list[float]:
 
 @app.command()
 def sweep(
-    model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")],
-    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")],
+    model: ModelOption,
+    vector: VectorOption,
     trait: Annotated[str, typer.Option(help="Trait whose evaluation questions and rubric are used.")],
-    judge: Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")],
+    judge: JudgeOption,
     layers: Annotated[str, typer.Option(help="Comma-separated layers, e.g. 8,12,16,20.")],
     alphas: Annotated[str, typer.Option(help="Comma-separated coefficients; include 0 for the paired tests.")],
     samples: Annotated[int, typer.Option(help="Answers per question and configuration.")] = 10,
-    variant: str = "response_mean",
+    variant: VariantOption = "response_mean",
     scale: Annotated[str, typer.Option(help="raw or normalised.")] = "raw",
     positions: Annotated[str, typer.Option(help="all, prompt, response or generated.")] = "response",
     trait_dir: Annotated[Path | None, typer.Option(help="persona-vectors data folder.")] = None,
@@ -300,7 +305,7 @@ def project(
     vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or .pt file of persona vectors.")],
     data: Annotated[Path | None, typer.Argument(help="JSONL records (messages or prompt/response).")] = None,
     model: Annotated[str | None, typer.Option(help="Hub name or local folder of the model.")] = None,
-    variant: Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")] = "response_mean",
+    variant: VariantOption = "response_mean",
     layer: Annotated[int | None, typer.Option(help="Layer (0 = embeddings, l = output of block l-1).")] = None,
     shift: Annotated[bool, typer.Option(help="Projection difference vs the model's own answers.")] = False,
     top_k: Annotated[int | None, typer.Option(help="With --shift: also write the K most shifting records.")] = None,
@@ -362,7 +367,7 @@ def _prompt_set(handle, trait: str | None, prompts: Path | None, meta: dict) -> 
 @app.command("distill")
 def distill_command(
     model: Annotated[str, typer.Option(help="Hub name or local folder of the base model.")],
-    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")],
+    vector: VectorOption,
     layer: Annotated[int, typer.Option(help="Layer l: the teacher adds alpha * v to the output of block l-1.")],
     alpha: Annotated[float, typer.Option(help="Steering coefficient of the teacher (raw scale).")],
     out: Annotated[Path, typer.Option(help="Run folder.")],
@@ -379,7 +384,7 @@ def distill_command(
     kl_chunk: Annotated[int, typer.Option(help="Positions per chunk of full-vocabulary logits.")] = 64,
     max_new_tokens: int = 256,
     merge: Annotated[bool, typer.Option(help="Also write the LoRA student merged into OUT/model.")] = False,
-    variant: str = "response_mean",
+    variant: VariantOption = "response_mean",
     trait: Annotated[str | None, typer.Option(help="Prompt set: this trait's extraction questions.")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompt set: a JSONL of chat prompts.")] = None,
     seed: int = 0,
@@ -437,15 +442,15 @@ def _trainable(folder: Path) -> int:
 @app.command()
 def compare(
     model: Annotated[str, typer.Option(help="Hub name or local folder of the base model.")],
-    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")],
+    vector: VectorOption,
     layer: Annotated[int, typer.Option(help="Layer of the steered reference.")],
     alpha: Annotated[float, typer.Option(help="Coefficient of the steered reference (raw scale).")],
     trait: Annotated[str, typer.Option(help="Trait whose evaluation questions and rubric are used.")],
-    judge: Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")],
+    judge: JudgeOption,
     distilled: Annotated[list[Path], typer.Option(help="Distill run folder or model folder; repeat for several.")],
     out: Annotated[Path, typer.Option(help="Folder for compare.csv, compare.md and the store.")],
     samples: int = 5,
-    variant: str = "response_mean",
+    variant: VariantOption = "response_mean",
     temperature: float = 1.0,
     max_new_tokens: int = 256,
     seed: int = 0,
@@ -489,13 +494,13 @@ def compare(
 
 @app.command()
 def bake(
-    model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")],
-    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")],
+    model: ModelOption,
+    vector: VectorOption,
     layer: Annotated[int, typer.Option(help="Layer l: the baked model adds alpha * v to the output of block l-1.")],
     alpha: Annotated[float, typer.Option(help="Steering coefficient (raw scale).")],
     out: Annotated[Path, typer.Option(help="Folder for the baked model.")],
     exact: Annotated[bool, typer.Option(help="Exact bias or embedding shift, no training (required for now).")] = False,
-    variant: Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")] = "response_mean",
+    variant: VariantOption = "response_mean",
     dtype: str = "auto",
     device: str = "auto",
 ) -> None:

@@ -114,13 +114,7 @@ def final_hidden(handle: ModelHandle, batch: PaddedBatch) -> torch.Tensor:
     seen: list[torch.Tensor] = []
     hook = hook_residual(handle, handle.n_blocks, lambda h: seen.append(h), final_norm=True)
     try:
-        handle.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        handle.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
     return seen[0]

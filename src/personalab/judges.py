@@ -236,13 +236,7 @@ class LocalJudge:
         scores: list[float | None] = [None] * len(prompts)
         for rows in length_sorted_batches([len(p) for p in prompts], self.batch_size):
             batch = pad_batch([prompts[i] for i in rows], handle.tokenizer.pad_token_id, "left", handle.input_device)
-            logits = handle.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-                logits_to_keep=1,
-            ).logits
+            logits = handle.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits
             probs = torch.softmax(logits[:, -1].float(), dim=-1)
             for i, s in zip(rows, aggregate_rows(probs, self.ids, self.values, self.min_mass), strict=True):
                 scores[i] = s
