@@ -115,7 +115,7 @@ def test_steer_prints_both_answers(tiny, model_folder, tmp_path, monkeypatch):
         steered = sample_texts(handle, [seq], params, 0)
     assert produced == [sample_texts(handle, [seq], params, 0), steered] and steered != produced[0]
 
-    chat = runner.invoke(app, args + ["--chat", "--ablate"], input="Hi?\nWhat is bread?\n\n", terminal_width=400)
+    chat = runner.invoke(app, args + ["--chat", "--ablate"], input="Hi?\nWhat is bread?\n", terminal_width=400)
     assert chat.exit_code == 0 and chat.output.count("ablated") == 2
     bad = runner.invoke(app, args[:-2] + ["--layer", "7", "Hi?"])
     assert bad.exit_code == 1 and "layer 7 is out of range" in bad.output

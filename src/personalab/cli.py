@@ -203,6 +203,14 @@ def _load_direction(path: Path, variant: str) -> tuple[torch.Tensor, dict]:
     return vectors[variant], meta
 
 
+def _read_line() -> str:
+    """One line typed at the prompt; end of input counts as an empty line."""
+    try:
+        return console.input("[bold]> [/bold]")
+    except EOFError:
+        return ""
+
+
 @app.command("steer")
 def steer_command(
     prompt: Annotated[str | None, typer.Argument(help="The user message (omit with --chat).")] = None,
@@ -238,7 +246,7 @@ def steer_command(
             v, _ = scaled_vector(handle, direction, layer, scale, norm_prompts)
             intervention, label = Steer(layer, v, alpha, positions), f"alpha {alpha:g} ({scale} scale)"
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
-        for text in [prompt] if not chat else iter(lambda: console.input("[bold]> [/bold]"), ""):
+        for text in [prompt] if not chat else iter(_read_line, ""):
             seq = handle.encode(system, text)
             (plain,) = sample_texts(handle, [seq], params, seed)
             with intervene(handle, intervention):
