@@ -22,26 +22,17 @@ def step(mode: str) -> float:
     """One optimizer step in ``mode`` ("kl" or "ce"); returns the peak memory growth in MiB."""
     from peft import LoraConfig, get_peft_model
     from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from personalab.batching import pad_batch
     from personalab.chat import TokenSequence
     from personalab.distill import DistillConfig, TeacherStudent
     from personalab.model import ModelHandle
 
+    from common import random_llama
+
     cuda = torch.cuda.is_available()
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to("cuda" if cuda else "cpu")
+    model = random_llama()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, "<pad>")))
     tokenizer.pad_token = "<pad>"
     handle = ModelHandle.from_model(model, tokenizer, name="random")

@@ -12,14 +12,8 @@ from personalab.model import ModelHandle, load_model
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
 
 
-def models() -> dict[str, ModelHandle]:
-    """The real stories260k (when present) and a random Llama of 8 blocks x 512 with a 32k vocabulary."""
-    out = {}
-    if STORIES.is_dir():
-        out["stories260k (real)"] = load_model(str(STORIES), device="auto")
-        tokenizer = AutoTokenizer.from_pretrained(STORIES)
-    else:
-        raise SystemExit(f"benchmarks need the tokenizer in {STORIES}")
+def random_llama() -> torch.nn.Module:
+    """A seeded random Llama of 8 blocks x 512 with a 32k vocabulary, on CUDA when available."""
     config = LlamaConfig(
         vocab_size=32000,
         hidden_size=512,
@@ -33,8 +27,18 @@ def models() -> dict[str, ModelHandle]:
         pad_token_id=0,
     )
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_config(config).to(device).eval()
+    return AutoModelForCausalLM.from_config(config).to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def models() -> dict[str, ModelHandle]:
+    """The real stories260k (when present) and a random Llama of 8 blocks x 512 with a 32k vocabulary."""
+    out = {}
+    if STORIES.is_dir():
+        out["stories260k (real)"] = load_model(str(STORIES), device="auto")
+        tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    else:
+        raise SystemExit(f"benchmarks need the tokenizer in {STORIES}")
+    model = random_llama().eval()
     out["random llama 8x512, vocab 32k"] = ModelHandle.from_model(model, tokenizer, name="random-llama")
     return out
 

@@ -1,10 +1,9 @@
 """Traits: the built-in library, trait files, and the public persona-vectors layout."""
 
-import json
 from pathlib import Path
 
 from personalab.errors import InvalidInputError
-from personalab.traits.schema import InstructionPair, Trait, load_trait_file, parse_trait
+from personalab.traits.schema import InstructionPair, Trait, load_trait_file, parse_trait, read_json
 
 LIBRARY = Path(__file__).parent / "library"
 COHERENCE_RUBRIC = (LIBRARY / "coherence.txt").read_text()
@@ -31,14 +30,7 @@ def load_public_trait(root: str | Path, name: str) -> Trait:
     parts = {}
     for split in ("extract", "eval"):
         path = root / f"trait_data_{split}" / f"{name}.json"
-        try:
-            parts[split] = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise InvalidInputError(
-                f"{path} does not exist; point --trait-dir at a persona-vectors data folder"
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        parts[split] = read_json(path, f"{path} does not exist; point --trait-dir at a persona-vectors data folder")
         missing = {"instruction", "questions", "eval_prompt"} - set(parts[split])
         if missing:
             raise InvalidInputError(f"{path}: field {sorted(missing)[0]!r} is missing")

@@ -92,13 +92,17 @@ def parse_trait(data: object, source: str) -> Trait:
         raise InvalidInputError(describe_validation_error(source, exc)) from None
 
 
+def read_json(path: Path, missing: str) -> object:
+    """Parsed JSON of ``path``; ``missing`` is the one-line error when the file does not exist."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidInputError(missing) from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+
+
 def load_trait_file(path: str | Path) -> Trait:
     """Load and validate a trait JSON file in personalab's schema."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InvalidInputError(f"trait file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    return parse_trait(data, str(path))
+    return parse_trait(read_json(path, f"trait file {path} does not exist"), str(path))
