@@ -1,7 +1,14 @@
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from personalab import load_model, steer
@@ -88,6 +95,59 @@ def test_student_learns_the_steered_teacher(model_folder, tmp_path, lora):
     assert held["kl_end"] < held["kl_to_base_end"]
     assert (tmp_path / ("adapter" if lora else "model")).is_dir() and (tmp_path / "training_curve.png").is_file()
     assert len((tmp_path / "training_curve.csv").read_text().splitlines()) == config.steps + 1
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["mixed_precision"] == "no" and meta["processes"] == 1
+
+
+def test_bf16_autocast_trains_float32_weights(model_folder, tmp_path):
+    handle = load_model(str(model_folder("llama", "chatml")), device="cpu", dtype="float32")
+    handle.name = "tiny-llama-distill"
+    vector = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(3))
+    prompts = [handle.encode(None, q) for q in ("Hi?", "What is bread?", "Tell me a story.", "How are you?")]
+    dtypes = set()
+    handle.blocks[0].self_attn.q_proj.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    result = distill(handle, vector, prompts, CONFIG.model_copy(update={"mixed_precision": "bf16"}), tmp_path, False)
+    assert torch.bfloat16 in dtypes
+    assert {p.dtype for p in result.student.parameters() if p.requires_grad} == {torch.float32}
+    assert result.held_out["kl_end"] <= 0.5 * result.held_out["kl_start"]
+    assert json.loads((tmp_path / "meta.json").read_text())["mixed_precision"] == "bf16"
+
+
+def _launch_distill(model: str, vector, out, processes: int, grad_accum: int, *extra: str):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    cmd += ["-m", "personalab", "distill", "--model", model, "--vector", str(vector), "--layer", "2", "--alpha", "6"]
+    cmd += ["--trait", "evil", "--trajectories", "24", "--steps", "3", "--batch-size", "2", "--lr", "0.01"]
+    cmd += ["--warmup-steps", "1", "--max-new-tokens", "8", "--device", "cpu", "--out", str(out)]
+    cmd += ["--grad-accum", str(grad_accum), *extra]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads((out / "meta.json").read_text())
+
+
+@pytest.mark.parametrize("mode", [("--lora-rank", "4"), ("--full", "--gradient-checkpointing")], ids=["lora", "full"])
+def test_two_processes_train_as_one_with_twice_the_accumulation(model_folder, tmp_path, mode):
+    model = str(model_folder("llama", "chatml"))
+    vector = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    save_vectors(tmp_path / "vec", {"response_mean": vector}, {})
+    one = _launch_distill(model, tmp_path / "vec", tmp_path / "one", 1, 2, *mode)
+    two = _launch_distill(model, tmp_path / "vec", tmp_path / "two", 2, 1, *mode)
+    assert (one["processes"], two["processes"]) == (1, 2)
+    query = "SELECT key, text FROM generations ORDER BY key"
+    texts = [sqlite3.connect(tmp_path / run / "generations.sqlite").execute(query).fetchall() for run in ("one", "two")]
+    assert texts[0] == texts[1] and len(texts[0]) == 24
+    curves = [pd.read_csv(tmp_path / run / "training_curve.csv")["loss"] for run in ("one", "two")]
+    assert curves[0].iloc[-1] < curves[0].iloc[0]
+    torch.testing.assert_close(torch.tensor(curves[1].values), torch.tensor(curves[0].values), rtol=1e-5, atol=0)
+    for key in ("kl_start", "kl_end", "kl_to_base_end"):
+        assert two["held_out_kl"][key] == pytest.approx(one["held_out_kl"][key], rel=1e-5)
+    name = "adapter/adapter_model.safetensors" if mode[0] == "--lora-rank" else "model/model.safetensors"
+    weights = [load_file(tmp_path / run / name) for run in ("one", "two")]
+    base = load_file(model_folder("llama", "chatml") / "model.safetensors")
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+    if mode[0] == "--full":
+        assert any(not torch.equal(weights[0][k], base[k]) for k in base if k in weights[0])
 
 
 def test_bad_input_fails_before_any_work(tiny, tmp_path):

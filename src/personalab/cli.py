@@ -10,6 +10,7 @@ from typing import Annotated
 import pandas as pd
 import torch
 import typer
+from accelerate import PartialState
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -26,7 +27,7 @@ from personalab.generation import SamplingParams, sample_texts
 from personalab.interventions import Ablate, Clamp, Steer, intervene, steer
 from personalab.judges import judge_from_spec, openai_client
 from personalab.layers import check_vector
-from personalab.model import load_model
+from personalab.model import load_model, resolve_device
 from personalab.monitor import (
     load_records,
     model_shift,
@@ -390,6 +391,7 @@ def distill_command(
     warmup_steps: int = 20,
     gradient_checkpointing: bool = False,
     kl_chunk: Annotated[int, typer.Option(help="Positions per chunk of full-vocabulary logits.")] = 64,
+    mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on a GPU that supports it), bf16 or no.")] = "auto",
     max_new_tokens: int = 256,
     merge: Annotated[bool, typer.Option(help="Also write the LoRA student merged into OUT/model.")] = False,
     variant: VariantOption = "response_mean",
@@ -399,7 +401,10 @@ def distill_command(
     dtype: str = "auto",
     device: str = "auto",
 ) -> None:
-    """Bake a steering vector into weights: KL(steered teacher || student) on steered trajectories."""
+    """Bake a steering vector into weights: KL(steered teacher || student) on steered trajectories.
+
+    Data-parallel on several GPUs: `accelerate launch --num_processes N -m personalab distill ...`.
+    """
     with reported():
         if full == (lora_rank is not None):
             raise InvalidInputError("choose one of --lora-rank R or --full")
@@ -418,21 +423,26 @@ def distill_command(
                 warmup_steps=warmup_steps,
                 gradient_checkpointing=gradient_checkpointing,
                 kl_chunk=kl_chunk,
+                mixed_precision=mixed_precision,
                 seed=seed,
                 sampling=TRAJECTORY_SAMPLING.model_copy(update={"max_new_tokens": max_new_tokens, "seed": seed}),
             )
             for n in counts
         ]
         direction, meta = _load_direction(vector, variant)
+        state = PartialState(cpu=resolve_device(device) == "cpu")
+        placement = str(state.device) if state.num_processes > 1 else device
         rows = []
         for config in configs:
-            handle = load_model(model, dtype=dtype, device=device)
+            handle = load_model(model, dtype=dtype, device=placement)
             prompt_set = _prompt_set(handle, trait, prompts, meta)
             folder = out if len(configs) == 1 else out / f"trajectories-{config.trajectories}"
             result = distill(
                 handle, direction, prompt_set, config, folder, store_path=out / "generations.sqlite", merge=merge
             )
             rows.append({"trajectories": config.trajectories, **result.held_out, "trainable": result.trainable})
+    if not state.is_main_process:
+        return
     table = Table("trajectories", "held-out KL start", "held-out KL end", "KL to unsteered base", "trainable")
     for row in rows:
         table.add_row(*(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in row))

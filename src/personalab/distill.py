@@ -8,6 +8,12 @@ masked). Full-vocabulary logits are formed ``kl_chunk`` positions at a time and 
 student's are recomputed in the backward pass, so the logits of a whole batch never sit
 in memory at once. With LoRA the teacher is the student with its adapter disabled; full
 fine-tuning keeps a frozen copy of the base model as teacher.
+
+Training runs through ``accelerate``: bf16 autocast on GPU, and data parallelism when
+launched on several processes (``accelerate launch -m personalab distill ...``), each with
+its own replica of the model. Every step draws ``batch_size * grad_accum * processes``
+trajectories from one seeded stream and process ``r`` takes micro-batches ``r, r + n, ...``,
+so ``n`` processes train exactly as one process with ``grad_accum * n`` would.
 """
 
 import copy
@@ -18,9 +24,11 @@ import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.checkpoint import checkpoint
 from transformers import get_linear_schedule_with_warmup
@@ -28,7 +36,7 @@ from transformers import get_linear_schedule_with_warmup
 from personalab.batching import PaddedBatch, pad_batch
 from personalab.chat import TokenSequence
 from personalab.errors import InvalidInputError
-from personalab.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.generation import GenerationRequest, SamplingParams, fill_store
 from personalab.hooks import hook_residual
 from personalab.interventions import steer
 from personalab.layers import check_layers, check_vector
@@ -58,8 +66,15 @@ class DistillConfig(BaseModel):
     gradient_checkpointing: bool = False
     kl_chunk: int = Field(64, ge=1)
     held_out: float = Field(0.1, gt=0, lt=1)
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     sampling: SamplingParams = TRAJECTORY_SAMPLING
     seed: int = 0
+
+    def precision(self, device: torch.device) -> str:
+        """``"bf16"`` or ``"no"``; ``"auto"`` is bf16 on a GPU that supports it."""
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
 
 def logits_fn(handle: ModelHandle):
@@ -109,12 +124,15 @@ def chunked_kl(
     return total / hs.shape[0]
 
 
-def final_hidden(handle: ModelHandle, batch: PaddedBatch) -> torch.Tensor:
-    """``hidden_states[n_blocks]`` ``[batch, seq, hidden]`` of a forward that skips the full LM head."""
+def final_hidden(handle: ModelHandle, batch: PaddedBatch, forward=None) -> torch.Tensor:
+    """``hidden_states[n_blocks]`` ``[batch, seq, hidden]`` of a forward that skips the full LM head.
+
+    ``forward`` is the module to call when it wraps ``handle.model`` (a data-parallel or peft wrapper).
+    """
     seen: list[torch.Tensor] = []
     hook = hook_residual(handle, handle.n_blocks, lambda h: seen.append(h), final_norm=True)
     try:
-        handle.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
+        (forward or handle.model)(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
     return seen[0]
@@ -148,9 +166,18 @@ def check_inputs(handle: ModelHandle, vector: torch.Tensor, prompts: list[TokenS
 
 
 def trajectories(
-    handle: ModelHandle, v: torch.Tensor, prompts: list[TokenSequence], store: Store, config: DistillConfig, progress
+    handle: ModelHandle,
+    v: torch.Tensor,
+    prompts: list[TokenSequence],
+    store: Store,
+    config: DistillConfig,
+    progress: bool,
+    accelerator: Accelerator,
 ) -> list[TokenSequence]:
-    """``config.trajectories`` steered answers, cycling over ``prompts``; empty answers are dropped."""
+    """``config.trajectories`` steered answers, cycling over ``prompts``; empty answers are dropped.
+
+    Each process samples its share of the batches into the shared store; all then read every answer.
+    """
     digest = hashlib.sha256(v.numpy().tobytes()).hexdigest()
     requests = [
         GenerationRequest(
@@ -159,28 +186,35 @@ def trajectories(
         )
         for i in range(config.trajectories)
     ]
-    texts = generate_cached(
+    keys = fill_store(
         handle,
         store,
         requests,
         config.sampling,
         progress=progress,
         steering=lambda rows: steer(handle, v, config.layer, alpha=config.alpha, positions="response"),
+        shard=(accelerator.process_index, accelerator.num_processes),
     )
+    accelerator.wait_for_everyone()
+    texts = store.texts(keys)
     tok = handle.tokenizer
     seqs = [
-        TokenSequence(r.prompt.ids + tuple(tok.encode(t, add_special_tokens=False)), r.prompt.prompt_len)
-        for r, t in zip(requests, texts, strict=True)
+        TokenSequence(r.prompt.ids + tuple(tok.encode(texts[k], add_special_tokens=False)), r.prompt.prompt_len)
+        for r, k in zip(requests, keys, strict=True)
     ]
     return [s for s in seqs if s.response_len > 0]
 
 
 class TeacherStudent:
     """Student and teacher forwards. The teacher is ``teacher`` with the steering hook on response
-    positions; for LoRA it is the student itself with the adapter disabled."""
+    positions; for LoRA it is the student itself with the adapter disabled. ``forward`` is the
+    module called for the student's forward when it wraps ``student`` (data parallelism)."""
 
-    def __init__(self, handle: ModelHandle, student, teacher: ModelHandle, v: torch.Tensor, config: DistillConfig):
+    def __init__(
+        self, handle: ModelHandle, student, teacher: ModelHandle, v: torch.Tensor, config: DistillConfig, forward=None
+    ):
         self.handle, self.student, self.teacher, self.v, self.config = handle, student, teacher, v, config
+        self.forward = forward or student
         self.lora = teacher is handle
         self.student_logits, self.teacher_logits = logits_fn(handle), logits_fn(teacher)
 
@@ -194,18 +228,31 @@ class TeacherStudent:
         ):
             return final_hidden(self.teacher, batch)
 
-    def kl(self, seqs: list[TokenSequence], steered: bool = True) -> torch.Tensor:
-        """KL(teacher || student) on ``seqs``; ``steered=False`` compares with the unsteered base instead."""
+    def kl(self, seqs: list[TokenSequence], steered: bool = True, forward=None) -> torch.Tensor:
+        """KL(teacher || student) per response token of ``seqs``; ``steered=False`` compares with the
+        unsteered base instead. The student's forward calls ``forward`` (default ``self.forward``)."""
         batch = pad_batch([s.ids for s in seqs], self.handle.tokenizer.pad_token_id, "right", self.handle.input_device)
         target = self._teacher_hidden(seqs, batch, steered)
-        student = final_hidden(self.handle, batch)
+        student = final_hidden(self.handle, batch, forward or self.forward)
         mask = response_mask(seqs, batch)
         return chunked_kl(student, target, mask, self.student_logits, self.teacher_logits, self.config.kl_chunk)
 
     @torch.no_grad()
+    def kl_total(self, seqs: list[TokenSequence], steered: bool = True) -> tuple[float, int]:
+        """``(sum of per-token KL, response tokens)`` over ``seqs``, in batches of ``config.batch_size``.
+
+        Calls the bare student, never its data-parallel wrapper, so processes may evaluate unequal shares.
+        """
+        total = 0.0
+        for i in range(0, len(seqs), self.config.batch_size):
+            part = seqs[i : i + self.config.batch_size]
+            total += self.kl(part, steered, self.student).item() * sum(s.response_len for s in part)
+        return total, sum(s.response_len for s in seqs)
+
     def mean_kl(self, seqs: list[TokenSequence], steered: bool = True) -> float:
-        batches = [seqs[i : i + self.config.batch_size] for i in range(0, len(seqs), self.config.batch_size)]
-        return sum(self.kl(b, steered).item() * len(b) for b in batches) / len(seqs)
+        """KL per response token over all of ``seqs``."""
+        total, tokens = self.kl_total(seqs, steered)
+        return total / tokens
 
 
 def _student(handle: ModelHandle, config: DistillConfig):
@@ -239,13 +286,28 @@ def distill(
     ``handle.model`` is trained in place (LoRA layers are injected into it). Trajectories are
     stored in ``store_path`` (default ``out/generations.sqlite``); runs that share a store
     share their first trajectories. ``merge`` also writes a LoRA student merged into
-    ``out/model``, loadable with ``from_pretrained``.
+    ``out/model``, loadable with ``from_pretrained``. Under a multi-process launch each
+    process passes its own replica, on ``PartialState().device``.
     """
     v = check_inputs(handle, vector, prompts, config)
+    device = handle.input_device
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+    bf16 = config.precision(device) == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1 and accelerator.device.type != "cpu" and device != accelerator.device:
+        raise InvalidInputError(
+            f"process {rank} holds the model on {device}; with {world} processes load one replica "
+            f"per process on its own device ({accelerator.device})"
+        )
+    progress = progress and accelerator.is_main_process
     out = Path(out)
     store = Store(store_path or out / "generations.sqlite")
     try:
-        seqs = trajectories(handle, v, prompts, store, config, progress)
+        seqs = trajectories(handle, v, prompts, store, config, progress, accelerator)
     finally:
         store.close()
     if len(seqs) < 2:
@@ -257,42 +319,52 @@ def distill(
 
     torch.manual_seed(config.seed)
     student, teacher = _student(handle, config)
-    models = TeacherStudent(handle, student, teacher, v, config)
     if config.gradient_checkpointing:
-        unwrap(handle.model).gradient_checkpointing_enable()
-        unwrap(handle.model).enable_input_require_grads()
+        unwrap(handle.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if handle.input_device.type == "cuda" else nullcontext()
+    wrapped, optimizer = accelerator.prepare(student, optimizer)
+    models = TeacherStudent(handle, student, teacher, v, config, forward=wrapped)
+
+    def held_out_kl(steered: bool = True) -> float:
+        mine = models.kl_total(held[rank::world], steered)
+        total = accelerator.reduce(torch.tensor(mine, dtype=torch.float64, device=accelerator.device), "sum")
+        return (total[0] / total[1]).item()
 
     student.eval()
-    start = models.mean_kl(held)
+    with autocast():
+        start = held_out_kl()
     student.train()
     rng = random.Random(config.seed + 1)
     losses: list[float] = []
     with progress_bar("distill", config.steps, progress) as advance:
         for _ in range(config.steps):
+            drawn = [rng.sample(train, min(config.batch_size, len(train))) for _ in range(config.grad_accum * world)]
             total = 0.0
-            for _ in range(config.grad_accum):
-                with autocast:
-                    loss = models.kl(rng.sample(train, min(config.batch_size, len(train))))
-                (loss / config.grad_accum).backward()
+            for k, micro in enumerate(drawn[rank::world]):
+                with nullcontext() if k == config.grad_accum - 1 else accelerator.no_sync(wrapped):
+                    with autocast():
+                        loss = models.kl(micro)
+                    accelerator.backward(loss / config.grad_accum)
                 total += loss.item() / config.grad_accum
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            accelerator.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(total)
+            losses.append(accelerator.reduce(torch.tensor(total, device=accelerator.device), "mean").item())
             advance(1)
     student.eval()
-    held_out = {"kl_start": start, "kl_end": models.mean_kl(held), "kl_to_base_end": models.mean_kl(held, False)}
+    with autocast():
+        held_out = {"kl_start": start, "kl_end": held_out_kl(), "kl_to_base_end": held_out_kl(False)}
     trainable = sum(p.numel() for p in params)
-    _save(handle, student, config, out, losses, held_out, trainable, len(train), len(held), merge)
+    if accelerator.is_main_process:
+        _save(handle, student, config, out, losses, held_out, trainable, len(train), len(held), merge, world)
+    accelerator.wait_for_everyone()
     return DistillResult(student, losses, held_out, trainable)
 
 
-def _save(handle, student, config, out: Path, losses, held_out, trainable, n_train, n_held, merge: bool) -> None:
+def _save(handle, student, config, out: Path, losses, held_out, trainable, n_train, n_held, merge, processes) -> None:
     target = out / ("adapter" if config.lora_rank is not None else "model")
     student.save_pretrained(target)
     handle.tokenizer.save_pretrained(target)
@@ -306,6 +378,8 @@ def _save(handle, student, config, out: Path, losses, held_out, trainable, n_tra
         "revision": handle.revision,
         "config": config.model_dump(),
         "trainable_parameters": trainable,
+        "processes": processes,
+        "mixed_precision": config.precision(handle.input_device),
         "trajectories": {"train": n_train, "held_out": n_held},
         "held_out_kl": held_out,
         "weights": str(target.name),

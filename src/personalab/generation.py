@@ -66,7 +66,7 @@ def sample_texts(handle: ModelHandle, prompts: Sequence[TokenSequence], params: 
     return handle.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
-def generate_cached(
+def fill_store(
     handle: ModelHandle,
     store: Store,
     requests: Sequence[GenerationRequest],
@@ -74,21 +74,25 @@ def generate_cached(
     batch_size: int = 16,
     progress: bool = True,
     steering: Callable[[list[int]], AbstractContextManager] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[str]:
-    """Answer every request (in input order), reading stored answers and storing new ones per batch.
+    """Sample and store the answers missing from ``store``; returns the keys of ``requests``.
 
+    ``shard = (i, n)`` samples only batches ``i, i + n, i + 2n, ...`` of the plan, so ``n``
+    processes sharing one store fill it with exactly the texts one process would sample.
     ``steering(rows)``, if given, is entered around the sampling of each batch with the
     request indices of its rows, in batch order (e.g. per-row steering coefficients).
     """
     keys = [generation_key(handle, r, params) for r in requests]
-    texts = store.texts(keys)
+    stored = store.texts(keys)
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
-        if key not in texts:
+        if key not in stored:
             first.setdefault(key, i)
     missing = list(first.values())
-    plan = length_sorted_batches([len(requests[i].prompt.ids) for i in missing], batch_size)
-    with progress_bar("generate", len(missing), progress) as advance:
+    index, count = shard
+    plan = length_sorted_batches([len(requests[i].prompt.ids) for i in missing], batch_size)[index::count]
+    with progress_bar("generate", sum(map(len, plan)), progress) as advance:
         for batch in plan:
             rows = [missing[j] for j in batch]
             seed = int(content_key(params.seed, [keys[i] for i in rows])[:15], 16)
@@ -98,6 +102,20 @@ def generate_cached(
                 (keys[i], handle.name, handle.revision, requests[i].request, params.model_dump(), text)
                 for i, text in zip(rows, answers, strict=True)
             )
-            texts.update((keys[i], text) for i, text in zip(rows, answers, strict=True))
             advance(len(rows))
+    return keys
+
+
+def generate_cached(
+    handle: ModelHandle,
+    store: Store,
+    requests: Sequence[GenerationRequest],
+    params: SamplingParams,
+    batch_size: int = 16,
+    progress: bool = True,
+    steering: Callable[[list[int]], AbstractContextManager] | None = None,
+) -> list[str]:
+    """Answer every request (in input order): ``fill_store``, then read the answers back."""
+    keys = fill_store(handle, store, requests, params, batch_size, progress, steering)
+    texts = store.texts(keys)
     return [texts[k] for k in keys]

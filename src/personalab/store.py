@@ -2,7 +2,8 @@
 
 Rows are keyed by the sha256 of everything that determines them, so a rerun or a
 resumed run reads what is stored instead of recomputing it. Writes are transactions: a
-run killed mid-write leaves the store as it was before that write.
+run killed mid-write leaves the store as it was before that write. Several processes may
+share one store (write-ahead log; a writer waits up to two minutes for another's lock).
 """
 
 import hashlib
@@ -34,7 +35,7 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path)
+        self.db = sqlite3.connect(self.path, timeout=120)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)
 
