@@ -1,20 +1,23 @@
+import copy
 import json
 from contextlib import contextmanager
 
 import pytest
 import torch
+from transformers import Phi3ForCausalLM
 
 from personalab import load_model, steer
 from personalab.bake import bake_exact, vector_sha256
 from personalab.batching import pad_batch
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
+from personalab.model import ModelHandle
 
 from conftest import BLOCKS, HIDDEN
 from reference import encode_all, logits
 
 ALPHA = 3.0
-BIASED = ["llama", "gpt2", "gpt_neox"]
-EMBEDDING_ONLY = ["mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2", "olmo3"]
+BIASED = ["llama", "gpt2", "gpt_neox", "mistral", "qwen2", "phi3"]
+EMBEDDING_ONLY = ["qwen3", "gemma2", "gemma3_text", "olmo2", "olmo3"]
 CASES = [(arch, 0) for arch in BIASED + EMBEDDING_ONLY] + [(arch, layer) for arch in BIASED for layer in (1, BLOCKS)]
 
 
@@ -66,14 +69,8 @@ def _snapshot(handle):
     return {k: t.clone() for k, t in handle.model.state_dict().items()}, handle.model.config.to_dict()
 
 
-@pytest.mark.parametrize(("arch", "layer"), CASES)
-def test_baked_forward_equals_steered(tiny, conversations, tmp_path, arch, layer):
-    handle = tiny(arch)
-    v = _direction()
-    weights, config = _snapshot(handle)
-    out = bake_exact(handle, v, layer, ALPHA, tmp_path / "baked")
-    baked = load_model(str(out), device="cpu", dtype="float32")
-
+def _assert_bake_matches(handle, baked, v, layer, conversations):
+    """Baked logits equal steering with personalab and with a raw hook, and the shift is not negligible."""
     batch = _batch(handle, conversations)
     real = batch.attention_mask.bool()
     plain = logits(handle, batch.input_ids, batch.attention_mask)
@@ -88,6 +85,18 @@ def test_baked_forward_equals_steered(tiny, conversations, tmp_path, arch, layer
     torch.testing.assert_close(got[real], raw[real], atol=1e-5, rtol=1e-5)
     assert (got[real] - plain[real]).abs().max() > 1e-3
     assert torch.equal(_greedy(baked, batch), steered_tokens)
+
+
+@pytest.mark.parametrize(("arch", "layer"), CASES)
+def test_baked_forward_equals_steered(tiny, conversations, tmp_path, arch, layer):
+    handle = tiny(arch)
+    v = _direction()
+    weights, config = _snapshot(handle)
+    out = bake_exact(handle, v, layer, ALPHA, tmp_path / "baked")
+    baked = load_model(str(out), device="cpu", dtype="float32")
+    _assert_bake_matches(handle, baked, v, layer, conversations)
+    resaved = arch in ("mistral", "qwen2", "phi3") and layer > 0
+    assert baked.model.config.model_type == ("llama" if resaved else arch)
 
     after = handle.model.state_dict()
     assert after.keys() == weights.keys()
@@ -124,6 +133,40 @@ def test_layer_zero_unties_embeddings(tiny, tmp_path):
     baked = load_model(str(out), device="cpu", dtype="float32").model
     assert torch.equal(baked.lm_head.weight, handle.model.lm_head.weight)
     torch.testing.assert_close(baked.transformer.wte.weight, handle.model.transformer.wte.weight + ALPHA * v)
+
+
+def test_resaved_llama_keeps_attention_biases_and_records_the_window(model_folder, conversations, tmp_path):
+    handle = load_model(str(model_folder("qwen2")), device="cpu", dtype="float32")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for block in handle.blocks:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                bias = getattr(block.self_attn, name).bias
+                bias.copy_(torch.randn(bias.shape, generator=g))
+    v = _direction(6)
+    out = bake_exact(handle, v, 2, ALPHA, tmp_path / "qwen2")
+    baked = load_model(str(out), device="cpu", dtype="float32")
+    _assert_bake_matches(handle, baked, v, 2, conversations)
+    for block, original in zip(baked.blocks, handle.blocks, strict=True):
+        assert torch.equal(block.self_attn.k_proj.bias, original.self_attn.k_proj.bias)
+        assert not block.self_attn.o_proj.bias.any()
+    record = json.loads((out / "bake.json").read_text())
+    assert record["method"] == "bias on model.layers.1.mlp.down_proj of a llama model re-saved from qwen2"
+    assert "exact_up_to_tokens" not in record
+
+    mistral = load_model(str(model_folder("mistral")), device="cpu", dtype="float32")
+    record = json.loads((bake_exact(mistral, v, 1, ALPHA, tmp_path / "mistral") / "bake.json").read_text())
+    assert record["exact_up_to_tokens"] == mistral.model.config.sliding_window == 4096
+
+
+def test_partial_rotary_phi3_has_no_llama_equivalent(tiny, tmp_path):
+    phi3 = tiny("phi3")
+    config = copy.deepcopy(phi3.model.config)
+    config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": 0.5}
+    handle = ModelHandle.from_model(Phi3ForCausalLM(config).eval(), phi3.tokenizer, name="phi3-partial")
+    with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor=0.5"):
+        bake_exact(handle, _direction(), 1, ALPHA, tmp_path / "baked")
+    assert not (tmp_path / "baked").exists()
 
 
 @pytest.mark.parametrize("arch", EMBEDDING_ONLY)

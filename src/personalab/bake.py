@@ -18,9 +18,17 @@ What the transformers modeling code allows, per architecture:
 * ``gpt2`` (``mlp.c_proj``) and ``gpt_neox`` (``mlp.dense_4h_to_h``) have MLP output
   biases already. GPT-NeoX adds the MLP output to the block output directly with
   ``use_parallel_residual`` on and off alike, so both shift by exactly ``alpha * v``.
-* ``mistral``, ``qwen2``, ``qwen3``, ``phi3``, ``gemma``, ``olmo``: the down projection is
-  built with ``bias=False`` and no config option changes it, so no saved model of the same
-  architecture holds the shift.
+* ``mistral``, ``qwen2``, ``phi3``: the down projection is built with ``bias=False`` and
+  no config option changes it, but each computes exactly what a Llama model computes
+  (``phi3`` fuses ``q/k/v`` and ``gate/up`` into one projection each; ``qwen2`` has biases
+  on ``q/k/v``). The baked model is re-saved as a ``llama`` model with the same weights
+  (fused projections split, zero biases where Llama has one and the original none) and
+  the shift on the ``down_proj`` bias. Llama attends to the whole context: a model with a
+  sliding attention window is reproduced for sequences up to that window, recorded as
+  ``exact_up_to_tokens``. Phi3 models that rotate only part of each head
+  (``partial_rotary_factor < 1``) have no Llama equivalent.
+* ``qwen3``, ``gemma``, ``olmo``: the down projection is built with ``bias=False`` and no
+  Llama-family architecture has their query/key norms, so no saved model holds the shift.
 * ``gemma2``, ``gemma3_text``, ``olmo2``, ``olmo3``: ``post_feedforward_layernorm``
   normalises the MLP output before the residual add, so no bias gives a constant shift.
 
@@ -42,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
 from personalab.layers import check_layers, check_vector
@@ -58,7 +66,28 @@ EMBEDDING_LOOKUP: frozenset[str] = frozenset(
 """Model types whose ``hidden_states[0]`` is ``scale * E[token]`` plus position terms that do not use ``E``."""
 
 _SCALED_EMBEDDINGS = frozenset({"gemma", "gemma2", "gemma3_text"})
-_NO_MLP_BIAS = frozenset({"mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo"})
+_AS_LLAMA = frozenset({"mistral", "qwen2", "phi3"})
+_NO_MLP_BIAS = frozenset({"qwen3", "gemma", "olmo"})
+_LLAMA_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "original_max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_parameters",
+    "attention_dropout",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "dtype",
+)
 _MLP_POST_NORM = frozenset({"gemma2", "gemma3_text", "olmo2", "olmo3"})
 _DISTILL = "distill the vector instead (personalab distill)"
 
@@ -70,6 +99,9 @@ class _Plan:
     method: str
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, object] = field(default_factory=dict)
+    target: PretrainedConfig | None = None
+    """Config of another architecture the model is re-saved as (``tensors`` then hold every weight)."""
+    exact_up_to_tokens: int | None = None
 
 
 def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
@@ -80,7 +112,10 @@ def _unsupported_layer(model_type: str, layer: int) -> UnsupportedArchitectureEr
     if model_type in _MLP_POST_NORM:
         why = "normalises the MLP output (post_feedforward_layernorm) before the residual add"
     elif model_type in _NO_MLP_BIAS:
-        why = "has no bias on its MLP down projection (transformers fixes bias=False, with no mlp_bias option)"
+        why = (
+            "has no bias on its MLP down projection (transformers fixes bias=False, with no mlp_bias option) "
+            "and no Llama equivalent"
+        )
     else:
         return UnsupportedArchitectureError(
             f"exact baking at layer {layer} is verified for {', '.join(BIAS_MODULES)} only, not {model_type}; "
@@ -91,8 +126,68 @@ def _unsupported_layer(model_type: str, layer: int) -> UnsupportedArchitectureEr
     )
 
 
+def _sliding_window(config: PretrainedConfig) -> int | None:
+    """The attention window of a model that uses one on any layer, else ``None``."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
+
+
+def _llama_config(config: PretrainedConfig) -> LlamaConfig:
+    """The Llama config computing what a mistral, qwen2 or phi3 ``config`` computes, with MLP biases."""
+    rotary = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+    if rotary != 1.0:
+        raise UnsupportedArchitectureError(
+            f"{config.model_type} rotates only part of each attention head (partial_rotary_factor={rotary}), "
+            f"which no Llama model does, so no saved model reproduces a constant shift; {_DISTILL}"
+        )
+    fields = {key: getattr(config, key) for key in _LLAMA_FIELDS if getattr(config, key, None) is not None}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return LlamaConfig(**fields, head_dim=head_dim, attention_bias=config.model_type == "qwen2", mlp_bias=True)
+
+
+def _llama_tensors(model: PreTrainedModel, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """``model``'s weights under ``LlamaForCausalLM`` keys: fused projections split (copied), zero
+    biases where Llama has one and ``model`` none; every other tensor shared."""
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix.endswith("self_attn.qkv_proj"):
+            parts = tensor.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+            base = prefix.removesuffix("qkv_proj")
+            tensors.update({f"{base}{name}_proj.{leaf}": part.clone() for name, part in zip("qkv", parts, strict=True)})
+        elif prefix.endswith("mlp.gate_up_proj"):
+            gate, up = tensor.chunk(2)
+            base = prefix.removesuffix("gate_up_proj")
+            tensors.update({f"{base}gate_proj.{leaf}": gate.clone(), f"{base}up_proj.{leaf}": up.clone()})
+        else:
+            tensors[key] = tensor
+    reference = model.get_input_embeddings().weight
+    sizes = {"mlp.gate_proj": config.intermediate_size, "mlp.up_proj": config.intermediate_size}
+    sizes["mlp.down_proj"] = config.hidden_size
+    if config.attention_bias:
+        sizes.update({"self_attn.q_proj": heads * head_dim, "self_attn.o_proj": config.hidden_size})
+        sizes.update({"self_attn.k_proj": kv_heads * head_dim, "self_attn.v_proj": kv_heads * head_dim})
+    for block in range(config.num_hidden_layers):
+        for name, size in sizes.items():
+            tensors.setdefault(f"model.layers.{block}.{name}.bias", reference.new_zeros(size))
+    return tensors
+
+
 def _bias_plan(handle: ModelHandle, model: PreTrainedModel, layer: int, shift: torch.Tensor) -> _Plan:
     model_type = model.config.model_type
+    if model_type in _AS_LLAMA and handle.blocks_path == "model.layers":
+        target = _llama_config(model.config)
+        path = f"model.layers.{layer - 1}.mlp.down_proj"
+        plan = _Plan(method=f"bias on {path} of a llama model re-saved from {model_type}", target=target)
+        plan.tensors = _llama_tensors(model, target)
+        plan.exact_up_to_tokens = _sliding_window(model.config)
+        bias = plan.tensors[f"{path}.bias"]
+        plan.tensors[f"{path}.bias"] = (bias.float() + shift.to(bias.device)).to(bias.dtype)
+        return plan
     if model_type not in BIAS_MODULES or handle.blocks_path != KNOWN_BLOCK_PATHS[model_type]:
         raise _unsupported_layer(model_type, layer)
     block = layer - 1
@@ -142,12 +237,13 @@ def _embedding_plan(model: PreTrainedModel, shift: torch.Tensor) -> _Plan:
 
 def _rebuilt(model: PreTrainedModel, plan: _Plan) -> PreTrainedModel:
     """A model of the planned config holding ``model``'s tensors (shared, not copied) and the planned ones."""
-    config = copy.deepcopy(model.config)
+    config = copy.deepcopy(plan.target or model.config)
     for key, value in plan.config.items():
         setattr(config, key, value)
     with torch.device("meta"):
-        baked = type(model)(config)
-    baked.load_state_dict({**model.state_dict(), **plan.tensors}, strict=True, assign=True)
+        baked = type(model)(config) if plan.target is None else AutoModelForCausalLM.from_config(config)
+    tensors = plan.tensors if plan.target is not None else {**model.state_dict(), **plan.tensors}
+    baked.load_state_dict(tensors, strict=True, assign=True)
     buffers = dict(model.named_buffers())
     for name, buffer in list(baked.named_buffers()):
         if buffer.is_meta and name in buffers:
@@ -170,8 +266,9 @@ def bake_exact(handle: ModelHandle, vector: torch.Tensor, layer: int, alpha: flo
 
     ``vector`` is ``[hidden]`` or per-layer ``[n_blocks + 1, hidden]`` (row ``layer`` is used).
     The folder holds the model, the tokenizer and ``bake.json`` (layer, alpha, method,
-    vector_sha256). Raises ``InvalidInputError`` on bad input and
-    ``UnsupportedArchitectureError`` where no exact bake exists, before writing anything.
+    vector_sha256, and ``exact_up_to_tokens`` where a sliding window bounds the equality).
+    Raises ``InvalidInputError`` on bad input and ``UnsupportedArchitectureError`` where no
+    exact bake exists, before writing anything.
     """
     check_layers(layer, handle.n_blocks)
     v = check_vector(vector, layer, handle.n_blocks, handle.hidden_size).detach().float().cpu()
@@ -191,5 +288,7 @@ def bake_exact(handle: ModelHandle, vector: torch.Tensor, layer: int, alpha: flo
     baked.save_pretrained(out)
     handle.tokenizer.save_pretrained(out)
     record = {"layer": layer, "alpha": alpha, "method": plan.method, "vector_sha256": vector_sha256(v)}
+    if plan.exact_up_to_tokens is not None:
+        record["exact_up_to_tokens"] = plan.exact_up_to_tokens
     (out / "bake.json").write_text(json.dumps(record, indent=2) + "\n")
     return out

@@ -305,7 +305,8 @@ def distill(
         )
     progress = progress and accelerator.is_main_process
     out = Path(out)
-    store = Store(store_path or out / "generations.sqlite")
+    with accelerator.main_process_first():
+        store = Store(store_path or out / "generations.sqlite")
     try:
         seqs = trajectories(handle, v, prompts, store, config, progress, accelerator)
     finally:

@@ -3,7 +3,8 @@
 Rows are keyed by the sha256 of everything that determines them, so a rerun or a
 resumed run reads what is stored instead of recomputing it. Writes are transactions: a
 run killed mid-write leaves the store as it was before that write. Several processes may
-share one store (write-ahead log; a writer waits up to two minutes for another's lock).
+share one store once it exists (write-ahead log; a writer waits up to two minutes for
+another's lock); create it in one process first.
 """
 
 import hashlib
