@@ -99,8 +99,8 @@ def test_student_learns_the_steered_teacher(model_folder, tmp_path, lora):
     assert meta["mixed_precision"] == "no" and meta["processes"] == 1
 
 
-def test_bf16_autocast_trains_float32_weights(model_folder, tmp_path):
-    handle = load_model(str(model_folder("llama", "chatml")), device="cpu", dtype="float32")
+def test_bf16_autocast_on_a_bf16_base_trains_a_float32_adapter(model_folder, tmp_path):
+    handle = load_model(str(model_folder("llama", "chatml")), device="cpu", dtype="bfloat16")
     handle.name = "tiny-llama-distill"
     vector = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(3))
     prompts = [handle.encode(None, q) for q in ("Hi?", "What is bread?", "Tell me a story.", "How are you?")]
@@ -110,7 +110,8 @@ def test_bf16_autocast_trains_float32_weights(model_folder, tmp_path):
     assert torch.bfloat16 in dtypes
     assert {p.dtype for p in result.student.parameters() if p.requires_grad} == {torch.float32}
     assert result.held_out["kl_end"] <= 0.5 * result.held_out["kl_start"]
-    assert json.loads((tmp_path / "meta.json").read_text())["mixed_precision"] == "bf16"
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert (meta["mixed_precision"], meta["weights_dtype"]) == ("bf16", "bfloat16")
 
 
 def _launch_distill(model: str, vector, out, processes: int, grad_accum: int, *extra: str):
@@ -131,7 +132,7 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(model_folder, tm
     save_vectors(tmp_path / "vec", {"response_mean": vector}, {})
     one = _launch_distill(model, tmp_path / "vec", tmp_path / "one", 1, 2, *mode)
     two = _launch_distill(model, tmp_path / "vec", tmp_path / "two", 2, 1, *mode)
-    assert (one["processes"], two["processes"]) == (1, 2)
+    assert (one["processes"], two["processes"]) == (1, 2) and two["weights_dtype"] == "float32"
     query = "SELECT key, text FROM generations ORDER BY key"
     texts = [sqlite3.connect(tmp_path / run / "generations.sqlite").execute(query).fetchall() for run in ("one", "two")]
     assert texts[0] == texts[1] and len(texts[0]) == 24

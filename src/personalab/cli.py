@@ -398,7 +398,9 @@ def distill_command(
     trait: Annotated[str | None, typer.Option(help="Prompt set: this trait's extraction questions.")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompt set: a JSONL of chat prompts.")] = None,
     seed: int = 0,
-    dtype: str = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="Weights dtype; auto = float32 for --full (AdamW steps survive), else the checkpoint's.")
+    ] = "auto",
     device: str = "auto",
 ) -> None:
     """Bake a steering vector into weights: KL(steered teacher || student) on steered trajectories.
@@ -434,7 +436,7 @@ def distill_command(
         placement = str(state.device) if state.num_processes > 1 else device
         rows = []
         for config in configs:
-            handle = load_model(model, dtype=dtype, device=placement)
+            handle = load_model(model, dtype="float32" if full and dtype == "auto" else dtype, device=placement)
             prompt_set = _prompt_set(handle, trait, prompts, meta)
             folder = out if len(configs) == 1 else out / f"trajectories-{config.trajectories}"
             result = distill(

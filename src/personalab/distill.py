@@ -380,6 +380,7 @@ def _save(handle, student, config, out: Path, losses, held_out, trainable, n_tra
         "config": config.model_dump(),
         "trainable_parameters": trainable,
         "processes": processes,
+        "weights_dtype": str(handle.dtype).removeprefix("torch."),
         "mixed_precision": config.precision(handle.input_device),
         "trajectories": {"train": n_train, "held_out": n_held},
         "held_out_kl": held_out,
