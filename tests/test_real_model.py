@@ -7,8 +7,11 @@ import torch
 from typer.testing import CliRunner
 
 from personalab import capture, load_model, steer
+from personalab.bake import bake_exact
 from personalab.batching import pad_batch
 from personalab.cli import app
+from personalab.distill import DistillConfig, distill
+from personalab.generation import SamplingParams
 
 from reference import hidden_states
 
@@ -62,3 +65,40 @@ def test_capture_and_steering_on_the_real_model(stories):
     width = batch.input_ids.shape[1]
     assert torch.equal(steered[:, :width], plain[:, :width])
     assert not torch.equal(steered[:, width:], plain[:, width:])
+
+
+def test_distill_and_exact_bake_on_the_real_model(tmp_path):
+    handle = load_model(str(STORIES), device="cpu")
+    seqs = [
+        handle.encode(None, "What did Lily do?", "Lily was sad and cried all day because her dog was lost."),
+        handle.encode(None, "What did Lily do?", "Lily laughed and played happily with her friends in the sun."),
+    ]
+    acts = capture(handle, seqs, positions="response")
+    direction = acts[0, 3] - acts[1, 3]
+    prompts = [handle.encode(None, q) for q in ("Who is Tom?", "What did Lily see?", "Tell me about the dog.")]
+    config = DistillConfig(
+        layer=3,
+        alpha=2.0,
+        lora_rank=8,
+        trajectories=30,
+        steps=40,
+        batch_size=4,
+        grad_accum=1,
+        lr=1e-2,
+        warmup_steps=4,
+        held_out=0.2,
+        sampling=SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=24),
+    )
+    result = distill(handle, direction, prompts, config, tmp_path / "distill", progress=False)
+    held = result.held_out
+    assert held["kl_end"] <= 0.5 * held["kl_start"] and held["kl_end"] < held["kl_to_base_end"]
+
+    base = load_model(str(STORIES), device="cpu")
+    baked = load_model(str(bake_exact(base, direction, 3, 2.0, tmp_path / "baked")), device="cpu")
+    batch = pad_batch([s.ids for s in seqs], base.tokenizer.pad_token_id, "right")
+    real = batch.attention_mask.bool()
+    with torch.no_grad(), steer(base, direction, 3, alpha=2.0):
+        steered = base.model(**batch.model_inputs()).logits
+    with torch.no_grad():
+        got = baked.model(**batch.model_inputs()).logits
+    torch.testing.assert_close(got[real], steered[real], atol=1e-4, rtol=1e-4)

@@ -5,7 +5,9 @@ is sampled under a seed derived from the run seed and the keys of its requests a
 in one transaction. Batches are stored in plan order, so what an interrupted run stored is
 a prefix of its plan, and the resumed run's plan over the rest is the same batches with
 the same seeds: it ends with exactly the texts of an uninterrupted run, and a rerun with
-more requests computes only the new ones.
+more requests computes only the new ones. A plan sharded over several processes keeps
+every stored text when resumed, but the texts still missing may be grouped into other
+batches (and so sampled differently) than in an uninterrupted run.
 """
 
 from collections.abc import Callable, Sequence
