@@ -3,6 +3,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 
 import pandas as pd
 import pytest
@@ -134,7 +135,10 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(model_folder, tm
     two = _launch_distill(model, tmp_path / "vec", tmp_path / "two", 2, 1, *mode)
     assert (one["processes"], two["processes"]) == (1, 2) and two["weights_dtype"] == "float32"
     query = "SELECT key, text FROM generations ORDER BY key"
-    texts = [sqlite3.connect(tmp_path / run / "generations.sqlite").execute(query).fetchall() for run in ("one", "two")]
+    texts = []
+    for run in ("one", "two"):
+        with closing(sqlite3.connect(tmp_path / run / "generations.sqlite")) as db:
+            texts.append(db.execute(query).fetchall())
     assert texts[0] == texts[1] and len(texts[0]) == 24
     curves = [pd.read_csv(tmp_path / run / "training_curve.csv")["loss"] for run in ("one", "two")]
     assert curves[0].iloc[-1] < curves[0].iloc[0]
@@ -175,6 +179,9 @@ def test_distill_ablation_and_compare_commands(model_folder, tmp_path):
     args += ["--trait", "evil", "--steps", "3", "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "6"]
     args += ["--device", "cpu", "--out", str(tmp_path / "d")]
     assert "choose one of --lora-rank R or --full" in runner.invoke(app, args).output
+    bad = runner.invoke(app, args + ["--lora-rank", "2", "--mixed-precision", "fp8"])
+    assert bad.output == "error: invalid --mixed-precision: Input should be 'auto', 'bf16' or 'no'\n"
+    assert not (tmp_path / "d").exists()
     result = runner.invoke(app, args + ["--lora-rank", "2", "--trajectories", "8,16", "--merge"])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "d" / "ablation.csv")
