@@ -405,7 +405,7 @@ def distill_command(
 ) -> None:
     """Bake a steering vector into weights: KL(steered teacher || student) on steered trajectories.
 
-    Data-parallel on several GPUs: `accelerate launch --num_processes N -m personalab distill ...`.
+    Data-parallel on several GPUs: `accelerate launch --multi_gpu --num_processes N -m personalab distill ...`.
     """
     with reported():
         if full == (lora_rank is not None):

@@ -10,8 +10,8 @@ in memory at once. With LoRA the teacher is the student with its adapter disable
 fine-tuning keeps a frozen copy of the base model as teacher.
 
 Training runs through ``accelerate``: bf16 autocast on GPU, and data parallelism when
-launched on several processes (``accelerate launch -m personalab distill ...``), each with
-its own replica of the model. Every step draws ``batch_size * grad_accum * processes``
+launched on several processes (``accelerate launch --multi_gpu -m personalab distill``),
+each with its own replica of the model. Every step draws ``batch_size * grad_accum * processes``
 trajectories from one seeded stream and process ``r`` takes micro-batches ``r, r + n, ...``,
 so ``n`` processes train exactly as one process with ``grad_accum * n`` would.
 """
