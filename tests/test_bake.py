@@ -7,10 +7,11 @@ import torch
 from transformers import Phi3ForCausalLM
 
 from personalab import load_model, steer
-from personalab.bake import bake_exact, vector_sha256
+from personalab.bake import bake_exact
 from personalab.batching import pad_batch
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
 from personalab.model import ModelHandle
+from personalab.vectors import vector_sha256
 
 from conftest import BLOCKS, HIDDEN
 from reference import encode_all, logits

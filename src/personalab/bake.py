@@ -43,7 +43,6 @@ device and given the original tensors); nothing of the original is modified.
 """
 
 import copy
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Pr
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
 from personalab.layers import check_layers, check_vector
 from personalab.model import KNOWN_BLOCK_PATHS, ModelHandle, unwrap
+from personalab.vectors import vector_sha256
 
 BIAS_MODULES: dict[str, str] = {"llama": "mlp.down_proj", "gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h"}
 """Per model type, the MLP output projection (inside a block) whose bias shifts the block output."""
@@ -149,8 +149,9 @@ def _llama_config(config: PretrainedConfig) -> LlamaConfig:
 
 
 def _llama_tensors(model: PreTrainedModel, config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """``model``'s weights under ``LlamaForCausalLM`` keys: fused projections split (copied), zero
-    biases where Llama has one and ``model`` none; every other tensor shared."""
+    """``model``'s weights under ``LlamaForCausalLM`` keys: fused projections split (copied), a zero
+    bias on every MLP projection (and attention projection under ``config.attention_bias``) that
+    has none; every other tensor shared."""
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
@@ -165,16 +166,19 @@ def _llama_tensors(model: PreTrainedModel, config: LlamaConfig) -> dict[str, tor
             tensors.update({f"{base}gate_proj.{leaf}": gate.clone(), f"{base}up_proj.{leaf}": up.clone()})
         else:
             tensors[key] = tensor
-    reference = model.get_input_embeddings().weight
-    sizes = {"mlp.gate_proj": config.intermediate_size, "mlp.up_proj": config.intermediate_size}
-    sizes["mlp.down_proj"] = config.hidden_size
+    biased = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     if config.attention_bias:
-        sizes.update({"self_attn.q_proj": heads * head_dim, "self_attn.o_proj": config.hidden_size})
-        sizes.update({"self_attn.k_proj": kv_heads * head_dim, "self_attn.v_proj": kv_heads * head_dim})
+        biased += ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
     for block in range(config.num_hidden_layers):
-        for name, size in sizes.items():
-            tensors.setdefault(f"model.layers.{block}.{name}.bias", reference.new_zeros(size))
+        for name in biased:
+            weight = tensors[f"model.layers.{block}.{name}.weight"]
+            tensors.setdefault(f"model.layers.{block}.{name}.bias", weight.new_zeros(weight.shape[0]))
     return tensors
+
+
+def _shifted(bias: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``bias + shift``, added in float32 and stored in the bias's dtype."""
+    return (bias.float() + shift.to(bias.device)).to(bias.dtype)
 
 
 def _bias_plan(handle: ModelHandle, model: PreTrainedModel, layer: int, shift: torch.Tensor) -> _Plan:
@@ -185,25 +189,18 @@ def _bias_plan(handle: ModelHandle, model: PreTrainedModel, layer: int, shift: t
         plan = _Plan(method=f"bias on {path} of a llama model re-saved from {model_type}", target=target)
         plan.tensors = _llama_tensors(model, target)
         plan.exact_up_to_tokens = _sliding_window(model.config)
-        bias = plan.tensors[f"{path}.bias"]
-        plan.tensors[f"{path}.bias"] = (bias.float() + shift.to(bias.device)).to(bias.dtype)
-        return plan
-    if model_type not in BIAS_MODULES or handle.blocks_path != KNOWN_BLOCK_PATHS[model_type]:
-        raise _unsupported_layer(model_type, layer)
-    block = layer - 1
-    path = f"{handle.blocks_path}.{block}.{BIAS_MODULES[model_type]}"
-    projection = model.get_submodule(path)
-    plan = _Plan(method=f"bias on {path}")
-    if projection.bias is None:
-        plan.config["mlp_bias"] = True
-        for i, each in enumerate(handle.blocks):
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                linear = each.mlp.get_submodule(name)
-                plan.tensors[f"{handle.blocks_path}.{i}.mlp.{name}.bias"] = linear.weight.new_zeros(linear.out_features)
-        bias = plan.tensors[f"{path}.bias"]
+    elif model_type in BIAS_MODULES and handle.blocks_path == KNOWN_BLOCK_PATHS[model_type]:
+        path = f"{handle.blocks_path}.{layer - 1}.{BIAS_MODULES[model_type]}"
+        plan = _Plan(method=f"bias on {path}")
+        bias = model.get_submodule(path).bias
+        if bias is None:
+            plan.config["mlp_bias"] = True
+            plan.tensors = _llama_tensors(model, model.config)
+        else:
+            plan.tensors[f"{path}.bias"] = bias.detach()
     else:
-        bias = projection.bias.detach()
-    plan.tensors[f"{path}.bias"] = (bias.float() + shift.to(bias.device)).to(bias.dtype)
+        raise _unsupported_layer(model_type, layer)
+    plan.tensors[f"{path}.bias"] = _shifted(plan.tensors[f"{path}.bias"], shift)
     return plan
 
 
@@ -253,11 +250,6 @@ def _rebuilt(model: PreTrainedModel, plan: _Plan) -> PreTrainedModel:
         baked.tie_weights()
     baked.generation_config = copy.deepcopy(model.generation_config)
     return baked.eval()
-
-
-def vector_sha256(vector: torch.Tensor) -> str:
-    """SHA-256 of a ``[hidden]`` vector as contiguous float32 bytes."""
-    return hashlib.sha256(vector.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ from personalab.traits.generate import generate_trait
 from personalab.vectors import load_vectors
 
 ModelOption = Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")]
+BaseModelOption = Annotated[str, typer.Option(help="Hub name or local folder of the base model.")]
 VectorOption = Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")]
 JudgeOption = Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")]
 VariantOption = Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")]
@@ -375,7 +376,7 @@ def _prompt_set(handle, trait: str | None, prompts: Path | None, meta: dict) -> 
 
 @app.command("distill")
 def distill_command(
-    model: Annotated[str, typer.Option(help="Hub name or local folder of the base model.")],
+    model: BaseModelOption,
     vector: VectorOption,
     layer: Annotated[int, typer.Option(help="Layer l: the teacher adds alpha * v to the output of block l-1.")],
     alpha: Annotated[float, typer.Option(help="Steering coefficient of the teacher (raw scale).")],
@@ -461,7 +462,7 @@ def _trainable(folder: Path) -> int:
 
 @app.command()
 def compare(
-    model: Annotated[str, typer.Option(help="Hub name or local folder of the base model.")],
+    model: BaseModelOption,
     vector: VectorOption,
     layer: Annotated[int, typer.Option(help="Layer of the steered reference.")],
     alpha: Annotated[float, typer.Option(help="Coefficient of the steered reference (raw scale).")],

@@ -17,7 +17,6 @@ so ``n`` processes train exactly as one process with ``grad_accum * n`` would.
 """
 
 import copy
-import hashlib
 import json
 import math
 import random
@@ -44,6 +43,7 @@ from personalab.model import ModelHandle, unwrap
 from personalab.plots import plot_training_curve
 from personalab.progress import progress_bar
 from personalab.store import Store
+from personalab.vectors import vector_sha256
 
 TRAJECTORY_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=256)
 
@@ -178,7 +178,7 @@ def trajectories(
 
     Each process samples its share of the batches into the shared store; all then read every answer.
     """
-    digest = hashlib.sha256(v.numpy().tobytes()).hexdigest()
+    digest = vector_sha256(v)
     requests = [
         GenerationRequest(
             prompts[i % len(prompts)],

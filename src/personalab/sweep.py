@@ -10,7 +10,6 @@ Bonferroni-corrected over the steered configurations. Standard deviations are ov
 answers (``ddof = 1``).
 """
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from personalab.stats import bonferroni, sign_flip_test, sign_test
 from personalab.steering import Scale, scaled_vector
 from personalab.store import Store
 from personalab.traits import COHERENCE_RUBRIC, Trait
+from personalab.vectors import vector_sha256
 
 
 class SweepConfig(BaseModel):
@@ -52,7 +52,7 @@ def _answers(
     rows, norms = [], {}
     for layer in config.layers:
         v, norms[layer] = scaled_vector(handle, vector, layer, config.scale, prompts)
-        digest = hashlib.sha256(v.numpy().tobytes()).hexdigest()
+        digest = vector_sha256(v)
         plan = [
             (alpha, qi, sample)
             for alpha in config.alphas
