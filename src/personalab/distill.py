@@ -329,13 +329,13 @@ def distill(
     models = TeacherStudent(handle, student, teacher, v, config, forward=wrapped)
 
     def held_out_kl(steered: bool = True) -> float:
-        mine = models.kl_total(held[rank::world], steered)
+        with autocast():
+            mine = models.kl_total(held[rank::world], steered)
         total = accelerator.reduce(torch.tensor(mine, dtype=torch.float64, device=accelerator.device), "sum")
         return (total[0] / total[1]).item()
 
     student.eval()
-    with autocast():
-        start = held_out_kl()
+    start = held_out_kl()
     student.train()
     rng = random.Random(config.seed + 1)
     losses: list[float] = []
@@ -356,8 +356,7 @@ def distill(
             losses.append(accelerator.reduce(torch.tensor(total, device=accelerator.device), "mean").item())
             advance(1)
     student.eval()
-    with autocast():
-        held_out = {"kl_start": start, "kl_end": held_out_kl(), "kl_to_base_end": held_out_kl(False)}
+    held_out = {"kl_start": start, "kl_end": held_out_kl(), "kl_to_base_end": held_out_kl(False)}
     trainable = sum(p.numel() for p in params)
     if accelerator.is_main_process:
         _save(handle, student, config, out, losses, held_out, trainable, len(train), len(held), merge, world)
