@@ -249,11 +249,6 @@ class TeacherStudent:
             total += self.kl(part, steered, self.student).item() * sum(s.response_len for s in part)
         return total, sum(s.response_len for s in seqs)
 
-    def mean_kl(self, seqs: list[TokenSequence], steered: bool = True) -> float:
-        """KL per response token over all of ``seqs``."""
-        total, tokens = self.kl_total(seqs, steered)
-        return total / tokens
-
 
 def _student(handle: ModelHandle, config: DistillConfig):
     """``(student, teacher)``: a LoRA-wrapped model and itself, or the model and a frozen copy."""
@@ -328,9 +323,13 @@ def distill(
     wrapped, optimizer = accelerator.prepare(student, optimizer)
     models = TeacherStudent(handle, student, teacher, v, config, forward=wrapped)
 
+    size = config.batch_size
+    my_held = [s for start in range(rank * size, len(held), world * size) for s in held[start : start + size]]
+
     def held_out_kl(steered: bool = True) -> float:
+        """KL per response token over ``held``: whole batches dealt to processes, padded as in one process."""
         with autocast():
-            mine = models.kl_total(held[rank::world], steered)
+            mine = models.kl_total(my_held, steered)
         total = accelerator.reduce(torch.tensor(mine, dtype=torch.float64, device=accelerator.device), "sum")
         return (total[0] / total[1]).item()
 
