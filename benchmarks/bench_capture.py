@@ -10,8 +10,8 @@ import random
 import torch
 
 from personalab import capture
-from personalab.batching import length_sorted_batches, pad_batch
-from personalab.chat import TokenSequence
+from personalab.engine.batching import length_sorted_batches, pad_batch
+from personalab.engine.chat import TokenSequence
 
 from common import models, timed
 

@@ -24,10 +24,10 @@ def step(mode: str) -> float:
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from personalab.batching import pad_batch
-    from personalab.chat import TokenSequence
-    from personalab.distill import DistillConfig, TeacherStudent
-    from personalab.model import ModelHandle
+    from personalab.engine.batching import pad_batch
+    from personalab.engine.chat import TokenSequence
+    from personalab.engine.model import ModelHandle
+    from personalab.studies.distill import DistillConfig, TeacherStudent
 
     from common import random_llama
 

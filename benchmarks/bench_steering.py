@@ -6,7 +6,7 @@ Run: ``python benchmarks/bench_steering.py``.
 import torch
 
 from personalab import steer
-from personalab.batching import pad_batch
+from personalab.engine.batching import pad_batch
 
 from common import models, timed
 

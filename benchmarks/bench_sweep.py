@@ -7,7 +7,7 @@ tokens); judging is not timed. Run: ``python benchmarks/bench_sweep.py``.
 import torch
 
 from personalab import steer
-from personalab.generation import SamplingParams, sample_texts
+from personalab.engine.generation import SamplingParams, sample_texts
 from personalab.traits import load_trait
 
 from common import models, timed

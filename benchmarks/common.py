@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from personalab.model import ModelHandle, load_model
+from personalab.engine.model import ModelHandle, load_model
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
 

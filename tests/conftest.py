@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from personalab import load_model
-from personalab.model import ModelHandle
+from personalab.engine.model import ModelHandle
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>"]
 

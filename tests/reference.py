@@ -2,8 +2,8 @@
 
 import torch
 
-from personalab.chat import TokenSequence
-from personalab.model import ModelHandle
+from personalab.engine.chat import TokenSequence
+from personalab.engine.model import ModelHandle
 
 
 @torch.no_grad()

@@ -7,10 +7,10 @@ import torch
 from transformers import Phi3ForCausalLM
 
 from personalab import load_model, steer
-from personalab.bake import bake_exact
-from personalab.batching import pad_batch
+from personalab.engine.batching import pad_batch
+from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
-from personalab.model import ModelHandle
+from personalab.studies.bake import bake_exact
 from personalab.vectors import vector_sha256
 
 from conftest import BLOCKS, HIDDEN

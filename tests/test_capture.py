@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from personalab import GeneratedToken, Indices, capture
-from personalab.chat import TokenSequence
+from personalab.engine.chat import TokenSequence
 from personalab.errors import InvalidInputError, NonFiniteActivationError
 
 from conftest import ARCHS

@@ -1,6 +1,6 @@
 import pytest
 
-from personalab.chat import detect_chat_format, encode_chat, plain_prompt
+from personalab.engine.chat import detect_chat_format, encode_chat, plain_prompt
 
 from conftest import QUESTIONS, make_tokenizer
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from personalab import cli
 from personalab.cli import app
-from personalab.generation import SamplingParams, sample_texts
-from personalab.interventions import steer
+from personalab.engine import generation
+from personalab.engine.generation import SamplingParams, sample_texts
+from personalab.engine.interventions import steer
+from personalab.judging import judges
 from personalab.traits import load_trait
 from personalab.vectors import save_vectors
 
@@ -56,7 +57,7 @@ def test_trait_list_and_show():
 def test_trait_new_writes_only_a_valid_trait(tmp_path, monkeypatch):
     valid = load_trait("evil").model_dump() | {"name": "curious"}
     replies = ["{broken", json.dumps(valid)]
-    monkeypatch.setattr(cli, "openai_client", lambda *a: FakeClient(replies))
+    monkeypatch.setattr(judges, "openai_client", lambda *a: FakeClient(replies))
     target = tmp_path / "curious.json"
     args = ["trait", "new", "curious", "--description", "Asks questions.", "--generator", "w", "--out", str(target)]
     result = runner.invoke(app, args)
@@ -64,7 +65,7 @@ def test_trait_new_writes_only_a_valid_trait(tmp_path, monkeypatch):
     assert load_trait(str(target)).name == "curious"
 
     target.unlink()
-    monkeypatch.setattr(cli, "openai_client", lambda *a: FakeClient(["{broken"] * 2))
+    monkeypatch.setattr(judges, "openai_client", lambda *a: FakeClient(["{broken"] * 2))
     result = runner.invoke(app, args + ["--attempts", "2"])
     assert result.exit_code == 1 and "no valid trait in 2 attempts" in result.output
     assert not target.exists()
@@ -101,7 +102,7 @@ def test_steer_prints_both_answers(tiny, model_folder, tmp_path, monkeypatch):
     handle = tiny("llama", "chatml")
     folder, vector = _vector_folder(tmp_path, handle)
     produced = []
-    monkeypatch.setattr(cli, "sample_texts", lambda *a: produced.append(sample_texts(*a)) or produced[-1])
+    monkeypatch.setattr(generation, "sample_texts", lambda *a: produced.append(sample_texts(*a)) or produced[-1])
     args = ["steer", "--model", str(model_folder("llama", "chatml")), "--vector", str(folder), "--layer", "2"]
     args += ["--alpha", "6", "--max-new-tokens", "4", "--device", "cpu"]
     result = runner.invoke(app, args + ["Hi?"], terminal_width=400)

@@ -13,20 +13,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from personalab import load_model, steer
-from personalab.bake import bake_exact
-from personalab.batching import pad_batch
 from personalab.cli import app
-from personalab.distill import (
-    DistillConfig,
-    check_inputs,
-    chunked_kl,
-    distill,
-    final_hidden,
-    logits_fn,
-    response_mask,
-)
+from personalab.engine.batching import pad_batch
+from personalab.engine.forward import final_hidden, logits_fn, response_mask
+from personalab.engine.generation import SamplingParams
 from personalab.errors import InvalidInputError
-from personalab.generation import SamplingParams
+from personalab.studies.bake import bake_exact
+from personalab.studies.distill import DistillConfig, check_inputs, chunked_kl, distill
 from personalab.vectors import load_vectors, save_vectors
 
 from judge_server import JudgeServer

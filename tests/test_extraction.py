@@ -4,10 +4,10 @@ import sqlite3
 import pytest
 import torch
 
+from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
 from personalab.errors import PersonalabError
-from personalab.extraction import ExtractionConfig, FilterError, run_extraction
-from personalab.generation import GenerationRequest, SamplingParams, generate_cached
 from personalab.store import Store
+from personalab.studies.extraction import ExtractionConfig, FilterError, run_extraction
 from personalab.traits import COHERENCE_RUBRIC, Trait
 from personalab.vectors import export_public, load_vectors
 

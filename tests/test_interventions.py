@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from personalab import Ablate, Clamp, Indices, Steer, Substitute, capture, intervene, steer
-from personalab.batching import pad_batch
+from personalab.engine.batching import pad_batch
+from personalab.engine.scale import scaled_vector
 from personalab.errors import InvalidInputError
-from personalab.steering import scaled_vector
 
 from reference import encode_all, hook_counts, logits
 

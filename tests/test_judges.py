@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from personalab.errors import InvalidInputError
-from personalab.judges import (
+from personalab.judging.judges import (
     ApiJudge,
     JudgeError,
     LocalJudge,

@@ -4,8 +4,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from personalab import PersonalabError, load_model
+from personalab.engine.model import KNOWN_BLOCK_PATHS, ModelHandle, find_blocks
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
-from personalab.model import KNOWN_BLOCK_PATHS, ModelHandle, find_blocks
 
 from conftest import ARCHS, BLOCKS, HIDDEN
 

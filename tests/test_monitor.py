@@ -6,12 +6,13 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from personalab import load_model
+from personalab.engine.generation import SamplingParams
+from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
-from personalab.generation import SamplingParams
-from personalab.model import ModelHandle
-from personalab.monitor import (
-    Record,
-    load_records,
+from personalab.records import Record, load_records
+from personalab.report.plots import plot_model_shift
+from personalab.store import Store
+from personalab.studies.monitor import (
     model_shift,
     project_records,
     projection_shift,
@@ -19,8 +20,6 @@ from personalab.monitor import (
     write_projections,
     write_shift_report,
 )
-from personalab.plots import plot_model_shift
-from personalab.store import Store
 
 from reference import hidden_states
 

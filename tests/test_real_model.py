@@ -7,11 +7,11 @@ import torch
 from typer.testing import CliRunner
 
 from personalab import capture, load_model, steer
-from personalab.bake import bake_exact
-from personalab.batching import pad_batch
 from personalab.cli import app
-from personalab.distill import DistillConfig, distill
-from personalab.generation import SamplingParams
+from personalab.engine.batching import pad_batch
+from personalab.engine.generation import SamplingParams
+from personalab.studies.bake import bake_exact
+from personalab.studies.distill import DistillConfig, distill
 
 from reference import hidden_states
 

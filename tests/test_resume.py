@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from personalab.judging.judges import CHECK_PROMPT
 from personalab.traits import COHERENCE_RUBRIC
 from personalab.vectors import load_vectors
 
@@ -92,7 +93,9 @@ def test_killed_runs_resume_to_the_same_vectors(model_folder, tmp_path):
         calls_before = server.calls
         last = _extract(folder, trait_file, run, server.base_url)
         assert last.wait(timeout=300) == 0, last.stdout.read().decode()[-2000:]
-        assert server.calls - calls_before <= 2 * total - judged_at
+        prompts = [r["messages"][-1]["content"] for r in server.requests[calls_before:]]
+        assert prompts.count(CHECK_PROMPT) == 1
+        assert len(prompts) - 1 <= 2 * total - judged_at
 
     a, _ = load_vectors(tmp_path / "straight")
     b, meta = load_vectors(run)

@@ -4,11 +4,11 @@ import pytest
 import torch
 from scipy import stats
 
+from personalab.engine.generation import SamplingParams, sample_texts
+from personalab.engine.interventions import steer
+from personalab.engine.scale import mean_residual_norm, scaled_vector
 from personalab.errors import PersonalabError
-from personalab.generation import SamplingParams, sample_texts
-from personalab.interventions import steer
-from personalab.steering import mean_residual_norm, scaled_vector
-from personalab.sweep import SweepConfig, run_sweep
+from personalab.studies.sweep import SweepConfig, run_sweep
 
 from reference import hidden_states
 from test_extraction import TRAIT, ScriptedJudge, hashed_score

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from personalab.chat import encode_text
-from personalab.elicitation import elicit
+from personalab.engine.chat import encode_text
 from personalab.errors import InvalidInputError
 from personalab.traits import COHERENCE_RUBRIC, builtin_traits, load_public_trait, load_trait, load_trait_file
+from personalab.traits.elicitation import elicit
 from personalab.traits.generate import generate_trait
 from personalab.traits.schema import Trait
 

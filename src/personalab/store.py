@@ -1,17 +1,23 @@
 """The embedded SQLite store of generations and judgements (one file per run folder).
 
 Rows are keyed by the sha256 of everything that determines them, so a rerun or a
-resumed run reads what is stored instead of recomputing it. Writes are transactions: a
-run killed mid-write leaves the store as it was before that write. Several processes may
-share one store once it exists (write-ahead log; a writer waits up to two minutes for
-another's lock); create it in one process first.
+resumed run reads what is stored instead of recomputing it. A stored row never changes:
+a second write of the same key is ignored, so every reader sees the first text stored.
+Writes are transactions: a run killed mid-write leaves the store as it was before that
+write. Several processes may create and write one store at once (write-ahead log; a
+writer waits up to two minutes for another's lock, and the switch to the write-ahead log,
+which SQLite may refuse at once while another connection holds a lock, is retried).
 """
 
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+from personalab.errors import PersonalabError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -25,6 +31,30 @@ CREATE TABLE IF NOT EXISTS judgements (
 """
 
 
+BUSY_SECONDS = 120.0
+"""How long a writer waits for another process's lock before giving up."""
+
+T = TypeVar("T")
+
+
+def _retry_locked(fn: Callable[[], T], path: Path) -> T:
+    """Run ``fn``, retrying with backoff while SQLite reports the database locked or busy."""
+    deadline, delay = time.monotonic() + BUSY_SECONDS, 0.01
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            message = str(exc)
+            if "locked" not in message and "busy" not in message:
+                raise
+            if time.monotonic() > deadline:
+                raise PersonalabError(
+                    f"{path} stayed locked for {BUSY_SECONDS:g} s ({message}); is another process stuck on it?"
+                ) from exc
+            time.sleep(delay)
+            delay = min(2 * delay, 0.5)
+
+
 def content_key(*parts: object) -> str:
     """sha256 of the canonical JSON of ``parts``."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -36,8 +66,14 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=120)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level="IMMEDIATE")
+        self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_SECONDS * 1000)}")
+        _retry_locked(self._create, self.path)
+
+    def _create(self) -> None:
+        mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise sqlite3.OperationalError(f"database is busy: journal mode is {mode}, not wal")
         self.db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -61,20 +97,22 @@ class Store:
         return self._lookup("judgements", "score", keys)
 
     def put_texts(self, rows: Iterable[tuple[str, str, str | None, dict, dict, str]]) -> None:
-        """Store ``(key, model, revision, request, params, text)`` rows in one transaction."""
-        with self.db:
-            self.db.executemany(
-                "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (k, m, r, json.dumps(req, sort_keys=True), json.dumps(p, sort_keys=True), t)
-                    for k, m, r, req, p, t in rows
-                ],
-            )
+        """Store ``(key, model, revision, request, params, text)`` rows in one transaction; stored keys are kept."""
+        values = [
+            (k, m, r, json.dumps(req, sort_keys=True), json.dumps(p, sort_keys=True), t) for k, m, r, req, p, t in rows
+        ]
+        self._write("INSERT OR IGNORE INTO generations VALUES (?, ?, ?, ?, ?, ?)", values)
 
     def put_scores(self, rows: Iterable[tuple[str, str, str, str, str, float | None]]) -> None:
-        """Store ``(key, judge, question, answer, rubric, score)`` rows in one transaction."""
-        with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?, ?, ?)", list(rows))
+        """Store ``(key, judge, question, answer, rubric, score)`` rows in one transaction; stored keys are kept."""
+        self._write("INSERT OR IGNORE INTO judgements VALUES (?, ?, ?, ?, ?, ?)", list(rows))
+
+    def _write(self, statement: str, values: list[tuple]) -> None:
+        def write() -> None:
+            with self.db:
+                self.db.executemany(statement, values)
+
+        _retry_locked(write, self.path)
 
     def count(self, table: str) -> int:
         return self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]

@@ -1,6 +1,6 @@
 """Persona vectors on disk: safetensors + JSON metadata, and the public persona-vectors ``.pt`` files.
 
-Every vector is per-layer, ``[n_blocks + 1, hidden]`` float32 (convention: ``personalab.layers``).
+Every vector is per-layer, ``[n_blocks + 1, hidden]`` float32 (convention: ``personalab.engine.layers``).
 Variants: ``response_mean`` (mean over response tokens), ``prompt_mean`` (mean over prompt
 tokens) and ``last_prompt`` (last prompt token), each the mean of the trait-expressing
 activations minus the mean of the trait-suppressing ones.

@@ -24,7 +24,7 @@ class Trait(BaseModel):
     """A persona trait: contrastive instructions, disjoint extraction/evaluation questions, a judge rubric.
 
     ``rubric`` is a template with ``{question}`` and ``{answer}`` asking for one number 0-100.
-    ``elicitation`` chooses how instructions reach the model (see ``personalab.elicitation``).
+    ``elicitation`` chooses how instructions reach the model (see ``personalab.traits.elicitation``).
     """
 
     model_config = ConfigDict(extra="forbid")

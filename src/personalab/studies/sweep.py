@@ -17,15 +17,15 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from personalab.generation import GenerationRequest, SamplingParams, generate_cached
-from personalab.interventions import InterventionPositions, steer
-from personalab.judges import Judge
-from personalab.layers import check_layers
-from personalab.model import ModelHandle
-from personalab.plots import plot_heatmap, plot_sweep_curves
-from personalab.scoring import score_cached
-from personalab.stats import bonferroni, sign_flip_test, sign_test
-from personalab.steering import Scale, scaled_vector
+from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.engine.interventions import InterventionPositions, steer
+from personalab.engine.layers import check_layers
+from personalab.engine.model import ModelHandle
+from personalab.engine.scale import Scale, scaled_vector
+from personalab.judging.judges import Judge
+from personalab.judging.scoring import score_cached
+from personalab.report.plots import plot_heatmap, plot_sweep_curves
+from personalab.report.stats import bonferroni, sign_flip_test, sign_test
 from personalab.store import Store
 from personalab.traits import COHERENCE_RUBRIC, Trait
 from personalab.vectors import vector_sha256

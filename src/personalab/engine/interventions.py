@@ -1,13 +1,13 @@
 """Interventions on the residual stream: steer, ablate, clamp, substitute.
 
-Every intervention acts at a layer of the convention in ``personalab.layers``: on the
+Every intervention acts at a layer of the convention in ``personalab.engine.layers``: on the
 output of block ``l - 1`` (the input of block 0 for ``l = 0``). Use them inside
 ``intervene``, a context manager that removes its hooks on exit, also on exceptions::
 
     with intervene(handle, Steer(layer=12, vector=v, alpha=4.0, positions="response")):
         out = handle.model.generate(**batch)
 
-Positions are counted within each unpadded row, as in ``personalab.positions``:
+Positions are counted within each unpadded row, as in ``personalab.engine.positions``:
 
 * ``"all"``: every real token (padding is never touched);
 * ``"prompt"``: indices ``< prompt_len``;
@@ -29,10 +29,10 @@ from typing import Literal
 
 import torch
 
+from personalab.engine.hooks import CallInfo, hook_call, hook_residual
+from personalab.engine.layers import check_layers, check_vector
+from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
-from personalab.hooks import CallInfo, hook_call, hook_residual
-from personalab.layers import check_layers, check_vector
-from personalab.model import ModelHandle
 
 InterventionPositions = Literal["all", "prompt", "response", "generated"]
 _MODES = ("all", "prompt", "response", "generated")

@@ -2,8 +2,8 @@
 
 from collections.abc import Sequence
 
-from personalab.judges import Judge
-from personalab.progress import progress_bar
+from personalab.judging.judges import Judge
+from personalab.report.progress import progress_bar
 from personalab.store import Store, content_key
 
 
@@ -18,7 +18,8 @@ def score_cached(
     """Scores of ``(question, answer, rubric)`` items in input order.
 
     Missing scores are computed ``chunk`` at a time and stored after each chunk; a judge
-    failure raises before anything of its chunk is stored, never as a score.
+    failure raises before anything of its chunk is stored, never as a score. Scores another
+    process stored meanwhile are read, not recomputed.
     """
     keys = [content_key("judgement", judge.name, q, a, r) for q, a, r in items]
     scores = store.scores(keys)
@@ -27,8 +28,12 @@ def score_cached(
     with progress_bar(description, len(todo), progress) as advance:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
-            got = judge.score_many([items[first[k]] for k in part])
-            store.put_scores((k, judge.name, *items[first[k]], s) for k, s in zip(part, got, strict=True))
-            scores.update(zip(part, got, strict=True))
-            advance(len(part))
+            stored = store.scores(part)
+            scores.update(stored)
+            part = [k for k in part if k not in stored]
+            if part:
+                got = judge.score_many([items[first[k]] for k in part])
+                store.put_scores((k, judge.name, *items[first[k]], s) for k, s in zip(part, got, strict=True))
+                scores.update(store.scores(part))
+            advance(len(stored) + len(part))
     return [scores[k] for k in keys]

@@ -20,15 +20,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from personalab.batching import length_sorted_batches, pad_batch
+from personalab.engine.forward import next_token_logits
+from personalab.engine.model import ModelHandle, load_model, unwrap
 from personalab.errors import InvalidInputError, PersonalabError
-from personalab.model import ModelHandle, load_model, unwrap
 from personalab.traits.schema import render_rubric
 
 if TYPE_CHECKING:
     import openai
 
 MIN_MASS = 0.25
+CHECK_PROMPT = "Reply with one number from 0 to 100."
+"""The prompt of the request that checks a judge server before any work."""
+CHECK_TIMEOUT = 6.0
+_URL_VARIABLES = ("PERSONALAB_JUDGE_BASE_URL", "OPENAI_BASE_URL")
 TOP_LOGPROBS = 20
 _SCORE_TEXT = re.compile(r"0|[1-9][0-9]?|100")
 
@@ -48,6 +52,10 @@ class Judge(Protocol):
 
     def score_many(self, items: Sequence[tuple[str, str, str]]) -> list[float | None]:
         """Scores of ``(question, answer, rubric)`` items, in input order."""
+        ...
+
+    def check(self) -> None:
+        """Raise ``JudgeError`` at once when the judge cannot score (called before any work)."""
         ...
 
 
@@ -103,11 +111,19 @@ def openai_client(
     except ImportError:
         raise PersonalabError("the openai package is missing; pip install 'personalab[api]'") from None
     return openai.OpenAI(
-        base_url=_resolve(base_url, "PERSONALAB_JUDGE_BASE_URL", "OPENAI_BASE_URL"),
+        base_url=_resolve(base_url, *_URL_VARIABLES),
         api_key=_resolve(api_key, "PERSONALAB_JUDGE_API_KEY", "OPENAI_API_KEY") or "EMPTY",
         timeout=timeout,
         max_retries=max_retries,
     )
+
+
+def url_source(base_url: str | None) -> str:
+    """Where ``openai_client`` takes the judge URL from: the argument, a variable, or openai's default."""
+    if base_url:
+        return "given"
+    found = next((f"from {name}" for name in _URL_VARIABLES if os.environ.get(name)), None)
+    return found or "openai's default: no PERSONALAB_JUDGE_BASE_URL set"
 
 
 def _reason(exc: BaseException) -> str:
@@ -142,11 +158,12 @@ class ApiJudge:
         self.client = openai_client(base_url, api_key, timeout=timeout, max_retries=0)
         self.model = model
         self.base_url = str(self.client.base_url).rstrip("/")
+        self.url_source = url_source(base_url)
         self.name = f"api:{model}@{self.base_url}"
         self.max_retries, self.backoff, self.concurrency, self.min_mass = max_retries, backoff, concurrency, min_mass
 
-    def _request(self, prompt: str) -> dict[str, float]:
-        reply: Any = self.client.chat.completions.create(
+    def _request(self, prompt: str, client: "openai.OpenAI") -> dict[str, float]:
+        reply: Any = client.chat.completions.create(
             model=self.model,
             messages=[{"role": "user", "content": prompt}],
             max_tokens=1,
@@ -160,7 +177,8 @@ class ApiJudge:
             probs[candidate.token] = probs.get(candidate.token, 0.0) + math.exp(candidate.logprob)
         return probs
 
-    def score(self, question: str, answer: str, rubric: str) -> float | None:
+    def _ask(self, prompt: str, client: "openai.OpenAI", retries: int, backoff: float) -> dict[str, float]:
+        """First-token probabilities of ``prompt``; transient failures are retried ``retries`` times."""
         import openai
 
         transient = (
@@ -175,10 +193,9 @@ class ApiJudge:
             TypeError,
             ValueError,
         )
-        prompt = render_rubric(rubric, question, answer)
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(retries + 1):
             try:
-                return aggregate_scores(self._request(prompt), self.min_mass)
+                return self._request(prompt, client)
             except openai.APIStatusError as exc:
                 if not isinstance(exc, transient):
                     raise JudgeError(
@@ -188,12 +205,29 @@ class ApiJudge:
                 failure: BaseException = exc
             except transient as exc:
                 failure = exc
-            if attempt < self.max_retries:
-                time.sleep(self.backoff * 2**attempt)
+            if attempt < retries:
+                time.sleep(backoff * 2**attempt)
         raise JudgeError(
-            f"judge {self.model} at {self.base_url} failed after {self.max_retries + 1} attempts: {_reason(failure)}; "
-            f"is the judge server running? set --judge or PERSONALAB_JUDGE_BASE_URL"
+            f"judge {self.model} at {self.base_url} ({self.url_source}) failed after {retries + 1} attempts: "
+            f"{_reason(failure)}; start the judge server or set PERSONALAB_JUDGE_BASE_URL to its /v1 URL"
         ) from failure
+
+    def score(self, question: str, answer: str, rubric: str) -> float | None:
+        probs = self._ask(render_rubric(rubric, question, answer), self.client, self.max_retries, self.backoff)
+        return aggregate_scores(probs, self.min_mass)
+
+    def check(self) -> None:
+        """One short request before any work (two attempts of ``CHECK_TIMEOUT`` seconds each).
+
+        Raises ``JudgeError`` naming the URL, where it came from and the variable to set when
+        the server does not answer, refuses the request or answers without first-token logprobs.
+        """
+        client = self.client.with_options(timeout=CHECK_TIMEOUT, max_retries=0)
+        if not self._ask(CHECK_PROMPT, client, retries=1, backoff=1.0):
+            raise JudgeError(
+                f"judge {self.model} at {self.base_url} answered without logprobs; "
+                f"the judge needs a server that returns top_logprobs (set PERSONALAB_JUDGE_BASE_URL)"
+            )
 
     def score_many(self, items: Sequence[tuple[str, str, str]]) -> list[float | None]:
         """Score ``concurrency`` items at a time; the first ``JudgeError`` cancels the rest and propagates."""
@@ -228,16 +262,15 @@ class LocalJudge:
     def score(self, question: str, answer: str, rubric: str) -> float | None:
         return self.score_many([(question, answer, rubric)])[0]
 
-    @torch.inference_mode()
+    def check(self) -> None:
+        """Nothing to check: the judge model is loaded, so it can score."""
+
     def score_many(self, items: Sequence[tuple[str, str, str]]) -> list[float | None]:
         """One forward per length-sorted, left-padded batch; results in input order."""
-        handle = self.handle
-        prompts = [handle.encode(None, render_rubric(r, q, a)).ids for q, a, r in items]
+        prompts = [self.handle.encode(None, render_rubric(r, q, a)).ids for q, a, r in items]
         scores: list[float | None] = [None] * len(prompts)
-        for rows in length_sorted_batches([len(p) for p in prompts], self.batch_size):
-            batch = pad_batch([prompts[i] for i in rows], handle.tokenizer.pad_token_id, "left", handle.input_device)
-            logits = handle.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits
-            probs = torch.softmax(logits[:, -1].float(), dim=-1)
+        for rows, logits in next_token_logits(self.handle, prompts, self.batch_size):
+            probs = torch.softmax(logits, dim=-1)
             for i, s in zip(rows, aggregate_rows(probs, self.ids, self.values, self.min_mass), strict=True):
                 scores[i] = s
         return scores

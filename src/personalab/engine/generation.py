@@ -1,10 +1,12 @@
 """Batched, cached, reproducible sampling with Hugging Face ``generate``.
 
-Only requests missing from the store are planned, into length-sorted batches; each batch
-is sampled under a seed derived from the run seed and the keys of its requests and stored
-in one transaction. Batches are stored in plan order, so what an interrupted run stored is
-a prefix of its plan, and the resumed run's plan over the rest is the same batches with
-the same seeds: it ends with exactly the texts of an uninterrupted run, and a rerun with
+Only requests missing from the store are planned, into length-sorted batches of which
+only the last may be short; each batch is sampled under a seed derived from the run seed
+and the keys of its requests and stored in one transaction. The store therefore holds
+whole batches of a plan, and the plan over what is still missing is the same batches with
+the same seeds: a resumed run ends with exactly the texts of an uninterrupted run, and
+processes running the same command on one store at once skip the batches another has
+stored and store the same texts (a key, once stored, keeps its first text). A rerun with
 more requests computes only the new ones. A plan sharded over several processes keeps
 every stored text when resumed, but the texts still missing may be grouped into other
 batches (and so sampled differently) than in an uninterrupted run.
@@ -17,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from personalab.batching import length_sorted_batches, pad_batch
-from personalab.chat import TokenSequence
-from personalab.model import ModelHandle
-from personalab.progress import progress_bar
+from personalab.engine.batching import length_sorted_batches, pad_batch
+from personalab.engine.chat import TokenSequence
+from personalab.engine.model import ModelHandle
+from personalab.report.progress import progress_bar
 from personalab.store import Store, content_key
 
 
@@ -97,6 +99,9 @@ def fill_store(
     with progress_bar("generate", sum(map(len, plan)), progress) as advance:
         for batch in plan:
             rows = [missing[j] for j in batch]
+            if len(store.texts([keys[i] for i in rows])) == len(rows):
+                advance(len(rows))
+                continue
             seed = int(content_key(params.seed, [keys[i] for i in rows])[:15], 16)
             with steering(rows) if steering else nullcontext():
                 answers = sample_texts(handle, [requests[i].prompt for i in rows], params, seed)

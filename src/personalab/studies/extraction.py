@@ -5,7 +5,7 @@ the trait-eliciting instruction (``pos``) and once under the suppressing one (``
 A pair is kept when ``trait(pos) >= trait_threshold``, ``trait(neg) < trait_threshold``
 and both coherence scores are ``>= coherence_threshold``. Each vector variant is the mean
 activation over kept ``pos`` answers minus the mean over kept ``neg`` answers, at every
-layer (``[n_blocks + 1, hidden]``, convention in ``personalab.layers``).
+layer (``[n_blocks + 1, hidden]``, convention in ``personalab.engine.layers``).
 """
 
 from dataclasses import dataclass
@@ -15,19 +15,18 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from personalab.capture import capture
-from personalab.elicitation import elicit
+from personalab.engine.capture import capture
+from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.engine.layers import CONVENTION
+from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
-from personalab.generation import GenerationRequest, SamplingParams, generate_cached
-from personalab.judges import Judge
-from personalab.model import ModelHandle
-from personalab.plots import plot_layer_norms
-from personalab.scoring import score_cached
+from personalab.judging.judges import Judge
+from personalab.judging.scoring import score_cached
+from personalab.report.plots import plot_layer_norms
 from personalab.store import Store
 from personalab.traits import COHERENCE_RUBRIC, Trait
+from personalab.traits.elicitation import elicit
 from personalab.vectors import VARIANTS, save_vectors
-
-LAYER_CONVENTION = "layer l = hidden_states[l] (0 = embeddings, l = output of block l-1); shape [n_blocks + 1, hidden]"
 
 
 class ExtractionConfig(BaseModel):
@@ -213,7 +212,7 @@ def _meta(
         "dtype": str(handle.dtype).removeprefix("torch."),
         "n_blocks": handle.n_blocks,
         "hidden_size": handle.hidden_size,
-        "layer_convention": LAYER_CONVENTION,
+        "layer_convention": CONVENTION,
         "trait": trait.name,
         "trait_sha256": trait.digest(),
         "elicitation": trait.elicitation,
@@ -236,7 +235,7 @@ def _write_summary(out: Path, meta: dict) -> None:
         f"- pairs kept: **{counts['kept']} / {counts['pairs']}** "
         f"(trait threshold {meta['config']['trait_threshold']}, coherence {meta['config']['coherence_threshold']})",
         "- rejected: " + ", ".join(f"{k} {v}" for k, v in counts["rejected"].items()),
-        f"- layers: {LAYER_CONVENTION}",
+        f"- layers: {CONVENTION}",
         f"- largest response_mean norms at layers {best}",
         "",
         "| instruction pair | generated | kept |",

@@ -1,7 +1,7 @@
 """Projections of activations onto a persona direction: monitoring data and fine-tunes.
 
 A projection is the dot product of a residual-stream activation with the *unit* vector
-of the persona direction at a layer; layers follow ``personalab.layers`` (layer ``l`` is
+of the persona direction at a layer; layers follow ``personalab.engine.layers`` (layer ``l`` is
 ``hidden_states[l]``, per-layer vectors are ``[n_blocks + 1, hidden]``). Per record:
 
 * ``last_prompt``: projection of the residual at the last prompt token (index ``prompt_len - 1``);
@@ -14,97 +14,21 @@ shifts mark examples that push the model along the direction.
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from personalab.capture import capture
-from personalab.chat import TokenSequence
+from personalab.engine.capture import capture
+from personalab.engine.chat import TokenSequence
+from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.engine.layers import check_layers, check_vector
+from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
-from personalab.generation import GenerationRequest, SamplingParams, generate_cached
-from personalab.layers import check_layers, check_vector
-from personalab.model import ModelHandle
-from personalab.plots import plot_histogram
+from personalab.records import Record
+from personalab.report.plots import plot_histogram
 from personalab.store import Store
 
-_RECORD_HINT = "each record needs 'messages' with a user turn or a 'prompt'"
 GREEDY = SamplingParams(temperature=0, max_new_tokens=128)
-
-
-@dataclass(frozen=True)
-class Record:
-    """One conversation turn to project; ``source`` is the JSON object it was read from."""
-
-    system: str | None
-    prompt: str
-    response: str | None
-    source: dict = field(default_factory=dict, compare=False)
-
-
-def _text(value: object, what: str, where: str, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        raise InvalidInputError(f"{where}: {what} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _from_messages(messages: object, where: str) -> tuple[str | None, str, str | None]:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise InvalidInputError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} objects")
-    roles = [m.get("role") for m in messages]
-    users = [i for i, role in enumerate(roles) if role == "user"]
-    if not users:
-        raise InvalidInputError(f"{where}: no user message; {_RECORD_HINT}")
-    system = _text(messages[0].get("content"), "system content", where) if roles[0] == "system" else None
-    prompt = _text(messages[users[-1]].get("content"), "user content", where)
-    if users[-1] == len(messages) - 1:
-        return system, prompt, None
-    if roles[-1] != "assistant":
-        raise InvalidInputError(f"{where}: the last message has role {roles[-1]!r}; end with a user or assistant turn")
-    return system, prompt, _text(messages[-1].get("content"), "assistant content", where)
-
-
-def _parse_record(obj: object, where: str) -> Record:
-    if not isinstance(obj, dict):
-        raise InvalidInputError(f"{where}: expected a JSON object, got {type(obj).__name__}; {_RECORD_HINT}")
-    if "messages" in obj:
-        system, prompt, response = _from_messages(obj["messages"], where)
-    elif "prompt" in obj:
-        prompt = _text(obj["prompt"], "'prompt'", where)
-        response = _text(obj.get("response"), "'response'", where, optional=True)
-        system = _text(obj.get("system"), "'system'", where, optional=True)
-    else:
-        raise InvalidInputError(f"{where}: no user message; {_RECORD_HINT}")
-    return Record(system=system, prompt=prompt, response=response, source=obj)
-
-
-def load_records(path: str | Path) -> list[Record]:
-    """Read a JSONL file of chat records (blank lines skipped), in file order.
-
-    Each line is ``{"messages": [...]}`` (optional leading system message; the last user
-    message is the prompt; a final assistant message, if present, the response) or
-    ``{"prompt": str, "response"?: str, "system"?: str}``.
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InvalidInputError(f"{path} does not exist; give a JSONL file with one record per line") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from None
-        records.append(_parse_record(obj, where))
-    if not records:
-        raise InvalidInputError(f"{path} has no records; write one JSON object per line")
-    return records
 
 
 def unit_direction(vector: torch.Tensor, layer: int, handle: ModelHandle) -> torch.Tensor:

@@ -10,8 +10,8 @@
 Every style but ``system_prompt`` is plain text for base models without a chat template.
 """
 
-from personalab.chat import TokenSequence, encode_text, plain_prompt
-from personalab.model import ModelHandle
+from personalab.engine.chat import TokenSequence, encode_text, plain_prompt
+from personalab.engine.model import ModelHandle
 from personalab.traits.schema import Elicitation
 
 TEXT_TEMPLATES: dict[str, str] = {

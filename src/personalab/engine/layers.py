@@ -22,6 +22,9 @@ import torch
 
 from personalab.errors import InvalidInputError
 
+CONVENTION = "layer l = hidden_states[l] (0 = embeddings, l = output of block l-1); shape [n_blocks + 1, hidden]"
+"""The convention in one line, recorded in every run's ``meta.json``."""
+
 
 def check_layers(layers: int | Iterable[int] | None, n_blocks: int) -> list[int]:
     """Validate layer indices against ``0..n_blocks``; ``None`` means every layer.

@@ -32,16 +32,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.checkpoint import checkpoint
 from transformers import get_linear_schedule_with_warmup
 
-from personalab.batching import PaddedBatch, pad_batch
-from personalab.chat import TokenSequence
+from personalab.engine.batching import PaddedBatch, pad_batch
+from personalab.engine.chat import TokenSequence
+from personalab.engine.forward import final_hidden, logits_fn, response_mask
+from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store
+from personalab.engine.interventions import steer
+from personalab.engine.layers import check_layers, check_vector
+from personalab.engine.model import ModelHandle, unwrap
 from personalab.errors import InvalidInputError
-from personalab.generation import GenerationRequest, SamplingParams, fill_store
-from personalab.hooks import hook_residual
-from personalab.interventions import steer
-from personalab.layers import check_layers, check_vector
-from personalab.model import ModelHandle, unwrap
-from personalab.plots import plot_training_curve
-from personalab.progress import progress_bar
+from personalab.report.plots import plot_training_curve
+from personalab.report.progress import progress_bar
 from personalab.store import Store
 from personalab.vectors import vector_sha256
 
@@ -77,19 +77,6 @@ class DistillConfig(BaseModel):
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
 
-def logits_fn(handle: ModelHandle):
-    """``h -> logits`` of the model's LM head for final hidden states ``[..., hidden]``, with logit soft-capping."""
-    inner = unwrap(handle.model)
-    head = inner.get_output_embeddings()
-    cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
-
-    def fn(h: torch.Tensor) -> torch.Tensor:
-        logits = head(h)
-        return torch.tanh(logits / cap) * cap if cap else logits
-
-    return fn
-
-
 def _kl_sum(student_logits_fn, hs: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
     student_logp = F.log_softmax(student_logits_fn(hs).float(), dim=-1)
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
@@ -122,28 +109,6 @@ def chunked_kl(
         else:
             total = total + _kl_sum(student_logits, part, teacher_logp)
     return total / hs.shape[0]
-
-
-def final_hidden(handle: ModelHandle, batch: PaddedBatch, forward=None) -> torch.Tensor:
-    """``hidden_states[n_blocks]`` ``[batch, seq, hidden]`` of a forward that skips the full LM head.
-
-    ``forward`` is the module to call when it wraps ``handle.model`` (a data-parallel or peft wrapper).
-    """
-    seen: list[torch.Tensor] = []
-    hook = hook_residual(handle, handle.n_blocks, lambda h: seen.append(h), final_norm=True)
-    try:
-        (forward or handle.model)(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
-    finally:
-        hook.remove()
-    return seen[0]
-
-
-def response_mask(seqs: list[TokenSequence], batch: PaddedBatch) -> torch.Tensor:
-    """Bool ``[batch, seq]``: positions whose next token is a response token (right padding)."""
-    mask = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
-    for b, seq in enumerate(seqs):
-        mask[b, seq.prompt_len - 1 : len(seq.ids) - 1] = True
-    return mask
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """All-layer activation capture in one forward pass per batch.
 
-Layer indices follow ``personalab.layers`` (``hidden_states[l]`` of transformers).
+Layer indices follow ``personalab.engine.layers`` (``hidden_states[l]`` of transformers).
 Sequences are length-sorted into batches and padded; hooks reduce each layer as soon
 as it is computed (nothing else is kept), and the forward pass stops after the last
 requested layer, so the remaining blocks and the LM head never run.
@@ -11,14 +11,14 @@ from typing import Literal
 
 import torch
 
-from personalab.batching import length_sorted_batches, pad_batch
-from personalab.chat import TokenSequence
+from personalab.engine.batching import length_sorted_batches, pad_batch
+from personalab.engine.chat import TokenSequence
+from personalab.engine.hooks import hook_residual
+from personalab.engine.layers import check_layers
+from personalab.engine.model import ModelHandle
+from personalab.engine.positions import Positions, select_positions
 from personalab.errors import InvalidInputError, NonFiniteActivationError
-from personalab.hooks import hook_residual
-from personalab.layers import check_layers
-from personalab.model import ModelHandle
-from personalab.positions import Positions, select_positions
-from personalab.progress import progress_bar
+from personalab.report.progress import progress_bar
 
 Reduce = Literal["mean", "gather"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from personalab.chat import TokenSequence
+from personalab.engine.chat import TokenSequence
 from personalab.errors import InvalidInputError
 
 NAMED = ("all", "prompt", "response", "last_prompt")

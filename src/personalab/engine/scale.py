@@ -11,11 +11,11 @@ from typing import Literal
 
 import torch
 
-from personalab.capture import capture
-from personalab.chat import TokenSequence
+from personalab.engine.capture import capture
+from personalab.engine.chat import TokenSequence
+from personalab.engine.layers import check_layers, check_vector
+from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
-from personalab.layers import check_layers, check_vector
-from personalab.model import ModelHandle
 
 Scale = Literal["raw", "normalised"]
 
@@ -23,7 +23,7 @@ Scale = Literal["raw", "normalised"]
 def mean_residual_norm(handle: ModelHandle, prompts: Sequence[TokenSequence], layers: Sequence[int]) -> list[float]:
     """Mean L2 norm of the residual over every token of ``prompts``, one value per layer of ``layers``.
 
-    Layers follow ``personalab.layers``: at ``l = n_blocks`` this is the norm after the final norm.
+    Layers follow ``personalab.engine.layers``: at ``l = n_blocks`` this is the norm after the final norm.
     """
     layers = check_layers(layers, handle.n_blocks)
     gathered = capture(handle, prompts, layers=layers, positions="all", reduce="gather")

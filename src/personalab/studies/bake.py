@@ -1,7 +1,7 @@
 """Exact baking: write a model whose plain forward equals steering on all positions.
 
 Steering at layer ``l >= 1`` on every position adds the constant ``alpha * v`` to the
-output of block ``l - 1`` (convention in ``personalab.layers``). When that block ends
+output of block ``l - 1`` (convention in ``personalab.engine.layers``). When that block ends
 with ``h + mlp(...)`` and the MLP ends with a linear projection ``W x + b``, the same
 shift is ``b -> b + alpha * v`` on that projection: no training, and exact up to float
 rounding. At ``l = 0`` the shift is on the embedding output; when that output is
@@ -51,9 +51,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
+from personalab.engine.layers import check_layers, check_vector
+from personalab.engine.model import KNOWN_BLOCK_PATHS, ModelHandle, unwrap
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
-from personalab.layers import check_layers, check_vector
-from personalab.model import KNOWN_BLOCK_PATHS, ModelHandle, unwrap
 from personalab.vectors import vector_sha256
 
 BIAS_MODULES: dict[str, str] = {"llama": "mlp.down_proj", "gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h"}

@@ -1,7 +1,7 @@
 """Every PyTorch hook personalab places on a model is registered here.
 
 ``hook_residual`` reads or rewrites the residual stream at layer ``l`` (convention in
-``personalab.layers``): the input of block 0 for ``l = 0``, the output of block
+``personalab.engine.layers``): the input of block 0 for ``l = 0``, the output of block
 ``l - 1`` otherwise, or, with ``final_norm=True`` at ``l = n_blocks``, the output of
 the decoder stack (``hidden_states[n_blocks]`` of transformers, after the final norm).
 ``hook_call`` sees each top-level forward call before it runs (batch shape and
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from personalab.model import ModelHandle, unwrap
+from personalab.engine.model import ModelHandle, unwrap
 
 ResidualFn = Callable[[torch.Tensor], torch.Tensor | None]
 """Receives the residual ``[batch, seq, hidden]``; returns a replacement or ``None``."""

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_layer_norms(norms: dict[str, list[float]], title: str, path: str | Path) -> None:
-    """Per-layer vector norms, one line per variant; x is the layer index of ``personalab.layers``."""
+    """Per-layer vector norms, one line per variant; x is the layer index of ``personalab.engine.layers``."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for variant, values in norms.items():
         ax.plot(range(len(values)), values, marker="o", markersize=3, label=variant)
@@ -78,7 +78,7 @@ def plot_histogram(values: Sequence[float], xlabel: str, title: str, path: str |
 
 
 def plot_model_shift(shift: torch.Tensor, title: str, path: str | Path) -> None:
-    """Per-layer shift of ``model_shift``; x is the layer index of ``personalab.layers``."""
+    """Per-layer shift of ``model_shift``; x is the layer index of ``personalab.engine.layers``."""
     values = torch.as_tensor(shift).tolist()
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()

@@ -1,12 +1,13 @@
-"""Loading models and locating their decoder blocks (layer convention: see ``personalab.layers``)."""
+"""Loading models and locating their decoder blocks (layer convention: see ``personalab.engine.layers``)."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from personalab.chat import ChatFormat, TokenSequence, detect_chat_format, encode_chat
+from personalab.engine.chat import ChatFormat, TokenSequence, detect_chat_format, encode_chat
 from personalab.errors import InvalidInputError, PersonalabError, UnsupportedArchitectureError
 
 KNOWN_BLOCK_PATHS: dict[str, str] = {
@@ -88,6 +89,13 @@ def find_blocks(model: nn.Module, blocks_path: str | None = None) -> tuple[str, 
     )
 
 
+def hidden_size(model: nn.Module) -> int:
+    """Width of the residual stream: ``hidden_size`` of the text config, else the embedding width."""
+    inner = unwrap(model)
+    hidden = getattr(inner.config.get_text_config(), "hidden_size", None)
+    return int(hidden or inner.get_input_embeddings().embedding_dim)
+
+
 @dataclass
 class ModelHandle:
     """A causal LM with what personalab needs to know about it.
@@ -121,8 +129,6 @@ class ModelHandle:
         stack = inner.get_submodule(path.rpartition(".")[0]) if "." in path else inner
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        text_config = inner.config.get_text_config()
-        hidden = getattr(text_config, "hidden_size", None) or inner.get_input_embeddings().embedding_dim
         return cls(
             model=model,
             tokenizer=tokenizer,
@@ -130,7 +136,7 @@ class ModelHandle:
             blocks_path=path,
             stack=stack,
             n_blocks=len(blocks),
-            hidden_size=int(hidden),
+            hidden_size=hidden_size(model),
             chat=detect_chat_format(tokenizer),
             name=name or getattr(inner, "name_or_path", "") or type(inner).__name__,
             revision=revision,
@@ -156,7 +162,7 @@ class ModelHandle:
         return unwrap(self.model).get_input_embeddings().weight.device
 
     def encode(self, system: str | None, user: str, assistant: str | None = None) -> TokenSequence:
-        """Chat-format one turn; see ``personalab.chat.encode_chat``."""
+        """Chat-format one turn; see ``personalab.engine.chat.encode_chat``."""
         return encode_chat(self.tokenizer, self.chat, system, user, assistant)
 
 
@@ -179,32 +185,120 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype | str:
     return resolved
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+"""Files of which a folder holding a tokenizer has at least one."""
+
+_TOKENIZER_HINT = (
+    "pass --tokenizer NAME_OR_PATH (tokenizer= in Python): the base model's hub name or a folder with its tokenizer"
+)
+
+
+class MissingTokenizerError(PersonalabError):
+    """A checkpoint has weights and a config but no tokenizer."""
+
+
+def local_folder(name_or_path: str) -> Path | None:
+    """The folder ``name_or_path`` names, or ``None`` for a hub name.
+
+    A name that can only be a path (absolute, relative with ``.`` or ``~``, more than one
+    ``/``, or a trailing ``/``) and does not exist raises "no such folder".
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InvalidInputError(f"{name_or_path} is a file; give a model folder or a hub name like org/model")
+        return path
+    text = name_or_path.replace("\\", "/")
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or text.endswith("/"):
+        raise InvalidInputError(
+            f"no such folder: {name_or_path}; give an existing model folder or a hub name like org/model"
+        )
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _where(name_or_path: str, revision: str | None) -> str:
+    return repr(name_or_path) + (f" at revision {revision!r}" if revision else "")
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a hub name or local folder; ``MissingTokenizerError`` when it has none."""
+    folder = local_folder(name_or_path)
+    if folder is not None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        files = ", ".join(TOKENIZER_FILES)
+        raise MissingTokenizerError(f"{folder} has no tokenizer files ({files}); {_TOKENIZER_HINT}")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise MissingTokenizerError(
+            f"cannot load a tokenizer from {_where(name_or_path, revision)}: {_first_line(exc)}; {_TOKENIZER_HINT}"
+        ) from exc
+
+
+def load_weights(
+    name_or_path: str, revision: str | None = None, dtype: str | torch.dtype = "auto", device: str = "auto"
+) -> PreTrainedModel:
+    """The causal LM alone (no tokenizer), in eval mode, loaded with ``from_pretrained``.
+
+    On CUDA the model is placed with ``device_map="auto"`` so models larger than one
+    GPU are split by accelerate; on CPU it stays in one piece.
+    """
+    local_folder(name_or_path)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    device_map = "auto" if device == "cuda" else device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, revision=revision, dtype=torch_dtype, device_map=device_map
+        )
+    except (OSError, ValueError) as exc:
+        raise PersonalabError(
+            f"cannot load {_where(name_or_path, revision)}: {_first_line(exc)} "
+            f"(check the name, the revision, or the local folder)"
+        ) from exc
+    return model.eval()
+
+
 def load_model(
     name_or_path: str,
     revision: str | None = None,
     dtype: str | torch.dtype = "auto",
     device: str = "auto",
     blocks_path: str | None = None,
+    tokenizer: str | PreTrainedTokenizerBase | None = None,
 ) -> ModelHandle:
     """Load a causal LM and its tokenizer with ``from_pretrained`` (hub name or local folder).
 
-    On CUDA the model is placed with ``device_map="auto"`` so models larger than one
-    GPU are split by accelerate; on CPU it stays in one piece.
+    ``tokenizer`` (a hub name, a folder or a tokenizer object) takes the tokenizer from
+    elsewhere, for checkpoints saved without one; it is loaded before the weights, so a
+    missing tokenizer fails at once.
     """
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    device_map = "auto" if device == "cuda" else device
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, revision=revision, dtype=torch_dtype, device_map=device_map
-        )
-    except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PersonalabError(
-            f"cannot load {name_or_path!r}"
-            + (f" at revision {revision!r}" if revision else "")
-            + f": {reason} (check the name, the revision, or the local folder)"
-        ) from exc
-    model.eval()
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name_or_path, revision)
+    elif isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    model = load_weights(name_or_path, revision, dtype, device)
     return ModelHandle.from_model(model, tokenizer, name=name_or_path, revision=revision, blocks_path=blocks_path)
+
+
+def load_trained(
+    base: str,
+    folder: str | Path,
+    dtype: str = "auto",
+    device: str = "auto",
+    tokenizer: str | PreTrainedTokenizerBase | None = None,
+) -> ModelHandle:
+    """A trained model: a run folder with ``adapter/`` (merged onto ``base``) or ``model/``, or a model folder."""
+    folder = Path(folder)
+    if (folder / "adapter").is_dir():
+        from peft import PeftModel
+
+        handle = load_model(base, dtype=dtype, device=device, tokenizer=tokenizer)
+        merged = PeftModel.from_pretrained(handle.model, folder / "adapter").merge_and_unload()
+        return ModelHandle.from_model(merged, handle.tokenizer, name=str(folder))
+    weights = folder / "model" if (folder / "model").is_dir() else folder
+    return load_model(str(weights), dtype=dtype, device=device, tokenizer=tokenizer)

@@ -2,14 +2,13 @@
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 
 import numpy as np
 
-from personalab.generation import GenerationRequest, SamplingParams, generate_cached
-from personalab.judges import Judge
-from personalab.model import ModelHandle, load_model
-from personalab.scoring import score_cached
+from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.engine.model import ModelHandle
+from personalab.judging.judges import Judge
+from personalab.judging.scoring import score_cached
 from personalab.store import Store
 from personalab.traits import COHERENCE_RUBRIC, Trait
 
@@ -49,15 +48,3 @@ def scorecard(
         row[f"{name}_std"] = float(scores.std(ddof=1)) if len(scores) > 1 else float("nan")
     row["n"] = len(texts)
     return row
-
-
-def load_distilled(base: str, folder: str | Path, dtype: str = "auto", device: str = "auto") -> ModelHandle:
-    """A distilled model: a run folder with ``adapter/`` (merged onto ``base``) or ``model/``, or a model folder."""
-    folder = Path(folder)
-    if (folder / "adapter").is_dir():
-        from peft import PeftModel
-
-        handle = load_model(base, dtype=dtype, device=device)
-        merged = PeftModel.from_pretrained(handle.model, folder / "adapter").merge_and_unload()
-        return ModelHandle.from_model(merged, handle.tokenizer, name=str(folder))
-    return load_model(str(folder / "model" if (folder / "model").is_dir() else folder), dtype=dtype, device=device)

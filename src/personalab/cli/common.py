@@ -1,0 +1,115 @@
+"""What every command shares: the app, option types, one-line errors, threads, models and judges.
+
+Heavy libraries (torch, transformers, matplotlib) are imported inside the commands, so
+``personalab --help`` and ``personalab trait list`` answer without loading them.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from personalab.errors import InvalidInputError, PersonalabError
+
+if TYPE_CHECKING:
+    import torch
+
+    from personalab.engine.model import ModelHandle
+    from personalab.judging.judges import Judge
+
+MODELS, VECTORS, STEERING, WEIGHTS = "Models and traits", "Vectors", "Steering", "Weights"
+"""Help panels of ``personalab --help``, by what the commands do."""
+
+app = typer.Typer(help="Persona vectors in language models.", no_args_is_help=True, add_completion=False)
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+ModelOption = Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")]
+BaseModelOption = Annotated[str, typer.Option(help="Hub name or local folder of the base model.")]
+VectorOption = Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")]
+JudgeOption = Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")]
+VariantOption = Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")]
+RevisionOption = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
+TokenizerOption = Annotated[
+    str | None, typer.Option(help="Tokenizer from elsewhere (hub name or folder), for checkpoints saved without one.")
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(help="CPU threads for torch (default: the cores this process may use); split cores between jobs."),
+]
+DtypeOption = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """Turn a ``PersonalabError`` (or an invalid setting) into a one-line message on stderr and exit status 1."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except PersonalabError as exc:
+        errors.print("[red]error:[/red]", escape(str(exc)), highlight=False)
+        raise typer.Exit(1) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        option = "--" + str(first["loc"][-1]).replace("_", "-")
+        errors.print("[red]error:[/red]", escape(f"invalid {option}: {first['msg']}"), highlight=False)
+        raise typer.Exit(1) from None
+
+
+def prepare(threads: int | None) -> None:
+    """First step of a model command: torch's intra-op threads (default: the cores this process may use),
+    and no progress bars from transformers (personalab shows its own)."""
+    from transformers.utils import logging as hf_logging
+
+    from personalab.engine.threads import set_threads
+
+    set_threads(threads)
+    hf_logging.disable_progress_bar()
+
+
+def floats(text: str) -> list[float]:
+    """Comma-separated numbers."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidInputError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def load_direction(path: Path, variant: str) -> "tuple[torch.Tensor, dict]":
+    """The ``variant`` tensor of a vector file and the file's metadata."""
+    from personalab.vectors import load_vectors
+
+    vectors, meta = load_vectors(path)
+    if variant not in vectors:
+        raise InvalidInputError(f"{path} has no variant {variant!r}; it has {', '.join(vectors)}")
+    return vectors[variant], meta
+
+
+def open_judge(spec: str) -> "Judge":
+    """The judge of ``spec``, checked with one request before any work, and its location printed."""
+    from personalab.judging.judges import judge_from_spec
+
+    judge = judge_from_spec(spec)
+    source = getattr(judge, "url_source", None)
+    console.print(f"judge: {judge.name}" + (f" ({source})" if source else ""), highlight=False, markup=False)
+    judge.check()
+    return judge
+
+
+def open_model(
+    model: str,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    tokenizer: str | None = None,
+) -> "ModelHandle":
+    """``load_model`` with the command's options."""
+    from personalab.engine.model import load_model
+
+    return load_model(model, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer)

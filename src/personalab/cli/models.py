@@ -1,0 +1,124 @@
+"""Commands about models and traits: ``info`` and the ``trait`` group."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from personalab.cli.common import (
+    MODELS,
+    DeviceOption,
+    DtypeOption,
+    RevisionOption,
+    ThreadsOption,
+    TokenizerOption,
+    app,
+    console,
+    prepare,
+    reported,
+)
+
+trait_app = typer.Typer(help="Built-in, file and generated traits.", no_args_is_help=True)
+app.add_typer(trait_app, name="trait", rich_help_panel=MODELS)
+
+TraitDirOption = Annotated[Path | None, typer.Option(help="persona-vectors data folder (trait_data_extract/...).")]
+
+
+def _chat_rows(chat) -> list[tuple[str, str]]:
+    if not chat.has_template:
+        return [
+            ("chat template", "no (plain instruction + question format)"),
+            ("system role", "n/a (instruction placed before the question)"),
+        ]
+    return [
+        ("chat template", "yes"),
+        ("system role", "yes" if chat.system_role else "no (folded into the first user turn)"),
+    ]
+
+
+@app.command(rich_help_panel=MODELS)
+def info(
+    model: Annotated[str, typer.Argument(help="Hub name or local folder of a causal LM.")],
+    revision: RevisionOption = None,
+    tokenizer: TokenizerOption = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """Print a model's architecture, blocks, hidden size, dtype and chat format (also without a tokenizer)."""
+    with reported():
+        prepare(threads)
+        from personalab.engine.chat import detect_chat_format
+        from personalab.engine.model import (
+            MissingTokenizerError,
+            find_blocks,
+            hidden_size,
+            load_tokenizer,
+            load_weights,
+        )
+
+        weights = load_weights(model, revision=revision, dtype=dtype, device=device)
+        try:
+            found = load_tokenizer(tokenizer or model, None if tokenizer else revision)
+        except MissingTokenizerError as exc:
+            found, missing = None, str(exc)
+    path, blocks = find_blocks(weights)
+    archs = getattr(weights.config, "architectures", None)
+    table = Table(title=model, show_header=False)
+    rows = [
+        ("architecture", archs[0] if archs else type(weights).__name__),
+        ("decoder blocks", f"{len(blocks)} (at {path})"),
+        ("layers", f"{len(blocks) + 1} (0 = embeddings, l = output of block l-1)"),
+        ("hidden size", str(hidden_size(weights))),
+        ("dtype", str(next(weights.parameters()).dtype).removeprefix("torch.")),
+        ("device", str(weights.get_input_embeddings().weight.device)),
+    ]
+    rows += _chat_rows(detect_chat_format(found)) if found is not None else [("tokenizer", f"none found: {missing}")]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+@trait_app.command("list")
+def trait_list() -> None:
+    """List the built-in traits."""
+    from personalab.traits import builtin_traits, load_trait
+
+    table = Table("trait", "description")
+    for name in builtin_traits():
+        table.add_row(name, load_trait(name).description)
+    console.print(table)
+
+
+@trait_app.command("show")
+def trait_show(
+    trait: Annotated[str, typer.Argument(help="Built-in name or trait JSON file.")],
+    trait_dir: TraitDirOption = None,
+) -> None:
+    """Print a trait as JSON in personalab's schema."""
+    with reported():
+        from personalab.traits import load_trait
+
+        console.print_json(load_trait(trait, trait_dir).model_dump_json())
+
+
+@trait_app.command("new")
+def trait_new(
+    name: Annotated[str, typer.Argument(help="Trait name (letters, digits, _ and -).")],
+    description: Annotated[str, typer.Option(help="What the trait is.")],
+    generator: Annotated[str, typer.Option(help="Chat model that writes the trait, served by --base-url.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write the JSON (default NAME.json).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server (default from environment).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key (default from environment).")] = None,
+    attempts: Annotated[int, typer.Option(help="Tries before giving up on invalid output.")] = 3,
+) -> None:
+    """Have an LLM write a complete trait file; invalid output is retried, never saved."""
+    with reported():
+        from personalab.judging.judges import openai_client
+        from personalab.traits.generate import generate_trait
+
+        trait = generate_trait(openai_client(base_url, api_key), generator, name, description, attempts=attempts)
+        target = out or Path(f"{name}.json")
+        trait.save(target)
+    console.print(f"wrote {target}")

@@ -1,0 +1,146 @@
+"""Commands that steer generation: ``steer`` and ``sweep``."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from personalab.cli.common import (
+    STEERING,
+    DeviceOption,
+    DtypeOption,
+    JudgeOption,
+    ModelOption,
+    RevisionOption,
+    ThreadsOption,
+    TokenizerOption,
+    VariantOption,
+    VectorOption,
+    app,
+    console,
+    floats,
+    load_direction,
+    open_judge,
+    open_model,
+    prepare,
+    reported,
+)
+from personalab.cli.models import TraitDirOption
+from personalab.errors import InvalidInputError
+
+
+def _read_line() -> str:
+    """One line typed at the prompt; end of input counts as an empty line."""
+    try:
+        return console.input("[bold]> [/bold]")
+    except EOFError:
+        return ""
+
+
+@app.command("steer", rich_help_panel=STEERING)
+def steer_command(
+    prompt: Annotated[str | None, typer.Argument(help="The user message (omit with --chat).")] = None,
+    model: ModelOption = ...,
+    vector: VectorOption = ...,
+    layer: Annotated[int, typer.Option(help="Layer l: acts on the output of block l-1.")] = ...,
+    alpha: Annotated[float, typer.Option(help="Coefficient (ignored by --ablate and --clamp).")] = 1.0,
+    positions: Annotated[str, typer.Option(help="all, prompt, response or generated.")] = "response",
+    variant: VariantOption = "response_mean",
+    scale: Annotated[str, typer.Option(help="raw (alpha * v) or normalised (v at the mean residual norm).")] = "raw",
+    ablate: Annotated[bool, typer.Option(help="Project the direction out instead of adding it.")] = False,
+    clamp: Annotated[float | None, typer.Option(help="Set the projection onto the direction to this value.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    chat: Annotated[bool, typer.Option(help="Interactive loop: one prompt per line, empty line to stop.")] = False,
+    max_new_tokens: int = 128,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
+    seed: int = 0,
+    revision: RevisionOption = None,
+    tokenizer: TokenizerOption = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """Print the steered answer beside the unsteered one."""
+    with reported():
+        prepare(threads)
+        from personalab.engine import generation
+        from personalab.engine.interventions import Ablate, Clamp, Steer, intervene
+        from personalab.engine.scale import scaled_vector
+        from personalab.traits import library_questions
+
+        if prompt is None and not chat:
+            raise InvalidInputError("give a PROMPT or --chat")
+        direction, _ = load_direction(vector, variant)
+        handle = open_model(model, revision, dtype, device, tokenizer)
+        norm_prompts = [handle.encode(None, q) for q in library_questions()]
+        if ablate:
+            intervention, label = Ablate(layer, direction, positions), "ablated"
+        elif clamp is not None:
+            intervention, label = Clamp(layer, direction, clamp, positions), f"projection clamped to {clamp:g}"
+        else:
+            v, _ = scaled_vector(handle, direction, layer, scale, norm_prompts)
+            intervention, label = Steer(layer, v, alpha, positions), f"alpha {alpha:g} ({scale} scale)"
+        params = generation.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+        for text in [prompt] if not chat else iter(_read_line, ""):
+            seq = handle.encode(system, text)
+            (plain,) = generation.sample_texts(handle, [seq], params, seed)
+            with intervene(handle, intervention):
+                (steered,) = generation.sample_texts(handle, [seq], params, seed)
+            table = Table(show_lines=True)
+            table.add_column("unsteered", ratio=1)
+            table.add_column(f"steered at layer {layer}, {positions} positions, {label}", ratio=1)
+            table.add_row(escape(plain), escape(steered))
+            console.print(table)
+
+
+@app.command(rich_help_panel=STEERING)
+def sweep(
+    model: ModelOption,
+    vector: VectorOption,
+    trait: Annotated[str, typer.Option(help="Trait whose evaluation questions and rubric are used.")],
+    judge: JudgeOption,
+    layers: Annotated[str, typer.Option(help="Comma-separated layers, e.g. 8,12,16,20.")],
+    alphas: Annotated[str, typer.Option(help="Comma-separated coefficients; include 0 for the paired tests.")],
+    samples: Annotated[int, typer.Option(help="Answers per question and configuration.")] = 10,
+    variant: VariantOption = "response_mean",
+    scale: Annotated[str, typer.Option(help="raw or normalised.")] = "raw",
+    positions: Annotated[str, typer.Option(help="all, prompt, response or generated.")] = "response",
+    trait_dir: TraitDirOption = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/sweep-TRAIT-MODEL).")] = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    batch_size: int = 16,
+    revision: RevisionOption = None,
+    tokenizer: TokenizerOption = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
+    with reported():
+        prepare(threads)
+        from personalab.engine.generation import SamplingParams
+        from personalab.studies.sweep import SweepConfig, run_sweep
+        from personalab.traits import load_trait
+
+        config = SweepConfig(
+            layers=[int(x) for x in floats(layers)],
+            alphas=floats(alphas),
+            samples=samples,
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
+            scale=scale,
+            positions=positions,
+            batch_size=batch_size,
+        )
+        chosen = load_trait(trait, trait_dir)
+        direction, _ = load_direction(vector, variant)
+        scorer = open_judge(judge)
+        handle = open_model(model, revision, dtype, device, tokenizer)
+        folder = out or Path("runs") / f"sweep-{chosen.name}-{Path(model.rstrip('/')).name}"
+        run_sweep(handle, direction, chosen, scorer, folder, config)
+    console.print((folder / "sweep.md").read_text(), markup=False)
+    console.print(f"wrote {folder}/sweep.csv, sweep.md, heatmap_trait.png, heatmap_coherence.png, curves.png")

@@ -1,0 +1,63 @@
+"""Forward passes that need more than ``capture``: final hidden states for training, the LM head
+applied to them, and next-token logits for scoring.
+
+``final_hidden`` returns ``hidden_states[n_blocks]`` (after the final norm, as in
+``personalab.engine.layers``) without computing full-vocabulary logits, so a loss can form
+them a chunk of positions at a time.
+"""
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from personalab.engine.batching import PaddedBatch, length_sorted_batches, pad_batch
+from personalab.engine.chat import TokenSequence
+from personalab.engine.hooks import hook_residual
+from personalab.engine.model import ModelHandle, unwrap
+
+
+def logits_fn(handle: ModelHandle):
+    """``h -> logits`` of the model's LM head for final hidden states ``[..., hidden]``, with logit soft-capping."""
+    inner = unwrap(handle.model)
+    head = inner.get_output_embeddings()
+    cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return fn
+
+
+def final_hidden(handle: ModelHandle, batch: PaddedBatch, forward=None) -> torch.Tensor:
+    """``hidden_states[n_blocks]`` ``[batch, seq, hidden]`` of a forward that skips the full LM head.
+
+    ``forward`` is the module to call when it wraps ``handle.model`` (a data-parallel or peft wrapper).
+    """
+    seen: list[torch.Tensor] = []
+    hook = hook_residual(handle, handle.n_blocks, lambda h: seen.append(h), final_norm=True)
+    try:
+        (forward or handle.model)(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def response_mask(seqs: list[TokenSequence], batch: PaddedBatch) -> torch.Tensor:
+    """Bool ``[batch, seq]``: positions whose next token is a response token (right padding)."""
+    mask = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    for b, seq in enumerate(seqs):
+        mask[b, seq.prompt_len - 1 : len(seq.ids) - 1] = True
+    return mask
+
+
+@torch.inference_mode()
+def next_token_logits(
+    handle: ModelHandle, prompts: Sequence[Sequence[int]], batch_size: int = 8
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Float32 logits ``[len(rows), vocab]`` of the token after each prompt, one length-sorted,
+    left-padded batch at a time: yields ``(rows, logits)`` with ``rows`` the prompt indices."""
+    for rows in length_sorted_batches([len(p) for p in prompts], batch_size):
+        batch = pad_batch([prompts[i] for i in rows], handle.tokenizer.pad_token_id, "left", handle.input_device)
+        logits = handle.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits
+        yield rows, logits[:, -1].float()

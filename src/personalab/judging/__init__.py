@@ -1,0 +1,1 @@
+"""Judges (API and local), judging through the store, and the evaluation scorecard."""

@@ -1,0 +1,89 @@
+"""Chat records in JSONL: the data format that projection, screening and fine-tuning read.
+
+Each line is ``{"messages": [...]}`` (optional leading system message; the last user
+message is the prompt; a final assistant message, if present, the response) or
+``{"prompt": str, "response"?: str, "system"?: str}``.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from personalab.errors import InvalidInputError
+
+_RECORD_HINT = "each record needs 'messages' with a user turn or a 'prompt'"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One conversation turn to project; ``source`` is the JSON object it was read from."""
+
+    system: str | None
+    prompt: str
+    response: str | None
+    source: dict = field(default_factory=dict, compare=False)
+
+
+def _text(value: object, what: str, where: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{where}: {what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _from_messages(messages: object, where: str) -> tuple[str | None, str, str | None]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise InvalidInputError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} objects")
+    roles = [m.get("role") for m in messages]
+    users = [i for i, role in enumerate(roles) if role == "user"]
+    if not users:
+        raise InvalidInputError(f"{where}: no user message; {_RECORD_HINT}")
+    system = _text(messages[0].get("content"), "system content", where) if roles[0] == "system" else None
+    prompt = _text(messages[users[-1]].get("content"), "user content", where)
+    if users[-1] == len(messages) - 1:
+        return system, prompt, None
+    if roles[-1] != "assistant":
+        raise InvalidInputError(f"{where}: the last message has role {roles[-1]!r}; end with a user or assistant turn")
+    return system, prompt, _text(messages[-1].get("content"), "assistant content", where)
+
+
+def _parse_record(obj: object, where: str) -> Record:
+    if not isinstance(obj, dict):
+        raise InvalidInputError(f"{where}: expected a JSON object, got {type(obj).__name__}; {_RECORD_HINT}")
+    if "messages" in obj:
+        system, prompt, response = _from_messages(obj["messages"], where)
+    elif "prompt" in obj:
+        prompt = _text(obj["prompt"], "'prompt'", where)
+        response = _text(obj.get("response"), "'response'", where, optional=True)
+        system = _text(obj.get("system"), "'system'", where, optional=True)
+    else:
+        raise InvalidInputError(f"{where}: no user message; {_RECORD_HINT}")
+    return Record(system=system, prompt=prompt, response=response, source=obj)
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Read a JSONL file of chat records (blank lines skipped), in file order.
+
+    Each line is ``{"messages": [...]}`` (optional leading system message; the last user
+    message is the prompt; a final assistant message, if present, the response) or
+    ``{"prompt": str, "response"?: str, "system"?: str}``.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InvalidInputError(f"{path} does not exist; give a JSONL file with one record per line") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from None
+        records.append(_parse_record(obj, where))
+    if not records:
+        raise InvalidInputError(f"{path} has no records; write one JSON object per line")
+    return records
