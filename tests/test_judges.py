@@ -1,3 +1,4 @@
+import socket
 import time
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import (
+    CHECK_PROMPT,
     ApiJudge,
     JudgeError,
     LocalJudge,
@@ -289,3 +291,62 @@ def test_judge_from_spec(model_folder):
     for spec in ("gpt-4.1-mini", "api:", "local:", "hf:model", "", "API:model"):
         with pytest.raises(InvalidInputError, match="use api:MODEL or local:MODEL"):
             judge_from_spec(spec)
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_check_at_a_closed_port_fails_fast_naming_url_and_variable(monkeypatch):
+    url = _closed_port_url()
+    monkeypatch.setenv("PERSONALAB_JUDGE_BASE_URL", url)
+    judge = ApiJudge("j")
+    start = time.monotonic()
+    with pytest.raises(JudgeError) as err:
+        judge.check()
+    assert time.monotonic() - start < 15
+    message = str(err.value)
+    assert "\n" not in message and url in message and "from PERSONALAB_JUDGE_BASE_URL" in message
+    assert "set PERSONALAB_JUDGE_BASE_URL" in message
+
+
+@pytest.mark.parametrize(
+    ("server", "needle"),
+    [
+        (dict(mode="garbage"), "failed after 2 attempts"),
+        (dict(scorer=lambda prompt: {}), "without logprobs"),
+        (dict(fail_first=1), None),
+    ],
+)
+def test_check_sends_one_cheap_request(server, needle):
+    with JudgeServer(**server) as s:
+        judge = ApiJudge("j", base_url=s.base_url)
+        if needle is None:
+            judge.check()
+            assert s.calls == 2
+        else:
+            with pytest.raises(JudgeError, match=needle):
+                judge.check()
+        assert all(r["max_tokens"] == 1 and r["messages"][-1]["content"] == CHECK_PROMPT for r in s.requests)
+
+
+def test_commands_fail_on_a_dead_judge_before_loading_the_model(model_folder, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from personalab.cli import app
+    from personalab.engine import model
+
+    loaded = []
+    monkeypatch.setattr(model, "load_weights", lambda *a, **k: loaded.append(a))
+    url = _closed_port_url()
+    args = ["extract", "--model", str(model_folder("llama")), "--trait", "evil", "--judge", "api:j"]
+    start = time.monotonic()
+    result = CliRunner().invoke(app, args + ["--out", str(tmp_path / "run")], env={"PERSONALAB_JUDGE_BASE_URL": url})
+    assert time.monotonic() - start < 15
+    assert result.exit_code == 1 and loaded == []
+    lines = result.output.strip().splitlines()
+    assert lines[0] == f"judge: api:j@{url} (from PERSONALAB_JUDGE_BASE_URL)"
+    assert len(lines) == 2 and lines[1].startswith("error: judge j at " + url) and not (tmp_path / "run").exists()

@@ -33,7 +33,7 @@ def _count(db_path, table: str) -> int:
         return 0
 
 
-def _extract(folder, trait_file, out, base_url):
+def _extract(folder, trait_file, out, base_url, samples: int = 4, batch_size: int = 1, max_new_tokens: int = 24):
     cmd = [
         sys.executable,
         "-m",
@@ -46,11 +46,11 @@ def _extract(folder, trait_file, out, base_url):
         "--judge",
         "api:judge",
         "--samples",
-        "4",
+        str(samples),
         "--max-new-tokens",
-        "24",
+        str(max_new_tokens),
         "--batch-size",
-        "1",
+        str(batch_size),
         "--min-pairs",
         "1",
         "--seed",

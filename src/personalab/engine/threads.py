@@ -16,15 +16,15 @@ import torch
 from personalab.errors import InvalidInputError
 
 
-def _cgroup_quota() -> float | None:
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs allowed by the cgroup's CPU quota (v2 ``cpu.max``, v1 ``cfs_quota_us``), or ``None`` for no quota."""
-    v2 = Path("/sys/fs/cgroup/cpu.max")
+    v2 = root / "cpu.max"
     try:
         if v2.is_file():
             quota, _, period = v2.read_text().strip().partition(" ")
             return None if quota == "max" else int(quota) / int(period or 100_000)
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
         return None if quota <= 0 else quota / period
     except (OSError, ValueError):
         return None
@@ -33,7 +33,7 @@ def _cgroup_quota() -> float | None:
 def available_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota when one is set."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = _cgroup_quota()
+    quota = cgroup_quota()
     return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 

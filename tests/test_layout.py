@@ -1,0 +1,94 @@
+"""The package's wings depend on each other in one direction only (README, "Architecture")."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import personalab
+
+ROOT = Path(personalab.__file__).parent
+
+ALLOWED = {
+    "errors": set(),
+    "store": {"errors"},
+    "vectors": {"errors"},
+    "records": {"errors"},
+    "report": {"errors"},
+    "engine": {"errors", "store", "report"},
+    "traits": {"errors", "engine"},
+    "judging": {"errors", "store", "report", "engine", "traits"},
+    "studies": {"errors", "store", "vectors", "records", "report", "engine", "traits", "judging"},
+    "cli": {"errors", "store", "vectors", "records", "report", "engine", "traits", "judging", "studies"},
+    "__init__": {"errors", "engine"},
+    "__main__": {"cli"},
+}
+"""Which wings each wing may import from (besides itself)."""
+
+
+def _wing(module: str) -> str:
+    """The wing of a module: ``personalab.engine.capture`` -> ``engine``, ``personalab`` -> ``__init__``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1] if len(parts) > 2 else parts
+    return ".".join(parts) if parts != ["personalab", "__init__"] else "personalab"
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of every ``personalab`` import in the file, at any depth (lazy imports too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "personalab":
+            names = [alias.name for alias in node.names]
+            if node.module == "personalab":
+                found += [(f"personalab.{name}", []) for name in names if name[0].islower()]
+            else:
+                found.append((node.module, names))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names if alias.name.split(".")[0] == "personalab"]
+    return found
+
+
+SOURCES = sorted(ROOT.rglob("*.py"))
+
+
+def test_the_wings_are_there():
+    wings = {_wing(_module_name(p)) for p in SOURCES}
+    assert {"engine", "judging", "studies", "report", "cli", "traits"} <= wings
+    assert wings <= set(ALLOWED), wings - set(ALLOWED)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_point_one_way(path):
+    own = _wing(_module_name(path))
+    for module, _ in _imports(path):
+        target = _wing(module)
+        assert target == own or target in ALLOWED[own], f"{path.relative_to(ROOT)} ({own}) imports {module}"
+
+
+def test_no_engine_module_imports_a_study_a_judge_or_the_cli():
+    engine = [p for p in SOURCES if _wing(_module_name(p)) == "engine"]
+    assert len(engine) >= 10
+    for path in engine:
+        for module, _ in _imports(path):
+            assert _wing(module) not in {"studies", "judging", "cli"}, f"{path.name} imports {module}"
+
+
+def test_no_module_imports_another_modules_private_names():
+    for path in SOURCES:
+        for module, names in _imports(path):
+            private = [n for n in names if n.startswith("_")]
+            assert not private, f"{path.relative_to(ROOT)} imports {private} from {module}"
+
+
+def test_the_checker_sees_a_forbidden_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from personalab.studies.sweep import _paired_tests\n    import personalab.cli\n")
+    assert _imports(bad) == [("personalab.studies.sweep", ["_paired_tests"]), ("personalab.cli", [])]
+    assert "studies" not in ALLOWED["engine"] and "cli" not in ALLOWED["engine"]
