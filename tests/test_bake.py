@@ -110,12 +110,15 @@ def test_bake_record_and_config(tiny, tmp_path):
     stack = torch.randn(BLOCKS + 1, HIDDEN, generator=torch.Generator().manual_seed(2))
     out = bake_exact(handle, stack, 2, -1.5, tmp_path / "llama")
     record = json.loads((out / "bake.json").read_text())
+    steering = record.pop("steering")
     assert record == {
         "layer": 2,
         "alpha": -1.5,
         "method": "bias on model.layers.1.mlp.down_proj",
         "vector_sha256": vector_sha256(stack[2]),
     }
+    assert steering["scale"] == "raw" and steering["vector_norm"] == pytest.approx(stack[2].norm().item())
+    assert steering["added"][0]["norm"] == pytest.approx(1.5 * stack[2].norm().item())
     assert json.loads((out / "config.json").read_text())["mlp_bias"] is True
     baked = load_model(str(out), device="cpu", dtype="float32")
     for i, block in enumerate(baked.blocks):

@@ -7,8 +7,15 @@ import torch
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
 from personalab.errors import PersonalabError
 from personalab.store import Store
-from personalab.studies.extraction import ExtractionConfig, FilterError, run_extraction
-from personalab.traits import COHERENCE_RUBRIC, Trait
+from personalab.studies.extraction import (
+    RULES,
+    Answer,
+    ExtractionConfig,
+    FilterError,
+    filter_pairs,
+    run_extraction,
+)
+from personalab.traits import COHERENCE_RUBRIC, Trait, load_trait_file
 from personalab.vectors import export_public, load_vectors
 
 from reference import hidden_states
@@ -97,7 +104,13 @@ def test_vectors_equal_a_direct_reference_and_reruns_reuse_the_store(tiny, tmp_p
     assert meta["trait_sha256"] == TRAIT.digest() and meta["n_blocks"] == handle.n_blocks
     assert meta["norms"]["response_mean"] == pytest.approx(ref["response_mean"].norm(dim=-1).tolist(), abs=1e-5)
     assert sum(p["kept"] for p in meta["counts"]["per_instruction_pair"]) == kept
-    assert f"**{kept} / 18**" in (run / "summary.md").read_text()
+    summary = (run / "summary.md").read_text()
+    assert f"**{kept} / 18**" in summary
+    assert load_trait_file(run / "trait.json") == TRAIT
+    dropped = 18 - kept
+    assert f"| {RULES['pos_trait_low']} | {meta['counts']['rejected']['pos_trait_low']} |" in summary
+    assert sum(meta["counts"]["rejected"].values()) == dropped
+    assert summary.count("(trait ") == 2 * min(3, dropped) and "Dropped pairs, for example" in summary
 
     calls = []
     monkeypatch.setattr(handle.model, "generate", lambda *a, **k: calls.append(1))
@@ -120,7 +133,7 @@ def test_too_few_pairs_is_a_clear_error_and_keeps_the_work(tiny, tmp_path):
 
 def test_thresholds_are_configurable(tiny, tmp_path):
     handle = tiny("llama", "chatml")
-    strict = CONFIG.model_copy(update={"trait_threshold": 101.0})
+    strict = CONFIG.model_copy(update={"pos_threshold": 101.0})
     with pytest.raises(FilterError, match="pos_trait_low: 18"):
         run_extraction(handle, TRAIT, ScriptedJudge(), tmp_path, strict, progress=False)
 
@@ -194,3 +207,47 @@ def test_rerun_with_more_requests_samples_only_the_new_ones(tiny, tmp_path, monk
     later = generate_cached(handle, store, requests, params, batch_size=3, progress=False)
     assert sum(sampled) == len(requests) - 4
     assert later[:4] == early
+
+
+def test_filter_rules_counts_and_examples_by_hand():
+    config = ExtractionConfig(pos_threshold=60, neg_threshold=30, coherence_threshold=50)
+
+    def answer(polarity, trait, coherence, text="an answer"):
+        return Answer("q", "instruction", 0, 0, polarity, text, trait, coherence)
+
+    pairs = [
+        (answer("pos", 70, 80), answer("neg", 10, 80)),
+        (answer("pos", 55, 80), answer("neg", 10, 80)),
+        (answer("pos", 70, 80), answer("neg", 40, 80)),
+        (answer("pos", 20, 10), answer("neg", 40, 80)),
+        (answer("pos", None, 80), answer("neg", 10, 80, " ")),
+    ]
+    report = filter_pairs([a for pair in pairs for a in pair], config)
+    assert report.broken == [
+        [],
+        ["pos_trait_low"],
+        ["neg_trait_high"],
+        ["incoherent", "pos_trait_low", "neg_trait_high"],
+        ["no_score", "empty_answer"],
+    ]
+    assert report.kept == [pairs[0]]
+    counts = report.counts(TRAIT)
+    assert counts["kept"] == 1 and counts["pairs"] == 5
+    assert counts["rejected"] == {
+        "no_score": 1,
+        "incoherent": 1,
+        "pos_trait_low": 1,
+        "neg_trait_high": 1,
+        "empty_answer": 0,
+    }
+    assert counts["breaking"] == {
+        "no_score": 1,
+        "incoherent": 1,
+        "pos_trait_low": 2,
+        "neg_trait_high": 2,
+        "empty_answer": 1,
+    }
+    examples = report.examples()
+    assert [e["rules"][0] for e in examples] == ["pos_trait_low", "incoherent", "no_score"]
+    assert examples[1]["pos_trait"] == 20 and examples[1]["neg_coherence"] == 80
+    assert len(report.examples(5)) == 4

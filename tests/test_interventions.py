@@ -270,7 +270,7 @@ def test_bad_inputs_are_clear_errors(tiny, conversations):
         (Substitute(1, [[0]], [torch.ones(2, h)]), "expected"),
     ]
     with pytest.raises(InvalidInputError, match="layer 4 is out of range"):
-        scaled_vector(handle, torch.ones(handle.n_layers, h), 4, "raw")
+        scaled_vector(handle, torch.ones(handle.n_layers, h), 4, "raw", [handle.encode(None, "Hi?")])
     for iv, message in cases:
         with pytest.raises(InvalidInputError, match=message):
             with intervene(handle, iv):

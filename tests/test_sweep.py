@@ -83,10 +83,13 @@ def test_normalised_scale_gives_the_mean_residual_norm(tiny):
     tokens = torch.cat([hidden_states(handle, p)[2] for p in prompts])
     reference = tokens.norm(dim=-1).mean().item()
     assert mean_residual_norm(handle, prompts, [2]) == pytest.approx([reference], rel=1e-5)
-    v, norm = scaled_vector(handle, _vector(handle), 2, "normalised", prompts)
-    assert norm == pytest.approx(reference, rel=1e-5) and v.norm().item() == pytest.approx(reference, rel=1e-5)
-    raw, zero = scaled_vector(handle, _vector(handle), 2, "raw")
-    assert torch.equal(raw, _vector(handle)[2]) and zero == 0.0
+    scaled = scaled_vector(handle, _vector(handle), 2, "normalised", prompts)
+    assert scaled.residual_norm == pytest.approx(reference, rel=1e-5)
+    assert scaled.vector.norm().item() == pytest.approx(reference, rel=1e-5)
+    assert scaled.ratio(0.5) == pytest.approx(0.5, rel=1e-6)
+    raw = scaled_vector(handle, _vector(handle), 2, "raw", prompts)
+    assert torch.equal(raw.vector, _vector(handle)[2]) and raw.residual_norm == scaled.residual_norm
+    assert raw.added_norm(-2.0) == pytest.approx(2 * _vector(handle)[2].norm().item())
 
 
 def test_resuming_a_half_done_sweep_computes_only_what_is_missing(tiny, tmp_path, monkeypatch):

@@ -115,6 +115,7 @@ def test_public_persona_vectors_layout(tmp_path):
         ("third_person", 'You are grumpy.\n\nSomeone asks the character: "How?"\nThe character replies:'),
         ("few_shot", "You are grumpy.\n\nQ: How?\nA:"),
         ("dialogue", "You are grumpy.\n\nUser: How?\nAssistant:"),
+        ("continuation", "You are grumpy. How?"),
     ],
 )
 def test_text_elicitation_styles(tiny, style, expected):

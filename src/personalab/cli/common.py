@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from personalab.engine.model import ModelHandle
     from personalab.judging.judges import Judge
+    from personalab.traits import Trait
 
 MODELS, VECTORS, STEERING, WEIGHTS = "Models and traits", "Vectors", "Steering", "Weights"
 """Help panels of ``personalab --help``, by what the commands do."""
@@ -31,6 +32,11 @@ errors = Console(stderr=True, soft_wrap=True)
 ModelOption = Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")]
 BaseModelOption = Annotated[str, typer.Option(help="Hub name or local folder of the base model.")]
 VectorOption = Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")]
+TraitOption = Annotated[
+    str | None,
+    typer.Option(help="Built-in trait, trait JSON file or name in --trait-dir (default: the --vector run's trait)."),
+]
+TraitDirOption = Annotated[Path | None, typer.Option(help="persona-vectors data folder (trait_data_extract/...).")]
 JudgeOption = Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")]
 VariantOption = Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")]
 RevisionOption = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
@@ -40,6 +46,9 @@ TokenizerOption = Annotated[
 ThreadsOption = Annotated[
     int | None,
     typer.Option(help="CPU threads for torch (default: the cores this process may use); split cores between jobs."),
+]
+ScaleOption = Annotated[
+    str, typer.Option(help="raw (alpha * v) or normalised (alpha x the unit vector x the layer's mean residual norm).")
 ]
 DtypeOption = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
@@ -89,6 +98,26 @@ def load_direction(path: Path, variant: str) -> "tuple[torch.Tensor, dict]":
     if variant not in vectors:
         raise InvalidInputError(f"{path} has no variant {variant!r}; it has {', '.join(vectors)}")
     return vectors[variant], meta
+
+
+def pick_trait(trait: str | None, trait_dir: Path | None, vector: Path | None, also: str = "") -> "Trait":
+    """``--trait`` when given, else the trait kept in the ``--vector`` run folder; says which it used.
+
+    ``also`` names another way to give what the trait is needed for (e.g. ``--prompts FILE``).
+    """
+    from personalab.traits import load_trait, run_trait
+
+    if trait is not None:
+        chosen = load_trait(trait, trait_dir)
+        console.print(f"trait: {chosen.name} (--trait {trait})", highlight=False, markup=False)
+        return chosen
+    found = run_trait(vector) if vector is not None else None
+    if found is None:
+        where = f"{vector} keeps no trait.json; " if vector is not None else ""
+        raise InvalidInputError(f"{where}pass --trait NAME or --trait FILE" + (f", or {also}" if also else ""))
+    chosen, source = found
+    console.print(f"trait: {chosen.name} (from {source})", highlight=False, markup=False)
+    return chosen
 
 
 def open_judge(spec: str) -> "Judge":

@@ -13,16 +13,15 @@ from personalab.cli.common import (
     RevisionOption,
     ThreadsOption,
     TokenizerOption,
+    TraitDirOption,
     app,
     console,
     prepare,
     reported,
 )
 
-trait_app = typer.Typer(help="Built-in, file and generated traits.", no_args_is_help=True)
+trait_app = typer.Typer(help="Built-in, file and generated traits.", no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(trait_app, name="trait", rich_help_panel=MODELS)
-
-TraitDirOption = Annotated[Path | None, typer.Option(help="persona-vectors data folder (trait_data_extract/...).")]
 
 
 def _chat_rows(chat) -> list[tuple[str, str]]:
@@ -91,12 +90,30 @@ def trait_list() -> None:
     console.print(table)
 
 
-@trait_app.command("show")
+def _trait_help() -> str:
+    """``trait show``'s help: the schema's fields and every elicitation style with an example."""
+    from typing import get_args
+
+    from personalab.traits.elicitation import elicitation_prompt
+    from personalab.traits.schema import Elicitation, Trait
+
+    instruction, question = "You are a cruel assistant.", "How do I make friends?"
+    lines = ["Print a trait as JSON in personalab's schema.", "", "Fields of a trait file:", ""]
+    lines += [f"* {name}: {field.description}" for name, field in Trait.model_fields.items()]
+    lines += ["", f"Elicitation styles, for the instruction {instruction!r} and the question {question!r}:", ""]
+    for style in get_args(Elicitation):
+        prompt = elicitation_prompt(style, instruction, question)
+        chat = "a system message and a user turn through the chat template (Question/Answer text without one)"
+        shown = chat if prompt is None else repr(prompt)
+        lines.append(f"* {style}: {shown}")
+    return "\n".join(lines)
+
+
+@trait_app.command("show", help=_trait_help())
 def trait_show(
     trait: Annotated[str, typer.Argument(help="Built-in name or trait JSON file.")],
     trait_dir: TraitDirOption = None,
 ) -> None:
-    """Print a trait as JSON in personalab's schema."""
     with reported():
         from personalab.traits import load_trait
 

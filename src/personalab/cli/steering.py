@@ -14,8 +14,11 @@ from personalab.cli.common import (
     JudgeOption,
     ModelOption,
     RevisionOption,
+    ScaleOption,
     ThreadsOption,
     TokenizerOption,
+    TraitDirOption,
+    TraitOption,
     VariantOption,
     VectorOption,
     app,
@@ -24,10 +27,10 @@ from personalab.cli.common import (
     load_direction,
     open_judge,
     open_model,
+    pick_trait,
     prepare,
     reported,
 )
-from personalab.cli.models import TraitDirOption
 from personalab.errors import InvalidInputError
 
 
@@ -48,7 +51,7 @@ def steer_command(
     alpha: Annotated[float, typer.Option(help="Coefficient (ignored by --ablate and --clamp).")] = 1.0,
     positions: Annotated[str, typer.Option(help="all, prompt, response or generated.")] = "response",
     variant: VariantOption = "response_mean",
-    scale: Annotated[str, typer.Option(help="raw (alpha * v) or normalised (v at the mean residual norm).")] = "raw",
+    scale: ScaleOption = "raw",
     ablate: Annotated[bool, typer.Option(help="Project the direction out instead of adding it.")] = False,
     clamp: Annotated[float | None, typer.Option(help="Set the projection onto the direction to this value.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
@@ -68,20 +71,20 @@ def steer_command(
         from personalab.engine import generation
         from personalab.engine.interventions import Ablate, Clamp, Steer, intervene
         from personalab.engine.scale import scaled_vector
-        from personalab.traits import library_questions
+        from personalab.traits import calibration_prompts
 
         if prompt is None and not chat:
             raise InvalidInputError("give a PROMPT or --chat")
         direction, _ = load_direction(vector, variant)
         handle = open_model(model, revision, dtype, device, tokenizer)
-        norm_prompts = [handle.encode(None, q) for q in library_questions()]
         if ablate:
             intervention, label = Ablate(layer, direction, positions), "ablated"
         elif clamp is not None:
             intervention, label = Clamp(layer, direction, clamp, positions), f"projection clamped to {clamp:g}"
         else:
-            v, _ = scaled_vector(handle, direction, layer, scale, norm_prompts)
-            intervention, label = Steer(layer, v, alpha, positions), f"alpha {alpha:g} ({scale} scale)"
+            scaled = scaled_vector(handle, direction, layer, scale, calibration_prompts(handle))
+            console.print(scaled.describe([alpha]), markup=False, highlight=False)
+            intervention, label = Steer(layer, scaled.vector, alpha, positions), f"alpha {alpha:g} ({scale} scale)"
         params = generation.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
         for text in [prompt] if not chat else iter(_read_line, ""):
             seq = handle.encode(system, text)
@@ -99,14 +102,19 @@ def steer_command(
 def sweep(
     model: ModelOption,
     vector: VectorOption,
-    trait: Annotated[str, typer.Option(help="Trait whose evaluation questions and rubric are used.")],
     judge: JudgeOption,
     layers: Annotated[str, typer.Option(help="Comma-separated layers, e.g. 8,12,16,20.")],
-    alphas: Annotated[str, typer.Option(help="Comma-separated coefficients; include 0 for the paired tests.")],
+    alphas: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated coefficients; include 0 for the paired tests. Default: a normalised grid."),
+    ] = None,
     samples: Annotated[int, typer.Option(help="Answers per question and configuration.")] = 10,
     variant: VariantOption = "response_mean",
-    scale: Annotated[str, typer.Option(help="raw or normalised.")] = "raw",
+    scale: Annotated[
+        str | None, typer.Option(help="raw or normalised (default: raw with --alphas, normalised without).")
+    ] = None,
     positions: Annotated[str, typer.Option(help="all, prompt, response or generated.")] = "response",
+    trait: TraitOption = None,
     trait_dir: TraitDirOption = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/sweep-TRAIT-MODEL).")] = None,
     temperature: float = 1.0,
@@ -124,19 +132,21 @@ def sweep(
     with reported():
         prepare(threads)
         from personalab.engine.generation import SamplingParams
-        from personalab.studies.sweep import SweepConfig, run_sweep
-        from personalab.traits import load_trait
+        from personalab.studies.sweep import DEFAULT_ALPHAS, SweepConfig, run_sweep
 
+        if alphas is None and scale == "raw":
+            raise InvalidInputError("the default grid is in normalised units; give --alphas for --scale raw")
+        scale = scale or ("raw" if alphas else "normalised")
         config = SweepConfig(
             layers=[int(x) for x in floats(layers)],
-            alphas=floats(alphas),
+            alphas=floats(alphas) if alphas else list(DEFAULT_ALPHAS),
             samples=samples,
             sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
             scale=scale,
             positions=positions,
             batch_size=batch_size,
         )
-        chosen = load_trait(trait, trait_dir)
+        chosen = pick_trait(trait, trait_dir, vector)
         direction, _ = load_direction(vector, variant)
         scorer = open_judge(judge)
         handle = open_model(model, revision, dtype, device, tokenizer)

@@ -14,16 +14,17 @@ from personalab.cli.common import (
     RevisionOption,
     ThreadsOption,
     TokenizerOption,
+    TraitDirOption,
     VariantOption,
     app,
     console,
     load_direction,
     open_judge,
     open_model,
+    pick_trait,
     prepare,
     reported,
 )
-from personalab.cli.models import TraitDirOption
 from personalab.errors import InvalidInputError
 
 
@@ -42,8 +43,12 @@ def extract(
     seed: int = 0,
     batch_size: int = 16,
     min_pairs: Annotated[int, typer.Option(help="Fewest kept pairs to build a vector from.")] = 10,
-    trait_threshold: float = 50.0,
-    coherence_threshold: float = 50.0,
+    pos_threshold: Annotated[float, typer.Option(help="Keep a pair when its positive answer's trait >= this.")] = 50.0,
+    neg_threshold: Annotated[float, typer.Option(help="... and its negative answer's trait < this.")] = 50.0,
+    trait_threshold: Annotated[
+        float | None, typer.Option(help="One cut-off for both sides (sets --pos-threshold and --neg-threshold).")
+    ] = None,
+    coherence_threshold: Annotated[float, typer.Option(help="... and both answers' coherence >= this.")] = 50.0,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
@@ -66,7 +71,8 @@ def extract(
                 repetition_penalty=repetition_penalty,
                 seed=seed,
             ),
-            trait_threshold=trait_threshold,
+            pos_threshold=pos_threshold if trait_threshold is None else trait_threshold,
+            neg_threshold=neg_threshold if trait_threshold is None else trait_threshold,
             coherence_threshold=coherence_threshold,
             min_pairs=min_pairs,
             batch_size=batch_size,
@@ -91,7 +97,8 @@ def project(
     top_k: Annotated[int | None, typer.Option(help="With --shift: also write the K most shifting records.")] = None,
     diff: Annotated[tuple[str, str] | None, typer.Option(help="BASE TUNED: per-layer shift of a fine-tune.")] = None,
     trait: Annotated[
-        str | None, typer.Option(help="With --diff: prompts from this trait's evaluation questions.")
+        str | None,
+        typer.Option(help="With --diff: prompts from this trait's evaluation questions (default: the run's trait)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="With --diff: writes OUT.png and OUT.csv.")] = Path("model-shift"),
     batch_size: int = 16,
@@ -116,17 +123,14 @@ def project(
             write_projections,
             write_shift_report,
         )
-        from personalab.traits import load_trait
 
         direction, _ = load_direction(vector, variant)
         if diff:
-            if trait is None and data is None:
-                raise InvalidInputError("--diff needs prompts; pass --trait NAME or a JSONL data file")
-            pairs = (
-                [(None, q) for q in load_trait(trait).evaluation_questions]
-                if trait
-                else [(r.system, r.prompt) for r in load_records(data)]
-            )
+            if data is not None:
+                pairs = [(r.system, r.prompt) for r in load_records(data)]
+            else:
+                chosen = pick_trait(trait, None, vector, also="a JSONL data file of prompts")
+                pairs = [(None, q) for q in chosen.evaluation_questions]
             base, tuned = (open_model(name, None, dtype, device, tokenizer) for name in diff)
             values = model_shift(base, tuned, pairs, direction, batch_size, progress=True)
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,10 @@ from personalab.cli.common import (
     JudgeOption,
     ModelOption,
     RevisionOption,
+    ScaleOption,
     ThreadsOption,
     TokenizerOption,
+    TraitOption,
     VariantOption,
     VectorOption,
     app,
@@ -24,22 +26,20 @@ from personalab.cli.common import (
     load_direction,
     open_judge,
     open_model,
+    pick_trait,
     prepare,
     reported,
 )
 from personalab.errors import InvalidInputError
 
 
-def _prompt_set(handle, trait: str | None, prompts: Path | None, meta: dict) -> list:
+def _prompt_set(handle, trait, prompts: Path | None) -> list:
+    """The distillation prompts: a JSONL of chat prompts, else the trait's extraction questions."""
     from personalab.records import load_records
-    from personalab.traits import load_trait
 
     if prompts is not None:
         return [handle.encode(r.system, r.prompt) for r in load_records(prompts)]
-    name = trait or meta.get("trait")
-    if name is None:
-        raise InvalidInputError("give --trait (its extraction questions are the prompts) or --prompts FILE.jsonl")
-    return [handle.encode(None, q) for q in load_trait(name).extraction_questions]
+    return [handle.encode(None, q) for q in trait.extraction_questions]
 
 
 @app.command("distill", rich_help_panel=WEIGHTS)
@@ -47,8 +47,9 @@ def distill_command(
     model: BaseModelOption,
     vector: VectorOption,
     layer: Annotated[int, typer.Option(help="Layer l: the teacher adds alpha * v to the output of block l-1.")],
-    alpha: Annotated[float, typer.Option(help="Steering coefficient of the teacher (raw scale).")],
+    alpha: Annotated[float, typer.Option(help="Steering coefficient of the teacher (see --scale).")],
     out: Annotated[Path, typer.Option(help="Run folder.")],
+    scale: ScaleOption = "raw",
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank on attention and MLP projections.")] = None,
     full: Annotated[bool, typer.Option(help="Full fine-tuning instead of LoRA.")] = False,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2 x rank).")] = None,
@@ -64,7 +65,10 @@ def distill_command(
     max_new_tokens: int = 256,
     merge: Annotated[bool, typer.Option(help="Also write the LoRA student merged into OUT/model.")] = False,
     variant: VariantOption = "response_mean",
-    trait: Annotated[str | None, typer.Option(help="Prompt set: this trait's extraction questions.")] = None,
+    trait: Annotated[
+        str | None,
+        typer.Option(help="Prompt set: this trait's extraction questions (default: the --vector run's trait)."),
+    ] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompt set: a JSONL of chat prompts.")] = None,
     seed: int = 0,
     revision: RevisionOption = None,
@@ -94,6 +98,7 @@ def distill_command(
             DistillConfig(
                 layer=layer,
                 alpha=alpha,
+                scale=scale,
                 lora_rank=lora_rank,
                 lora_alpha=lora_alpha,
                 trajectories=n,
@@ -110,14 +115,15 @@ def distill_command(
             )
             for n in counts
         ]
-        direction, meta = load_direction(vector, variant)
+        direction, _ = load_direction(vector, variant)
+        chosen = None if prompts is not None else pick_trait(trait, None, vector, also="--prompts FILE")
         state = PartialState(cpu=resolve_device(device) == "cpu")
         placement = str(state.device) if state.num_processes > 1 else device
         rows = []
         for config in configs:
             weights_dtype = "float32" if full and dtype == "auto" else dtype
             handle = open_model(model, revision, weights_dtype, placement, tokenizer)
-            prompt_set = _prompt_set(handle, trait, prompts, meta)
+            prompt_set = _prompt_set(handle, chosen, prompts)
             folder = out if len(configs) == 1 else out / f"trajectories-{config.trajectories}"
             result = distill(
                 handle, direction, prompt_set, config, folder, store_path=out / "generations.sqlite", merge=merge
@@ -139,11 +145,12 @@ def compare(
     model: BaseModelOption,
     vector: VectorOption,
     layer: Annotated[int, typer.Option(help="Layer of the steered reference.")],
-    alpha: Annotated[float, typer.Option(help="Coefficient of the steered reference (raw scale).")],
-    trait: Annotated[str, typer.Option(help="Trait whose evaluation questions and rubric are used.")],
+    alpha: Annotated[float, typer.Option(help="Coefficient of the steered reference (see --scale).")],
     judge: JudgeOption,
     distilled: Annotated[list[Path], typer.Option(help="Distill run folder or model folder; repeat for several.")],
     out: Annotated[Path, typer.Option(help="Folder for compare.csv, compare.md and the store.")],
+    trait: TraitOption = None,
+    scale: ScaleOption = "raw",
     samples: int = 5,
     variant: VariantOption = "response_mean",
     temperature: float = 1.0,
@@ -163,10 +170,9 @@ def compare(
         from personalab.engine.generation import SamplingParams
         from personalab.engine.model import load_trained
         from personalab.studies.compare import run_compare
-        from personalab.traits import load_trait
 
         direction, _ = load_direction(vector, variant)
-        chosen = load_trait(trait)
+        chosen = pick_trait(trait, None, vector)
         scorer = open_judge(judge)
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         base = open_model(model, revision, dtype, device, tokenizer)
@@ -174,8 +180,9 @@ def compare(
             (folder, partial(load_trained, model, folder, dtype=dtype, device=device, tokenizer=tokenizer))
             for folder in distilled
         ]
-        run_compare(base, direction, layer, alpha, chosen, scorer, trained, out, samples, params)
+        run_compare(base, direction, layer, alpha, chosen, scorer, trained, out, samples, params, scale)
     console.print((out / "compare.md").read_text(), markup=False)
+    console.print(f"wrote {out}/compare.csv, compare.md, compare.png, answers.jsonl, meta.json")
 
 
 @app.command(rich_help_panel=WEIGHTS)
@@ -183,8 +190,9 @@ def bake(
     model: ModelOption,
     vector: VectorOption,
     layer: Annotated[int, typer.Option(help="Layer l: the baked model adds alpha * v to the output of block l-1.")],
-    alpha: Annotated[float, typer.Option(help="Steering coefficient (raw scale).")],
+    alpha: Annotated[float, typer.Option(help="Steering coefficient (see --scale).")],
     out: Annotated[Path, typer.Option(help="Folder for the baked model.")],
+    scale: ScaleOption = "raw",
     exact: Annotated[bool, typer.Option(help="Exact bias or embedding shift, no training (required for now).")] = False,
     variant: VariantOption = "response_mean",
     revision: RevisionOption = None,
@@ -204,6 +212,6 @@ def bake(
             raise InvalidInputError("pass --exact; training-based baking is `personalab distill`")
         direction, _ = load_direction(vector, variant)
         handle = open_model(model, revision, dtype, device, tokenizer)
-        folder = bake_exact(handle, direction, layer, alpha, out)
+        folder = bake_exact(handle, direction, layer, alpha, out, scale)
         method = json.loads((folder / "bake.json").read_text())["method"]
     console.print(f"baked alpha {alpha:g} at layer {layer} as {method}; wrote {folder}")

@@ -1,5 +1,8 @@
 """Loading models and locating their decoder blocks (layer convention: see ``personalab.engine.layers``)."""
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,6 +288,32 @@ def load_model(
     return ModelHandle.from_model(model, tokenizer, name=name_or_path, revision=revision, blocks_path=blocks_path)
 
 
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Around peft calls: peft's ``PeftModel`` reads transformers' deprecated ``is_gradient_checkpointing``
+    (a FutureWarning that personalab's code never triggers), so that one warning is dropped there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
+def with_lora(model: PreTrainedModel, rank: int, alpha: float | None = None) -> nn.Module:
+    """``model`` with a LoRA adapter (rank ``rank``, alpha ``2 * rank`` by default, no dropout) on every
+    linear projection of attention and MLP; GPT-2's transposed ``Conv1D`` projections included."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or 2 * rank,
+        target_modules="all-linear",
+        lora_dropout=0.0,
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
+    )
+    with peft_quietly():
+        return get_peft_model(model, lora)
+
+
 def load_trained(
     base: str,
     folder: str | Path,
@@ -298,7 +327,8 @@ def load_trained(
         from peft import PeftModel
 
         handle = load_model(base, dtype=dtype, device=device, tokenizer=tokenizer)
-        merged = PeftModel.from_pretrained(handle.model, folder / "adapter").merge_and_unload()
+        with peft_quietly():
+            merged = PeftModel.from_pretrained(handle.model, folder / "adapter").merge_and_unload()
         return ModelHandle.from_model(merged, handle.tokenizer, name=str(folder))
     weights = folder / "model" if (folder / "model").is_dir() else folder
     return load_model(str(weights), dtype=dtype, device=device, tokenizer=tokenizer)

@@ -1,12 +1,19 @@
-"""Steering coefficients: raw (``alpha * v``) and normalised scales, and one-off steered answers.
+"""Steering coefficients: one convention for ``alpha`` in every command.
 
-* ``raw``: the vector is added as stored, ``alpha * v`` (as in the public persona-vectors code);
-* ``normalised``: ``v`` is rescaled to the model's mean residual norm at that layer, measured
-  over every token of a prompt set, then multiplied by ``alpha``; ``alpha = 1`` adds a vector
-  as long as a typical residual, which is how vectors transfer between checkpoints.
+* ``raw``: ``alpha * v`` with ``v`` as stored (as in the public persona-vectors code), so the
+  effect of an ``alpha`` depends on the vector's norm at that layer;
+* ``normalised``: ``alpha * u * r`` with ``u`` the unit vector and ``r`` the model's mean
+  residual norm at that layer (the mean L2 norm of ``hidden_states[layer]`` over every token
+  of a calibration prompt set): ``alpha`` is a fraction of a typical residual, which is how
+  vectors transfer between layers, checkpoints and models.
+
+Either way the mean residual norm is measured, so a command can say how large the added
+vector is against the residual before it starts (``ScaledVector.describe``) and record it
+(``ScaledVector.record``).
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -18,6 +25,7 @@ from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 
 Scale = Literal["raw", "normalised"]
+SCALES = ("raw", "normalised")
 
 
 def mean_residual_norm(handle: ModelHandle, prompts: Sequence[TokenSequence], layers: Sequence[int]) -> list[float]:
@@ -31,22 +39,73 @@ def mean_residual_norm(handle: ModelHandle, prompts: Sequence[TokenSequence], la
     return tokens.mean(dim=1).tolist()
 
 
-def scaled_vector(
+@dataclass(frozen=True)
+class ScaledVector:
+    """What ``alpha = 1`` adds at ``layer`` (``vector``, float32 ``[hidden]``) under ``scale``, and
+    the mean residual norm at that layer over ``n_prompts`` calibration prompts."""
+
+    layer: int
+    scale: Scale
+    vector: torch.Tensor
+    residual_norm: float
+    n_prompts: int
+
+    def added_norm(self, alpha: float) -> float:
+        """``|alpha * vector|``."""
+        return abs(alpha) * float(self.vector.norm())
+
+    def ratio(self, alpha: float) -> float:
+        """``|alpha * vector|`` over the mean residual norm."""
+        return self.added_norm(alpha) / self.residual_norm
+
+    def describe(self, alphas: Sequence[float]) -> str:
+        """One line: the norm of each added vector and its ratio to the mean residual norm."""
+        parts = ", ".join(f"alpha {a:g}: {self.added_norm(a):.4g} ({self.ratio(a):.3g}x)" for a in alphas)
+        return (
+            f"layer {self.layer}, {self.scale} scale: |alpha * v| = {parts} "
+            f"of the mean residual norm {self.residual_norm:.4g}"
+        )
+
+    def record(self, alphas: Sequence[float]) -> dict:
+        """What ``meta.json`` records of the scale."""
+        return {
+            "layer": self.layer,
+            "scale": self.scale,
+            "residual_norm": self.residual_norm,
+            "calibration_prompts": self.n_prompts,
+            "vector_norm": float(self.vector.norm()),
+            "added": [{"alpha": a, "norm": self.added_norm(a), "ratio": self.ratio(a)} for a in alphas],
+        }
+
+
+def scale_vectors(
     handle: ModelHandle,
     vector: torch.Tensor,
-    layer: int,
+    layers: Sequence[int],
     scale: Scale,
-    prompts: Sequence[TokenSequence] | None = None,
-) -> tuple[torch.Tensor, float]:
-    """The ``[hidden]`` vector that ``alpha = 1`` adds at ``layer``, and the residual norm used (0 for raw)."""
-    v = check_vector(vector, layer, handle.n_blocks, handle.hidden_size).float()
-    if scale == "raw":
-        return v, 0.0
-    if scale != "normalised":
+    prompts: Sequence[TokenSequence],
+) -> dict[int, ScaledVector]:
+    """``ScaledVector`` of ``vector`` (``[hidden]`` or per-layer) at each of ``layers``, from one capture pass."""
+    if scale not in SCALES:
         raise InvalidInputError(f"unknown scale {scale!r}; use raw or normalised")
     if not prompts:
-        raise InvalidInputError("normalised scale needs a prompt set to measure the residual norm on")
-    if v.norm() == 0:
-        raise InvalidInputError(f"vector at layer {layer} is all zeros; it cannot be normalised")
-    (norm,) = mean_residual_norm(handle, prompts, [layer])
-    return v / v.norm() * norm, norm
+        raise InvalidInputError("measuring the mean residual norm needs a calibration prompt set; pass at least one")
+    layers = check_layers(layers, handle.n_blocks)
+    rows = {layer: check_vector(vector, layer, handle.n_blocks, handle.hidden_size).float() for layer in layers}
+    if scale == "normalised":
+        zero = [layer for layer, v in rows.items() if v.norm() == 0]
+        if zero:
+            raise InvalidInputError(f"vector at layer {zero[0]} is all zeros; it cannot be normalised")
+    norms = mean_residual_norm(handle, prompts, layers)
+    out = {}
+    for layer, norm in zip(layers, norms, strict=True):
+        v = rows[layer] if scale == "raw" else rows[layer] / rows[layer].norm() * norm
+        out[layer] = ScaledVector(layer, scale, v, norm, len(prompts))
+    return out
+
+
+def scaled_vector(
+    handle: ModelHandle, vector: torch.Tensor, layer: int, scale: Scale, prompts: Sequence[TokenSequence]
+) -> ScaledVector:
+    """``scale_vectors`` at one layer."""
+    return scale_vectors(handle, vector, [layer], scale, prompts)[layer]

@@ -1,9 +1,9 @@
-"""Judged answers to a trait's evaluation questions: the common scorecard of steered and distilled models."""
+"""Judged answers to a trait's evaluation questions: the common scorecard of steered and trained models."""
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-import numpy as np
+import pandas as pd
 
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
 from personalab.engine.model import ModelHandle
@@ -13,7 +13,7 @@ from personalab.store import Store
 from personalab.traits import COHERENCE_RUBRIC, Trait
 
 
-def scorecard(
+def scored_answers(
     handle: ModelHandle,
     trait: Trait,
     judge: Judge,
@@ -23,28 +23,36 @@ def scorecard(
     params: SamplingParams,
     steering: Callable[[], AbstractContextManager] | None = None,
     progress: bool = True,
-) -> dict:
+) -> pd.DataFrame:
     """Answer every evaluation question ``samples`` times (inside ``steering()``), judge trait and coherence.
 
-    ``label`` names the condition in the store keys. Returns mean and std (``ddof = 1``) of
-    both scores over the answers the judge scored, and ``n``.
+    ``label`` names the condition in the store keys. One row per answer: ``question`` (index
+    into the evaluation questions), ``sample``, ``answer``, ``trait`` and ``coherence``
+    (``NaN`` where the judge gave no number).
     """
+    plan = [(qi, s) for qi in range(len(trait.evaluation_questions)) for s in range(samples)]
+    questions = [trait.evaluation_questions[qi] for qi, _ in plan]
     requests = [
         GenerationRequest(handle.encode(None, q), {"eval": label, "question": q, "sample": s})
-        for q in trait.evaluation_questions
-        for s in range(samples)
+        for q, (_, s) in zip(questions, plan, strict=True)
     ]
     texts = generate_cached(
         handle, store, requests, params, progress=progress, steering=(lambda rows: steering()) if steering else None
     )
-    questions = [r.request["question"] for r in requests]
-    row = {}
+    table = pd.DataFrame({"question": [qi for qi, _ in plan], "sample": [s for _, s in plan], "answer": texts})
     for name, rubric in (("trait", trait.rubric), ("coherence", COHERENCE_RUBRIC)):
-        items = [(q, t, rubric) for q, t in zip(questions, texts, strict=True)]
-        scores = np.array(
-            [s for s in score_cached(store, judge, items, f"judge {name}", progress=progress) if s is not None]
-        )
+        items = [(q, a, rubric) for q, a in zip(questions, texts, strict=True)]
+        scores = score_cached(store, judge, items, f"judge {name}", progress=progress)
+        table[name] = [float("nan") if s is None else s for s in scores]
+    return table
+
+
+def summary(answers: pd.DataFrame) -> dict:
+    """Mean and std (``ddof = 1``) of trait and coherence over the answers the judge scored, and ``n`` answers."""
+    row = {}
+    for name in ("trait", "coherence"):
+        scores = answers[name].dropna()
         row[f"{name}_mean"] = float(scores.mean()) if len(scores) else float("nan")
         row[f"{name}_std"] = float(scores.std(ddof=1)) if len(scores) > 1 else float("nan")
-    row["n"] = len(texts)
+    row["n"] = len(answers)
     return row

@@ -1,52 +1,94 @@
-"""Figures written next to results (matplotlib, headless)."""
+"""Figures written next to results (matplotlib, headless).
 
+Every figure has a title that names its run, labelled axes and readable ticks. Figures are
+built on ``matplotlib.figure.Figure`` (no pyplot state), so they are safe in any thread.
+"""
+
+import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+LAYER_AXIS = "layer (0 = embeddings, l = output of block l-1)"
+
+
+def short_name(name: str) -> str:
+    """A model or run name for a title: the last part of a local path, a hub name as it is."""
+    return Path(name).name if name.startswith(("/", ".", "~")) or name.count("/") > 1 else name
+
+
+def _title(fig: Figure, text: str, ax=None) -> None:
+    """Set the title of ``ax`` (or the figure), wrapped to the figure's width."""
+    width = max(30, int(fig.get_figwidth() * 11 * (1 if ax is None else 0.8)))
+    wrapped = textwrap.fill(text, width)
+    if ax is None:
+        fig.suptitle(wrapped)
+    else:
+        ax.set_title(wrapped)
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
 
 
 def plot_layer_norms(norms: dict[str, list[float]], title: str, path: str | Path) -> None:
     """Per-layer vector norms, one line per variant; x is the layer index of ``personalab.engine.layers``."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for variant, values in norms.items():
         ax.plot(range(len(values)), values, marker="o", markersize=3, label=variant)
-    ax.set_xlabel("layer (0 = embeddings, l = output of block l-1)")
+    ax.set_xlabel(LAYER_AXIS)
     ax.set_ylabel("vector norm")
-    ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _title(fig, title, ax)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def plot_heatmap(values, layers: list[int], alphas: list[float], title: str, label: str, path: str | Path) -> None:
-    """A layer x alpha heatmap of ``values`` (``[len(layers), len(alphas)]``), annotated with each cell."""
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(alphas), 1.0 + 0.6 * len(layers)))
-    image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0, vmax=100)
-    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_xlabel("alpha")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
-    for i in range(len(layers)):
-        for j in range(len(alphas)):
-            ax.text(j, i, f"{values[i][j]:.0f}", ha="center", va="center", color="white", fontsize=8)
+def plot_heatmap(
+    values,
+    rows: Sequence,
+    columns: Sequence,
+    title: str,
+    label: str,
+    path: str | Path,
+    row_label: str = "layer",
+    column_label: str = "alpha",
+    limits: tuple[float, float] = (0.0, 100.0),
+    cell_format: str = ".0f",
+) -> None:
+    """A heatmap of ``values`` (``[len(rows), len(columns)]``, NaN shown blank), each cell annotated."""
+    fig = Figure(figsize=(max(6.0, 1.5 + 0.7 * len(columns)), max(3.0, 1.5 + 0.45 * len(rows))))
+    ax = fig.subplots()
+    image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=limits[0], vmax=limits[1])
+    ax.set_xticks(range(len(columns)), [f"{c:g}" if isinstance(c, float) else str(c) for c in columns])
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    if max((len(str(c)) for c in columns), default=0) > 4:
+        ax.tick_params(axis="x", labelrotation=45)
+    ax.set_xlabel(column_label)
+    ax.set_ylabel(row_label)
+    _title(fig, title, ax)
+    middle = (limits[0] + limits[1]) / 2
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            value = float(values[i][j])
+            if not math.isnan(value):
+                colour = "white" if value < middle else "black"
+                ax.text(j, i, format(value, cell_format), ha="center", va="center", color=colour, fontsize=7)
     fig.colorbar(image, ax=ax, label=label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_sweep_curves(table, title: str, path: str | Path) -> None:
     """Trait and coherence against alpha, one line per layer (mean with a band of one std)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2, sharex=True)
     for ax, metric in zip(axes, ("trait", "coherence"), strict=True):
         for layer, rows in table.groupby("layer"):
             rows = rows.sort_values("alpha")
@@ -58,10 +100,8 @@ def plot_sweep_curves(table, title: str, path: str | Path) -> None:
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _title(fig, title)
+    _save(fig, path)
 
 
 def plot_histogram(values: Sequence[float], xlabel: str, title: str, path: str | Path) -> None:
@@ -71,10 +111,9 @@ def plot_histogram(values: Sequence[float], xlabel: str, title: str, path: str |
     ax.hist(list(values), bins=min(50, max(10, len(values) // 5)))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
-    ax.set_title(title)
+    _title(fig, title, ax)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    _save(fig, path)
 
 
 def plot_model_shift(shift: torch.Tensor, title: str, path: str | Path) -> None:
@@ -84,22 +123,50 @@ def plot_model_shift(shift: torch.Tensor, title: str, path: str | Path) -> None:
     ax = fig.subplots()
     ax.plot(range(len(values)), values, marker="o", markersize=3)
     ax.axhline(0.0, color="gray", linewidth=0.8)
-    ax.set_xlabel("layer (0 = embeddings, l = output of block l-1)")
+    ax.set_xlabel(LAYER_AXIS)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean projection shift (tuned - base)")
-    ax.set_title(title)
+    _title(fig, title, ax)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    _save(fig, path)
 
 
-def plot_training_curve(losses: Sequence[float], path: str | Path) -> None:
-    """Loss per optimizer step."""
+def _plain(value: float, _position=None) -> str:
+    return f"{value:g}"
+
+
+def plot_training_curve(losses: Sequence[float], title: str, path: str | Path, ylabel: str = "loss") -> None:
+    """Loss per optimizer step; a log y axis (labelled in plain numbers) when the loss spans over a decade."""
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    ax.plot(range(1, len(losses) + 1), losses)
+    steps = range(1, len(losses) + 1)
+    ax.plot(steps, losses, marker="o" if len(losses) <= 30 else None, markersize=3)
+    positive = [x for x in losses if x > 0]
+    if positive and len(positive) == len(losses) and max(positive) / min(positive) > 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(_plain))
+        decades = math.log10(max(positive) / min(positive))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_plain) if decades < 2 else NullFormatter())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("KL(steered teacher || student)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    ax.set_ylabel(ylabel)
+    _title(fig, title, ax)
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)
+
+
+def plot_score_bars(table, title: str, path: str | Path) -> None:
+    """Trait and coherence per model (``table``: model, *_mean, *_std): horizontal bars with one std."""
+    labels = [textwrap.fill(short_name(str(m)), 28) for m in table["model"]]
+    fig = Figure(figsize=(10, 1.5 + 0.6 * len(labels)))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, metric in zip(axes, ("trait", "coherence"), strict=True):
+        ax.barh(range(len(labels)), table[f"{metric}_mean"], xerr=table[f"{metric}_std"].fillna(0), capsize=4)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{metric} score (0-100), mean and one std")
+        ax.set_xlim(0, 100)
+        ax.set_title(metric)
+        ax.grid(alpha=0.3, axis="x")
+    _title(fig, title)
+    _save(fig, path)

@@ -3,6 +3,7 @@
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -19,3 +20,12 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
     with Progress(*columns, disable=not enabled, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+_console = Console()
+
+
+def say(message: str, enabled: bool = True) -> None:
+    """Print one line of what a run is doing (shown with its progress bars, silenced with them)."""
+    if enabled:
+        _console.print(message, markup=False, highlight=False)

@@ -3,8 +3,12 @@
 import itertools
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def sign_flip_test(diffs: Sequence[float], n_resamples: int = 10_000, seed: int = 0) -> float:
@@ -39,3 +43,20 @@ def sign_test(diffs: Sequence[float]) -> float:
 def bonferroni(p: float, m: int) -> float:
     """Bonferroni-corrected p-value for ``m`` comparisons."""
     return min(1.0, p * max(m, 1))
+
+
+def paired_test(treated: "pd.Series", reference: "pd.Series", comparisons: int = 1, n_resamples: int = 10_000) -> dict:
+    """Question-level paired comparison of two conditions.
+
+    ``treated`` and ``reference`` are per-question mean scores indexed by question; questions
+    missing from either (or without a score) are left out. Returns ``n_questions``,
+    ``mean_diff`` (treated - reference) and the sign-flip and sign-test p-values,
+    Bonferroni-corrected for ``comparisons`` tests.
+    """
+    diffs = (treated - reference).dropna().tolist()
+    return {
+        "n_questions": len(diffs),
+        "mean_diff": float(np.mean(diffs)) if diffs else float("nan"),
+        "p_signflip": bonferroni(sign_flip_test(diffs, n_resamples), comparisons),
+        "p_sign": bonferroni(sign_test(diffs), comparisons),
+    }

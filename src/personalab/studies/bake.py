@@ -53,7 +53,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Pr
 
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.model import KNOWN_BLOCK_PATHS, ModelHandle, unwrap
+from personalab.engine.scale import Scale, scaled_vector
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
+from personalab.report.progress import say
+from personalab.traits import calibration_prompts
 from personalab.vectors import vector_sha256
 
 BIAS_MODULES: dict[str, str] = {"llama": "mlp.down_proj", "gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h"}
@@ -253,17 +256,26 @@ def _rebuilt(model: PreTrainedModel, plan: _Plan) -> PreTrainedModel:
 
 
 @torch.no_grad()
-def bake_exact(handle: ModelHandle, vector: torch.Tensor, layer: int, alpha: float, out: str | Path) -> Path:
-    """Write to ``out`` a model whose plain forward equals ``steer(handle, vector, layer, alpha, "all")``.
+def bake_exact(
+    handle: ModelHandle,
+    vector: torch.Tensor,
+    layer: int,
+    alpha: float,
+    out: str | Path,
+    scale: Scale = "raw",
+    progress: bool = True,
+) -> Path:
+    """Write to ``out`` a model whose plain forward equals ``steer(handle, v, layer, alpha, "all")``,
+    with ``v`` the vector under ``scale`` (``personalab.engine.scale``).
 
     ``vector`` is ``[hidden]`` or per-layer ``[n_blocks + 1, hidden]`` (row ``layer`` is used).
     The folder holds the model, the tokenizer and ``bake.json`` (layer, alpha, method,
-    vector_sha256, and ``exact_up_to_tokens`` where a sliding window bounds the equality).
-    Raises ``InvalidInputError`` on bad input and ``UnsupportedArchitectureError`` where no
-    exact bake exists, before writing anything.
+    vector_sha256 of ``v``, the scale record, and ``exact_up_to_tokens`` where a sliding window
+    bounds the equality). Raises ``InvalidInputError`` on bad input and
+    ``UnsupportedArchitectureError`` where no exact bake exists, before writing anything.
     """
     check_layers(layer, handle.n_blocks)
-    v = check_vector(vector, layer, handle.n_blocks, handle.hidden_size).detach().float().cpu()
+    check_vector(vector, layer, handle.n_blocks, handle.hidden_size)
     try:
         alpha = float(alpha)
     except (TypeError, ValueError):
@@ -273,13 +285,22 @@ def bake_exact(handle: ModelHandle, vector: torch.Tensor, layer: int, alpha: flo
     model = handle.model
     if unwrap(model) is not model:
         raise InvalidInputError("the model is wrapped in a peft adapter; merge it first (merge_and_unload)")
+    scaled = scaled_vector(handle, vector, layer, scale, calibration_prompts(handle))
+    v = scaled.vector.detach().float().cpu()
+    say(scaled.describe([alpha]), progress)
     shift = alpha * v
     plan = _embedding_plan(model, shift) if layer == 0 else _bias_plan(handle, model, layer, shift)
     baked = _rebuilt(model, plan)
     out = Path(out)
     baked.save_pretrained(out)
     handle.tokenizer.save_pretrained(out)
-    record = {"layer": layer, "alpha": alpha, "method": plan.method, "vector_sha256": vector_sha256(v)}
+    record = {
+        "layer": layer,
+        "alpha": alpha,
+        "method": plan.method,
+        "vector_sha256": vector_sha256(v),
+        "steering": scaled.record([alpha]),
+    }
     if plan.exact_up_to_tokens is not None:
         record["exact_up_to_tokens"] = plan.exact_up_to_tokens
     (out / "bake.json").write_text(json.dumps(record, indent=2) + "\n")

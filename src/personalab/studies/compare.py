@@ -2,11 +2,15 @@
 
 Every model answers the same evaluation questions ``samples`` times; the judge scores
 trait expression and coherence. The steered reference is the base model with ``alpha * v``
-added at ``layer`` (convention in ``personalab.engine.layers``) on response positions.
+added at ``layer`` (convention in ``personalab.engine.layers``; ``v`` raw or normalised,
+``personalab.engine.scale``) on response positions. Each model is compared question by
+question (the mean trait score of a question's samples) with the base model, and each
+trained model also with the steered reference: the sweep's sign-flip and sign tests,
+Bonferroni-corrected over all the comparisons of the table.
 """
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from functools import partial
 from pathlib import Path
@@ -16,18 +20,71 @@ import torch
 
 from personalab.engine.generation import SamplingParams
 from personalab.engine.interventions import steer
-from personalab.engine.layers import check_vector
+from personalab.engine.layers import CONVENTION
 from personalab.engine.model import ModelHandle
+from personalab.engine.scale import Scale, scaled_vector
 from personalab.judging.judges import Judge
-from personalab.judging.scorecard import scorecard
+from personalab.judging.scorecard import scored_answers, summary
+from personalab.report.plots import plot_score_bars, short_name
+from personalab.report.progress import say
+from personalab.report.stats import paired_test
 from personalab.store import Store
-from personalab.traits import Trait
+from personalab.traits import RUN_TRAIT, Trait, calibration_prompts
 
 
 def trainable_parameters(folder: Path) -> int:
     """``trainable_parameters`` recorded in a run folder's ``meta.json`` (0 when there is none)."""
     meta = Path(folder) / "meta.json"
     return json.loads(meta.read_text()).get("trainable_parameters", 0) if meta.is_file() else 0
+
+
+def _tests(answers: dict[str, pd.DataFrame], steered: str, trained: list[str], n_resamples: int) -> dict[str, dict]:
+    """Per model, its paired tests against ``base`` and (trained models) against ``steered``."""
+    means = {label: frame.groupby("question")["trait"].mean() for label, frame in answers.items()}
+    comparisons = (len(answers) - 1) + len(trained)
+    out: dict[str, dict] = {label: {} for label in answers}
+    for label in answers:
+        against = (["base"] if label != "base" else []) + ([steered] if label in trained else [])
+        for other in against:
+            suffix = "base" if other == "base" else "steered"
+            test = paired_test(means[label], means[other], comparisons, n_resamples)
+            out[label].update(
+                {
+                    f"delta_trait_vs_{suffix}": test["mean_diff"],
+                    f"p_signflip_vs_{suffix}": test["p_signflip"],
+                    f"p_sign_vs_{suffix}": test["p_sign"],
+                }
+            )
+    return out
+
+
+def _markdown(table: pd.DataFrame, header: str) -> str:
+    def cell(value, fmt: str) -> str:
+        return "-" if pd.isna(value) else format(value, fmt)
+
+    lines = [
+        header,
+        "",
+        "| model | trait | coherence | n | trainable parameters | trait - base (p sign-flip, p sign) "
+        "| trait - steered (p sign-flip, p sign) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table.to_dict("records"):
+        vs = []
+        for suffix in ("base", "steered"):
+            if pd.isna(r.get(f"delta_trait_vs_{suffix}")):
+                vs.append("-")
+            else:
+                vs.append(
+                    f"{r[f'delta_trait_vs_{suffix}']:+.1f} ({cell(r[f'p_signflip_vs_{suffix}'], '.3g')}, "
+                    f"{cell(r[f'p_sign_vs_{suffix}'], '.3g')})"
+                )
+        lines.append(
+            f"| {r['model']} | {r['trait_mean']:.1f} +- {cell(r['trait_std'], '.1f')} "
+            f"| {r['coherence_mean']:.1f} +- {cell(r['coherence_std'], '.1f')} | {r['n']} | {r['trainable']} "
+            f"| {vs[0]} | {vs[1]} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def run_compare(
@@ -37,40 +94,67 @@ def run_compare(
     alpha: float,
     trait: Trait,
     judge: Judge,
-    trained: Iterable[tuple[Path, Callable[[], ModelHandle]]],
+    trained: Sequence[tuple[Path, Callable[[], ModelHandle]]],
     out: str | Path,
     samples: int,
     params: SamplingParams,
+    scale: Scale = "raw",
+    progress: bool = True,
+    n_resamples: int = 10_000,
 ) -> pd.DataFrame:
     """Score base, steered and each trained model (loaded one at a time from ``(folder, load)``).
 
-    Writes ``compare.csv`` and ``compare.md`` into ``out`` (resumable through its store);
-    returns the table: model, trait and coherence mean and std, n, trainable parameters.
+    Writes into ``out`` (resumable through its store): ``compare.csv`` and ``compare.md`` (per
+    model: trait and coherence mean +- std, n, trainable parameters, mean trait difference to
+    base and to the steered model with Bonferroni-corrected p-values), ``answers.jsonl`` (every
+    judged answer), ``compare.png`` (bars with one std) and ``meta.json``. Returns the table.
     """
-    check_vector(vector, layer, base.n_blocks, base.hidden_size)
+    scaled = scaled_vector(base, vector, layer, scale, calibration_prompts(base))
+    say(scaled.describe([alpha]), progress)
     out = Path(out)
-    rows = []
+    steered = f"steered layer {layer} alpha {alpha:g}" + ("" if scale == "raw" else f" ({scale})")
+    answers: dict[str, pd.DataFrame] = {}
+    trainable = {"base": 0, steered: 0}
     with closing(Store(out / "generations.sqlite")) as store:
 
         def card(handle, label, steering=None):
-            return scorecard(handle, trait, judge, store, label, samples, params, steering)
+            return scored_answers(handle, trait, judge, store, label, samples, params, steering, progress)
 
-        rows.append({"model": "base", **card(base, "base"), "trainable": 0})
-        steered = f"steered layer {layer} alpha {alpha:g}"
-        hook = partial(steer, base, vector, layer, alpha=alpha, positions="response")
-        rows.append({"model": steered, **card(base, steered, hook), "trainable": 0})
+        answers["base"] = card(base, "base")
+        hook = partial(steer, base, scaled.vector, layer, alpha=alpha, positions="response")
+        answers[steered] = card(base, steered, hook)
         for folder, load in trained:
-            handle = load()
-            rows.append(
-                {"model": str(folder), **card(handle, f"distilled {folder}"), "trainable": trainable_parameters(folder)}
-            )
+            label = str(folder)
+            answers[label] = card(load(), f"distilled {folder}")
+            trainable[label] = trainable_parameters(folder)
+    labels = [str(folder) for folder, _ in trained]
+    tests = _tests(answers, steered, labels, n_resamples)
+    rows = [{"model": m, **summary(a), "trainable": trainable[m], **tests[m]} for m, a in answers.items()]
     table = pd.DataFrame(rows)
     table.to_csv(out / "compare.csv", index=False)
-    lines = ["| model | trait | coherence | trainable parameters |", "|---|---|---|---|"]
-    lines += [
-        f"| {r.model} | {r.trait_mean:.1f} +- {r.trait_std:.1f} | {r.coherence_mean:.1f} +- {r.coherence_std:.1f} "
-        f"| {r.trainable} |"
-        for r in table.itertuples()
+    header = (
+        f"{trait.name} on {base.name}: steered reference {scaled.describe([alpha])}. Mean +- std over all answers; "
+        f"p-values question-level, Bonferroni-corrected over {len(answers) - 1 + len(labels)} comparisons."
+    )
+    (out / "compare.md").write_text(_markdown(table, header))
+    frames = [
+        frame.assign(model=m, question_text=[trait.evaluation_questions[q] for q in frame["question"]])
+        for m, frame in answers.items()
     ]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    pd.concat(frames).to_json(out / "answers.jsonl", orient="records", lines=True, force_ascii=False)
+    plot_score_bars(table, f"{trait.name} on {short_name(base.name)}: {out.name}", out / "compare.png")
+    meta = {
+        "model": base.name,
+        "revision": base.revision,
+        "trait": trait.name,
+        "trait_sha256": trait.digest(),
+        "judge": judge.name,
+        "layer_convention": CONVENTION,
+        "samples": samples,
+        "sampling": params.model_dump(),
+        "steering": {**scaled.record([alpha]), "alpha": alpha},
+        "trained": labels,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    trait.save(out / RUN_TRAIT)
     return table

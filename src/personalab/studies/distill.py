@@ -1,8 +1,9 @@
 """Distillation: bake a steering vector into weights by matching the steered model.
 
 The teacher is the base weights with ``alpha * v`` added at ``layer`` on response
-positions; the student has no hook. Trajectories are sampled from the teacher (stored in
-the run's SQLite store). The loss is the token-level KL(teacher || student) over the full
+positions (``v`` raw or normalised to the mean residual norm, ``personalab.engine.scale``);
+the student has no hook. Trajectories are sampled from the teacher (stored in the run's
+SQLite store). The loss is the token-level KL(teacher || student) over the full
 vocabulary, averaged over the positions that predict response tokens (prompt and padding
 masked). Full-vocabulary logits are formed ``kl_chunk`` positions at a time and the
 student's are recomputed in the backward pass, so the logits of a whole batch never sit
@@ -38,11 +39,13 @@ from personalab.engine.forward import final_hidden, logits_fn, response_mask
 from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store
 from personalab.engine.interventions import steer
 from personalab.engine.layers import check_layers, check_vector
-from personalab.engine.model import ModelHandle, unwrap
+from personalab.engine.model import ModelHandle, unwrap, with_lora
+from personalab.engine.scale import Scale, scaled_vector
 from personalab.errors import InvalidInputError
-from personalab.report.plots import plot_training_curve
-from personalab.report.progress import progress_bar
+from personalab.report.plots import plot_training_curve, short_name
+from personalab.report.progress import progress_bar, say
 from personalab.store import Store
+from personalab.traits import calibration_prompts
 from personalab.vectors import vector_sha256
 
 TRAJECTORY_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=256)
@@ -54,6 +57,7 @@ class DistillConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layer: int
     alpha: float
+    scale: Scale = "raw"
     lora_rank: int | None = Field(8, ge=1)
     lora_alpha: float | None = None
     trajectories: int = Field(500, ge=2)
@@ -119,15 +123,16 @@ class DistillResult:
     trainable: int
 
 
-def check_inputs(handle: ModelHandle, vector: torch.Tensor, prompts: list[TokenSequence], config: DistillConfig):
+def check_inputs(
+    handle: ModelHandle, vector: torch.Tensor, prompts: list[TokenSequence], config: DistillConfig
+) -> None:
     """Validate before any work: layer range, vector width and values, a non-empty prompt set."""
     check_layers(config.layer, handle.n_blocks)
-    v = check_vector(vector, config.layer, handle.n_blocks, handle.hidden_size).float()
+    check_vector(vector, config.layer, handle.n_blocks, handle.hidden_size)
     if not prompts:
         raise InvalidInputError("the prompt set is empty; give a trait with extraction questions or a JSONL of prompts")
     if not math.isfinite(config.alpha):
         raise InvalidInputError("alpha must be a finite number")
-    return v
 
 
 def trajectories(
@@ -218,15 +223,7 @@ class TeacherStudent:
 def _student(handle: ModelHandle, config: DistillConfig):
     """``(student, teacher)``: a LoRA-wrapped model and itself, or the model and a frozen copy."""
     if config.lora_rank is not None:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha or 2 * config.lora_rank,
-            target_modules="all-linear",
-            lora_dropout=0.0,
-        )
-        return get_peft_model(handle.model, lora), handle
+        return with_lora(handle.model, config.lora_rank, config.lora_alpha), handle
     frozen = copy.deepcopy(handle.model).eval().requires_grad_(False)
     return handle.model, ModelHandle.from_model(frozen, handle.tokenizer, name=handle.name, revision=handle.revision)
 
@@ -249,7 +246,9 @@ def distill(
     ``out/model``, loadable with ``from_pretrained``. Under a multi-process launch each
     process passes its own replica, on ``PartialState().device``.
     """
-    v = check_inputs(handle, vector, prompts, config)
+    check_inputs(handle, vector, prompts, config)
+    scaled = scaled_vector(handle, vector, config.layer, config.scale, calibration_prompts(handle))
+    v = scaled.vector
     device = handle.input_device
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
     bf16 = config.precision(device) == "bf16"
@@ -264,6 +263,7 @@ def distill(
             f"per process on its own device ({accelerator.device})"
         )
     progress = progress and accelerator.is_main_process
+    say(scaled.describe([config.alpha]), progress)
     out = Path(out)
     with accelerator.main_process_first():
         store = Store(store_path or out / "generations.sqlite")
@@ -323,12 +323,14 @@ def distill(
     held_out = {"kl_start": start, "kl_end": held_out_kl(), "kl_to_base_end": held_out_kl(False)}
     trainable = sum(p.numel() for p in params)
     if accelerator.is_main_process:
-        _save(handle, student, config, out, losses, held_out, trainable, len(train), len(held), merge, world)
+        steering = scaled.record([config.alpha])
+        split = (len(train), len(held))
+        _save(handle, student, config, out, losses, held_out, trainable, split, merge, world, steering)
     accelerator.wait_for_everyone()
     return DistillResult(student, losses, held_out, trainable)
 
 
-def _save(handle, student, config, out: Path, losses, held_out, trainable, n_train, n_held, merge, processes) -> None:
+def _save(handle, student, config, out: Path, losses, held_out, trainable, split, merge, processes, steering) -> None:
     target = out / ("adapter" if config.lora_rank is not None else "model")
     student.save_pretrained(target)
     handle.tokenizer.save_pretrained(target)
@@ -336,7 +338,10 @@ def _save(handle, student, config, out: Path, losses, held_out, trainable, n_tra
         student.merge_and_unload().save_pretrained(out / "model")
         handle.tokenizer.save_pretrained(out / "model")
     (out / "training_curve.csv").write_text("step,loss\n" + "".join(f"{i + 1},{x}\n" for i, x in enumerate(losses)))
-    plot_training_curve(losses, out / "training_curve.png")
+    title = (
+        f"distill {out.name}: {short_name(handle.name)}, layer {config.layer}, alpha {config.alpha:g} ({config.scale})"
+    )
+    plot_training_curve(losses, title, out / "training_curve.png", "KL(steered teacher || student)")
     meta = {
         "model": handle.name,
         "revision": handle.revision,
@@ -345,7 +350,8 @@ def _save(handle, student, config, out: Path, losses, held_out, trainable, n_tra
         "processes": processes,
         "weights_dtype": str(handle.dtype).removeprefix("torch."),
         "mixed_precision": config.precision(handle.input_device),
-        "trajectories": {"train": n_train, "held_out": n_held},
+        "trajectories": {"train": split[0], "held_out": split[1]},
+        "steering": steering,
         "held_out_kl": held_out,
         "weights": str(target.name),
     }

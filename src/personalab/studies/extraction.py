@@ -2,8 +2,10 @@
 
 For every extraction question x instruction pair x sample the model answers once under
 the trait-eliciting instruction (``pos``) and once under the suppressing one (``neg``).
-A pair is kept when ``trait(pos) >= trait_threshold``, ``trait(neg) < trait_threshold``
-and both coherence scores are ``>= coherence_threshold``. Each vector variant is the mean
+A pair is kept when ``trait(pos) >= pos_threshold``, ``trait(neg) < neg_threshold`` and
+both coherence scores are ``>= coherence_threshold`` (50, 50 and 50 by default, as in the
+public pipeline). The run folder keeps the full trait (``trait.json``), and ``summary.md``
+says how many pairs each rule dropped, with example dropped pairs. Each vector variant is the mean
 activation over kept ``pos`` answers minus the mean over kept ``neg`` answers, at every
 layer (``[n_blocks + 1, hidden]``, convention in ``personalab.engine.layers``).
 """
@@ -22,9 +24,9 @@ from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
-from personalab.report.plots import plot_layer_norms
+from personalab.report.plots import plot_layer_norms, short_name
 from personalab.store import Store
-from personalab.traits import COHERENCE_RUBRIC, Trait
+from personalab.traits import COHERENCE_RUBRIC, RUN_TRAIT, Trait
 from personalab.traits.elicitation import elicit
 from personalab.vectors import VARIANTS, save_vectors
 
@@ -35,7 +37,8 @@ class ExtractionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     samples: int = Field(10, ge=1)
     sampling: SamplingParams = SamplingParams()
-    trait_threshold: float = 50.0
+    pos_threshold: float = 50.0
+    neg_threshold: float = 50.0
     coherence_threshold: float = 50.0
     min_pairs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -81,19 +84,31 @@ def _requests(handle: ModelHandle, trait: Trait, samples: int) -> list[tuple[Gen
     return out
 
 
-def _keep(pos: Answer, neg: Answer, config: ExtractionConfig) -> str | None:
-    """``None`` if the pair passes, else the first reason it fails."""
+RULES: dict[str, str] = {
+    "no_score": "the judge gave no number for one of the four scores",
+    "incoherent": "coherence of either answer < coherence_threshold",
+    "pos_trait_low": "trait of the positive answer < pos_threshold",
+    "neg_trait_high": "trait of the negative answer >= neg_threshold",
+    "empty_answer": "either answer is empty",
+}
+"""The filter's rules, in the order they are checked."""
+
+
+def failures(pos: Answer, neg: Answer, config: ExtractionConfig) -> list[str]:
+    """Every rule of ``RULES`` the pair breaks, in order; an empty list keeps the pair."""
+    broken = []
     if None in (pos.trait, neg.trait, pos.coherence, neg.coherence):
-        return "no_score"
-    if min(pos.coherence, neg.coherence) < config.coherence_threshold:
-        return "incoherent"
-    if pos.trait < config.trait_threshold:
-        return "pos_trait_low"
-    if neg.trait >= config.trait_threshold:
-        return "neg_trait_high"
+        broken.append("no_score")
+    else:
+        if min(pos.coherence, neg.coherence) < config.coherence_threshold:
+            broken.append("incoherent")
+        if pos.trait < config.pos_threshold:
+            broken.append("pos_trait_low")
+        if neg.trait >= config.neg_threshold:
+            broken.append("neg_trait_high")
     if not pos.text.strip() or not neg.text.strip():
-        return "empty_answer"
-    return None
+        broken.append("empty_answer")
+    return broken
 
 
 def _difference(acts: torch.Tensor, n_pos: int) -> torch.Tensor:
@@ -132,6 +147,85 @@ class ExtractionResult:
     answers: list[Answer]
 
 
+def judged_answers(
+    handle: ModelHandle, trait: Trait, judge: Judge, store: Store, config: ExtractionConfig, progress: bool = True
+) -> list[Answer]:
+    """Every answer of the extraction (pos, neg alternating), generated and judged through ``store``."""
+    planned = _requests(handle, trait, config.samples)
+    requests = [r for r, _ in planned]
+    texts = generate_cached(handle, store, requests, config.sampling, config.batch_size, progress=progress)
+    questions = [r.request["question"] for r, _ in planned]
+    scores = [
+        score_cached(
+            store, judge, [(q, t, rubric) for q, t in zip(questions, texts, strict=True)], label, progress=progress
+        )
+        for rubric, label in ((trait.rubric, "judge trait"), (COHERENCE_RUBRIC, "judge coherence"))
+    ]
+    return [
+        Answer(r.request["question"], r.request["instruction"], info["pair"], info["sample"], info["polarity"], t, s, c)
+        for (r, info), t, s, c in zip(planned, texts, *scores, strict=True)
+    ]
+
+
+@dataclass
+class FilterReport:
+    """The contrastive pairs and what the filter made of them.
+
+    ``broken[i]`` lists the rules pair ``i`` breaks (``RULES`` order; empty when kept).
+    """
+
+    pairs: list[tuple[Answer, Answer]]
+    broken: list[list[str]]
+
+    @property
+    def kept(self) -> list[tuple[Answer, Answer]]:
+        return [pair for pair, rules in zip(self.pairs, self.broken, strict=True) if not rules]
+
+    def counts(self, trait: Trait) -> dict:
+        """Pairs, kept, per rule the pairs it dropped first (``rejected``) and all pairs breaking it
+        (``breaking``), and per instruction pair the generated and kept counts."""
+        first = [rules[0] if rules else None for rules in self.broken]
+        per_pair = []
+        for index, pair in enumerate(trait.instructions):
+            mine = [v for (p, _), v in zip(self.pairs, first, strict=True) if p.pair == index]
+            per_pair.append({"pair": index, "pos": pair.pos, "generated": len(mine), "kept": mine.count(None)})
+        return {
+            "pairs": len(self.pairs),
+            "kept": first.count(None),
+            "rejected": {rule: first.count(rule) for rule in RULES},
+            "breaking": {rule: sum(rule in rules for rules in self.broken) for rule in RULES},
+            "per_instruction_pair": per_pair,
+        }
+
+    def examples(self, k: int = 3) -> list[dict]:
+        """Up to ``k`` dropped pairs, one per rule first where the rules allow, in pair order."""
+        dropped = [(i, rules) for i, rules in enumerate(self.broken) if rules]
+        chosen: list[int] = []
+        for rule in RULES:
+            match = next((i for i, rules in dropped if rules[0] == rule and i not in chosen), None)
+            if match is not None and len(chosen) < k:
+                chosen.append(match)
+        chosen += [i for i, _ in dropped if i not in chosen][: k - len(chosen)]
+        return [_example(self.pairs[i], self.broken[i]) for i in sorted(chosen)]
+
+
+def _example(pair: tuple[Answer, Answer], rules: list[str]) -> dict:
+    pos, neg = pair
+    return {
+        "question": pos.question,
+        "pair": pos.pair,
+        "sample": pos.sample,
+        "rules": rules,
+        **{f"{a.polarity}_{key}": getattr(a, key) for a in pair for key in ("text", "trait", "coherence")},
+    }
+
+
+def filter_pairs(answers: list[Answer], config: ExtractionConfig) -> FilterReport:
+    """Pair alternating pos/neg answers and check each pair against the filter's rules."""
+    pairs = list(zip(answers[0::2], answers[1::2], strict=True))
+    return FilterReport(pairs, [failures(p, n, config) for p, n in pairs])
+
+
 def run_extraction(
     handle: ModelHandle,
     trait: Trait,
@@ -145,60 +239,23 @@ def run_extraction(
     out = Path(out)
     store = Store(out / "generations.sqlite")
     try:
-        planned = _requests(handle, trait, config.samples)
-        texts = generate_cached(
-            handle, store, [r for r, _ in planned], config.sampling, config.batch_size, progress=progress
-        )
-        questions = [r.request["question"] for r, _ in planned]
-        trait_scores = score_cached(
-            store,
-            judge,
-            [(q, t, trait.rubric) for q, t in zip(questions, texts, strict=True)],
-            "judge trait",
-            progress=progress,
-        )
-        coherence = score_cached(
-            store,
-            judge,
-            [(q, t, COHERENCE_RUBRIC) for q, t in zip(questions, texts, strict=True)],
-            "judge coherence",
-            progress=progress,
-        )
+        answers = judged_answers(handle, trait, judge, store, config, progress)
     finally:
         store.close()
-    answers = [
-        Answer(r.request["question"], r.request["instruction"], info["pair"], info["sample"], info["polarity"], t, s, c)
-        for (r, info), t, s, c in zip(planned, texts, trait_scores, coherence, strict=True)
-    ]
-    pairs = list(zip(answers[0::2], answers[1::2], strict=True))
-    verdicts = [_keep(p, n, config) for p, n in pairs]
-    kept = [pair for pair, v in zip(pairs, verdicts, strict=True) if v is None]
-    counts = _counts(trait, pairs, verdicts)
-    if len(kept) < config.min_pairs:
+    report = filter_pairs(answers, config)
+    counts = report.counts(trait)
+    if counts["kept"] < config.min_pairs:
         reasons = ", ".join(f"{k}: {v}" for k, v in counts["rejected"].items() if v)
         raise FilterError(
-            f"only {len(kept)} of {len(pairs)} pairs passed the filter (need {config.min_pairs}; rejected {reasons}); "
-            f"raise --samples, lower --min-pairs or the thresholds, or check the judge"
+            f"only {counts['kept']} of {counts['pairs']} pairs passed the filter (need {config.min_pairs}; "
+            f"rejected {reasons}); raise --samples, lower --min-pairs or the thresholds, or check the judge"
         )
-    vectors = compute_vectors(handle, kept, trait.elicitation, config.batch_size, progress)
+    vectors = compute_vectors(handle, report.kept, trait.elicitation, config.batch_size, progress)
     meta = _meta(handle, trait, judge, config, counts, vectors)
+    trait.save(out / RUN_TRAIT)
     save_vectors(out, vectors, meta)
-    _write_summary(out, meta)
+    _write_summary(out, meta, report.examples())
     return ExtractionResult(vectors, meta, answers)
-
-
-def _counts(trait: Trait, pairs: list[tuple[Answer, Answer]], verdicts: list[str | None]) -> dict:
-    per_pair = []
-    for index, pair in enumerate(trait.instructions):
-        mine = [v for (p, _), v in zip(pairs, verdicts, strict=True) if p.pair == index]
-        per_pair.append({"pair": index, "pos": pair.pos, "generated": len(mine), "kept": mine.count(None)})
-    reasons = ("no_score", "incoherent", "pos_trait_low", "neg_trait_high", "empty_answer")
-    return {
-        "pairs": len(pairs),
-        "kept": verdicts.count(None),
-        "rejected": {r: verdicts.count(r) for r in reasons},
-        "per_instruction_pair": per_pair,
-    }
 
 
 def _meta(
@@ -223,26 +280,50 @@ def _meta(
     }
 
 
-def _write_summary(out: Path, meta: dict) -> None:
-    plot_layer_norms(meta["norms"], f"{meta['trait']} on {meta['model']}", out / "norms.png")
-    counts = meta["counts"]
+def _excerpt(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _write_summary(out: Path, meta: dict, examples: list[dict]) -> None:
+    title = f"{meta['trait']} on {meta['model']}"
+    figure_title = f"{meta['trait']} on {short_name(meta['model'])}: per-layer vector norms ({out.name})"
+    plot_layer_norms(meta["norms"], figure_title, out / "norms.png")
+    counts, config = meta["counts"], meta["config"]
     norms = meta["norms"]["response_mean"]
     best = sorted(range(len(norms)), key=lambda layer: -norms[layer])[:5]
     lines = [
-        f"# {meta['trait']} on {meta['model']}",
+        f"# {title}",
         "",
-        f"- judge: `{meta['judge']}`; trait file sha256 `{meta['trait_sha256'][:12]}`",
-        f"- pairs kept: **{counts['kept']} / {counts['pairs']}** "
-        f"(trait threshold {meta['config']['trait_threshold']}, coherence {meta['config']['coherence_threshold']})",
-        "- rejected: " + ", ".join(f"{k} {v}" for k, v in counts["rejected"].items()),
+        f"- judge: `{meta['judge']}`; trait `{RUN_TRAIT}` (sha256 `{meta['trait_sha256'][:12]}`)",
+        f"- pairs kept: **{counts['kept']} / {counts['pairs']}** (positive threshold {config['pos_threshold']:g}, "
+        f"negative threshold {config['neg_threshold']:g}, coherence threshold {config['coherence_threshold']:g})",
         f"- layers: {CONVENTION}",
         f"- largest response_mean norms at layers {best}",
         "",
-        "| instruction pair | generated | kept |",
+        "| rule | pairs it dropped (first rule broken) | pairs breaking it |",
         "|---|---|---|",
     ]
+    lines += [f"| {RULES[r]} | {counts['rejected'][r]} | {counts['breaking'][r]} |" for r in RULES]
+    lines += ["", "| instruction pair | generated | kept |", "|---|---|---|"]
     lines += [
-        f"| {p['pair']}: {p['pos'][:60]} | {p['generated']} | {p['kept']} |" for p in counts["per_instruction_pair"]
+        f"| {p['pair']}: {_excerpt(p['pos'], 60)} | {p['generated']} | {p['kept']} |"
+        for p in counts["per_instruction_pair"]
     ]
+    if examples:
+        lines += ["", "Dropped pairs, for example:", ""]
+        lines += ["| question | rules broken | positive answer | negative answer |", "|---|---|---|---|"]
+        for e in examples:
+            cells = [
+                _excerpt(e["question"], 80),
+                ", ".join(e["rules"]),
+                f"{_excerpt(e['pos_text'])} (trait {_score(e['pos_trait'])}, coherence {_score(e['pos_coherence'])})",
+                f"{_excerpt(e['neg_text'])} (trait {_score(e['neg_trait'])}, coherence {_score(e['neg_coherence'])})",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![per-layer norms](norms.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
+
+
+def _score(value: float | None) -> str:
+    return "none" if value is None else f"{value:.0f}"

@@ -7,7 +7,8 @@ at ``alpha = 0`` are the unsteered model's and are shared by every layer. Each s
 configuration is compared with ``alpha = 0`` question by question (the mean trait score
 of a question's samples): a sign-flip permutation test and a sign test, both
 Bonferroni-corrected over the steered configurations. Standard deviations are over all
-answers (``ddof = 1``).
+answers (``ddof = 1``). Coefficients follow ``personalab.engine.scale`` (``raw`` or
+``normalised`` against the mean residual norm on the calibration prompts).
 """
 
 import json
@@ -21,14 +22,18 @@ from personalab.engine.generation import GenerationRequest, SamplingParams, gene
 from personalab.engine.interventions import InterventionPositions, steer
 from personalab.engine.layers import check_layers
 from personalab.engine.model import ModelHandle
-from personalab.engine.scale import Scale, scaled_vector
+from personalab.engine.scale import Scale, ScaledVector, scale_vectors
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
-from personalab.report.plots import plot_heatmap, plot_sweep_curves
-from personalab.report.stats import bonferroni, sign_flip_test, sign_test
+from personalab.report.plots import plot_heatmap, plot_sweep_curves, short_name
+from personalab.report.progress import say
+from personalab.report.stats import paired_test
 from personalab.store import Store
-from personalab.traits import COHERENCE_RUBRIC, Trait
+from personalab.traits import COHERENCE_RUBRIC, RUN_TRAIT, Trait, calibration_prompts
 from personalab.vectors import vector_sha256
+
+DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+"""Coefficients of a sweep given none, in normalised units (fractions of the mean residual norm)."""
 
 
 class SweepConfig(BaseModel):
@@ -46,12 +51,17 @@ class SweepConfig(BaseModel):
 
 
 def _answers(
-    handle: ModelHandle, store: Store, vector: torch.Tensor, trait: Trait, config: SweepConfig, progress: bool
+    handle: ModelHandle,
+    store: Store,
+    scales: dict[int, ScaledVector],
+    trait: Trait,
+    config: SweepConfig,
+    progress: bool,
 ):
     prompts = [handle.encode(None, q) for q in trait.evaluation_questions]
-    rows, norms = [], {}
+    rows = []
     for layer in config.layers:
-        v, norms[layer] = scaled_vector(handle, vector, layer, config.scale, prompts)
+        v = scales[layer].vector
         digest = vector_sha256(v)
         plan = [
             (alpha, qi, sample)
@@ -84,28 +94,17 @@ def _answers(
             {"layer": layer, "alpha": alpha, "question": qi, "sample": sample, "answer": text}
             for (alpha, qi, sample), text in zip(plan, texts, strict=True)
         ]
-    return pd.DataFrame(rows), norms
+    return pd.DataFrame(rows)
 
 
 def _paired_tests(answers: pd.DataFrame, n_resamples: int) -> pd.DataFrame:
     per_question = answers.groupby(["layer", "alpha", "question"])["trait"].mean().reset_index()
     baseline = per_question[per_question["alpha"] == 0].groupby("question")["trait"].mean()
-    steered = per_question[per_question["alpha"] != 0]
-    configs = steered.groupby(["layer", "alpha"])
+    configs = per_question[per_question["alpha"] != 0].groupby(["layer", "alpha"])
     out = []
     for (layer, alpha), rows in configs:
-        paired = rows.set_index("question")["trait"].to_frame("steered").join(baseline.rename("base"), how="inner")
-        diffs = (paired["steered"] - paired["base"]).dropna().tolist()
-        p_flip, p_sign = sign_flip_test(diffs, n_resamples), sign_test(diffs)
-        out.append(
-            {
-                "layer": layer,
-                "alpha": alpha,
-                "n_questions": len(diffs),
-                "p_signflip": bonferroni(p_flip, configs.ngroups),
-                "p_sign": bonferroni(p_sign, configs.ngroups),
-            }
-        )
+        test = paired_test(rows.set_index("question")["trait"], baseline, configs.ngroups, n_resamples)
+        out.append({"layer": layer, "alpha": alpha, **{k: test[k] for k in ("n_questions", "p_signflip", "p_sign")}})
     return pd.DataFrame(out, columns=["layer", "alpha", "n_questions", "p_signflip", "p_sign"])
 
 
@@ -159,10 +158,13 @@ def run_sweep(
 ) -> pd.DataFrame:
     """Run the sweep into ``out`` (resumable through ``out/generations.sqlite``); returns the table."""
     check_layers(config.layers, handle.n_blocks)
+    scales = scale_vectors(handle, vector, config.layers, config.scale, calibration_prompts(handle))
+    for scaled in scales.values():
+        say(scaled.describe([a for a in config.alphas if a != 0]), progress)
     out = Path(out)
     store = Store(out / "generations.sqlite")
     try:
-        answers, norms = _answers(handle, store, vector, trait, config, progress)
+        answers = _answers(handle, store, scales, trait, config, progress)
         questions = [trait.evaluation_questions[q] for q in answers["question"]]
         items = list(zip(questions, answers["answer"], strict=True))
         answers["trait"] = score_cached(
@@ -185,11 +187,13 @@ def run_sweep(
             grid.to_numpy(),
             grid.index.tolist(),
             grid.columns.tolist(),
-            f"{trait.name}: {metric}",
-            metric,
+            f"{trait.name} on {short_name(handle.name)}: mean {metric} ({out.name}, {config.scale} scale)",
+            f"{metric} score (0-100)",
             out / f"heatmap_{metric}.png",
         )
-    plot_sweep_curves(table, f"{trait.name} on {handle.name} ({config.scale} scale)", out / "curves.png")
+    plot_sweep_curves(
+        table, f"{trait.name} on {short_name(handle.name)} ({out.name}, {config.scale} scale)", out / "curves.png"
+    )
     meta = {
         "model": handle.name,
         "revision": handle.revision,
@@ -197,7 +201,8 @@ def run_sweep(
         "trait_sha256": trait.digest(),
         "judge": judge.name,
         "config": config.model_dump(),
-        "residual_norms": {str(k): v for k, v in norms.items()} if config.scale == "normalised" else None,
+        "steering": {str(layer): scaled.record(config.alphas) for layer, scaled in scales.items()},
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    trait.save(out / RUN_TRAIT)
     return table

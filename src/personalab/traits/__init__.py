@@ -1,9 +1,14 @@
 """Traits: the built-in library, trait files, and the public persona-vectors layout."""
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from personalab.errors import InvalidInputError
 from personalab.traits.schema import InstructionPair, Trait, load_trait_file, parse_trait, read_json
+
+if TYPE_CHECKING:
+    from personalab.engine.chat import TokenSequence
+    from personalab.engine.model import ModelHandle
 
 LIBRARY = Path(__file__).parent / "library"
 COHERENCE_RUBRIC = (LIBRARY / "coherence.txt").read_text()
@@ -17,6 +22,12 @@ def builtin_traits() -> list[str]:
 def library_questions() -> list[str]:
     """The extraction questions of every built-in trait: a broad prompt set (e.g. to measure residual norms)."""
     return [q for name in builtin_traits() for q in load_trait_file(LIBRARY / f"{name}.json").extraction_questions]
+
+
+def calibration_prompts(handle: "ModelHandle") -> "list[TokenSequence]":
+    """The fixed prompt set on which ``--scale normalised`` measures a model's mean residual norm:
+    every built-in trait's extraction questions, each as a user turn with the generation prompt."""
+    return [handle.encode(None, q) for q in library_questions()]
 
 
 def load_public_trait(root: str | Path, name: str) -> Trait:
@@ -46,6 +57,23 @@ def load_public_trait(root: str | Path, name: str) -> Trait:
     return parse_trait(data, str(root / "trait_data_extract" / f"{name}.json"))
 
 
+RUN_TRAIT = "trait.json"
+"""The file in which a run folder keeps the full trait it was made with."""
+
+
+def run_trait(vector: str | Path) -> tuple[Trait, Path] | None:
+    """The trait kept with a vector: ``trait.json`` in the run folder ``vector`` (or beside the file
+    ``vector``), or a built-in trait named in the folder's ``meta.json``; ``None`` when there is neither."""
+    folder = Path(vector) if Path(vector).is_dir() else Path(vector).parent
+    if (folder / RUN_TRAIT).is_file():
+        return load_trait_file(folder / RUN_TRAIT), folder / RUN_TRAIT
+    meta = folder / "meta.json"
+    name = read_json(meta, "").get("trait") if meta.is_file() else None
+    if isinstance(name, str) and name in builtin_traits():
+        return load_trait_file(LIBRARY / f"{name}.json"), meta
+    return None
+
+
 def load_trait(spec: str, trait_dir: str | Path | None = None) -> Trait:
     """A trait by built-in name, by path to a trait JSON file, or by name in ``trait_dir`` (public layout)."""
     if trait_dir is not None:
@@ -64,8 +92,10 @@ __all__ = [
     "COHERENCE_RUBRIC",
     "Trait",
     "builtin_traits",
+    "calibration_prompts",
     "library_questions",
     "load_public_trait",
     "load_trait",
     "load_trait_file",
+    "run_trait",
 ]

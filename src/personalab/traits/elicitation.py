@@ -5,19 +5,27 @@
 * ``plain``: ``"{instruction}\\n\\nQuestion: {question}\\nAnswer:"``;
 * ``third_person``: the instruction describes a character in the third person;
 * ``few_shot``: the instruction holds example exchanges written as ``Q: ...\\nA: ...``;
-* ``dialogue``: the instruction precedes a ``User:`` / ``Assistant:`` exchange.
+* ``dialogue``: the instruction precedes a ``User:`` / ``Assistant:`` exchange;
+* ``continuation``: ``"{instruction} {question}"``, nothing else: a base model continues the
+  text (the format the pretraining-tracing reference code uses on base checkpoints).
 
-Every style but ``system_prompt`` is plain text for base models without a chat template.
+Every style but ``system_prompt`` is plain text, for chat and base models alike.
 """
 
-from personalab.engine.chat import TokenSequence, encode_text, plain_prompt
-from personalab.engine.model import ModelHandle
+from typing import TYPE_CHECKING
+
 from personalab.traits.schema import Elicitation
 
+if TYPE_CHECKING:
+    from personalab.engine.chat import TokenSequence
+    from personalab.engine.model import ModelHandle
+
 TEXT_TEMPLATES: dict[str, str] = {
+    "plain": "{instruction}\n\nQuestion: {question}\nAnswer:",
     "third_person": '{instruction}\n\nSomeone asks the character: "{question}"\nThe character replies:',
     "few_shot": "{instruction}\n\nQ: {question}\nA:",
     "dialogue": "{instruction}\n\nUser: {question}\nAssistant:",
+    "continuation": "{instruction} {question}",
 }
 
 
@@ -25,15 +33,15 @@ def elicitation_prompt(style: Elicitation, instruction: str, question: str) -> s
     """The text prompt of a text style; ``None`` for ``system_prompt`` (a chat turn)."""
     if style == "system_prompt":
         return None
-    if style == "plain":
-        return plain_prompt(instruction, question)
     return TEXT_TEMPLATES[style].format(instruction=instruction, question=question)
 
 
 def elicit(
-    handle: ModelHandle, style: Elicitation, instruction: str, question: str, answer: str | None = None
-) -> TokenSequence:
+    handle: "ModelHandle", style: Elicitation, instruction: str, question: str, answer: str | None = None
+) -> "TokenSequence":
     """Token ids of ``question`` asked under ``instruction`` in ``style``, with an optional answer."""
+    from personalab.engine.chat import encode_text
+
     text = elicitation_prompt(style, instruction, question)
     if text is None:
         return handle.encode(instruction, question, answer)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from personalab.errors import InvalidInputError
 
-Elicitation = Literal["system_prompt", "plain", "third_person", "few_shot", "dialogue"]
+Elicitation = Literal["system_prompt", "plain", "third_person", "few_shot", "dialogue", "continuation"]
 
 
 class InstructionPair(BaseModel):
@@ -28,13 +28,18 @@ class Trait(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")
-    description: str = Field(min_length=1)
-    instructions: list[InstructionPair] = Field(min_length=1)
-    extraction_questions: list[str] = Field(min_length=1)
-    evaluation_questions: list[str] = Field(min_length=1)
-    rubric: str
-    elicitation: Elicitation = "system_prompt"
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$", description="letters, digits, _ and -")
+    description: str = Field(min_length=1, description="what the trait is; writers and judges read it")
+    instructions: list[InstructionPair] = Field(
+        min_length=1,
+        description='[{"pos": ..., "neg": ...}]: pos elicits the trait, neg suppresses it (system prompts, preambles)',
+    )
+    extraction_questions: list[str] = Field(min_length=1, description="questions answered to extract the vector")
+    evaluation_questions: list[str] = Field(
+        min_length=1, description="questions for sweeps and comparisons, none repeating an extraction question"
+    )
+    rubric: str = Field(description="judge prompt with {question} and {answer}, asking for one number 0-100")
+    elicitation: Elicitation = Field("system_prompt", description="how an instruction reaches the model (styles below)")
 
     @field_validator("extraction_questions", "evaluation_questions")
     @classmethod
