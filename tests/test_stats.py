@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -22,9 +24,10 @@ def test_sign_flip_monte_carlo_is_close_to_exact():
     rng = np.random.default_rng(1)
     diffs = rng.normal(0.3, 1.0, size=16)
     exact = sign_flip_test(diffs, n_resamples=2**16)
-    approx = sign_flip_test(diffs, n_resamples=20_000, seed=3)
-    assert abs(exact - approx) < 0.02
-    assert sign_flip_test(diffs, n_resamples=2000, seed=3) == sign_flip_test(diffs, n_resamples=2000, seed=3)
+    approx = sign_flip_test(diffs, n_resamples=20_000, seed=3, exact_max=0)
+    assert abs(exact - approx) < 0.02 and exact != approx
+    mc = sign_flip_test(diffs, n_resamples=2000, seed=3, exact_max=0)
+    assert mc == sign_flip_test(diffs, n_resamples=2000, seed=3, exact_max=0)
 
 
 @pytest.mark.parametrize("diffs", CASES + [[1, 1, 1, 1, 1, 0, 0], [2, -1, 0, 3]])
@@ -37,3 +40,33 @@ def test_sign_test_matches_scipy(diffs):
 def test_degenerate_inputs_and_bonferroni():
     assert sign_test([0, 0]) == 1.0 and sign_flip_test([]) == 1.0
     assert bonferroni(0.01, 12) == pytest.approx(0.12) and bonferroni(0.2, 10) == 1.0
+
+
+def _brute_force(diffs, alternative):
+    d = np.asarray(diffs, dtype=np.float64)
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
+    sums = signs @ d
+    if alternative == "greater":
+        return float(np.mean(sums >= d.sum() - 1e-9))
+    return float(np.mean(np.abs(sums) >= abs(d.sum()) - 1e-9))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 12, 15])
+@pytest.mark.parametrize("alternative", ["two-sided", "greater"])
+def test_exact_sign_flip_equals_brute_force_enumeration(n, alternative):
+    rng = np.random.default_rng(n)
+    for diffs in (rng.normal(0.2, 1.0, size=n), rng.integers(-2, 3, size=n).astype(float)):
+        assert sign_flip_test(diffs, alternative=alternative) == pytest.approx(
+            _brute_force(diffs, alternative), abs=1e-12
+        )
+
+
+def test_exact_sign_flip_matches_scipy_and_counts_twenty_pairs():
+    diffs = np.random.default_rng(17).normal(0.3, 1.0, size=17)
+    for alternative in ("two-sided", "greater"):
+        ref = stats.permutation_test(
+            (diffs,), np.mean, permutation_type="samples", n_resamples=np.inf, alternative=alternative
+        )
+        assert sign_flip_test(diffs, alternative=alternative) == pytest.approx(ref.pvalue, rel=1e-9)
+    nineteen_of_twenty = np.r_[np.ones(19), -1.0]
+    assert sign_flip_test(nineteen_of_twenty) == pytest.approx(2 * 21 / 2**20)

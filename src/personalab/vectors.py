@@ -44,6 +44,15 @@ def save_vectors(folder: str | Path, vectors: dict[str, torch.Tensor], meta: dic
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def save_vector_file(path: str | Path, vectors: dict[str, torch.Tensor]) -> None:
+    """Write one ``.safetensors`` file of variants (float32, contiguous), through a temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file({k: v.float().contiguous().cpu() for k, v in vectors.items()}, partial)
+    partial.replace(path)
+
+
 def load_vectors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Load vectors from a run folder, a ``.safetensors`` file, or a public ``.pt`` file.
 

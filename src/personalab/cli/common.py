@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from personalab.judging.judges import Judge
     from personalab.traits import Trait
 
-MODELS, VECTORS, STEERING, WEIGHTS = "Models and traits", "Vectors", "Steering", "Weights"
+MODELS, VECTORS, STEERING, WEIGHTS, STUDIES = "Models and traits", "Vectors", "Steering", "Weights", "Studies"
 """Help panels of ``personalab --help``, by what the commands do."""
 
 app = typer.Typer(help="Persona vectors in language models.", no_args_is_help=True, add_completion=False)

@@ -1,5 +1,6 @@
 """Loading models and locating their decoder blocks (layer convention: see ``personalab.engine.layers``)."""
 
+import gc
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -169,6 +170,13 @@ class ModelHandle:
         return encode_chat(self.tokenizer, self.chat, system, user, assistant)
 
 
+def free_memory() -> None:
+    """Return the memory of models no longer referenced (garbage collection, then the CUDA cache)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def resolve_device(device: str) -> str:
     """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``."""
     if device == "auto":
@@ -240,6 +248,20 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
         raise MissingTokenizerError(
             f"cannot load a tokenizer from {_where(name_or_path, revision)}: {_first_line(exc)}; {_TOKENIZER_HINT}"
         ) from exc
+
+
+def model_shape(name_or_path: str, revision: str | None = None) -> tuple[int, int]:
+    """``(n_blocks, hidden_size)`` from a model's config alone (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    local_folder(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision).get_text_config()
+    except (OSError, ValueError) as exc:
+        raise PersonalabError(
+            f"cannot read the config of {_where(name_or_path, revision)}: {_first_line(exc)}"
+        ) from exc
+    return int(config.num_hidden_layers), int(config.hidden_size)
 
 
 def load_weights(

@@ -10,7 +10,8 @@ from personalab.engine.model import ModelHandle
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
 from personalab.store import Store
-from personalab.traits import COHERENCE_RUBRIC, Trait
+from personalab.traits import Trait, coherence_rubric
+from personalab.traits.elicitation import continues, evaluation_prompt
 
 
 def scored_answers(
@@ -26,6 +27,7 @@ def scored_answers(
 ) -> pd.DataFrame:
     """Answer every evaluation question ``samples`` times (inside ``steering()``), judge trait and coherence.
 
+    Questions are asked as ``personalab.traits.elicitation.evaluation_prompt`` encodes them.
     ``label`` names the condition in the store keys. One row per answer: ``question`` (index
     into the evaluation questions), ``sample``, ``answer``, ``trait`` and ``coherence``
     (``NaN`` where the judge gave no number).
@@ -33,14 +35,14 @@ def scored_answers(
     plan = [(qi, s) for qi in range(len(trait.evaluation_questions)) for s in range(samples)]
     questions = [trait.evaluation_questions[qi] for qi, _ in plan]
     requests = [
-        GenerationRequest(handle.encode(None, q), {"eval": label, "question": q, "sample": s})
+        GenerationRequest(evaluation_prompt(handle, trait, q), {"eval": label, "question": q, "sample": s})
         for q, (_, s) in zip(questions, plan, strict=True)
     ]
     texts = generate_cached(
         handle, store, requests, params, progress=progress, steering=(lambda rows: steering()) if steering else None
     )
     table = pd.DataFrame({"question": [qi for qi, _ in plan], "sample": [s for _, s in plan], "answer": texts})
-    for name, rubric in (("trait", trait.rubric), ("coherence", COHERENCE_RUBRIC)):
+    for name, rubric in (("trait", trait.rubric), ("coherence", coherence_rubric(continues(handle, trait)))):
         items = [(q, a, rubric) for q, a in zip(questions, texts, strict=True)]
         scores = score_cached(store, judge, items, f"judge {name}", progress=progress)
         table[name] = [float("nan") if s is None else s for s in scores]

@@ -7,6 +7,7 @@ built on ``matplotlib.figure.Figure`` (no pyplot state), so they are safe in any
 import math
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -169,4 +170,63 @@ def plot_score_bars(table, title: str, path: str | Path) -> None:
         ax.set_title(metric)
         ax.grid(alpha=0.3, axis="x")
     _title(fig, title)
+    _save(fig, path)
+
+
+@dataclass
+class Panel:
+    """One panel of ``plot_over_training``: ``lines`` label -> ``(x, y, notes)``, ``points`` label -> ``(x, y)``
+    (drawn as grey dots), ``crosses`` x positions marked on the zero line (e.g. checkpoints with no vector)."""
+
+    ylabel: str
+    lines: dict[str, tuple[Sequence[float], Sequence[float], Sequence[str] | None]] = field(default_factory=dict)
+    points: dict[str, tuple[Sequence[float], Sequence[float]]] = field(default_factory=dict)
+    crosses: dict[str, Sequence[float]] = field(default_factory=dict)
+    hline: float | None = None
+    limits: tuple[float, float] | None = None
+
+
+def plot_over_training(panels: Sequence[Panel], xlabel: str, title: str, path: str | Path, log_x: bool) -> None:
+    """Values against training position (tokens or step), one panel above the other; ``notes`` are
+    written above each point (significance marks)."""
+    fig = Figure(figsize=(8, 1.5 + 3.0 * len(panels)))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels, strict=True):
+        for label, (x, y, notes) in panel.lines.items():
+            (line,) = ax.plot(x, y, marker="o", markersize=4, label=label)
+            for xi, yi, note in zip(x, y, notes or [], strict=False):
+                if note and not math.isnan(yi):
+                    ax.annotate(note, (xi, yi), textcoords="offset points", xytext=(0, 5), ha="center",
+                                fontsize=8, color=line.get_color())  # fmt: skip
+        for label, (x, y) in panel.points.items():
+            ax.scatter(x, y, s=12, color="grey", alpha=0.6, label=label, zorder=1)
+        for label, x in panel.crosses.items():
+            ax.scatter(x, [0.0] * len(x), marker="x", color="black", label=label, zorder=3)
+        if panel.hline is not None:
+            ax.axhline(panel.hline, color="grey", linewidth=0.8)
+        if panel.limits is not None:
+            ax.set_ylim(*panel.limits)
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3, which="both")
+        if panel.lines or panel.points or panel.crosses:
+            ax.legend(fontsize=8)
+    if log_x:
+        axes[-1].set_xscale("log")
+    axes[-1].set_xlabel(xlabel)
+    _title(fig, title)
+    _save(fig, path)
+
+
+def plot_labelled_points(xy, labels: Sequence[str], colour: Sequence[float], title: str, path: str | Path) -> None:
+    """A 2-D embedding (``[n, 2]``), each point labelled and coloured by ``colour`` (e.g. log tokens)."""
+    fig = Figure(figsize=(6.5, 5.5))
+    ax = fig.subplots()
+    image = ax.scatter([p[0] for p in xy], [p[1] for p in xy], c=colour, cmap="viridis", s=40)
+    for (x, y), label in zip(xy, labels, strict=True):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("MDS 1")
+    ax.set_ylabel("MDS 2")
+    fig.colorbar(image, ax=ax, label="log10 training position")
+    _title(fig, title, ax)
+    ax.grid(alpha=0.3)
     _save(fig, path)

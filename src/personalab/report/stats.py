@@ -1,6 +1,5 @@
 """Paired tests of steered scores against the unsteered baseline (question-level pairs)."""
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -11,22 +10,57 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def sign_flip_test(diffs: Sequence[float], n_resamples: int = 10_000, seed: int = 0) -> float:
-    """Two-sided sign-flip permutation p-value of ``mean(diffs) = 0``.
+EXACT_MAX = 20
+"""Up to this many pairs the sign-flip test enumerates every sign pattern (2^20 = 1,048,576)."""
 
-    Exact over all ``2**n`` sign patterns when that is at most ``n_resamples``, else a
-    Monte Carlo estimate ``(1 + hits) / (1 + n_resamples)`` with a seeded generator.
+
+def _signed_sums(values: np.ndarray) -> np.ndarray:
+    """The ``2**len(values)`` sums ``sum(s_i * values_i)`` over every sign pattern ``s``."""
+    sums = np.zeros(1)
+    for value in values:
+        sums = np.concatenate([sums + value, sums - value])
+    return sums
+
+
+def _at_least(a: np.ndarray, b_sorted: np.ndarray, threshold: float) -> int:
+    """How many pairs ``(x, y)`` of ``a`` x ``b_sorted`` have ``x + y >= threshold``."""
+    return int((len(b_sorted) - np.searchsorted(b_sorted, threshold - a, side="left")).sum())
+
+
+def sign_flip_test(
+    diffs: Sequence[float],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    exact_max: int = EXACT_MAX,
+    alternative: str = "two-sided",
+) -> float:
+    """Sign-flip permutation p-value of ``mean(diffs) = 0`` (``alternative``: two-sided or greater).
+
+    Exact for ``len(diffs) <= exact_max``: the ``2**n`` sign patterns are counted by meeting
+    in the middle (the signed sums of each half, one half sorted), without materialising them.
+    Above that, a Monte Carlo estimate ``(1 + hits) / (1 + n_resamples)`` with a seeded generator.
     """
+    if alternative not in ("two-sided", "greater"):
+        raise ValueError(f"alternative must be 'two-sided' or 'greater', not {alternative!r}")
     d = np.asarray(diffs, dtype=np.float64)
     if d.size == 0:
         return 1.0
-    observed = abs(d.mean())
-    tolerance = 1e-12 * max(1.0, observed)
-    if 2**d.size <= n_resamples:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
-        return float(np.mean(np.abs(signs @ d / d.size) >= observed - tolerance))
+    observed = d.sum()
+    tolerance = 1e-12 * max(1.0, float(np.abs(d).sum()))
+    target = (abs(observed) if alternative == "two-sided" else observed) - tolerance
+    if d.size <= exact_max:
+        half = d.size // 2
+        a, b = _signed_sums(d[:half]), np.sort(_signed_sums(d[half:]))
+        if alternative == "greater":
+            hits = _at_least(a, b, target)
+        elif target <= 0:
+            return 1.0
+        else:
+            hits = _at_least(a, b, target) + _at_least(-a, -b[::-1], target)
+        return hits / 2.0**d.size
     signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(n_resamples, d.size))
-    hits = np.sum(np.abs(signs @ d / d.size) >= observed - tolerance)
+    sums = signs @ d
+    hits = np.sum((np.abs(sums) if alternative == "two-sided" else sums) >= target)
     return float((1 + hits) / (1 + n_resamples))
 
 
@@ -50,13 +84,18 @@ def paired_test(treated: "pd.Series", reference: "pd.Series", comparisons: int =
 
     ``treated`` and ``reference`` are per-question mean scores indexed by question; questions
     missing from either (or without a score) are left out. Returns ``n_questions``,
-    ``mean_diff`` (treated - reference) and the sign-flip and sign-test p-values,
-    Bonferroni-corrected for ``comparisons`` tests.
+    ``mean_diff`` (treated - reference), the raw two-sided sign-flip, one-sided (greater)
+    sign-flip and sign-test p-values (``*_raw``, ``p_greater``), and the two-sided ones
+    Bonferroni-corrected for ``comparisons`` tests (``p_signflip``, ``p_sign``).
     """
     diffs = (treated - reference).dropna().tolist()
+    flip, sign = sign_flip_test(diffs, n_resamples), sign_test(diffs)
     return {
         "n_questions": len(diffs),
         "mean_diff": float(np.mean(diffs)) if diffs else float("nan"),
-        "p_signflip": bonferroni(sign_flip_test(diffs, n_resamples), comparisons),
-        "p_sign": bonferroni(sign_test(diffs), comparisons),
+        "p_signflip_raw": flip,
+        "p_greater": sign_flip_test(diffs, n_resamples, alternative="greater"),
+        "p_sign_raw": sign,
+        "p_signflip": bonferroni(flip, comparisons),
+        "p_sign": bonferroni(sign, comparisons),
     }

@@ -26,7 +26,7 @@ from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
 from personalab.report.plots import plot_layer_norms, short_name
 from personalab.store import Store
-from personalab.traits import COHERENCE_RUBRIC, RUN_TRAIT, Trait
+from personalab.traits import RUN_TRAIT, Trait, coherence_rubric
 from personalab.traits.elicitation import elicit
 from personalab.vectors import VARIANTS, save_vectors
 
@@ -46,7 +46,8 @@ class ExtractionConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Answer:
-    """One generated answer with its judgements; ``polarity`` is ``"pos"`` or ``"neg"``."""
+    """One generated answer with its judgements; ``polarity`` is ``"pos"`` or ``"neg"``, ``style`` the
+    elicitation style its prompt was written in."""
 
     question: str
     instruction: str
@@ -56,6 +57,7 @@ class Answer:
     text: str
     trait: float | None
     coherence: float | None
+    style: str = "system_prompt"
 
 
 class FilterError(InvalidInputError):
@@ -116,18 +118,34 @@ def _difference(acts: torch.Tensor, n_pos: int) -> torch.Tensor:
     return acts[:n_pos].mean(dim=0) - acts[n_pos:].mean(dim=0)
 
 
-def compute_vectors(
-    handle: ModelHandle, kept: list[tuple[Answer, Answer]], style: str, batch_size: int = 16, progress: bool = False
-) -> dict[str, torch.Tensor]:
-    """The three variants from kept ``(pos, neg)`` pairs, float32 ``[n_blocks + 1, hidden]`` each."""
-    answers = [p for p, _ in kept] + [n for _, n in kept]
-    full = [elicit(handle, style, a.instruction, a.question, a.text) for a in answers]
-    slot: dict[tuple[str, str], int] = {}
-    which = [slot.setdefault((a.instruction, a.question), len(slot)) for a in answers]
-    unique = [elicit(handle, style, instruction, question) for instruction, question in slot]
-    response = capture(
+def response_activations(
+    handle: ModelHandle, answers: list[Answer], batch_size: int = 16, progress: bool = False
+) -> torch.Tensor:
+    """Mean residual over each answer's response tokens, float32 ``[n_answers, n_blocks + 1, hidden]``."""
+    full = [elicit(handle, a.style, a.instruction, a.question, a.text) for a in answers]
+    return capture(
         handle, full, positions="response", batch_size=batch_size, progress=progress, label="capture answers"
     )
+
+
+def compute_vectors(
+    handle: ModelHandle,
+    kept: list[tuple[Answer, Answer]],
+    batch_size: int = 16,
+    progress: bool = False,
+    response: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The three variants from kept ``(pos, neg)`` pairs, float32 ``[n_blocks + 1, hidden]`` each.
+
+    Each answer is encoded in its own style, so pairs of several strategies can be pooled.
+    ``response`` is ``response_activations`` of ``[pos..., neg...]`` when already captured.
+    """
+    answers = [p for p, _ in kept] + [n for _, n in kept]
+    slot: dict[tuple[str, str, str], int] = {}
+    which = [slot.setdefault((a.style, a.instruction, a.question), len(slot)) for a in answers]
+    unique = [elicit(handle, style, instruction, question) for style, instruction, question in slot]
+    if response is None:
+        response = response_activations(handle, answers, batch_size, progress)
     prompt_mean, last = (
         capture(handle, unique, positions=p, batch_size=batch_size, progress=progress, label=f"capture {p}")[which]
         for p in ("prompt", "last_prompt")
@@ -159,10 +177,23 @@ def judged_answers(
         score_cached(
             store, judge, [(q, t, rubric) for q, t in zip(questions, texts, strict=True)], label, progress=progress
         )
-        for rubric, label in ((trait.rubric, "judge trait"), (COHERENCE_RUBRIC, "judge coherence"))
+        for rubric, label in (
+            (trait.rubric, "judge trait"),
+            (coherence_rubric(trait.elicitation == "continuation"), "judge coherence"),
+        )
     ]
     return [
-        Answer(r.request["question"], r.request["instruction"], info["pair"], info["sample"], info["polarity"], t, s, c)
+        Answer(
+            r.request["question"],
+            r.request["instruction"],
+            info["pair"],
+            info["sample"],
+            info["polarity"],
+            t,
+            s,
+            c,
+            trait.elicitation,
+        )
         for (r, info), t, s, c in zip(planned, texts, *scores, strict=True)
     ]
 
@@ -250,7 +281,7 @@ def run_extraction(
             f"only {counts['kept']} of {counts['pairs']} pairs passed the filter (need {config.min_pairs}; "
             f"rejected {reasons}); raise --samples, lower --min-pairs or the thresholds, or check the judge"
         )
-    vectors = compute_vectors(handle, report.kept, trait.elicitation, config.batch_size, progress)
+    vectors = compute_vectors(handle, report.kept, config.batch_size, progress)
     meta = _meta(handle, trait, judge, config, counts, vectors)
     trait.save(out / RUN_TRAIT)
     save_vectors(out, vectors, meta)

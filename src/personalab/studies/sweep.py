@@ -29,7 +29,8 @@ from personalab.report.plots import plot_heatmap, plot_sweep_curves, short_name
 from personalab.report.progress import say
 from personalab.report.stats import paired_test
 from personalab.store import Store
-from personalab.traits import COHERENCE_RUBRIC, RUN_TRAIT, Trait, calibration_prompts
+from personalab.traits import RUN_TRAIT, Trait, calibration_prompts, coherence_rubric
+from personalab.traits.elicitation import continues, evaluation_prompt
 from personalab.vectors import vector_sha256
 
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -58,7 +59,7 @@ def _answers(
     config: SweepConfig,
     progress: bool,
 ):
-    prompts = [handle.encode(None, q) for q in trait.evaluation_questions]
+    prompts = [evaluation_prompt(handle, trait, q) for q in trait.evaluation_questions]
     rows = []
     for layer in config.layers:
         v = scales[layer].vector
@@ -171,7 +172,11 @@ def run_sweep(
             store, judge, [(q, a, trait.rubric) for q, a in items], "judge trait", progress=progress
         )
         answers["coherence"] = score_cached(
-            store, judge, [(q, a, COHERENCE_RUBRIC) for q, a in items], "judge coherence", progress=progress
+            store,
+            judge,
+            [(q, a, coherence_rubric(continues(handle, trait))) for q, a in items],
+            "judge coherence",
+            progress=progress,
         )
     finally:
         store.close()

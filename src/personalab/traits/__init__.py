@@ -12,6 +12,14 @@ if TYPE_CHECKING:
 
 LIBRARY = Path(__file__).parent / "library"
 COHERENCE_RUBRIC = (LIBRARY / "coherence.txt").read_text()
+COHERENCE_CONTINUATION = (LIBRARY / "coherence_continuation.txt").read_text()
+STRATEGIES = LIBRARY / "strategies"
+"""Elicitation strategies for base models, one trait file each: ``{trait}-{strategy}.json``."""
+
+
+def coherence_rubric(continuation: bool) -> str:
+    """The coherence rubric for an answer to a question, or for a continuation of a text."""
+    return COHERENCE_CONTINUATION if continuation else COHERENCE_RUBRIC
 
 
 def builtin_traits() -> list[str]:
@@ -80,19 +88,29 @@ def load_trait(spec: str, trait_dir: str | Path | None = None) -> Trait:
         return load_public_trait(trait_dir, spec)
     if spec in builtin_traits():
         return load_trait_file(LIBRARY / f"{spec}.json")
+    if (STRATEGIES / f"{spec}.json").is_file():
+        return load_trait_file(STRATEGIES / f"{spec}.json")
     if spec.endswith(".json") or Path(spec).is_file():
         return load_trait_file(spec)
     raise InvalidInputError(
-        f"unknown trait {spec!r}; use a built-in trait ({', '.join(builtin_traits())}), a trait JSON file, "
-        f"or --trait-dir for the persona-vectors layout"
+        f"unknown trait {spec!r}; use a built-in trait ({', '.join(builtin_traits())}), a base-model strategy "
+        f"({', '.join(builtin_strategies())}), a trait JSON file, or --trait-dir for the persona-vectors layout"
     )
 
 
+def builtin_strategies() -> list[str]:
+    """Names of the base-model strategy variants shipped with personalab (``{trait}-{strategy}``)."""
+    return sorted(p.stem for p in STRATEGIES.glob("*.json"))
+
+
 __all__ = [
+    "COHERENCE_CONTINUATION",
     "COHERENCE_RUBRIC",
     "Trait",
+    "builtin_strategies",
     "builtin_traits",
     "calibration_prompts",
+    "coherence_rubric",
     "library_questions",
     "load_public_trait",
     "load_trait",

@@ -14,7 +14,7 @@ Every style but ``system_prompt`` is plain text, for chat and base models alike.
 
 from typing import TYPE_CHECKING
 
-from personalab.traits.schema import Elicitation
+from personalab.traits.schema import Elicitation, Trait
 
 if TYPE_CHECKING:
     from personalab.engine.chat import TokenSequence
@@ -46,3 +46,17 @@ def elicit(
     if text is None:
         return handle.encode(instruction, question, answer)
     return encode_text(handle.tokenizer, text, answer)
+
+
+def continues(handle: "ModelHandle", trait: "Trait") -> bool:
+    """Whether ``handle`` answers ``trait``'s evaluation questions by continuing plain text: a
+    continuation-style trait on a model without a chat template (chat models get a user turn)."""
+    return trait.elicitation == "continuation" and not handle.chat.has_template
+
+
+def evaluation_prompt(handle: "ModelHandle", trait: "Trait", question: str) -> "TokenSequence":
+    """An evaluation question as the model is asked it, with no instruction: plain text to
+    continue (``continues``), else a user turn with the generation prompt."""
+    from personalab.engine.chat import encode_text
+
+    return encode_text(handle.tokenizer, question) if continues(handle, trait) else handle.encode(None, question)
