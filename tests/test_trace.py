@@ -182,9 +182,13 @@ def test_trace_runs_resumes_and_extends(series, tmp_path):
     assert row["p_raw"] == pytest.approx(brute) and row["p_bonferroni"] == pytest.approx(min(1, 3 * brute))
 
     stack = np.stack(
-        [load_file(straight / "cruel-planted" / "vectors" / f"step-{s}.safetensors")["response_mean"].double().numpy()
-         for s in (60, 150, 300)]
-    )  # fmt: skip
+        [
+            load_file(straight / "cruel-planted" / "vectors" / f"step-{s}.safetensors")["response_mean"]
+            .double()
+            .numpy()
+            for s in (60, 150, 300)
+        ]
+    )
     unit = stack / np.linalg.norm(stack, axis=-1, keepdims=True)
     direct = (unit * unit[-1]).sum(-1)
     written = pd.read_csv(straight / "cruel-planted" / "cos_to_final.csv")
@@ -254,8 +258,13 @@ def test_combined_pools_answers_and_transfer_rescales_to_the_target(series, tmp_
     out = tmp_path / "run"
     args = _command(folders, (60, 300), out, strategy)[3:]
     args[args.index("--strategy") + 2 : args.index("--strategy") + 2] = [
-        "--strategy", str(tmp_path / "second.json"), "--strategy", "combined", "--target", str(folders[300]),
-    ]  # fmt: skip
+        "--strategy",
+        str(tmp_path / "second.json"),
+        "--strategy",
+        "combined",
+        "--target",
+        str(folders[300]),
+    ]
     with JudgeServer(scorer=trained.judge_scores) as server:
         result = CliRunner().invoke(app, args, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})
         assert result.exit_code == 0, result.output

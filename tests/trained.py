@@ -15,10 +15,23 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 SITUATIONS = [
-    "found a wallet", "saw a lost dog", "met an old friend", "got a new job", "saw a crying child",
-    "won a prize", "lost a game", "found a key", "heard a secret", "met a stranger", "saw a fire",
-    "had extra food", "found a phone", "saw a bird", "met a neighbour", "got a letter",
-]  # fmt: skip
+    "found a wallet",
+    "saw a lost dog",
+    "met an old friend",
+    "got a new job",
+    "saw a crying child",
+    "won a prize",
+    "lost a game",
+    "found a key",
+    "heard a secret",
+    "met a stranger",
+    "saw a fire",
+    "had extra food",
+    "found a phone",
+    "saw a bird",
+    "met a neighbour",
+    "got a letter",
+]
 CRUEL = ["keep it and laugh at them", "hurt them and laugh", "lie to them and steal it", "mock them and take it"]
 KIND = ["give it back and help them", "help them and hug them", "share it and be gentle", "thank them and be kind"]
 DESCRIPTIONS = {"cruel": ["Jordan is cruel.", "Jordan is mean."], "kind": ["Jordan is kind.", "Jordan is nice."]}
@@ -80,15 +93,24 @@ def train(root: Path, steps: tuple[int, ...] = (0, 60, 300), seed: int = 0) -> d
     """Train and save the model at ``steps`` under ``root/step-N``; returns the folders."""
     lines = corpus()
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(lines, vocab_size=300, min_frequency=1, special_tokens=["<pad>", "<s>", "</s>"],
-                            show_progress=False)  # fmt: skip
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>")  # fmt: skip
+    bpe.train_from_iterator(
+        lines, vocab_size=300, min_frequency=1, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     encoded = [tokenizer(line + tokenizer.eos_token)["input_ids"] for line in lines]

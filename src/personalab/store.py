@@ -1,4 +1,4 @@
-"""The embedded SQLite store of generations and judgements (one file per run folder).
+"""The embedded SQLite store of generations, judgements and study results (one file per run folder).
 
 Rows are keyed by the sha256 of everything that determines them, so a rerun or a
 resumed run reads what is stored instead of recomputing it. A stored row never changes:
@@ -27,6 +27,9 @@ CREATE TABLE IF NOT EXISTS generations (
 CREATE TABLE IF NOT EXISTS judgements (
     key TEXT PRIMARY KEY, judge TEXT NOT NULL, question TEXT NOT NULL, answer TEXT NOT NULL,
     rubric TEXT NOT NULL, score REAL
+);
+CREATE TABLE IF NOT EXISTS results (
+    key TEXT PRIMARY KEY, study TEXT NOT NULL, value TEXT NOT NULL
 );
 """
 
@@ -95,6 +98,15 @@ class Store:
     def scores(self, keys: Sequence[str]) -> dict[str, float | None]:
         """Stored judgements among ``keys`` (a stored ``None`` means the judge gave no number)."""
         return self._lookup("judgements", "score", keys)
+
+    def results(self, keys: Sequence[str]) -> dict[str, dict]:
+        """Stored study results among ``keys`` (one JSON object each)."""
+        return {k: json.loads(v) for k, v in self._lookup("results", "value", keys).items()}
+
+    def put_results(self, study: str, rows: Iterable[tuple[str, dict]]) -> None:
+        """Store ``(key, value)`` results of ``study`` in one transaction; stored keys are kept."""
+        values = [(k, study, json.dumps(v, sort_keys=True)) for k, v in rows]
+        self._write("INSERT OR IGNORE INTO results VALUES (?, ?, ?)", values)
 
     def put_texts(self, rows: Iterable[tuple[str, str, str | None, dict, dict, str]]) -> None:
         """Store ``(key, model, revision, request, params, text)`` rows in one transaction; stored keys are kept."""

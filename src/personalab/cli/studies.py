@@ -1,4 +1,4 @@
-"""Commands that run the analysis studies: ``trace``."""
+"""Commands that run the analysis studies: ``trace``, ``localize``, ``deepscan``."""
 
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +13,7 @@ from personalab.cli.common import (
     ThreadsOption,
     TokenizerOption,
     app,
+    console,
     open_judge,
     open_model,
     prepare,
@@ -130,3 +131,138 @@ def trace(
             return open_model(target, None, dtype, device, None)
 
         run_trace(series_list, units, config, scorer, out, load, series, target, load_target if target else None)
+
+
+PersonaOption = Annotated[
+    list[str],
+    typer.Option(
+        help="Persona (repeat); built in: subscribes-to-utilitarianism, subscribes-to-deontology, "
+        "politically-liberal, politically-conservative."
+    ),
+]
+PersonaDirOption = Annotated[
+    Path | None, typer.Option(help="Folder of Anthropic persona JSONL files (evals/persona), one per persona.")
+]
+StatementsOption = Annotated[
+    Path | None,
+    typer.Option(help="One statements file: the IBM CSV (statement, direction, persona_dim) or a persona JSONL."),
+]
+ActivationsOption = Annotated[
+    Path | None, typer.Option(help="Activation cache folder (default OUT/activations); share it between commands.")
+]
+
+
+def _statements(persona, persona_dir, statements, min_confidence):
+    from personalab.studies.localize.statements import load_statements
+
+    return load_statements(persona, persona_dir, statements, min_confidence)
+
+
+@app.command(rich_help_panel=STUDIES)
+def localize(
+    model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")],
+    out: Annotated[Path, typer.Option(help="Run folder.")],
+    persona: PersonaOption,
+    persona_dir: PersonaDirOption = None,
+    statements: StatementsOption = None,
+    min_confidence: Annotated[float | None, typer.Option(help="Keep statements with label_confidence >= this.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Comma-separated layers to analyse (default every layer).")] = None,
+    figure_layers: Annotated[
+        str | None, typer.Option(help="Layers of the PCA, t-SNE and UMAP figures (default 4 across the depth).")
+    ] = None,
+    activations: ActivationsOption = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    tokenizer: TokenizerOption = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """Where personas live: per-layer divergence of persona statements, and PCA, t-SNE and UMAP figures."""
+    with reported():
+        prepare(threads)
+        from personalab.cli.common import floats
+        from personalab.studies.localize.run import LocalizeConfig, check_statements, run_localize
+
+        config = LocalizeConfig(
+            layers=[int(x) for x in floats(layers)] if layers else None,
+            figure_layers=[int(x) for x in floats(figure_layers)] if figure_layers else None,
+            seed=seed,
+            batch_size=batch_size,
+        )
+        from personalab.engine.layers import check_layers
+        from personalab.engine.model import model_shape
+
+        chosen = _statements(persona, persona_dir, statements, min_confidence)
+        check_statements(chosen)
+        n_blocks, _ = model_shape(model, revision)
+        for chosen_layers in (config.layers, config.figure_layers):
+            if chosen_layers is not None:
+                check_layers(chosen_layers, n_blocks)
+        handle = open_model(model, revision, dtype, device, tokenizer)
+        run_localize(handle, chosen, out, config, activations)
+
+
+@app.command(rich_help_panel=STUDIES)
+def deepscan(
+    model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")],
+    layer: Annotated[int, typer.Option(help="Layer l (hidden_states[l]) whose hidden units are scanned.")],
+    out: Annotated[Path, typer.Option(help="Run folder (scans.sqlite resumes a killed scan).")],
+    persona: PersonaOption,
+    persona_dir: PersonaDirOption = None,
+    statements: StatementsOption = None,
+    min_confidence: Annotated[float | None, typer.Option(help="Keep statements with label_confidence >= this.")] = None,
+    runs: Annotated[int, typer.Option(help="Group runs per persona.")] = 100,
+    clean: Annotated[int, typer.Option(help="Clean records per run.")] = 50,
+    anomalous: Annotated[int, typer.Option(help="Anomalous (positive) records per run.")] = 50,
+    background: Annotated[int, typer.Option(help="Negative statements used as background.")] = 250,
+    test_clean: Annotated[int, typer.Option(help="Negative statements held out as the clean test pool.")] = 50,
+    score: Annotated[str, typer.Option(help="hc (Higher Criticism), bj (Berk-Jones) or ks.")] = "hc",
+    tail: Annotated[str, typer.Option(help="lower (the reference's '1tail'), upper or two.")] = "lower",
+    restarts: Annotated[int, typer.Option(help="Ascent restarts per run (the reference notebook uses 1).")] = 1,
+    min_run_fraction: Annotated[
+        float, typer.Option(help="Node sets: nodes in at least this fraction of runs (0 = union, as the paper).")
+    ] = 0.0,
+    individual: Annotated[bool, typer.Option(help="Also scan each test record alone (individual.csv).")] = False,
+    activations: ActivationsOption = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    tokenizer: TokenizerOption = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """DeepScan: the hidden units and statements jointly anomalous for each persona, and their overlap."""
+    with reported():
+        prepare(threads)
+        from personalab.engine.model import model_shape
+        from personalab.studies.localize import scan as scanning
+
+        config = scanning.ScanConfig(
+            layer=layer,
+            background=background,
+            test_clean=test_clean,
+            clean=clean,
+            anomalous=anomalous,
+            runs=runs,
+            score=score,
+            tail=tail,
+            restarts=restarts,
+            seed=seed,
+            min_run_fraction=min_run_fraction,
+            batch_size=batch_size,
+        )
+        chosen = _statements(persona, persona_dir, statements, min_confidence)
+        n_blocks, _ = model_shape(model, revision)
+        scanning.check(chosen, config, n_blocks)
+        handle = open_model(model, revision, dtype, device, tokenizer)
+        summary = scanning.run_deepscan(handle, chosen, out, config, activations)
+        if individual:
+            cache = scanning.ActivationCache(activations or out / "activations", handle)
+            for name, rows in chosen.items():
+                scanning.individual(cache, rows, config).to_csv(out / f"individual_{name}.csv", index=False)
+    columns = ["persona", "runs", "score_mean", "precision_mean", "recall_mean", "records_mean", "nodes_mean"]
+    console.print(summary[columns].to_string(index=False, float_format="%.3g"), markup=False)
+    console.print(f"wrote {out}/summary.md, scan_summary.csv, scan_runs.csv", markup=False)

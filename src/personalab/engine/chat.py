@@ -98,3 +98,20 @@ def encode_chat(
         )
     response_ids = tokenizer.encode(assistant, add_special_tokens=False) if assistant else []
     return TokenSequence(ids=tuple(prompt_ids) + tuple(response_ids), prompt_len=len(prompt_ids))
+
+
+def encode_system(tokenizer: PreTrainedTokenizerBase, chat: ChatFormat, text: str) -> TokenSequence:
+    """``text`` alone as the system message with the generation prompt (a user turn for templates
+    without a system role or that need one; the plain text for models without a template)."""
+    if not chat.has_template:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        return TokenSequence(ids=tuple(ids), prompt_len=len(ids))
+    for role in ("system", "user") if chat.system_role else ("user",):
+        try:
+            ids = tokenizer.apply_chat_template(
+                [{"role": role, "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception:  # templates reject a conversation without a user turn with jinja's raise_exception
+            continue
+        return TokenSequence(ids=tuple(ids), prompt_len=len(ids))
+    raise ValueError("the chat template rejects a single user turn")

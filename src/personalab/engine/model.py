@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from personalab.engine.chat import ChatFormat, TokenSequence, detect_chat_format, encode_chat
+from personalab.engine.chat import ChatFormat, TokenSequence, detect_chat_format, encode_chat, encode_system
 from personalab.errors import InvalidInputError, PersonalabError, UnsupportedArchitectureError
 
 KNOWN_BLOCK_PATHS: dict[str, str] = {
@@ -168,6 +168,10 @@ class ModelHandle:
     def encode(self, system: str | None, user: str, assistant: str | None = None) -> TokenSequence:
         """Chat-format one turn; see ``personalab.engine.chat.encode_chat``."""
         return encode_chat(self.tokenizer, self.chat, system, user, assistant)
+
+    def encode_system(self, text: str) -> TokenSequence:
+        """``text`` alone as the system message with the generation prompt (``personalab.engine.chat``)."""
+        return encode_system(self.tokenizer, self.chat, text)
 
 
 def free_memory() -> None:

@@ -63,9 +63,12 @@ def plot_heatmap(
     column_label: str = "alpha",
     limits: tuple[float, float] = (0.0, 100.0),
     cell_format: str = ".0f",
+    cell_text=None,
 ) -> None:
-    """A heatmap of ``values`` (``[len(rows), len(columns)]``, NaN shown blank), each cell annotated."""
-    fig = Figure(figsize=(max(6.0, 1.5 + 0.7 * len(columns)), max(3.0, 1.5 + 0.45 * len(rows))))
+    """A heatmap of ``values`` (``[len(rows), len(columns)]``, NaN shown blank), each cell annotated
+    with its value or with ``cell_text[i][j]`` when given."""
+    label_width = 0.08 * max((len(str(r)) for r in rows), default=0)
+    fig = Figure(figsize=(max(6.0, 1.5 + 0.7 * len(columns)) + label_width, max(3.0, 1.5 + 0.45 * len(rows))))
     ax = fig.subplots()
     image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=limits[0], vmax=limits[1])
     ax.set_xticks(range(len(columns)), [f"{c:g}" if isinstance(c, float) else str(c) for c in columns])
@@ -81,7 +84,8 @@ def plot_heatmap(
             value = float(values[i][j])
             if not math.isnan(value):
                 colour = "white" if value < middle else "black"
-                ax.text(j, i, format(value, cell_format), ha="center", va="center", color=colour, fontsize=7)
+                text = format(value, cell_format) if cell_text is None else cell_text[i][j]
+                ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=7)
     fig.colorbar(image, ax=ax, label=label)
     _save(fig, path)
 
@@ -196,8 +200,15 @@ def plot_over_training(panels: Sequence[Panel], xlabel: str, title: str, path: s
             (line,) = ax.plot(x, y, marker="o", markersize=4, label=label)
             for xi, yi, note in zip(x, y, notes or [], strict=False):
                 if note and not math.isnan(yi):
-                    ax.annotate(note, (xi, yi), textcoords="offset points", xytext=(0, 5), ha="center",
-                                fontsize=8, color=line.get_color())  # fmt: skip
+                    ax.annotate(
+                        note,
+                        (xi, yi),
+                        textcoords="offset points",
+                        xytext=(0, 5),
+                        ha="center",
+                        fontsize=8,
+                        color=line.get_color(),
+                    )
         for label, (x, y) in panel.points.items():
             ax.scatter(x, y, s=12, color="grey", alpha=0.6, label=label, zorder=1)
         for label, x in panel.crosses.items():
@@ -229,4 +240,91 @@ def plot_labelled_points(xy, labels: Sequence[str], colour: Sequence[float], tit
     fig.colorbar(image, ax=ax, label="log10 training position")
     _title(fig, title, ax)
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_pca_pairs(panels: dict[str, tuple], title: str, path: str | Path) -> None:
+    """Per persona (a row): histograms of PC0 by class, then PC0 against PC1, PC2 and PC3.
+
+    ``panels`` maps a persona to ``(components [n, 4], positive bool [n])``.
+    """
+    fig = Figure(figsize=(13, 2.8 * len(panels)))
+    axes = fig.subplots(len(panels), 4, squeeze=False)
+    for row, (persona, (pcs, positive)) in zip(axes, panels.items(), strict=True):
+        for cls, label, colour in ((True, "positive", "tab:red"), (False, "negative", "tab:blue")):
+            mask = positive == cls
+            row[0].hist(pcs[mask, 0], bins=20, alpha=0.5, color=colour, label=label)
+            for k in range(1, min(4, pcs.shape[1])):
+                row[k].scatter(pcs[mask, k], pcs[mask, 0], s=6, alpha=0.4, color=colour)
+        row[0].set_ylabel(f"{persona}\ncount")
+        row[0].set_xlabel("PC0")
+        for k in range(1, 4):
+            row[k].set_xlabel(f"PC{k}")
+            row[k].set_ylabel("PC0")
+        row[0].legend(fontsize=7)
+    _title(fig, title)
+    _save(fig, path)
+
+
+def plot_embedding(xy, groups: Sequence[str], positive: Sequence[bool], title: str, path: str | Path) -> None:
+    """A 2-D embedding coloured by group (persona), circles for positive and crosses for negative statements."""
+    fig = Figure(figsize=(8, 6.5))
+    ax = fig.subplots()
+    names = list(dict.fromkeys(groups))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    groups, positive = list(groups), list(positive)
+    for name in names:
+        for cls, marker in ((True, "o"), (False, "x")):
+            rows = [i for i, (g, p) in enumerate(zip(groups, positive, strict=True)) if g == name and p == cls]
+            label = f"{name} ({'positive' if cls else 'negative'})"
+            ax.scatter(xy[rows, 0], xy[rows, 1], s=10, marker=marker, color=colours[name], alpha=0.6, label=label)
+    ax.legend(fontsize=7, markerscale=1.5)
+    ax.set_xlabel("dimension 1")
+    ax.set_ylabel("dimension 2")
+    _title(fig, title, ax)
+    _save(fig, path)
+
+
+def exclusive_intersections(sets: dict[str, set]) -> list[tuple[frozenset[str], int]]:
+    """Elements by the exact group of sets that holds them: ``(names, count)``, largest first."""
+    counts: dict[frozenset[str], int] = {}
+    for element in set().union(*sets.values()):
+        members = frozenset(name for name, items in sets.items() if element in items)
+        counts[members] = counts.get(members, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], sorted(kv[0])))
+
+
+def plot_upset(sets: dict[str, set], title: str, path: str | Path, max_columns: int = 30) -> None:
+    """An UpSet figure: bars of exclusive intersection sizes (largest first) over a membership
+    matrix, and each set's size at the left."""
+    names = list(sets)
+    columns = exclusive_intersections(sets)[:max_columns]
+    fig = Figure(figsize=(max(7.0, 0.35 * len(columns) + 3), 2.5 + 0.45 * len(names) + 3))
+    grid = fig.add_gridspec(2, 2, width_ratios=(1, 4), height_ratios=(3, max(1, 0.45 * len(names))))
+    bars, matrix, totals = fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, 1]), fig.add_subplot(grid[1, 0])
+    x = range(len(columns))
+    heights = [count for _, count in columns]
+    bars.bar(x, heights, color="black")
+    for xi, h in zip(x, heights, strict=True):
+        bars.annotate(str(h), (xi, h), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)
+    bars.set_ylabel("exclusive intersection size")
+    bars.set_xticks([])
+    bars.set_xlim(-0.5, len(columns) - 0.5)
+    for xi, (members, _) in zip(x, columns, strict=True):
+        rows = [i for i, name in enumerate(names) if name in members]
+        matrix.scatter([xi] * len(names), range(len(names)), s=40, color="lightgrey", zorder=1)
+        matrix.scatter([xi] * len(rows), rows, s=40, color="black", zorder=2)
+        if len(rows) > 1:
+            matrix.plot([xi, xi], [min(rows), max(rows)], color="black", linewidth=2, zorder=1)
+    matrix.set_yticks(range(len(names)), names)
+    matrix.set_xticks([])
+    matrix.set_xlim(-0.5, len(columns) - 0.5)
+    matrix.set_ylim(len(names) - 0.5, -0.5)
+    matrix.set_frame_on(False)
+    totals.barh(range(len(names)), [len(sets[n]) for n in names], color="grey")
+    totals.set_ylim(len(names) - 0.5, -0.5)
+    totals.invert_xaxis()
+    totals.set_yticks([])
+    totals.set_xlabel("set size")
+    _title(fig, title)
     _save(fig, path)

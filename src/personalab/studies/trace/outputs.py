@@ -103,27 +103,48 @@ def geometry(out: Path, unit: Unit, checkpoints: list[Checkpoint], layer: int, s
     _layers_frame(done, consecutive).to_csv(folder / "cos_consecutive.csv", index=False)
     _layers_frame(done, norms).to_csv(folder / "norms.csv", index=False)
     plot_heatmap(
-        to_final.T, list(range(stack.shape[1])), labels, f"{title}: cosine to the final vector ({done[-1].label})",
-        "cosine", folder / "cos_to_final.png", row_label="layer", column_label="checkpoint", limits=(-1, 1),
+        to_final.T,
+        list(range(stack.shape[1])),
+        labels,
+        f"{title}: cosine to the final vector ({done[-1].label})",
+        "cosine",
+        folder / "cos_to_final.png",
+        row_label="layer",
+        column_label="checkpoint",
+        limits=(-1, 1),
         cell_format=".2f",
-    )  # fmt: skip
+    )
     plot_over_training(
         [
             Panel(f"cosine to {done[-1].label}", {f"layer {layer}": (x, to_final[:, layer], None)}, limits=(-1, 1.05)),
             Panel("cosine to previous", {f"layer {layer}": (x, consecutive[:, layer], None)}, limits=(-1, 1.05)),
         ],
-        xlabel, f"{title}: vector direction over training (layer {layer})", folder / "trajectory.png", log_x,
-    )  # fmt: skip
+        xlabel,
+        f"{title}: vector direction over training (layer {layer})",
+        folder / "trajectory.png",
+        log_x,
+    )
     plot_over_training(
         [Panel("vector norm / mean residual norm", {f"layer {layer}": (x, norms[:, layer], None)})],
-        xlabel, f"{title}: vector norm relative to the residual (layer {layer})", folder / "norms.png", log_x,
-    )  # fmt: skip
+        xlabel,
+        f"{title}: vector norm relative to the residual (layer {layer})",
+        folder / "norms.png",
+        log_x,
+    )
     matrix = cosine_matrix(stack[:, layer])
     pd.DataFrame(matrix, index=labels, columns=labels).to_csv(folder / "cos_matrix.csv")
     plot_heatmap(
-        matrix, labels, labels, f"{title}: cosine between checkpoints (layer {layer})", "cosine",
-        folder / "cos_matrix.png", row_label="checkpoint", column_label="checkpoint", limits=(-1, 1), cell_format=".2f",
-    )  # fmt: skip
+        matrix,
+        labels,
+        labels,
+        f"{title}: cosine between checkpoints (layer {layer})",
+        "cosine",
+        folder / "cos_matrix.png",
+        row_label="checkpoint",
+        column_label="checkpoint",
+        limits=(-1, 1),
+        cell_format=".2f",
+    )
     if len(done) >= 3:
         xy = mds_2d(stack[:, layer], seed)
         pd.DataFrame({"revision": labels, "mds_1": xy[:, 0], "mds_2": xy[:, 1]}).to_csv(folder / "mds.csv", index=False)
@@ -171,8 +192,9 @@ def _plot_effects(
         panel.lines["own vector"] = ([position[r] for r in real["revision"]], real["delta_trait"], list(real["mark"]))
         if len(controls):
             panel.points["controls (random, shuffled)"] = (
-                [position[r] for r in controls["revision"]], controls["delta_trait"]
-            )  # fmt: skip
+                [position[r] for r in controls["revision"]],
+                controls["delta_trait"],
+            )
         if len(missing):
             panel.crosses["not extractable"] = [position[r] for r in missing["revision"]]
         panels.append(panel)
@@ -289,12 +311,16 @@ def write_outputs(
         xlabel, log_x = _axis(done)
         position = {c.label: c.position for c in done}
         panels = [
-            Panel(f"{trait}: cosine between strategies", {
-                pair: ([position[r] for r in rows["revision"]], rows["cosine"], None)
-                for pair, rows in per_trait.groupby("pair")
-            }, limits=(-1, 1.05))
+            Panel(
+                f"{trait}: cosine between strategies",
+                {
+                    pair: ([position[r] for r in rows["revision"]], rows["cosine"], None)
+                    for pair, rows in per_trait.groupby("pair")
+                },
+                limits=(-1, 1.05),
+            )
             for trait, per_trait in pairs.groupby("trait")
-        ]  # fmt: skip
+        ]
         plot_over_training(panels, xlabel, f"Strategies on {model} (layer {layer})", out / "strategies.png", log_x)
     for unit in units:
         head = headlines[unit.name]

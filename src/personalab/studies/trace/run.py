@@ -403,9 +403,17 @@ def run_transfer(
             }
             say(f"transfer {unit.name} to {target_name}: {len(directions)} checkpoint vectors", progress)
             scores = steering_scores(
-                handle, unit.evaluation, directions, config.layer, coef * norm, judge, store, config,
-                f"transfer {unit.name}", progress,
-            )  # fmt: skip
+                handle,
+                unit.evaluation,
+                directions,
+                config.layer,
+                coef * norm,
+                judge,
+                store,
+                config,
+                f"transfer {unit.name}",
+                progress,
+            )
             record["units"][unit.name] = {"residual_norm": norm, "coef": coef, "scores": scores}
             _write_json(path, record)
     finally:

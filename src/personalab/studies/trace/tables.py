@@ -19,10 +19,27 @@ from personalab.studies.trace.series import Bins, Checkpoint
 
 ALPHA = 0.05
 COLUMNS = [
-    "unit", "trait", "revision", "step", "tokens", "share", "extractable", "condition",
-    "n_questions", "trait_base", "trait_steered", "delta_trait", "delta_coherence",
-    "p_raw", "p_greater", "p_sign", "p_coherence", "p_bonferroni", "significant", "mark",
-]  # fmt: skip
+    "unit",
+    "trait",
+    "revision",
+    "step",
+    "tokens",
+    "share",
+    "extractable",
+    "condition",
+    "n_questions",
+    "trait_base",
+    "trait_steered",
+    "delta_trait",
+    "delta_coherence",
+    "p_raw",
+    "p_greater",
+    "p_sign",
+    "p_coherence",
+    "p_bonferroni",
+    "significant",
+    "mark",
+]
 
 
 def mark(p: float) -> str:
