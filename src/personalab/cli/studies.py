@@ -266,3 +266,49 @@ def deepscan(
     columns = ["persona", "runs", "score_mean", "precision_mean", "recall_mean", "records_mean", "nodes_mean"]
     console.print(summary[columns].to_string(index=False, float_format="%.3g"), markup=False)
     console.print(f"wrote {out}/summary.md, scan_summary.csv, scan_runs.csv", markup=False)
+
+
+@app.command(rich_help_panel=STUDIES)
+def compose(
+    model: Annotated[str, typer.Option(help="Hub name or local folder of an instruction-tuned causal LM.")],
+    out: Annotated[Path, typer.Option(help="Run folder (compose.sqlite resumes a killed run).")],
+    grid: Annotated[str, typer.Option(help="short, long, review, or a JSON/YAML grid file.")] = "short",
+    layers: Annotated[str | None, typer.Option(help="KL layers (default: the paper's grid for this depth).")] = None,
+    all_layers: Annotated[bool, typer.Option(help="Causal KL at every layer.")] = False,
+    markers: Annotated[bool, typer.Option(help="Behavioural markers: 80 greedy tokens, 4 conditions.")] = False,
+    host: Annotated[bool, typer.Option(help="Host injection: BY prompt against the clean XY target.")] = False,
+    marker_file: Annotated[Path | None, typer.Option(help="Markers by persona key (default: the paper's).")] = None,
+    edit_layer: Annotated[
+        int | None, typer.Option(help="Layer of the marker and host edits (default 14 of 26, scaled to the depth).")
+    ] = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    tokenizer: TokenizerOption = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """As X, do Y: 2x2 residual decomposition, additive substitution with causal KL, markers, host injection."""
+    with reported():
+        prepare(threads)
+        from personalab.cli.common import floats
+        from personalab.engine.model import model_shape
+        from personalab.studies.compose import ComposeConfig, load_grid, load_markers, run_compose
+
+        chosen = load_grid(grid)
+        marker_sets = load_markers(marker_file) if markers else None
+        config = ComposeConfig(
+            layers=[int(x) for x in floats(layers)] if layers else None,
+            all_layers=all_layers,
+            markers=markers,
+            host=host,
+            edit_layer=edit_layer,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        n_blocks, _ = model_shape(model, revision)
+        config.check(n_blocks)
+        handle = open_model(model, revision, dtype, device, tokenizer)
+        run_compose(handle, chosen, out, config, marker_sets)
+    console.print((out / "kl.md").read_text(), markup=False)

@@ -6,7 +6,8 @@ applied to them, and next-token logits for scoring.
 them a chunk of positions at a time.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -14,6 +15,7 @@ from personalab.engine.batching import PaddedBatch, length_sorted_batches, pad_b
 from personalab.engine.chat import TokenSequence
 from personalab.engine.hooks import hook_residual
 from personalab.engine.model import ModelHandle, unwrap
+from personalab.report.progress import progress_bar
 
 
 def logits_fn(handle: ModelHandle):
@@ -61,3 +63,33 @@ def next_token_logits(
         batch = pad_batch([prompts[i] for i in rows], handle.tokenizer.pad_token_id, "left", handle.input_device)
         logits = handle.model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits
         yield rows, logits[:, -1].float()
+
+
+@torch.inference_mode()
+def logprobs_at(
+    handle: ModelHandle,
+    sequences: Sequence[TokenSequence],
+    positions: Sequence[Sequence[int]],
+    batch_size: int = 16,
+    interventions: Callable[[list[int]], AbstractContextManager] | None = None,
+    progress: bool = False,
+    label: str = "teacher-forced",
+) -> list[torch.Tensor]:
+    """Float32 log-probabilities ``[len(positions[i]), vocab]`` of the token after each listed position
+    (indices in the unpadded sequence) of each sequence, in one teacher-forced forward per
+    length-sorted, right-padded batch; ``interventions(rows)`` is entered around each batch's
+    forward with the sequence indices of its rows. The LM head runs on the listed positions only."""
+    head = logits_fn(handle)
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    with progress_bar(label, len(sequences), progress) as advance:
+        for rows in length_sorted_batches([len(s.ids) for s in sequences], batch_size):
+            batch = pad_batch(
+                [sequences[i].ids for i in rows], handle.tokenizer.pad_token_id, "right", handle.input_device
+            )
+            with interventions(rows) if interventions else nullcontext():
+                hidden = final_hidden(handle, batch)
+            for j, i in enumerate(rows):
+                index = torch.as_tensor(list(positions[i]), dtype=torch.long, device=hidden.device)
+                out[i] = torch.log_softmax(head(hidden[j, index]).float(), dim=-1).cpu()
+            advance(len(rows))
+    return out

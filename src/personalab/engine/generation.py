@@ -70,6 +70,43 @@ def sample_texts(handle: ModelHandle, prompts: Sequence[TokenSequence], params: 
     return handle.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
+@torch.inference_mode()
+def greedy_ids(
+    handle: ModelHandle,
+    prompts: Sequence[TokenSequence],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    steering: Callable[[list[int]], AbstractContextManager] | None = None,
+    progress: bool = False,
+    label: str = "greedy",
+) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` as token ids, up to and including the first end-of-sequence
+    token, in length-sorted left-padded batches; ``steering(rows)`` is entered around each batch."""
+    out: list[list[int]] = [[] for _ in prompts]
+    eos = handle.model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    stops |= {handle.tokenizer.eos_token_id} - {None}
+    with progress_bar(label, len(prompts), progress) as advance:
+        for rows in length_sorted_batches([len(p.ids) for p in prompts], batch_size):
+            batch = pad_batch(
+                [prompts[i].ids for i in rows], handle.tokenizer.pad_token_id, "left", handle.input_device
+            )
+            with steering(rows) if steering else nullcontext():
+                generated = handle.model.generate(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=handle.tokenizer.pad_token_id,
+                )
+            for j, i in enumerate(rows):
+                ids = generated[j, batch.input_ids.shape[1] :].tolist()
+                end = next((k for k, t in enumerate(ids) if t in stops), None)
+                out[i] = ids if end is None else ids[: end + 1]
+            advance(len(rows))
+    return out
+
+
 def fill_store(
     handle: ModelHandle,
     store: Store,

@@ -180,19 +180,22 @@ def plot_score_bars(table, title: str, path: str | Path) -> None:
 @dataclass
 class Panel:
     """One panel of ``plot_over_training``: ``lines`` label -> ``(x, y, notes)``, ``points`` label -> ``(x, y)``
-    (drawn as grey dots), ``crosses`` x positions marked on the zero line (e.g. checkpoints with no vector)."""
+    (drawn as grey dots), ``crosses`` x positions marked on the zero line (e.g. checkpoints with no vector),
+    ``bands`` label -> ``(x, low, high)`` shaded ranges (e.g. interquartile ranges)."""
 
     ylabel: str
     lines: dict[str, tuple[Sequence[float], Sequence[float], Sequence[str] | None]] = field(default_factory=dict)
     points: dict[str, tuple[Sequence[float], Sequence[float]]] = field(default_factory=dict)
     crosses: dict[str, Sequence[float]] = field(default_factory=dict)
+    bands: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float]]] = field(default_factory=dict)
     hline: float | None = None
     limits: tuple[float, float] | None = None
+    log_y: bool = False
 
 
 def plot_over_training(panels: Sequence[Panel], xlabel: str, title: str, path: str | Path, log_x: bool) -> None:
-    """Values against training position (tokens or step), one panel above the other; ``notes`` are
-    written above each point (significance marks)."""
+    """Values against a position (training tokens or step, a layer...), one panel above the other;
+    ``notes`` are written above each point (significance marks)."""
     fig = Figure(figsize=(8, 1.5 + 3.0 * len(panels)))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, panel in zip(axes, panels, strict=True):
@@ -209,6 +212,8 @@ def plot_over_training(panels: Sequence[Panel], xlabel: str, title: str, path: s
                         fontsize=8,
                         color=line.get_color(),
                     )
+        for label, (x, low, high) in panel.bands.items():
+            ax.fill_between(x, low, high, alpha=0.15, label=label)
         for label, (x, y) in panel.points.items():
             ax.scatter(x, y, s=12, color="grey", alpha=0.6, label=label, zorder=1)
         for label, x in panel.crosses.items():
@@ -217,12 +222,16 @@ def plot_over_training(panels: Sequence[Panel], xlabel: str, title: str, path: s
             ax.axhline(panel.hline, color="grey", linewidth=0.8)
         if panel.limits is not None:
             ax.set_ylim(*panel.limits)
+        if panel.log_y:
+            ax.set_yscale("log")
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3, which="both")
         if panel.lines or panel.points or panel.crosses:
             ax.legend(fontsize=8)
     if log_x:
         axes[-1].set_xscale("log")
+    else:
+        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].set_xlabel(xlabel)
     _title(fig, title)
     _save(fig, path)
