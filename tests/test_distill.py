@@ -17,9 +17,10 @@ from personalab.cli import app
 from personalab.engine.batching import pad_batch
 from personalab.engine.forward import final_hidden, logits_fn, response_mask
 from personalab.engine.generation import SamplingParams
+from personalab.engine.losses import chunked_kl
 from personalab.errors import InvalidInputError
 from personalab.studies.bake import bake_exact
-from personalab.studies.distill import DistillConfig, check_inputs, chunked_kl, distill
+from personalab.studies.distill import DistillConfig, check_inputs, distill
 from personalab.vectors import load_vectors, save_vectors
 
 from judge_server import JudgeServer

@@ -22,6 +22,8 @@ class Record:
     prompt: str
     response: str | None
     source: dict = field(default_factory=dict, compare=False)
+    where: str = field(default="", compare=False)
+    """The file and line it was read from."""
 
 
 def _text(value: object, what: str, where: str, optional: bool = False) -> str | None:
@@ -59,7 +61,7 @@ def _parse_record(obj: object, where: str) -> Record:
         system = _text(obj.get("system"), "'system'", where, optional=True)
     else:
         raise InvalidInputError(f"{where}: no user message; {_RECORD_HINT}")
-    return Record(system=system, prompt=prompt, response=response, source=obj)
+    return Record(system=system, prompt=prompt, response=response, source=obj, where=where)
 
 
 def load_records(path: str | Path) -> list[Record]:

@@ -312,3 +312,52 @@ def compose(
         handle = open_model(model, revision, dtype, device, tokenizer)
         run_compose(handle, chosen, out, config, marker_sets)
     console.print((out / "kl.md").read_text(), markup=False)
+
+
+@app.command(rich_help_panel=STUDIES)
+def correlate(
+    base: Annotated[str, typer.Option(help="Hub name or local folder of the base model.")],
+    tuned: Annotated[list[Path], typer.Option(help="Fine-tune run folder, checkpoint or model folder (repeat).")],
+    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")],
+    layer: Annotated[int, typer.Option(help="Layer l (hidden_states[l]) of the projections.")],
+    judge: JudgeOption,
+    out: Annotated[Path, typer.Option(help="Folder for correlate.csv, correlate.md, correlate.png.")],
+    trait: Annotated[str | None, typer.Option(help="Trait (default: the --vector run's trait).")] = None,
+    samples: Annotated[int, typer.Option(help="Judged answers per evaluation question.")] = 5,
+    variant: Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")] = "response_mean",
+    temperature: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    tokenizer: TokenizerOption = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """Projection shift against judged trait across fine-tuned models, with Pearson r and a bootstrap interval."""
+    with reported():
+        prepare(threads)
+        from functools import partial
+
+        from personalab.cli.common import load_direction, pick_trait
+        from personalab.engine.generation import SamplingParams
+        from personalab.engine.model import load_trained
+        from personalab.studies.correlate import run_correlate
+
+        direction, _ = load_direction(vector, variant)
+        chosen = pick_trait(trait, None, vector)
+        scorer = open_judge(judge)
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        loaders = [(str(path), partial(load_trained, base, path, dtype, device, tokenizer)) for path in tuned]
+        run_correlate(
+            partial(open_model, base, None, dtype, device, tokenizer),
+            loaders,
+            direction,
+            layer,
+            chosen,
+            scorer,
+            out,
+            samples,
+            params,
+            seed,
+        )
+    console.print((out / "correlate.md").read_text(), markup=False)

@@ -215,3 +215,136 @@ def bake(
         folder = bake_exact(handle, direction, layer, alpha, out, scale)
         method = json.loads((folder / "bake.json").read_text())["method"]
     console.print(f"baked alpha {alpha:g} at layer {layer} as {method}; wrote {folder}")
+
+
+def _monitored(paths: list[Path], layer: int | None, n_blocks: int, prompts: Path | None, variant: str, judged: bool):
+    from personalab.records import load_records
+    from personalab.studies.finetune import Monitored
+    from personalab.traits import run_trait
+
+    chosen = n_blocks // 2 if layer is None else layer
+    questions = [r.prompt for r in load_records(prompts)] if prompts else None
+    out = []
+    for path in paths:
+        direction, _ = load_direction(path, variant)
+        if direction.dim() != 2 or direction.shape[0] != n_blocks + 1:
+            raise InvalidInputError(
+                f"monitor vector {path} has {direction.shape[0]} layers but the model has {n_blocks + 1}; "
+                f"use a vector extracted from this model"
+            )
+        found = run_trait(path)
+        if questions is None and found is None:
+            raise InvalidInputError(f"{path} keeps no trait.json; pass --monitor-prompts FILE.jsonl")
+        trait = found[0] if found else None
+        if judged and trait is None:
+            raise InvalidInputError(f"--monitor-judge needs the trait of {path}; it keeps no trait.json")
+        out.append(Monitored(Path(path).name, direction[chosen], questions or trait.evaluation_questions, trait))
+    return out
+
+
+@app.command(rich_help_panel=WEIGHTS)
+def finetune(
+    model: BaseModelOption,
+    data: Annotated[Path, typer.Option(help="JSONL chat records; the loss is on the final assistant turn.")],
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints/step-N; a killed run resumes).")],
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank on attention and MLP projections.")] = None,
+    full: Annotated[bool, typer.Option(help="Full fine-tuning instead of LoRA.")] = False,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2 x rank).")] = None,
+    lr: float = 1e-5,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data (default 1 unless --steps).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps instead of --epochs.")] = None,
+    batch_size: int = 2,
+    grad_accum: int = 8,
+    warmup_steps: int = 20,
+    max_length: Annotated[
+        int, typer.Option(help="Tokens per record; longer ones are cut at the end and counted.")
+    ] = 1024,
+    checkpoint_every: int = 50,
+    monitor: Annotated[
+        list[Path],
+        typer.Option(
+            "--monitor",
+            "--monitor-vector",
+            help="Vector run folder or file to monitor (repeat; under torchrun write --monitor-vector).",
+        ),
+    ] = [],  # noqa: B006
+    monitor_layer: Annotated[
+        int | None, typer.Option(help="Layer of the monitored projections (default n_blocks // 2).")
+    ] = None,
+    monitor_prompts: Annotated[
+        Path | None, typer.Option(help="Prompt set (JSONL) for monitoring (default: each vector's trait's questions).")
+    ] = None,
+    monitor_judge: Annotated[
+        str | None, typer.Option(help="Also judge each checkpoint's answers: api:MODEL or local:MODEL.")
+    ] = None,
+    monitor_tokens: Annotated[int, typer.Option(help="Tokens of the model's own answers when monitoring.")] = 64,
+    steer: Annotated[
+        Path | None, typer.Option(help="Preventative steering: add alpha * this vector while training.")
+    ] = None,
+    ablate: Annotated[Path | None, typer.Option(help="Project this vector out of the residual while training.")] = None,
+    layer: Annotated[int | None, typer.Option(help="Layer of --steer and --ablate.")] = None,
+    alpha: Annotated[float, typer.Option(help="Coefficient of --steer (see --scale).")] = 1.0,
+    scale: ScaleOption = "raw",
+    variant: VariantOption = "response_mean",
+    gradient_checkpointing: bool = False,
+    mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on a GPU that supports it), bf16 or no.")] = "auto",
+    seed: int = 0,
+    revision: RevisionOption = None,
+    tokenizer: TokenizerOption = None,
+    dtype: Annotated[
+        str, typer.Option(help="Weights dtype; auto = float32 for --full, else the checkpoint's.")
+    ] = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """Fine-tune on chat data while monitoring persona vectors; optional training-only steering or ablation.
+
+    Data-parallel on several GPUs: `accelerate launch --multi_gpu --num_processes N -m personalab finetune ...`.
+    """
+    with reported():
+        prepare(threads)
+        from accelerate import PartialState
+
+        from personalab.engine.model import model_shape, resolve_device
+        from personalab.records import load_records
+        from personalab.studies.finetune import FinetuneConfig, Intervention, check, check_records
+        from personalab.studies.finetune import finetune as run
+
+        if full == (lora_rank is not None):
+            raise InvalidInputError("choose one of --lora-rank R or --full")
+        if (steer or ablate) and layer is None:
+            raise InvalidInputError("--steer and --ablate need --layer")
+        config = FinetuneConfig(
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lr=lr,
+            steps=steps or 1,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            warmup_steps=warmup_steps,
+            gradient_checkpointing=gradient_checkpointing,
+            mixed_precision=mixed_precision,
+            seed=seed,
+            max_length=max_length,
+            checkpoint_every=checkpoint_every,
+            monitor_layer=monitor_layer,
+            monitor_tokens=monitor_tokens,
+        )
+        records = load_records(data)
+        check_records(records)
+        n_blocks, hidden = model_shape(model, revision)
+        monitors = _monitored(monitor, monitor_layer, n_blocks, monitor_prompts, variant, monitor_judge is not None)
+        interventions = []
+        for kind, path in (("steer", steer), ("ablate", ablate)):
+            if path is not None:
+                vector, _ = load_direction(path, variant)
+                interventions.append(Intervention(kind, layer, vector, alpha, scale))
+        check(n_blocks, hidden, config, monitors, interventions)
+        scorer = open_judge(monitor_judge) if monitor_judge else None
+        state = PartialState(cpu=resolve_device(device) == "cpu")
+        placement = str(state.device) if state.num_processes > 1 else device
+        handle = open_model(model, revision, "float32" if full and dtype == "auto" else dtype, placement, tokenizer)
+        run(handle, records, config, out, monitors, interventions, scorer, None if steps else (epochs or 1.0))
+    if state.is_main_process:
+        console.print((out / "summary.md").read_text(), markup=False)
+        console.print(f"wrote {out}/checkpoints, monitor.csv, monitor.png, training_curve.png", markup=False)

@@ -1,6 +1,7 @@
 """Loading models and locating their decoder blocks (layer convention: see ``personalab.engine.layers``)."""
 
 import gc
+import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -304,14 +305,32 @@ def load_model(
 
     ``tokenizer`` (a hub name, a folder or a tokenizer object) takes the tokenizer from
     elsewhere, for checkpoints saved without one; it is loaded before the weights, so a
-    missing tokenizer fails at once.
+    missing tokenizer fails at once. A folder holding a peft adapter (``adapter_config.json``
+    and no ``config.json``) is merged onto the base model its config names.
     """
+    folder = local_folder(name_or_path)
+    if folder is not None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise InvalidInputError(f"{folder}/adapter_config.json names no base model; load the base and the adapter")
+        own = any((folder / name).is_file() for name in TOKENIZER_FILES)
+        handle = load_model(base, None, dtype, device, blocks_path, tokenizer or (str(folder) if own else None))
+        return merge_adapter(handle, folder)
     if tokenizer is None:
         tokenizer = load_tokenizer(name_or_path, revision)
     elif isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     model = load_weights(name_or_path, revision, dtype, device)
     return ModelHandle.from_model(model, tokenizer, name=name_or_path, revision=revision, blocks_path=blocks_path)
+
+
+def merge_adapter(handle: ModelHandle, adapter: str | Path) -> ModelHandle:
+    """``handle``'s model with the peft adapter in ``adapter`` merged into its weights, named after the adapter."""
+    from peft import PeftModel
+
+    with peft_quietly():
+        merged = PeftModel.from_pretrained(handle.model, adapter).merge_and_unload()
+    return ModelHandle.from_model(merged.eval(), handle.tokenizer, name=str(adapter))
 
 
 @contextmanager
@@ -347,14 +366,13 @@ def load_trained(
     device: str = "auto",
     tokenizer: str | PreTrainedTokenizerBase | None = None,
 ) -> ModelHandle:
-    """A trained model: a run folder with ``adapter/`` (merged onto ``base``) or ``model/``, or a model folder."""
+    """A trained model: a run folder with ``adapter/`` (merged onto ``base``) or ``model/``, a fine-tuning run
+    folder (its last ``checkpoints/step-N``), or a model or adapter folder."""
     folder = Path(folder)
+    steps = sorted((folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
+    if steps:
+        folder = steps[-1]
     if (folder / "adapter").is_dir():
-        from peft import PeftModel
-
-        handle = load_model(base, dtype=dtype, device=device, tokenizer=tokenizer)
-        with peft_quietly():
-            merged = PeftModel.from_pretrained(handle.model, folder / "adapter").merge_and_unload()
-        return ModelHandle.from_model(merged, handle.tokenizer, name=str(folder))
+        return merge_adapter(load_model(base, dtype=dtype, device=device, tokenizer=tokenizer), folder / "adapter")
     weights = folder / "model" if (folder / "model").is_dir() else folder
     return load_model(str(weights), dtype=dtype, device=device, tokenizer=tokenizer)

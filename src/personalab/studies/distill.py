@@ -10,11 +10,10 @@ student's are recomputed in the backward pass, so the logits of a whole batch ne
 in memory at once. With LoRA the teacher is the student with its adapter disabled; full
 fine-tuning keeps a frozen copy of the base model as teacher.
 
-Training runs through ``accelerate``: bf16 autocast on GPU, and data parallelism when
-launched on several processes (``accelerate launch --multi_gpu -m personalab distill``),
-each with its own replica of the model. Every step draws ``batch_size * grad_accum * processes``
-trajectories from one seeded stream and process ``r`` takes micro-batches ``r, r + n, ...``,
-so ``n`` processes train exactly as one process with ``grad_accum * n`` would.
+Training runs through the engine's one loop (``personalab.engine.training``): bf16 autocast
+on GPU, and data parallelism when launched on several processes (``accelerate launch
+--multi_gpu -m personalab distill``), ``n`` processes training exactly as one process with
+``grad_accum * n`` would.
 """
 
 import copy
@@ -24,14 +23,10 @@ import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from pydantic import BaseModel, ConfigDict, Field
-from torch.utils.checkpoint import checkpoint
-from transformers import get_linear_schedule_with_warmup
+from pydantic import Field
 
 from personalab.engine.batching import PaddedBatch, pad_batch
 from personalab.engine.chat import TokenSequence
@@ -39,11 +34,13 @@ from personalab.engine.forward import final_hidden, logits_fn, response_mask
 from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store
 from personalab.engine.interventions import steer
 from personalab.engine.layers import check_layers, check_vector
-from personalab.engine.model import ModelHandle, unwrap, with_lora
+from personalab.engine.losses import chunked_kl
+from personalab.engine.model import ModelHandle, with_lora
 from personalab.engine.scale import Scale, scaled_vector
+from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
 from personalab.report.plots import plot_training_curve, short_name
-from personalab.report.progress import progress_bar, say
+from personalab.report.progress import say
 from personalab.store import Store
 from personalab.traits import calibration_prompts
 from personalab.vectors import vector_sha256
@@ -51,68 +48,16 @@ from personalab.vectors import vector_sha256
 TRAJECTORY_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=256)
 
 
-class DistillConfig(BaseModel):
-    """Settings of one distillation run; ``lora_rank = None`` means full fine-tuning."""
+class DistillConfig(TrainConfig):
+    """Settings of one distillation run: the optimisation (``TrainConfig``) and what is distilled."""
 
-    model_config = ConfigDict(extra="forbid")
     layer: int
     alpha: float
     scale: Scale = "raw"
-    lora_rank: int | None = Field(8, ge=1)
-    lora_alpha: float | None = None
     trajectories: int = Field(500, ge=2)
-    steps: int = Field(500, ge=1)
-    batch_size: int = Field(2, ge=1)
-    grad_accum: int = Field(4, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    gradient_checkpointing: bool = False
     kl_chunk: int = Field(64, ge=1)
     held_out: float = Field(0.1, gt=0, lt=1)
-    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     sampling: SamplingParams = TRAJECTORY_SAMPLING
-    seed: int = 0
-
-    def precision(self, device: torch.device) -> str:
-        """``"bf16"`` or ``"no"``; ``"auto"`` is bf16 on a GPU that supports it."""
-        if self.mixed_precision != "auto":
-            return self.mixed_precision
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-
-
-def _kl_sum(student_logits_fn, hs: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    student_logp = F.log_softmax(student_logits_fn(hs).float(), dim=-1)
-    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
-
-
-def chunked_kl(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    mask: torch.Tensor,
-    student_logits,
-    teacher_logits,
-    chunk: int = 64,
-) -> torch.Tensor:
-    """Mean over ``mask`` positions of KL(teacher || student) over the full vocabulary.
-
-    ``*_hidden`` are final hidden states ``[batch, seq, hidden]``, ``mask`` is bool
-    ``[batch, seq]``; logits are formed ``chunk`` positions at a time, in float32, and the
-    student's are recomputed in backward (activation checkpointing of the chunk).
-    """
-    hs, ht = student_hidden[mask], teacher_hidden[mask]
-    if hs.shape[0] == 0:
-        raise InvalidInputError("no response positions in the batch; trajectories need non-empty answers")
-    total = hs.new_zeros((), dtype=torch.float32)
-    for start in range(0, hs.shape[0], chunk):
-        with torch.no_grad():
-            teacher_logp = F.log_softmax(teacher_logits(ht[start : start + chunk]).float(), dim=-1)
-        part = hs[start : start + chunk]
-        if part.requires_grad:
-            total = total + checkpoint(_kl_sum, student_logits, part, teacher_logp, use_reentrant=False)
-        else:
-            total = total + _kl_sum(student_logits, part, teacher_logp)
-    return total / hs.shape[0]
 
 
 @dataclass
@@ -249,19 +194,8 @@ def distill(
     check_inputs(handle, vector, prompts, config)
     scaled = scaled_vector(handle, vector, config.layer, config.scale, calibration_prompts(handle))
     v = scaled.vector
-    device = handle.input_device
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
-    bf16 = config.precision(device) == "bf16"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
+    accelerator = accelerator_for(handle)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if world > 1 and accelerator.device.type != "cpu" and device != accelerator.device:
-        raise InvalidInputError(
-            f"process {rank} holds the model on {device}; with {world} processes load one replica "
-            f"per process on its own device ({accelerator.device})"
-        )
     progress = progress and accelerator.is_main_process
     say(scaled.describe([config.alpha]), progress)
     out = Path(out)
@@ -280,54 +214,30 @@ def distill(
 
     torch.manual_seed(config.seed)
     student, teacher = _student(handle, config)
-    if config.gradient_checkpointing:
-        unwrap(handle.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    wrapped, optimizer = accelerator.prepare(student, optimizer)
-    models = TeacherStudent(handle, student, teacher, v, config, forward=wrapped)
+    trainer = Trainer(accelerator, handle, student, config)
+    models = TeacherStudent(handle, student, teacher, v, config, forward=trainer.wrapped)
 
     size = config.batch_size
     my_held = [s for start in range(rank * size, len(held), world * size) for s in held[start : start + size]]
 
     def held_out_kl(steered: bool = True) -> float:
         """KL per response token over ``held``: whole batches dealt to processes, padded as in one process."""
-        with autocast():
+        with trainer.autocast():
             mine = models.kl_total(my_held, steered)
         total = accelerator.reduce(torch.tensor(mine, dtype=torch.float64, device=accelerator.device), "sum")
         return (total[0] / total[1]).item()
 
     student.eval()
     start = held_out_kl()
-    student.train()
-    rng = random.Random(config.seed + 1)
-    losses: list[float] = []
-    with progress_bar("distill", config.steps, progress) as advance:
-        for _ in range(config.steps):
-            drawn = [rng.sample(train, min(config.batch_size, len(train))) for _ in range(config.grad_accum * world)]
-            total = 0.0
-            for k, micro in enumerate(drawn[rank::world]):
-                with nullcontext() if k == config.grad_accum - 1 else accelerator.no_sync(wrapped):
-                    with autocast():
-                        loss = models.kl(micro)
-                    accelerator.backward(loss / config.grad_accum)
-                total += loss.item() / config.grad_accum
-            accelerator.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(accelerator.reduce(torch.tensor(total, device=accelerator.device), "mean").item())
-            advance(1)
-    student.eval()
+    trainer.train(train, models.kl, config.steps, progress, "distill")
     held_out = {"kl_start": start, "kl_end": held_out_kl(), "kl_to_base_end": held_out_kl(False)}
-    trainable = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in trainer.params)
     if accelerator.is_main_process:
         steering = scaled.record([config.alpha])
         split = (len(train), len(held))
-        _save(handle, student, config, out, losses, held_out, trainable, split, merge, world, steering)
+        _save(handle, student, config, out, trainer.losses, held_out, trainable, split, merge, world, steering)
     accelerator.wait_for_everyone()
-    return DistillResult(student, losses, held_out, trainable)
+    return DistillResult(student, trainer.losses, held_out, trainable)
 
 
 def _save(handle, student, config, out: Path, losses, held_out, trainable, split, merge, processes, steering) -> None:

@@ -1,0 +1,373 @@
+"""Fine-tuning through persona vectors: monitored fine-tunes, preventative steering, directional ablation.
+
+The objective is the cross-entropy of the assistant tokens of chat records (prompt and padding
+masked; a record longer than ``max_length`` tokens is cut at the end and counted), trained by
+the engine's one loop (``personalab.engine.training``: LoRA or full, data parallelism, bf16,
+accumulation, warm-up and decay).
+
+Monitoring, at step 0 (the base model) and every checkpoint, for each monitored vector at
+``monitor_layer`` (``hidden_states[l]``, ``personalab.engine.layers``): the projection onto the
+unit vector of the residual at the last prompt token and of the mean residual over the model's
+own greedy answer (``monitor_tokens`` tokens), averaged over a fixed prompt set (the vector's
+trait's evaluation questions by default); the shift is that projection minus step 0's.
+
+Training-only interventions, on every position of every training forward (never in
+monitoring, never in the saved weights): ``steer`` adds ``alpha * v`` at a layer (preventative
+steering; ``alpha`` on the raw or normalised scale of ``personalab.engine.scale``), ``ablate``
+projects ``v`` out of the residual at a layer (concept-ablation fine-tuning).
+
+Checkpoints go to ``checkpoints/step-N/`` (the adapter, or the full model, loadable by every
+command) with ``trainer_state.pt``; a killed run resumes from its last checkpoint and ends
+exactly as an uninterrupted run.
+"""
+
+import json
+import math
+from contextlib import closing, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from pydantic import Field
+
+from personalab.engine.batching import pad_batch
+from personalab.engine.capture import capture
+from personalab.engine.chat import TokenSequence
+from personalab.engine.forward import final_hidden, logits_fn, response_mask
+from personalab.engine.generation import SamplingParams, greedy_ids
+from personalab.engine.interventions import Ablate, Steer, intervene
+from personalab.engine.layers import CONVENTION, check_layers, check_vector
+from personalab.engine.losses import chunked_cross_entropy
+from personalab.engine.model import ModelHandle, with_lora
+from personalab.engine.scale import Scale, scaled_vector
+from personalab.engine.training import TrainConfig, Trainer, accelerator_for
+from personalab.errors import InvalidInputError
+from personalab.judging.judges import Judge
+from personalab.judging.scorecard import scored_answers, summary
+from personalab.records import Record
+from personalab.report.plots import Panel, plot_over_training, plot_training_curve, short_name
+from personalab.report.progress import say
+from personalab.store import Store
+from personalab.traits import Trait, calibration_prompts
+
+
+class FinetuneConfig(TrainConfig):
+    """Settings of a fine-tune: the optimisation (``TrainConfig``) and what is monitored."""
+
+    lr: float = Field(1e-5, gt=0)
+    max_length: int = Field(1024, ge=2)
+    checkpoint_every: int = Field(50, ge=1)
+    monitor_layer: int | None = None
+    monitor_tokens: int = Field(64, ge=1)
+    monitor_samples: int = Field(1, ge=1)
+    loss_chunk: int = Field(64, ge=1)
+
+
+@dataclass
+class Monitored:
+    """A vector to monitor: its name, direction (``[hidden]`` at the monitor layer) and prompt set (questions),
+    and the trait to judge (when judging)."""
+
+    name: str
+    direction: torch.Tensor
+    questions: list[str]
+    trait: Trait | None = None
+
+
+@dataclass
+class Intervention:
+    """A training-only intervention: ``kind`` is ``steer`` or ``ablate``."""
+
+    kind: str
+    layer: int
+    vector: torch.Tensor
+    alpha: float = 0.0
+    scale: Scale = "raw"
+    record: dict = field(default_factory=dict)
+
+
+def check_records(records: list[Record]) -> None:
+    """Every record needs an assistant answer to train on."""
+    missing = next((r for r in records if r.response is None or not r.response.strip()), None)
+    if missing is not None:
+        raise InvalidInputError(
+            f"{missing.where}: no assistant answer to train on; end each record with an assistant turn"
+        )
+
+
+def training_sequences(handle: ModelHandle, records: list[Record], max_length: int) -> tuple[list[TokenSequence], dict]:
+    """Encoded records, each cut to ``max_length`` tokens; counts of records, truncated and unusable
+    (nothing of the answer left) ones."""
+    check_records(records)
+    out, truncated, unusable = [], 0, 0
+    for record in records:
+        seq = handle.encode(record.system, record.prompt, record.response)
+        if len(seq.ids) > max_length:
+            truncated += 1
+            if seq.prompt_len >= max_length:
+                unusable += 1
+                continue
+            seq = TokenSequence(seq.ids[:max_length], seq.prompt_len)
+        if seq.response_len > 0:
+            out.append(seq)
+    if not out:
+        raise InvalidInputError("no record has an answer within --max-length; raise --max-length")
+    return out, {"records": len(records), "truncated": truncated, "unusable": unusable, "trained": len(out)}
+
+
+def check(
+    n_blocks: int, hidden: int, config: FinetuneConfig, monitors: list[Monitored], interventions: list[Intervention]
+) -> None:
+    """One-line errors before training (and before loading the model): layers, vector widths, conflicting
+    interventions."""
+    if config.monitor_layer is not None:
+        check_layers(config.monitor_layer, n_blocks)
+    for monitored in monitors:
+        if monitored.direction.shape != (hidden,):
+            raise InvalidInputError(
+                f"monitor vector {monitored.name} has width {monitored.direction.shape[-1]} but the model has "
+                f"{hidden}; use a vector extracted from this model"
+            )
+    layers: dict[int, Intervention] = {}
+    for iv in interventions:
+        check_layers(iv.layer, n_blocks)
+        check_vector(iv.vector, iv.layer, n_blocks, hidden)
+        other = layers.setdefault(iv.layer, iv)
+        if other is not iv and not torch.equal(torch.as_tensor(other.vector), torch.as_tensor(iv.vector)):
+            raise InvalidInputError(f"--steer and --ablate at layer {iv.layer} use different vectors; use one vector")
+
+
+def assistant_loss(
+    handle: ModelHandle, micro: list[TokenSequence], forward=None, hooks: list = (), chunk: int = 64
+) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens of ``micro`` (right-padded; prompt and padding masked), the
+    forward through ``forward`` (a data-parallel wrapper) with training-only ``hooks`` in place."""
+    batch = pad_batch([s.ids for s in micro], handle.tokenizer.pad_token_id, "right", handle.input_device)
+    with intervene(handle, *hooks) if hooks else nullcontext():
+        hidden = final_hidden(handle, batch, forward)
+    targets = torch.roll(batch.input_ids, -1, dims=1)
+    return chunked_cross_entropy(hidden, targets, response_mask(micro, batch), logits_fn(handle), chunk)
+
+
+class Monitor:
+    """Projections of the model's activations onto each monitored vector, relative to step 0."""
+
+    def __init__(self, handle: ModelHandle, monitors: list[Monitored], layer: int, config: FinetuneConfig):
+        self.handle, self.monitors, self.layer, self.config = handle, monitors, layer, config
+
+    def measure(self) -> dict[str, dict[str, float]]:
+        """Per vector, the mean projection at the last prompt token and over the model's own answers."""
+        handle, out = self.handle, {}
+        for monitored in self.monitors:
+            prompts = [handle.encode(None, q) for q in monitored.questions]
+            unit = monitored.direction / monitored.direction.norm()
+            last = capture(handle, prompts, [self.layer], "last_prompt", batch_size=self.config.batch_size * 4)
+            answers = greedy_ids(handle, prompts, self.config.monitor_tokens, self.config.batch_size * 4)
+            own = [TokenSequence(p.ids + tuple(a), p.prompt_len) for p, a in zip(prompts, answers, strict=True) if a]
+            response = capture(handle, own, [self.layer], "response", batch_size=self.config.batch_size * 4)
+            out[monitored.name] = {
+                "last_prompt": float((last[:, 0] @ unit).mean()),
+                "response_mean": float((response[:, 0] @ unit).mean()),
+            }
+        return out
+
+
+def _write_json(path: Path, data) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)
+
+
+def _latest(out: Path) -> Path | None:
+    done = [p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file()]
+    return max(done, key=lambda p: int(p.name.removeprefix("step-")), default=None)
+
+
+def finetune(
+    handle: ModelHandle,
+    records: list[Record],
+    config: FinetuneConfig,
+    out: str | Path,
+    monitors: list[Monitored] = (),
+    interventions: list[Intervention] = (),
+    judge: Judge | None = None,
+    epochs: float | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Fine-tune ``handle.model`` in place into ``out`` (resuming from its last checkpoint); returns the
+    monitor table (step, vector, layer, position, projection, shift)."""
+    out = Path(out)
+    monitors, interventions = list(monitors), list(interventions)
+    layer = config.monitor_layer if config.monitor_layer is not None else handle.n_blocks // 2
+    check(handle.n_blocks, handle.hidden_size, config, monitors, interventions)
+    sequences, counts = training_sequences(handle, records, config.max_length)
+    accelerator = accelerator_for(handle)
+    main = accelerator.is_main_process
+    progress = progress and main
+    if epochs is not None:
+        per_step = config.batch_size * config.grad_accum * accelerator.num_processes
+        config = config.model_copy(update={"steps": max(1, math.ceil(epochs * len(sequences) / per_step))})
+    hooks = []
+    for iv in interventions:
+        if iv.kind == "steer":
+            scaled = scaled_vector(handle, iv.vector, iv.layer, iv.scale, calibration_prompts(handle))
+            iv.record = scaled.record([iv.alpha])
+            say(f"training-only steering: {scaled.describe([iv.alpha])}", progress)
+            hooks.append(Steer(iv.layer, scaled.vector, iv.alpha, "all"))
+        else:
+            iv.record = {"layer": iv.layer}
+            hooks.append(Ablate(iv.layer, iv.vector, "all"))
+    torch.manual_seed(config.seed)
+    student = with_lora(handle.model, config.lora_rank, config.lora_alpha) if config.lora_rank else handle.model
+    trainer = Trainer(accelerator, handle, student, config)
+    monitor = Monitor(handle, monitors, layer, config)
+    rows: list[dict] = []
+    base: dict = {}
+    latest = _latest(out)
+    if latest is not None:
+        state = torch.load(latest / "trainer_state.pt", weights_only=False)
+        trainer.restore(state["trainer"])
+        rows, base = state["monitor"], state["base"]
+        say(f"resuming from {latest} (step {trainer.step} of {config.steps})", progress)
+
+    def loss(micro: list[TokenSequence]) -> torch.Tensor:
+        return assistant_loss(handle, micro, trainer.wrapped, hooks, config.loss_chunk)
+
+    def observe(step: int) -> None:
+        """Monitor at ``step`` (main process; the others wait) and append the rows."""
+        if main and monitors:
+            student.eval()
+            with torch.no_grad():
+                measured = monitor.measure()
+                if not base:
+                    base.update(measured)
+                for name, values in measured.items():
+                    for position, value in values.items():
+                        rows.append(
+                            {
+                                "step": step,
+                                "vector": name,
+                                "layer": layer,
+                                "position": position,
+                                "projection": value,
+                                "shift": value - base[name][position],
+                            }
+                        )
+                rows.extend(_judged(handle, monitors, judge, out, step, config))
+            student.train()
+        accelerator.wait_for_everyone()
+
+    def checkpoint(step: int) -> None:
+        if step % config.checkpoint_every and step != config.steps:
+            return
+        observe(step)
+        if main:
+            folder = out / "checkpoints" / f"step-{step}"
+            student.save_pretrained(folder)
+            handle.tokenizer.save_pretrained(folder)
+            state = {"trainer": trainer.state(), "monitor": rows, "base": base}
+            torch.save(state, folder / ".trainer_state.partial")
+            (folder / ".trainer_state.partial").replace(folder / "trainer_state.pt")
+            _outputs(out, handle, rows, trainer.losses, config, counts, interventions)
+        accelerator.wait_for_everyone()
+
+    if trainer.step == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        observe(0)
+    trainer.train(sequences, loss, config.steps, progress, "finetune", checkpoint)
+    if main:
+        _outputs(out, handle, rows, trainer.losses, config, counts, interventions)
+    accelerator.wait_for_everyone()
+    return pd.DataFrame(rows)
+
+
+def _judged(handle, monitors, judge, out: Path, step: int, config: FinetuneConfig) -> list[dict]:
+    if judge is None:
+        return []
+    rows = []
+    params = SamplingParams(temperature=0.0, max_new_tokens=config.monitor_tokens)
+    with closing(Store(out / "generations.sqlite")) as store:
+        for monitored in monitors:
+            if monitored.trait is None:
+                continue
+            answers = scored_answers(
+                handle,
+                monitored.trait,
+                judge,
+                store,
+                f"finetune {out} step {step}",
+                config.monitor_samples,
+                params,
+                progress=False,
+            )
+            scores = summary(answers)
+            rows.append(
+                {
+                    "step": step,
+                    "vector": monitored.name,
+                    "layer": None,
+                    "position": "judged_trait",
+                    "projection": scores["trait_mean"],
+                    "shift": None,
+                }
+            )
+            rows.append(
+                {
+                    "step": step,
+                    "vector": monitored.name,
+                    "layer": None,
+                    "position": "judged_coherence",
+                    "projection": scores["coherence_mean"],
+                    "shift": None,
+                }
+            )
+    return rows
+
+
+def _outputs(out: Path, handle, rows, losses, config: FinetuneConfig, counts, interventions) -> None:
+    name = short_name(handle.name)
+    (out / "training_curve.csv").write_text("step,loss\n" + "".join(f"{i + 1},{x}\n" for i, x in enumerate(losses)))
+    if losses:
+        title = f"finetune {out.name}: {name}, cross-entropy of assistant tokens"
+        plot_training_curve(losses, title, out / "training_curve.png", "cross-entropy (nats per token)")
+    table = pd.DataFrame(rows, columns=["step", "vector", "layer", "position", "projection", "shift"])
+    table.to_csv(out / "monitor.csv", index=False)
+    shifts = table[table["position"].isin(["last_prompt", "response_mean"])]
+    if len(shifts):
+        panels = []
+        for position, rows_at in shifts.groupby("position", sort=False):
+            panel = Panel(f"shift along the vector ({position})", hline=0.0)
+            for vector, mine in rows_at.groupby("vector", sort=False):
+                panel.lines[vector] = (mine["step"], mine["shift"], None)
+            panels.append(panel)
+        title = f"finetune {out.name}: projection shift of {name} along each monitored vector"
+        plot_over_training(panels, "optimizer step", title, out / "monitor.png", False)
+    meta = {
+        "model": handle.name,
+        "revision": handle.revision,
+        "layer_convention": CONVENTION,
+        "config": config.model_dump(),
+        "data": counts,
+        "interventions": [{"kind": iv.kind, "layer": iv.layer, "alpha": iv.alpha, **iv.record} for iv in interventions],
+        "steps_done": len(losses),
+        "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("step-*")),
+        "weights": "adapter" if config.lora_rank else "model",
+    }
+    _write_json(out / "meta.json", meta)
+    lines = [
+        f"# Fine-tune {out.name} of {handle.name}",
+        "",
+        f"- records: {counts['records']}; trained on {counts['trained']}; cut to --max-length {config.max_length}: "
+        f"{counts['truncated']} ({counts['unusable']} with no answer left, left out)",
+        f"- steps: {len(losses)} of {config.steps}; checkpoints: checkpoints/step-N (every {config.checkpoint_every})",
+    ]
+    lines += [
+        f"- training-only {iv.kind} at layer {iv.layer}" + (f", alpha {iv.alpha:g}" if iv.kind == "steer" else "")
+        for iv in interventions
+    ]
+    if len(shifts):
+        last = shifts[shifts["step"] == shifts["step"].max()]
+        lines += ["", "| vector | position | shift at the last checkpoint |", "|---|---|---|"]
+        lines += [f"| {r.vector} | {r.position} | {r.shift:+.4g} |" for r in last.itertuples()]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
