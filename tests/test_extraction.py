@@ -1,4 +1,5 @@
 import hashlib
+import json
 import sqlite3
 
 import pytest
@@ -111,6 +112,18 @@ def test_vectors_equal_a_direct_reference_and_reruns_reuse_the_store(tiny, tmp_p
     assert f"| {RULES['pos_trait_low']} | {meta['counts']['rejected']['pos_trait_low']} |" in summary
     assert sum(meta["counts"]["rejected"].values()) == dropped
     assert summary.count("(trait ") == 2 * min(3, dropped) and "Dropped pairs, for example" in summary
+    pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 18 and sum(p["kept"] for p in pairs) == kept
+    for p in pairs:
+        assert p["pos_trait"] == hashed_score(p["pos_text"]) and p["neg_trait"] == hashed_score(p["neg_text"])
+        assert p["pos_text"] in texts and p["neg_text"] in texts and p["pos_instruction"] != p["neg_instruction"]
+        low, high = p["pos_trait"] < CONFIG.pos_threshold, p["neg_trait"] >= CONFIG.neg_threshold
+        empty = not p["pos_text"].strip() or not p["neg_text"].strip()
+        assert p["kept"] == (not (low or high or empty))
+        assert p["rules"] == [r for r, on in [("pos_trait_low", low), ("neg_trait_high", high)] if on] + (
+            ["empty_answer"] if empty else []
+        )
+        assert p["reasons"] == [RULES[r] for r in p["rules"]]
 
     calls = []
     monkeypatch.setattr(handle.model, "generate", lambda *a, **k: calls.append(1))

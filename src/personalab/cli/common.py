@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from personalab.traits import Trait
 
 MODELS, VECTORS, STEERING, WEIGHTS, STUDIES = "Models and traits", "Vectors", "Steering", "Weights", "Studies"
+REPORTS = "Reports"
 """Help panels of ``personalab --help``, by what the commands do."""
 
 app = typer.Typer(help="Persona vectors in language models.", no_args_is_help=True, add_completion=False)
@@ -52,6 +53,7 @@ ScaleOption = Annotated[
 ]
 DtypeOption = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+ReportOption = Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run folder.")]
 
 
 @contextmanager
@@ -142,3 +144,20 @@ def open_model(
     from personalab.engine.model import load_model
 
     return load_model(model, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer)
+
+
+def write_run_report(folder: Path, enabled: bool = True) -> None:
+    """A run command's last step: ``folder/report.html`` (see ``personalab report``).
+
+    The run's results are already on disk; a report that cannot be written is said, not raised.
+    """
+    if not enabled:
+        return
+    from personalab.runpage import REPORT, write_report
+
+    try:
+        write_report([folder], folder / REPORT)
+    except OSError as exc:
+        errors.print(f"report: not written ({exc}); run `personalab report {folder}` later", markup=False)
+        return
+    console.print(f"report: {folder / REPORT}", highlight=False, markup=False)

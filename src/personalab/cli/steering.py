@@ -13,6 +13,7 @@ from personalab.cli.common import (
     DtypeOption,
     JudgeOption,
     ModelOption,
+    ReportOption,
     RevisionOption,
     ScaleOption,
     ThreadsOption,
@@ -30,6 +31,7 @@ from personalab.cli.common import (
     pick_trait,
     prepare,
     reported,
+    write_run_report,
 )
 from personalab.errors import InvalidInputError
 
@@ -126,6 +128,7 @@ def sweep(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    report: ReportOption = True,
     threads: ThreadsOption = None,
 ) -> None:
     """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
@@ -154,3 +157,4 @@ def sweep(
         run_sweep(handle, direction, chosen, scorer, folder, config)
     console.print((folder / "sweep.md").read_text(), markup=False)
     console.print(f"wrote {folder}/sweep.csv, sweep.md, heatmap_trait.png, heatmap_coherence.png, curves.png")
+    write_run_report(folder, report)

@@ -10,6 +10,7 @@ from personalab.cli.common import (
     DeviceOption,
     DtypeOption,
     JudgeOption,
+    ReportOption,
     ThreadsOption,
     TokenizerOption,
     app,
@@ -18,6 +19,7 @@ from personalab.cli.common import (
     open_model,
     prepare,
     reported,
+    write_run_report,
 )
 from personalab.errors import InvalidInputError
 
@@ -62,6 +64,7 @@ def trace(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    report: ReportOption = True,
     threads: ThreadsOption = None,
 ) -> None:
     """Trace a trait through training checkpoints: extraction, geometry, emergence and transfer steering."""
@@ -131,6 +134,7 @@ def trace(
             return open_model(target, None, dtype, device, None)
 
         run_trace(series_list, units, config, scorer, out, load, series, target, load_target if target else None)
+    write_run_report(out, report)
 
 
 PersonaOption = Annotated[
@@ -177,6 +181,7 @@ def localize(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    report: ReportOption = True,
     threads: ThreadsOption = None,
 ) -> None:
     """Where personas live: per-layer divergence of persona statements, and PCA, t-SNE and UMAP figures."""
@@ -202,6 +207,7 @@ def localize(
                 check_layers(chosen_layers, n_blocks)
         handle = open_model(model, revision, dtype, device, tokenizer)
         run_localize(handle, chosen, out, config, activations)
+    write_run_report(out, report)
 
 
 @app.command(rich_help_panel=STUDIES)
@@ -232,6 +238,7 @@ def deepscan(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    report: ReportOption = True,
     threads: ThreadsOption = None,
 ) -> None:
     """DeepScan: the hidden units and statements jointly anomalous for each persona, and their overlap."""
@@ -266,6 +273,7 @@ def deepscan(
     columns = ["persona", "runs", "score_mean", "precision_mean", "recall_mean", "records_mean", "nodes_mean"]
     console.print(summary[columns].to_string(index=False, float_format="%.3g"), markup=False)
     console.print(f"wrote {out}/summary.md, scan_summary.csv, scan_runs.csv", markup=False)
+    write_run_report(out, report)
 
 
 @app.command(rich_help_panel=STUDIES)
@@ -287,6 +295,7 @@ def compose(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    report: ReportOption = True,
     threads: ThreadsOption = None,
 ) -> None:
     """As X, do Y: 2x2 residual decomposition, additive substitution with causal KL, markers, host injection."""
@@ -312,6 +321,7 @@ def compose(
         handle = open_model(model, revision, dtype, device, tokenizer)
         run_compose(handle, chosen, out, config, marker_sets)
     console.print((out / "kl.md").read_text(), markup=False)
+    write_run_report(out, report)
 
 
 @app.command(rich_help_panel=STUDIES)
@@ -331,6 +341,7 @@ def correlate(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    report: ReportOption = True,
     threads: ThreadsOption = None,
 ) -> None:
     """Projection shift against judged trait across fine-tuned models, with Pearson r and a bootstrap interval."""
@@ -361,3 +372,4 @@ def correlate(
             seed,
         )
     console.print((out / "correlate.md").read_text(), markup=False)
+    write_run_report(out, report)

@@ -11,6 +11,7 @@ from personalab.cli.common import (
     DtypeOption,
     JudgeOption,
     ModelOption,
+    ReportOption,
     RevisionOption,
     ThreadsOption,
     TokenizerOption,
@@ -24,6 +25,7 @@ from personalab.cli.common import (
     pick_trait,
     prepare,
     reported,
+    write_run_report,
 )
 from personalab.errors import InvalidInputError
 
@@ -53,13 +55,14 @@ def extract(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    report: ReportOption = True,
     threads: ThreadsOption = None,
 ) -> None:
     """Extract a persona vector: generate, judge, filter, and take per-layer mean differences."""
     with reported():
         prepare(threads)
         from personalab.engine.generation import SamplingParams
-        from personalab.studies.extraction import ExtractionConfig, run_extraction
+        from personalab.studies.extraction import ExtractionConfig, FilterError, run_extraction
         from personalab.traits import load_trait
 
         config = ExtractionConfig(
@@ -81,9 +84,14 @@ def extract(
         scorer = open_judge(judge)
         handle = open_model(model, revision, dtype, device, tokenizer)
         folder = out or Path("runs") / f"{chosen.name}-{Path(model.rstrip('/')).name}"
-        result = run_extraction(handle, chosen, scorer, folder, config)
+        try:
+            result = run_extraction(handle, chosen, scorer, folder, config)
+        except FilterError:
+            write_run_report(folder, report)
+            raise
     counts = result.meta["counts"]
     console.print(f"kept {counts['kept']} of {counts['pairs']} pairs; wrote {folder}/vectors.safetensors, summary.md")
+    write_run_report(folder, report)
 
 
 @app.command(rich_help_panel=VECTORS)

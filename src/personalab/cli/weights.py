@@ -13,6 +13,7 @@ from personalab.cli.common import (
     DtypeOption,
     JudgeOption,
     ModelOption,
+    ReportOption,
     RevisionOption,
     ScaleOption,
     ThreadsOption,
@@ -29,6 +30,7 @@ from personalab.cli.common import (
     pick_trait,
     prepare,
     reported,
+    write_run_report,
 )
 from personalab.errors import InvalidInputError
 
@@ -77,6 +79,7 @@ def distill_command(
         str, typer.Option(help="Weights dtype; auto = float32 for --full (AdamW steps survive), else the checkpoint's.")
     ] = "auto",
     device: DeviceOption = "auto",
+    report: ReportOption = True,
     threads: ThreadsOption = None,
 ) -> None:
     """Bake a steering vector into weights: KL(steered teacher || student) on steered trajectories.
@@ -119,7 +122,7 @@ def distill_command(
         chosen = None if prompts is not None else pick_trait(trait, None, vector, also="--prompts FILE")
         state = PartialState(cpu=resolve_device(device) == "cpu")
         placement = str(state.device) if state.num_processes > 1 else device
-        rows = []
+        rows, folders = [], []
         for config in configs:
             weights_dtype = "float32" if full and dtype == "auto" else dtype
             handle = open_model(model, revision, weights_dtype, placement, tokenizer)
@@ -129,6 +132,7 @@ def distill_command(
                 handle, direction, prompt_set, config, folder, store_path=out / "generations.sqlite", merge=merge
             )
             rows.append({"trajectories": config.trajectories, **result.held_out, "trainable": result.trainable})
+            folders.append(folder)
     if not state.is_main_process:
         return
     table = Table("trajectories", "held-out KL start", "held-out KL end", "KL to unsteered base", "trainable")
@@ -138,6 +142,8 @@ def distill_command(
     if len(rows) > 1:
         pd.DataFrame(rows).to_csv(out / "ablation.csv", index=False)
         console.print(f"wrote {out}/ablation.csv")
+    for folder in folders:
+        write_run_report(folder, report)
 
 
 @app.command(rich_help_panel=WEIGHTS)
@@ -160,6 +166,7 @@ def compare(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    report: ReportOption = True,
     threads: ThreadsOption = None,
 ) -> None:
     """Judge base, steered and distilled models on the trait's evaluation questions."""
@@ -183,6 +190,7 @@ def compare(
         run_compare(base, direction, layer, alpha, chosen, scorer, trained, out, samples, params, scale)
     console.print((out / "compare.md").read_text(), markup=False)
     console.print(f"wrote {out}/compare.csv, compare.md, compare.png, answers.jsonl, meta.json")
+    write_run_report(out, report)
 
 
 @app.command(rich_help_panel=WEIGHTS)
@@ -199,6 +207,7 @@ def bake(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    report: ReportOption = True,
     threads: ThreadsOption = None,
 ) -> None:
     """Bake steering on all positions into the weights: the saved model's plain forward equals the steered one."""
@@ -215,6 +224,7 @@ def bake(
         folder = bake_exact(handle, direction, layer, alpha, out, scale)
         method = json.loads((folder / "bake.json").read_text())["method"]
     console.print(f"baked alpha {alpha:g} at layer {layer} as {method}; wrote {folder}")
+    write_run_report(folder, report)
 
 
 def _monitored(paths: list[Path], layer: int | None, n_blocks: int, prompts: Path | None, variant: str, judged: bool):
@@ -238,7 +248,8 @@ def _monitored(paths: list[Path], layer: int | None, n_blocks: int, prompts: Pat
         trait = found[0] if found else None
         if judged and trait is None:
             raise InvalidInputError(f"--monitor-judge needs the trait of {path}; it keeps no trait.json")
-        out.append(Monitored(Path(path).name, direction[chosen], questions or trait.evaluation_questions, trait))
+        prompts = questions or trait.evaluation_questions
+        out.append(Monitored(Path(path).name, direction[chosen], prompts, trait, str(Path(path).resolve())))
     return out
 
 
@@ -295,6 +306,7 @@ def finetune(
         str, typer.Option(help="Weights dtype; auto = float32 for --full, else the checkpoint's.")
     ] = "auto",
     device: DeviceOption = "auto",
+    report: ReportOption = True,
     threads: ThreadsOption = None,
 ) -> None:
     """Fine-tune on chat data while monitoring persona vectors; optional training-only steering or ablation.
@@ -348,3 +360,4 @@ def finetune(
     if state.is_main_process:
         console.print((out / "summary.md").read_text(), markup=False)
         console.print(f"wrote {out}/checkpoints, monitor.csv, monitor.png, training_curve.png", markup=False)
+        write_run_report(out, report)

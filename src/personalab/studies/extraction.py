@@ -4,12 +4,14 @@ For every extraction question x instruction pair x sample the model answers once
 the trait-eliciting instruction (``pos``) and once under the suppressing one (``neg``).
 A pair is kept when ``trait(pos) >= pos_threshold``, ``trait(neg) < neg_threshold`` and
 both coherence scores are ``>= coherence_threshold`` (50, 50 and 50 by default, as in the
-public pipeline). The run folder keeps the full trait (``trait.json``), and ``summary.md``
-says how many pairs each rule dropped, with example dropped pairs. Each vector variant is the mean
+public pipeline). The run folder keeps the full trait (``trait.json``), every pair with its
+scores and the rules it breaks (``pairs.jsonl``, written before the minimum-pairs check), and
+``summary.md`` says how many pairs each rule dropped, with example dropped pairs. Each vector variant is the mean
 activation over kept ``pos`` answers minus the mean over kept ``neg`` answers, at every
 layer (``[n_blocks + 1, hidden]``, convention in ``personalab.engine.layers``).
 """
 
+import json
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -29,6 +31,9 @@ from personalab.store import Store
 from personalab.traits import RUN_TRAIT, Trait, coherence_rubric
 from personalab.traits.elicitation import elicit
 from personalab.vectors import VARIANTS, save_vectors
+
+PAIRS = "pairs.jsonl"
+"""Every contrastive pair of an extraction run folder, kept or dropped, one JSON line each."""
 
 
 class ExtractionConfig(BaseModel):
@@ -237,17 +242,30 @@ class FilterReport:
             if match is not None and len(chosen) < k:
                 chosen.append(match)
         chosen += [i for i, _ in dropped if i not in chosen][: k - len(chosen)]
-        return [_example(self.pairs[i], self.broken[i]) for i in sorted(chosen)]
+        return [_record(self.pairs[i], self.broken[i]) for i in sorted(chosen)]
+
+    def write(self, path: Path) -> None:
+        """Every pair as one JSON line: question, instruction pair, sample, both answers with their
+        scores and instructions, ``kept``, the rules it breaks and why (``RULES``)."""
+        lines = [
+            json.dumps({**_record(pair, rules), "kept": not rules, "reasons": [RULES[r] for r in rules]})
+            for pair, rules in zip(self.pairs, self.broken, strict=True)
+        ]
+        path.write_text("".join(f"{line}\n" for line in lines))
 
 
-def _example(pair: tuple[Answer, Answer], rules: list[str]) -> dict:
+def _record(pair: tuple[Answer, Answer], rules: list[str]) -> dict:
     pos, neg = pair
     return {
         "question": pos.question,
         "pair": pos.pair,
         "sample": pos.sample,
         "rules": rules,
-        **{f"{a.polarity}_{key}": getattr(a, key) for a in pair for key in ("text", "trait", "coherence")},
+        **{
+            f"{a.polarity}_{key}": getattr(a, key)
+            for a in pair
+            for key in ("text", "trait", "coherence", "instruction")
+        },
     }
 
 
@@ -274,6 +292,7 @@ def run_extraction(
     finally:
         store.close()
     report = filter_pairs(answers, config)
+    report.write(out / PAIRS)
     counts = report.counts(trait)
     if counts["kept"] < config.min_pairs:
         reasons = ", ".join(f"{k}: {v}" for k, v in counts["rejected"].items() if v)

@@ -67,12 +67,13 @@ class FinetuneConfig(TrainConfig):
 @dataclass
 class Monitored:
     """A vector to monitor: its name, direction (``[hidden]`` at the monitor layer) and prompt set (questions),
-    and the trait to judge (when judging)."""
+    the trait to judge (when judging) and where the vector came from."""
 
     name: str
     direction: torch.Tensor
     questions: list[str]
     trait: Trait | None = None
+    source: str = ""
 
 
 @dataclass
@@ -269,7 +270,7 @@ def finetune(
             state = {"trainer": trainer.state(), "monitor": rows, "base": base}
             torch.save(state, folder / ".trainer_state.partial")
             (folder / ".trainer_state.partial").replace(folder / "trainer_state.pt")
-            _outputs(out, handle, rows, trainer.losses, config, counts, interventions)
+            _outputs(out, handle, rows, trainer.losses, config, counts, monitors, interventions)
         accelerator.wait_for_everyone()
 
     if trainer.step == 0:
@@ -277,7 +278,7 @@ def finetune(
         observe(0)
     trainer.train(sequences, loss, config.steps, progress, "finetune", checkpoint)
     if main:
-        _outputs(out, handle, rows, trainer.losses, config, counts, interventions)
+        _outputs(out, handle, rows, trainer.losses, config, counts, monitors, interventions)
     accelerator.wait_for_everyone()
     return pd.DataFrame(rows)
 
@@ -325,7 +326,7 @@ def _judged(handle, monitors, judge, out: Path, step: int, config: FinetuneConfi
     return rows
 
 
-def _outputs(out: Path, handle, rows, losses, config: FinetuneConfig, counts, interventions) -> None:
+def _outputs(out: Path, handle, rows, losses, config: FinetuneConfig, counts, monitors, interventions) -> None:
     name = short_name(handle.name)
     (out / "training_curve.csv").write_text("step,loss\n" + "".join(f"{i + 1},{x}\n" for i, x in enumerate(losses)))
     if losses:
@@ -350,6 +351,10 @@ def _outputs(out: Path, handle, rows, losses, config: FinetuneConfig, counts, in
         "config": config.model_dump(),
         "data": counts,
         "interventions": [{"kind": iv.kind, "layer": iv.layer, "alpha": iv.alpha, **iv.record} for iv in interventions],
+        "monitors": [
+            {"name": m.name, "path": m.source, "trait": m.trait.name if m.trait else None, "prompts": len(m.questions)}
+            for m in monitors
+        ],
         "steps_done": len(losses),
         "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("step-*")),
         "weights": "adapter" if config.lora_rank else "model",
