@@ -1,4 +1,4 @@
-"""Commands that run the analysis studies: ``trace``, ``localize``, ``deepscan``."""
+"""Commands that run the analysis studies: ``trace``, ``localize``, ``deepscan``, ``compose``, ``correlate``."""
 
 from pathlib import Path
 from typing import Annotated
@@ -13,10 +13,13 @@ from personalab.cli.common import (
     ReportOption,
     ThreadsOption,
     TokenizerOption,
+    VariantOption,
     app,
     console,
+    load_direction,
     open_judge,
     open_model,
+    pick_trait,
     prepare,
     reported,
     write_run_report,
@@ -334,7 +337,7 @@ def correlate(
     out: Annotated[Path, typer.Option(help="Folder for correlate.csv, correlate.md, correlate.png.")],
     trait: Annotated[str | None, typer.Option(help="Trait (default: the --vector run's trait).")] = None,
     samples: Annotated[int, typer.Option(help="Judged answers per evaluation question.")] = 5,
-    variant: Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")] = "response_mean",
+    variant: VariantOption = "response_mean",
     temperature: float = 1.0,
     max_new_tokens: int = 256,
     seed: int = 0,
@@ -349,7 +352,6 @@ def correlate(
         prepare(threads)
         from functools import partial
 
-        from personalab.cli.common import load_direction, pick_trait
         from personalab.engine.generation import SamplingParams
         from personalab.engine.model import load_trained
         from personalab.studies.correlate import run_correlate
