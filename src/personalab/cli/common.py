@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from personalab.judging.judges import Judge
     from personalab.traits import Trait
 
-MODELS, VECTORS, STEERING, WEIGHTS, STUDIES = "Models and traits", "Vectors", "Steering", "Weights", "Studies"
-REPORTS = "Reports"
+MODELS, VECTORS, STEERING, WEIGHTS = "Models and traits", "Vectors", "Steering", "Weights"
+STUDIES, REPORTS = "Studies", "Reports"
 """Help panels of ``personalab --help``, by what the commands do."""
 
 app = typer.Typer(help="Persona vectors in language models.", no_args_is_help=True, add_completion=False)
