@@ -19,7 +19,7 @@ ALLOWED = {
     "traits": {"errors", "engine"},
     "judging": {"errors", "store", "report", "engine", "traits"},
     "studies": {"errors", "store", "vectors", "records", "report", "engine", "traits", "judging"},
-    "runpage": {"errors", "traits"},
+    "runpage": {"errors", "records", "traits"},
     "cli": {"errors", "store", "vectors", "records", "report", "engine", "traits", "judging", "studies", "runpage"},
     "__init__": {"errors", "engine"},
     "__main__": {"cli"},

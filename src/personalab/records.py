@@ -6,6 +6,7 @@ message is the prompt; a final assistant message, if present, the response) or
 """
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,20 @@ def _parse_record(obj: object, where: str) -> Record:
     return Record(system=system, prompt=prompt, response=response, source=obj, where=where)
 
 
+def jsonl_values(path: Path) -> Iterator[tuple[str, object]]:
+    """``(where, value)`` for each non-blank line of a JSONL file, ``where`` being ``"PATH line N"``;
+    a line that is not JSON raises ``InvalidInputError`` naming it."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            where = f"{path} line {number}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                hint = "write one JSON object per line"
+                raise InvalidInputError(f"{where}: not valid JSON ({exc.msg}); {hint}") from None
+            yield where, value
+
+
 def load_records(path: str | Path) -> list[Record]:
     """Read a JSONL file of chat records (blank lines skipped), in file order.
 
@@ -72,20 +87,9 @@ def load_records(path: str | Path) -> list[Record]:
     ``{"prompt": str, "response"?: str, "system"?: str}``.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InvalidInputError(f"{path} does not exist; give a JSONL file with one record per line") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from None
-        records.append(_parse_record(obj, where))
+    if not path.is_file():
+        raise InvalidInputError(f"{path} does not exist; give a JSONL file with one record per line")
+    records = [_parse_record(obj, where) for where, obj in jsonl_values(path)]
     if not records:
         raise InvalidInputError(f"{path} has no records; write one JSON object per line")
     return records

@@ -16,6 +16,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+from personalab.records import jsonl_values
 from personalab.traits import COHERENCE_CONTINUATION, COHERENCE_RUBRIC, LIBRARY
 
 ANSWER_FIELDS = ("question", "instruction", "layer", "alpha", "sample", "condition", "model", "text")
@@ -122,12 +123,5 @@ def stored_answers(store: Path, trait_files: list[Path]) -> dict:
 
 
 def extraction_pairs(path: Path) -> list[dict]:
-    """The lines of an extraction's ``pairs.jsonl``; raises ``ValueError`` on a line that is not JSON."""
-    pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                pairs.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"line {number} is not JSON ({exc.msg})") from None
-    return pairs
+    """The lines of an extraction's ``pairs.jsonl``; ``InvalidInputError`` names a line that is not JSON."""
+    return [pair for _, pair in jsonl_values(path)]

@@ -14,6 +14,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 
+from personalab.errors import InvalidInputError
 from personalab.runpage.answers import extraction_pairs, stored_answers
 from personalab.runpage.folders import RunFolder, read_run
 
@@ -76,7 +77,7 @@ def _run_data(run: RunFolder) -> dict:
     if pairs.is_file():
         try:
             data["pairs"] = extraction_pairs(pairs)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (InvalidInputError, UnicodeDecodeError) as exc:
             run.problems.append(f"pairs.jsonl cannot be read: {exc}")
     return data
 

@@ -10,11 +10,11 @@ Statements keep their file order, positives and negatives each.
 """
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from personalab.errors import InvalidInputError
+from personalab.records import jsonl_values
 
 BUILT_IN = Path(__file__).parent / "personas"
 
@@ -46,14 +46,7 @@ def _confidence(value: object, where: str) -> float | None:
 def read_anthropic(path: Path, persona: str) -> list[Statement]:
     """Statements of one Anthropic-layout JSONL file."""
     out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"{where}: not valid JSON ({exc.msg})") from None
+    for where, row in jsonl_values(path):
         missing = {"statement", "answer_matching_behavior"} - set(row) if isinstance(row, dict) else {"statement"}
         if missing:
             raise InvalidInputError(
