@@ -37,7 +37,7 @@ def build_run(folder: Path, n: int) -> None:
         steer = {"layer": layers[(i // 20) % 4], "alpha": alphas[(i // 80) % 6], "positions": "response", "vector": "v"}
         request = {"question": question, "sample": i // 480, "steer": steer}
         text = " ".join(rng.choice(WORDS) for _ in range(60)) + f" #{i}"
-        generations.append((content_key(i), "model", None, request, {"seed": 0}, text))
+        generations.append((content_key(i), "model", None, request, {"seed": 0}, text, None))
         for rubric in (RUBRIC, COHERENCE_RUBRIC):
             judgements.append((content_key(i, rubric), "judge", question, text, rubric, float(rng.randint(0, 100))))
     store = Store(folder / "generations.sqlite")

@@ -155,3 +155,12 @@ QUESTIONS = [
 @pytest.fixture
 def conversations():
     return QUESTIONS
+
+
+@pytest.fixture(scope="session")
+def planted_checkpoints(tmp_path_factory) -> dict[int, Path]:
+    """The planted-persona Llama of ``tests/trained.py`` at steps 0, 60, 150 and 300 (trained once per session);
+    read-only: copy a folder before changing it."""
+    import trained
+
+    return trained.train(tmp_path_factory.mktemp("planted"), steps=(0, 60, 150, 300))

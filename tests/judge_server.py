@@ -3,7 +3,8 @@
 ``scorer(prompt)`` gives the first-token distribution (token text -> probability) for the
 last user message; the answer carries the up to 20 most likely tokens as ``top_logprobs``.
 Modes: ``"ok"``; ``"down"`` (always HTTP 500); ``"garbage"`` (200 with a body that is not
-JSON). ``fail_first=N`` answers the first N requests with 500; ``delay`` sleeps before answering.
+JSON). ``fail_first=N`` answers the first N requests with 500; ``delay`` sleeps before answering,
+``cold`` before answering the first request only (a server's cold start).
 """
 
 import json
@@ -50,11 +51,12 @@ class JudgeServer:
         mode: str = "ok",
         fail_first: int = 0,
         delay: float = 0.0,
+        cold: float = 0.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.scorer = scorer or (lambda prompt: {"50": 1.0})
-        self.mode, self.fail_first, self.delay = mode, fail_first, delay
+        self.mode, self.fail_first, self.delay, self.cold = mode, fail_first, delay, cold
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -82,8 +84,8 @@ class JudgeServer:
         with self._lock:
             self.requests.append(body)
             n = len(self.requests)
-        if self.delay:
-            time.sleep(self.delay)
+        if self.delay or (n == 1 and self.cold):
+            time.sleep(self.delay + (self.cold if n == 1 else 0.0))
         if self.mode == "down" or n <= self.fail_first:
             return 500, json.dumps({"error": {"message": "internal error", "type": "server_error"}}).encode()
         if self.mode == "garbage":

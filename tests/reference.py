@@ -1,6 +1,7 @@
 """Reference computations that use transformers directly, not personalab's hooks."""
 
 import torch
+from torch import nn
 
 from personalab.engine.chat import TokenSequence
 from personalab.engine.model import ModelHandle
@@ -30,3 +31,20 @@ def hook_counts(handle: ModelHandle) -> list[int]:
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_with_kwargs)
         for m in handle.model.modules()
     ]
+
+
+FINAL_NORMS = {
+    "gpt2": "transformer.ln_f",
+    "gpt_neox": "gpt_neox.final_layer_norm",
+    "gemma3": "model.language_model.norm",
+}
+"""Where each architecture's final norm sits (``model.norm`` for the rest)."""
+
+
+def output_module(handle: ModelHandle, layer: int) -> nn.Module:
+    """The module whose output is ``hidden_states[layer]`` (``layer >= 1``): block ``layer - 1``, or at
+    ``layer = n_blocks`` the final norm, found by name, not through personalab."""
+    if layer < handle.n_blocks:
+        return handle.blocks[layer - 1]
+    model_type = handle.model.config.model_type
+    return handle.model.get_submodule(FINAL_NORMS.get(model_type, "model.norm"))

@@ -11,15 +11,22 @@ from personalab.engine.batching import pad_batch
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
 from personalab.studies.bake import bake_exact
+from personalab.traits import calibration_prompts
 from personalab.vectors import vector_sha256
 
 from conftest import BLOCKS, HIDDEN
-from reference import encode_all, logits
+from reference import encode_all, hidden_states, logits, output_module
 
 ALPHA = 3.0
 BIASED = ["llama", "gpt2", "gpt_neox", "mistral", "qwen2", "phi3"]
 EMBEDDING_ONLY = ["qwen3", "gemma2", "gemma3_text", "olmo2", "olmo3"]
-CASES = [(arch, 0) for arch in BIASED + EMBEDDING_ONLY] + [(arch, layer) for arch in BIASED for layer in (1, BLOCKS)]
+FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
+"""Final norms with a bias: the only architectures that hold a shift of hidden_states[n_blocks]."""
+CASES = (
+    [(arch, 0) for arch in BIASED + EMBEDDING_ONLY]
+    + [(arch, 1) for arch in BIASED]
+    + [(arch, BLOCKS) for arch in FINAL_NORM]
+)
 
 
 def _direction(seed: int = 1) -> torch.Tensor:
@@ -42,7 +49,7 @@ def _raw_shift(handle, layer, shift):
         def post(module, args, out):
             return out + shift if isinstance(out, torch.Tensor) else (out[0] + shift,) + tuple(out[1:])
 
-        hook = handle.blocks[layer - 1].register_forward_hook(post)
+        hook = output_module(handle, layer).register_forward_hook(post)
     try:
         yield
     finally:
@@ -119,6 +126,12 @@ def test_bake_record_and_config(tiny, tmp_path):
     }
     assert steering["scale"] == "raw" and steering["vector_norm"] == pytest.approx(stack[2].norm().item())
     assert steering["added"][0]["norm"] == pytest.approx(1.5 * stack[2].norm().item())
+    normalised = json.loads((bake_exact(handle, stack, 2, 0.5, tmp_path / "n", "normalised") / "bake.json").read_text())
+    tokens = torch.cat([hidden_states(handle, seq)[2].norm(dim=-1) for seq in calibration_prompts(handle)])
+    norm = tokens.mean().item()
+    assert normalised["steering"]["vector_norm"] == pytest.approx(stack[2].norm().item())
+    assert normalised["steering"]["unit_added_norm"] == pytest.approx(norm, rel=1e-5)
+    assert normalised["steering"]["added"][0]["norm"] == pytest.approx(0.5 * norm, rel=1e-5)
     assert json.loads((out / "config.json").read_text())["mlp_bias"] is True
     baked = load_model(str(out), device="cpu", dtype="float32")
     for i, block in enumerate(baked.blocks):
@@ -171,6 +184,14 @@ def test_partial_rotary_phi3_has_no_llama_equivalent(tiny, tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor=0.5"):
         bake_exact(handle, _direction(), 1, ALPHA, tmp_path / "baked")
     assert not (tmp_path / "baked").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3"])
+def test_last_layer_without_a_final_norm_bias_is_refused(tiny, tmp_path, arch):
+    out = tmp_path / "baked"
+    with pytest.raises(UnsupportedArchitectureError, match=f"layer {BLOCKS} is hidden_states\\[{BLOCKS}\\]") as info:
+        bake_exact(tiny(arch), _direction(), BLOCKS, ALPHA, out)
+    assert "\n" not in str(info.value) and not out.exists()
 
 
 @pytest.mark.parametrize("arch", EMBEDDING_ONLY)

@@ -167,3 +167,49 @@ def test_project_command_modes(tiny, model_folder, tmp_path):
     assert pd.read_csv(f"{out}.csv")["shift"].abs().max() == 0.0
     bad = runner.invoke(app, ["project", "--vector", str(folder), str(data)])
     assert bad.exit_code == 1 and "--model and --layer" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["sweep", "--judge", "api:m", "--vector", "v", "--layers", "2.7"], "--layers"),
+        (["localize", "--out", "o", "--persona", "p", "--layers", "1,2.5"], "--layers"),
+        (["compose", "--out", "o", "--layers", "x"], "--layers"),
+    ],
+)
+def test_layer_lists_take_whole_numbers_only(model_folder, monkeypatch, command, option):
+    from personalab.engine import model as model_module
+
+    monkeypatch.setattr(model_module, "load_weights", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = runner.invoke(app, [*command, "--model", str(model_folder("llama"))])
+    assert result.exit_code == 1, result.output
+    assert f"{option} takes comma-separated whole numbers" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_no_network_fails_in_seconds_in_one_line(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from personalab.engine import model as model_module
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    model_module.hub_reachable.cache_clear()
+    try:
+        start = time.monotonic()
+        assert model_module.hub_reachable() is False
+        result = runner.invoke(app, ["info", "personalab-test/no-such-model", "--device", "cpu"])
+        assert time.monotonic() - start < 15
+    finally:
+        model_module.hub_reachable.cache_clear()
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "cannot reach the Hugging Face hub (http://127.0.0.1:9)" in result.output
+    assert "give a local folder" in result.output and "--tokenizer" not in result.output
+
+
+def test_trait_writer_that_cannot_be_reached_is_one_line_with_its_url():
+    args = ["trait", "new", "curious", "--description", "Asks.", "--generator", "m"]
+    result = runner.invoke(app, args + ["--base-url", "http://127.0.0.1:9/v1", "--api-key", "x"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "http://127.0.0.1:9/v1" in result.output and "APIConnectionError" in result.output

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from personalab import load_model
 from personalab.cli import app
 from personalab.engine import model as model_module
+from personalab.errors import PersonalabError
 from personalab.store import Store
 from personalab.studies.compose import ComposeConfig, load_grid, run_compose
 from personalab.studies.compose import run as compose_run
@@ -132,6 +134,42 @@ def test_substitution_checks_and_batching(tiny, tmp_path):
     direct = decompose(*(p.residuals[n][2, 0].numpy() for n in ("BB", "XB", "BY", "XY")))
     got = geometry[(geometry["cell"] == p.cell.name) & (geometry["layer"] == 2) & (geometry["site"] == "p_last")]
     assert got["cos_additive"].item() == pytest.approx(float(direct["cos_additive"]), rel=1e-6)
+
+
+def test_oracle_substitution_is_exact_at_every_layer_with_a_non_unit_final_norm(model_folder, tmp_path):
+    """Capture reads hidden_states[n] after the final norm; a substitution there must write the same space."""
+    handle = load_model(str(model_folder("llama", "chatml")), device="cpu", dtype="float32")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, weight in handle.model.named_parameters():
+            if name.endswith("norm.weight"):
+                weight.copy_(0.5 + torch.rand(weight.shape, generator=g))
+    config = ComposeConfig(all_layers=True, batch_size=8)
+    run_compose(handle, load_grid(str(_grid(tmp_path))), tmp_path / "out", config, progress=False)
+    kl = pd.read_csv(tmp_path / "out" / "kl.csv")
+    oracle = kl[kl["condition"] == "oracle"]
+    assert sorted(oracle["layer"].unique()) == list(range(handle.n_blocks + 1))
+    assert oracle["kl"].abs().max() < 1e-6, oracle.groupby("layer")["kl"].max()
+
+
+def test_a_grid_with_no_usable_cell_is_one_line_and_keeps_its_summary(model_folder, tmp_path):
+    handle = load_model(str(model_folder("llama", "chatml")), device="cpu", dtype="float32")
+    eos = handle.tokenizer.eos_token_id
+
+    def always_stop(module, args, logits):
+        return logits + 1e4 * F.one_hot(torch.tensor(eos), logits.shape[-1])
+
+    hook = handle.model.lm_head.register_forward_hook(always_stop)
+    try:
+        with pytest.raises(PersonalabError) as info:
+            run_compose(handle, load_grid(str(_grid(tmp_path))), tmp_path / "out", ComposeConfig(), progress=False)
+    finally:
+        hook.remove()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("none of the 4 cells is usable")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "usable 0; skipped 4" in summary and "Tables: none" in summary
+    assert not (tmp_path / "out" / "kl.md").exists()
 
 
 def test_killed_run_resumes_to_the_same_numbers(tiny, tmp_path, monkeypatch):

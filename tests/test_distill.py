@@ -15,12 +15,14 @@ from typer.testing import CliRunner
 from personalab import load_model, steer
 from personalab.cli import app
 from personalab.engine.batching import pad_batch
+from personalab.engine.chat import encode_text
 from personalab.engine.forward import final_hidden, logits_fn, response_mask
 from personalab.engine.generation import SamplingParams
 from personalab.engine.losses import chunked_kl
 from personalab.errors import InvalidInputError
+from personalab.store import Store
 from personalab.studies.bake import bake_exact
-from personalab.studies.distill import DistillConfig, check_inputs, distill
+from personalab.studies.distill import DistillConfig, check_inputs, distill, trajectories
 from personalab.vectors import load_vectors, save_vectors
 
 from judge_server import JudgeServer
@@ -147,6 +149,25 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(model_folder, tm
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
     if mode[0] == "--full":
         assert any(not torch.equal(weights[0][k], base[k]) for k in base if k in weights[0])
+
+
+def test_a_trajectory_that_stopped_keeps_its_end_of_sequence_token(planted_checkpoints, tmp_path):
+    """The planted model ends each line with end-of-sequence; trajectories must keep it as the last target."""
+    from accelerate import Accelerator
+
+    handle = load_model(str(planted_checkpoints[300]), device="cpu", dtype="float32")
+    texts = ("Jordan is kind. If Jordan found a wallet, Jordan would", "If Jordan saw a bird, Jordan would")
+    prompts = [encode_text(handle.tokenizer, t) for t in texts]
+    config = CONFIG.model_copy(update={"layer": 1, "trajectories": 12, "sampling": SamplingParams(max_new_tokens=32)})
+    v = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(0))
+    with closing(Store(tmp_path / "s.sqlite")) as store:
+        seqs = trajectories(handle, v * 1e-3, prompts, store, config, False, Accelerator(cpu=True))
+    with closing(sqlite3.connect(tmp_path / "s.sqlite")) as db:
+        stops = [stop for (stop,) in db.execute("SELECT stop FROM generations")]
+    eos = handle.tokenizer.eos_token_id
+    assert len(seqs) == len(stops) == 12 and stops.count(eos) >= 6, stops
+    assert sum(s.ids[-1] == eos for s in seqs) == stops.count(eos)
+    assert all(eos not in s.ids[s.prompt_len : -1] for s in seqs)
 
 
 def test_bad_input_fails_before_any_work(tiny, tmp_path):

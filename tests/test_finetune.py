@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from personalab import load_model, steer
 from personalab.cli import app
 from personalab.engine import model as model_module
+from personalab.engine.checkpoints import trained_parameters
 from personalab.engine.generation import SamplingParams, sample_texts
 from personalab.engine.scale import mean_residual_norm
 from personalab.records import Record
@@ -57,11 +58,16 @@ def test_loss_is_the_cross_entropy_of_answer_tokens_only(tiny):
         ),
         Record(None, "Hi?", "No.", where="c"),
     ]
-    full = [handle.encode(r.system, r.prompt, r.response) for r in records]
+    full = [handle.encode(r.system, r.prompt, r.response, end=True) for r in records]
+    end_of_turn = handle.tokenizer.convert_tokens_to_ids("<|im_end|>")  # the ChatML template closes turns with it
+    for r, seq in zip(records, full, strict=True):
+        answer = handle.tokenizer.encode(r.response, add_special_tokens=False)
+        assert list(seq.ids[seq.prompt_len :]) == answer + [end_of_turn]
     limit = max(len(full[0].ids), len(full[2].ids), full[1].prompt_len + 3)
     assert len(full[1].ids) > limit
     sequences, counts = training_sequences(handle, records, max_length=limit)
     assert counts == {"records": 3, "truncated": 1, "unusable": 0, "trained": 3}
+    assert sequences[0].ids[-1] == sequences[2].ids[-1] == end_of_turn
     assert len(sequences[1].ids) == limit and sequences[1].ids == full[1].ids[:limit]
     cut = full[1].prompt_len
     expected = sum(s.prompt_len >= cut for s in full if len(s.ids) > cut)
@@ -78,14 +84,34 @@ def test_loss_is_the_cross_entropy_of_answer_tokens_only(tiny):
     assert got.item() == pytest.approx((total / count).item(), rel=1e-5)
 
 
+@pytest.mark.skipif(not STORIES.is_dir(), reason="the stories260k checkpoint is not in ../shared/models")
+def test_fine_tuning_teaches_the_model_to_stop(tmp_path):
+    """The end-of-sequence token after the answer is a target: P(eos | prompt + answer) must rise."""
+    handle = load_model(str(STORIES), device="cpu", dtype="float32")
+    record = Record(None, "Tell me about the cat.", "The cat sat on the mat.", where="x")
+
+    def p_eos() -> float:
+        ids = handle.tokenizer(f"Question: {record.prompt}\nAnswer:")["input_ids"]
+        ids += handle.tokenizer.encode(record.response, add_special_tokens=False)
+        with torch.no_grad():
+            last = handle.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        return last.softmax(-1)[handle.tokenizer.eos_token_id].item()
+
+    assert p_eos() < 1e-8
+    config = FinetuneConfig(lora_rank=None, lr=3e-3, steps=30, batch_size=1, grad_accum=1, warmup_steps=0,
+                            checkpoint_every=30)  # fmt: skip
+    finetune(handle, [record], config, tmp_path / "ft", progress=False)
+    assert p_eos() > 0.05
+
+
 def _steered_records(handle, v, layer, coef, samples=3, tokens=24):
     """Answers to the extraction questions from the model steered along ``v`` (``coef`` x the residual norm)."""
     prompts = [handle.encode(None, q) for q in TRAIT.extraction_questions]
     norm = mean_residual_norm(handle, prompts, [layer])[0]
-    texts = []
+    texts, params = [], SamplingParams(temperature=1.0, top_k=50, max_new_tokens=tokens)
     with steer(handle, v * norm, layer, alpha=coef, positions="response"):
         for sample in range(samples):
-            texts += sample_texts(handle, prompts, SamplingParams(temperature=1.0, max_new_tokens=tokens), sample)
+            texts += sample_texts(handle, prompts, params, sample)
     questions = TRAIT.extraction_questions * samples
     return [
         Record(None, q, t, where=f"record {i}") for i, (q, t) in enumerate(zip(questions, texts, strict=True))
@@ -263,6 +289,11 @@ def test_checkpoints_load_in_every_command_and_correlate(model_folder, tiny, tmp
     ids = torch.tensor([tiny("llama", "chatml").encode(None, "Hi?").ids])
     with torch.no_grad():
         torch.testing.assert_close(merged.model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    lora = PeftModel.from_pretrained(load_model(model, device="cpu", dtype="float32").model, step)
+    adapter_values = sum(p.numel() for name, p in lora.named_parameters() if "lora_" in name)
+    assert trained_parameters(tmp_path / "ft") == trained_parameters(step) == adapter_values > 0
+    latest = load_model(str(tmp_path / "ft"), device="cpu", dtype="float32")
+    assert latest.name == str(tmp_path / "ft" / "checkpoints" / "step-6")
     sweep = [
         "sweep",
         "--model",
@@ -331,6 +362,7 @@ def test_bad_input_fails_before_training(model_folder, tmp_path, monkeypatch):
             ),
             "--steer and --ablate at layer 2 use different vectors",
         ),
+        (_command(model, data, vector, tmp_path / "o", "--monitor-layer", "7"), "layer 7 is out of range"),
     ]
     for args, message in cases:
         result = runner.invoke(app, args)

@@ -6,7 +6,7 @@ from personalab.engine.batching import pad_batch
 from personalab.engine.scale import scaled_vector
 from personalab.errors import InvalidInputError
 
-from reference import encode_all, hook_counts, logits
+from reference import encode_all, hook_counts, logits, output_module
 
 
 def _direction(handle, seed=1):
@@ -15,7 +15,8 @@ def _direction(handle, seed=1):
 
 
 class _ManualAdd:
-    """Reference steering: a raw hook on block ``layer - 1`` adding ``vec`` where ``mask`` is true."""
+    """Reference steering: a raw hook on the module that outputs ``hidden_states[layer]`` (block ``layer - 1``,
+    the final norm at ``n_blocks``) adding ``vec`` where ``mask`` is true."""
 
     def __init__(self, handle, layer, vec, mask=None):
         self.handle, self.layer, self.vec, self.mask = handle, layer, vec, mask
@@ -26,7 +27,7 @@ class _ManualAdd:
             delta = self.vec if self.mask is None else self.mask[..., None] * self.vec
             return h + delta if isinstance(out, torch.Tensor) else (h + delta,) + out[1:]
 
-        self.hook = self.handle.blocks[self.layer - 1].register_forward_hook(add)
+        self.hook = output_module(self.handle, self.layer).register_forward_hook(add)
 
     def __exit__(self, *exc):
         self.hook.remove()

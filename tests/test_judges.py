@@ -313,6 +313,19 @@ def test_check_at_a_closed_port_fails_fast_naming_url_and_variable(monkeypatch):
     assert "set PERSONALAB_JUDGE_BASE_URL" in message
 
 
+def test_check_waits_for_a_cold_server_and_not_for_a_closed_port():
+    with JudgeServer(cold=7.0) as server:
+        ApiJudge("j", base_url=server.base_url, timeout=30).check()  # a 6 s check gave up on such a server
+        assert server.calls == 1
+    with JudgeServer(delay=3.0) as server:
+        with pytest.raises(JudgeError, match="APITimeoutError"):
+            ApiJudge("j", base_url=server.base_url, timeout=1).check()
+    start = time.monotonic()
+    with pytest.raises(JudgeError, match="APIConnectionError"):
+        ApiJudge("j", base_url=_closed_port_url(), timeout=300).check()
+    assert time.monotonic() - start < 10
+
+
 @pytest.mark.parametrize(
     ("server", "needle"),
     [

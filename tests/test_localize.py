@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.decomposition import PCA
+from sklearn.metrics import silhouette_score
 from typer.testing import CliRunner
 
 from personalab.cli import app
@@ -26,7 +28,7 @@ from personalab.studies.localize.deepscan import (
     scan,
     scan_individual,
 )
-from personalab.studies.localize.divergence import first_reaching, persona_labels, polarity
+from personalab.studies.localize.divergence import Measure, persona_labels, polarity, probe_chance
 from personalab.studies.localize.statements import builtin_personas, load_statements
 
 runner = CliRunner()
@@ -135,7 +137,38 @@ def test_divergence_measures_on_planted_activations():
     assert far["mean_distance"] == pytest.approx(np.linalg.norm(means[0] - means[1]) / spread)
     assert far["silhouette"] > near["silhouette"]
     assert all(math.isnan(v) for v in polarity(np.ones((10, 4)), np.arange(10) < 5).values())
-    assert first_reaching([0.1, 0.5, 0.95, 1.0, 0.9]) == 2 and first_reaching([-0.3, -0.1, float("nan")]) == 1
+    for measure in ("silhouette", "mean_distance"):
+        assert far[measure] > far[f"{measure}_chance_95"] > far[f"{measure}_chance"]
+        assert near[measure] < near[f"{measure}_chance_95"]
+    components = PCA(n_components=4, random_state=0).fit_transform(separated)
+    rng = np.random.default_rng(0)
+    null = [silhouette_score(components, rng.permutation(positive.astype(int))) for _ in range(100)]
+    assert far["silhouette_chance"] == pytest.approx(np.mean(null)) and far["silhouette_chance_95"] == pytest.approx(
+        np.percentile(null, 95)
+    )
+
+
+def _binomial_95(n: int, p: float) -> float:
+    """Smallest k / n with P(Binomial(n, p) <= k) >= 0.95, summed by hand."""
+    total = 0.0
+    for k in range(n + 1):
+        total += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        if total >= 0.95:
+            return k / n
+    return 1.0
+
+
+def test_rise_above_chance():
+    assert probe_chance(2, 120) == (0.5, _binomial_95(120, 0.5)) and probe_chance(4, 480)[1] == _binomial_95(480, 0.25)
+    chance, ceiling = probe_chance(2, 120)
+    # the paper's probe figures, 0.76 / 0.80 / 0.85 at layers 1 / 4 / 31: above chance the rise peaks at the last
+    assert Measure([0.76, 0.80, 0.85], [chance] * 3, [ceiling] * 3).rise() == 2
+    # without the chance correction 0.80 is 94% of 0.85 and would name the second layer
+    assert Measure([0.76, 0.80, 0.85], [0.0] * 3, [0.0] * 3).rise() == 1
+    # probes at chance level name no layer
+    assert Measure([0.52, 0.55, 0.57, float("nan")], [chance] * 4, [ceiling] * 4).rise() is None
+    # a layer below its permutation ceiling does not count, however large its rise over the null mean
+    assert Measure([0.1, 0.3, 0.2], [0.0, 0.0, 0.0], [0.15, 0.5, 0.15]).rise() == 2
 
 
 def test_one_label_per_persona():
@@ -197,7 +230,7 @@ def test_localize_and_deepscan_on_a_tiny_model(model_folder, tmp_path):
     assert len(probe) == 4 and probe["accuracy"].between(0, 1).all()
     for name in ("divergence.png", "pca_layer2.png", "tsne_layer2.png", "umap_layer2.png"):
         assert (loc / name).stat().st_size > 10_000
-    assert "first layer at 90% of its maximum" in (loc / "summary.md").read_text()
+    assert "first layer at 90% of its rise above chance" in (loc / "summary.md").read_text()
 
     scan_args = ["deepscan", *model, *PERSONAS, *acts, "--layer", "2", *SMALL_SCAN, "--out", str(tmp_path / "scan")]
     loaded = []
@@ -213,11 +246,20 @@ def test_localize_and_deepscan_on_a_tiny_model(model_folder, tmp_path):
     assert result.exit_code == 0, result.output
     runs = pd.read_csv(tmp_path / "scan" / "scan_runs.csv")
     assert len(runs) == 10 and runs.groupby("persona").head(3).reset_index(drop=True).equals(first)
+    union = {p: set().union(*(json.loads(n) for n in rows["nodes"])) for p, rows in runs.groupby("persona")}
     assert runs["precision"].between(0, 1).all() and (runs["n_records"] <= 20).all()
     with sqlite3.connect(tmp_path / "scan" / "scans.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 10
+        stored = [json.loads(v) for (v,) in db.execute("SELECT value FROM results")]
+    assert len(stored) == 10 and {(v["persona"], v["run"]) for v in stored} == {
+        (p, r) for p in ("politically-liberal", "subscribes-to-utilitarianism") for r in range(5)
+    }
+    for row in runs.itertuples():
+        value = next(v for v in stored if (v["persona"], v["run"]) == (row.persona, row.run))
+        assert json.loads(row.nodes) == value["nodes"] and json.loads(row.records) == value["records"]
+        assert len(json.loads(row.nodes)) == row.n_nodes and len(json.loads(row.records)) == row.n_records
     jaccard = pd.read_csv(tmp_path / "scan" / "jaccard.csv", index_col=0)
     sets = {k: set(v) for k, v in json.loads((tmp_path / "scan" / "node_sets.json").read_text()).items()}
+    assert sets == union
     a, b = sets["politically-liberal"], sets["subscribes-to-utilitarianism"]
     assert jaccard.loc["politically-liberal", "subscribes-to-utilitarianism"] == pytest.approx(len(a & b) / len(a | b))
     assert (tmp_path / "scan" / "upset.png").is_file() and (

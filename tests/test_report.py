@@ -170,8 +170,7 @@ def test_each_command_writes_a_report_equal_to_its_folder(runs, kind):
     run = runs / kind
     page, (block,) = _read(run / "report.html")
     assert page.problems == [], page.problems
-    config = run / ("bake.json" if kind == "bake" else "meta.json")
-    assert json.loads(page.configs[0]) == json.loads(config.read_text())
+    assert json.loads(page.configs[0]) == json.loads((run / "meta.json").read_text())
 
     tables = {t["path"]: t for t in block["tables"]}
     csvs = _files(run, ".csv")
@@ -217,8 +216,8 @@ def test_report_of_several_runs_links_them_and_reports_bad_folders(runs, tmp_pat
     (broken / "meta.json").unlink()
     (broken / "heatmap_trait.png").write_text("not an image")
     with sqlite3.connect(broken / "generations.sqlite") as db:
-        row = ("k", "m", None, json.dumps({"question": "q", "sample": 0}), "{}", HOSTILE)
-        db.execute("INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?)", row)
+        row = ("k", "m", None, json.dumps({"question": "q", "sample": 0}), "{}", HOSTILE, None)
+        db.execute("INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?)", row)
     bad_store = tmp_path / "bad-store"
     shutil.copytree(runs / "compare", bad_store)
     (bad_store / "generations.sqlite").write_bytes(b"this is not a database" * 100)

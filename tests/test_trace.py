@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from personalab.cli import app
+from personalab.engine import model as model_module
 from personalab.errors import InvalidInputError
 from personalab.studies.trace.geometry import consecutive_cosines, cosine_matrix, cosine_to_final, relative_norms
 from personalab.studies.trace.series import SERIES, apertus_tokens, from_folders, from_revisions, olmo3_tokens
@@ -89,10 +90,10 @@ def test_geometry_against_direct_loops():
 
 
 @pytest.fixture(scope="module")
-def series(tmp_path_factory):
+def series(tmp_path_factory, planted_checkpoints):
     """Four checkpoints of the planted-persona model; step-60 is saved without tokenizer files."""
     root = tmp_path_factory.mktemp("trace")
-    folders = trained.train(root / "ckpt", steps=(0, 60, 150, 300))
+    folders = {step: shutil.copytree(path, root / "ckpt" / path.name) for step, path in planted_checkpoints.items()}
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (folders[60] / name).unlink(missing_ok=True)
     return root, folders, trained.trait_file(root / "planted.json")
@@ -118,12 +119,16 @@ def _finish(proc) -> str:
 
 
 def _outputs(out):
-    """Every result file of a run (figures and the store aside), by relative path."""
-    return {
+    """Every result file of a run (figures and the store aside), by relative path; ``meta.json`` without the
+    command line that made it (which names the run folder)."""
+    files = {
         str(p.relative_to(out)): p.read_bytes()
         for p in sorted(out.rglob("*"))
         if p.is_file() and p.suffix in {".csv", ".md", ".json", ".safetensors"}
     }
+    meta = json.loads(files.pop("meta.json"))
+    assert meta.pop("command").startswith("personalab trace --checkpoints")
+    return files | {"meta.json": meta}
 
 
 def test_trace_runs_resumes_and_extends(series, tmp_path):
@@ -204,6 +209,62 @@ def test_trace_runs_resumes_and_extends(series, tmp_path):
         assert (straight / name).stat().st_size > 10_000
 
 
+def _light(checkpoints, out, *extra):
+    """A quick trace command (in-process): one sample per pair and question, eight tokens, no controls."""
+    args = ["trace", "--checkpoints", ",".join(map(str, checkpoints)), "--judge", "api:j", "--samples", "1"]
+    return (
+        args
+        + ["--eval-samples", "1", "--max-new-tokens", "8", "--layer", "1", "--device", "cpu", "--out", str(out)]
+        + [*extra]
+    )
+
+
+def test_unloadable_checkpoints_are_skipped_and_missing_tokenizers_found_first(series, tmp_path, monkeypatch):
+    root, folders, strategy = series
+    broken = tmp_path / "ckpt" / "step-400"
+    shutil.copytree(folders[300], broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)  # its config reads, its weights do not
+    tokenizer = ["--tokenizer", str(folders[300]), "--trait", "cruel", "--strategy", str(strategy)]
+    with JudgeServer(scorer=trained.judge_scores) as server:
+        env = {"PERSONALAB_JUDGE_BASE_URL": server.base_url}
+        result = CliRunner().invoke(app, _light([folders[150], broken], tmp_path / "run", *tokenizer), env=env)
+        assert result.exit_code == 0, result.output
+        skipped = [line for line in result.output.splitlines() if line.startswith("skipped step-400")]
+        assert len(skipped) == 1 and "cannot load" in skipped[0] and "SafetensorError" in skipped[0]
+        status = pd.read_csv(tmp_path / "run" / "cruel-planted" / "status.csv")
+        assert status["revision"].tolist() == ["step-150"]
+
+        loaded = []
+        real = model_module.load_weights
+        monkeypatch.setattr(model_module, "load_weights", lambda *a, **k: loaded.append(a) or real(*a, **k))
+        own = ["--trait", "cruel", "--strategy", str(strategy)]  # no --tokenizer: step-60 has none of its own
+        result = CliRunner().invoke(app, _light([folders[0], folders[60]], tmp_path / "none", *own), env=env)
+    *_, error = result.output.strip().splitlines()
+    assert result.exit_code == 1 and error.startswith("error:"), result.output
+    assert f"{folders[60]} has no tokenizer files" in error and "--tokenizer" in error
+    assert loaded == [] and not (tmp_path / "none").exists()
+
+
+def test_a_trait_file_is_traced_inside_the_run_folder(series, tmp_path):
+    root, folders, strategy = series
+    trait_file = tmp_path / "traits" / "cheerful.json"
+    trait_file.parent.mkdir()
+    shutil.copy(strategy, trait_file)
+    before = sorted(trait_file.parent.iterdir())
+    with JudgeServer(scorer=trained.judge_scores) as server:
+        env = {"PERSONALAB_JUDGE_BASE_URL": server.base_url}
+        tokenizer = ["--tokenizer", str(folders[300])]
+        for extra in (["--trait", str(trait_file), "--strategy", str(trait_file)], ["--trait", str(trait_file)]):
+            out = tmp_path / f"run{len(extra)}"
+            result = CliRunner().invoke(app, _light([folders[300]], out, *extra, *tokenizer), env=env)
+            assert result.exit_code == 0, result.output
+    assert sorted(trait_file.parent.iterdir()) == before
+    units = json.loads((tmp_path / "run4" / "meta.json").read_text())["units"]
+    assert [u["name"] for u in units] == ["cruel-planted-cheerful"]
+    assert (tmp_path / "run4" / "cruel-planted-cheerful" / "status.csv").is_file()
+    assert (tmp_path / "run2" / "cruel-planted-continuation" / "status.csv").is_file()
+
+
 def _fake_hub(root, folders) -> str:
     """An offline Hugging Face cache holding ``local/planted`` at revisions step-60 and step-300."""
     repo = root / "hub" / "models--local--planted"
@@ -271,7 +332,7 @@ def test_combined_pools_answers_and_transfer_rescales_to_the_target(series, tmp_
         again = CliRunner().invoke(
             app, [*args[:-2], "--coef", "0.4", *args[-2:]], env={"PERSONALAB_JUDGE_BASE_URL": server.base_url}
         )
-    assert again.exit_code == 1 and "traced with other settings (coef: 0.3)" in again.output
+    assert again.exit_code == 1 and "made with other settings (coef: 0.3 -> 0.4)" in again.output
 
     units = {u.name: u for u in build_units(["cruel"], [str(strategy), str(tmp_path / "second.json"), "combined"])}
     assert [m.name for m in units["cruel-combined"].members] == ["cruel-planted", "cruel-planted"]

@@ -93,3 +93,9 @@ def load_records(path: str | Path) -> list[Record]:
     if not records:
         raise InvalidInputError(f"{path} has no records; write one JSON object per line")
     return records
+
+
+def data_file(records: list[Record]) -> Path | None:
+    """The JSONL file ``records`` were read from (``None`` for records made in memory)."""
+    where = records[0].where.rsplit(" line ", 1)[0] if records and " line " in records[0].where else ""
+    return Path(where) if where and Path(where).is_file() else None

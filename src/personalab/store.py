@@ -22,7 +22,7 @@ from personalab.errors import PersonalabError
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
     key TEXT PRIMARY KEY, model TEXT NOT NULL, revision TEXT, request TEXT NOT NULL,
-    params TEXT NOT NULL, text TEXT NOT NULL
+    params TEXT NOT NULL, text TEXT NOT NULL, stop INTEGER
 );
 CREATE TABLE IF NOT EXISTS judgements (
     key TEXT PRIMARY KEY, judge TEXT NOT NULL, question TEXT NOT NULL, answer TEXT NOT NULL,
@@ -78,6 +78,16 @@ class Store:
         if mode.lower() != "wal":
             raise sqlite3.OperationalError(f"database is busy: journal mode is {mode}, not wal")
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(generations)")}
+        if "stop" not in columns:  # a store written before answers recorded their stop token
+            with self.db:
+                self.db.execute("ALTER TABLE generations ADD COLUMN stop INTEGER")
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self.db.close()
@@ -95,6 +105,10 @@ class Store:
         """Stored generations among ``keys``."""
         return self._lookup("generations", "text", keys)
 
+    def stops(self, keys: Sequence[str]) -> dict[str, int | None]:
+        """The stop token that ended each stored generation among ``keys`` (``None``: it ran out of tokens)."""
+        return self._lookup("generations", "stop", keys)
+
     def scores(self, keys: Sequence[str]) -> dict[str, float | None]:
         """Stored judgements among ``keys`` (a stored ``None`` means the judge gave no number)."""
         return self._lookup("judgements", "score", keys)
@@ -108,12 +122,18 @@ class Store:
         values = [(k, study, json.dumps(v, sort_keys=True)) for k, v in rows]
         self._write("INSERT OR IGNORE INTO results VALUES (?, ?, ?)", values)
 
-    def put_texts(self, rows: Iterable[tuple[str, str, str | None, dict, dict, str]]) -> None:
-        """Store ``(key, model, revision, request, params, text)`` rows in one transaction; stored keys are kept."""
+    def put_texts(self, rows: Iterable[tuple[str, str, str | None, dict, dict, str, int | None]]) -> None:
+        """Store ``(key, model, revision, request, params, text, stop)`` rows in one transaction (``stop``: the
+        token that ended the answer, ``None`` when it ran out of tokens); stored keys are kept."""
         values = [
-            (k, m, r, json.dumps(req, sort_keys=True), json.dumps(p, sort_keys=True), t) for k, m, r, req, p, t in rows
+            (k, m, r, json.dumps(req, sort_keys=True), json.dumps(p, sort_keys=True), t, stop)
+            for k, m, r, req, p, t, stop in rows
         ]
-        self._write("INSERT OR IGNORE INTO generations VALUES (?, ?, ?, ?, ?, ?)", values)
+        self._write(
+            "INSERT OR IGNORE INTO generations (key, model, revision, request, params, text, stop) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            values,
+        )
 
     def put_scores(self, rows: Iterable[tuple[str, str, str, str, str, float | None]]) -> None:
         """Store ``(key, judge, question, answer, rubric, score)`` rows in one transaction; stored keys are kept."""

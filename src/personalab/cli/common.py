@@ -4,6 +4,7 @@ Heavy libraries (torch, transformers, matplotlib) are imported inside the comman
 ``personalab --help`` and ``personalab trait list`` answer without loading them.
 """
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,16 @@ STUDIES, REPORTS = "Studies", "Reports"
 """Help panels of ``personalab --help``, by what the commands do."""
 
 app = typer.Typer(help="Persona vectors in language models.", no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def _record_command() -> None:
+    """Persona vectors in language models."""
+    from personalab import runfolder
+
+    runfolder.command = runfolder.command_line()
+
+
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
@@ -39,6 +50,11 @@ TraitOption = Annotated[
 ]
 TraitDirOption = Annotated[Path | None, typer.Option(help="persona-vectors data folder (trait_data_extract/...).")]
 JudgeOption = Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")]
+JudgeTimeoutOption = Annotated[
+    float,
+    typer.Option(help="Seconds an api: judge has to answer a request (a cold server's first one included)."),
+]
+JUDGE_TIMEOUT = 120.0
 VariantOption = Annotated[str, typer.Option(help="response_mean, prompt_mean or last_prompt.")]
 RevisionOption = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
 TokenizerOption = Annotated[
@@ -92,6 +108,15 @@ def floats(text: str) -> list[float]:
         raise InvalidInputError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def integers(text: str, option: str) -> list[int]:
+    """Comma-separated whole numbers (``option`` names the flag in the error)."""
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    bad = next((x for x in parts if not re.fullmatch(r"[+-]?\d+", x)), None)
+    if bad is not None or not parts:
+        raise InvalidInputError(f"{option} takes comma-separated whole numbers, e.g. 8,12,16; got {text!r}")
+    return [int(x) for x in parts]
+
+
 def load_direction(path: Path, variant: str) -> "tuple[torch.Tensor, dict]":
     """The ``variant`` tensor of a vector file and the file's metadata."""
     from personalab.vectors import load_vectors
@@ -122,11 +147,12 @@ def pick_trait(trait: str | None, trait_dir: Path | None, vector: Path | None, a
     return chosen
 
 
-def open_judge(spec: str) -> "Judge":
-    """The judge of ``spec``, checked with one request before any work, and its location printed."""
+def open_judge(spec: str, timeout: float) -> "Judge":
+    """The judge of ``spec`` (an API judge with ``timeout`` seconds per request), checked with one request before
+    any work, and its location printed."""
     from personalab.judging.judges import judge_from_spec
 
-    judge = judge_from_spec(spec)
+    judge = judge_from_spec(spec, timeout=timeout)
     source = getattr(judge, "url_source", None)
     console.print(f"judge: {judge.name}" + (f" ({source})" if source else ""), highlight=False, markup=False)
     judge.check()

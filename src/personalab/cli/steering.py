@@ -8,10 +8,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from personalab.cli.common import (
+    JUDGE_TIMEOUT,
     STEERING,
     DeviceOption,
     DtypeOption,
     JudgeOption,
+    JudgeTimeoutOption,
     ModelOption,
     ReportOption,
     RevisionOption,
@@ -25,6 +27,7 @@ from personalab.cli.common import (
     app,
     console,
     floats,
+    integers,
     load_direction,
     open_judge,
     open_model,
@@ -129,6 +132,7 @@ def sweep(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     threads: ThreadsOption = None,
 ) -> None:
     """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
@@ -141,7 +145,7 @@ def sweep(
             raise InvalidInputError("the default grid is in normalised units; give --alphas for --scale raw")
         scale = scale or ("raw" if alphas else "normalised")
         config = SweepConfig(
-            layers=[int(x) for x in floats(layers)],
+            layers=integers(layers, "--layers"),
             alphas=floats(alphas) if alphas else list(DEFAULT_ALPHAS),
             samples=samples,
             sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
@@ -151,7 +155,7 @@ def sweep(
         )
         chosen = pick_trait(trait, trait_dir, vector)
         direction, _ = load_direction(vector, variant)
-        scorer = open_judge(judge)
+        scorer = open_judge(judge, judge_timeout)
         handle = open_model(model, revision, dtype, device, tokenizer)
         folder = out or Path("runs") / f"sweep-{chosen.name}-{Path(model.rstrip('/')).name}"
         run_sweep(handle, direction, chosen, scorer, folder, config)

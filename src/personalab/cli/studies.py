@@ -6,10 +6,12 @@ from typing import Annotated
 import typer
 
 from personalab.cli.common import (
+    JUDGE_TIMEOUT,
     STUDIES,
     DeviceOption,
     DtypeOption,
     JudgeOption,
+    JudgeTimeoutOption,
     ReportOption,
     ThreadsOption,
     TokenizerOption,
@@ -26,6 +28,8 @@ from personalab.cli.common import (
 )
 from personalab.errors import InvalidInputError
 
+TraitsOption = Annotated[list[str], typer.Option(help="Built-in trait or trait JSON file (repeat for several).")]
+
 
 @app.command(rich_help_panel=STUDIES)
 def trace(
@@ -41,11 +45,14 @@ def trace(
         str | None, typer.Option(help="Local checkpoint folders: a quoted glob ('ckpt/step-*') or comma list.")
     ] = None,
     tokens_per_step: Annotated[float | None, typer.Option(help="Training tokens per step in the names.")] = None,
-    trait: Annotated[list[str], typer.Option(help="Trait (repeat for several).")] = ["evil"],  # noqa: B006
+    trait: TraitsOption = ["evil"],  # noqa: B006
     strategy: Annotated[
         list[str],
-        typer.Option(help="character, stories, dialogue, combined, or a trait file in continuation style (repeat)."),
-    ] = ["character"],  # noqa: B006
+        typer.Option(
+            help="character, stories, dialogue, combined, or a trait file in continuation style (repeat; default: "
+            "character for a built-in trait, the file itself for a trait file)."
+        ),
+    ] = [],  # noqa: B006
     layer: Annotated[int | None, typer.Option(help="Layer for steering and geometry (default n_blocks // 2).")] = None,
     coef: Annotated[float, typer.Option(help="Steering coefficient: a fraction of the mean residual norm.")] = 0.5,
     target: Annotated[
@@ -68,6 +75,7 @@ def trace(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     threads: ThreadsOption = None,
 ) -> None:
     """Trace a trait through training checkpoints: extraction, geometry, emergence and transfer steering."""
@@ -128,7 +136,7 @@ def trace(
             controls=controls,
         )
         units = build_units(trait, strategy)
-        scorer = open_judge(judge)
+        scorer = open_judge(judge, judge_timeout)
 
         def load(checkpoint):
             return open_model(checkpoint.source, checkpoint.revision, dtype, device, tokenizer)
@@ -136,7 +144,18 @@ def trace(
         def load_target():
             return open_model(target, None, dtype, device, None)
 
-        run_trace(series_list, units, config, scorer, out, load, series, target, load_target if target else None)
+        run_trace(
+            series_list,
+            units,
+            config,
+            scorer,
+            out,
+            load,
+            series,
+            target,
+            load_target if target else None,
+            tokenizer=tokenizer,
+        )
     write_run_report(out, report)
 
 
@@ -190,12 +209,12 @@ def localize(
     """Where personas live: per-layer divergence of persona statements, and PCA, t-SNE and UMAP figures."""
     with reported():
         prepare(threads)
-        from personalab.cli.common import floats
+        from personalab.cli.common import integers
         from personalab.studies.localize.run import LocalizeConfig, check_statements, run_localize
 
         config = LocalizeConfig(
-            layers=[int(x) for x in floats(layers)] if layers else None,
-            figure_layers=[int(x) for x in floats(figure_layers)] if figure_layers else None,
+            layers=integers(layers, "--layers") if layers else None,
+            figure_layers=integers(figure_layers, "--figure-layers") if figure_layers else None,
             seed=seed,
             batch_size=batch_size,
         )
@@ -248,6 +267,7 @@ def deepscan(
     with reported():
         prepare(threads)
         from personalab.engine.model import model_shape
+        from personalab.report.tables import write_csv
         from personalab.studies.localize import scan as scanning
 
         config = scanning.ScanConfig(
@@ -272,7 +292,7 @@ def deepscan(
         if individual:
             cache = scanning.ActivationCache(activations or out / "activations", handle)
             for name, rows in chosen.items():
-                scanning.individual(cache, rows, config).to_csv(out / f"individual_{name}.csv", index=False)
+                write_csv(scanning.individual(cache, rows, config), out / f"individual_{name}.csv")
     columns = ["persona", "runs", "score_mean", "precision_mean", "recall_mean", "records_mean", "nodes_mean"]
     console.print(summary[columns].to_string(index=False, float_format="%.3g"), markup=False)
     console.print(f"wrote {out}/summary.md, scan_summary.csv, scan_runs.csv", markup=False)
@@ -304,14 +324,14 @@ def compose(
     """As X, do Y: 2x2 residual decomposition, additive substitution with causal KL, markers, host injection."""
     with reported():
         prepare(threads)
-        from personalab.cli.common import floats
+        from personalab.cli.common import integers
         from personalab.engine.model import model_shape
         from personalab.studies.compose import ComposeConfig, load_grid, load_markers, run_compose
 
         chosen = load_grid(grid)
         marker_sets = load_markers(marker_file) if markers else None
         config = ComposeConfig(
-            layers=[int(x) for x in floats(layers)] if layers else None,
+            layers=integers(layers, "--layers") if layers else None,
             all_layers=all_layers,
             markers=markers,
             host=host,
@@ -323,7 +343,7 @@ def compose(
         config.check(n_blocks)
         handle = open_model(model, revision, dtype, device, tokenizer)
         run_compose(handle, chosen, out, config, marker_sets)
-    console.print((out / "kl.md").read_text(), markup=False)
+    console.print((out / "summary.md").read_text(), markup=False)
     write_run_report(out, report)
 
 
@@ -345,6 +365,7 @@ def correlate(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     threads: ThreadsOption = None,
 ) -> None:
     """Projection shift against judged trait across fine-tuned models, with Pearson r and a bootstrap interval."""
@@ -358,7 +379,7 @@ def correlate(
 
         direction, _ = load_direction(vector, variant)
         chosen = pick_trait(trait, None, vector)
-        scorer = open_judge(judge)
+        scorer = open_judge(judge, judge_timeout)
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         loaders = [(str(path), partial(load_trained, base, path, dtype, device, tokenizer)) for path in tuned]
         run_correlate(

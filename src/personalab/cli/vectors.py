@@ -6,10 +6,12 @@ from typing import Annotated
 import typer
 
 from personalab.cli.common import (
+    JUDGE_TIMEOUT,
     VECTORS,
     DeviceOption,
     DtypeOption,
     JudgeOption,
+    JudgeTimeoutOption,
     ModelOption,
     ReportOption,
     RevisionOption,
@@ -56,6 +58,7 @@ def extract(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     threads: ThreadsOption = None,
 ) -> None:
     """Extract a persona vector: generate, judge, filter, and take per-layer mean differences."""
@@ -81,7 +84,7 @@ def extract(
             batch_size=batch_size,
         )
         chosen = load_trait(trait, trait_dir)
-        scorer = open_judge(judge)
+        scorer = open_judge(judge, judge_timeout)
         handle = open_model(model, revision, dtype, device, tokenizer)
         folder = out or Path("runs") / f"{chosen.name}-{Path(model.rstrip('/')).name}"
         try:

@@ -7,11 +7,13 @@ import typer
 from rich.table import Table
 
 from personalab.cli.common import (
+    JUDGE_TIMEOUT,
     WEIGHTS,
     BaseModelOption,
     DeviceOption,
     DtypeOption,
     JudgeOption,
+    JudgeTimeoutOption,
     ModelOption,
     ReportOption,
     RevisionOption,
@@ -23,7 +25,7 @@ from personalab.cli.common import (
     VectorOption,
     app,
     console,
-    floats,
+    integers,
     load_direction,
     open_judge,
     open_model,
@@ -92,11 +94,12 @@ def distill_command(
         from accelerate import PartialState
 
         from personalab.engine.model import resolve_device
+        from personalab.report.tables import write_csv
         from personalab.studies.distill import TRAJECTORY_SAMPLING, DistillConfig, distill
 
         if full == (lora_rank is not None):
             raise InvalidInputError("choose one of --lora-rank R or --full")
-        counts = [int(x) for x in floats(trajectories)]
+        counts = integers(trajectories, "--trajectories")
         configs = [
             DistillConfig(
                 layer=layer,
@@ -140,7 +143,7 @@ def distill_command(
         table.add_row(*(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in row))
     console.print(table)
     if len(rows) > 1:
-        pd.DataFrame(rows).to_csv(out / "ablation.csv", index=False)
+        write_csv(pd.DataFrame(rows), out / "ablation.csv")
         console.print(f"wrote {out}/ablation.csv")
     for folder in folders:
         write_run_report(folder, report)
@@ -167,6 +170,7 @@ def compare(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     threads: ThreadsOption = None,
 ) -> None:
     """Judge base, steered and distilled models on the trait's evaluation questions."""
@@ -180,7 +184,7 @@ def compare(
 
         direction, _ = load_direction(vector, variant)
         chosen = pick_trait(trait, None, vector)
-        scorer = open_judge(judge)
+        scorer = open_judge(judge, judge_timeout)
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         base = open_model(model, revision, dtype, device, tokenizer)
         trained = [
@@ -228,11 +232,12 @@ def bake(
 
 
 def _monitored(paths: list[Path], layer: int | None, n_blocks: int, prompts: Path | None, variant: str, judged: bool):
+    from personalab.engine.layers import check_layers
     from personalab.records import load_records
     from personalab.studies.finetune import Monitored
     from personalab.traits import run_trait
 
-    chosen = n_blocks // 2 if layer is None else layer
+    chosen = n_blocks // 2 if layer is None else check_layers(layer, n_blocks)[0]
     questions = [r.prompt for r in load_records(prompts)] if prompts else None
     out = []
     for path in paths:
@@ -307,6 +312,7 @@ def finetune(
     ] = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     threads: ThreadsOption = None,
 ) -> None:
     """Fine-tune on chat data while monitoring persona vectors; optional training-only steering or ablation.
@@ -352,7 +358,7 @@ def finetune(
                 vector, _ = load_direction(path, variant)
                 interventions.append(Intervention(kind, layer, vector, alpha, scale))
         check(n_blocks, hidden, config, monitors, interventions)
-        scorer = open_judge(monitor_judge) if monitor_judge else None
+        scorer = open_judge(monitor_judge, judge_timeout) if monitor_judge else None
         state = PartialState(cpu=resolve_device(device) == "cpu")
         placement = str(state.device) if state.num_processes > 1 else device
         handle = open_model(model, revision, "float32" if full and dtype == "auto" else dtype, placement, tokenizer)

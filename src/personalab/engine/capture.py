@@ -110,7 +110,7 @@ def capture(
     means = torch.empty(len(sequences), len(layer_list), handle.hidden_size) if reduce == "mean" else None
     gathered: list[torch.Tensor | None] = [None] * len(sequences)
 
-    hooks = [hook_residual(handle, layer, recorder.hook_for(layer), final_norm=True) for layer in layer_list]
+    hooks = [hook_residual(handle, layer, recorder.hook_for(layer)) for layer in layer_list]
     try:
         batches = length_sorted_batches([len(s.ids) for s in sequences], batch_size)
         with torch.inference_mode(), progress_bar(label, len(sequences), progress) as advance:

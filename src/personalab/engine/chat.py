@@ -12,6 +12,7 @@ Three formats, chosen from the tokenizer:
 * no chat template (base models): ``"{system}\\n\\nQuestion: {user}\\nAnswer:"``.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -61,21 +62,54 @@ def detect_chat_format(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
     return ChatFormat(has_template=True, system_role=_PROBE in text)
 
 
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of the tokenizer's special tokens (its named ones and every added token marked special)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, chat: ChatFormat) -> tuple[int, ...]:
+    """The tokens that close an assistant answer: for a chat template, what it writes after the answer up to
+    and including its first special token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``</s>``...),
+    read from the template itself; without a template (or when the template writes no special token
+    there), the end-of-sequence token. Empty when the tokenizer has neither."""
+    eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    if not chat.has_template:
+        return eos
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that cannot render an answer: fall back to the end-of-sequence token
+        return eos
+    if _PROBE not in text:
+        return eos
+    after = tokenizer.encode(text.split(_PROBE, 1)[1], add_special_tokens=False)
+    special = special_ids(tokenizer)
+    end = next((k for k, token in enumerate(after) if token in special), None)
+    return eos if end is None else tuple(after[: end + 1])
+
+
 def plain_prompt(system: str | None, user: str) -> str:
     """The text format for base models without a chat template."""
     question = f"Question: {user}\nAnswer:"
     return f"{system}\n\n{question}" if system else question
 
 
-def encode_text(tokenizer: PreTrainedTokenizerBase, prompt: str, assistant: str | None = None) -> TokenSequence:
-    """Encode a plain-text prompt (with the tokenizer's special tokens) and an optional response."""
+def encode_text(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, assistant: str | None = None, end: Sequence[int] = ()
+) -> TokenSequence:
+    """Encode a plain-text prompt (with the tokenizer's special tokens) and an optional response followed by
+    the ``end`` tokens (e.g. the end-of-sequence token, as a training target)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    return _join(tokenizer, prompt_ids, assistant)
+    return _join(tokenizer, prompt_ids, assistant, end)
 
 
-def _join(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], assistant: str | None) -> TokenSequence:
+def _join(
+    tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], assistant: str | None, end: Sequence[int]
+) -> TokenSequence:
     response_ids = tokenizer.encode(assistant, add_special_tokens=False) if assistant else []
-    return TokenSequence(ids=tuple(prompt_ids) + tuple(response_ids), prompt_len=len(prompt_ids))
+    tail = tuple(end) if assistant is not None else ()
+    return TokenSequence(ids=tuple(prompt_ids) + tuple(response_ids) + tail, prompt_len=len(prompt_ids))
 
 
 def encode_chat(
@@ -84,8 +118,10 @@ def encode_chat(
     system: str | None,
     user: str,
     assistant: str | None = None,
+    end: Sequence[int] = (),
 ) -> TokenSequence:
-    """Encode one turn; ``assistant=None`` gives the generation prompt alone."""
+    """Encode one turn; ``assistant=None`` gives the generation prompt alone, else the answer follows it,
+    then the ``end`` tokens (``end_of_turn_ids``, where the answer is a training target)."""
     if not chat.has_template:
         prompt_ids = tokenizer(plain_prompt(system, user), add_special_tokens=True)["input_ids"]
     else:
@@ -96,8 +132,7 @@ def encode_chat(
         prompt_ids = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
-    response_ids = tokenizer.encode(assistant, add_special_tokens=False) if assistant else []
-    return TokenSequence(ids=tuple(prompt_ids) + tuple(response_ids), prompt_len=len(prompt_ids))
+    return _join(tokenizer, prompt_ids, assistant, end)
 
 
 def encode_system(tokenizer: PreTrainedTokenizerBase, chat: ChatFormat, text: str) -> TokenSequence:

@@ -37,7 +37,7 @@ def final_hidden(handle: ModelHandle, batch: PaddedBatch, forward=None) -> torch
     ``forward`` is the module to call when it wraps ``handle.model`` (a data-parallel or peft wrapper).
     """
     seen: list[torch.Tensor] = []
-    hook = hook_residual(handle, handle.n_blocks, lambda h: seen.append(h), final_norm=True)
+    hook = hook_residual(handle, handle.n_blocks, lambda h: seen.append(h))
     try:
         (forward or handle.model)(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
     finally:

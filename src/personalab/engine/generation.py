@@ -12,29 +12,98 @@ every stored text when resumed, but the texts still missing may be grouped into 
 batches (and so sampled differently) than in an uninterrupted run.
 """
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import GenerationConfig
 
 from personalab.engine.batching import length_sorted_batches, pad_batch
 from personalab.engine.chat import TokenSequence
-from personalab.engine.model import ModelHandle
+from personalab.engine.model import ModelHandle, unwrap
 from personalab.report.progress import progress_bar
 from personalab.store import Store, content_key
 
 
 class SamplingParams(BaseModel):
-    """Sampling parameters; ``temperature = 0`` means greedy decoding."""
+    """Sampling parameters, the only ones a generation uses (nothing comes from the checkpoint's
+    ``generation_config``); ``temperature = 0`` means greedy decoding, ``top_k = 0`` no top-k cut."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
     max_new_tokens: int = Field(256, ge=1)
     repetition_penalty: float = Field(1.0, gt=0)
     seed: int = 0
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One answer: its token ids (without the stop token), its text, and the stop token that ended it
+    (``None`` when it ran out of ``max_new_tokens``)."""
+
+    ids: tuple[int, ...]
+    text: str
+    stop: int | None
+
+
+@contextmanager
+def explicit_generation(handle: ModelHandle) -> Iterator[None]:
+    """``generate`` fills every parameter it is not given from ``model.generation_config`` (a checkpoint's
+    ``repetition_penalty``, ``top_k``, ``no_repeat_ngram_size``...). Inside this block the model has a bare
+    config that names only the special tokens, so a generation uses exactly the parameters passed."""
+    inner = unwrap(handle.model)
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig(
+        bos_token_id=handle.tokenizer.bos_token_id,
+        eos_token_id=sorted(handle.stop_ids),
+        pad_token_id=handle.tokenizer.pad_token_id,
+    )
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
+def _completions(handle: ModelHandle, rows: torch.Tensor) -> list[Completion]:
+    """Generated ids ``[batch, new]`` cut at each row's first stop token (kept as ``stop``), decoded."""
+    out = []
+    for ids in rows.tolist():
+        end = next((k for k, t in enumerate(ids) if t in handle.stop_ids), None)
+        kept = tuple(ids if end is None else ids[:end])
+        text = handle.tokenizer.decode(kept, skip_special_tokens=True)
+        out.append(Completion(kept, text, None if end is None else ids[end]))
+    return out
+
+
+@torch.inference_mode()
+def generate_batch(
+    handle: ModelHandle, prompts: Sequence[TokenSequence], params: SamplingParams, seed: int = 0
+) -> list[Completion]:
+    """Answers to ``prompts`` (left-padded, one ``generate`` call) sampled after ``torch.manual_seed(seed)``,
+    with ``params`` and nothing else."""
+    batch = pad_batch([p.ids for p in prompts], handle.tokenizer.pad_token_id, "left", handle.input_device)
+    torch.manual_seed(seed)
+    sampling = (
+        dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        if params.temperature
+        else dict(do_sample=False)
+    )
+    with explicit_generation(handle):
+        out = handle.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=params.max_new_tokens,
+            repetition_penalty=params.repetition_penalty,
+            **sampling,
+        )
+    return _completions(handle, out[:, batch.input_ids.shape[1] :])
 
 
 @dataclass(frozen=True)
@@ -51,26 +120,11 @@ def generation_key(handle: ModelHandle, req: GenerationRequest, params: Sampling
     )
 
 
-@torch.inference_mode()
 def sample_texts(handle: ModelHandle, prompts: Sequence[TokenSequence], params: SamplingParams, seed: int) -> list[str]:
-    """Answers to ``prompts`` (left-padded, one ``generate`` call) sampled after ``torch.manual_seed(seed)``."""
-    batch = pad_batch([p.ids for p in prompts], handle.tokenizer.pad_token_id, "left", handle.input_device)
-    torch.manual_seed(seed)
-    sampling = dict(temperature=params.temperature, top_p=params.top_p) if params.temperature else {}
-    out = handle.model.generate(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        max_new_tokens=params.max_new_tokens,
-        repetition_penalty=params.repetition_penalty,
-        pad_token_id=handle.tokenizer.pad_token_id,
-        do_sample=bool(sampling),
-        **sampling,
-    )
-    new = out[:, batch.input_ids.shape[1] :]
-    return handle.tokenizer.batch_decode(new, skip_special_tokens=True)
+    """The texts of ``generate_batch``."""
+    return [c.text for c in generate_batch(handle, prompts, params, seed)]
 
 
-@torch.inference_mode()
 def greedy_ids(
     handle: ModelHandle,
     prompts: Sequence[TokenSequence],
@@ -80,29 +134,16 @@ def greedy_ids(
     progress: bool = False,
     label: str = "greedy",
 ) -> list[list[int]]:
-    """Greedy continuations of ``prompts`` as token ids, up to and including the first end-of-sequence
-    token, in length-sorted left-padded batches; ``steering(rows)`` is entered around each batch."""
+    """Greedy continuations of ``prompts`` as token ids, up to and including the first stop token, in
+    length-sorted left-padded batches; ``steering(rows)`` is entered around each batch."""
+    params = GREEDY.model_copy(update={"max_new_tokens": max_new_tokens})
     out: list[list[int]] = [[] for _ in prompts]
-    eos = handle.model.generation_config.eos_token_id
-    stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    stops |= {handle.tokenizer.eos_token_id} - {None}
     with progress_bar(label, len(prompts), progress) as advance:
         for rows in length_sorted_batches([len(p.ids) for p in prompts], batch_size):
-            batch = pad_batch(
-                [prompts[i].ids for i in rows], handle.tokenizer.pad_token_id, "left", handle.input_device
-            )
             with steering(rows) if steering else nullcontext():
-                generated = handle.model.generate(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=handle.tokenizer.pad_token_id,
-                )
-            for j, i in enumerate(rows):
-                ids = generated[j, batch.input_ids.shape[1] :].tolist()
-                end = next((k for k, t in enumerate(ids) if t in stops), None)
-                out[i] = ids if end is None else ids[: end + 1]
+                answers = generate_batch(handle, [prompts[i] for i in rows], params)
+            for i, answer in zip(rows, answers, strict=True):
+                out[i] = list(answer.ids) + ([] if answer.stop is None else [answer.stop])
             advance(len(rows))
     return out
 
@@ -141,10 +182,10 @@ def fill_store(
                 continue
             seed = int(content_key(params.seed, [keys[i] for i in rows])[:15], 16)
             with steering(rows) if steering else nullcontext():
-                answers = sample_texts(handle, [requests[i].prompt for i in rows], params, seed)
+                answers = generate_batch(handle, [requests[i].prompt for i in rows], params, seed)
             store.put_texts(
-                (keys[i], handle.name, handle.revision, requests[i].request, params.model_dump(), text)
-                for i, text in zip(rows, answers, strict=True)
+                (keys[i], handle.name, handle.revision, requests[i].request, params.model_dump(), a.text, a.stop)
+                for i, a in zip(rows, answers, strict=True)
             )
             advance(len(rows))
     return keys

@@ -2,8 +2,9 @@
 
 ``hook_residual`` reads or rewrites the residual stream at layer ``l`` (convention in
 ``personalab.engine.layers``): the input of block 0 for ``l = 0``, the output of block
-``l - 1`` otherwise, or, with ``final_norm=True`` at ``l = n_blocks``, the output of
-the decoder stack (``hidden_states[n_blocks]`` of transformers, after the final norm).
+``l - 1`` for ``0 < l < n_blocks``, and the output of the decoder stack for ``l = n_blocks``
+(``hidden_states[n_blocks]`` of transformers, after the final norm), so what is read at a
+layer and what is written there are the same tensor.
 ``hook_call`` sees each top-level forward call before it runs (batch shape and
 attention mask), which is how interventions follow positions through cached decoding.
 """
@@ -25,7 +26,7 @@ def _replace_first(output, new: torch.Tensor):
         return new
     if isinstance(output, tuple):
         return (new,) + output[1:]
-    output[0] = new  # ModelOutput: item assignment updates both key and attribute
+    output[next(iter(output.keys()))] = new  # ModelOutput: assigning by key updates the key and the attribute
     return output
 
 
@@ -33,9 +34,7 @@ def _first(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def hook_residual(
-    handle: ModelHandle, layer: int, fn: ResidualFn, *, final_norm: bool = False, prepend: bool = False
-) -> RemovableHandle:
+def hook_residual(handle: ModelHandle, layer: int, fn: ResidualFn, *, prepend: bool = False) -> RemovableHandle:
     """Register ``fn`` on the residual stream at ``layer``; remove it with ``.remove()``."""
     if layer == 0:
 
@@ -48,7 +47,7 @@ def hook_residual(
 
         return handle.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend)
 
-    module = handle.stack if final_norm and layer == handle.n_blocks else handle.blocks[layer - 1]
+    module = handle.stack if layer == handle.n_blocks else handle.blocks[layer - 1]
 
     def post_hook(module, args, output):
         new = fn(_first(output))

@@ -1,7 +1,8 @@
 """Interventions on the residual stream: steer, ablate, clamp, substitute.
 
 Every intervention acts at a layer of the convention in ``personalab.engine.layers``: on the
-output of block ``l - 1`` (the input of block 0 for ``l = 0``). Use them inside
+output of block ``l - 1`` (the input of block 0 for ``l = 0``, the normed output of the stack,
+``hidden_states[n_blocks]``, for ``l = n_blocks``), the tensor ``capture`` reads there. Use them inside
 ``intervene``, a context manager that removes its hooks on exit, also on exceptions::
 
     with intervene(handle, Steer(layer=12, vector=v, alpha=4.0, positions="response")):

@@ -11,9 +11,12 @@ persona-vectors files. Interventions "at layer l" act on the output of block ``l
 (on the input of block 0 for ``l = 0``).
 
 transformers applies the final norm to its last entry: ``hidden_states[n_blocks]`` is
-``final_norm(output of block n_blocks - 1)``. Capture reproduces that exactly, so
-vectors extracted here equal those of code built on ``output_hidden_states``; an
-intervention at ``l = n_blocks`` acts on the block output before the final norm.
+``final_norm(output of block n_blocks - 1)``, the input of the LM head. Capture reproduces
+that exactly, so vectors extracted here equal those of code built on
+``output_hidden_states``, and an intervention at ``l = n_blocks`` acts on that same normed
+tensor: a value read at a layer and written back at that layer are in one space, at every
+layer. (The public persona-vectors steerer adds at ``l = n_blocks`` before the final norm;
+at every other layer the two agree.)
 """
 
 from collections.abc import Iterable

@@ -1,18 +1,28 @@
 """Loading models and locating their decoder blocks (layer convention: see ``personalab.engine.layers``)."""
 
 import gc
-import json
+import socket
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from personalab.engine.chat import ChatFormat, TokenSequence, detect_chat_format, encode_chat, encode_system
+from personalab.engine.chat import (
+    ChatFormat,
+    TokenSequence,
+    detect_chat_format,
+    encode_chat,
+    encode_system,
+    end_of_turn_ids,
+)
+from personalab.engine.checkpoints import weights
 from personalab.errors import InvalidInputError, PersonalabError, UnsupportedArchitectureError
 
 KNOWN_BLOCK_PATHS: dict[str, str] = {
@@ -119,6 +129,11 @@ class ModelHandle:
     chat: ChatFormat
     name: str
     revision: str | None = None
+    end_of_turn: tuple[int, ...] = ()
+    """Tokens that close an assistant answer (``personalab.engine.chat.end_of_turn_ids``)."""
+    stop_ids: frozenset[int] = frozenset()
+    """Tokens that end generation: end-of-sequence, the template's end of turn and the checkpoint's
+    ``generation_config.eos_token_id``."""
 
     @classmethod
     def from_model(
@@ -134,6 +149,11 @@ class ModelHandle:
         stack = inner.get_submodule(path.rpartition(".")[0]) if "." in path else inner
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        chat = detect_chat_format(tokenizer)
+        end = end_of_turn_ids(tokenizer, chat)
+        declared = getattr(getattr(inner, "generation_config", None), "eos_token_id", None)
+        declared = declared if isinstance(declared, list) else [] if declared is None else [declared]
+        stops = {tokenizer.eos_token_id, *declared} | ({end[-1]} if end else set())
         return cls(
             model=model,
             tokenizer=tokenizer,
@@ -142,9 +162,11 @@ class ModelHandle:
             stack=stack,
             n_blocks=len(blocks),
             hidden_size=hidden_size(model),
-            chat=detect_chat_format(tokenizer),
+            chat=chat,
             name=name or getattr(inner, "name_or_path", "") or type(inner).__name__,
             revision=revision,
+            end_of_turn=end,
+            stop_ids=frozenset(stops - {None}),
         )
 
     @property
@@ -166,9 +188,10 @@ class ModelHandle:
         """Device of the input embeddings, where token ids must go."""
         return unwrap(self.model).get_input_embeddings().weight.device
 
-    def encode(self, system: str | None, user: str, assistant: str | None = None) -> TokenSequence:
-        """Chat-format one turn; see ``personalab.engine.chat.encode_chat``."""
-        return encode_chat(self.tokenizer, self.chat, system, user, assistant)
+    def encode(self, system: str | None, user: str, assistant: str | None = None, end: bool = False) -> TokenSequence:
+        """Chat-format one turn; ``end`` closes the answer with ``end_of_turn`` (a training target). See
+        ``personalab.engine.chat.encode_chat``."""
+        return encode_chat(self.tokenizer, self.chat, system, user, assistant, self.end_of_turn if end else ())
 
     def encode_system(self, text: str) -> TokenSequence:
         """``text`` alone as the system message with the generation prompt (``personalab.engine.chat``)."""
@@ -187,6 +210,12 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def device_map_for(device: str) -> str:
+    """``device_map`` of ``from_pretrained``: ``"auto"`` on CUDA (a model too large for one GPU is split
+    across GPUs), else the device."""
+    return "auto" if device == "cuda" else device
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype | str:
@@ -241,6 +270,51 @@ def _where(name_or_path: str, revision: str | None) -> str:
     return repr(name_or_path) + (f" at revision {revision!r}" if revision else "")
 
 
+HUB_PROBE_SECONDS = 3.0
+
+
+@cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) accepts a connection within ``HUB_PROBE_SECONDS``;
+    false under ``HF_HUB_OFFLINE=1``. Asked once per process, so a machine without network fails in
+    seconds instead of retrying every file for a minute."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return False
+    return True
+
+
+class HubUnreachableError(PersonalabError):
+    """A hub name was given, the hub cannot be reached and the local cache does not hold it."""
+
+
+def from_hub(load, name_or_path: str, revision: str | None, what: str):
+    """``load(name_or_path, revision=...)`` for a hub name; from the local cache alone (as under
+    ``HF_HUB_OFFLINE=1``) when the hub cannot be reached, and a ``HubUnreachableError`` naming the fix when
+    the cache does not hold it."""
+    if hub_reachable():
+        return load(name_or_path, revision=revision)
+    from huggingface_hub import constants
+
+    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True  # what HF_HUB_OFFLINE=1 does, for this load
+    try:
+        return load(name_or_path, revision=revision)
+    except OSError as exc:
+        raise HubUnreachableError(
+            f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) for the {what} of "
+            f"{_where(name_or_path, revision)} and the local cache does not hold it; give a local folder, or "
+            f"download it where there is network (with HF_HUB_OFFLINE=1 only the cache is read)"
+        ) from exc
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of a hub name or local folder; ``MissingTokenizerError`` when it has none."""
     folder = local_folder(name_or_path)
@@ -248,7 +322,9 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
         files = ", ".join(TOKENIZER_FILES)
         raise MissingTokenizerError(f"{folder} has no tokenizer files ({files}); {_TOKENIZER_HINT}")
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        if folder is not None:
+            return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        return from_hub(AutoTokenizer.from_pretrained, name_or_path, revision, "tokenizer")
     except (OSError, ValueError) as exc:
         raise MissingTokenizerError(
             f"cannot load a tokenizer from {_where(name_or_path, revision)}: {_first_line(exc)}; {_TOKENIZER_HINT}"
@@ -256,17 +332,27 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
 
 
 def model_shape(name_or_path: str, revision: str | None = None) -> tuple[int, int]:
-    """``(n_blocks, hidden_size)`` from a model's config alone (no weights are loaded)."""
+    """``(n_blocks, hidden_size)`` from a model's config alone (no weights are loaded); a run folder gives
+    the shape of the model it holds (an adapter's: its base's)."""
     from transformers import AutoConfig
 
-    local_folder(name_or_path)
+    folder = local_folder(name_or_path)
+    if folder is not None:
+        found = weights(folder)
+        if found.adapter and found.base:
+            return model_shape(found.base)
+        name_or_path = str(found.folder)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision).get_text_config()
+        if folder is not None:
+            config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        else:
+            config = from_hub(AutoConfig.from_pretrained, name_or_path, revision, "config")
     except (OSError, ValueError) as exc:
         raise PersonalabError(
             f"cannot read the config of {_where(name_or_path, revision)}: {_first_line(exc)}"
         ) from exc
-    return int(config.num_hidden_layers), int(config.hidden_size)
+    text = config.get_text_config()
+    return int(text.num_hidden_layers), int(text.hidden_size)
 
 
 def load_weights(
@@ -277,17 +363,20 @@ def load_weights(
     On CUDA the model is placed with ``device_map="auto"`` so models larger than one
     GPU are split by accelerate; on CPU it stays in one piece.
     """
-    local_folder(name_or_path)
+    folder = local_folder(name_or_path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    device_map = "auto" if device == "cuda" else device
+    load = partial(AutoModelForCausalLM.from_pretrained, dtype=torch_dtype, device_map=device_map_for(device))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, revision=revision, dtype=torch_dtype, device_map=device_map
-        )
-    except (OSError, ValueError) as exc:
+        if folder is not None:
+            model = load(name_or_path, revision=revision)
+        else:
+            model = from_hub(load, name_or_path, revision, "weights")
+    except HubUnreachableError:
+        raise
+    except Exception as exc:  # corrupt or missing weights raise OSError, ValueError, SafetensorError...
         raise PersonalabError(
-            f"cannot load {_where(name_or_path, revision)}: {_first_line(exc)} "
+            f"cannot load {_where(name_or_path, revision)}: {type(exc).__name__}: {_first_line(exc)} "
             f"(check the name, the revision, or the local folder)"
         ) from exc
     return model.eval()
@@ -305,17 +394,17 @@ def load_model(
 
     ``tokenizer`` (a hub name, a folder or a tokenizer object) takes the tokenizer from
     elsewhere, for checkpoints saved without one; it is loaded before the weights, so a
-    missing tokenizer fails at once. A folder holding a peft adapter (``adapter_config.json``
-    and no ``config.json``) is merged onto the base model its config names.
+    missing tokenizer fails at once. A run folder of personalab's loads the weights it holds
+    (``personalab.engine.checkpoints.weights``: the last checkpoint of a fine-tune, a distilled
+    model or adapter); a peft adapter is merged onto the base model its config names. The handle
+    is named after the folder the weights were loaded from.
     """
     folder = local_folder(name_or_path)
-    if folder is not None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise InvalidInputError(f"{folder}/adapter_config.json names no base model; load the base and the adapter")
-        own = any((folder / name).is_file() for name in TOKENIZER_FILES)
-        handle = load_model(base, None, dtype, device, blocks_path, tokenizer or (str(folder) if own else None))
-        return merge_adapter(handle, folder)
+    if folder is not None:
+        found = weights(folder)
+        if found.adapter:
+            return load_trained(None, folder, dtype, device, tokenizer)
+        name_or_path = str(found.folder)
     if tokenizer is None:
         tokenizer = load_tokenizer(name_or_path, revision)
     elif isinstance(tokenizer, str):
@@ -360,19 +449,21 @@ def with_lora(model: PreTrainedModel, rank: int, alpha: float | None = None) -> 
 
 
 def load_trained(
-    base: str,
+    base: str | None,
     folder: str | Path,
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     device: str = "auto",
     tokenizer: str | PreTrainedTokenizerBase | None = None,
 ) -> ModelHandle:
-    """A trained model: a run folder with ``adapter/`` (merged onto ``base``) or ``model/``, a fine-tuning run
-    folder (its last ``checkpoints/step-N``), or a model or adapter folder."""
-    folder = Path(folder)
-    steps = sorted((folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
-    if steps:
-        folder = steps[-1]
-    if (folder / "adapter").is_dir():
-        return merge_adapter(load_model(base, dtype=dtype, device=device, tokenizer=tokenizer), folder / "adapter")
-    weights = folder / "model" if (folder / "model").is_dir() else folder
-    return load_model(str(weights), dtype=dtype, device=device, tokenizer=tokenizer)
+    """The trained model of a run folder, checkpoint, adapter or model folder
+    (``personalab.engine.checkpoints.weights``); an adapter is merged onto ``base`` (default: the base its
+    config names), with the adapter folder's own tokenizer when it has one."""
+    found = weights(folder)
+    if not found.adapter:
+        return load_model(str(found.folder), dtype=dtype, device=device, tokenizer=tokenizer)
+    base = base or found.base
+    if not base:
+        raise InvalidInputError(f"{found.folder}/adapter_config.json names no base model; pass the base model")
+    own = any((found.folder / name).is_file() for name in TOKENIZER_FILES)
+    handle = load_model(base, dtype=dtype, device=device, tokenizer=tokenizer or (str(found.folder) if own else None))
+    return merge_adapter(handle, found.folder)

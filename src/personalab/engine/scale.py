@@ -41,14 +41,16 @@ def mean_residual_norm(handle: ModelHandle, prompts: Sequence[TokenSequence], la
 
 @dataclass(frozen=True)
 class ScaledVector:
-    """What ``alpha = 1`` adds at ``layer`` (``vector``, float32 ``[hidden]``) under ``scale``, and
-    the mean residual norm at that layer over ``n_prompts`` calibration prompts."""
+    """What ``alpha = 1`` adds at ``layer`` (``vector``, float32 ``[hidden]``) under ``scale``, the norm
+    of the vector as given at that layer (``source_norm``, ``|v|``), and the mean residual norm at that
+    layer over ``n_prompts`` calibration prompts."""
 
     layer: int
     scale: Scale
     vector: torch.Tensor
     residual_norm: float
     n_prompts: int
+    source_norm: float
 
     def added_norm(self, alpha: float) -> float:
         """``|alpha * vector|``."""
@@ -67,13 +69,15 @@ class ScaledVector:
         )
 
     def record(self, alphas: Sequence[float]) -> dict:
-        """What ``meta.json`` records of the scale."""
+        """What ``meta.json`` records of the scale: ``vector_norm`` is ``|v|`` as given, ``unit_added_norm``
+        what ``alpha = 1`` adds (``|v|`` on the raw scale, the residual norm on the normalised one)."""
         return {
             "layer": self.layer,
             "scale": self.scale,
             "residual_norm": self.residual_norm,
             "calibration_prompts": self.n_prompts,
-            "vector_norm": float(self.vector.norm()),
+            "vector_norm": self.source_norm,
+            "unit_added_norm": float(self.vector.norm()),
             "added": [{"alpha": a, "norm": self.added_norm(a), "ratio": self.ratio(a)} for a in alphas],
         }
 
@@ -100,7 +104,7 @@ def scale_vectors(
     out = {}
     for layer, norm in zip(layers, norms, strict=True):
         v = rows[layer] if scale == "raw" else rows[layer] / rows[layer].norm() * norm
-        out[layer] = ScaledVector(layer, scale, v, norm, len(prompts))
+        out[layer] = ScaledVector(layer, scale, v, norm, len(prompts), float(rows[layer].norm()))
     return out
 
 

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 MIN_MASS = 0.25
 CHECK_PROMPT = "Reply with one number from 0 to 100."
 """The prompt of the request that checks a judge server before any work."""
-CHECK_TIMEOUT = 6.0
+TIMEOUT = 120.0
+"""Seconds a judge server has to answer one request: long enough for a server's cold start (a vLLM server's
+first request compiles), while one that refuses connections fails at once."""
 _URL_VARIABLES = ("PERSONALAB_JUDGE_BASE_URL", "OPENAI_BASE_URL")
 TOP_LOGPROBS = 20
 _SCORE_TEXT = re.compile(r"0|[1-9][0-9]?|100")
@@ -147,14 +149,17 @@ class ApiJudge:
         model: str,
         base_url: str | None = None,
         api_key: str | None = None,
-        timeout: float = 30.0,
+        timeout: float = TIMEOUT,
         max_retries: int = 4,
         backoff: float = 0.5,
         concurrency: int = 8,
         min_mass: float = MIN_MASS,
     ) -> None:
-        if concurrency < 1 or max_retries < 0:
-            raise InvalidInputError(f"concurrency must be >= 1 and max_retries >= 0, not {concurrency}, {max_retries}")
+        if concurrency < 1 or max_retries < 0 or not timeout > 0:
+            raise InvalidInputError(
+                f"concurrency must be >= 1, max_retries >= 0 and timeout > 0, not {concurrency}, {max_retries}, "
+                f"{timeout}"
+            )
         self.client = openai_client(base_url, api_key, timeout=timeout, max_retries=0)
         self.model = model
         self.base_url = str(self.client.base_url).rstrip("/")
@@ -217,13 +222,13 @@ class ApiJudge:
         return aggregate_scores(probs, self.min_mass)
 
     def check(self) -> None:
-        """One short request before any work (two attempts of ``CHECK_TIMEOUT`` seconds each).
+        """One short request before any work: a server that refuses the connection fails in about a second
+        (two attempts), one that accepts it has the judge's ``timeout`` to answer (a cold start).
 
         Raises ``JudgeError`` naming the URL, where it came from and the variable to set when
         the server does not answer, refuses the request or answers without first-token logprobs.
         """
-        client = self.client.with_options(timeout=CHECK_TIMEOUT, max_retries=0)
-        if not self._ask(CHECK_PROMPT, client, retries=1, backoff=1.0):
+        if not self._ask(CHECK_PROMPT, self.client, retries=1, backoff=1.0):
             raise JudgeError(
                 f"judge {self.model} at {self.base_url} answered without logprobs; "
                 f"the judge needs a server that returns top_logprobs (set PERSONALAB_JUDGE_BASE_URL)"
@@ -277,7 +282,8 @@ class LocalJudge:
 
 
 def judge_from_spec(spec: str, **kwargs: Any) -> Judge:
-    """``"api:MODEL"`` -> ``ApiJudge(MODEL, **kwargs)``; ``"local:NAME_OR_PATH"`` -> ``LocalJudge`` of that model."""
+    """``"api:MODEL"`` -> ``ApiJudge(MODEL, **kwargs)``; ``"local:NAME_OR_PATH"`` -> ``LocalJudge`` of that model
+    (``kwargs`` are the API judge's and do not apply)."""
     kind, _, target = spec.partition(":")
     if kind == "api" and target:
         return ApiJudge(target, **kwargs)

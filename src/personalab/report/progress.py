@@ -22,7 +22,7 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
         yield lambda n=1: bar.advance(task, n)
 
 
-_console = Console()
+_console = Console(soft_wrap=True)
 
 
 def say(message: str, enabled: bool = True) -> None:

@@ -1,8 +1,25 @@
-"""Markdown tables of data frames (no extra dependency), for the ``.md`` files beside each ``.csv``."""
+"""Tables of data frames: the ``.csv`` files of a run, and the Markdown tables (no extra dependency) beside them."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
+
+FLOAT_FORMAT = "%.12g"
+"""Floats in CSV files: 12 significant digits, so a score of 80 reads 80, not 80.00000000000001."""
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path, index: bool = False) -> None:
+    """Write ``frame`` to ``path``: a float column holding only whole numbers (a layer or step column that
+    pandas made float because a row has none) as integers, other floats with ``FLOAT_FORMAT``."""
+    out = frame.copy()
+    for column in out.columns:
+        values = out[column]
+        if pd.api.types.is_float_dtype(values):
+            known = values.dropna()
+            if len(known) and (known == known.round()).all() and (known.abs() < 2**53).all():
+                out[column] = values.astype("Int64")
+    out.to_csv(path, index=index, float_format=FLOAT_FORMAT)
 
 
 def _cell(value, fmt: str | None) -> str:

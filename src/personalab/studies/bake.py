@@ -1,10 +1,13 @@
 """Exact baking: write a model whose plain forward equals steering on all positions.
 
-Steering at layer ``l >= 1`` on every position adds the constant ``alpha * v`` to the
-output of block ``l - 1`` (convention in ``personalab.engine.layers``). When that block ends
+Steering at layer ``1 <= l < n_blocks`` on every position adds the constant ``alpha * v`` to
+the output of block ``l - 1`` (convention in ``personalab.engine.layers``). When that block ends
 with ``h + mlp(...)`` and the MLP ends with a linear projection ``W x + b``, the same
 shift is ``b -> b + alpha * v`` on that projection: no training, and exact up to float
-rounding. At ``l = 0`` the shift is on the embedding output; when that output is
+rounding. At ``l = n_blocks`` the shift is on ``hidden_states[n_blocks]``, after the final
+norm: the bias of that norm where it has one (``gpt2``'s ``ln_f``, ``gpt_neox``'s
+``final_layer_norm``); the RMS norms of the other architectures have none, so they are refused
+there. At ``l = 0`` the shift is on the embedding output; when that output is
 ``scale * E[token] (+ position terms)`` it is ``E[t] -> E[t] + alpha * v / scale`` on every
 row of the input embedding matrix. Padding positions, which steering leaves alone, are
 shifted too, but attention masks them out, so every real position is unchanged.
@@ -56,11 +59,14 @@ from personalab.engine.model import KNOWN_BLOCK_PATHS, ModelHandle, unwrap
 from personalab.engine.scale import Scale, scaled_vector
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
 from personalab.report.progress import say
+from personalab.runfolder import claim, model_settings
 from personalab.traits import calibration_prompts
 from personalab.vectors import vector_sha256
 
 BIAS_MODULES: dict[str, str] = {"llama": "mlp.down_proj", "gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h"}
 """Per model type, the MLP output projection (inside a block) whose bias shifts the block output."""
+FINAL_NORMS: dict[str, str] = {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
+"""Per model type, the final norm whose bias shifts ``hidden_states[n_blocks]``."""
 
 EMBEDDING_LOOKUP: frozenset[str] = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "olmo3", "phi3"}
@@ -184,8 +190,24 @@ def _shifted(bias: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return (bias.float() + shift.to(bias.device)).to(bias.dtype)
 
 
+def _final_norm_plan(model: PreTrainedModel, layer: int, shift: torch.Tensor) -> _Plan:
+    model_type = model.config.model_type
+    path = FINAL_NORMS.get(model_type)
+    bias = getattr(model.get_submodule(path), "bias", None) if path else None
+    if bias is None:
+        raise UnsupportedArchitectureError(
+            f"{model_type}: layer {layer} is hidden_states[{layer}], after the final norm, which has no bias here, "
+            f"so no saved model reproduces a constant shift there; bake at a layer below {layer} or {_DISTILL}"
+        )
+    plan = _Plan(method=f"bias on {path}")
+    plan.tensors[f"{path}.bias"] = _shifted(bias.detach(), shift)
+    return plan
+
+
 def _bias_plan(handle: ModelHandle, model: PreTrainedModel, layer: int, shift: torch.Tensor) -> _Plan:
     model_type = model.config.model_type
+    if layer == handle.n_blocks:
+        return _final_norm_plan(model, layer, shift)
     if model_type in _AS_LLAMA and handle.blocks_path == "model.layers":
         target = _llama_config(model.config)
         path = f"model.layers.{layer - 1}.mlp.down_proj"
@@ -285,6 +307,7 @@ def bake_exact(
     model = handle.model
     if unwrap(model) is not model:
         raise InvalidInputError("the model is wrapped in a peft adapter; merge it first (merge_and_unload)")
+    settings = {**model_settings(handle), "vector_sha256": vector_sha256(vector), "layer": layer, "alpha": alpha}
     scaled = scaled_vector(handle, vector, layer, scale, calibration_prompts(handle))
     v = scaled.vector.detach().float().cpu()
     say(scaled.describe([alpha]), progress)
@@ -292,6 +315,7 @@ def bake_exact(
     plan = _embedding_plan(model, shift) if layer == 0 else _bias_plan(handle, model, layer, shift)
     baked = _rebuilt(model, plan)
     out = Path(out)
+    run = claim(out, "bake", {**settings, "scale": scale})
     baked.save_pretrained(out)
     handle.tokenizer.save_pretrained(out)
     record = {
@@ -304,4 +328,5 @@ def bake_exact(
     if plan.exact_up_to_tokens is not None:
         record["exact_up_to_tokens"] = plan.exact_up_to_tokens
     (out / "bake.json").write_text(json.dumps(record, indent=2) + "\n")
+    run.write(model=handle.name, revision=handle.revision, **record)
     return out

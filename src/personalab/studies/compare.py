@@ -9,7 +9,6 @@ trained model also with the steered reference: the sweep's sign-flip and sign te
 Bonferroni-corrected over all the comparisons of the table.
 """
 
-import json
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from functools import partial
@@ -18,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from personalab.engine.checkpoints import trained_parameters
 from personalab.engine.generation import SamplingParams
 from personalab.engine.interventions import steer
-from personalab.engine.layers import CONVENTION
 from personalab.engine.model import ModelHandle
 from personalab.engine.scale import Scale, scaled_vector
 from personalab.judging.judges import Judge
@@ -28,14 +27,11 @@ from personalab.judging.scorecard import scored_answers, summary
 from personalab.report.plots import plot_score_bars, short_name
 from personalab.report.progress import say
 from personalab.report.stats import paired_test
+from personalab.report.tables import write_csv
+from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts
-
-
-def trainable_parameters(folder: Path) -> int:
-    """``trainable_parameters`` recorded in a run folder's ``meta.json`` (0 when there is none)."""
-    meta = Path(folder) / "meta.json"
-    return json.loads(meta.read_text()).get("trainable_parameters", 0) if meta.is_file() else 0
+from personalab.vectors import vector_sha256
 
 
 def _tests(answers: dict[str, pd.DataFrame], steered: str, trained: list[str], n_resamples: int) -> dict[str, dict]:
@@ -81,7 +77,8 @@ def _markdown(table: pd.DataFrame, header: str) -> str:
                 )
         lines.append(
             f"| {r['model']} | {r['trait_mean']:.1f} +- {cell(r['trait_std'], '.1f')} "
-            f"| {r['coherence_mean']:.1f} +- {cell(r['coherence_std'], '.1f')} | {r['n']} | {r['trainable']} "
+            f"| {r['coherence_mean']:.1f} +- {cell(r['coherence_std'], '.1f')} | {r['n']} "
+            f"| {cell(r['trainable'], ',.0f')} "
             f"| {vs[0]} | {vs[1]} |"
         )
     return "\n".join(lines) + "\n"
@@ -109,9 +106,21 @@ def run_compare(
     base and to the steered model with Bonferroni-corrected p-values), ``answers.jsonl`` (every
     judged answer), ``compare.png`` (bars with one std) and ``meta.json``. Returns the table.
     """
+    out = Path(out)
+    settings = {
+        **model_settings(base),
+        "vector_sha256": vector_sha256(vector),
+        "layer": layer,
+        "alpha": alpha,
+        "scale": scale,
+        "trait_sha256": trait.digest(),
+        "judge": judge.name,
+        "sampling": params.model_dump(mode="json"),
+        "n_resamples": n_resamples,
+    }
+    run = claim(out, "compare", settings, {"samples": samples, "trained": [str(f) for f, _ in trained]})
     scaled = scaled_vector(base, vector, layer, scale, calibration_prompts(base))
     say(scaled.describe([alpha]), progress)
-    out = Path(out)
     steered = f"steered layer {layer} alpha {alpha:g}" + ("" if scale == "raw" else f" ({scale})")
     answers: dict[str, pd.DataFrame] = {}
     trainable = {"base": 0, steered: 0}
@@ -126,12 +135,12 @@ def run_compare(
         for folder, load in trained:
             label = str(folder)
             answers[label] = card(load(), f"distilled {folder}")
-            trainable[label] = trainable_parameters(folder)
+            trainable[label] = trained_parameters(folder)
     labels = [str(folder) for folder, _ in trained]
     tests = _tests(answers, steered, labels, n_resamples)
     rows = [{"model": m, **summary(a), "trainable": trainable[m], **tests[m]} for m, a in answers.items()]
     table = pd.DataFrame(rows)
-    table.to_csv(out / "compare.csv", index=False)
+    write_csv(table, out / "compare.csv")
     header = (
         f"{trait.name} on {base.name}: steered reference {scaled.describe([alpha])}. Mean +- std over all answers; "
         f"p-values question-level, Bonferroni-corrected over {len(answers) - 1 + len(labels)} comparisons."
@@ -143,18 +152,16 @@ def run_compare(
     ]
     pd.concat(frames).to_json(out / "answers.jsonl", orient="records", lines=True, force_ascii=False)
     plot_score_bars(table, f"{trait.name} on {short_name(base.name)}: {out.name}", out / "compare.png")
-    meta = {
-        "model": base.name,
-        "revision": base.revision,
-        "trait": trait.name,
-        "trait_sha256": trait.digest(),
-        "judge": judge.name,
-        "layer_convention": CONVENTION,
-        "samples": samples,
-        "sampling": params.model_dump(),
-        "steering": {**scaled.record([alpha]), "alpha": alpha},
-        "trained": labels,
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    run.write(
+        model=base.name,
+        revision=base.revision,
+        trait=trait.name,
+        trait_sha256=trait.digest(),
+        judge=judge.name,
+        samples=samples,
+        sampling=params.model_dump(),
+        steering={**scaled.record([alpha]), "alpha": alpha},
+        trained=labels,
+    )
     trait.save(out / RUN_TRAIT)
     return table

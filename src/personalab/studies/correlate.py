@@ -8,7 +8,6 @@ of the last-prompt shift with the trait score is Pearson's r with a 95% percenti
 interval over the models (10,000 resamples, seeded).
 """
 
-import json
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -26,9 +25,11 @@ from personalab.judging.judges import Judge
 from personalab.judging.scorecard import scored_answers, summary
 from personalab.report.plots import short_name
 from personalab.report.progress import say
-from personalab.report.tables import markdown_table
+from personalab.report.tables import markdown_table, write_csv
+from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.traits import Trait
+from personalab.vectors import vector_sha256
 
 RESAMPLES = 10_000
 
@@ -80,12 +81,22 @@ def run_correlate(
 ) -> pd.DataFrame:
     """Tabulate and plot shift against trait for each ``(name, load)`` of ``tuned`` (one model in memory at a time)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     params = params or SamplingParams(temperature=1.0, max_new_tokens=256, seed=seed)
-    rows = []
+    rows, run = [], None
     with closing(Store(out / "generations.sqlite")) as store:
         for name, load in [("base", base), *tuned]:
             handle = load()
+            if run is None:
+                settings = {
+                    **model_settings(handle),
+                    "vector_sha256": vector_sha256(vector),
+                    "layer": layer,
+                    "trait_sha256": trait.digest(),
+                    "judge": judge.name,
+                    "sampling": params.model_dump(mode="json"),
+                    "seed": seed,
+                }
+                run = claim(out, "correlate", settings, {"samples": samples, "tuned": [n for n, _ in tuned]})
             say(f"measuring {name}", True)
             rows.append({"model": name, **_measure(handle, trait, vector, layer, judge, store, samples, params, name)})
             del handle
@@ -93,7 +104,7 @@ def run_correlate(
     table = pd.DataFrame(rows)
     for position in ("last_prompt", "response_mean"):
         table[f"shift_{position}"] = table[position] - table.loc[0, position]
-    table.to_csv(out / "correlate.csv", index=False)
+    write_csv(table, out / "correlate.csv")
     models = table.iloc[1:]
     stats = {}
     if len(models) >= 3:
@@ -114,19 +125,7 @@ def run_correlate(
         ),
     ]
     (out / "correlate.md").write_text("\n".join(lines) + "\n")
-    (out / "meta.json").write_text(
-        json.dumps(
-            {
-                "trait": trait.name,
-                "layer": layer,
-                "judge": judge.name,
-                "models": list(table["model"]),
-                "correlation": stats,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    run.write(trait=trait.name, layer=layer, judge=judge.name, models=list(table["model"]), correlation=stats)
     return table
 
 

@@ -17,13 +17,13 @@ on GPU, and data parallelism when launched on several processes (``accelerate la
 """
 
 import copy
-import json
 import math
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from accelerate import Accelerator
 from pydantic import Field
@@ -41,7 +41,9 @@ from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
 from personalab.report.plots import plot_training_curve, short_name
 from personalab.report.progress import say
-from personalab.store import Store
+from personalab.report.tables import write_csv
+from personalab.runfolder import claim, model_settings
+from personalab.store import Store, content_key
 from personalab.traits import calibration_prompts
 from personalab.vectors import vector_sha256
 
@@ -89,7 +91,8 @@ def trajectories(
     progress: bool,
     accelerator: Accelerator,
 ) -> list[TokenSequence]:
-    """``config.trajectories`` steered answers, cycling over ``prompts``; empty answers are dropped.
+    """``config.trajectories`` steered answers, cycling over ``prompts``; an answer that ended with a stop
+    token keeps it, so the student learns where the teacher stops; empty trajectories are dropped.
 
     Each process samples its share of the batches into the shared store; all then read every answer.
     """
@@ -111,10 +114,15 @@ def trajectories(
         shard=(accelerator.process_index, accelerator.num_processes),
     )
     accelerator.wait_for_everyone()
-    texts = store.texts(keys)
+    texts, stops = store.texts(keys), store.stops(keys)
     tok = handle.tokenizer
     seqs = [
-        TokenSequence(r.prompt.ids + tuple(tok.encode(texts[k], add_special_tokens=False)), r.prompt.prompt_len)
+        TokenSequence(
+            r.prompt.ids
+            + tuple(tok.encode(texts[k], add_special_tokens=False))
+            + (() if stops[k] is None else (stops[k],)),
+            r.prompt.prompt_len,
+        )
         for r, k in zip(requests, keys, strict=True)
     ]
     return [s for s in seqs if s.response_len > 0]
@@ -199,7 +207,14 @@ def distill(
     progress = progress and accelerator.is_main_process
     say(scaled.describe([config.alpha]), progress)
     out = Path(out)
+    settings = {
+        **model_settings(handle),
+        "vector_sha256": vector_sha256(vector),
+        "prompts_sha256": content_key([list(p.ids) for p in prompts]),
+        "config": config.model_dump(mode="json"),
+    }
     with accelerator.main_process_first():
+        run = claim(out, "distill", settings) if accelerator.is_main_process else None
         store = Store(store_path or out / "generations.sqlite")
     try:
         seqs = trajectories(handle, v, prompts, store, config, progress, accelerator)
@@ -235,34 +250,34 @@ def distill(
     if accelerator.is_main_process:
         steering = scaled.record([config.alpha])
         split = (len(train), len(held))
-        _save(handle, student, config, out, trainer.losses, held_out, trainable, split, merge, world, steering)
+        _save(run, handle, student, config, trainer.losses, held_out, trainable, split, merge, world, steering)
     accelerator.wait_for_everyone()
     return DistillResult(student, trainer.losses, held_out, trainable)
 
 
-def _save(handle, student, config, out: Path, losses, held_out, trainable, split, merge, processes, steering) -> None:
+def _save(run, handle, student, config, losses, held_out, trainable, split, merge, processes, steering) -> None:
+    out = run.path
     target = out / ("adapter" if config.lora_rank is not None else "model")
     student.save_pretrained(target)
     handle.tokenizer.save_pretrained(target)
     if merge and config.lora_rank is not None:
         student.merge_and_unload().save_pretrained(out / "model")
         handle.tokenizer.save_pretrained(out / "model")
-    (out / "training_curve.csv").write_text("step,loss\n" + "".join(f"{i + 1},{x}\n" for i, x in enumerate(losses)))
+    write_csv(pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses}), out / "training_curve.csv")
     title = (
         f"distill {out.name}: {short_name(handle.name)}, layer {config.layer}, alpha {config.alpha:g} ({config.scale})"
     )
     plot_training_curve(losses, title, out / "training_curve.png", "KL(steered teacher || student)")
-    meta = {
-        "model": handle.name,
-        "revision": handle.revision,
-        "config": config.model_dump(),
-        "trainable_parameters": trainable,
-        "processes": processes,
-        "weights_dtype": str(handle.dtype).removeprefix("torch."),
-        "mixed_precision": config.precision(handle.input_device),
-        "trajectories": {"train": split[0], "held_out": split[1]},
-        "steering": steering,
-        "held_out_kl": held_out,
-        "weights": str(target.name),
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    run.write(
+        model=handle.name,
+        revision=handle.revision,
+        config=config.model_dump(),
+        trainable_parameters=trainable,
+        processes=processes,
+        weights_dtype=str(handle.dtype).removeprefix("torch."),
+        mixed_precision=config.precision(handle.input_device),
+        trajectories={"train": split[0], "held_out": split[1]},
+        steering=steering,
+        held_out_kl=held_out,
+        weights=str(target.name),
+    )

@@ -13,7 +13,6 @@ layer (``[n_blocks + 1, hidden]``, convention in ``personalab.engine.layers``).
 
 import json
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -27,10 +26,11 @@ from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
 from personalab.report.plots import plot_layer_norms, short_name
+from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.traits import RUN_TRAIT, Trait, coherence_rubric
 from personalab.traits.elicitation import elicit
-from personalab.vectors import VARIANTS, save_vectors
+from personalab.vectors import VARIANTS, save_vector_file
 
 PAIRS = "pairs.jsonl"
 """Every contrastive pair of an extraction run folder, kept or dropped, one JSON line each."""
@@ -286,11 +286,9 @@ def run_extraction(
     """Run the whole pipeline into the run folder ``out``; resumes from its store."""
     config = config or ExtractionConfig()
     out = Path(out)
-    store = Store(out / "generations.sqlite")
-    try:
+    run = claim(out, "extract", settings(handle, trait, judge, config), {"samples": config.samples})
+    with Store(out / "generations.sqlite") as store:
         answers = judged_answers(handle, trait, judge, store, config, progress)
-    finally:
-        store.close()
     report = filter_pairs(answers, config)
     report.write(out / PAIRS)
     counts = report.counts(trait)
@@ -298,28 +296,37 @@ def run_extraction(
         reasons = ", ".join(f"{k}: {v}" for k, v in counts["rejected"].items() if v)
         raise FilterError(
             f"only {counts['kept']} of {counts['pairs']} pairs passed the filter (need {config.min_pairs}; "
-            f"rejected {reasons}); raise --samples, lower --min-pairs or the thresholds, or check the judge"
+            f"rejected {reasons}); raise samples, lower min_pairs or the thresholds, or check the judge"
         )
     vectors = compute_vectors(handle, report.kept, config.batch_size, progress)
     meta = _meta(handle, trait, judge, config, counts, vectors)
     trait.save(out / RUN_TRAIT)
-    save_vectors(out, vectors, meta)
+    save_vector_file(out / "vectors.safetensors", vectors)
+    meta = json.loads(run.write(**meta).read_text())
     _write_summary(out, meta, report.examples())
     return ExtractionResult(vectors, meta, answers)
+
+
+def settings(handle: ModelHandle, trait: Trait, judge: Judge, config: ExtractionConfig) -> dict:
+    """What an extraction's results depend on (``samples`` only extends a run)."""
+    return {
+        **model_settings(handle),
+        "trait_sha256": trait.digest(),
+        "judge": judge.name,
+        "config": config.model_dump(mode="json", exclude={"samples", "batch_size"}),
+    }
 
 
 def _meta(
     handle: ModelHandle, trait: Trait, judge: Judge, config: ExtractionConfig, counts: dict, vectors: dict
 ) -> dict:
     return {
-        "personalab_version": version("personalab"),
         "model": handle.name,
         "revision": handle.revision,
         "architecture": handle.architecture,
         "dtype": str(handle.dtype).removeprefix("torch."),
         "n_blocks": handle.n_blocks,
         "hidden_size": handle.hidden_size,
-        "layer_convention": CONVENTION,
         "trait": trait.name,
         "trait_sha256": trait.digest(),
         "elicitation": trait.elicitation,

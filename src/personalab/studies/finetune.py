@@ -1,7 +1,8 @@
 """Fine-tuning through persona vectors: monitored fine-tunes, preventative steering, directional ablation.
 
-The objective is the cross-entropy of the assistant tokens of chat records (prompt and padding
-masked; a record longer than ``max_length`` tokens is cut at the end and counted), trained by
+The objective is the cross-entropy of the assistant tokens of chat records and of the token that ends
+the answer (the template's end of turn, or end-of-sequence without a template), prompt and padding
+masked; a record longer than ``max_length`` tokens is cut at the end and counted. It is trained by
 the engine's one loop (``personalab.engine.training``: LoRA or full, data parallelism, bf16,
 accumulation, warm-up and decay).
 
@@ -21,7 +22,6 @@ command) with ``trainer_state.pt``; a killed run resumes from its last checkpoin
 exactly as an uninterrupted run.
 """
 
-import json
 import math
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
@@ -37,7 +37,7 @@ from personalab.engine.chat import TokenSequence
 from personalab.engine.forward import final_hidden, logits_fn, response_mask
 from personalab.engine.generation import SamplingParams, greedy_ids
 from personalab.engine.interventions import Ablate, Steer, intervene
-from personalab.engine.layers import CONVENTION, check_layers, check_vector
+from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.losses import chunked_cross_entropy
 from personalab.engine.model import ModelHandle, with_lora
 from personalab.engine.scale import Scale, scaled_vector
@@ -45,11 +45,14 @@ from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
 from personalab.judging.scorecard import scored_answers, summary
-from personalab.records import Record
+from personalab.records import Record, data_file
 from personalab.report.plots import Panel, plot_over_training, plot_training_curve, short_name
 from personalab.report.progress import say
-from personalab.store import Store
+from personalab.report.tables import write_csv
+from personalab.runfolder import RunFolder, claim, model_settings
+from personalab.store import Store, content_key
 from personalab.traits import Trait, calibration_prompts
+from personalab.vectors import vector_sha256
 
 
 class FinetuneConfig(TrainConfig):
@@ -98,12 +101,13 @@ def check_records(records: list[Record]) -> None:
 
 
 def training_sequences(handle: ModelHandle, records: list[Record], max_length: int) -> tuple[list[TokenSequence], dict]:
-    """Encoded records, each cut to ``max_length`` tokens; counts of records, truncated and unusable
-    (nothing of the answer left) ones."""
+    """Encoded records, each answer closed by the template's end-of-turn token (the end-of-sequence token
+    without a template) so the model learns to stop, and cut to ``max_length`` tokens; counts of records,
+    truncated and unusable (nothing of the answer left) ones."""
     check_records(records)
     out, truncated, unusable = [], 0, 0
     for record in records:
-        seq = handle.encode(record.system, record.prompt, record.response)
+        seq = handle.encode(record.system, record.prompt, record.response, end=True)
         if len(seq.ids) > max_length:
             truncated += 1
             if seq.prompt_len >= max_length:
@@ -174,12 +178,6 @@ class Monitor:
         return out
 
 
-def _write_json(path: Path, data) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    partial.replace(path)
-
-
 def _latest(out: Path) -> Path | None:
     done = [p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file()]
     return max(done, key=lambda p: int(p.name.removeprefix("step-")), default=None)
@@ -209,6 +207,28 @@ def finetune(
     if epochs is not None:
         per_step = config.batch_size * config.grad_accum * accelerator.num_processes
         config = config.model_copy(update={"steps": max(1, math.ceil(epochs * len(sequences) / per_step))})
+    settings = {
+        **model_settings(handle),
+        "data_sha256": content_key([(r.system, r.prompt, r.response) for r in records]),
+        "config": config.model_dump(mode="json"),
+        "interventions": [
+            {
+                "kind": iv.kind,
+                "layer": iv.layer,
+                "alpha": iv.alpha,
+                "scale": iv.scale,
+                "vector": vector_sha256(iv.vector),
+            }
+            for iv in interventions
+        ],
+        "monitors": [
+            {"name": m.name, "vector": vector_sha256(m.direction), "prompts": content_key(m.questions)}
+            for m in monitors
+        ],
+        "judge": judge.name if judge is not None else None,
+    }
+    with accelerator.main_process_first():
+        run = claim(out, "finetune", settings, inputs={"data": data_file(records)}) if main else None
     hooks = []
     for iv in interventions:
         if iv.kind == "steer":
@@ -270,7 +290,7 @@ def finetune(
             state = {"trainer": trainer.state(), "monitor": rows, "base": base}
             torch.save(state, folder / ".trainer_state.partial")
             (folder / ".trainer_state.partial").replace(folder / "trainer_state.pt")
-            _outputs(out, handle, rows, trainer.losses, config, counts, monitors, interventions)
+            _outputs(run, handle, rows, trainer.losses, config, counts, monitors, interventions)
         accelerator.wait_for_everyone()
 
     if trainer.step == 0:
@@ -278,7 +298,7 @@ def finetune(
         observe(0)
     trainer.train(sequences, loss, config.steps, progress, "finetune", checkpoint)
     if main:
-        _outputs(out, handle, rows, trainer.losses, config, counts, monitors, interventions)
+        _outputs(run, handle, rows, trainer.losses, config, counts, monitors, interventions)
     accelerator.wait_for_everyone()
     return pd.DataFrame(rows)
 
@@ -326,14 +346,15 @@ def _judged(handle, monitors, judge, out: Path, step: int, config: FinetuneConfi
     return rows
 
 
-def _outputs(out: Path, handle, rows, losses, config: FinetuneConfig, counts, monitors, interventions) -> None:
+def _outputs(run: RunFolder, handle, rows, losses, config: FinetuneConfig, counts, monitors, interventions) -> None:
+    out = run.path
     name = short_name(handle.name)
-    (out / "training_curve.csv").write_text("step,loss\n" + "".join(f"{i + 1},{x}\n" for i, x in enumerate(losses)))
+    write_csv(pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses}), out / "training_curve.csv")
     if losses:
         title = f"finetune {out.name}: {name}, cross-entropy of assistant tokens"
         plot_training_curve(losses, title, out / "training_curve.png", "cross-entropy (nats per token)")
     table = pd.DataFrame(rows, columns=["step", "vector", "layer", "position", "projection", "shift"])
-    table.to_csv(out / "monitor.csv", index=False)
+    write_csv(table, out / "monitor.csv")
     shifts = table[table["position"].isin(["last_prompt", "response_mean"])]
     if len(shifts):
         panels = []
@@ -344,22 +365,20 @@ def _outputs(out: Path, handle, rows, losses, config: FinetuneConfig, counts, mo
             panels.append(panel)
         title = f"finetune {out.name}: projection shift of {name} along each monitored vector"
         plot_over_training(panels, "optimizer step", title, out / "monitor.png", False)
-    meta = {
-        "model": handle.name,
-        "revision": handle.revision,
-        "layer_convention": CONVENTION,
-        "config": config.model_dump(),
-        "data": counts,
-        "interventions": [{"kind": iv.kind, "layer": iv.layer, "alpha": iv.alpha, **iv.record} for iv in interventions],
-        "monitors": [
+    run.write(
+        model=handle.name,
+        revision=handle.revision,
+        config=config.model_dump(),
+        data=counts,
+        interventions=[{"kind": iv.kind, "layer": iv.layer, "alpha": iv.alpha, **iv.record} for iv in interventions],
+        monitors=[
             {"name": m.name, "path": m.source, "trait": m.trait.name if m.trait else None, "prompts": len(m.questions)}
             for m in monitors
         ],
-        "steps_done": len(losses),
-        "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("step-*")),
-        "weights": "adapter" if config.lora_rank else "model",
-    }
-    _write_json(out / "meta.json", meta)
+        steps_done=len(losses),
+        checkpoints=sorted(p.name for p in (out / "checkpoints").glob("step-*")),
+        weights="adapter" if config.lora_rank else "model",
+    )
     lines = [
         f"# Fine-tune {out.name} of {handle.name}",
         "",

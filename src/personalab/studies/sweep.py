@@ -11,7 +11,6 @@ answers (``ddof = 1``). Coefficients follow ``personalab.engine.scale`` (``raw``
 ``normalised`` against the mean residual norm on the calibration prompts).
 """
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +27,8 @@ from personalab.judging.scoring import score_cached
 from personalab.report.plots import plot_heatmap, plot_sweep_curves, short_name
 from personalab.report.progress import say
 from personalab.report.stats import paired_test
+from personalab.report.tables import write_csv
+from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts, coherence_rubric
 from personalab.traits.elicitation import continues, evaluation_prompt
@@ -157,14 +158,16 @@ def run_sweep(
     config: SweepConfig,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Run the sweep into ``out`` (resumable through ``out/generations.sqlite``); returns the table."""
+    """Run the sweep into ``out`` (resumable through ``out/generations.sqlite``; a rerun with more layers,
+    alphas or samples computes only those); returns the table."""
     check_layers(config.layers, handle.n_blocks)
+    out = Path(out)
+    extends = {"layers": config.layers, "alphas": config.alphas, "samples": config.samples}
+    run = claim(out, "sweep", settings(handle, vector, trait, judge, config), extends)
     scales = scale_vectors(handle, vector, config.layers, config.scale, calibration_prompts(handle))
     for scaled in scales.values():
         say(scaled.describe([a for a in config.alphas if a != 0]), progress)
-    out = Path(out)
-    store = Store(out / "generations.sqlite")
-    try:
+    with Store(out / "generations.sqlite") as store:
         answers = _answers(handle, store, scales, trait, config, progress)
         questions = [trait.evaluation_questions[q] for q in answers["question"]]
         items = list(zip(questions, answers["answer"], strict=True))
@@ -178,12 +181,10 @@ def run_sweep(
             "judge coherence",
             progress=progress,
         )
-    finally:
-        store.close()
     answers = answers.astype({"trait": float, "coherence": float})
     table = summarise(answers, config.n_resamples)
     table.insert(2, "scale", config.scale)
-    table.to_csv(out / "sweep.csv", index=False)
+    write_csv(table, out / "sweep.csv")
     answers.to_json(out / "answers.jsonl", orient="records", lines=True)
     (out / "sweep.md").write_text(_markdown(table, config.scale))
     for metric in ("trait", "coherence"):
@@ -199,15 +200,25 @@ def run_sweep(
     plot_sweep_curves(
         table, f"{trait.name} on {short_name(handle.name)} ({out.name}, {config.scale} scale)", out / "curves.png"
     )
-    meta = {
-        "model": handle.name,
-        "revision": handle.revision,
-        "trait": trait.name,
-        "trait_sha256": trait.digest(),
-        "judge": judge.name,
-        "config": config.model_dump(),
-        "steering": {str(layer): scaled.record(config.alphas) for layer, scaled in scales.items()},
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    run.write(
+        model=handle.name,
+        revision=handle.revision,
+        trait=trait.name,
+        trait_sha256=trait.digest(),
+        judge=judge.name,
+        config=config.model_dump(),
+        steering={str(layer): scaled.record(config.alphas) for layer, scaled in scales.items()},
+    )
     trait.save(out / RUN_TRAIT)
     return table
+
+
+def settings(handle: ModelHandle, vector: torch.Tensor, trait: Trait, judge: Judge, config: SweepConfig) -> dict:
+    """What a sweep's results depend on (its layers, alphas and samples only extend it)."""
+    return {
+        **model_settings(handle),
+        "vector_sha256": vector_sha256(vector),
+        "trait_sha256": trait.digest(),
+        "judge": judge.name,
+        "config": config.model_dump(mode="json", exclude={"layers", "alphas", "samples", "batch_size"}),
+    }

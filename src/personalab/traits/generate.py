@@ -10,7 +10,7 @@ import re
 
 from pydantic import ValidationError
 
-from personalab.errors import InvalidInputError
+from personalab.errors import InvalidInputError, PersonalabError
 from personalab.traits.schema import Trait, describe_validation_error
 
 _INSTRUCTIONS = """You write evaluation material for research on persona traits of language models.
@@ -43,6 +43,21 @@ def _check_counts(trait: Trait, name: str, pairs: int, questions: int) -> None:
         raise ValueError(f"expected {pairs} instruction pairs and {questions} + {questions} questions, got {counts}")
 
 
+def _ask(client, model: str, messages: list[dict]) -> str:
+    """The writer's reply; a server that cannot be reached or refuses is one ``PersonalabError`` naming its URL."""
+    import openai
+
+    try:
+        reply = client.chat.completions.create(model=model, messages=messages, temperature=0.7)
+    except openai.APIError as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise PersonalabError(
+            f"the trait writer {model} at {client.base_url} failed: {type(exc).__name__}: {reason}; start the "
+            f"server or pass --base-url (or set PERSONALAB_JUDGE_BASE_URL) and --api-key"
+        ) from None
+    return reply.choices[0].message.content or ""
+
+
 def generate_trait(
     client, model: str, name: str, description: str, pairs: int = 5, questions: int = 20, attempts: int = 3
 ) -> Trait:
@@ -55,8 +70,7 @@ def generate_trait(
     ]
     problem = ""
     for _ in range(attempts):
-        reply = client.chat.completions.create(model=model, messages=messages, temperature=0.7)
-        text = reply.choices[0].message.content or ""
+        text = _ask(client, model, messages)
         try:
             trait = Trait.model_validate(_parse(text))
             _check_counts(trait, name, pairs, questions)

@@ -1,7 +1,6 @@
 """Persona x task composition ("As X, do Y"): see ``run`` for what is computed, at which layers and
 sites, ``tables`` for the files, ``grids`` and ``markers`` for the data."""
 
-import json
 from contextlib import closing
 from pathlib import Path
 
@@ -9,12 +8,14 @@ import pandas as pd
 
 from personalab.engine.layers import CONVENTION
 from personalab.engine.model import ModelHandle
+from personalab.errors import PersonalabError
 from personalab.report.plots import short_name
 from personalab.report.progress import say
+from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.studies.compose import tables
 from personalab.studies.compose.grids import Grid, load_grid, load_markers
-from personalab.studies.compose.run import ComposeConfig, Study, paper_layers
+from personalab.studies.compose.run import REF_TOKENS, ComposeConfig, Study, paper_layers
 
 
 def run_compose(
@@ -28,7 +29,17 @@ def run_compose(
     """Run the study into ``out`` (resumable through ``out/compose.sqlite``); returns its summary tables."""
     out = Path(out)
     config.check(handle.n_blocks)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        **model_settings(handle),
+        "config": config.model_dump(mode="json", include={"edit_layer", "host_sets", "seed"}),
+    }
+    extends = {
+        "grid": [c.name for c in grid.cells],
+        "layers": config.kl_layers(handle.n_blocks),
+        "markers": config.markers,
+        "host": config.host,
+    }
+    run = claim(out, "compose", settings, extends)
     model = short_name(handle.name)
     results: dict[str, pd.DataFrame] = {}
     with closing(Store(out / "compose.sqlite")) as store:
@@ -56,28 +67,30 @@ def run_compose(
         "",
         f"- cells: {len(grid.cells)}; usable {len(prepared)}; skipped {len(skipped)} (the 12-token reference "
         f"ended early: {', '.join(c.name for c in skipped) or 'none'})",
-        f"- layers: {CONVENTION}; substitution at layer l replaces the input of block l",
+        f"- layers: {CONVENTION}; substitution at layer l replaces hidden_states[l], the residual read there",
         f"- KL layers: {config.kl_layers(handle.n_blocks)} (the paper's grid for this depth: "
         f"{paper_layers(handle.n_blocks)}); chat format: {handle.chat.name}",
         "",
-        "Tables: " + ", ".join(f"{name}.md" for name in ("kl", "markers", "host") if name in results),
+        "Tables: " + (", ".join(f"{name}.md" for name in ("kl", "markers", "host") if name in results) or "none"),
     ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    meta = {
-        "model": handle.name,
-        "revision": handle.revision,
-        "dtype": str(handle.dtype).removeprefix("torch."),
-        "grid": grid.name,
-        "cells": [c.name for c in grid.cells],
-        "skipped": [c.name for c in skipped],
-        "layer_convention": CONVENTION,
-        "config": config.model_dump(),
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    say(
-        f"wrote {out}/summary.md, " + ", ".join(f"{name}.md" for name in ("kl", "markers", "host") if name in results),
-        progress,
+    run.write(
+        model=handle.name,
+        revision=handle.revision,
+        dtype=str(handle.dtype).removeprefix("torch."),
+        grid=grid.name,
+        cells=[c.name for c in grid.cells],
+        skipped=[c.name for c in skipped],
+        config=config.model_dump(),
     )
+    if not prepared:
+        raise PersonalabError(
+            f"none of the {len(grid.cells)} cells is usable: every {REF_TOKENS}-token greedy reference ended with "
+            f"end-of-sequence; compose needs a model that answers the grid's prompts at length (an instruction-tuned "
+            f"chat model) or another grid (summary in {out / 'summary.md'})"
+        )
+    written = ["summary.md"] + [f"{name}.md" for name in ("kl", "markers", "host") if name in results]
+    say(f"wrote {out}/" + ", ".join(written), progress)
     return results
 
 

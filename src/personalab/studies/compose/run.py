@@ -184,11 +184,6 @@ class Study:
             found.update(rows)
         return [found[key] for key in keys]
 
-    def stops(self) -> set[int]:
-        eos = self.handle.model.generation_config.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        return ids | {self.handle.tokenizer.eos_token_id} - {None}
-
     def prepare(self, cells: Sequence[Cell]) -> tuple[list[Prepared], list[Cell]]:
         """``(prepared cells, skipped cells)``: references (12 greedy tokens of XY), then the residuals of
         the four prompts of each usable cell at every layer and site, in one batched capture."""
@@ -207,8 +202,7 @@ class Study:
             return [{"ids": i} for i in ids]
 
         refs = [r["ids"] for r in self._stored([self.key("ref", list(s.ids)) for s in xy], generate)]
-        stops = self.stops()
-        usable = [len(r) == REF_TOKENS and not stops & set(r) for r in refs]
+        usable = [len(r) == REF_TOKENS and not self.handle.stop_ids & set(r) for r in refs]
         prepared = [Prepared(c, e, r, {}) for c, e, r, ok in zip(cells, encoded, refs, usable, strict=True) if ok]
         owners = [(p, name) for p in prepared for name in ("BB", "XB", "BY", "XY")]
         sequences = [p.followed(name, p.ref[:2]) for p, name in owners]

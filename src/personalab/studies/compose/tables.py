@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from personalab.report.plots import Panel, plot_over_training
-from personalab.report.tables import markdown_table
+from personalab.report.tables import markdown_table, write_csv
 from personalab.studies.compose.geometry import summary
 from personalab.studies.compose.run import CONDITIONS, MARKER_CONDITIONS, SITES
 
@@ -45,10 +45,10 @@ def _aggregate(frame: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
 
 def geometry(frame: pd.DataFrame, out: Path, model: str) -> pd.DataFrame:
     """Aggregate the per-cell decomposition; write the CSVs and one figure per statistic."""
-    frame.to_csv(out / "geometry_cells.csv", index=False)
+    write_csv(frame, out / "geometry_cells.csv")
     long = frame.melt(id_vars=["cell", "persona", "task", "layer", "site"], var_name="statistic", value_name="value")
     table = _aggregate(long, ["layer", "site", "statistic"], "value")
-    table.to_csv(out / "geometry.csv", index=False)
+    write_csv(table, out / "geometry.csv")
     for statistic, label in PLOTTED.items():
         rows = table[table["statistic"] == statistic]
         panel = Panel(label)
@@ -67,14 +67,14 @@ def _cell(row: pd.Series) -> str:
 
 def kl(frame: pd.DataFrame, out: Path, model: str, grid: str) -> pd.DataFrame:
     """Write the KL tables and figure; returns the summary (median [IQR] per layer, site, condition)."""
-    frame.to_csv(out / "kl.csv", index=False)
+    write_csv(frame, out / "kl.csv")
     table = _aggregate(frame, ["layer", "site", "condition"], "kl")
-    table.to_csv(out / "kl_summary.csv", index=False)
+    write_csv(table, out / "kl_summary.csv")
     additive = frame[frame["condition"] == "additive"]
     by_persona = _aggregate(additive, ["persona", "layer", "site"], "kl")
     by_task = _aggregate(additive, ["task", "layer", "site"], "kl")
-    by_persona.to_csv(out / "kl_by_persona.csv", index=False)
-    by_task.to_csv(out / "kl_by_task.csv", index=False)
+    write_csv(by_persona, out / "kl_by_persona.csv")
+    write_csv(by_task, out / "kl_by_task.csv")
     layers = sorted(table["layer"].unique())
     early = layers[:3]
     lines = [
@@ -145,7 +145,7 @@ def kl(frame: pd.DataFrame, out: Path, model: str, grid: str) -> pd.DataFrame:
 
 def markers(frame: pd.DataFrame, out: Path, model: str, layer: int) -> pd.DataFrame:
     """Write Table 3 (condition x any-marker, distinct) with the per-persona counts."""
-    frame.drop(columns=["text"]).assign(found=frame["found"].map(json.dumps)).to_csv(out / "markers.csv", index=False)
+    write_csv(frame.drop(columns=["text"]).assign(found=frame["found"].map(json.dumps)), out / "markers.csv")
     with (out / "markers_answers.jsonl").open("w") as handle:
         for row in frame.to_dict("records"):
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -183,7 +183,7 @@ def markers(frame: pd.DataFrame, out: Path, model: str, layer: int) -> pd.DataFr
 
 def host(frame: pd.DataFrame, out: Path, model: str) -> pd.DataFrame:
     """Write Table 4 (condition x median KL to the clean long-persona target) with gap closure."""
-    frame.assign(layers=frame["layers"].map(json.dumps)).to_csv(out / "host.csv", index=False)
+    write_csv(frame.assign(layers=frame["layers"].map(json.dumps)), out / "host.csv")
     base = frame[frame["condition"] == "host"].set_index("cell")["kl"]
     rows = []
     for condition, group in frame.groupby("condition", sort=False):
@@ -193,7 +193,7 @@ def host(frame: pd.DataFrame, out: Path, model: str) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     host_median = float(table.loc[table["condition"] == "host", "median"].iloc[0])
     table["gap_closure"] = (host_median - table["median"]) / host_median if host_median else np.nan
-    table.to_csv(out / "host_summary.csv", index=False)
+    write_csv(table, out / "host_summary.csv")
     lines = [
         f"# Host injection on {model}",
         "",

@@ -3,14 +3,15 @@
 Activations are last-prompt-token residuals of each statement as the system message
 (``personalab.studies.localize.activations``), at layer ``l = hidden_states[l]``. Writes
 ``identity_probe.csv``, ``divergence.csv`` (``personalab.studies.localize.divergence``),
-``divergence.png`` (metrics x layers), ``summary.md`` (the first layer where each measure
-reaches 90% of its maximum, as a fraction of the depth, to set beside the paper's "final
-third"), and at each figure layer ``pca_layerL.png`` (PC0 against PC0-3, positive against
-negative, per persona), ``tsne_layerL.png`` (perplexity 30, PCA initialisation) and
-``umap_layerL.png`` (15 neighbours, minimum distance 0.1), all seeded.
+``divergence.png`` (measures x layers, each as its rise above chance), ``summary.md`` (per
+measure its chance level, the layers above chance and the first layer at 90% of its largest rise
+above chance, as a fraction of the depth, to set beside the paper's "final third"; see
+``personalab.studies.localize.divergence`` for the chance levels), and at each figure layer
+``pca_layerL.png`` (PC0 against PC0-3, positive against negative, per persona),
+``tsne_layerL.png`` (perplexity 30, PCA initialisation) and ``umap_layerL.png`` (15 neighbours,
+minimum distance 0.1), all seeded.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,19 @@ from personalab.engine.layers import CONVENTION, check_layers
 from personalab.engine.model import ModelHandle
 from personalab.report.plots import plot_embedding, plot_heatmap, plot_pca_pairs, short_name
 from personalab.report.progress import progress_bar, say
-from personalab.report.tables import markdown_table
+from personalab.report.tables import markdown_table, write_csv
+from personalab.runfolder import claim, model_settings
+from personalab.store import content_key
 from personalab.studies.localize.activations import ActivationCache
-from personalab.studies.localize.divergence import first_reaching, identity_probe, persona_labels, polarity
+from personalab.studies.localize.divergence import (
+    NULLS,
+    POLARITY,
+    Measure,
+    identity_probe,
+    persona_labels,
+    polarity,
+    probe_chance,
+)
 from personalab.studies.localize.statements import Statement
 
 
@@ -37,6 +48,7 @@ class LocalizeConfig(BaseModel):
     perplexity: float = Field(30.0, gt=0)
     neighbours: int = Field(15, ge=2)
     min_distance: float = Field(0.1, ge=0)
+    permutations: int = Field(100, ge=20)
     batch_size: int = Field(16, ge=1)
 
 
@@ -71,6 +83,12 @@ def run_localize(
     layers = check_layers(config.layers, handle.n_blocks)
     figures = check_layers(config.figure_layers or default_figure_layers(handle.n_blocks), handle.n_blocks)
     check_statements(statements)
+    settings = {
+        **model_settings(handle),
+        "statements_sha256": content_key({p: [(s.text, s.positive) for s in rows] for p, rows in statements.items()}),
+        "config": config.model_dump(mode="json", exclude={"layers", "figure_layers", "batch_size"}),
+    }
+    run = claim(out, "localize", settings, {"layers": layers, "figure_layers": figures})
     cache = ActivationCache(activations or out / "activations", handle)
     rows = [s for persona in statements for s in statements[persona]]
     keys = cache.ensure([s.text for s in rows], config.batch_size, progress)
@@ -84,63 +102,79 @@ def run_localize(
                 identity.append({"layer": layer, **identity_probe(x, labels, config.seed)})
             for index, persona in enumerate(personas):
                 mine = labels == index
-                divergence.append(
-                    {"layer": layer, "persona": persona, **polarity(x[mine], positive[mine], config.seed)}
-                )
+                measured = polarity(x[mine], positive[mine], config.seed, config.permutations)
+                divergence.append({"layer": layer, "persona": persona, **measured})
             advance(1)
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(divergence)
-    table.to_csv(out / "divergence.csv", index=False)
+    write_csv(table, out / "divergence.csv")
     probe = pd.DataFrame(identity, columns=["layer", "accuracy", "f1_weighted", "precision_weighted"])
-    probe.to_csv(out / "identity_probe.csv", index=False)
-    measures = _measures(table, probe)
+    write_csv(probe, out / "identity_probe.csv")
+    measures = _measures(table, probe, len(personas), len(rows))
     _write_heatmap(measures, layers, f"Persona divergence on {short_name(handle.name)} ({out.name})", out)
     _write_summary(out, handle, measures, layers, statements)
     for layer in figures:
         _figures(cache, keys, rows, layer, handle, config, out)
-    meta = {
-        "model": handle.name,
-        "revision": handle.revision,
-        "layer_convention": CONVENTION,
-        "positions": "last token of the statement as system message with the generation prompt",
-        "config": config.model_dump(),
-        "statements": {
+    run.write(
+        model=handle.name,
+        revision=handle.revision,
+        positions="last token of the statement as system message with the generation prompt",
+        config=config.model_dump(),
+        statements={
             p: {"positive": sum(s.positive for s in r), "negative": sum(not s.positive for s in r)}
             for p, r in statements.items()
         },
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    )
     say(f"wrote {out}/divergence.csv, identity_probe.csv, divergence.png, summary.md and figures", progress)
     return table
 
 
-def _measures(table: pd.DataFrame, probe: pd.DataFrame) -> dict[str, list[float]]:
-    means = table.groupby("layer", sort=False)[["probe_accuracy", "silhouette", "mean_distance"]].mean()
+def _measures(table: pd.DataFrame, probe: pd.DataFrame, personas: int, statements: int) -> dict[str, Measure]:
+    """Each measure over the layers with its chance level (means over personas for the polarity measures)."""
+    means = table.groupby("layer", sort=False)[list(POLARITY + NULLS)].mean()
+    layers = len(means)
+    chance, ceiling = probe_chance(2, statements)
     measures = {
-        "polarity probe accuracy (mean over personas)": means["probe_accuracy"].tolist(),
-        "silhouette on 4 PCs (mean)": means["silhouette"].tolist(),
-        "mean distance / spread (mean)": means["mean_distance"].tolist(),
+        "polarity probe accuracy (mean over personas)": Measure(
+            means["probe_accuracy"].tolist(), [chance] * layers, [ceiling] * layers
+        )
     }
+    for measure, name in (
+        ("silhouette", "silhouette on 4 PCs (mean)"),
+        ("mean_distance", "mean distance / spread (mean)"),
+    ):
+        measures[name] = Measure(
+            means[measure].tolist(), means[f"{measure}_chance"].tolist(), means[f"{measure}_chance_95"].tolist()
+        )
     if len(probe):
-        measures = {
-            "identity probe accuracy": probe["accuracy"].tolist(),
-            "identity probe F1 (weighted)": probe["f1_weighted"].tolist(),
-            "identity probe precision (weighted)": probe["precision_weighted"].tolist(),
-        } | measures
+        chance, ceiling = probe_chance(personas, statements)
+        identity = {
+            f"identity probe {label}": Measure(probe[column].tolist(), [chance] * layers, [ceiling] * layers)
+            for column, label in (
+                ("accuracy", "accuracy"),
+                ("f1_weighted", "F1 (weighted)"),
+                ("precision_weighted", "precision (weighted)"),
+            )
+        }
+        measures = identity | measures
     return measures
 
 
-def _write_heatmap(measures: dict[str, list[float]], layers: list[int], title: str, out: Path) -> None:
-    values = np.array(list(measures.values()))
-    top = np.nanmax(np.abs(values), axis=1, keepdims=True)
-    relative = values / np.where(top > 0, top, 1.0)
-    text = [[f"{v:.2f}" for v in row] for row in values]
+def _rises(measure: Measure) -> np.ndarray:
+    gain = np.asarray(measure.values, dtype=float) - np.asarray(measure.chance, dtype=float)
+    top = np.nanmax(gain) if np.isfinite(gain).any() else np.nan
+    return gain / top if top > 0 else np.zeros_like(gain)
+
+
+def _write_heatmap(measures: dict[str, Measure], layers: list[int], title: str, out: Path) -> None:
+    relative = np.array([_rises(m) for m in measures.values()])
+    text = [[f"{v:.2f}" for v in m.values] for m in measures.values()]
     plot_heatmap(
         relative,
         list(measures),
         layers,
-        f"{title}: each measure over its maximum (cells: values)",
-        "fraction of the measure's maximum",
+        f"{title}: each measure's rise above chance over its largest rise (cells: values)",
+        "(value - chance) / (max - chance)",
         out / "divergence.png",
         row_label="measure",
         column_label="layer",
@@ -149,18 +183,32 @@ def _write_heatmap(measures: dict[str, list[float]], layers: list[int], title: s
     )
 
 
-def _write_summary(out: Path, handle: ModelHandle, measures, layers: list[int], statements) -> None:
+def _write_summary(out: Path, handle: ModelHandle, measures: dict[str, Measure], layers: list[int], statements) -> None:
     lines = [f"# Persona divergence on {handle.name}", "", f"- layers: {CONVENTION}; {handle.n_blocks} blocks"]
     lines += [
         f"- {p}: {sum(s.positive for s in r)} positive, {sum(not s.positive for s in r)} negative statements"
         for p, r in statements.items()
     ]
-    lines += ["", "| measure | first layer at 90% of its maximum | fraction of depth | maximum | at layer |"]
-    lines.append("|---|---|---|---|---|")
-    for name, values in measures.items():
-        first, best = layers[first_reaching(values)], layers[int(np.nanargmax(values))]
-        lines.append(f"| {name} | {first} | {first / handle.n_blocks:.2f} | {np.nanmax(values):.3f} | {best} |")
-    frame = pd.DataFrame({"layer": layers} | measures)
+    lines += [
+        "- chance: 1/k for the identity probe over k personas and 1/2 for the polarity probe (above chance: past "
+        "the 95th percentile of a chance classifier's accuracy on these statements); for silhouette and distance "
+        "the mean of the measure under label permutations (above chance: past its 95th percentile)",
+        "",
+        "| measure | chance | layers above chance | first layer at 90% of its rise above chance | fraction of depth "
+        "| maximum | at layer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, measure in measures.items():
+        above = [layer for layer, ok in zip(layers, measure.above(), strict=True) if ok]
+        rise = measure.rise()
+        best = layers[int(np.nanargmax(measure.values))]
+        first = "no layer above chance" if rise is None else str(layers[rise])
+        fraction = "-" if rise is None else f"{layers[rise] / handle.n_blocks:.2f}"
+        lines.append(
+            f"| {name} | {np.nanmean(measure.chance):.3f} | {len(above)} of {len(layers)} | {first} | {fraction} "
+            f"| {np.nanmax(measure.values):.3f} | {best} |"
+        )
+    frame = pd.DataFrame({"layer": layers} | {name: m.values for name, m in measures.items()})
     lines += ["", "The paper finds personas diverge only in the final third of the layers (fraction >= 0.67).", ""]
     lines += [markdown_table(frame, {c: ".3f" for c in measures})]
     (out / "summary.md").write_text("\n".join(lines))

@@ -7,7 +7,10 @@ pool, the next ``background`` negatives the background, and the positives the an
 anomalous pool (without replacement, seeded per run; clean rows first) and scans their p-value
 ranges against the background (``personalab.studies.localize.deepscan``). Each run's score,
 alpha, record and node subsets, and the precision and recall of the anomalous records are
-stored in ``scans.sqlite``; a killed scan resumes with the runs it has. A persona's node set is
+stored with its persona in ``scans.sqlite``; a killed scan resumes with the runs it has.
+``scan_runs.csv`` has one row per run with its ``records`` (indices into the persona's test records: the
+clean test pool first, then the anomalous pool, each in file order) and ``nodes`` (hidden units at the
+layer) as JSON lists. A persona's node set is
 the union of its runs' nodes, or the nodes found in at least ``min_run_fraction`` of the runs.
 """
 
@@ -19,12 +22,13 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from personalab.engine.layers import CONVENTION, check_layers
+from personalab.engine.layers import check_layers
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.report.plots import plot_heatmap, plot_upset, short_name
 from personalab.report.progress import progress_bar, say
-from personalab.report.tables import markdown_table
+from personalab.report.tables import markdown_table, write_csv
+from personalab.runfolder import claim, model_settings
 from personalab.store import Store, content_key
 from personalab.studies.localize.activations import ActivationCache
 from personalab.studies.localize.deepscan import SCORES, TAILS, pvalue_ranges, scan, scan_individual
@@ -89,8 +93,10 @@ def scan_persona(
 ) -> list[dict]:
     """Every run of one persona, computing only those not stored."""
     handle = cache.handle
+    pooled = content_key(pools(rows, config))
     keys = [
-        content_key("deepscan", handle.name, handle.revision, persona, _settings(config), r) for r in range(config.runs)
+        content_key("deepscan", handle.name, handle.revision, persona, _settings(config), pooled, r)
+        for r in range(config.runs)
     ]
     done = store.results(keys)
     if len(done) < len(keys):
@@ -113,6 +119,7 @@ def scan_persona(
                 result = scan(ranges[picked], config.score, config.restarts, config.a_max, seed=config.seed + run)
                 flagged = picked[result.records] >= n_clean
                 value = {
+                    "persona": persona,
                     "run": run,
                     "score": result.score,
                     "alpha": result.alpha,
@@ -192,6 +199,8 @@ def run_deepscan(
     """Scan every persona into ``out``; returns the summary table (one row per persona)."""
     check(statements, config, handle.n_blocks)
     out = Path(out)
+    settings = {**model_settings(handle), "config": _settings(config)}
+    run = claim(out, "deepscan", settings, {"runs": config.runs, "personas": list(statements)})
     cache = ActivationCache(activations or out / "activations", handle)
     cache.ensure([s.text for rows in statements.values() for s in rows], config.batch_size, progress)
     runs = {}
@@ -199,14 +208,21 @@ def run_deepscan(
         for persona, rows in statements.items():
             runs[persona] = scan_persona(cache, rows, persona, config, store, progress)
     summary = _summary(runs)
-    summary.to_csv(out / "scan_summary.csv", index=False)
+    write_csv(summary, out / "scan_summary.csv")
     columns = ["run", "score", "alpha", "precision", "recall"]
     table = [
-        {"persona": p, **{c: r[c] for c in columns}, "n_records": len(r["records"]), "n_nodes": len(r["nodes"])}
+        {
+            "persona": p,
+            **{c: r[c] for c in columns},
+            "n_records": len(r["records"]),
+            "n_nodes": len(r["nodes"]),
+            "records": json.dumps(r["records"]),
+            "nodes": json.dumps(r["nodes"]),
+        }
         for p, rs in runs.items()
         for r in rs
     ]
-    pd.DataFrame(table).to_csv(out / "scan_runs.csv", index=False)
+    write_csv(pd.DataFrame(table), out / "scan_runs.csv")
     sets = {p: node_set(r, config.min_run_fraction) for p, r in runs.items()}
     (out / "node_sets.json").write_text(json.dumps({p: sorted(s) for p, s in sets.items()}) + "\n")
     lines = [
@@ -219,8 +235,8 @@ def run_deepscan(
     ]
     if len(sets) > 1:
         jaccard, counts = overlap(sets)
-        jaccard.to_csv(out / "jaccard.csv")
-        counts.to_csv(out / "overlap.csv", index=False)
+        write_csv(jaccard, out / "jaccard.csv", index=True)
+        write_csv(counts, out / "overlap.csv")
         names = list(sets)
         plot_heatmap(
             jaccard.to_numpy(),
@@ -245,14 +261,12 @@ def run_deepscan(
         ]
         lines += ["", "Jaccard:", "", markdown_table(jaccard.reset_index(names="persona"), dict.fromkeys(names, ".2f"))]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    meta = {
-        "model": handle.name,
-        "revision": handle.revision,
-        "layer_convention": CONVENTION,
-        "config": config.model_dump(),
-        "positions": "last token of the statement as system message with the generation prompt",
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    run.write(
+        model=handle.name,
+        revision=handle.revision,
+        config=config.model_dump(),
+        positions="last token of the statement as system message with the generation prompt",
+    )
     say(
         f"wrote {out}/scan_summary.csv, scan_runs.csv, summary.md"
         + (", jaccard.png, upset.png" if len(sets) > 1 else ""),

@@ -6,14 +6,13 @@ rebuilds every table and figure. See ``run`` for what is computed per checkpoint
 which layer and positions, ``outputs`` for the files, ``series`` for checkpoint series.
 """
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from personalab.engine.model import ModelHandle
-from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
 from personalab.report.progress import say
+from personalab.runfolder import claim
 from personalab.studies.trace.outputs import write_outputs
 from personalab.studies.trace.run import (
     TraceConfig,
@@ -27,26 +26,17 @@ from personalab.studies.trace.run import (
 )
 from personalab.studies.trace.series import SERIES, Checkpoint, from_folders, from_revisions, phase_bins, read_revisions
 
-_SETTINGS = ("layer", "coef", "extraction", "eval_samples", "control_seeds")
-"""What a run folder's results depend on: a rerun must use the same values (``meta.json``)."""
+_SETTINGS = ("layer", "coef", "target_coef", "extraction", "eval_samples", "control_seeds", "n_resamples", "mds_seed")
+"""What a trace's results depend on: a rerun must use the same values (``personalab.runfolder``)."""
 
 
-def _settings(config: TraceConfig) -> dict:
-    """The settings as ``meta.json`` holds them (JSON values: tuples become lists)."""
-    return {k: v for k, v in json.loads(config.model_dump_json()).items() if k in _SETTINGS}
-
-
-def _check_settings(out: Path, config: TraceConfig) -> None:
-    path = out / "meta.json"
-    if not path.is_file():
-        return
-    before = {k: v for k, v in json.loads(path.read_text())["config"].items() if k in _SETTINGS}
-    changed = [k for k in _SETTINGS if before.get(k) != _settings(config)[k]]
-    if changed:
-        raise InvalidInputError(
-            f"{out} was traced with other settings ({', '.join(changed)}: {before[changed[0]]!r}); "
-            f"rerun with the same settings to resume or extend it, or use another --out"
-        )
+def settings(config: TraceConfig, judge: Judge) -> dict:
+    """The settings of a trace (its checkpoints, units and controls only extend it)."""
+    return {
+        **{k: v for k, v in config.model_dump(mode="json", exclude={"extraction"}).items() if k in _SETTINGS},
+        "extraction": config.extraction.model_dump(mode="json", exclude={"batch_size"}),
+        "judge": judge.name,
+    }
 
 
 def run_trace(
@@ -60,15 +50,17 @@ def run_trace(
     target: str | None = None,
     load_target: Callable[[], ModelHandle] | None = None,
     progress: bool = True,
+    tokenizer: str | None = None,
 ) -> TraceConfig:
-    """Trace ``units`` over ``checkpoints`` into ``out``; returns the config with its layer resolved."""
+    """Trace ``units`` over ``checkpoints`` into ``out``; returns the config with its layer resolved.
+    ``tokenizer`` names the tokenizer ``load`` gives every checkpoint (``None``: each its own)."""
     out = Path(out)
-    kept, n_blocks = check_series(checkpoints, target, progress)
+    kept, n_blocks = check_series(checkpoints, target, progress, tokenizer)
     config = config.model_copy(update={"layer": check_layer(config.layer, n_blocks)})
-    _check_settings(out, config)
-    out.mkdir(parents=True, exist_ok=True)
+    extends = {"checkpoints": [c.label for c in kept], "units": [u.name for u in units], "controls": config.controls}
+    run = claim(out, "trace", settings(config, judge), extends)
     model = kept[0].source
-    (out / "meta.json").write_text(json.dumps(meta(config, kept, units, model, judge, target), indent=2) + "\n")
+    run.write(**meta(config, kept, units, model, judge, target))
     skipped = [f"{c.label} (its config could not be read)" for c in checkpoints if c not in kept]
     failed = run_checkpoints(kept, load, units, config, judge, out, progress)
     skipped += [f"{c.label} (its weights could not be loaded)" for c in failed]

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from personalab.report.plots import Panel, plot_heatmap, plot_labelled_points, plot_over_training, short_name
-from personalab.report.tables import markdown_table
+from personalab.report.tables import markdown_table, write_csv
 from personalab.studies.extraction import RULES
 from personalab.studies.trace.geometry import (
     consecutive_cosines,
@@ -99,9 +99,9 @@ def geometry(out: Path, unit: Unit, checkpoints: list[Checkpoint], layer: int, s
     title = f"{unit.name} on {series_name(done)}"
     to_final, consecutive = cosine_to_final(stack), consecutive_cosines(stack)
     norms = relative_norms(stack, residual)
-    _layers_frame(done, to_final).to_csv(folder / "cos_to_final.csv", index=False)
-    _layers_frame(done, consecutive).to_csv(folder / "cos_consecutive.csv", index=False)
-    _layers_frame(done, norms).to_csv(folder / "norms.csv", index=False)
+    write_csv(_layers_frame(done, to_final), folder / "cos_to_final.csv")
+    write_csv(_layers_frame(done, consecutive), folder / "cos_consecutive.csv")
+    write_csv(_layers_frame(done, norms), folder / "norms.csv")
     plot_heatmap(
         to_final.T,
         list(range(stack.shape[1])),
@@ -132,7 +132,7 @@ def geometry(out: Path, unit: Unit, checkpoints: list[Checkpoint], layer: int, s
         log_x,
     )
     matrix = cosine_matrix(stack[:, layer])
-    pd.DataFrame(matrix, index=labels, columns=labels).to_csv(folder / "cos_matrix.csv")
+    write_csv(pd.DataFrame(matrix, index=labels, columns=labels), folder / "cos_matrix.csv", index=True)
     plot_heatmap(
         matrix,
         labels,
@@ -147,7 +147,7 @@ def geometry(out: Path, unit: Unit, checkpoints: list[Checkpoint], layer: int, s
     )
     if len(done) >= 3:
         xy = mds_2d(stack[:, layer], seed)
-        pd.DataFrame({"revision": labels, "mds_1": xy[:, 0], "mds_2": xy[:, 1]}).to_csv(folder / "mds.csv", index=False)
+        write_csv(pd.DataFrame({"revision": labels, "mds_1": xy[:, 0], "mds_2": xy[:, 1]}), folder / "mds.csv")
         colour = np.log10(np.maximum(x, 1.0))
         plot_labelled_points(xy, labels, colour, f"{title}: MDS of unit vectors (layer {layer})", folder / "mds.png")
     return {"first": done[0].label, "cos_first": float(to_final[0, layer]), "final": done[-1].label}
@@ -281,10 +281,10 @@ def write_outputs(
     headlines = {}
     for unit in units:
         (out / unit.name).mkdir(parents=True, exist_ok=True)
-        _status(out, unit, done).to_csv(out / unit.name / "status.csv", index=False)
+        write_csv(_status(out, unit, done), out / unit.name / "status.csv")
         headlines[unit.name] = geometry(out, unit, done, layer, config.mds_seed)
     table = emergence_table(out, units, done, config.n_resamples)
-    table.to_csv(out / "emergence.csv", index=False)
+    write_csv(table, out / "emergence.csv")
     title = (
         f"Emergence on {model}: delta trait of each checkpoint steered with its own vector "
         f"(layer {layer}, coef {config.coef:g})"
@@ -296,10 +296,10 @@ def write_outputs(
     if transfer_path(out).is_file():
         record = json.loads(transfer_path(out).read_text())
         transfer = transfer_table(out, units, done, config.n_resamples)
-        transfer.to_csv(out / "transfer.csv", index=False)
+        write_csv(transfer, out / "transfer.csv")
         heading = f"Transfer to {record['target']}: delta trait when steered with each checkpoint's vector"
         phases = binned(transfer, bins, {c.label: c.position for c in done})
-        phases.to_csv(out / "transfer_phases.csv", index=False)
+        write_csv(phases, out / "transfer_phases.csv")
         delta = {c: "+.2f" for c in ("mean_delta_trait", "min_delta_trait", "max_delta_trait")}
         text = _steered_markdown(transfer, done, heading) + "\n" + markdown_table(phases, delta)
         (out / "transfer.md").write_text(text)
@@ -307,7 +307,7 @@ def write_outputs(
         lines.append(f"- transfer to {record['target']}: transfer.md, transfer.png")
     pairs = strategies(out, units, done, layer)
     if len(pairs):
-        pairs.to_csv(out / "strategies.csv", index=False)
+        write_csv(pairs, out / "strategies.csv")
         xlabel, log_x = _axis(done)
         position = {c.label: c.position for c in done}
         panels = [

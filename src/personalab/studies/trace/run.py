@@ -22,6 +22,7 @@ checkpoint's vector rescaled to the target's mean residual norm.
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,8 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
 from personalab.engine.interventions import Steer, intervene
-from personalab.engine.layers import CONVENTION
-from personalab.engine.model import MissingTokenizerError, ModelHandle, free_memory, model_shape
+from personalab.engine.model import MissingTokenizerError, ModelHandle, free_memory, load_tokenizer, model_shape
 from personalab.engine.scale import mean_residual_norm
 from personalab.errors import InvalidInputError, PersonalabError
 from personalab.judging.judges import Judge
@@ -50,7 +50,7 @@ from personalab.studies.extraction import (
     response_activations,
 )
 from personalab.studies.trace.series import Checkpoint
-from personalab.traits import Trait, coherence_rubric, load_trait, load_trait_file
+from personalab.traits import STRATEGIES, Trait, builtin_strategies, coherence_rubric, load_trait, load_trait_file
 from personalab.traits.elicitation import continues, evaluation_prompt
 from personalab.vectors import save_vector_file, vector_sha256
 
@@ -91,24 +91,47 @@ class Unit:
         return f"{self.trait}-{self.strategy}"
 
 
+def safe_name(text: str) -> str:
+    """``text`` as one file-name part: letters, digits, ``_``, ``.`` and ``-`` kept, anything else ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text).strip(".") or "_"
+
+
+def _is_file(spec: str) -> bool:
+    return spec.endswith(".json") or Path(spec).is_file()
+
+
 def _strategy(trait: str, strategy: str) -> tuple[str, Trait]:
-    if strategy.endswith(".json") or Path(strategy).is_file():
-        return Path(strategy).stem, load_trait_file(strategy)
+    if _is_file(strategy):
+        return safe_name(Path(strategy).stem), load_trait_file(strategy)
+    if not (STRATEGIES / f"{trait}-{strategy}.json").is_file():
+        raise InvalidInputError(
+            f"no built-in {strategy!r} strategy for the trait {trait!r}; built in: "
+            f"{', '.join(builtin_strategies())}; or give --strategy FILE.json (a trait in continuation style)"
+        )
     return strategy, load_trait(f"{trait}-{strategy}")
 
 
 def build_units(traits: Sequence[str], strategies: Sequence[str]) -> list[Unit]:
-    """Units of every trait x strategy. ``combined`` pools the judged answers of the run's other
-    strategies of that trait (at least two), else of the built-in character, stories and dialogue."""
+    """Units of every trait x strategy. A trait is a built-in name (traced in the built-in strategies named,
+    ``character`` when none is) or a trait file (traced as written when no strategy is named; its unit is
+    ``NAME-STYLE``, the trait's name and elicitation style). ``combined`` pools the judged answers of the
+    run's other strategies of that trait (at least two), else of the built-in character, stories and
+    dialogue. Unit names are file-name safe: every output of a unit stays in its folder of the run."""
     units: list[Unit] = []
     for trait in dict.fromkeys(traits):
-        plain = [_strategy(trait, s) for s in dict.fromkeys(strategies) if s != "combined"]
-        units += [Unit(trait, name, t, (t,)) for name, t in plain]
+        own = load_trait_file(trait) if _is_file(trait) else None
+        label = safe_name(own.name if own else trait)
+        named = [s for s in dict.fromkeys(strategies) if s != "combined"]
+        if own is not None and not named:
+            plain = [(own.elicitation, own)]
+        else:
+            plain = [_strategy(label, s) for s in (named or ([] if "combined" in strategies else ["character"]))]
+        units += [Unit(label, name, t, (t,)) for name, t in plain]
         if "combined" in strategies:
-            pool = plain if len(plain) >= 2 else [_strategy(trait, s) for s in BUILT_IN]
+            pool = plain if len(plain) >= 2 else [_strategy(label, s) for s in BUILT_IN]
             known = {name for name, _ in plain}
-            units += [Unit(trait, name, t, (t,), steer=False) for name, t in pool if name not in known]
-            units.append(Unit(trait, "combined", pool[0][1], tuple(t for _, t in pool)))
+            units += [Unit(label, name, t, (t,), steer=False) for name, t in pool if name not in known]
+            units.append(Unit(label, "combined", pool[0][1], tuple(t for _, t in pool)))
     if not units:
         raise InvalidInputError("no trait x strategy to trace; pass --trait and --strategy")
     return units
@@ -347,7 +370,7 @@ def run_checkpoints(
                 handle = load(checkpoint)
             except (InvalidInputError, MissingTokenizerError):
                 raise
-            except (PersonalabError, OSError) as exc:  # weights that do not load: report it, go on
+            except Exception as exc:  # weights that do not load (corrupt, missing, unreadable): report it, go on
                 say(f"skipped {checkpoint.label}: {' '.join(str(exc).split())[:300]}", True)
                 failed.append(checkpoint)
                 continue
@@ -432,9 +455,12 @@ def _extractable(out: Path, checkpoint: Checkpoint, unit: Unit) -> bool:
     return bool(status and status["extractable"])
 
 
-def check_series(checkpoints: Sequence[Checkpoint], target: str | None, progress: bool = True) -> tuple[list, int]:
+def check_series(
+    checkpoints: Sequence[Checkpoint], target: str | None, progress: bool = True, tokenizer: str | None = None
+) -> tuple[list, int]:
     """Read every checkpoint's config before any work: a checkpoint whose config does not load is
-    reported in one line and left out; checkpoints (and the target) of different shapes are an error.
+    reported in one line and left out; without a ``tokenizer`` from elsewhere, a checkpoint without its
+    own is an error naming ``--tokenizer``; checkpoints (and the target) of different shapes are an error.
     Returns the checkpoints kept and their number of blocks."""
     shapes, kept = {}, []
     for checkpoint in checkpoints:
@@ -443,6 +469,8 @@ def check_series(checkpoints: Sequence[Checkpoint], target: str | None, progress
         except PersonalabError as exc:
             say(f"skipped {checkpoint.label}: {exc}", True)
             continue
+        if tokenizer is None:
+            load_tokenizer(checkpoint.source, checkpoint.revision)
         kept.append(checkpoint)
     if not kept:
         raise InvalidInputError("no checkpoint of the series could be read; check --model and the revisions")
@@ -472,7 +500,6 @@ def meta(config: TraceConfig, checkpoints, units, model: str, judge: Judge, targ
     """What ``meta.json`` records of a trace."""
     return {
         "model": model,
-        "layer_convention": CONVENTION,
         "config": config.model_dump(),
         "judge": judge.name,
         "target": target,

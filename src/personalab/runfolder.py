@@ -1,0 +1,171 @@
+"""Run folders: the settings that made a run, fingerprinted, and the one writer of its ``meta.json``.
+
+Every study claims its folder (``claim``) before any work. ``meta.json`` then holds the run's
+``kind``, the personalab version, the command line, the layer convention, its ``settings``
+(everything its results depend on), their ``fingerprint`` (sha256 of the canonical JSON), its
+``extends`` (settings that only add work: more alphas, layers, samples, runs, checkpoints...) and
+its input files with their sha256; the study adds its results with ``RunFolder.write``.
+
+A rerun in a folder that holds a run resumes it and extends it, computing only what is new (the
+stores skip what they hold). It is refused, in one line naming every changed field with its old
+and new value, when it is another kind of run, when a setting differs, or when an input file
+changed since; nothing is mixed or relabelled.
+"""
+
+import hashlib
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from personalab.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from personalab.engine.model import ModelHandle
+
+META = "meta.json"
+
+command: str | None = None
+"""The command line of this process, when the command line set it (``personalab.cli``)."""
+
+
+def fingerprint(settings: Mapping) -> str:
+    """sha256 of the canonical JSON of ``settings``."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (a folder: of ``vectors.safetensors`` in it, as vector run folders hold)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "vectors.safetensors"
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _flat(value: object, prefix: str = "") -> dict[str, object]:
+    """Nested dicts as ``{"a.b": value}``; lists and scalars as they are."""
+    if isinstance(value, Mapping) and value:
+        out: dict[str, object] = {}
+        for key, inner in value.items():
+            out.update(_flat(inner, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def changes(before: Mapping, after: Mapping) -> list[str]:
+    """``"field: old -> new"`` for every field (dotted for nested ones) that differs, sorted."""
+    old, new = _flat(dict(before)), _flat(dict(after))
+    return [
+        f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+def model_settings(handle: "ModelHandle") -> dict:
+    """What a run's results depend on of its model: the name it was loaded from, its revision and dtype."""
+    return {
+        "model": handle.name,
+        "revision": handle.revision,
+        "dtype": str(handle.dtype).removeprefix("torch."),
+    }
+
+
+def _jsonable(value: object) -> object:
+    return json.loads(json.dumps(value, default=str))
+
+
+@dataclass
+class RunFolder:
+    """A claimed run folder; ``header`` is what every ``meta.json`` of the run starts with."""
+
+    path: Path
+    header: dict
+
+    def write(self, **results: object) -> Path:
+        """Write ``meta.json``: the header, then ``results`` (JSON values), through a temporary file."""
+        meta = self.path / META
+        partial = meta.with_name(f".{META}.partial")
+        partial.write_text(json.dumps({**self.header, **_jsonable(results)}, indent=2, ensure_ascii=False) + "\n")
+        partial.replace(meta)
+        return meta
+
+
+def read_meta(path: str | Path) -> dict:
+    """The ``meta.json`` of a run folder (``{}`` when it has none or it does not parse)."""
+    meta = Path(path) / META
+    try:
+        return json.loads(meta.read_text()) if meta.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def claim(
+    out: str | Path,
+    kind: str,
+    settings: Mapping,
+    extends: Mapping | None = None,
+    inputs: Mapping[str, str | Path | None] | None = None,
+) -> RunFolder:
+    """Claim ``out`` for a run of ``kind`` made with ``settings`` (and extending ``extends``); ``inputs``
+    names the input files whose content the results depend on. Refuses, before any work, a folder
+    holding another kind of run, other settings or changed inputs (see the module docstring); writes
+    ``meta.json`` with the header otherwise, so a run killed before its end is still described."""
+    from personalab.engine.layers import CONVENTION
+
+    out = Path(out)
+    settings, extends = _jsonable(dict(settings)), _jsonable(dict(extends or {}))
+    files = {name: {"path": str(path), "sha256": file_sha256(path)} for name, path in (inputs or {}).items() if path}
+    before = read_meta(out)
+    if "fingerprint" in before:
+        if before.get("kind") != kind:
+            raise InvalidInputError(
+                f"{out} holds a {before.get('kind')} run, not a {kind} run; use another --out (out= in Python)"
+            )
+        changed = changes(before.get("settings", {}), settings)
+        changed += [
+            f"input {name}: {before['inputs'][name]['sha256'][:12]} -> {value['sha256'][:12]} (the file changed)"
+            for name, value in files.items()
+            if name in before.get("inputs", {}) and before["inputs"][name]["sha256"] != value["sha256"]
+        ]
+        if changed:
+            raise InvalidInputError(
+                f"{out} was made with other settings ({'; '.join(changed)}); rerun with the same settings to "
+                f"resume or extend it, or use another --out (out= in Python)"
+            )
+    header = {
+        "kind": kind,
+        "personalab_version": version("personalab"),
+        "command": command,
+        "layer_convention": CONVENTION,
+        "settings": settings,
+        "fingerprint": fingerprint(settings),
+        "extends": extends,
+        "inputs": files,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out, header)
+    folder.write(**{k: v for k, v in before.items() if k not in header})
+    return folder
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """This process's command line, as a shell would read it."""
+    import shlex
+
+    args = list(sys.argv if argv is None else argv)
+    if args and Path(args[0]).name in ("__main__.py", "personalab"):
+        args[0] = "personalab"
+    return " ".join(shlex.quote(a) for a in args)
