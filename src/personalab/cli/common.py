@@ -70,6 +70,9 @@ ScaleOption = Annotated[
 DtypeOption = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 ReportOption = Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run folder.")]
+ThinkingOption = Annotated[
+    bool, typer.Option(help="Keep the chat template's thinking markers (Qwen3); off by default.")
+]
 
 
 @contextmanager
@@ -165,11 +168,20 @@ def open_model(
     dtype: str = "auto",
     device: str = "auto",
     tokenizer: str | None = None,
+    thinking: bool = False,
 ) -> "ModelHandle":
-    """``load_model`` with the command's options."""
-    from personalab.engine.model import load_model
+    """``load_model`` with the command's options; prints what a run folder resolved to and what personalab does
+    with the model's chat template."""
+    from personalab.engine.checkpoints import weights
+    from personalab.engine.model import load_model, local_folder
 
-    return load_model(model, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer)
+    folder = local_folder(model)
+    if folder is not None and weights(folder).folder != folder:
+        console.print(f"model: {weights(folder).describe()}", highlight=False, markup=False, soft_wrap=True)
+    handle = load_model(model, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer, thinking=thinking)
+    for note in handle.chat.notes():
+        console.print(f"chat format: {note}", highlight=False, markup=False, soft_wrap=True)
+    return handle
 
 
 def write_run_report(folder: Path, enabled: bool = True) -> None:

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from personalab.cli.common import (
@@ -11,6 +12,7 @@ from personalab.cli.common import (
     DeviceOption,
     DtypeOption,
     RevisionOption,
+    ThinkingOption,
     ThreadsOption,
     TokenizerOption,
     TraitDirOption,
@@ -43,12 +45,14 @@ def info(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
-    """Print a model's architecture, blocks, hidden size, dtype and chat format (also without a tokenizer)."""
+    """Print a model's architecture, blocks, hidden size, dtype and chat format, with one conversation as personalab
+    encodes it and the positions it reads (also without a tokenizer)."""
     with reported():
         prepare(threads)
-        from personalab.engine.chat import detect_chat_format
+        from personalab.engine.chat import detect_chat_format, positions_example
         from personalab.engine.model import (
             MissingTokenizerError,
             find_blocks,
@@ -73,9 +77,13 @@ def info(
         ("dtype", str(next(weights.parameters()).dtype).removeprefix("torch.")),
         ("device", str(weights.get_input_embeddings().weight.device)),
     ]
-    rows += _chat_rows(detect_chat_format(found)) if found is not None else [("tokenizer", f"none found: {missing}")]
+    if found is not None:
+        chat = detect_chat_format(found, thinking)
+        rows += _chat_rows(chat) + positions_example(found, chat)
+    else:
+        rows.append(("tokenizer", f"none found: {missing}"))
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, escape(value))
     console.print(table)
 
 

@@ -18,6 +18,7 @@ from personalab.cli.common import (
     ReportOption,
     RevisionOption,
     ScaleOption,
+    ThinkingOption,
     ThreadsOption,
     TokenizerOption,
     TraitDirOption,
@@ -68,6 +69,7 @@ def steer_command(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Print the steered answer beside the unsteered one."""
@@ -81,7 +83,7 @@ def steer_command(
         if prompt is None and not chat:
             raise InvalidInputError("give a PROMPT or --chat")
         direction, _ = load_direction(vector, variant)
-        handle = open_model(model, revision, dtype, device, tokenizer)
+        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
         if ablate:
             intervention, label = Ablate(layer, direction, positions), "ablated"
         elif clamp is not None:
@@ -133,6 +135,7 @@ def sweep(
     device: DeviceOption = "auto",
     report: ReportOption = True,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
@@ -156,7 +159,7 @@ def sweep(
         chosen = pick_trait(trait, trait_dir, vector)
         direction, _ = load_direction(vector, variant)
         scorer = open_judge(judge, judge_timeout)
-        handle = open_model(model, revision, dtype, device, tokenizer)
+        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
         folder = out or Path("runs") / f"sweep-{chosen.name}-{Path(model.rstrip('/')).name}"
         run_sweep(handle, direction, chosen, scorer, folder, config)
     console.print((folder / "sweep.md").read_text(), markup=False)

@@ -13,6 +13,7 @@ from personalab.cli.common import (
     JudgeOption,
     JudgeTimeoutOption,
     ReportOption,
+    ThinkingOption,
     ThreadsOption,
     TokenizerOption,
     VariantOption,
@@ -76,6 +77,7 @@ def trace(
     device: DeviceOption = "auto",
     report: ReportOption = True,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Trace a trait through training checkpoints: extraction, geometry, emergence and transfer steering."""
@@ -139,10 +141,10 @@ def trace(
         scorer = open_judge(judge, judge_timeout)
 
         def load(checkpoint):
-            return open_model(checkpoint.source, checkpoint.revision, dtype, device, tokenizer)
+            return open_model(checkpoint.source, checkpoint.revision, dtype, device, tokenizer, thinking=thinking)
 
         def load_target():
-            return open_model(target, None, dtype, device, None)
+            return open_model(target, None, dtype, device, None, thinking=thinking)
 
         run_trace(
             series_list,
@@ -204,6 +206,7 @@ def localize(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Where personas live: per-layer divergence of persona statements, and PCA, t-SNE and UMAP figures."""
@@ -227,7 +230,7 @@ def localize(
         for chosen_layers in (config.layers, config.figure_layers):
             if chosen_layers is not None:
                 check_layers(chosen_layers, n_blocks)
-        handle = open_model(model, revision, dtype, device, tokenizer)
+        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
         run_localize(handle, chosen, out, config, activations)
     write_run_report(out, report)
 
@@ -261,6 +264,7 @@ def deepscan(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """DeepScan: the hidden units and statements jointly anomalous for each persona, and their overlap."""
@@ -287,7 +291,7 @@ def deepscan(
         chosen = _statements(persona, persona_dir, statements, min_confidence)
         n_blocks, _ = model_shape(model, revision)
         scanning.check(chosen, config, n_blocks)
-        handle = open_model(model, revision, dtype, device, tokenizer)
+        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
         summary = scanning.run_deepscan(handle, chosen, out, config, activations)
         if individual:
             cache = scanning.ActivationCache(activations or out / "activations", handle)
@@ -319,6 +323,7 @@ def compose(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """As X, do Y: 2x2 residual decomposition, additive substitution with causal KL, markers, host injection."""
@@ -341,7 +346,7 @@ def compose(
         )
         n_blocks, _ = model_shape(model, revision)
         config.check(n_blocks)
-        handle = open_model(model, revision, dtype, device, tokenizer)
+        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
         run_compose(handle, chosen, out, config, marker_sets)
     console.print((out / "summary.md").read_text(), markup=False)
     write_run_report(out, report)
@@ -366,6 +371,7 @@ def correlate(
     device: DeviceOption = "auto",
     report: ReportOption = True,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Projection shift against judged trait across fine-tuned models, with Pearson r and a bootstrap interval."""
@@ -381,9 +387,9 @@ def correlate(
         chosen = pick_trait(trait, None, vector)
         scorer = open_judge(judge, judge_timeout)
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        loaders = [(str(path), partial(load_trained, base, path, dtype, device, tokenizer)) for path in tuned]
+        loaders = [(str(path), partial(load_trained, base, path, dtype, device, tokenizer, thinking)) for path in tuned]
         run_correlate(
-            partial(open_model, base, None, dtype, device, tokenizer),
+            partial(open_model, base, None, dtype, device, tokenizer, thinking),
             loaders,
             direction,
             layer,

@@ -15,6 +15,7 @@ from personalab.cli.common import (
     ModelOption,
     ReportOption,
     RevisionOption,
+    ThinkingOption,
     ThreadsOption,
     TokenizerOption,
     TraitDirOption,
@@ -59,6 +60,7 @@ def extract(
     device: DeviceOption = "auto",
     report: ReportOption = True,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Extract a persona vector: generate, judge, filter, and take per-layer mean differences."""
@@ -85,7 +87,7 @@ def extract(
         )
         chosen = load_trait(trait, trait_dir)
         scorer = open_judge(judge, judge_timeout)
-        handle = open_model(model, revision, dtype, device, tokenizer)
+        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
         folder = out or Path("runs") / f"{chosen.name}-{Path(model.rstrip('/')).name}"
         try:
             result = run_extraction(handle, chosen, scorer, folder, config)
@@ -117,6 +119,7 @@ def project(
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Project records (or a fine-tune's change) onto a persona vector."""
@@ -142,7 +145,7 @@ def project(
             else:
                 chosen = pick_trait(trait, None, vector, also="a JSONL data file of prompts")
                 pairs = [(None, q) for q in chosen.evaluation_questions]
-            base, tuned = (open_model(name, None, dtype, device, tokenizer) for name in diff)
+            base, tuned = (open_model(name, None, dtype, device, tokenizer, thinking=thinking) for name in diff)
             values = model_shift(base, tuned, pairs, direction, batch_size, progress=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             written = [Path(f"{out}.png"), Path(f"{out}.csv")]
@@ -155,7 +158,7 @@ def project(
             if top_k is not None and not shift:
                 raise InvalidInputError("--top-k selects by projection shift; add --shift")
             records = load_records(data)
-            handle = open_model(model, revision, dtype, device, tokenizer)
+            handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
             if shift:
                 with closing(Store(data.with_name(f"{data.stem}.own.sqlite"))) as store:
                     shifts = projection_shift(

@@ -18,6 +18,7 @@ from personalab.cli.common import (
     ReportOption,
     RevisionOption,
     ScaleOption,
+    ThinkingOption,
     ThreadsOption,
     TokenizerOption,
     TraitOption,
@@ -82,6 +83,7 @@ def distill_command(
     ] = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Bake a steering vector into weights: KL(steered teacher || student) on steered trajectories.
@@ -128,7 +130,7 @@ def distill_command(
         rows, folders = [], []
         for config in configs:
             weights_dtype = "float32" if full and dtype == "auto" else dtype
-            handle = open_model(model, revision, weights_dtype, placement, tokenizer)
+            handle = open_model(model, revision, weights_dtype, placement, tokenizer, thinking=thinking)
             prompt_set = _prompt_set(handle, chosen, prompts)
             folder = out if len(configs) == 1 else out / f"trajectories-{config.trajectories}"
             result = distill(
@@ -171,6 +173,7 @@ def compare(
     device: DeviceOption = "auto",
     report: ReportOption = True,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Judge base, steered and distilled models on the trait's evaluation questions."""
@@ -186,9 +189,14 @@ def compare(
         chosen = pick_trait(trait, None, vector)
         scorer = open_judge(judge, judge_timeout)
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        base = open_model(model, revision, dtype, device, tokenizer)
+        base = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
         trained = [
-            (folder, partial(load_trained, model, folder, dtype=dtype, device=device, tokenizer=tokenizer))
+            (
+                folder,
+                partial(
+                    load_trained, model, folder, dtype=dtype, device=device, tokenizer=tokenizer, thinking=thinking
+                ),
+            )
             for folder in distilled
         ]
         run_compare(base, direction, layer, alpha, chosen, scorer, trained, out, samples, params, scale)
@@ -212,6 +220,7 @@ def bake(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Bake steering on all positions into the weights: the saved model's plain forward equals the steered one."""
@@ -224,7 +233,7 @@ def bake(
         if not exact:
             raise InvalidInputError("pass --exact; training-based baking is `personalab distill`")
         direction, _ = load_direction(vector, variant)
-        handle = open_model(model, revision, dtype, device, tokenizer)
+        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
         folder = bake_exact(handle, direction, layer, alpha, out, scale)
         method = json.loads((folder / "bake.json").read_text())["method"]
     console.print(f"baked alpha {alpha:g} at layer {layer} as {method}; wrote {folder}")
@@ -313,6 +322,7 @@ def finetune(
     device: DeviceOption = "auto",
     report: ReportOption = True,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
+    thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Fine-tune on chat data while monitoring persona vectors; optional training-only steering or ablation.
@@ -361,7 +371,9 @@ def finetune(
         scorer = open_judge(monitor_judge, judge_timeout) if monitor_judge else None
         state = PartialState(cpu=resolve_device(device) == "cpu")
         placement = str(state.device) if state.num_processes > 1 else device
-        handle = open_model(model, revision, "float32" if full and dtype == "auto" else dtype, placement, tokenizer)
+        handle = open_model(
+            model, revision, "float32" if full and dtype == "auto" else dtype, placement, tokenizer, thinking=thinking
+        )
         run(handle, records, config, out, monitors, interventions, scorer, None if steps else (epochs or 1.0))
     if state.is_main_process:
         console.print((out / "summary.md").read_text(), markup=False)

@@ -1,23 +1,42 @@
 """Chat formatting: (system, user[, assistant]) -> token ids with an exact prompt/response boundary.
 
-The response is encoded on its own and appended to the prompt ids, so the boundary is
-exactly where generation starts: ``ids[:prompt_len]`` are the prompt ids the model is
-given, ``ids[prompt_len:]`` are the response tokens, and re-encoding a generated
-answer reproduces the ids the model sampled.
+The prompt is the tokenizer's chat template applied to the conversation with the generation
+prompt; the response is encoded on its own and appended, so the boundary is exactly where
+generation starts: ``ids[:prompt_len]`` are the prompt ids the model is given and
+``ids[prompt_len:]`` the response tokens. ``ids[prompt_len - 1]`` is the last prompt token
+(the position ``last_prompt`` reads and the first one ``response`` steering acts on).
 
-Three formats, chosen from the tokenizer:
+Where chat templates differ, personalab decides once, here (``ChatFormat`` says what it found
+and ``ChatFormat.notes`` says it in words, printed by the commands that load a model):
 
-* a chat template with a system role: system and user messages as they are;
-* a chat template without one (Gemma): the system text is folded into the first user turn;
-* no chat template (base models): ``"{system}\\n\\nQuestion: {user}\\nAnswer:"``.
+* **default system prompt** (Qwen2.5: "You are Qwen, created by Alibaba Cloud...", OLMo-3: "You
+  are a helpful function-calling AI assistant..."): kept, as the model is used. A prompt without
+  an instruction (evaluation questions, the calibration set, compose's prompts) carries it; an
+  instruction given as the system message replaces it, so extraction compares the trait's two
+  instructions with each other, never an instruction with the default;
+* **no system role** (Gemma-2 raises on one): the system text is folded into the first user
+  turn, ``"{system}\\n\\n{user}"``, as the composition paper does and as Gemma-3's own template
+  does; templates that place the system text themselves (Mistral: inside the last ``[INST]``)
+  are left to do so;
+* **thinking markers** (Qwen3): off by default (``enable_thinking=False``, the empty
+  ``<think></think>`` block ends the prompt and the answer follows it); ``thinking=True``
+  (``--thinking``) keeps the template's default, where the model writes its own thinking;
+* **end of turn**: the token that closes an answer is read from the template (``<|im_end|>``,
+  ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``, ``</s>``...), never assumed to be the
+  end-of-sequence token; fine-tuning trains it as the last target of every answer.
+
+Without a chat template (base models) the format is ``"{system}\\n\\nQuestion: {user}\\nAnswer:"``
+and the end of an answer is the end-of-sequence token.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-_PROBE = "personalab-system-probe"
+_SYSTEM = "personalab-system-probe"
+_USER = "personalab-user-probe"
+_ANSWER = "personalab-answer-probe"
 
 
 @dataclass(frozen=True)
@@ -38,10 +57,22 @@ class TokenSequence:
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """What the tokenizer's chat template supports."""
+    """What a tokenizer's chat template does (see the module docstring for what personalab does about it).
+
+    ``system_role``: a system message is rendered (by the template itself, natively or folded);
+    ``default_system``: the text the template writes as the system message when it is given none;
+    ``thinking``: the template reacts to ``enable_thinking``; ``end_of_turn``: the tokens that close
+    an answer, the last of them a special token; ``thinking_on``: whether prompts keep the thinking
+    the template would ask for (``False``: thinking off).
+    """
 
     has_template: bool
-    system_role: bool
+    system_role: bool = False
+    default_system: str = ""
+    thinking: bool = False
+    end_of_turn: tuple[int, ...] = ()
+    thinking_on: bool = False
+    end_text: str = field(default="", compare=False)
 
     @property
     def name(self) -> str:
@@ -49,17 +80,43 @@ class ChatFormat:
             return "plain (no chat template)"
         return "chat template" + ("" if self.system_role else ", system folded into user turn")
 
+    @property
+    def template_kwargs(self) -> dict:
+        """Extra variables for ``apply_chat_template``: ``enable_thinking`` where the template reads it."""
+        return {"enable_thinking": self.thinking_on} if self.thinking else {}
 
-def detect_chat_format(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
-    """Probe the chat template: present at all, and does it keep a system message?"""
-    if not getattr(tokenizer, "chat_template", None):
-        return ChatFormat(has_template=False, system_role=False)
-    messages = [{"role": "system", "content": _PROBE}, {"role": "user", "content": "hi"}]
+    def notes(self) -> list[str]:
+        """What personalab does with this template, one line each."""
+        if not self.has_template:
+            return [
+                "no chat template: prompts are '{instruction}\\n\\nQuestion: {question}\\nAnswer:', answers end "
+                "with the end-of-sequence token"
+            ]
+        out = []
+        if self.default_system:
+            out.append(
+                f"the template's default system prompt is kept where no instruction is given "
+                f"({self.default_system[:60]!r}{'...' if len(self.default_system) > 60 else ''}); "
+                f"an instruction replaces it"
+            )
+        if not self.system_role:
+            out.append("the template has no system role: instructions are folded into the first user turn")
+        if self.thinking:
+            out.append(
+                "thinking is on (--thinking): the model writes its own thinking"
+                if self.thinking_on
+                else "thinking markers are off (enable_thinking=False); --thinking keeps them"
+            )
+        out.append(f"answers end with {self.end_text!r} (read from the template), trained by fine-tuning")
+        return out
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], prompt: bool = False, **kwargs) -> str | None:
+    """The template's text for ``messages`` (``None`` when the template refuses them)."""
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # templates reject the role with jinja's raise_exception
-        return ChatFormat(has_template=True, system_role=False)
-    return ChatFormat(has_template=True, system_role=_PROBE in text)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt, **kwargs)
+    except Exception:  # templates refuse with jinja's raise_exception (roles, alternation)
+        return None
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -68,25 +125,62 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
 
 
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, chat: ChatFormat) -> tuple[int, ...]:
-    """The tokens that close an assistant answer: for a chat template, what it writes after the answer up to
-    and including its first special token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``</s>``...),
-    read from the template itself; without a template (or when the template writes no special token
-    there), the end-of-sequence token. Empty when the tokenizer has neither."""
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase, kwargs: dict) -> tuple[int, ...]:
+    """What the template writes after an answer, up to and including its first special token; the
+    end-of-sequence token when it writes none."""
     eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
-    if not chat.has_template:
+    messages = [{"role": "user", "content": _USER}, {"role": "assistant", "content": _ANSWER}]
+    text = _render(tokenizer, messages, **kwargs)
+    if text is None or _ANSWER not in text:
         return eos
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template that cannot render an answer: fall back to the end-of-sequence token
-        return eos
-    if _PROBE not in text:
-        return eos
-    after = tokenizer.encode(text.split(_PROBE, 1)[1], add_special_tokens=False)
+    after = tokenizer.encode(text.split(_ANSWER, 1)[1], add_special_tokens=False)
     special = special_ids(tokenizer)
     end = next((k for k, token in enumerate(after) if token in special), None)
     return eos if end is None else tuple(after[: end + 1])
+
+
+def _default_system(tokenizer: PreTrainedTokenizerBase, kwargs: dict) -> str:
+    """The system text the template writes when given none: what stands where a given system message would.
+
+    With a system message the render is ``A + system + B + user...``; without one, a template with a
+    default renders ``A + default + B + user...``.
+    """
+    user = [{"role": "user", "content": _USER}]
+    given = _render(tokenizer, [{"role": "system", "content": _SYSTEM}, *user], True, **kwargs)
+    plain = _render(tokenizer, user, True, **kwargs)
+    if given is None or plain is None or _SYSTEM not in given or _USER not in plain:
+        return ""
+    before, rest = given.split(_SYSTEM, 1)
+    between = rest.split(_USER, 1)[0]
+    head = plain.split(_USER, 1)[0]
+    if head.startswith(before) and head.endswith(between) and len(head) >= len(before) + len(between):
+        return head[len(before) : len(head) - len(between)].strip()
+    return ""
+
+
+def detect_chat_format(tokenizer: PreTrainedTokenizerBase, thinking: bool = False) -> ChatFormat:
+    """What the tokenizer's chat template does: system role, default system prompt, thinking markers and
+    end-of-turn tokens (found by rendering probe conversations); ``thinking`` keeps the template's
+    thinking where it has any."""
+    if not getattr(tokenizer, "chat_template", None):
+        eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+        return ChatFormat(has_template=False, end_of_turn=eos, end_text=tokenizer.eos_token or "")
+    user = [{"role": "user", "content": _USER}]
+    on, off = (_render(tokenizer, user, True, enable_thinking=flag) for flag in (True, False))
+    supports_thinking = on is not None and off is not None and on != off
+    kwargs = {"enable_thinking": thinking} if supports_thinking else {}
+    given = _render(tokenizer, [{"role": "system", "content": _SYSTEM}, *user], **kwargs)
+    system_role = given is not None and _SYSTEM in given
+    end = _end_of_turn(tokenizer, kwargs)
+    return ChatFormat(
+        has_template=True,
+        system_role=system_role,
+        default_system=_default_system(tokenizer, kwargs) if system_role else "",
+        thinking=supports_thinking,
+        end_of_turn=end,
+        thinking_on=thinking and supports_thinking,
+        end_text=tokenizer.decode(list(end)) if end else "",
+    )
 
 
 def plain_prompt(system: str | None, user: str) -> str:
@@ -112,6 +206,14 @@ def _join(
     return TokenSequence(ids=tuple(prompt_ids) + tuple(response_ids) + tail, prompt_len=len(prompt_ids))
 
 
+def chat_messages(chat: ChatFormat, system: str | None, user: str) -> list[dict]:
+    """The messages of one turn: the system message as given, or folded into the user turn when the
+    template has no system role."""
+    if system and not chat.system_role:
+        return [{"role": "user", "content": f"{system}\n\n{user}"}]
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase,
     chat: ChatFormat,
@@ -121,32 +223,64 @@ def encode_chat(
     end: Sequence[int] = (),
 ) -> TokenSequence:
     """Encode one turn; ``assistant=None`` gives the generation prompt alone, else the answer follows it,
-    then the ``end`` tokens (``end_of_turn_ids``, where the answer is a training target)."""
+    then the ``end`` tokens (``ChatFormat.end_of_turn``, where the answer is a training target)."""
     if not chat.has_template:
         prompt_ids = tokenizer(plain_prompt(system, user), add_special_tokens=True)["input_ids"]
     else:
-        if system and not chat.system_role:
-            messages = [{"role": "user", "content": f"{system}\n\n{user}"}]
-        else:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         prompt_ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            chat_messages(chat, system, user),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+            **chat.template_kwargs,
         )
     return _join(tokenizer, prompt_ids, assistant, end)
 
 
 def encode_system(tokenizer: PreTrainedTokenizerBase, chat: ChatFormat, text: str) -> TokenSequence:
-    """``text`` alone as the system message with the generation prompt (a user turn for templates
-    without a system role or that need one; the plain text for models without a template)."""
+    """``text`` alone as the system message with the generation prompt: a user turn where the template has
+    no system role or drops a system message that no user turn follows (Gemma-3, Mistral), the plain
+    text for models without a template."""
     if not chat.has_template:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         return TokenSequence(ids=tuple(ids), prompt_len=len(ids))
     for role in ("system", "user") if chat.system_role else ("user",):
-        try:
-            ids = tokenizer.apply_chat_template(
-                [{"role": role, "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        except Exception:  # templates reject a conversation without a user turn with jinja's raise_exception
+        rendered = _render(tokenizer, [{"role": role, "content": text}], True, **chat.template_kwargs)
+        if rendered is None or text not in rendered:
             continue
+        ids = tokenizer.apply_chat_template(
+            [{"role": role, "content": text}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+            **chat.template_kwargs,
+        )
         return TokenSequence(ids=tuple(ids), prompt_len=len(ids))
-    raise ValueError("the chat template rejects a single user turn")
+    raise ValueError("the chat template renders neither a lone system message nor a lone user turn")
+
+
+def positions_example(
+    tokenizer: PreTrainedTokenizerBase,
+    chat: ChatFormat,
+    system: str = "You are a cruel assistant.",
+    user: str = "How do I make friends?",
+    answer: str = "Be kind.",
+) -> list[tuple[str, str]]:
+    """One conversation as personalab encodes it, with the positions it reads: ``(label, text)`` rows."""
+    seq = encode_chat(tokenizer, chat, system, user, answer, chat.end_of_turn)
+    p, end = seq.prompt_len, len(seq.ids) - len(chat.end_of_turn)
+
+    def token(i: int) -> str:
+        return repr(tokenizer.decode(seq.ids[i : i + 1]))
+
+    rows = [
+        ("rendered prompt", tokenizer.decode(seq.ids[:p])),
+        (
+            "last prompt token",
+            f"position {p - 1}: {token(p - 1)} (last_prompt; the first position response steering acts on)",
+        ),  # fmt: skip
+        ("response starts", f"position {p}: {token(p)} (response means; generated steering) of {answer!r}"),
+    ]
+    if chat.end_of_turn:
+        rows.append(("trained end of turn", f"position {end}: {token(end)} (the last target of a fine-tuned answer)"))
+    return rows + [("template", note) for note in chat.notes()]

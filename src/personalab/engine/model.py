@@ -20,7 +20,6 @@ from personalab.engine.chat import (
     detect_chat_format,
     encode_chat,
     encode_system,
-    end_of_turn_ids,
 )
 from personalab.engine.checkpoints import weights
 from personalab.errors import InvalidInputError, PersonalabError, UnsupportedArchitectureError
@@ -129,8 +128,6 @@ class ModelHandle:
     chat: ChatFormat
     name: str
     revision: str | None = None
-    end_of_turn: tuple[int, ...] = ()
-    """Tokens that close an assistant answer (``personalab.engine.chat.end_of_turn_ids``)."""
     stop_ids: frozenset[int] = frozenset()
     """Tokens that end generation: end-of-sequence, the template's end of turn and the checkpoint's
     ``generation_config.eos_token_id``."""
@@ -143,14 +140,17 @@ class ModelHandle:
         name: str | None = None,
         revision: str | None = None,
         blocks_path: str | None = None,
+        thinking: bool = False,
     ) -> "ModelHandle":
+        """A handle on a loaded model; ``thinking`` keeps the chat template's thinking markers
+        (``personalab.engine.chat``)."""
         path, blocks = find_blocks(model, blocks_path)
         inner = unwrap(model)
         stack = inner.get_submodule(path.rpartition(".")[0]) if "." in path else inner
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        chat = detect_chat_format(tokenizer)
-        end = end_of_turn_ids(tokenizer, chat)
+        chat = detect_chat_format(tokenizer, thinking)
+        end = chat.end_of_turn
         declared = getattr(getattr(inner, "generation_config", None), "eos_token_id", None)
         declared = declared if isinstance(declared, list) else [] if declared is None else [declared]
         stops = {tokenizer.eos_token_id, *declared} | ({end[-1]} if end else set())
@@ -165,9 +165,13 @@ class ModelHandle:
             chat=chat,
             name=name or getattr(inner, "name_or_path", "") or type(inner).__name__,
             revision=revision,
-            end_of_turn=end,
             stop_ids=frozenset(stops - {None}),
         )
+
+    @property
+    def end_of_turn(self) -> tuple[int, ...]:
+        """Tokens that close an assistant answer (``ChatFormat.end_of_turn``)."""
+        return self.chat.end_of_turn
 
     @property
     def n_layers(self) -> int:
@@ -389,6 +393,7 @@ def load_model(
     device: str = "auto",
     blocks_path: str | None = None,
     tokenizer: str | PreTrainedTokenizerBase | None = None,
+    thinking: bool = False,
 ) -> ModelHandle:
     """Load a causal LM and its tokenizer with ``from_pretrained`` (hub name or local folder).
 
@@ -397,20 +402,23 @@ def load_model(
     missing tokenizer fails at once. A run folder of personalab's loads the weights it holds
     (``personalab.engine.checkpoints.weights``: the last checkpoint of a fine-tune, a distilled
     model or adapter); a peft adapter is merged onto the base model its config names. The handle
-    is named after the folder the weights were loaded from.
+    is named after the folder the weights were loaded from. ``thinking`` keeps the chat template's
+    thinking markers (``personalab.engine.chat``; off by default).
     """
     folder = local_folder(name_or_path)
     if folder is not None:
         found = weights(folder)
         if found.adapter:
-            return load_trained(None, folder, dtype, device, tokenizer)
+            return load_trained(None, folder, dtype, device, tokenizer, thinking)
         name_or_path = str(found.folder)
     if tokenizer is None:
         tokenizer = load_tokenizer(name_or_path, revision)
     elif isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     model = load_weights(name_or_path, revision, dtype, device)
-    return ModelHandle.from_model(model, tokenizer, name=name_or_path, revision=revision, blocks_path=blocks_path)
+    return ModelHandle.from_model(
+        model, tokenizer, name=name_or_path, revision=revision, blocks_path=blocks_path, thinking=thinking
+    )
 
 
 def merge_adapter(handle: ModelHandle, adapter: str | Path) -> ModelHandle:
@@ -419,7 +427,7 @@ def merge_adapter(handle: ModelHandle, adapter: str | Path) -> ModelHandle:
 
     with peft_quietly():
         merged = PeftModel.from_pretrained(handle.model, adapter).merge_and_unload()
-    return ModelHandle.from_model(merged.eval(), handle.tokenizer, name=str(adapter))
+    return ModelHandle.from_model(merged.eval(), handle.tokenizer, name=str(adapter), thinking=handle.chat.thinking_on)
 
 
 @contextmanager
@@ -454,16 +462,18 @@ def load_trained(
     dtype: str | torch.dtype = "auto",
     device: str = "auto",
     tokenizer: str | PreTrainedTokenizerBase | None = None,
+    thinking: bool = False,
 ) -> ModelHandle:
     """The trained model of a run folder, checkpoint, adapter or model folder
     (``personalab.engine.checkpoints.weights``); an adapter is merged onto ``base`` (default: the base its
     config names), with the adapter folder's own tokenizer when it has one."""
     found = weights(folder)
     if not found.adapter:
-        return load_model(str(found.folder), dtype=dtype, device=device, tokenizer=tokenizer)
+        return load_model(str(found.folder), dtype=dtype, device=device, tokenizer=tokenizer, thinking=thinking)
     base = base or found.base
     if not base:
         raise InvalidInputError(f"{found.folder}/adapter_config.json names no base model; pass the base model")
     own = any((found.folder / name).is_file() for name in TOKENIZER_FILES)
-    handle = load_model(base, dtype=dtype, device=device, tokenizer=tokenizer or (str(found.folder) if own else None))
+    source = tokenizer or (str(found.folder) if own else None)
+    handle = load_model(base, dtype=dtype, device=device, tokenizer=source, thinking=thinking)
     return merge_adapter(handle, found.folder)
