@@ -81,7 +81,13 @@ def test_extract_rejects_bad_input_before_any_work(model_folder, tmp_path):
             "invalid --samples: Input should be greater than or equal to 1",
         ),
         (["--trait", "evil", "--judge", "api:x", "--top-p", "2"], "invalid --top-p"),
+        (["--trait", "evil", "--judge", "api:x", "--engine", "tgi"], "unknown --engine 'tgi'; use hf or vllm"),
+        (["--trait", "evil", "--judge", "api:x", "--tensor-parallel-size", "2"], "add --engine vllm"),
     ]
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        cases.append((["--trait", "evil", "--judge", "api:x", "--engine", "vllm"], "pip install 'personalab[vllm]'"))
     for extra, message in cases:
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 1 and message in result.output, result.output
@@ -101,8 +107,8 @@ def _vector_folder(tmp_path, handle):
 def test_steer_prints_both_answers(tiny, model_folder, tmp_path, monkeypatch):
     handle = tiny("llama", "chatml")
     folder, vector = _vector_folder(tmp_path, handle)
-    produced = []
-    monkeypatch.setattr(generation, "sample_texts", lambda *a: produced.append(sample_texts(*a)) or produced[-1])
+    produced, real = [], generation.sample
+    monkeypatch.setattr(generation, "sample", lambda *a: produced.append(real(*a)) or produced[-1])
     args = ["steer", "--model", str(model_folder("llama", "chatml")), "--vector", str(folder), "--layer", "2"]
     args += ["--alpha", "6", "--max-new-tokens", "4", "--device", "cpu"]
     result = runner.invoke(app, args + ["Hi?"], terminal_width=400)
@@ -110,11 +116,12 @@ def test_steer_prints_both_answers(tiny, model_folder, tmp_path, monkeypatch):
     assert (
         "unsteered" in result.output and "steered at layer 2, response positions, alpha 6 (raw scale)" in result.output
     )
+    texts = [answers[0].text for answers in produced]
     seq = handle.encode(None, "Hi?")
     params = SamplingParams(temperature=0, max_new_tokens=4)
     with steer(handle, vector, 2, alpha=6.0, positions="response"):
         steered = sample_texts(handle, [seq], params, 0)
-    assert produced == [sample_texts(handle, [seq], params, 0), steered] and steered != produced[0]
+    assert texts == [sample_texts(handle, [seq], params, 0)[0], steered[0]] and texts[1] != texts[0]
 
     chat = runner.invoke(app, args + ["--chat", "--ablate"], input="Hi?\nWhat is bread?\n", terminal_width=400)
     assert chat.exit_code == 0 and chat.output.count("ablated") == 2

@@ -1,10 +1,16 @@
-"""Generation uses exactly the parameters personalab passes: nothing comes from the checkpoint's generation_config."""
+"""Generation uses exactly the parameters personalab passes, and every answer depends on its request alone."""
 
 import copy
+import random
 
+import numpy as np
+import pytest
 import torch
+from scipy import stats
 
-from personalab.engine.generation import SamplingParams, generate_batch, greedy_ids
+from personalab.engine.generation import GenerationRequest, RowSampler, SamplingParams, fill_store, greedy_ids, sample
+from personalab.engine.interventions import Steer
+from personalab.store import Store
 
 
 @torch.no_grad()
@@ -28,7 +34,63 @@ def test_a_checkpoints_generation_config_does_not_leak_into_greedy_decoding(tiny
     leaky.repetition_penalty, leaky.no_repeat_ngram_size, leaky.top_k, leaky.do_sample = 1.3, 2, 5, True
     try:
         assert greedy_ids(handle, prompts, 10, batch_size=2) == expected
-        answers = generate_batch(handle, prompts, SamplingParams(temperature=0, max_new_tokens=10))
+        answers = sample(handle, prompts, SamplingParams(temperature=0, max_new_tokens=10))
         assert [list(a.ids) + ([a.stop] if a.stop is not None else []) for a in answers] == expected
     finally:
         handle.model.generation_config = saved
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (5, 1.0), (0, 0.6)])
+def test_the_row_sampler_draws_from_the_distribution_it_names(top_k, top_p):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])
+    params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p)
+    rows = 4000
+    out = RowSampler(params, range(rows))(None, logits.repeat(rows, 1))
+    drawn = out.argmax(-1)
+    assert (out.isinf() & (out < 0)).sum(-1).eq(len(logits) - 1).all(), "one finite score per row"
+    probs = torch.softmax(logits / 0.7, -1).double()
+    keep = torch.ones(len(logits), dtype=torch.bool)
+    if top_k:
+        keep[top_k:] = False
+    if top_p < 1:
+        keep = torch.cumsum(probs, 0) - probs < top_p  # the smallest set of the likeliest tokens reaching top_p
+    expected = (probs * keep) / (probs * keep).sum()
+    counts = torch.bincount(drawn, minlength=len(logits)).double()
+    assert counts[~keep].sum() == 0
+    result = stats.chisquare(counts[keep].numpy(), rows * expected[keep].numpy())
+    assert result.pvalue > 1e-3, (counts, expected * rows)
+
+
+def test_answers_do_not_depend_on_batching_order_or_what_ran_before(tiny, tmp_path):
+    """Every answer is a function of its own request: batch sizes, orders and earlier runs change none."""
+    handle = tiny("llama", "chatml")
+    questions = ["What is bread?", "Tell me a story.", "How do I bake bread?", "Hi?", "What is the best way?"]
+    v = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(0))
+    requests = [
+        GenerationRequest(
+            handle.encode(None, q), {"q": q, "sample": s, "alpha": a}, () if a == 0 else (Steer(2, v, a, "response"),)
+        )
+        for q in questions
+        for s in range(2)
+        for a in (0.0, 4.0)
+    ]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=3)
+
+    def texts(order, batch_size, name):
+        with Store(tmp_path / f"{name}.sqlite") as store:
+            keys = fill_store(handle, store, [requests[i] for i in order], params, batch_size, progress=False)
+            found = store.texts(keys)
+        return {requests[i].request["q"] + str(requests[i].request["sample"]) + str(requests[i].request["alpha"]):
+                found[k] for i, k in zip(order, keys, strict=True)}  # fmt: skip
+
+    straight = texts(range(len(requests)), 16, "a")
+    order = list(range(len(requests)))
+    random.Random(0).shuffle(order)
+    torch.manual_seed(123)
+    assert texts(order, 3, "b") == straight
+    assert texts(order[:7], 1, "c") == {k: v for k, v in straight.items() if k in texts(order[:7], 1, "c")}
+    assert len(set(straight.values())) > len(straight) // 2, "samples differ between requests"
+    steered = [v for k, v in straight.items() if k.endswith("4.0")]
+    plain = [v for k, v in straight.items() if k.endswith("0.0")]
+    assert steered != plain
+    np.testing.assert_equal(len(straight), len(requests))

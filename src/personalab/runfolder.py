@@ -75,11 +75,13 @@ def changes(before: Mapping, after: Mapping) -> list[str]:
 
 
 def model_settings(handle: "ModelHandle") -> dict:
-    """What a run's results depend on of its model: the name it was loaded from, its revision and dtype."""
+    """What a run's results depend on of its model: the name it was loaded from, its revision and dtype, and the
+    engine that generates its answers."""
     return {
         "model": handle.name,
         "revision": handle.revision,
         "dtype": str(handle.dtype).removeprefix("torch."),
+        "engine": "hf" if handle.engine is None else handle.engine.name,
     }
 
 

@@ -4,6 +4,7 @@ Heavy libraries (torch, transformers, matplotlib) are imported inside the comman
 ``personalab --help`` and ``personalab trait list`` answer without loading them.
 """
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from personalab.cli.options import EngineOptions
 from personalab.errors import InvalidInputError, PersonalabError
 
 if TYPE_CHECKING:
@@ -169,9 +171,11 @@ def open_model(
     device: str = "auto",
     tokenizer: str | None = None,
     thinking: bool = False,
+    engine: EngineOptions | None = None,
+    lora_rank: int | None = None,
 ) -> "ModelHandle":
-    """``load_model`` with the command's options; prints what a run folder resolved to and what personalab does
-    with the model's chat template."""
+    """``load_model`` with the command's options, generating on ``engine``; prints what a run folder resolved to
+    and what personalab does with the model's chat template."""
     from personalab.engine.checkpoints import weights
     from personalab.engine.model import load_model, local_folder
 
@@ -181,6 +185,26 @@ def open_model(
     handle = load_model(model, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer, thinking=thinking)
     for note in handle.chat.notes():
         console.print(f"chat format: {note}", highlight=False, markup=False, soft_wrap=True)
+    if engine is not None:
+        attach_engine(handle, engine, lora_rank)
+    return handle
+
+
+def open_trained(
+    base: str,
+    folder: Path,
+    dtype: str,
+    device: str,
+    tokenizer: str | None,
+    thinking: bool,
+    engine: EngineOptions | None = None,
+) -> "ModelHandle":
+    """``load_trained`` (a run folder, checkpoint or adapter over ``base``) generating on ``engine``."""
+    from personalab.engine.model import load_trained
+
+    handle = load_trained(base, folder, dtype, device, tokenizer, thinking)
+    if engine is not None:
+        attach_engine(handle, engine)
     return handle
 
 
@@ -199,3 +223,42 @@ def write_run_report(folder: Path, enabled: bool = True) -> None:
         errors.print(f"report: not written ({exc}); run `personalab report {folder}` later", markup=False)
         return
     console.print(f"report: {folder / REPORT}", highlight=False, markup=False)
+
+
+ENGINES = ("hf", "vllm")
+
+
+def check_engine(options: EngineOptions) -> None:
+    """One-line errors for the engine options before any model loads (vLLM installed, of a supported version)."""
+    if options.engine not in ENGINES:
+        raise InvalidInputError(f"unknown --engine {options.engine!r}; use hf or vllm")
+    defaults = EngineOptions()
+    changed = [
+        f.name
+        for f in dataclasses.fields(options)
+        if f.name != "engine" and getattr(options, f.name) != getattr(defaults, f.name)
+    ]
+    if options.engine == "hf" and changed:
+        raise InvalidInputError(f"--{changed[0].replace('_', '-')} is an option of vLLM; add --engine vllm")
+    if options.engine == "vllm":
+        from personalab.engine.vllm_engine import check_installed
+
+        check_installed()
+
+
+def attach_engine(handle: "ModelHandle", options: EngineOptions, lora_rank: int | None = None) -> None:
+    """Make ``handle`` generate on the chosen engine (``lora_rank``: vLLM takes LoRA adapters of that rank later)."""
+    if options.engine != "vllm":
+        return
+    from personalab.engine.vllm_engine import VllmEngine, VllmOptions
+
+    vllm = VllmOptions(
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        tensor_parallel_size=options.tensor_parallel_size,
+        data_parallel_size=options.data_parallel_size,
+        max_model_len=options.max_model_len,
+        chunk=options.vllm_chunk,
+        ray=options.ray,
+    )
+    handle.engine = VllmEngine(handle, vllm, lora_rank)
+    console.print(f"engine: vllm ({handle.engine.describe()})", highlight=False, markup=False, soft_wrap=True)

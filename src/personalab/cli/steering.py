@@ -26,6 +26,7 @@ from personalab.cli.common import (
     VariantOption,
     VectorOption,
     app,
+    check_engine,
     console,
     floats,
     integers,
@@ -37,6 +38,7 @@ from personalab.cli.common import (
     reported,
     write_run_report,
 )
+from personalab.cli.options import EngineOptions, grouped
 from personalab.errors import InvalidInputError
 
 
@@ -49,7 +51,9 @@ def _read_line() -> str:
 
 
 @app.command("steer", rich_help_panel=STEERING)
+@grouped
 def steer_command(
+    engine: EngineOptions,
     prompt: Annotated[str | None, typer.Argument(help="The user message (omit with --chat).")] = None,
     model: ModelOption = ...,
     vector: VectorOption = ...,
@@ -75,15 +79,16 @@ def steer_command(
     """Print the steered answer beside the unsteered one."""
     with reported():
         prepare(threads)
+        check_engine(engine)
         from personalab.engine import generation
-        from personalab.engine.interventions import Ablate, Clamp, Steer, intervene
+        from personalab.engine.interventions import Ablate, Clamp, Steer
         from personalab.engine.scale import scaled_vector
         from personalab.traits import calibration_prompts
 
         if prompt is None and not chat:
             raise InvalidInputError("give a PROMPT or --chat")
         direction, _ = load_direction(vector, variant)
-        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
+        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         if ablate:
             intervention, label = Ablate(layer, direction, positions), "ablated"
         elif clamp is not None:
@@ -95,18 +100,19 @@ def steer_command(
         params = generation.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
         for text in [prompt] if not chat else iter(_read_line, ""):
             seq = handle.encode(system, text)
-            (plain,) = generation.sample_texts(handle, [seq], params, seed)
-            with intervene(handle, intervention):
-                (steered,) = generation.sample_texts(handle, [seq], params, seed)
+            (plain,) = generation.sample(handle, [seq], params, seed)
+            (steered,) = generation.sample(handle, [seq], params, seed, (intervention,))
             table = Table(show_lines=True)
             table.add_column("unsteered", ratio=1)
             table.add_column(f"steered at layer {layer}, {positions} positions, {label}", ratio=1)
-            table.add_row(escape(plain), escape(steered))
+            table.add_row(escape(plain.text), escape(steered.text))
             console.print(table)
 
 
 @app.command(rich_help_panel=STEERING)
+@grouped
 def sweep(
+    engine: EngineOptions,
     model: ModelOption,
     vector: VectorOption,
     judge: JudgeOption,
@@ -141,6 +147,7 @@ def sweep(
     """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
     with reported():
         prepare(threads)
+        check_engine(engine)
         from personalab.engine.generation import SamplingParams
         from personalab.studies.sweep import DEFAULT_ALPHAS, SweepConfig, run_sweep
 
@@ -159,7 +166,7 @@ def sweep(
         chosen = pick_trait(trait, trait_dir, vector)
         direction, _ = load_direction(vector, variant)
         scorer = open_judge(judge, judge_timeout)
-        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
+        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         folder = out or Path("runs") / f"sweep-{chosen.name}-{Path(model.rstrip('/')).name}"
         run_sweep(handle, direction, chosen, scorer, folder, config)
     console.print((folder / "sweep.md").read_text(), markup=False)

@@ -18,22 +18,27 @@ from personalab.cli.common import (
     TokenizerOption,
     VariantOption,
     app,
+    check_engine,
     console,
     load_direction,
     open_judge,
     open_model,
+    open_trained,
     pick_trait,
     prepare,
     reported,
     write_run_report,
 )
+from personalab.cli.options import EngineOptions, grouped
 from personalab.errors import InvalidInputError
 
 TraitsOption = Annotated[list[str], typer.Option(help="Built-in trait or trait JSON file (repeat for several).")]
 
 
 @app.command(rich_help_panel=STUDIES)
+@grouped
 def trace(
+    engine: EngineOptions,
     judge: JudgeOption,
     out: Annotated[Path, typer.Option(help="Run folder (resumable; rerun to extend the series).")],
     model: Annotated[str | None, typer.Option(help="Hub name of the model whose revisions are traced.")] = None,
@@ -83,6 +88,7 @@ def trace(
     """Trace a trait through training checkpoints: extraction, geometry, emergence and transfer steering."""
     with reported():
         prepare(threads)
+        check_engine(engine)
         from personalab.studies.extraction import ExtractionConfig
         from personalab.studies.trace import (
             SERIES,
@@ -141,10 +147,12 @@ def trace(
         scorer = open_judge(judge, judge_timeout)
 
         def load(checkpoint):
-            return open_model(checkpoint.source, checkpoint.revision, dtype, device, tokenizer, thinking=thinking)
+            return open_model(
+                checkpoint.source, checkpoint.revision, dtype, device, tokenizer, thinking=thinking, engine=engine
+            )
 
         def load_target():
-            return open_model(target, None, dtype, device, None, thinking=thinking)
+            return open_model(target, None, dtype, device, None, thinking=thinking, engine=engine)
 
         run_trace(
             series_list,
@@ -353,7 +361,9 @@ def compose(
 
 
 @app.command(rich_help_panel=STUDIES)
+@grouped
 def correlate(
+    engine: EngineOptions,
     base: Annotated[str, typer.Option(help="Hub name or local folder of the base model.")],
     tuned: Annotated[list[Path], typer.Option(help="Fine-tune run folder, checkpoint or model folder (repeat).")],
     vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")],
@@ -377,19 +387,21 @@ def correlate(
     """Projection shift against judged trait across fine-tuned models, with Pearson r and a bootstrap interval."""
     with reported():
         prepare(threads)
+        check_engine(engine)
         from functools import partial
 
         from personalab.engine.generation import SamplingParams
-        from personalab.engine.model import load_trained
         from personalab.studies.correlate import run_correlate
 
         direction, _ = load_direction(vector, variant)
         chosen = pick_trait(trait, None, vector)
         scorer = open_judge(judge, judge_timeout)
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        loaders = [(str(path), partial(load_trained, base, path, dtype, device, tokenizer, thinking)) for path in tuned]
+        loaders = [
+            (str(path), partial(open_trained, base, path, dtype, device, tokenizer, thinking, engine)) for path in tuned
+        ]
         run_correlate(
-            partial(open_model, base, None, dtype, device, tokenizer, thinking),
+            partial(open_model, base, None, dtype, device, tokenizer, thinking, engine),
             loaders,
             direction,
             layer,

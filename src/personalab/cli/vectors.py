@@ -21,6 +21,7 @@ from personalab.cli.common import (
     TraitDirOption,
     VariantOption,
     app,
+    check_engine,
     console,
     load_direction,
     open_judge,
@@ -30,11 +31,14 @@ from personalab.cli.common import (
     reported,
     write_run_report,
 )
+from personalab.cli.options import EngineOptions, grouped
 from personalab.errors import InvalidInputError
 
 
 @app.command(rich_help_panel=VECTORS)
+@grouped
 def extract(
+    engine: EngineOptions,
     model: ModelOption,
     trait: Annotated[str, typer.Option(help="Built-in trait, trait JSON file, or name in --trait-dir.")],
     judge: JudgeOption,
@@ -66,6 +70,7 @@ def extract(
     """Extract a persona vector: generate, judge, filter, and take per-layer mean differences."""
     with reported():
         prepare(threads)
+        check_engine(engine)
         from personalab.engine.generation import SamplingParams
         from personalab.studies.extraction import ExtractionConfig, FilterError, run_extraction
         from personalab.traits import load_trait
@@ -87,7 +92,7 @@ def extract(
         )
         chosen = load_trait(trait, trait_dir)
         scorer = open_judge(judge, judge_timeout)
-        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
+        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         folder = out or Path("runs") / f"{chosen.name}-{Path(model.rstrip('/')).name}"
         try:
             result = run_extraction(handle, chosen, scorer, folder, config)
@@ -100,7 +105,9 @@ def extract(
 
 
 @app.command(rich_help_panel=VECTORS)
+@grouped
 def project(
+    engine: EngineOptions,
     vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or .pt file of persona vectors.")],
     data: Annotated[Path | None, typer.Argument(help="JSONL records (messages or prompt/response).")] = None,
     model: Annotated[str | None, typer.Option(help="Hub name or local folder of the model.")] = None,
@@ -125,6 +132,7 @@ def project(
     """Project records (or a fine-tune's change) onto a persona vector."""
     with reported():
         prepare(threads)
+        check_engine(engine)
         from contextlib import closing
 
         from personalab.records import load_records
@@ -158,7 +166,7 @@ def project(
             if top_k is not None and not shift:
                 raise InvalidInputError("--top-k selects by projection shift; add --shift")
             records = load_records(data)
-            handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
+            handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
             if shift:
                 with closing(Store(data.with_name(f"{data.stem}.own.sqlite"))) as store:
                     shifts = projection_shift(

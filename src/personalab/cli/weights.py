@@ -25,16 +25,19 @@ from personalab.cli.common import (
     VariantOption,
     VectorOption,
     app,
+    check_engine,
     console,
     integers,
     load_direction,
     open_judge,
     open_model,
+    open_trained,
     pick_trait,
     prepare,
     reported,
     write_run_report,
 )
+from personalab.cli.options import EngineOptions, grouped
 from personalab.errors import InvalidInputError
 
 
@@ -48,7 +51,9 @@ def _prompt_set(handle, trait, prompts: Path | None) -> list:
 
 
 @app.command("distill", rich_help_panel=WEIGHTS)
+@grouped
 def distill_command(
+    engine: EngineOptions,
     model: BaseModelOption,
     vector: VectorOption,
     layer: Annotated[int, typer.Option(help="Layer l: the teacher adds alpha * v to the output of block l-1.")],
@@ -92,6 +97,7 @@ def distill_command(
     """
     with reported():
         prepare(threads)
+        check_engine(engine)
         import pandas as pd
         from accelerate import PartialState
 
@@ -127,10 +133,12 @@ def distill_command(
         chosen = None if prompts is not None else pick_trait(trait, None, vector, also="--prompts FILE")
         state = PartialState(cpu=resolve_device(device) == "cpu")
         placement = str(state.device) if state.num_processes > 1 else device
+        if engine.engine == "vllm" and state.num_processes > 1:
+            raise InvalidInputError("--engine vllm samples trajectories in one process; launch without accelerate")
         rows, folders = [], []
         for config in configs:
             weights_dtype = "float32" if full and dtype == "auto" else dtype
-            handle = open_model(model, revision, weights_dtype, placement, tokenizer, thinking=thinking)
+            handle = open_model(model, revision, weights_dtype, placement, tokenizer, thinking=thinking, engine=engine)
             prompt_set = _prompt_set(handle, chosen, prompts)
             folder = out if len(configs) == 1 else out / f"trajectories-{config.trajectories}"
             result = distill(
@@ -152,7 +160,9 @@ def distill_command(
 
 
 @app.command(rich_help_panel=WEIGHTS)
+@grouped
 def compare(
+    engine: EngineOptions,
     model: BaseModelOption,
     vector: VectorOption,
     layer: Annotated[int, typer.Option(help="Layer of the steered reference.")],
@@ -179,23 +189,21 @@ def compare(
     """Judge base, steered and distilled models on the trait's evaluation questions."""
     with reported():
         prepare(threads)
+        check_engine(engine)
         from functools import partial
 
         from personalab.engine.generation import SamplingParams
-        from personalab.engine.model import load_trained
         from personalab.studies.compare import run_compare
 
         direction, _ = load_direction(vector, variant)
         chosen = pick_trait(trait, None, vector)
         scorer = open_judge(judge, judge_timeout)
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        base = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
+        base = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         trained = [
             (
                 folder,
-                partial(
-                    load_trained, model, folder, dtype=dtype, device=device, tokenizer=tokenizer, thinking=thinking
-                ),
+                partial(open_trained, model, folder, dtype, device, tokenizer, thinking, engine),
             )
             for folder in distilled
         ]
@@ -268,7 +276,9 @@ def _monitored(paths: list[Path], layer: int | None, n_blocks: int, prompts: Pat
 
 
 @app.command(rich_help_panel=WEIGHTS)
+@grouped
 def finetune(
+    engine: EngineOptions,
     model: BaseModelOption,
     data: Annotated[Path, typer.Option(help="JSONL chat records; the loss is on the final assistant turn.")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints/step-N; a killed run resumes).")],
@@ -331,6 +341,7 @@ def finetune(
     """
     with reported():
         prepare(threads)
+        check_engine(engine)
         from accelerate import PartialState
 
         from personalab.engine.model import model_shape, resolve_device
@@ -371,9 +382,15 @@ def finetune(
         scorer = open_judge(monitor_judge, judge_timeout) if monitor_judge else None
         state = PartialState(cpu=resolve_device(device) == "cpu")
         placement = str(state.device) if state.num_processes > 1 else device
+        if engine.engine == "vllm" and (full or state.num_processes > 1):
+            raise InvalidInputError(
+                "--engine vllm monitors a LoRA fine-tune in one process (each checkpoint as a LoRA request); "
+                "monitor a full or data-parallel fine-tune with --engine hf"
+            )
         handle = open_model(
-            model, revision, "float32" if full and dtype == "auto" else dtype, placement, tokenizer, thinking=thinking
-        )
+            model, revision, "float32" if full and dtype == "auto" else dtype, placement, tokenizer, thinking=thinking,
+            engine=engine, lora_rank=lora_rank,
+        )  # fmt: skip
         run(handle, records, config, out, monitors, interventions, scorer, None if steps else (epochs or 1.0))
     if state.is_main_process:
         console.print((out / "summary.md").read_text(), markup=False)

@@ -1,30 +1,44 @@
-"""Batched, cached, reproducible sampling with Hugging Face ``generate``.
+"""Batched, cached, reproducible sampling on two engines: Hugging Face ``generate`` and vLLM.
 
-Only requests missing from the store are planned, into length-sorted batches of which
-only the last may be short; each batch is sampled under a seed derived from the run seed
-and the keys of its requests and stored in one transaction. The store therefore holds
-whole batches of a plan, and the plan over what is still missing is the same batches with
-the same seeds: a resumed run ends with exactly the texts of an uninterrupted run, and
-processes running the same command on one store at once skip the batches another has
-stored and store the same texts (a key, once stored, keeps its first text). A rerun with
-more requests computes only the new ones. A plan sharded over several processes keeps
-every stored text when resumed, but the texts still missing may be grouped into other
-batches (and so sampled differently) than in an uninterrupted run.
+Every answer is a function of the model, the rendered prompt, the sampling parameters, the request (its
+sample index among them) and the run seed alone: each request draws from its own random stream, seeded from
+the run seed and its store key (``request_seed``), so neither the other requests of its batch, nor their
+order, nor what ran before change it. On Hugging Face ``generate`` a logits processor samples each row from
+its own generator (temperature, top-k, top-p, then one uniform draw per row and token against the cumulative
+distribution, ``RowSampler``); vLLM takes the seed per request. Nothing comes from the checkpoint's
+``generation_config``: only ``SamplingParams`` apply.
+
+Requests carry their interventions as data (``GenerationRequest.interventions``: ``Steer``, ``Ablate`` or
+``Clamp`` with a scalar coefficient each), so the engine that runs them decides how: Hugging Face batches rows
+of one structure (the same ablations and clamps; steering vectors may differ, with a per-row alpha), vLLM
+takes them per request (``personalab.engine.vllm_worker``). Which engine runs is the handle's
+(``ModelHandle.engine``: ``None`` is Hugging Face), recorded in every stored generation's key.
+
+Only requests missing from the store are planned, into batches of one structure sorted by length; each
+batch is stored in one transaction. A killed run resumes with exactly the texts an uninterrupted run would
+have, processes sharing one store (a relaunched job, data-parallel shards) store the same texts (a key, once
+stored, keeps its first text), and a rerun with more requests computes only the new ones.
 """
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from personalab.engine.batching import length_sorted_batches, pad_batch
 from personalab.engine.chat import TokenSequence
+from personalab.engine.interventions import Ablate, Clamp, Spec, Steer, batch_interventions, intervene, spec_of
+from personalab.engine.interventions import structure as specs_structure
 from personalab.engine.model import ModelHandle, unwrap
 from personalab.report.progress import progress_bar
 from personalab.store import Store, content_key
+
+HF = "hf"
 
 
 class SamplingParams(BaseModel):
@@ -53,6 +67,78 @@ class Completion:
     stop: int | None
 
 
+def completion(handle: ModelHandle, ids: Sequence[int]) -> Completion:
+    """Generated ``ids`` cut at the first stop token (kept as ``stop``) and decoded without special tokens."""
+    ids = list(ids)
+    end = next((k for k, t in enumerate(ids) if t in handle.stop_ids), None)
+    kept = tuple(ids if end is None else ids[:end])
+    return Completion(kept, handle.tokenizer.decode(kept, skip_special_tokens=True), None if end is None else ids[end])
+
+
+Interventions = tuple[Steer | Ablate | Clamp, ...]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A prompt to answer: ``request`` identifies it in the store (messages, sample index, what steers it...),
+    ``interventions`` act on its residual stream while it is answered."""
+
+    prompt: TokenSequence
+    request: dict
+    interventions: Interventions = ()
+
+
+class Engine(Protocol):
+    """What generates: ``name`` goes into store keys; ``chunk`` is how many requests one call takes."""
+
+    name: str
+    chunk: int
+
+    def generate(
+        self,
+        handle: ModelHandle,
+        prompts: Sequence[TokenSequence],
+        params: SamplingParams,
+        seeds: Sequence[int],
+        specs: Sequence[Sequence[Spec]],
+        vectors: dict[str, torch.Tensor],
+    ) -> list[Completion]:
+        """One answer per prompt, row ``i`` sampled from seed ``seeds[i]`` under ``specs[i]``."""
+        ...
+
+    def use_adapter(self, folder: str | Path) -> None:
+        """Answer with the LoRA adapter in ``folder`` from now on."""
+        ...
+
+    def close(self) -> None:
+        """Free what the engine holds."""
+        ...
+
+
+def engine_name(handle: ModelHandle) -> str:
+    return HF if handle.engine is None else handle.engine.name
+
+
+def release(handle: ModelHandle) -> None:
+    """Stop an engine that holds its own copy of the weights (vLLM) and free its memory; the handle generates on
+    Hugging Face from then on."""
+    if handle.engine is not None:
+        handle.engine.close()
+        handle.engine = None
+
+
+def weights_saved(handle: ModelHandle, adapter: str | Path) -> None:
+    """The handle's weights are now its base with the adapter saved in ``adapter`` (a fine-tune's checkpoint): an
+    engine with its own copy of the weights answers with that adapter from now on."""
+    if handle.engine is not None:
+        handle.engine.use_adapter(adapter)
+
+
+def request_seed(seed: int, key: str) -> int:
+    """The seed of one request: from the run seed and the request's store key (63 bits)."""
+    return int(content_key("seed", seed, key)[:15], 16)
+
+
 @contextmanager
 def explicit_generation(handle: ModelHandle) -> Iterator[None]:
     """``generate`` fills every parameter it is not given from ``model.generation_config`` (a checkpoint's
@@ -71,58 +157,102 @@ def explicit_generation(handle: ModelHandle) -> Iterator[None]:
         inner.generation_config = saved
 
 
-def _completions(handle: ModelHandle, rows: torch.Tensor) -> list[Completion]:
-    """Generated ids ``[batch, new]`` cut at each row's first stop token (kept as ``stop``), decoded."""
-    out = []
-    for ids in rows.tolist():
-        end = next((k for k, t in enumerate(ids) if t in handle.stop_ids), None)
-        kept = tuple(ids if end is None else ids[:end])
-        text = handle.tokenizer.decode(kept, skip_special_tokens=True)
-        out.append(Completion(kept, text, None if end is None else ids[end]))
-    return out
+class RowSampler(LogitsProcessor):
+    """Samples each row from its own generator; returns scores that are ``-inf`` but at the sampled token, so
+    greedy decoding takes it. Temperature, then top-k, then top-p (the smallest set of most likely tokens whose
+    probability reaches ``top_p``), then one uniform draw per row against the cumulative probability of the
+    tokens sorted by probability (ties by token id)."""
+
+    def __init__(self, params: SamplingParams, seeds: Sequence[int]):
+        self.params = params
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.params.temperature
+        if self.params.top_k:
+            kth = logits.topk(min(self.params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        ordered, order = probs.sort(dim=-1, descending=True, stable=True)
+        cumulative = ordered.cumsum(dim=-1)
+        if self.params.top_p < 1:
+            ordered = ordered.masked_fill(cumulative - ordered >= self.params.top_p, 0.0)
+            cumulative = ordered.cumsum(dim=-1)
+        draws = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(probs.device)
+        at = torch.searchsorted(cumulative, (draws * cumulative[:, -1]).unsqueeze(1)).clamp(max=probs.shape[-1] - 1)
+        tokens = order.gather(1, at)
+        return torch.full_like(scores, float("-inf")).scatter(1, tokens, 0.0)
 
 
-@torch.inference_mode()
-def generate_batch(
-    handle: ModelHandle, prompts: Sequence[TokenSequence], params: SamplingParams, seed: int = 0
+def _hf_generate(
+    handle: ModelHandle, prompts: Sequence[TokenSequence], params: SamplingParams, seeds: Sequence[int]
 ) -> list[Completion]:
-    """Answers to ``prompts`` (left-padded, one ``generate`` call) sampled after ``torch.manual_seed(seed)``,
-    with ``params`` and nothing else."""
     batch = pad_batch([p.ids for p in prompts], handle.tokenizer.pad_token_id, "left", handle.input_device)
-    torch.manual_seed(seed)
-    sampling = (
-        dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        if params.temperature
-        else dict(do_sample=False)
-    )
-    with explicit_generation(handle):
+    processors = LogitsProcessorList([RowSampler(params, seeds)] if params.temperature else [])
+    with explicit_generation(handle), torch.inference_mode():
         out = handle.model.generate(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             max_new_tokens=params.max_new_tokens,
             repetition_penalty=params.repetition_penalty,
-            **sampling,
+            do_sample=False,
+            logits_processor=processors,
         )
-    return _completions(handle, out[:, batch.input_ids.shape[1] :])
+    return [completion(handle, row) for row in out[:, batch.input_ids.shape[1] :].tolist()]
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A prompt to answer; ``request`` is what identifies it in the store (messages, sample index...)."""
-
-    prompt: TokenSequence
-    request: dict
+def run_batch(
+    handle: ModelHandle,
+    prompts: Sequence[TokenSequence],
+    params: SamplingParams,
+    seeds: Sequence[int],
+    specs: Sequence[Sequence[Spec]] | None = None,
+    vectors: dict[str, torch.Tensor] | None = None,
+) -> list[Completion]:
+    """Answers to ``prompts`` on the handle's engine, row ``i`` from seed ``seeds[i]`` under ``specs[i]``
+    (Hugging Face: one ``generate`` per structure of the rows' interventions)."""
+    specs = specs or [()] * len(prompts)
+    vectors = vectors or {}
+    if handle.engine is not None:
+        return handle.engine.generate(handle, prompts, params, seeds, specs, vectors)
+    out: list[Completion | None] = [None] * len(prompts)
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(specs):
+        groups.setdefault(specs_structure(row), []).append(i)
+    for rows in groups.values():
+        hooks = batch_interventions([specs[i] for i in rows], vectors)
+        with intervene(handle, *hooks) if hooks else nullcontext():
+            answers = _hf_generate(handle, [prompts[i] for i in rows], params, [seeds[i] for i in rows])
+        for i, answer in zip(rows, answers, strict=True):
+            out[i] = answer
+    return out
 
 
 def generation_key(handle: ModelHandle, req: GenerationRequest, params: SamplingParams) -> str:
+    """What identifies a stored answer: the engine, the model, the request, the prompt's ids and the parameters."""
     return content_key(
-        "generation", handle.name, handle.revision, req.request, list(req.prompt.ids), params.model_dump()
-    )
+        "generation", engine_name(handle), handle.name, handle.revision, req.request, list(req.prompt.ids),
+        params.model_dump(),
+    )  # fmt: skip
+
+
+def sample(
+    handle: ModelHandle,
+    prompts: Sequence[TokenSequence],
+    params: SamplingParams,
+    seed: int = 0,
+    interventions: Interventions = (),
+) -> list[Completion]:
+    """Answers to ``prompts`` under ``interventions``, prompt ``i`` sampled from a seed of ``seed`` and ``i``."""
+    vectors: dict[str, torch.Tensor] = {}
+    specs = tuple(spec_of(iv, vectors) for iv in interventions)
+    seeds = [request_seed(seed, str(i)) for i in range(len(prompts))]
+    return run_batch(handle, prompts, params, seeds, [specs] * len(prompts), vectors)
 
 
 def sample_texts(handle: ModelHandle, prompts: Sequence[TokenSequence], params: SamplingParams, seed: int) -> list[str]:
-    """The texts of ``generate_batch``."""
-    return [c.text for c in generate_batch(handle, prompts, params, seed)]
+    """The texts of ``sample``."""
+    return [c.text for c in sample(handle, prompts, params, seed)]
 
 
 def greedy_ids(
@@ -130,18 +260,24 @@ def greedy_ids(
     prompts: Sequence[TokenSequence],
     max_new_tokens: int,
     batch_size: int = 16,
-    steering: Callable[[list[int]], AbstractContextManager] | None = None,
+    hooks: Callable[[list[int]], AbstractContextManager] | None = None,
     progress: bool = False,
     label: str = "greedy",
 ) -> list[list[int]]:
     """Greedy continuations of ``prompts`` as token ids, up to and including the first stop token, in
-    length-sorted left-padded batches; ``steering(rows)`` is entered around each batch."""
+    length-sorted batches; ``hooks(rows)``, entered around each batch with its prompt indices, places
+    Hugging Face hooks (e.g. per-row substitutions) and runs on Hugging Face whatever the handle's engine."""
     params = GREEDY.model_copy(update={"max_new_tokens": max_new_tokens})
     out: list[list[int]] = [[] for _ in prompts]
+    size = batch_size if hooks is not None or handle.engine is None else max(batch_size, handle.engine.chunk)
     with progress_bar(label, len(prompts), progress) as advance:
-        for rows in length_sorted_batches([len(p.ids) for p in prompts], batch_size):
-            with steering(rows) if steering else nullcontext():
-                answers = generate_batch(handle, [prompts[i] for i in rows], params)
+        for rows in length_sorted_batches([len(p.ids) for p in prompts], size):
+            chosen = [prompts[i] for i in rows]
+            if hooks is not None:
+                with hooks(rows):
+                    answers = _hf_generate(handle, chosen, params, [0] * len(rows))
+            else:
+                answers = run_batch(handle, chosen, params, [0] * len(rows))
             for i, answer in zip(rows, answers, strict=True):
                 out[i] = list(answer.ids) + ([] if answer.stop is None else [answer.stop])
             advance(len(rows))
@@ -155,15 +291,12 @@ def fill_store(
     params: SamplingParams,
     batch_size: int = 16,
     progress: bool = True,
-    steering: Callable[[list[int]], AbstractContextManager] | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> list[str]:
     """Sample and store the answers missing from ``store``; returns the keys of ``requests``.
 
-    ``shard = (i, n)`` samples only batches ``i, i + n, i + 2n, ...`` of the plan, so ``n``
-    processes sharing one store fill it with exactly the texts one process would sample.
-    ``steering(rows)``, if given, is entered around the sampling of each batch with the
-    request indices of its rows, in batch order (e.g. per-row steering coefficients).
+    ``shard = (i, n)`` samples only batches ``i, i + n, i + 2n, ...`` of the plan, so ``n`` processes sharing
+    one store fill it together; every answer is the same whichever process samples it.
     """
     keys = [generation_key(handle, r, params) for r in requests]
     stored = store.texts(keys)
@@ -171,18 +304,28 @@ def fill_store(
     for i, key in enumerate(keys):
         if key not in stored:
             first.setdefault(key, i)
-    missing = list(first.values())
+    vectors: dict[str, torch.Tensor] = {}
+    specs = {i: tuple(spec_of(iv, vectors) for iv in requests[i].interventions) for i in first.values()}
+    size = batch_size if handle.engine is None else max(batch_size, handle.engine.chunk)
+    by_structure: dict[tuple, list[int]] = {}
+    for i in first.values():
+        by_structure.setdefault(specs_structure(specs[i]) if handle.engine is None else (), []).append(i)
+    plan = [
+        [group[j] for j in batch]
+        for group in by_structure.values()
+        for batch in length_sorted_batches([len(requests[i].prompt.ids) for i in group], size)
+    ]
     index, count = shard
-    plan = length_sorted_batches([len(requests[i].prompt.ids) for i in missing], batch_size)[index::count]
+    plan = plan[index::count]
     with progress_bar("generate", sum(map(len, plan)), progress) as advance:
-        for batch in plan:
-            rows = [missing[j] for j in batch]
+        for rows in plan:
             if len(store.texts([keys[i] for i in rows])) == len(rows):
                 advance(len(rows))
                 continue
-            seed = int(content_key(params.seed, [keys[i] for i in rows])[:15], 16)
-            with steering(rows) if steering else nullcontext():
-                answers = generate_batch(handle, [requests[i].prompt for i in rows], params, seed)
+            seeds = [request_seed(params.seed, keys[i]) for i in rows]
+            answers = run_batch(
+                handle, [requests[i].prompt for i in rows], params, seeds, [specs[i] for i in rows], vectors
+            )
             store.put_texts(
                 (keys[i], handle.name, handle.revision, requests[i].request, params.model_dump(), a.text, a.stop)
                 for i, a in zip(rows, answers, strict=True)
@@ -198,9 +341,8 @@ def generate_cached(
     params: SamplingParams,
     batch_size: int = 16,
     progress: bool = True,
-    steering: Callable[[list[int]], AbstractContextManager] | None = None,
 ) -> list[str]:
     """Answer every request (in input order): ``fill_store``, then read the answers back."""
-    keys = fill_store(handle, store, requests, params, batch_size, progress, steering)
+    keys = fill_store(handle, store, requests, params, batch_size, progress)
     texts = store.texts(keys)
     return [texts[k] for k in keys]

@@ -319,3 +319,55 @@ def steer(
     return intervene(
         handle, *(Steer(layer, vector, alpha, positions) for layer in layer_list), prompt_lengths=prompt_lengths
     )
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One request's intervention as data: ``kind`` steer, ablate or clamp; ``value`` its alpha (steer) or the
+    projection it sets (clamp; 0 for ablate); ``vector`` the key of its direction in ``RowPlan.vectors``."""
+
+    kind: str
+    layer: int
+    vector: str
+    value: float
+    positions: str
+
+
+def spec_of(iv: "Steer | Ablate | Clamp", vectors: dict[str, torch.Tensor]) -> Spec:
+    """``iv`` as a ``Spec``; its direction (``[hidden]`` or per-layer, row ``layer`` taken) is added to ``vectors``
+    under its sha256."""
+    from personalab.vectors import vector_sha256
+
+    direction = iv.vector if isinstance(iv, Steer) else iv.direction
+    row = torch.as_tensor(direction).detach().float()
+    row = row[iv.layer] if row.dim() == 2 else row
+    key = vector_sha256(row)
+    vectors.setdefault(key, row)
+    if isinstance(iv, Steer):
+        return Spec("steer", iv.layer, key, float(iv.alpha), iv.positions)
+    value = 0.0 if isinstance(iv, Ablate) else float(iv.value)
+    return Spec("ablate" if isinstance(iv, Ablate) else "clamp", iv.layer, key, value, iv.positions)
+
+
+def structure(specs: Sequence[Spec]) -> tuple:
+    """What requests must share to run in one Hugging Face batch: their ablations and clamps (steering
+    vectors may differ, rows without one get alpha 0)."""
+    return tuple(sorted((s.kind, s.layer, s.vector, s.positions) for s in specs if s.kind != "steer"))
+
+
+def batch_interventions(rows: Sequence[Sequence[Spec]], vectors: dict[str, torch.Tensor]) -> list[Intervention]:
+    """One batch's interventions from its rows' specs (rows of one ``structure``): a ``Steer`` with a per-row
+    alpha for each (layer, vector, positions) any row steers with (0 in the others), and a ``Clamp`` with a
+    per-row value for each ablation or clamp, in the order the rows give them."""
+    groups: dict[tuple, list[float]] = {}
+    for b, specs in enumerate(rows):
+        for s in specs:
+            key = (s.kind == "steer", s.layer, s.vector, s.positions)
+            groups.setdefault(key, [0.0] * len(rows))[b] = s.value
+    out: list[Intervention] = []
+    for (steers, layer, vector, positions), values in groups.items():
+        if steers:
+            out.append(Steer(layer, vectors[vector], values, positions))
+        else:
+            out.append(Clamp(layer, vectors[vector], values, positions))
+    return out

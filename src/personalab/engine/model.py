@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -131,6 +132,10 @@ class ModelHandle:
     stop_ids: frozenset[int] = frozenset()
     """Tokens that end generation: end-of-sequence, the template's end of turn and the checkpoint's
     ``generation_config.eos_token_id``."""
+    origin: tuple[str, str | None, str | None] = ("", None, None)
+    """Where the weights came from: ``(model, revision, adapter folder or None)``, for engines that load them."""
+    engine: Any = None
+    """What generates (``personalab.engine.generation.Engine``); ``None`` is Hugging Face ``generate``."""
 
     @classmethod
     def from_model(
@@ -416,9 +421,11 @@ def load_model(
     elif isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     model = load_weights(name_or_path, revision, dtype, device)
-    return ModelHandle.from_model(
+    handle = ModelHandle.from_model(
         model, tokenizer, name=name_or_path, revision=revision, blocks_path=blocks_path, thinking=thinking
     )
+    handle.origin = (name_or_path, revision, None)
+    return handle
 
 
 def merge_adapter(handle: ModelHandle, adapter: str | Path) -> ModelHandle:
@@ -427,7 +434,9 @@ def merge_adapter(handle: ModelHandle, adapter: str | Path) -> ModelHandle:
 
     with peft_quietly():
         merged = PeftModel.from_pretrained(handle.model, adapter).merge_and_unload()
-    return ModelHandle.from_model(merged.eval(), handle.tokenizer, name=str(adapter), thinking=handle.chat.thinking_on)
+    out = ModelHandle.from_model(merged.eval(), handle.tokenizer, name=str(adapter), thinking=handle.chat.thinking_on)
+    out.origin = (handle.origin[0], handle.origin[1], str(adapter))
+    return out
 
 
 @contextmanager

@@ -1,11 +1,8 @@
 """Judged answers to a trait's evaluation questions: the common scorecard of steered and trained models."""
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-
 import pandas as pd
 
-from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.engine.generation import GenerationRequest, Interventions, SamplingParams, generate_cached
 from personalab.engine.model import ModelHandle
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
@@ -22,10 +19,10 @@ def scored_answers(
     label: str,
     samples: int,
     params: SamplingParams,
-    steering: Callable[[], AbstractContextManager] | None = None,
+    interventions: Interventions = (),
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Answer every evaluation question ``samples`` times (inside ``steering()``), judge trait and coherence.
+    """Answer every evaluation question ``samples`` times (under ``interventions``), judge trait and coherence.
 
     Questions are asked as ``personalab.traits.elicitation.evaluation_prompt`` encodes them.
     ``label`` names the condition in the store keys. One row per answer: ``question`` (index
@@ -35,12 +32,12 @@ def scored_answers(
     plan = [(qi, s) for qi in range(len(trait.evaluation_questions)) for s in range(samples)]
     questions = [trait.evaluation_questions[qi] for qi, _ in plan]
     requests = [
-        GenerationRequest(evaluation_prompt(handle, trait, q), {"eval": label, "question": q, "sample": s})
+        GenerationRequest(
+            evaluation_prompt(handle, trait, q), {"eval": label, "question": q, "sample": s}, interventions
+        )
         for q, (_, s) in zip(questions, plan, strict=True)
     ]
-    texts = generate_cached(
-        handle, store, requests, params, progress=progress, steering=(lambda rows: steering()) if steering else None
-    )
+    texts = generate_cached(handle, store, requests, params, progress=progress)
     table = pd.DataFrame({"question": [qi for qi, _ in plan], "sample": [s for _, s in plan], "answer": texts})
     for name, rubric in (("trait", trait.rubric), ("coherence", coherence_rubric(continues(handle, trait)))):
         items = [(q, a, rubric) for q, a in zip(questions, texts, strict=True)]

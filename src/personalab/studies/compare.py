@@ -11,7 +11,6 @@ Bonferroni-corrected over all the comparisons of the table.
 
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +18,7 @@ import torch
 
 from personalab.engine.checkpoints import trained_parameters
 from personalab.engine.generation import SamplingParams
-from personalab.engine.interventions import steer
+from personalab.engine.interventions import Steer
 from personalab.engine.model import ModelHandle
 from personalab.engine.scale import Scale, scaled_vector
 from personalab.judging.judges import Judge
@@ -126,12 +125,11 @@ def run_compare(
     trainable = {"base": 0, steered: 0}
     with closing(Store(out / "generations.sqlite")) as store:
 
-        def card(handle, label, steering=None):
-            return scored_answers(handle, trait, judge, store, label, samples, params, steering, progress)
+        def card(handle, label, interventions=()):
+            return scored_answers(handle, trait, judge, store, label, samples, params, interventions, progress)
 
         answers["base"] = card(base, "base")
-        hook = partial(steer, base, scaled.vector, layer, alpha=alpha, positions="response")
-        answers[steered] = card(base, steered, hook)
+        answers[steered] = card(base, steered, (Steer(layer, scaled.vector, alpha, "response"),))
         for folder, load in trained:
             label = str(folder)
             answers[label] = card(load(), f"distilled {folder}")

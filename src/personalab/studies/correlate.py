@@ -18,7 +18,7 @@ import torch
 
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
-from personalab.engine.generation import SamplingParams
+from personalab.engine.generation import SamplingParams, release
 from personalab.engine.layers import CONVENTION, check_vector
 from personalab.engine.model import ModelHandle, free_memory
 from personalab.judging.judges import Judge
@@ -99,6 +99,7 @@ def run_correlate(
                 run = claim(out, "correlate", settings, {"samples": samples, "tuned": [n for n, _ in tuned]})
             say(f"measuring {name}", True)
             rows.append({"model": name, **_measure(handle, trait, vector, layer, judge, store, samples, params, name)})
+            release(handle)
             del handle
             free_memory()
     table = pd.DataFrame(rows)

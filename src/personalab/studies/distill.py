@@ -31,8 +31,8 @@ from pydantic import Field
 from personalab.engine.batching import PaddedBatch, pad_batch
 from personalab.engine.chat import TokenSequence
 from personalab.engine.forward import final_hidden, logits_fn, response_mask
-from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store
-from personalab.engine.interventions import steer
+from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store, release
+from personalab.engine.interventions import Steer, steer
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.losses import chunked_kl
 from personalab.engine.model import ModelHandle, with_lora
@@ -97,10 +97,12 @@ def trajectories(
     Each process samples its share of the batches into the shared store; all then read every answer.
     """
     digest = vector_sha256(v)
+    steering = (Steer(config.layer, v, config.alpha, "response"),)
     requests = [
         GenerationRequest(
             prompts[i % len(prompts)],
             {"distill": digest, "layer": config.layer, "alpha": config.alpha, "sample": i // len(prompts)},
+            steering,
         )
         for i in range(config.trajectories)
     ]
@@ -110,7 +112,6 @@ def trajectories(
         requests,
         config.sampling,
         progress=progress,
-        steering=lambda rows: steer(handle, v, config.layer, alpha=config.alpha, positions="response"),
         shard=(accelerator.process_index, accelerator.num_processes),
     )
     accelerator.wait_for_everyone()
@@ -220,6 +221,7 @@ def distill(
         seqs = trajectories(handle, v, prompts, store, config, progress, accelerator)
     finally:
         store.close()
+        release(handle)  # training needs the memory an engine of its own holds
     if len(seqs) < 2:
         raise InvalidInputError(f"only {len(seqs)} non-empty trajectories; raise --trajectories")
     order = list(range(len(seqs)))

@@ -35,7 +35,7 @@ from personalab.engine.batching import pad_batch
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
 from personalab.engine.forward import final_hidden, logits_fn, response_mask
-from personalab.engine.generation import SamplingParams, greedy_ids
+from personalab.engine.generation import SamplingParams, greedy_ids, weights_saved
 from personalab.engine.interventions import Ablate, Steer, intervene
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.losses import chunked_cross_entropy
@@ -282,11 +282,13 @@ def finetune(
     def checkpoint(step: int) -> None:
         if step % config.checkpoint_every and step != config.steps:
             return
-        observe(step)
+        folder = out / "checkpoints" / f"step-{step}"
         if main:
-            folder = out / "checkpoints" / f"step-{step}"
             student.save_pretrained(folder)
             handle.tokenizer.save_pretrained(folder)
+            weights_saved(handle, folder)
+        observe(step)
+        if main:
             state = {"trainer": trainer.state(), "monitor": rows, "base": base}
             torch.save(state, folder / ".trainer_state.partial")
             (folder / ".trainer_state.partial").replace(folder / "trainer_state.pt")

