@@ -15,7 +15,7 @@ from test_loading import _scorer
 from typer.testing import CliRunner
 
 from personalab.cli import app
-from personalab.engine import interventions
+from personalab.engine import generation, interventions
 from personalab.studies.sweep import DEFAULT_ALPHAS
 from personalab.traits import library_questions
 from personalab.vectors import load_vectors, save_vectors, vector_sha256
@@ -133,7 +133,9 @@ def test_normalised_scale_is_one_vector_in_every_command(tiny, model_folder, tmp
 
     seen = []
     original = interventions.intervene
-    monkeypatch.setattr(interventions, "intervene", lambda h, *ivs, **k: seen.extend(ivs) or original(h, *ivs, **k))
+    spy = lambda h, *ivs, **k: seen.extend(ivs) or original(h, *ivs, **k)  # noqa: E731
+    monkeypatch.setattr(interventions, "intervene", spy)
+    monkeypatch.setattr(generation, "intervene", spy)
     common = ["--model", str(model_folder("llama", "chatml")), "--vector", str(tmp_path / "vec"), "--device", "cpu"]
     scaled = ["--layer", str(layer), "--scale", "normalised"]
     steered = runner.invoke(app, ["steer", *common, *scaled, "--alpha", str(alpha), "--max-new-tokens", "2", "Hi?"])
