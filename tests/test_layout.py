@@ -15,7 +15,7 @@ ALLOWED = {
     "vectors": {"errors"},
     "records": {"errors"},
     "report": {"errors"},
-    "engine": {"errors", "store", "report"},
+    "engine": {"errors", "store", "vectors", "report"},
     "runfolder": {"errors", "engine"},
     "traits": {"errors", "engine"},
     "judging": {"errors", "store", "report", "engine", "traits"},
