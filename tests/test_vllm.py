@@ -162,27 +162,25 @@ def test_per_request_seeds_make_sampling_independent_of_batching(folders, tmp_pa
         for a in (0.0, 1.0)
     ]
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=5)
+
+    def answers(name, order):
+        """The texts stored for the requests answered in ``order``, by request."""
+        with Store(tmp_path / f"{name}.sqlite") as store:
+            keys = fill_store(handle, store, [requests[i] for i in order], params, progress=False)
+            found = store.texts(keys)
+        return {json.dumps(requests[i].request): found[k] for i, k in zip(order, keys, strict=True)}
+
+    forward, backward = list(range(len(requests))), list(reversed(range(len(requests))))
     handle.engine = VllmEngine(handle, OPTIONS.model_copy(update={"chunk": 5}))
     try:
-        results = []
-        for name, order in (("a", list(range(len(requests)))), ("b", list(reversed(range(len(requests)))))):
-            with Store(tmp_path / f"{name}.sqlite") as store:
-                keys = fill_store(handle, store, [requests[i] for i in order], params, progress=False)
-                found = store.texts(keys)
-            results.append({json.dumps(requests[i].request): found[k] for i, k in zip(order, keys, strict=True)})
+        results = [answers("a", forward), answers("b", backward)]
         handle.engine.chunk = 24
-        with Store(tmp_path / "c.sqlite") as store:
-            keys = fill_store(handle, store, requests, params, progress=False)
-            found = store.texts(keys)
-            results.append({json.dumps(r.request): found[k] for r, k in zip(requests, keys, strict=True)})
+        results.append(answers("c", forward))
     finally:
         handle.engine.close()
     handle.engine = VllmEngine(handle, OPTIONS.model_copy(update={"data_parallel_size": 2, "chunk": 7}))
     try:  # two replicas in processes of their own, each answering its share of every call
-        with Store(tmp_path / "d.sqlite") as store:
-            keys = fill_store(handle, store, requests, params, progress=False)
-            found = store.texts(keys)
-            results.append({json.dumps(r.request): found[k] for r, k in zip(requests, keys, strict=True)})
+        results.append(answers("d", forward))
     finally:
         handle.engine.close()
     assert results[0] == results[1] == results[2] == results[3]
