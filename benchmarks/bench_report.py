@@ -15,10 +15,9 @@ import random
 import shutil
 import tempfile
 import time
-from contextlib import closing
 from pathlib import Path
 
-from personalab.runpage import write_report
+from personalab.report import write_report
 from personalab.store import Store, content_key
 from personalab.traits import COHERENCE_RUBRIC
 
@@ -51,7 +50,7 @@ def build_run(folder: Path, n: int) -> None:
 
 def naive_page(folder: Path, out: Path) -> None:
     """Every answer rendered as HTML up front: what a page without on-demand rendering holds."""
-    with closing(Store(folder / "generations.sqlite")) as store:
+    with Store(folder / "generations.sqlite") as store:
         rows = store.db.execute("SELECT request, text FROM generations").fetchall()
     items = "".join(
         f"<article><div>{html.escape(json.loads(r)['question'])}</div><pre>{html.escape(t)}</pre></article>"

@@ -114,12 +114,13 @@ def test_steer_prints_both_answers(tiny, model_folder, tmp_path, monkeypatch):
     result = runner.invoke(app, args + ["Hi?"], terminal_width=400)
     assert result.exit_code == 0, result.output
     assert (
-        "unsteered" in result.output and "steered at layer 2, response positions, alpha 6 (raw scale)" in result.output
+        "unsteered" in result.output
+        and "steered at layer 2, generating positions, alpha 6 (raw scale)" in result.output
     )
     texts = [answers[0].text for answers in produced]
     seq = handle.encode(None, "Hi?")
     params = SamplingParams(temperature=0, max_new_tokens=4)
-    with steer(handle, vector, 2, alpha=6.0, positions="response"):
+    with steer(handle, vector, 2, alpha=6.0, positions="generating"):
         steered = sample_texts(handle, [seq], params, 0)
     assert texts == [sample_texts(handle, [seq], params, 0)[0], steered[0]] and texts[1] != texts[0]
 

@@ -160,7 +160,7 @@ def test_a_trajectory_that_stopped_keeps_its_end_of_sequence_token(planted_check
     prompts = [encode_text(handle.tokenizer, t) for t in texts]
     config = CONFIG.model_copy(update={"layer": 1, "trajectories": 12, "sampling": SamplingParams(max_new_tokens=32)})
     v = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(0))
-    with closing(Store(tmp_path / "s.sqlite")) as store:
+    with Store(tmp_path / "s.sqlite") as store:
         seqs = trajectories(handle, v * 1e-3, prompts, store, config, False, Accelerator(cpu=True))
     with closing(sqlite3.connect(tmp_path / "s.sqlite")) as db:
         stops = [stop for (stop,) in db.execute("SELECT stop FROM generations")]

@@ -29,8 +29,8 @@ from personalab.records import Record
 from personalab.studies.correlate import pearson_interval
 from personalab.studies.finetune import (
     FinetuneConfig,
-    Intervention,
     Monitored,
+    TrainingIntervention,
     assistant_loss,
     finetune,
     training_sequences,
@@ -109,7 +109,7 @@ def _steered_records(handle, v, layer, coef, samples=3, tokens=24):
     prompts = [handle.encode(None, q) for q in TRAIT.extraction_questions]
     norm = mean_residual_norm(handle, prompts, [layer])[0]
     texts, params = [], SamplingParams(temperature=1.0, top_k=50, max_new_tokens=tokens)
-    with steer(handle, v * norm, layer, alpha=coef, positions="response"):
+    with steer(handle, v * norm, layer, alpha=coef, positions="generating"):
         for sample in range(samples):
             texts += sample_texts(handle, prompts, params, sample)
     questions = TRAIT.extraction_questions * samples
@@ -129,8 +129,8 @@ def _shift_experiment(folder: str, layer: int, lr: float, tmp_path: Path) -> dic
     shifts = {}
     for name, interventions in (
         ("plain", []),
-        ("steer", [Intervention("steer", layer, v * norm, 1.0)]),
-        ("ablate", [Intervention("ablate", layer, v)]),
+        ("steer", [TrainingIntervention("steer", layer, v * norm, 1.0)]),
+        ("ablate", [TrainingIntervention("ablate", layer, v)]),
     ):
         model = load_model(folder, device="cpu", dtype="float32")
         config = FinetuneConfig(
@@ -335,7 +335,7 @@ def test_checkpoints_load_in_every_command_and_correlate(model_folder, tiny, tmp
     r, low, high = pearson_interval(table["shift_last_prompt"][1:], table["trait_mean"][1:])
     if not np.isnan(r):
         assert r == pytest.approx(pearsonr(table["shift_last_prompt"][1:], table["trait_mean"][1:]).statistic)
-        assert low <= r <= high
+        assert low - 1e-12 <= r <= high + 1e-12  # a degenerate bootstrap puts a bound on r itself
     assert (tmp_path / "c" / "correlate.png").is_file() and "Pearson r" in (tmp_path / "c" / "correlate.md").read_text()
 
 

@@ -68,7 +68,7 @@ def test_answers_do_not_depend_on_batching_order_or_what_ran_before(tiny, tmp_pa
     v = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(0))
     requests = [
         GenerationRequest(
-            handle.encode(None, q), {"q": q, "sample": s, "alpha": a}, () if a == 0 else (Steer(2, v, a, "response"),)
+            handle.encode(None, q), {"q": q, "sample": s, "alpha": a}, () if a == 0 else (Steer(2, v, a, "generating"),)
         )
         for q in questions
         for s in range(2)

@@ -80,7 +80,7 @@ def test_per_layer_vector_and_several_vectors_at_once(tiny, conversations):
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("positions", ["prompt", "response", "generated"])
+@pytest.mark.parametrize("positions", ["prompt", "response", "last_prompt", "generating"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_positions_with_prompt_lengths_match_per_row_references(tiny, conversations, positions, side):
     handle = tiny("llama")
@@ -91,7 +91,9 @@ def test_positions_with_prompt_lengths_match_per_row_references(tiny, conversati
     for b, seq in enumerate(seqs):
         idx = torch.arange(len(seq.ids))
         p = seq.prompt_len
-        mask = {"prompt": idx < p, "response": idx >= p - 1, "generated": idx >= p}[positions].float()
+        mask = {"prompt": idx < p, "generating": idx >= p - 1, "response": idx >= p, "last_prompt": idx == p - 1}[
+            positions
+        ].float()
         with _ManualAdd(handle, 2, 4.0 * v, mask[None]):
             ref = logits(handle, torch.tensor([seq.ids]))[0]
         off = int(batch.offsets[b])
@@ -104,10 +106,10 @@ def test_per_row_alpha_equals_separate_runs(tiny, conversations):
     alphas = [0.0, 1.0, -2.0, 5.0]
     ids = torch.tensor([seq.ids] * len(alphas))
     v = _direction(handle)
-    with steer(handle, v, 2, alpha=torch.tensor(alphas), positions="response", prompt_lengths=[seq.prompt_len] * 4):
+    with steer(handle, v, 2, alpha=torch.tensor(alphas), positions="generating", prompt_lengths=[seq.prompt_len] * 4):
         got = logits(handle, ids)
     for k, a in enumerate(alphas):
-        with steer(handle, v, 2, alpha=a, positions="response", prompt_lengths=[seq.prompt_len]):
+        with steer(handle, v, 2, alpha=a, positions="generating", prompt_lengths=[seq.prompt_len]):
             ref = logits(handle, ids[:1])
         torch.testing.assert_close(got[k], ref[0], atol=1e-5, rtol=1e-5)
 
@@ -133,7 +135,7 @@ def _prompts(handle, conversations):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
-@pytest.mark.parametrize("positions", ["all", "prompt", "response", "generated"])
+@pytest.mark.parametrize("positions", ["all", "prompt", "response", "generating"])
 def test_cached_generation_equals_teacher_forced_decoding(tiny, conversations, arch, positions):
     handle = tiny(arch)
     seqs, batch = _prompts(handle, conversations)
@@ -155,11 +157,11 @@ def test_batched_steered_generation_equals_single_rows(tiny, conversations):
     seqs, batch = _prompts(handle, conversations)
     v = _direction(handle) * 2
     alphas = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
-    with steer(handle, v, 1, alpha=alphas, positions="response"):
+    with steer(handle, v, 1, alpha=alphas, positions="generating"):
         tokens, _ = _generate(handle, batch)
     for b, seq in enumerate(seqs):
         single = pad_batch([seq.ids], handle.tokenizer.pad_token_id, "left")
-        with steer(handle, v, 1, alpha=float(alphas[b]), positions="response"):
+        with steer(handle, v, 1, alpha=float(alphas[b]), positions="generating"):
             alone, _ = _generate(handle, single)
         assert tokens[b, -6:].tolist() == alone[0, -6:].tolist()
 
@@ -173,7 +175,7 @@ def test_response_steering_leaves_the_prompt_untouched_at_prefill(tiny, conversa
         _generate(handle, batch, n=2)
         plain = seen[0]
         seen.clear()
-        with steer(handle, _direction(handle), 1, alpha=5.0, positions="response"):
+        with steer(handle, _direction(handle), 1, alpha=5.0, positions="generating"):
             _generate(handle, batch, n=2)
         steered = seen[0]
     finally:
@@ -193,7 +195,7 @@ def test_ablation_leaves_zero_projection(tiny, conversations, layer):
     plain = capture(handle, seqs, layers=layer, positions="all", reduce="gather")
     ablated = []
     for seq in seqs:
-        with intervene(handle, Ablate(layer, u * 3, positions="response"), prompt_lengths=[seq.prompt_len]):
+        with intervene(handle, Ablate(layer, u * 3, positions="generating"), prompt_lengths=[seq.prompt_len]):
             ablated += capture(handle, [seq], layers=layer, positions="all", reduce="gather")
     for seq, before, after in zip(seqs, plain, ablated, strict=True):
         p = seq.prompt_len

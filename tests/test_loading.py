@@ -40,7 +40,7 @@ def test_a_folder_without_tokenizer_names_the_option(bare, monkeypatch):
     with pytest.raises(MissingTokenizerError) as err:
         load_model(str(folder), device="cpu")
     message = str(err.value)
-    assert "\n" not in message and "has no tokenizer files" in message and "--tokenizer" in message
+    assert "\n" not in message and "has no tokenizer files" in message and "`tokenizer`" in message
     assert loaded == [], "the weights must not load before the tokenizer is found"
 
 

@@ -1,5 +1,4 @@
 import json
-from contextlib import closing
 
 import pytest
 import torch
@@ -9,17 +8,11 @@ from personalab import load_model
 from personalab.engine.generation import SamplingParams
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
+from personalab.figures.plots import plot_model_shift
+from personalab.persona import project_records, unit_direction
 from personalab.records import Record, load_records
-from personalab.report.plots import plot_model_shift
 from personalab.store import Store
-from personalab.studies.monitor import (
-    model_shift,
-    project_records,
-    projection_shift,
-    unit_direction,
-    write_projections,
-    write_shift_report,
-)
+from personalab.studies.monitor import model_shift, projection_shift, write_projections, write_shift_report
 
 from reference import hidden_states
 
@@ -217,7 +210,7 @@ def test_projection_shift_and_report(tiny, data, tmp_path, monkeypatch):
 def test_projection_shift_skips_records_without_response(tiny, tmp_path):
     handle = tiny("llama")
     records = [Record(None, "Hi?", None, {}), Record(None, "Hi?", "", {})]
-    with closing(Store(tmp_path / "s.sqlite")) as store:
+    with Store(tmp_path / "s.sqlite") as store:
         assert projection_shift(handle, records, torch.ones(handle.hidden_size), 1, store) == []
         assert store.count("generations") == 0
 

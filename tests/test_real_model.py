@@ -60,7 +60,7 @@ def test_capture_and_steering_on_the_real_model(stories):
         pad_token_id=stories.tokenizer.pad_token_id,
     )
     plain = stories.model.generate(**kwargs)
-    with steer(stories, direction, 3, alpha=8.0, positions="response"):
+    with steer(stories, direction, 3, alpha=8.0, positions="generating"):
         steered = stories.model.generate(**kwargs)
     width = batch.input_ids.shape[1]
     assert torch.equal(steered[:, :width], plain[:, :width])

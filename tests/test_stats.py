@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from personalab.report.stats import bonferroni, sign_flip_test, sign_test
+from personalab.studies.stats import bonferroni, sign_flip_test, sign_test
 
 CASES = [
     [1.0, 2.0, -0.5, 3.0, 0.7, 1.2],

@@ -29,7 +29,7 @@ def test_per_row_sweep_equals_separate_runs_and_table_matches(tiny, tmp_path):
     answers = pd.read_json(tmp_path / "answers.jsonl", lines=True)
     for row in answers.itertuples():
         prompt = handle.encode(None, trait.evaluation_questions[row.question])
-        with steer(handle, vector, row.layer, alpha=row.alpha, positions="response"):
+        with steer(handle, vector, row.layer, alpha=row.alpha, positions="generating"):
             (alone,) = sample_texts(handle, [prompt], GREEDY, seed=0)
         assert row.answer == alone
         assert row.trait == hashed_score(alone) and row.coherence == 80.0

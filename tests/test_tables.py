@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from personalab.report.tables import write_csv
+from personalab.figures.tables import write_csv
 
 
 def test_csv_writes_whole_numbers_as_integers_and_floats_without_noise(tmp_path):

@@ -40,7 +40,7 @@ def test_set_threads():
     try:
         assert set_threads(1) == 1 and torch.get_num_threads() == 1
         assert set_threads() == available_cores() == torch.get_num_threads()
-        with pytest.raises(InvalidInputError, match="--threads is 0"):
+        with pytest.raises(InvalidInputError, match="`threads` is 0"):
             set_threads(0)
     finally:
         torch.set_num_threads(before)

@@ -125,8 +125,8 @@ def test_steering_inside_vllm_equals_the_hf_path_and_plain_hooks(folders, arch):
     handle = load_model(str(folders[arch]), device="cpu", dtype="float32")
     v = _direction(handle)
     prompts = [handle.encode(None, q) for q in QUESTIONS]
-    conditions = [(), (Steer(1, v, 1.5, "response"),), (Steer(1, v, -1.5, "response"),),
-                  (Steer(2, v, 1.0, "response"),), (Steer(2, v, -1.0, "response"),), (Ablate(1, v, "all"),),
+    conditions = [(), (Steer(1, v, 1.5, "generating"),), (Steer(1, v, -1.5, "generating"),),
+                  (Steer(2, v, 1.0, "generating"),), (Steer(2, v, -1.0, "generating"),), (Ablate(1, v, "all"),),
                   (Clamp(2, v, 3.0, "generated"),)]  # fmt: skip
     params = SamplingParams(temperature=0, max_new_tokens=10)
     vectors: dict = {}

@@ -11,6 +11,22 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "StudyResult": "personalab.api",
+    "bake": "personalab.api",
+    "compare": "personalab.api",
+    "compose": "personalab.api",
+    "correlate": "personalab.api",
+    "deepscan": "personalab.api",
+    "distill": "personalab.api",
+    "extract": "personalab.api",
+    "finetune": "personalab.api",
+    "judge": "personalab.api",
+    "localize": "personalab.api",
+    "project": "personalab.api",
+    "report": "personalab.api",
+    "sweep": "personalab.api",
+    "trace": "personalab.api",
+    "PersonaVector": "personalab.persona",
     "Ablate": "personalab.engine.interventions",
     "ChatFormat": "personalab.engine.chat",
     "Clamp": "personalab.engine.interventions",
@@ -22,12 +38,29 @@ _EXPORTS = {
     "Substitute": "personalab.engine.interventions",
     "TokenSequence": "personalab.engine.chat",
     "capture": "personalab.engine.capture",
+    "encode_text": "personalab.engine.chat",
     "intervene": "personalab.engine.interventions",
     "load_model": "personalab.engine.model",
     "steer": "personalab.engine.interventions",
 }
 
 __all__ = [
+    "StudyResult",
+    "bake",
+    "compare",
+    "compose",
+    "correlate",
+    "deepscan",
+    "distill",
+    "extract",
+    "finetune",
+    "judge",
+    "localize",
+    "project",
+    "report",
+    "sweep",
+    "trace",
+    "PersonaVector",
     "Ablate",
     "ChatFormat",
     "Clamp",
@@ -39,18 +72,37 @@ __all__ = [
     "Substitute",
     "TokenSequence",
     "capture",
+    "encode_text",
     "intervene",
     "load_model",
     "steer",
 ]
 
 if TYPE_CHECKING:
+    from personalab.api import (
+        StudyResult,
+        bake,
+        compare,
+        compose,
+        correlate,
+        deepscan,
+        distill,
+        extract,
+        finetune,
+        judge,
+        localize,
+        project,
+        report,
+        sweep,
+        trace,
+    )  # fmt: skip
     from personalab.engine.capture import capture
-    from personalab.engine.chat import ChatFormat, TokenSequence
+    from personalab.engine.chat import ChatFormat, TokenSequence, encode_text
     from personalab.engine.interventions import Ablate, Clamp, Steer, Substitute, intervene, steer
     from personalab.engine.model import ModelHandle, load_model
     from personalab.engine.positions import GeneratedToken, Indices
     from personalab.errors import PersonalabError
+    from personalab.persona import PersonaVector
 
 
 def __getattr__(name: str):

@@ -1,4 +1,17 @@
-"""Errors personalab raises for bad input; each message is one line that names the fix."""
+"""Errors personalab raises for bad input; each message is one line that names the fix.
+
+A message names a parameter in backticks (`` `min_pairs` ``), the Python name; the command line prints
+it as its flag (``--min-pairs``) through ``as_flags``.
+"""
+
+import re
+
+_PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def as_flags(message: str) -> str:
+    """``message`` with each backticked parameter name written as its command-line flag."""
+    return _PARAMETER.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 class PersonalabError(Exception):

@@ -9,14 +9,14 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from personalab.cli.options import EngineOptions
-from personalab.errors import InvalidInputError, PersonalabError
+from personalab.errors import InvalidInputError, PersonalabError, as_flags
 
 if TYPE_CHECKING:
     import torch
@@ -85,13 +85,24 @@ def reported() -> Iterator[None]:
     try:
         yield
     except PersonalabError as exc:
-        errors.print("[red]error:[/red]", escape(str(exc)), highlight=False)
+        errors.print("[red]error:[/red]", escape(as_flags(str(exc))), highlight=False)
         raise typer.Exit(1) from None
     except ValidationError as exc:
         first = exc.errors()[0]
-        option = "--" + str(first["loc"][-1]).replace("_", "-")
-        errors.print("[red]error:[/red]", escape(f"invalid {option}: {first['msg']}"), highlight=False)
+        message = first["msg"].removeprefix("Value error, ")
+        if first["loc"]:
+            message = f"invalid --{str(first['loc'][-1]).replace('_', '-')}: {message}"
+        errors.print("[red]error:[/red]", escape(as_flags(message)), highlight=False)
         raise typer.Exit(1) from None
+
+
+def checked(kind: type, options: dict[str, Any], **fixed: Any) -> dict[str, Any]:
+    """``options``, after building them (with ``fixed``) into the study's config ``kind``, so that a bad value fails
+    before a judge, trait or model is opened; the study function builds the same config from them again."""
+    from personalab.api.common import configured
+
+    configured(kind, options, **fixed)
+    return options
 
 
 def prepare(threads: int | None) -> None:
@@ -130,6 +141,13 @@ def load_direction(path: Path, variant: str) -> "tuple[torch.Tensor, dict]":
     if variant not in vectors:
         raise InvalidInputError(f"{path} has no variant {variant!r}; it has {', '.join(vectors)}")
     return vectors[variant], meta
+
+
+def load_vector(path: Path):
+    """The ``PersonaVector`` of ``path`` (a run folder, ``.safetensors`` or public ``.pt`` file)."""
+    from personalab.persona import PersonaVector
+
+    return PersonaVector.load(path)
 
 
 def pick_trait(trait: str | None, trait_dir: Path | None, vector: Path | None, also: str = "") -> "Trait":
@@ -208,21 +226,16 @@ def open_trained(
     return handle
 
 
-def write_run_report(folder: Path, enabled: bool = True) -> None:
-    """A run command's last step: ``folder/report.html`` (see ``personalab report``).
-
-    The run's results are already on disk; a report that cannot be written is said, not raised.
-    """
+def say_report(folder: Path, enabled: bool = True) -> None:
+    """A run command's last line: where its ``report.html`` is, or how to write it when it could not be."""
     if not enabled:
         return
-    from personalab.runpage import REPORT, write_report
+    from personalab.report import REPORT
 
-    try:
-        write_report([folder], folder / REPORT)
-    except OSError as exc:
-        errors.print(f"report: not written ({exc}); run `personalab report {folder}` later", markup=False)
-        return
-    console.print(f"report: {folder / REPORT}", highlight=False, markup=False)
+    if (folder / REPORT).is_file():
+        console.print(f"report: {folder / REPORT}", highlight=False, markup=False)
+    elif folder.is_dir():
+        errors.print(f"report: not written; run `personalab report {folder}` later", markup=False)
 
 
 ENGINES = ("hf", "vllm")

@@ -17,11 +17,10 @@ def report(
 ) -> None:
     """One HTML page of run folders: config, tables, figures, answers and extraction pairs; opens offline."""
     with reported():
-        from personalab.runpage import REPORT, write_report
+        from personalab.api.studies import report_runs
 
-        one = len(runs) == 1 and runs[0].is_dir()
-        target = out or (runs[0] / REPORT if one else Path(REPORT))
-        for run in write_report(runs, target):
+        target, read = report_runs(runs, out)
+        for run in read:
             for problem in run.problems:
                 console.print(f"{run.path}: {problem}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"wrote {target}", highlight=False, markup=False)

@@ -27,16 +27,18 @@ from personalab.cli.common import (
     VectorOption,
     app,
     check_engine,
+    checked,
     console,
     floats,
     integers,
     load_direction,
+    load_vector,
     open_judge,
     open_model,
     pick_trait,
     prepare,
     reported,
-    write_run_report,
+    say_report,
 )
 from personalab.cli.options import EngineOptions, grouped
 from personalab.errors import InvalidInputError
@@ -59,7 +61,9 @@ def steer_command(
     vector: VectorOption = ...,
     layer: Annotated[int, typer.Option(help="Layer l: acts on the output of block l-1.")] = ...,
     alpha: Annotated[float, typer.Option(help="Coefficient (ignored by --ablate and --clamp).")] = 1.0,
-    positions: Annotated[str, typer.Option(help="all, prompt, response or generated.")] = "response",
+    positions: Annotated[
+        str, typer.Option(help="all, prompt, response, last_prompt or generating (see README, Positions).")
+    ] = "generating",
     variant: VariantOption = "response_mean",
     scale: ScaleOption = "raw",
     ablate: Annotated[bool, typer.Option(help="Project the direction out instead of adding it.")] = False,
@@ -126,7 +130,9 @@ def sweep(
     scale: Annotated[
         str | None, typer.Option(help="raw or normalised (default: raw with --alphas, normalised without).")
     ] = None,
-    positions: Annotated[str, typer.Option(help="all, prompt, response or generated.")] = "response",
+    positions: Annotated[
+        str, typer.Option(help="all, prompt, response, last_prompt or generating (see README, Positions).")
+    ] = "generating",
     trait: TraitOption = None,
     trait_dir: TraitDirOption = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/sweep-TRAIT-MODEL).")] = None,
@@ -148,27 +154,24 @@ def sweep(
     with reported():
         prepare(threads)
         check_engine(engine)
-        from personalab.engine.generation import SamplingParams
-        from personalab.studies.sweep import DEFAULT_ALPHAS, SweepConfig, run_sweep
+        from personalab.api import sweep as run
+        from personalab.api.common import default_out
+        from personalab.studies.sweep import SweepConfig
 
-        if alphas is None and scale == "raw":
-            raise InvalidInputError("the default grid is in normalised units; give --alphas for --scale raw")
-        scale = scale or ("raw" if alphas else "normalised")
-        config = SweepConfig(
-            layers=integers(layers, "--layers"),
-            alphas=floats(alphas) if alphas else list(DEFAULT_ALPHAS),
-            samples=samples,
-            sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
-            scale=scale,
-            positions=positions,
-            batch_size=batch_size,
-        )
+        chosen_layers = integers(layers, "--layers")
+        options = checked(
+            SweepConfig, dict(
+                samples=samples, scale=scale, positions=positions, temperature=temperature, top_p=top_p,
+                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+            ) | ({"alphas": floats(alphas)} if alphas else {}), layers=chosen_layers,
+        )  # fmt: skip
         chosen = pick_trait(trait, trait_dir, vector)
-        direction, _ = load_direction(vector, variant)
+        persona = load_vector(vector)
         scorer = open_judge(judge, judge_timeout)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
-        folder = out or Path("runs") / f"sweep-{chosen.name}-{Path(model.rstrip('/')).name}"
-        run_sweep(handle, direction, chosen, scorer, folder, config)
+        folder = out or default_out("sweep-", chosen.name, model)
+        run(handle, persona, scorer, layers=chosen_layers, trait=chosen, variant=variant, out=folder, report=report,
+            **options)  # fmt: skip
     console.print((folder / "sweep.md").read_text(), markup=False)
     console.print(f"wrote {folder}/sweep.csv, sweep.md, heatmap_trait.png, heatmap_coherence.png, curves.png")
-    write_run_report(folder, report)
+    say_report(folder, report)

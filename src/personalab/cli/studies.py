@@ -19,15 +19,17 @@ from personalab.cli.common import (
     VariantOption,
     app,
     check_engine,
+    checked,
     console,
-    load_direction,
+    integers,
+    load_vector,
     open_judge,
     open_model,
     open_trained,
     pick_trait,
     prepare,
     reported,
-    write_run_report,
+    say_report,
 )
 from personalab.cli.options import EngineOptions, grouped
 from personalab.errors import InvalidInputError
@@ -89,61 +91,11 @@ def trace(
     with reported():
         prepare(threads)
         check_engine(engine)
-        from personalab.studies.extraction import ExtractionConfig
-        from personalab.studies.trace import (
-            SERIES,
-            TraceConfig,
-            build_units,
-            from_folders,
-            from_revisions,
-            read_revisions,
-            run_trace,
-        )
-        from personalab.studies.trace.run import BASE_SAMPLING, finite
+        from personalab.api import trace as run
+        from personalab.studies.trace.run import finite
 
-        sources = [x is not None for x in (revisions, revisions_file, checkpoints)]
-        if sum(sources) > 1:
+        if sum(x is not None for x in (revisions, revisions_file, checkpoints)) > 1:
             raise InvalidInputError("give one of --revisions, --revisions-file and --checkpoints")
-        if checkpoints is not None:
-            series_list = from_folders(checkpoints, tokens_per_step)
-        else:
-            name = model or (SERIES[series].model if series in SERIES else None)
-            if name is None:
-                raise InvalidInputError("give --model (with --series or --revisions), or --checkpoints")
-            wanted = (
-                read_revisions(revisions_file)
-                if revisions_file
-                else [r.strip() for r in revisions.split(",") if r.strip()]
-                if revisions
-                else list(SERIES[series].revisions)
-                if series in SERIES
-                else []
-            )
-            series_list = from_revisions(name, wanted, series, tokens_per_step)
-        config = TraceConfig(
-            layer=layer,
-            coef=finite(coef, "--coef"),
-            target_coef=target_coef,
-            extraction=ExtractionConfig(
-                samples=samples,
-                sampling=BASE_SAMPLING.model_copy(
-                    update={
-                        "max_new_tokens": max_new_tokens,
-                        "temperature": temperature,
-                        "repetition_penalty": repetition_penalty,
-                        "seed": seed,
-                    }
-                ),
-                pos_threshold=pos_threshold,
-                neg_threshold=neg_threshold,
-                coherence_threshold=coherence_threshold,
-                min_pairs=min_pairs,
-                batch_size=batch_size,
-            ),
-            eval_samples=eval_samples,
-            controls=controls,
-        )
-        units = build_units(trait, strategy)
         scorer = open_judge(judge, judge_timeout)
 
         def load(checkpoint):
@@ -154,19 +106,16 @@ def trace(
         def load_target():
             return open_model(target, None, dtype, device, None, thinking=thinking, engine=engine)
 
-        run_trace(
-            series_list,
-            units,
-            config,
-            scorer,
-            out,
-            load,
-            series,
-            target,
-            load_target if target else None,
-            tokenizer=tokenizer,
-        )
-    write_run_report(out, report)
+        run(
+            model, scorer, out=out, series=series, revisions=revisions_file or revisions, checkpoints=checkpoints,
+            tokens_per_step=tokens_per_step, traits=trait, strategies=strategy, target=target, load=load,
+            load_target=load_target if target else None, tokenizer=tokenizer, report=report, layer=layer,
+            coef=finite(coef, "--coef"), target_coef=target_coef, controls=controls, eval_samples=eval_samples,
+            samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
+            repetition_penalty=repetition_penalty, seed=seed, min_pairs=min_pairs, pos_threshold=pos_threshold,
+            neg_threshold=neg_threshold, coherence_threshold=coherence_threshold, batch_size=batch_size,
+        )  # fmt: skip
+    say_report(out, report)
 
 
 PersonaOption = Annotated[
@@ -186,12 +135,6 @@ StatementsOption = Annotated[
 ActivationsOption = Annotated[
     Path | None, typer.Option(help="Activation cache folder (default OUT/activations); share it between commands.")
 ]
-
-
-def _statements(persona, persona_dir, statements, min_confidence):
-    from personalab.studies.localize.statements import load_statements
-
-    return load_statements(persona, persona_dir, statements, min_confidence)
 
 
 @app.command(rich_help_panel=STUDIES)
@@ -220,27 +163,26 @@ def localize(
     """Where personas live: per-layer divergence of persona statements, and PCA, t-SNE and UMAP figures."""
     with reported():
         prepare(threads)
-        from personalab.cli.common import integers
-        from personalab.studies.localize.run import LocalizeConfig, check_statements, run_localize
-
-        config = LocalizeConfig(
-            layers=integers(layers, "--layers") if layers else None,
-            figure_layers=integers(figure_layers, "--figure-layers") if figure_layers else None,
-            seed=seed,
-            batch_size=batch_size,
-        )
+        from personalab.api import localize as run
+        from personalab.api.studies import statements as load_statements
         from personalab.engine.layers import check_layers
         from personalab.engine.model import model_shape
+        from personalab.studies.localize.run import check_statements
 
-        chosen = _statements(persona, persona_dir, statements, min_confidence)
-        check_statements(chosen)
+        chosen_layers = integers(layers, "--layers") if layers else None
+        chosen_figures = integers(figure_layers, "--figure-layers") if figure_layers else None
+        check_statements(load_statements(persona, persona_dir, statements, min_confidence))
         n_blocks, _ = model_shape(model, revision)
-        for chosen_layers in (config.layers, config.figure_layers):
-            if chosen_layers is not None:
-                check_layers(chosen_layers, n_blocks)
+        for given in (chosen_layers, chosen_figures):
+            if given is not None:
+                check_layers(given, n_blocks)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
-        run_localize(handle, chosen, out, config, activations)
-    write_run_report(out, report)
+        run(
+            handle, persona, persona_dir=persona_dir, statements_file=statements, min_confidence=min_confidence,
+            activations=activations, out=out, report=report, layers=chosen_layers, figure_layers=chosen_figures,
+            seed=seed, batch_size=batch_size,
+        )  # fmt: skip
+    say_report(out, report)
 
 
 @app.command(rich_help_panel=STUDIES)
@@ -278,37 +220,28 @@ def deepscan(
     """DeepScan: the hidden units and statements jointly anomalous for each persona, and their overlap."""
     with reported():
         prepare(threads)
+        from personalab.api import deepscan as run
+        from personalab.api.studies import statements as load_statements
         from personalab.engine.model import model_shape
-        from personalab.report.tables import write_csv
         from personalab.studies.localize import scan as scanning
 
-        config = scanning.ScanConfig(
-            layer=layer,
-            background=background,
-            test_clean=test_clean,
-            clean=clean,
-            anomalous=anomalous,
-            runs=runs,
-            score=score,
-            tail=tail,
-            restarts=restarts,
-            seed=seed,
-            min_run_fraction=min_run_fraction,
-            batch_size=batch_size,
-        )
-        chosen = _statements(persona, persona_dir, statements, min_confidence)
+        options = dict(
+            background=background, test_clean=test_clean, clean=clean, anomalous=anomalous, runs=runs, score=score,
+            tail=tail, restarts=restarts, seed=seed, min_run_fraction=min_run_fraction, batch_size=batch_size,
+        )  # fmt: skip
         n_blocks, _ = model_shape(model, revision)
-        scanning.check(chosen, config, n_blocks)
+        chosen = load_statements(persona, persona_dir, statements, min_confidence)
+        scanning.check(chosen, scanning.ScanConfig(layer=layer, **options), n_blocks)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
-        summary = scanning.run_deepscan(handle, chosen, out, config, activations)
-        if individual:
-            cache = scanning.ActivationCache(activations or out / "activations", handle)
-            for name, rows in chosen.items():
-                write_csv(scanning.individual(cache, rows, config), out / f"individual_{name}.csv")
+        result = run(
+            handle, persona, layer=layer, persona_dir=persona_dir, statements_file=statements,
+            min_confidence=min_confidence, individual=individual, activations=activations, out=out, report=report,
+            **options,
+        )  # fmt: skip
     columns = ["persona", "runs", "score_mean", "precision_mean", "recall_mean", "records_mean", "nodes_mean"]
-    console.print(summary[columns].to_string(index=False, float_format="%.3g"), markup=False)
+    console.print(result.table[columns].to_string(index=False, float_format="%.3g"), markup=False)
     console.print(f"wrote {out}/summary.md, scan_summary.csv, scan_runs.csv", markup=False)
-    write_run_report(out, report)
+    say_report(out, report)
 
 
 @app.command(rich_help_panel=STUDIES)
@@ -337,27 +270,21 @@ def compose(
     """As X, do Y: 2x2 residual decomposition, additive substitution with causal KL, markers, host injection."""
     with reported():
         prepare(threads)
-        from personalab.cli.common import integers
+        from personalab.api import compose as run
         from personalab.engine.model import model_shape
-        from personalab.studies.compose import ComposeConfig, load_grid, load_markers, run_compose
+        from personalab.studies.compose import ComposeConfig, load_grid
 
-        chosen = load_grid(grid)
-        marker_sets = load_markers(marker_file) if markers else None
-        config = ComposeConfig(
-            layers=integers(layers, "--layers") if layers else None,
-            all_layers=all_layers,
-            markers=markers,
-            host=host,
-            edit_layer=edit_layer,
-            batch_size=batch_size,
-            seed=seed,
-        )
+        options = dict(
+            layers=integers(layers, "--layers") if layers else None, all_layers=all_layers, markers=markers,
+            host=host, edit_layer=edit_layer, batch_size=batch_size, seed=seed,
+        )  # fmt: skip
+        load_grid(grid)
         n_blocks, _ = model_shape(model, revision)
-        config.check(n_blocks)
+        ComposeConfig(**options).check(n_blocks)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
-        run_compose(handle, chosen, out, config, marker_sets)
+        run(handle, grid, marker_file=marker_file, out=out, report=report, **options)
     console.print((out / "summary.md").read_text(), markup=False)
-    write_run_report(out, report)
+    say_report(out, report)
 
 
 @app.command(rich_help_panel=STUDIES)
@@ -388,29 +315,27 @@ def correlate(
     with reported():
         prepare(threads)
         check_engine(engine)
-        from functools import partial
+        from personalab.api import correlate as run
+        from personalab.studies.correlate import CorrelateConfig
 
-        from personalab.engine.generation import SamplingParams
-        from personalab.studies.correlate import run_correlate
-
-        direction, _ = load_direction(vector, variant)
+        options = checked(
+            CorrelateConfig,
+            dict(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
+            layer=layer,
+        )
+        persona = load_vector(vector)
         chosen = pick_trait(trait, None, vector)
         scorer = open_judge(judge, judge_timeout)
-        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        loaders = [
-            (str(path), partial(open_trained, base, path, dtype, device, tokenizer, thinking, engine)) for path in tuned
-        ]
-        run_correlate(
-            partial(open_model, base, None, dtype, device, tokenizer, thinking, engine),
-            loaders,
-            direction,
-            layer,
-            chosen,
-            scorer,
-            out,
-            samples,
-            params,
-            seed,
-        )
+
+        def load_base():
+            return open_model(base, None, dtype, device, tokenizer, thinking, engine)
+
+        def load(folder):
+            return open_trained(base, folder, dtype, device, tokenizer, thinking, engine)
+
+        run(
+            load_base, tuned, persona, scorer, layer=layer, trait=chosen, variant=variant, load=load, out=out,
+            report=report, **options,
+        )  # fmt: skip
     console.print((out / "correlate.md").read_text(), markup=False)
-    write_run_report(out, report)
+    say_report(out, report)

@@ -1,4 +1,4 @@
-"""Commands that make and read persona vectors: ``extract`` and ``project``."""
+"""Commands that make and read persona vectors: ``extract``, ``project`` and ``export``."""
 
 from pathlib import Path
 from typing import Annotated
@@ -22,14 +22,15 @@ from personalab.cli.common import (
     VariantOption,
     app,
     check_engine,
+    checked,
     console,
-    load_direction,
+    load_vector,
     open_judge,
     open_model,
     pick_trait,
     prepare,
     reported,
-    write_run_report,
+    say_report,
 )
 from personalab.cli.options import EngineOptions, grouped
 from personalab.errors import InvalidInputError
@@ -71,37 +72,30 @@ def extract(
     with reported():
         prepare(threads)
         check_engine(engine)
-        from personalab.engine.generation import SamplingParams
-        from personalab.studies.extraction import ExtractionConfig, FilterError, run_extraction
+        from personalab.api import extract as run
+        from personalab.api.common import default_out
+        from personalab.studies.extraction import ExtractionConfig
         from personalab.traits import load_trait
 
-        config = ExtractionConfig(
-            samples=samples,
-            sampling=SamplingParams(
-                temperature=temperature,
-                top_p=top_p,
-                max_new_tokens=max_new_tokens,
-                repetition_penalty=repetition_penalty,
-                seed=seed,
-            ),
-            pos_threshold=pos_threshold if trait_threshold is None else trait_threshold,
-            neg_threshold=neg_threshold if trait_threshold is None else trait_threshold,
-            coherence_threshold=coherence_threshold,
-            min_pairs=min_pairs,
-            batch_size=batch_size,
-        )
+        both = trait_threshold
+        cutoffs = {} if both is None else {"pos_threshold": both, "neg_threshold": both}
+        options = checked(
+            ExtractionConfig, dict(
+                samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                repetition_penalty=repetition_penalty, seed=seed, batch_size=batch_size, min_pairs=min_pairs,
+                pos_threshold=pos_threshold, neg_threshold=neg_threshold, coherence_threshold=coherence_threshold,
+            ) | cutoffs,
+        )  # fmt: skip
         chosen = load_trait(trait, trait_dir)
         scorer = open_judge(judge, judge_timeout)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
-        folder = out or Path("runs") / f"{chosen.name}-{Path(model.rstrip('/')).name}"
+        folder = out or default_out("", chosen.name, model)
         try:
-            result = run_extraction(handle, chosen, scorer, folder, config)
-        except FilterError:
-            write_run_report(folder, report)
-            raise
-    counts = result.meta["counts"]
+            vector = run(handle, chosen, scorer, out=folder, report=report, **options)
+        finally:
+            say_report(folder, report)
+    counts = vector.meta["counts"]
     console.print(f"kept {counts['kept']} of {counts['pairs']} pairs; wrote {folder}/vectors.safetensors, summary.md")
-    write_run_report(folder, report)
 
 
 @app.command(rich_help_panel=VECTORS)
@@ -133,47 +127,37 @@ def project(
     with reported():
         prepare(threads)
         check_engine(engine)
-        from contextlib import closing
+        from personalab.api import project as run
 
-        from personalab.records import load_records
-        from personalab.report.plots import plot_model_shift
-        from personalab.store import Store
-        from personalab.studies.monitor import (
-            model_shift,
-            project_records,
-            projection_shift,
-            write_projections,
-            write_shift_report,
-        )
-
-        direction, _ = load_direction(vector, variant)
+        persona = load_vector(vector)
         if diff:
-            if data is not None:
-                pairs = [(r.system, r.prompt) for r in load_records(data)]
-            else:
-                chosen = pick_trait(trait, None, vector, also="a JSONL data file of prompts")
-                pairs = [(None, q) for q in chosen.evaluation_questions]
+            chosen = None if data is not None else pick_trait(trait, None, vector, also="a JSONL data file of prompts")
             base, tuned = (open_model(name, None, dtype, device, tokenizer, thinking=thinking) for name in diff)
-            values = model_shift(base, tuned, pairs, direction, batch_size, progress=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
+            run(base, persona, data, tuned=tuned, trait=chosen, variant=variant, out=out, batch_size=batch_size)
             written = [Path(f"{out}.png"), Path(f"{out}.csv")]
-            plot_model_shift(values, f"{diff[1]} - {diff[0]} along {variant}", written[0])
-            rows = "".join(f"{i},{v}\n" for i, v in enumerate(values.tolist()))
-            written[1].write_text("layer,shift\n" + rows)
         else:
             if data is None or model is None or layer is None:
                 raise InvalidInputError("pass a JSONL data file, --model and --layer (or --diff BASE TUNED)")
             if top_k is not None and not shift:
                 raise InvalidInputError("--top-k selects by projection shift; add --shift")
-            records = load_records(data)
             handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
-            if shift:
-                with closing(Store(data.with_name(f"{data.stem}.own.sqlite"))) as store:
-                    shifts = projection_shift(
-                        handle, records, direction, layer, store, batch_size=batch_size, progress=True
-                    )
-                written = write_shift_report(data, records, shifts, top_k)
-            else:
-                projections = project_records(handle, records, direction, layer, batch_size, progress=True)
-                written = [write_projections(data, records, projections)]
+            run(handle, persona, data, layer=layer, variant=variant, shift=shift, top_k=top_k, batch_size=batch_size)
+            stem = data.with_name(data.stem)
+            written = (
+                [Path(f"{stem}.shift.jsonl"), Path(f"{stem}.shift.png")]
+                + ([Path(f"{stem}.top{top_k}.jsonl")] if top_k else [])
+                if shift
+                else [Path(f"{stem}.projections.jsonl")]
+            )
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command(rich_help_panel=VECTORS)
+def export(
+    vector: Annotated[Path, typer.Argument(help="Run folder or .safetensors file of persona vectors.")],
+    out: Annotated[Path, typer.Option(help="Folder for the .pt files.")] = Path("."),
+) -> None:
+    """Write a vector's variants as public persona-vectors .pt files ({trait}_response_avg_diff.pt, ...)."""
+    with reported():
+        written = load_vector(vector).export_public(out)
     console.print("wrote " + ", ".join(str(p) for p in written))

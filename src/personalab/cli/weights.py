@@ -26,28 +26,20 @@ from personalab.cli.common import (
     VectorOption,
     app,
     check_engine,
+    checked,
     console,
     integers,
-    load_direction,
+    load_vector,
     open_judge,
     open_model,
     open_trained,
     pick_trait,
     prepare,
     reported,
-    write_run_report,
+    say_report,
 )
 from personalab.cli.options import EngineOptions, grouped
 from personalab.errors import InvalidInputError
-
-
-def _prompt_set(handle, trait, prompts: Path | None) -> list:
-    """The distillation prompts: a JSONL of chat prompts, else the trait's extraction questions."""
-    from personalab.records import load_records
-
-    if prompts is not None:
-        return [handle.encode(r.system, r.prompt) for r in load_records(prompts)]
-    return [handle.encode(None, q) for q in trait.extraction_questions]
 
 
 @app.command("distill", rich_help_panel=WEIGHTS)
@@ -98,65 +90,44 @@ def distill_command(
     with reported():
         prepare(threads)
         check_engine(engine)
-        import pandas as pd
-        from accelerate import PartialState
-
-        from personalab.engine.model import resolve_device
-        from personalab.report.tables import write_csv
-        from personalab.studies.distill import TRAJECTORY_SAMPLING, DistillConfig, distill
+        from personalab.api import distill as run
+        from personalab.api.weights import training_dtype, training_placement
+        from personalab.studies.distill import DistillConfig
 
         if full == (lora_rank is not None):
             raise InvalidInputError("choose one of --lora-rank R or --full")
         counts = integers(trajectories, "--trajectories")
-        configs = [
-            DistillConfig(
-                layer=layer,
-                alpha=alpha,
-                scale=scale,
-                lora_rank=lora_rank,
-                lora_alpha=lora_alpha,
-                trajectories=n,
-                steps=steps,
-                batch_size=batch_size,
-                grad_accum=grad_accum,
-                lr=lr,
-                warmup_steps=warmup_steps,
-                gradient_checkpointing=gradient_checkpointing,
-                kl_chunk=kl_chunk,
-                mixed_precision=mixed_precision,
-                seed=seed,
-                sampling=TRAJECTORY_SAMPLING.model_copy(update={"max_new_tokens": max_new_tokens, "seed": seed}),
-            )
-            for n in counts
-        ]
-        direction, _ = load_direction(vector, variant)
+        options = checked(
+            DistillConfig, dict(
+                scale=scale, lora_rank=lora_rank, lora_alpha=lora_alpha, steps=steps, batch_size=batch_size,
+                grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing,
+                kl_chunk=kl_chunk, mixed_precision=mixed_precision, seed=seed, max_new_tokens=max_new_tokens,
+            ), layer=layer, alpha=alpha, trajectories=min(counts, default=2),
+        )  # fmt: skip
+        persona = load_vector(vector)
         chosen = None if prompts is not None else pick_trait(trait, None, vector, also="--prompts FILE")
-        state = PartialState(cpu=resolve_device(device) == "cpu")
-        placement = str(state.device) if state.num_processes > 1 else device
-        if engine.engine == "vllm" and state.num_processes > 1:
+        placement, main, processes = training_placement(device)
+        if engine.engine == "vllm" and processes > 1:
             raise InvalidInputError("--engine vllm samples trajectories in one process; launch without accelerate")
-        rows, folders = [], []
-        for config in configs:
-            weights_dtype = "float32" if full and dtype == "auto" else dtype
-            handle = open_model(model, revision, weights_dtype, placement, tokenizer, thinking=thinking, engine=engine)
-            prompt_set = _prompt_set(handle, chosen, prompts)
-            folder = out if len(configs) == 1 else out / f"trajectories-{config.trajectories}"
-            result = distill(
-                handle, direction, prompt_set, config, folder, store_path=out / "generations.sqlite", merge=merge
-            )
-            rows.append({"trajectories": config.trajectories, **result.held_out, "trainable": result.trainable})
-            folders.append(folder)
-    if not state.is_main_process:
+
+        def load():
+            return open_model(model, revision, training_dtype(dtype, full), placement, tokenizer, thinking=thinking,
+                              engine=engine)  # fmt: skip
+
+        result = run(
+            load, persona, layer=layer, alpha=alpha, trajectories=counts, prompts=prompts, trait=chosen,
+            variant=variant, merge=merge, out=out, report=report and main, **options,
+        )  # fmt: skip
+    if not main:
         return
     table = Table("trajectories", "held-out KL start", "held-out KL end", "KL to unsteered base", "trainable")
-    for row in rows:
-        table.add_row(*(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in row))
+    for row in result.tables["distill"].to_dict("records"):
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     console.print(table)
-    if len(rows) > 1:
-        write_csv(pd.DataFrame(rows), out / "ablation.csv")
+    if len(counts) > 1:
         console.print(f"wrote {out}/ablation.csv")
-    for folder in folders:
-        write_run_report(folder, report)
+    for n in counts:
+        say_report(out if len(counts) == 1 else out / f"trajectories-{n}", report)
 
 
 @app.command(rich_help_panel=WEIGHTS)
@@ -190,27 +161,29 @@ def compare(
     with reported():
         prepare(threads)
         check_engine(engine)
-        from functools import partial
+        from personalab.api import compare as run
+        from personalab.studies.compare import CompareConfig
 
-        from personalab.engine.generation import SamplingParams
-        from personalab.studies.compare import run_compare
-
-        direction, _ = load_direction(vector, variant)
+        options = checked(
+            CompareConfig, dict(
+                scale=scale, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+            ), layer=layer, alpha=alpha,
+        )  # fmt: skip
+        persona = load_vector(vector)
         chosen = pick_trait(trait, None, vector)
         scorer = open_judge(judge, judge_timeout)
-        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         base = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
-        trained = [
-            (
-                folder,
-                partial(open_trained, model, folder, dtype, device, tokenizer, thinking, engine),
-            )
-            for folder in distilled
-        ]
-        run_compare(base, direction, layer, alpha, chosen, scorer, trained, out, samples, params, scale)
+
+        def load(folder):
+            return open_trained(model, folder, dtype, device, tokenizer, thinking, engine)
+
+        run(
+            base, persona, scorer, layer=layer, alpha=alpha, distilled=distilled, trait=chosen, variant=variant,
+            load=load, out=out, report=report, **options,
+        )  # fmt: skip
     console.print((out / "compare.md").read_text(), markup=False)
     console.print(f"wrote {out}/compare.csv, compare.md, compare.png, answers.jsonl, meta.json")
-    write_run_report(out, report)
+    say_report(out, report)
 
 
 @app.command(rich_help_panel=WEIGHTS)
@@ -234,45 +207,15 @@ def bake(
     """Bake steering on all positions into the weights: the saved model's plain forward equals the steered one."""
     with reported():
         prepare(threads)
-        import json
-
-        from personalab.studies.bake import bake_exact
+        from personalab.api import bake as run
 
         if not exact:
             raise InvalidInputError("pass --exact; training-based baking is `personalab distill`")
-        direction, _ = load_direction(vector, variant)
+        persona = load_vector(vector)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
-        folder = bake_exact(handle, direction, layer, alpha, out, scale)
-        method = json.loads((folder / "bake.json").read_text())["method"]
-    console.print(f"baked alpha {alpha:g} at layer {layer} as {method}; wrote {folder}")
-    write_run_report(folder, report)
-
-
-def _monitored(paths: list[Path], layer: int | None, n_blocks: int, prompts: Path | None, variant: str, judged: bool):
-    from personalab.engine.layers import check_layers
-    from personalab.records import load_records
-    from personalab.studies.finetune import Monitored
-    from personalab.traits import run_trait
-
-    chosen = n_blocks // 2 if layer is None else check_layers(layer, n_blocks)[0]
-    questions = [r.prompt for r in load_records(prompts)] if prompts else None
-    out = []
-    for path in paths:
-        direction, _ = load_direction(path, variant)
-        if direction.dim() != 2 or direction.shape[0] != n_blocks + 1:
-            raise InvalidInputError(
-                f"monitor vector {path} has {direction.shape[0]} layers but the model has {n_blocks + 1}; "
-                f"use a vector extracted from this model"
-            )
-        found = run_trait(path)
-        if questions is None and found is None:
-            raise InvalidInputError(f"{path} keeps no trait.json; pass --monitor-prompts FILE.jsonl")
-        trait = found[0] if found else None
-        if judged and trait is None:
-            raise InvalidInputError(f"--monitor-judge needs the trait of {path}; it keeps no trait.json")
-        prompts = questions or trait.evaluation_questions
-        out.append(Monitored(Path(path).name, direction[chosen], prompts, trait, str(Path(path).resolve())))
-    return out
+        result = run(handle, persona, layer=layer, alpha=alpha, out=out, scale=scale, variant=variant, report=report)
+    console.print(f"baked alpha {alpha:g} at layer {layer} as {result.meta['method']}; wrote {result.folder}")
+    say_report(result.folder, report)
 
 
 @app.command(rich_help_panel=WEIGHTS)
@@ -342,57 +285,51 @@ def finetune(
     with reported():
         prepare(threads)
         check_engine(engine)
-        from accelerate import PartialState
-
-        from personalab.engine.model import model_shape, resolve_device
+        from personalab.api import finetune as run
+        from personalab.api.weights import monitored, training_dtype, training_placement
+        from personalab.engine.model import model_shape
         from personalab.records import load_records
-        from personalab.studies.finetune import FinetuneConfig, Intervention, check, check_records
-        from personalab.studies.finetune import finetune as run
+        from personalab.studies.finetune import FinetuneConfig, TrainingIntervention, check, check_records
 
         if full == (lora_rank is not None):
             raise InvalidInputError("choose one of --lora-rank R or --full")
         if (steer or ablate) and layer is None:
             raise InvalidInputError("--steer and --ablate need --layer")
-        config = FinetuneConfig(
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lr=lr,
-            steps=steps or 1,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            warmup_steps=warmup_steps,
-            gradient_checkpointing=gradient_checkpointing,
-            mixed_precision=mixed_precision,
-            seed=seed,
-            max_length=max_length,
-            checkpoint_every=checkpoint_every,
-            monitor_layer=monitor_layer,
-            monitor_tokens=monitor_tokens,
-        )
-        records = load_records(data)
-        check_records(records)
+        options = dict(
+            lora_rank=lora_rank, lora_alpha=lora_alpha, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+            warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
+            seed=seed, max_length=max_length, checkpoint_every=checkpoint_every, monitor_layer=monitor_layer,
+            monitor_tokens=monitor_tokens, **({"steps": steps} if steps else {}),
+        )  # fmt: skip
+        config = FinetuneConfig(**{**options, "steps": steps or 1})
+        check_records(load_records(data))
         n_blocks, hidden = model_shape(model, revision)
-        monitors = _monitored(monitor, monitor_layer, n_blocks, monitor_prompts, variant, monitor_judge is not None)
-        interventions = []
-        for kind, path in (("steer", steer), ("ablate", ablate)):
-            if path is not None:
-                vector, _ = load_direction(path, variant)
-                interventions.append(Intervention(kind, layer, vector, alpha, scale))
-        check(n_blocks, hidden, config, monitors, interventions)
+        monitors = monitored(monitor, monitor_layer, n_blocks, monitor_prompts, variant, monitor_judge is not None)
+        steering = [load_vector(p) for p in (steer, ablate) if p is not None]
+        kinds = [k for k, p in (("steer", steer), ("ablate", ablate)) if p is not None]
+        planned = [
+            TrainingIntervention(k, layer, v.tensor(variant), alpha, scale)
+            for k, v in zip(kinds, steering, strict=True)
+        ]
+        check(n_blocks, hidden, config, monitors, planned)
         scorer = open_judge(monitor_judge, judge_timeout) if monitor_judge else None
-        state = PartialState(cpu=resolve_device(device) == "cpu")
-        placement = str(state.device) if state.num_processes > 1 else device
-        if engine.engine == "vllm" and (full or state.num_processes > 1):
+        placement, main, processes = training_placement(device)
+        if engine.engine == "vllm" and (full or processes > 1):
             raise InvalidInputError(
                 "--engine vllm monitors a LoRA fine-tune in one process (each checkpoint as a LoRA request); "
                 "monitor a full or data-parallel fine-tune with --engine hf"
             )
         handle = open_model(
-            model, revision, "float32" if full and dtype == "auto" else dtype, placement, tokenizer, thinking=thinking,
-            engine=engine, lora_rank=lora_rank,
+            model, revision, training_dtype(dtype, full), placement, tokenizer, thinking=thinking, engine=engine,
+            lora_rank=lora_rank,
         )  # fmt: skip
-        run(handle, records, config, out, monitors, interventions, scorer, None if steps else (epochs or 1.0))
-    if state.is_main_process:
+        run(
+            handle, data, monitor=monitor, monitor_prompts=monitor_prompts, judge=scorer,
+            steer=steering[kinds.index("steer")] if steer else None,
+            ablate=steering[kinds.index("ablate")] if ablate else None, layer=layer, alpha=alpha, scale=scale,
+            variant=variant, epochs=epochs, out=out, report=report and main, **options,
+        )  # fmt: skip
+    if main:
         console.print((out / "summary.md").read_text(), markup=False)
         console.print(f"wrote {out}/checkpoints, monitor.csv, monitor.png, training_curve.png", markup=False)
-        write_run_report(out, report)
+        say_report(out, report)

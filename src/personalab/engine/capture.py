@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from personalab.console import progress_bar
 from personalab.engine.batching import length_sorted_batches, pad_batch
 from personalab.engine.chat import TokenSequence
 from personalab.engine.hooks import hook_residual
@@ -18,7 +19,6 @@ from personalab.engine.layers import check_layers
 from personalab.engine.model import ModelHandle
 from personalab.engine.positions import Positions, select_positions
 from personalab.errors import InvalidInputError, NonFiniteActivationError
-from personalab.report.progress import progress_bar
 
 Reduce = Literal["mean", "gather"]
 

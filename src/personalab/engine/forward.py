@@ -11,11 +11,11 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from personalab.console import progress_bar
 from personalab.engine.batching import PaddedBatch, length_sorted_batches, pad_batch
 from personalab.engine.chat import TokenSequence
 from personalab.engine.hooks import hook_residual
 from personalab.engine.model import ModelHandle, unwrap
-from personalab.report.progress import progress_bar
 
 
 def logits_fn(handle: ModelHandle):

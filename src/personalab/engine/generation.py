@@ -30,12 +30,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from personalab.console import progress_bar
 from personalab.engine.batching import length_sorted_batches, pad_batch
 from personalab.engine.chat import TokenSequence
 from personalab.engine.interventions import Ablate, Clamp, Spec, Steer, batch_interventions, intervene, spec_of
 from personalab.engine.interventions import structure as specs_structure
 from personalab.engine.model import ModelHandle, unwrap
-from personalab.report.progress import progress_bar
 from personalab.store import Store, content_key
 
 HF = "hf"

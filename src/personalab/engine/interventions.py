@@ -5,16 +5,11 @@ output of block ``l - 1`` (the input of block 0 for ``l = 0``, the normed output
 ``hidden_states[n_blocks]``, for ``l = n_blocks``), the tensor ``capture`` reads there. Use them inside
 ``intervene``, a context manager that removes its hooks on exit, also on exceptions::
 
-    with intervene(handle, Steer(layer=12, vector=v, alpha=4.0, positions="response")):
+    with intervene(handle, Steer(layer=12, vector=v, alpha=4.0, positions="generating")):
         out = handle.model.generate(**batch)
 
-Positions are counted within each unpadded row, as in ``personalab.engine.positions``:
-
-* ``"all"``: every real token (padding is never touched);
-* ``"prompt"``: indices ``< prompt_len``;
-* ``"response"``: the last prompt token and every token after it (the positions whose
-  outputs produce the answer, as in the public persona-vectors steerer);
-* ``"generated"``: indices ``>= prompt_len``.
+Positions are the names of ``personalab.engine.positions`` (``all``, ``prompt``, ``response``,
+``last_prompt``, ``generating``), counted within each unpadded row; padding is never touched.
 
 ``prompt_len`` per row is taken from ``prompt_lengths`` when given (needed for a
 teacher-forced forward over prompt + response); otherwise it is the number of real
@@ -26,17 +21,14 @@ right padding are both handled through the attention mask.
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from personalab.engine.hooks import CallInfo, hook_call, hook_residual
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.model import ModelHandle
+from personalab.engine.positions import PositionName, check_name, named_mask
 from personalab.errors import InvalidInputError
-
-InterventionPositions = Literal["all", "prompt", "response", "generated"]
-_MODES = ("all", "prompt", "response", "generated")
 
 
 class CallPositions:
@@ -79,23 +71,12 @@ class CallPositions:
         """Bool ``[batch, length]`` of the positions selected by ``mode``."""
         key = (mode, device)
         if key not in self._masks:
-            p = self.prompt_len.unsqueeze(1)
-            chosen = {
-                "all": self.real,
-                "prompt": self.real & (self.index < p),
-                "response": self.real & (self.index >= p - 1),
-                "generated": self.real & (self.index >= p),
-            }[mode]
+            chosen = self.real & named_mask(mode, self.index, self.prompt_len.unsqueeze(1))
             self._masks[key] = chosen.to(device)
         return self._masks[key]
 
 
 Apply = Callable[[torch.Tensor, CallPositions], torch.Tensor]
-
-
-def _check_mode(positions: str) -> None:
-    if positions not in _MODES:
-        raise InvalidInputError(f"unknown positions {positions!r}; use one of {', '.join(_MODES)}")
 
 
 class _RowValues:
@@ -156,10 +137,10 @@ class Steer:
     layer: int
     vector: torch.Tensor
     alpha: float | Sequence[float] | torch.Tensor = 1.0
-    positions: InterventionPositions = "all"
+    positions: PositionName = "all"
 
     def prepare(self, handle: ModelHandle) -> Apply:
-        _check_mode(self.positions)
+        check_name(self.positions)
         v = _OnDevice(check_vector(self.vector, self.layer, handle.n_blocks, handle.hidden_size).float())
         alpha = _RowValues(self.alpha, "alpha")
 
@@ -176,7 +157,7 @@ class Ablate:
 
     layer: int
     direction: torch.Tensor
-    positions: InterventionPositions = "all"
+    positions: PositionName = "all"
 
     def prepare(self, handle: ModelHandle) -> Apply:
         return Clamp(self.layer, self.direction, 0.0, self.positions).prepare(handle)
@@ -192,10 +173,10 @@ class Clamp:
     layer: int
     direction: torch.Tensor
     value: float | Sequence[float] | torch.Tensor
-    positions: InterventionPositions = "all"
+    positions: PositionName = "all"
 
     def prepare(self, handle: ModelHandle) -> Apply:
-        _check_mode(self.positions)
+        check_name(self.positions)
         u = _OnDevice(_unit(self.direction, self.layer, handle))
         target = _RowValues(self.value, "value")
 
@@ -311,7 +292,7 @@ def steer(
     vector: torch.Tensor,
     layers: int | Sequence[int],
     alpha: float | Sequence[float] | torch.Tensor = 1.0,
-    positions: InterventionPositions = "all",
+    positions: PositionName = "all",
     prompt_lengths: Sequence[int] | torch.Tensor | None = None,
 ):
     """Shorthand for ``intervene`` with one ``Steer`` per layer of ``layers``."""

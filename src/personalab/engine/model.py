@@ -202,6 +202,21 @@ class ModelHandle:
         ``personalab.engine.chat.encode_chat``."""
         return encode_chat(self.tokenizer, self.chat, system, user, assistant, self.end_of_turn if end else ())
 
+    def generate_text(
+        self,
+        prompt: str,
+        system: str | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> str:
+        """The answer to one chat turn (``encode``), greedy by default, under whatever interventions are active
+        (``PersonaVector.steer``); the sampling parameters are these alone (``engine.generation.sample``)."""
+        from personalab.engine.generation import SamplingParams, sample
+
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+        return sample(self, [self.encode(system, prompt)], params, seed)[0].text
+
     def encode_system(self, text: str) -> TokenSequence:
         """``text`` alone as the system message with the generation prompt (``personalab.engine.chat``)."""
         return encode_system(self.tokenizer, self.chat, text)
@@ -235,16 +250,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype | str:
     if resolved is None:
         raise InvalidInputError(f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16")
     if resolved == torch.float16 and device == "cpu":
-        raise InvalidInputError("float16 is not supported on CPU; use --dtype bfloat16 or float32")
+        raise InvalidInputError("float16 is not supported on CPU; set `dtype` to bfloat16 or float32")
     return resolved
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 """Files of which a folder holding a tokenizer has at least one."""
 
-_TOKENIZER_HINT = (
-    "pass --tokenizer NAME_OR_PATH (tokenizer= in Python): the base model's hub name or a folder with its tokenizer"
-)
+_TOKENIZER_HINT = "pass `tokenizer`: the base model's hub name or a folder with its tokenizer"
 
 
 class MissingTokenizerError(PersonalabError):

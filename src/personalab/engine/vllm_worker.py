@@ -12,9 +12,9 @@ belongs to and its position in that request's sequence (computed tokens plus its
 per-token coefficients for every (layer, kind, vector); hooks on the decoder layers apply them during that step's
 forward only. Layers follow ``personalab.engine.layers``: layer ``0`` is the input of block 0, ``1 <= l <
 n_blocks`` the output of block ``l - 1`` (vLLM's layers return ``(hidden, residual)``, whose sum is the residual
-stream), ``n_blocks`` the output of the final norm. Positions: ``all``, ``prompt`` (``< prompt_len``),
-``response`` (``>= prompt_len - 1``), ``generated`` (``>= prompt_len``), as in a Hugging Face ``generate`` with a
-KV cache. This module imports only torch and numpy, so vLLM's spawned workers import it without side effects.
+stream), ``n_blocks`` the output of the final norm. Positions are the names of
+``personalab.engine.positions``, as in a Hugging Face ``generate`` with a KV cache. This module imports only torch,
+numpy and that module, so vLLM's spawned workers import it without side effects.
 """
 
 from types import MethodType
@@ -22,19 +22,9 @@ from types import MethodType
 import numpy as np
 import torch
 
+from personalab.engine.positions import named_mask
+
 KEY = "personalab"
-
-
-def _selected(mode: str, positions: np.ndarray, prompt_len: int) -> np.ndarray:
-    if mode == "all":
-        return np.ones_like(positions, dtype=bool)
-    if mode == "prompt":
-        return positions < prompt_len
-    if mode == "response":
-        return positions >= prompt_len - 1
-    if mode == "generated":
-        return positions >= prompt_len
-    raise ValueError(f"unknown positions {mode!r}")
 
 
 def _stream(output) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -105,7 +95,7 @@ class SteeringWorker:
             positions = batch.num_computed_tokens_cpu[i] + np.arange(counts[i])
             prompt_len = int(batch.num_prompt_tokens[i])
             for kind, layer, vector, value, mode in specs:
-                chosen = _selected(mode, positions, prompt_len)
+                chosen = named_mask(mode, positions, prompt_len)
                 group = plan.setdefault(int(layer), {})
                 if (kind, vector) not in group:
                     group[(kind, vector)] = (np.zeros(starts[-1], np.float32), np.zeros(starts[-1], bool))

@@ -2,8 +2,8 @@
 
 from collections.abc import Sequence
 
+from personalab.console import progress_bar
 from personalab.judging.judges import Judge
-from personalab.report.progress import progress_bar
 from personalab.store import Store, content_key
 
 

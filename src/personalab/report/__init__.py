@@ -1,4 +1,9 @@
-"""What studies write next to their results: figures, statistics, progress bars and run-folder files.
+"""The run report: one self-contained HTML page of one or several run folders (``personalab report``).
 
-The report wing imports nothing from the engine, judging, studies or the command line.
+Reads run folders only (their files and stores), never a model; ``write_report`` is what every
+run command calls at its end.
 """
+
+from personalab.report.page import REPORT, build_page, write_report
+
+__all__ = ["REPORT", "build_page", "write_report"]

@@ -54,11 +54,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
+from personalab.console import say
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.model import KNOWN_BLOCK_PATHS, ModelHandle, unwrap
 from personalab.engine.scale import Scale, scaled_vector
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
-from personalab.report.progress import say
 from personalab.runfolder import claim, model_settings
 from personalab.traits import calibration_prompts
 from personalab.vectors import vector_sha256

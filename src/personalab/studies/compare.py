@@ -10,25 +10,25 @@ Bonferroni-corrected over all the comparisons of the table.
 """
 
 from collections.abc import Callable, Sequence
-from contextlib import closing
 from pathlib import Path
 
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
+from personalab.console import say
 from personalab.engine.checkpoints import trained_parameters
 from personalab.engine.generation import SamplingParams
 from personalab.engine.interventions import Steer
 from personalab.engine.model import ModelHandle
-from personalab.engine.scale import Scale, scaled_vector
+from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
+from personalab.figures.plots import plot_score_bars, short_name
+from personalab.figures.tables import write_csv
 from personalab.judging.judges import Judge
 from personalab.judging.scorecard import scored_answers, summary
-from personalab.report.plots import plot_score_bars, short_name
-from personalab.report.progress import say
-from personalab.report.stats import paired_test
-from personalab.report.tables import write_csv
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
+from personalab.studies.stats import paired_test
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts
 from personalab.vectors import vector_sha256
 
@@ -83,20 +83,27 @@ def _markdown(table: pd.DataFrame, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+class CompareConfig(BaseModel):
+    """Settings of ``compare``: the steered reference and how each model is sampled and tested."""
+
+    model_config = ConfigDict(extra="forbid")
+    layer: int
+    alpha: float
+    scale: Scale = DEFAULT_SCALE
+    samples: int = Field(5, ge=1)
+    sampling: SamplingParams = SamplingParams()
+    n_resamples: int = Field(10_000, ge=100)
+
+
 def run_compare(
     base: ModelHandle,
     vector: torch.Tensor,
-    layer: int,
-    alpha: float,
     trait: Trait,
     judge: Judge,
     trained: Sequence[tuple[Path, Callable[[], ModelHandle]]],
     out: str | Path,
-    samples: int,
-    params: SamplingParams,
-    scale: Scale = "raw",
+    config: CompareConfig,
     progress: bool = True,
-    n_resamples: int = 10_000,
 ) -> pd.DataFrame:
     """Score base, steered and each trained model (loaded one at a time from ``(folder, load)``).
 
@@ -106,6 +113,8 @@ def run_compare(
     judged answer), ``compare.png`` (bars with one std) and ``meta.json``. Returns the table.
     """
     out = Path(out)
+    layer, alpha, scale, samples = config.layer, config.alpha, config.scale, config.samples
+    params, n_resamples = config.sampling, config.n_resamples
     settings = {
         **model_settings(base),
         "vector_sha256": vector_sha256(vector),
@@ -123,13 +132,13 @@ def run_compare(
     steered = f"steered layer {layer} alpha {alpha:g}" + ("" if scale == "raw" else f" ({scale})")
     answers: dict[str, pd.DataFrame] = {}
     trainable = {"base": 0, steered: 0}
-    with closing(Store(out / "generations.sqlite")) as store:
+    with Store(out / "generations.sqlite") as store:
 
         def card(handle, label, interventions=()):
             return scored_answers(handle, trait, judge, store, label, samples, params, interventions, progress)
 
         answers["base"] = card(base, "base")
-        answers[steered] = card(base, steered, (Steer(layer, scaled.vector, alpha, "response"),))
+        answers[steered] = card(base, steered, (Steer(layer, scaled.vector, alpha, "generating"),))
         for folder, load in trained:
             label = str(folder)
             answers[label] = card(load(), f"distilled {folder}")

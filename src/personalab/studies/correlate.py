@@ -9,23 +9,23 @@ interval over the models (10,000 resamples, seeded).
 """
 
 from collections.abc import Callable, Sequence
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
+from personalab.console import say
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import SamplingParams, release
 from personalab.engine.layers import CONVENTION, check_vector
 from personalab.engine.model import ModelHandle, free_memory
+from personalab.figures.plots import short_name
+from personalab.figures.tables import markdown_table, write_csv
 from personalab.judging.judges import Judge
 from personalab.judging.scorecard import scored_answers, summary
-from personalab.report.plots import short_name
-from personalab.report.progress import say
-from personalab.report.tables import markdown_table, write_csv
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.traits import Trait
@@ -67,23 +67,31 @@ def _measure(handle: ModelHandle, trait: Trait, vector, layer: int, judge, store
     return {"last_prompt": float(last.mean()), "response_mean": float(response.mean()), **summary(answers)}
 
 
+class CorrelateConfig(BaseModel):
+    """Settings of ``correlate``: the layer of the projections and how each model's answers are sampled."""
+
+    model_config = ConfigDict(extra="forbid")
+    layer: int
+    samples: int = Field(5, ge=1)
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    """Seed of the bootstrap interval."""
+
+
 def run_correlate(
     base: Callable[[], ModelHandle],
     tuned: Sequence[tuple[str, Callable[[], ModelHandle]]],
     vector: torch.Tensor,
-    layer: int,
     trait: Trait,
     judge: Judge,
     out: str | Path,
-    samples: int = 5,
-    params: SamplingParams | None = None,
-    seed: int = 0,
+    config: CorrelateConfig,
 ) -> pd.DataFrame:
     """Tabulate and plot shift against trait for each ``(name, load)`` of ``tuned`` (one model in memory at a time)."""
     out = Path(out)
-    params = params or SamplingParams(temperature=1.0, max_new_tokens=256, seed=seed)
+    layer, samples, params, seed = config.layer, config.samples, config.sampling, config.seed
     rows, run = [], None
-    with closing(Store(out / "generations.sqlite")) as store:
+    with Store(out / "generations.sqlite") as store:
         for name, load in [("base", base), *tuned]:
             handle = load()
             if run is None:

@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from pydantic import Field
 
+from personalab.console import say
 from personalab.engine.batching import PaddedBatch, pad_batch
 from personalab.engine.chat import TokenSequence
 from personalab.engine.forward import final_hidden, logits_fn, response_mask
@@ -39,9 +40,8 @@ from personalab.engine.model import ModelHandle, with_lora
 from personalab.engine.scale import Scale, scaled_vector
 from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
-from personalab.report.plots import plot_training_curve, short_name
-from personalab.report.progress import say
-from personalab.report.tables import write_csv
+from personalab.figures.plots import plot_training_curve, short_name
+from personalab.figures.tables import write_csv
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store, content_key
 from personalab.traits import calibration_prompts
@@ -97,7 +97,7 @@ def trajectories(
     Each process samples its share of the batches into the shared store; all then read every answer.
     """
     digest = vector_sha256(v)
-    steering = (Steer(config.layer, v, config.alpha, "response"),)
+    steering = (Steer(config.layer, v, config.alpha, "generating"),)
     requests = [
         GenerationRequest(
             prompts[i % len(prompts)],
@@ -148,7 +148,7 @@ class TeacherStudent:
         with (
             torch.no_grad(),
             self.student.disable_adapter() if self.lora else nullcontext(),
-            steer(self.teacher, self.v, self.config.layer, alpha, "response", prompt_lengths=lengths),
+            steer(self.teacher, self.v, self.config.layer, alpha, "generating", prompt_lengths=lengths),
         ):
             return final_hidden(self.teacher, batch)
 
@@ -223,7 +223,7 @@ def distill(
         store.close()
         release(handle)  # training needs the memory an engine of its own holds
     if len(seqs) < 2:
-        raise InvalidInputError(f"only {len(seqs)} non-empty trajectories; raise --trajectories")
+        raise InvalidInputError(f"only {len(seqs)} non-empty trajectories; raise `trajectories`")
     order = list(range(len(seqs)))
     random.Random(config.seed).shuffle(order)
     n_held = max(1, round(len(seqs) * config.held_out))

@@ -23,9 +23,9 @@ from personalab.engine.generation import GenerationRequest, SamplingParams, gene
 from personalab.engine.layers import CONVENTION
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
+from personalab.figures.plots import plot_layer_norms, short_name
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
-from personalab.report.plots import plot_layer_norms, short_name
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.traits import RUN_TRAIT, Trait, coherence_rubric
@@ -296,7 +296,7 @@ def run_extraction(
         reasons = ", ".join(f"{k}: {v}" for k, v in counts["rejected"].items() if v)
         raise FilterError(
             f"only {counts['kept']} of {counts['pairs']} pairs passed the filter (need {config.min_pairs}; "
-            f"rejected {reasons}); raise samples, lower min_pairs or the thresholds, or check the judge"
+            f"rejected {reasons}); raise `samples`, lower `min_pairs` or the thresholds, or check the judge"
         )
     vectors = compute_vectors(handle, report.kept, config.batch_size, progress)
     meta = _meta(handle, trait, judge, config, counts, vectors)

@@ -23,7 +23,7 @@ exactly as an uninterrupted run.
 """
 
 import math
-from contextlib import closing, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from personalab.console import say
 from personalab.engine.batching import pad_batch
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
@@ -43,12 +44,11 @@ from personalab.engine.model import ModelHandle, with_lora
 from personalab.engine.scale import Scale, scaled_vector
 from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
+from personalab.figures.plots import Panel, plot_over_training, plot_training_curve, short_name
+from personalab.figures.tables import write_csv
 from personalab.judging.judges import Judge
 from personalab.judging.scorecard import scored_answers, summary
 from personalab.records import Record, data_file
-from personalab.report.plots import Panel, plot_over_training, plot_training_curve, short_name
-from personalab.report.progress import say
-from personalab.report.tables import write_csv
 from personalab.runfolder import RunFolder, claim, model_settings
 from personalab.store import Store, content_key
 from personalab.traits import Trait, calibration_prompts
@@ -80,7 +80,7 @@ class Monitored:
 
 
 @dataclass
-class Intervention:
+class TrainingIntervention:
     """A training-only intervention: ``kind`` is ``steer`` or ``ablate``."""
 
     kind: str
@@ -122,7 +122,11 @@ def training_sequences(handle: ModelHandle, records: list[Record], max_length: i
 
 
 def check(
-    n_blocks: int, hidden: int, config: FinetuneConfig, monitors: list[Monitored], interventions: list[Intervention]
+    n_blocks: int,
+    hidden: int,
+    config: FinetuneConfig,
+    monitors: list[Monitored],
+    interventions: list[TrainingIntervention],
 ) -> None:
     """One-line errors before training (and before loading the model): layers, vector widths, conflicting
     interventions."""
@@ -134,7 +138,7 @@ def check(
                 f"monitor vector {monitored.name} has width {monitored.direction.shape[-1]} but the model has "
                 f"{hidden}; use a vector extracted from this model"
             )
-    layers: dict[int, Intervention] = {}
+    layers: dict[int, TrainingIntervention] = {}
     for iv in interventions:
         check_layers(iv.layer, n_blocks)
         check_vector(iv.vector, iv.layer, n_blocks, hidden)
@@ -189,7 +193,7 @@ def finetune(
     config: FinetuneConfig,
     out: str | Path,
     monitors: list[Monitored] = (),
-    interventions: list[Intervention] = (),
+    interventions: list[TrainingIntervention] = (),
     judge: Judge | None = None,
     epochs: float | None = None,
     progress: bool = True,
@@ -310,7 +314,7 @@ def _judged(handle, monitors, judge, out: Path, step: int, config: FinetuneConfi
         return []
     rows = []
     params = SamplingParams(temperature=0.0, max_new_tokens=config.monitor_tokens)
-    with closing(Store(out / "generations.sqlite")) as store:
+    with Store(out / "generations.sqlite") as store:
         for monitored in monitors:
             if monitored.trait is None:
                 continue

@@ -19,72 +19,16 @@ from pathlib import Path
 import torch
 
 from personalab.engine.capture import capture
-from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
-from personalab.engine.layers import check_layers, check_vector
+from personalab.engine.layers import check_vector
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
+from personalab.figures.plots import plot_histogram
+from personalab.persona import response_projections, unit_direction
 from personalab.records import Record
-from personalab.report.plots import plot_histogram
 from personalab.store import Store
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=128)
-
-
-def unit_direction(vector: torch.Tensor, layer: int, handle: ModelHandle) -> torch.Tensor:
-    """The float32 unit direction ``[hidden]`` at ``layer`` of a ``[hidden]`` or ``[n_blocks + 1, hidden]`` vector."""
-    check_layers(layer, handle.n_blocks)
-    direction = check_vector(vector, layer, handle.n_blocks, handle.hidden_size).detach().float().cpu()
-    norm = direction.norm()
-    if norm == 0:
-        raise InvalidInputError(f"the vector is zero at layer {layer}; choose another layer or re-extract it")
-    return direction / norm
-
-
-def _response_projections(
-    handle: ModelHandle,
-    seqs: Sequence[TokenSequence],
-    unit: torch.Tensor,
-    layer: int,
-    batch_size: int,
-    progress: bool,
-    label: str,
-) -> list[float | None]:
-    """``response_mean`` projection per sequence; ``None`` where the response has no tokens."""
-    rows = [i for i, seq in enumerate(seqs) if seq.response_len > 0]
-    out: list[float | None] = [None] * len(seqs)
-    if rows:
-        acts = capture(
-            handle, [seqs[i] for i in rows], [layer], "response", batch_size=batch_size, progress=progress, label=label
-        )
-        for i, value in zip(rows, (acts[:, 0] @ unit).tolist(), strict=True):
-            out[i] = value
-    return out
-
-
-def project_records(
-    handle: ModelHandle,
-    records: Sequence[Record],
-    vector: torch.Tensor,
-    layer: int,
-    batch_size: int = 16,
-    progress: bool = False,
-) -> list[dict]:
-    """Per record ``{"layer", "last_prompt", "response_mean"}`` (see the module docstring), in input order.
-
-    ``response_mean`` is ``None`` when the record has no response or it encodes to no tokens.
-    """
-    unit = unit_direction(vector, layer, handle)
-    if not records:
-        return []
-    prompts = [handle.encode(r.system, r.prompt) for r in records]
-    last = capture(handle, prompts, [layer], "last_prompt", batch_size=batch_size, progress=progress, label="prompts")
-    full = [handle.encode(r.system, r.prompt, r.response) for r in records]
-    means = _response_projections(handle, full, unit, layer, batch_size, progress, "responses")
-    return [
-        {"layer": layer, "last_prompt": p, "response_mean": m}
-        for p, m in zip((last[:, 0] @ unit).tolist(), means, strict=True)
-    ]
 
 
 def _write_jsonl(path: Path, objects: Sequence[dict]) -> Path:
@@ -124,7 +68,7 @@ def projection_shift(
     kept = [i for i, seq in enumerate(dataset_seqs) if seq.response_len > 0]
     if not kept:
         return []
-    dataset = _response_projections(
+    dataset = response_projections(
         handle, [dataset_seqs[i] for i in kept], unit, layer, batch_size, progress, "dataset responses"
     )
     requests = [
@@ -136,7 +80,7 @@ def projection_shift(
     ]
     answers = generate_cached(handle, store, requests, params, batch_size, progress)
     own_seqs = [handle.encode(records[i].system, records[i].prompt, a) for i, a in zip(kept, answers, strict=True)]
-    own = _response_projections(handle, own_seqs, unit, layer, batch_size, progress, "own answers")
+    own = response_projections(handle, own_seqs, unit, layer, batch_size, progress, "own answers")
     return [
         {"index": i, "shift": None if o is None else d - o, "dataset": d, "own": o, "own_response": a}
         for i, d, o, a in zip(kept, dataset, own, answers, strict=True)

@@ -15,21 +15,23 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from personalab.console import say
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
-from personalab.engine.interventions import InterventionPositions, Steer
+from personalab.engine.interventions import Steer
 from personalab.engine.layers import check_layers
 from personalab.engine.model import ModelHandle
-from personalab.engine.scale import Scale, ScaledVector, scale_vectors
+from personalab.engine.positions import PositionName
+from personalab.engine.scale import DEFAULT_SCALE, Scale, ScaledVector, scale_vectors
+from personalab.errors import InvalidInputError
+from personalab.figures.plots import plot_heatmap, plot_sweep_curves, short_name
+from personalab.figures.tables import write_csv
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
-from personalab.report.plots import plot_heatmap, plot_sweep_curves, short_name
-from personalab.report.progress import say
-from personalab.report.stats import paired_test
-from personalab.report.tables import write_csv
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
+from personalab.studies.stats import paired_test
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts, coherence_rubric
 from personalab.traits.elicitation import continues, evaluation_prompt
 from personalab.vectors import vector_sha256
@@ -43,13 +45,23 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     layers: list[int] = Field(min_length=1)
-    alphas: list[float] = Field(min_length=1)
+    alphas: list[float] = Field(list(DEFAULT_ALPHAS), min_length=1)
     samples: int = Field(10, ge=1)
     sampling: SamplingParams = SamplingParams()
-    scale: Scale = "raw"
-    positions: InterventionPositions = "response"
+    scale: Scale | None = None
+    """``None``: normalised for the default grid, ``DEFAULT_SCALE`` for alphas given."""
+    positions: PositionName = "generating"
     batch_size: int = Field(16, ge=1)
     n_resamples: int = Field(10_000, ge=100)
+
+    @model_validator(mode="after")
+    def _scale(self) -> "SweepConfig":
+        given = "alphas" in self.model_fields_set
+        if self.scale is None:
+            self.scale = DEFAULT_SCALE if given else "normalised"
+        elif self.scale == "raw" and not given:
+            raise InvalidInputError("the default alphas are in normalised units; give `alphas` for `scale` raw")
+        return self
 
 
 def _answers(

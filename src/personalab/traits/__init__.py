@@ -49,7 +49,7 @@ def load_public_trait(root: str | Path, name: str) -> Trait:
     parts = {}
     for split in ("extract", "eval"):
         path = root / f"trait_data_{split}" / f"{name}.json"
-        parts[split] = read_json(path, f"{path} does not exist; point --trait-dir at a persona-vectors data folder")
+        parts[split] = read_json(path, f"{path} does not exist; point `trait_dir` at a persona-vectors data folder")
         missing = {"instruction", "questions", "eval_prompt"} - set(parts[split])
         if missing:
             raise InvalidInputError(f"{path}: field {sorted(missing)[0]!r} is missing")
@@ -94,7 +94,7 @@ def load_trait(spec: str, trait_dir: str | Path | None = None) -> Trait:
         return load_trait_file(spec)
     raise InvalidInputError(
         f"unknown trait {spec!r}; use a built-in trait ({', '.join(builtin_traits())}), a base-model strategy "
-        f"({', '.join(builtin_strategies())}), a trait JSON file, or --trait-dir for the persona-vectors layout"
+        f"({', '.join(builtin_strategies())}), a trait JSON file, or `trait_dir` for the persona-vectors layout"
     )
 
 

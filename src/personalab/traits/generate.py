@@ -53,7 +53,7 @@ def _ask(client, model: str, messages: list[dict]) -> str:
         reason = " ".join(str(exc).split())[:200]
         raise PersonalabError(
             f"the trait writer {model} at {client.base_url} failed: {type(exc).__name__}: {reason}; start the "
-            f"server or pass --base-url (or set PERSONALAB_JUDGE_BASE_URL) and --api-key"
+            f"server or pass `base_url` (or set PERSONALAB_JUDGE_BASE_URL) and `api_key`"
         ) from None
     return reply.choices[0].message.content or ""
 

@@ -1,16 +1,15 @@
 """Persona x task composition ("As X, do Y"): see ``run`` for what is computed, at which layers and
 sites, ``tables`` for the files, ``grids`` and ``markers`` for the data."""
 
-from contextlib import closing
 from pathlib import Path
 
 import pandas as pd
 
+from personalab.console import say
 from personalab.engine.layers import CONVENTION
 from personalab.engine.model import ModelHandle
 from personalab.errors import PersonalabError
-from personalab.report.plots import short_name
-from personalab.report.progress import say
+from personalab.figures.plots import short_name
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.studies.compose import tables
@@ -42,7 +41,7 @@ def run_compose(
     run = claim(out, "compose", settings, extends)
     model = short_name(handle.name)
     results: dict[str, pd.DataFrame] = {}
-    with closing(Store(out / "compose.sqlite")) as store:
+    with Store(out / "compose.sqlite") as store:
         study = Study(handle, grid, config, store, progress)
         prepared, skipped = study.prepare(grid.cells)
         say(

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from personalab.report.plots import Panel, plot_over_training
-from personalab.report.tables import markdown_table, write_csv
+from personalab.figures.plots import Panel, plot_over_training
+from personalab.figures.tables import markdown_table, write_csv
 from personalab.studies.compose.geometry import summary
 from personalab.studies.compose.run import CONDITIONS, MARKER_CONDITIONS, SITES
 

@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalab.console import progress_bar, say
 from personalab.engine.layers import CONVENTION, check_layers
 from personalab.engine.model import ModelHandle
-from personalab.report.plots import plot_embedding, plot_heatmap, plot_pca_pairs, short_name
-from personalab.report.progress import progress_bar, say
-from personalab.report.tables import markdown_table, write_csv
+from personalab.figures.plots import plot_embedding, plot_heatmap, plot_pca_pairs, short_name
+from personalab.figures.tables import markdown_table, write_csv
 from personalab.runfolder import claim, model_settings
 from personalab.store import content_key
 from personalab.studies.localize.activations import ActivationCache
@@ -66,7 +66,7 @@ def check_statements(statements: dict[str, list[Statement]], minimum: int = 2) -
         if min(pos, len(rows) - pos) < minimum:
             raise InvalidInputError(
                 f"persona {persona!r} has {pos} positive and {len(rows) - pos} negative statements; "
-                f"need at least {minimum} of each (lower --min-confidence?)"
+                f"need at least {minimum} of each (lower `min_confidence`?)"
             )
 
 

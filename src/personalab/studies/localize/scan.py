@@ -15,19 +15,18 @@ the union of its runs' nodes, or the nodes found in at least ``min_run_fraction`
 """
 
 import json
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalab.console import progress_bar, say
 from personalab.engine.layers import check_layers
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
-from personalab.report.plots import plot_heatmap, plot_upset, short_name
-from personalab.report.progress import progress_bar, say
-from personalab.report.tables import markdown_table, write_csv
+from personalab.figures.plots import plot_heatmap, plot_upset, short_name
+from personalab.figures.tables import markdown_table, write_csv
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store, content_key
 from personalab.studies.localize.activations import ActivationCache
@@ -58,13 +57,13 @@ def check(statements: dict[str, list[Statement]], config: ScanConfig, n_blocks: 
     """One-line errors before any model work: layer, settings and statement counts."""
     check_layers(config.layer, n_blocks)
     if config.score not in SCORES or config.tail not in TAILS:
-        raise InvalidInputError(f"--score must be one of {', '.join(SCORES)} and --tail one of {', '.join(TAILS)}")
+        raise InvalidInputError(f"`score` must be one of {', '.join(SCORES)} and `tail` one of {', '.join(TAILS)}")
     if config.clean > config.test_clean:
         raise InvalidInputError(
-            f"--clean {config.clean} is more than the clean test pool (--test-clean {config.test_clean})"
+            f"`clean` {config.clean} is more than the clean test pool (`test_clean` {config.test_clean})"
         )
     if config.clean + config.anomalous == 0:
-        raise InvalidInputError("a run needs records; give --clean or --anomalous above 0")
+        raise InvalidInputError("a run needs records; give `clean` or `anomalous` above 0")
     for persona, rows in statements.items():
         neg = sum(not s.positive for s in rows)
         pos = len(rows) - neg
@@ -72,7 +71,7 @@ def check(statements: dict[str, list[Statement]], config: ScanConfig, n_blocks: 
             raise InvalidInputError(
                 f"persona {persona!r} has {neg} negative and {pos} positive statements; a scan needs "
                 f"{config.background} background + {config.test_clean} clean test negatives and {config.anomalous} "
-                f"positives (lower --background, --test-clean or --anomalous)"
+                f"positives (lower `background`, `test_clean` or `anomalous`)"
             )
 
 
@@ -204,7 +203,7 @@ def run_deepscan(
     cache = ActivationCache(activations or out / "activations", handle)
     cache.ensure([s.text for rows in statements.values() for s in rows], config.batch_size, progress)
     runs = {}
-    with closing(Store(out / "scans.sqlite")) as store:
+    with Store(out / "scans.sqlite") as store:
         for persona, rows in statements.items():
             runs[persona] = scan_persona(cache, rows, persona, config, store, progress)
     summary = _summary(runs)

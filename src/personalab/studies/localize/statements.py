@@ -96,7 +96,7 @@ def load_statements(
     with ``label_confidence >= min_confidence`` when given."""
     if not personas:
         raise InvalidInputError(
-            "no persona given; pass --persona NAME (built in: " + ", ".join(builtin_personas()) + ")"
+            "no persona given; pass `persona` NAME (built in: " + ", ".join(builtin_personas()) + ")"
         )
     if statements_file is not None:
         if not statements_file.is_file():

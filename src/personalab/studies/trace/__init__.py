@@ -9,9 +9,9 @@ which layer and positions, ``outputs`` for the files, ``series`` for checkpoint 
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from personalab.console import say
 from personalab.engine.model import ModelHandle
 from personalab.judging.judges import Judge
-from personalab.report.progress import say
 from personalab.runfolder import claim
 from personalab.studies.trace.outputs import write_outputs
 from personalab.studies.trace.run import (

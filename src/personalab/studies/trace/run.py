@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalab.console import say
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached, release
 from personalab.engine.interventions import Steer
 from personalab.engine.model import MissingTokenizerError, ModelHandle, free_memory, load_tokenizer, model_shape
@@ -38,7 +39,6 @@ from personalab.engine.scale import mean_residual_norm
 from personalab.errors import InvalidInputError, PersonalabError
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
-from personalab.report.progress import say
 from personalab.store import Store
 from personalab.studies.extraction import (
     RULES,
@@ -106,7 +106,7 @@ def _strategy(trait: str, strategy: str) -> tuple[str, Trait]:
     if not (STRATEGIES / f"{trait}-{strategy}.json").is_file():
         raise InvalidInputError(
             f"no built-in {strategy!r} strategy for the trait {trait!r}; built in: "
-            f"{', '.join(builtin_strategies())}; or give --strategy FILE.json (a trait in continuation style)"
+            f"{', '.join(builtin_strategies())}; or give `strategy` FILE.json (a trait in continuation style)"
         )
     return strategy, load_trait(f"{trait}-{strategy}")
 
@@ -133,7 +133,7 @@ def build_units(traits: Sequence[str], strategies: Sequence[str]) -> list[Unit]:
             units += [Unit(label, name, t, (t,), steer=False) for name, t in pool if name not in known]
             units.append(Unit(label, "combined", pool[0][1], tuple(t for _, t in pool)))
     if not units:
-        raise InvalidInputError("no trait x strategy to trace; pass --trait and --strategy")
+        raise InvalidInputError("no trait x strategy to trace; pass `trait` and `strategy`")
     return units
 
 
@@ -247,7 +247,7 @@ def steering_scores(
                 "question": questions[qi],
                 "sample": s,
             },
-            () if c == 0 else (Steer(layer, added[names[c]], 1.0, "response"),),
+            () if c == 0 else (Steer(layer, added[names[c]], 1.0, "generating"),),
         )
         for c, qi, s in plan
     ]
@@ -344,8 +344,7 @@ def run_checkpoints(
     failed = []
     with_work = [c for c in checkpoints if pending(out, c, units, config)]
     say(f"{len(checkpoints) - len(with_work)} of {len(checkpoints)} checkpoints already done", progress)
-    store = Store(out / "generations.sqlite")
-    try:
+    with Store(out / "generations.sqlite") as store:
         for index, checkpoint in enumerate(with_work, start=1):
             say(f"[{index}/{len(with_work)}] {checkpoint.label}", progress)
             try:
@@ -360,8 +359,6 @@ def run_checkpoints(
             release(handle)
             del handle
             free_memory()
-    finally:
-        store.close()
     return failed
 
 
@@ -385,7 +382,7 @@ def run_transfer(
     record = json.loads(path.read_text()) if path.is_file() else {"target": target_name, "units": {}}
     if record["target"] != target_name:
         raise InvalidInputError(
-            f"{out} holds transfer results for {record['target']}, not {target_name}; use another --out"
+            f"{out} holds transfer results for {record['target']}, not {target_name}; use another `out`"
         )
     wanted = {unit.name: [c.label for c in checkpoints if _extractable(out, c, unit)] for unit in units if unit.steer}
     missing = {
@@ -457,7 +454,7 @@ def check_series(
             load_tokenizer(checkpoint.source, checkpoint.revision)
         kept.append(checkpoint)
     if not kept:
-        raise InvalidInputError("no checkpoint of the series could be read; check --model and the revisions")
+        raise InvalidInputError("no checkpoint of the series could be read; check `model` and the revisions")
     if target is not None:
         shapes[f"target {target}"] = model_shape(target, None)
     if len(set(shapes.values())) > 1:

@@ -132,7 +132,7 @@ def _ordered(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
     if 0 < len(with_tokens) < len(checkpoints):
         odd = next(c.label for c in checkpoints if c.tokens is None)
         raise InvalidInputError(
-            f"{odd!r} has no training-token count while other checkpoints have one; give --tokens-per-step "
+            f"{odd!r} has no training-token count while other checkpoints have one; give `tokens_per_step` "
             f"or leave it out"
         )
     return sorted(checkpoints, key=lambda c: (c.position, c.label))
@@ -143,7 +143,7 @@ def from_revisions(
 ) -> list[Checkpoint]:
     """Hub revisions of ``model``, ordered by training tokens (named series) or step (``tokens_per_step``)."""
     if not revisions:
-        raise InvalidInputError("no revisions given; pass --series, --revisions or --checkpoints")
+        raise InvalidInputError("no revisions given; pass `series`, `revisions` or `checkpoints`")
     named = SERIES.get(series) if series else None
     if series and named is None:
         raise InvalidInputError(f"unknown series {series!r}; use one of {', '.join(SERIES)}")

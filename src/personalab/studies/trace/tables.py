@@ -2,7 +2,7 @@
 
 A steered condition is compared with coefficient 0 on the same model question by question:
 ``delta_trait`` and ``delta_coherence`` are mean differences over questions, ``p_raw`` the
-exact two-sided sign-flip p-value (``personalab.report.stats``; exact up to 20 questions),
+exact two-sided sign-flip p-value (``personalab.studies.stats``; exact up to 20 questions),
 ``p_greater`` its one-sided version, ``p_sign`` the sign test, ``p_coherence`` the sign-flip
 test on coherence. ``p_bonferroni`` multiplies ``p_raw`` by the number of real-vector tests
 of the same trait in the table ("Bonferroni within trait"). A checkpoint is significant when
@@ -14,7 +14,7 @@ import math
 
 import pandas as pd
 
-from personalab.report.stats import paired_test, sign_flip_test
+from personalab.studies.stats import paired_test, sign_flip_test
 from personalab.studies.trace.series import Bins, Checkpoint
 
 ALPHA = 0.05

@@ -1,4 +1,4 @@
-"""Progress bars for long work (rich), silenced with ``enabled=False``."""
+"""Progress bars and one-line status messages for long work (rich), silenced with ``enabled=False``."""
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager

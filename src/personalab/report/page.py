@@ -15,8 +15,8 @@ from markdown_it import MarkdownIt
 from markupsafe import Markup
 
 from personalab.errors import InvalidInputError
-from personalab.runpage.answers import extraction_pairs, stored_answers
-from personalab.runpage.folders import RunFolder, read_run
+from personalab.report.answers import extraction_pairs, stored_answers
+from personalab.report.folders import RunFolder, read_run
 
 REPORT = "report.html"
 """The report a run command writes into its run folder."""
@@ -101,7 +101,7 @@ def build_page(folders: list[str | Path]) -> tuple[str, list[RunFolder]]:
     that is not a run is listed with why)."""
     runs = [read_run(folder) for folder in folders]
     data = [_run_data(run) for run in runs]
-    env = Environment(loader=PackageLoader("personalab.runpage"), autoescape=select_autoescape(default=True))
+    env = Environment(loader=PackageLoader("personalab.report"), autoescape=select_autoescape(default=True))
     documents = [_documents(run) for run in runs]
     views = [
         {

@@ -1,0 +1,170 @@
+"""What every study function of the Python API shares: its inputs, its options, its run folder and its result.
+
+A study function takes the study's options as keyword arguments; ``configured`` builds them into the study's
+pydantic config, so the config's fields hold the one set of defaults (the command line's options take the
+same values, checked by the tests). Sampling options (``temperature``, ``top_p``, ``max_new_tokens``,
+``repetition_penalty``, ``seed``...) go into the config's ``sampling``. ``out=None`` runs in a temporary
+folder that is removed afterwards: the result keeps its tables and metadata in memory, not its figures.
+"""
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+
+from personalab.engine.generation import SamplingParams
+from personalab.engine.model import ModelHandle, load_model
+from personalab.errors import InvalidInputError
+from personalab.judging.judges import Judge, judge_from_spec
+from personalab.persona import PersonaVector, as_vector
+from personalab.traits import Trait, load_trait
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Config = TypeVar("Config", bound=BaseModel)
+SAMPLING = tuple(SamplingParams.model_fields)
+
+
+def as_model(model: "ModelHandle | str") -> ModelHandle:
+    """A loaded model, or ``load_model`` of a hub name, local folder or run folder."""
+    return model if isinstance(model, ModelHandle) else load_model(str(model))
+
+
+def judge(spec: "Judge | str", timeout: float = 120.0) -> Judge:
+    """A judge: ``"api:MODEL"`` (an OpenAI-compatible server, ``timeout`` seconds per request), ``"local:MODEL"``,
+    or any object with the ``Judge`` protocol (``name`` and ``score(question, answer, rubric)``), checked with one
+    request before any work."""
+    chosen = judge_from_spec(spec, timeout=timeout) if isinstance(spec, str) else spec
+    if not callable(getattr(chosen, "score", None)) or not isinstance(getattr(chosen, "name", None), str):
+        raise InvalidInputError(f"{chosen!r} is not a judge: it needs a name and score(question, answer, rubric)")
+    check = getattr(chosen, "check", None)
+    if callable(check):
+        check()
+    return chosen
+
+
+def as_judge(value: "Judge | str") -> Judge:
+    """``judge(value)`` for a spec, ``value`` itself for a judge object (the caller checked it)."""
+    return judge(value) if isinstance(value, str) else value
+
+
+def as_trait(
+    trait: "Trait | str | None", vector: "PersonaVector | None" = None, trait_dir: "str | Path | None" = None
+) -> Trait:
+    """``trait`` (a ``Trait``, a built-in name, a trait file or a name in ``trait_dir``), else the vector's trait."""
+    if isinstance(trait, Trait):
+        return trait
+    if trait is not None:
+        return load_trait(trait, trait_dir)
+    if vector is not None and vector.trait is not None:
+        return vector.trait
+    raise InvalidInputError("the vector keeps no trait; pass trait=NAME or trait=FILE")
+
+
+def vector_of(value: "PersonaVector | str | Path | Any", variant: str) -> tuple[PersonaVector, Any]:
+    """The ``PersonaVector`` of ``value`` and its ``variant`` tensor ``[n_blocks + 1, hidden]``."""
+    vector = as_vector(value)
+    return vector, vector.tensor(variant)
+
+
+def configured(kind: type[Config], options: Mapping[str, Any], **fixed: Any) -> Config:
+    """``kind`` from keyword ``options`` and ``fixed`` values; sampling options go into ``kind``'s ``sampling`` (from
+    its default). An unknown option is a one-line error naming the valid ones."""
+    fields = kind.model_fields
+    values = {**options, **fixed}
+    sampling = {k: values.pop(k) for k in list(values) if k in SAMPLING and k not in fields}
+    unknown = sorted(set(values) - set(fields))
+    if unknown or (sampling and "sampling" not in fields):
+        wrong = unknown[0] if unknown else next(iter(sampling))
+        valid = sorted((set(fields) - {"sampling"}) | (set(SAMPLING) if "sampling" in fields else set()))
+        raise InvalidInputError(f"unknown option {wrong!r}; the options are {', '.join(valid)}")
+    if sampling:
+        base = values.get("sampling") or fields["sampling"].get_default(call_default_factory=True)
+        values["sampling"] = type(base).model_validate(base.model_dump() | sampling)
+    return kind(**values)
+
+
+def option_defaults(kind: type[BaseModel]) -> dict[str, Any]:
+    """Every option of ``kind`` with its default, sampling options flattened (required ones left out)."""
+    out: dict[str, Any] = {}
+    for name, info in kind.model_fields.items():
+        if info.is_required():
+            continue
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, SamplingParams):
+            out.update(default.model_dump())
+        else:
+            out[name] = default
+    return out
+
+
+def default_out(prefix: str, trait: str, model: str) -> Path:
+    """The command line's run folder when ``--out`` is not given: ``runs/{prefix}{trait}-{model's last part}``."""
+    return Path("runs") / f"{prefix}{trait}-{Path(model.rstrip('/')).name}"
+
+
+@contextmanager
+def run_folder(out: "str | Path | None") -> Iterator[tuple[Path, bool]]:
+    """``(folder, kept)``: ``out`` itself, or a temporary folder removed when the block ends."""
+    if out is not None:
+        yield Path(out), True
+        return
+    with TemporaryDirectory(prefix="personalab-") as tmp:
+        yield Path(tmp) / "run", False
+
+
+def write_run_report(folder: Path, enabled: bool = True) -> Path | None:
+    """``folder/report.html`` (``personalab report``) when ``enabled``; ``None`` when not written. The run's results
+    are already on disk, so a report that cannot be written is returned as ``None``, not raised."""
+    if not enabled:
+        return None
+    from personalab.report import REPORT, write_report
+
+    try:
+        write_report([folder], folder / REPORT)
+    except OSError:
+        return None
+    return folder / REPORT
+
+
+@dataclass
+class StudyResult:
+    """What a study function returns: its tables (by file stem, e.g. ``"sweep"`` for ``sweep.csv``), its figures'
+    paths, its ``meta.json`` and its run folder (``None`` for ``out=None``, which keeps no figures)."""
+
+    tables: "dict[str, pd.DataFrame]" = field(default_factory=dict)
+    figures: dict[str, Path] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    folder: Path | None = None
+    report: Path | None = None
+
+    @property
+    def table(self) -> "pd.DataFrame":
+        """The study's main table (the first in ``tables``)."""
+        if not self.tables:
+            raise InvalidInputError("this study wrote no table")
+        return next(iter(self.tables.values()))
+
+    def _repr_html_(self) -> str:
+        return self.table._repr_html_() if self.tables else repr(self)
+
+
+def collect(folder: Path, kept: bool, tables: "list[str] | None" = None, report: Path | None = None) -> StudyResult:
+    """The ``StudyResult`` of a finished run folder: its CSV tables (``tables`` in that order first, else every
+    CSV), its PNG figures when the folder is kept, and its ``meta.json``."""
+    import json
+
+    import pandas as pd
+
+    from personalab.runfolder import META
+
+    names = list(tables or []) + sorted(p.stem for p in folder.glob("*.csv") if p.stem not in (tables or []))
+    frames = {name: pd.read_csv(folder / f"{name}.csv") for name in names if (folder / f"{name}.csv").is_file()}
+    figures = {p.stem: p for p in sorted(folder.glob("*.png"))} if kept else {}
+    meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
+    return StudyResult(frames, figures, meta, folder if kept else None, report if kept else None)

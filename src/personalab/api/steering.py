@@ -1,0 +1,48 @@
+"""Study functions that steer generation: ``sweep``."""
+
+from pathlib import Path
+from typing import Any
+
+from personalab.api.common import (
+    StudyResult,
+    as_judge,
+    as_model,
+    as_trait,
+    collect,
+    configured,
+    run_folder,
+    vector_of,
+    write_run_report,
+)
+from personalab.engine.model import ModelHandle
+from personalab.judging.judges import Judge
+from personalab.persona import DEFAULT_VARIANT, PersonaVector
+from personalab.traits import Trait
+
+
+def sweep(
+    model: ModelHandle | str,
+    vector: PersonaVector | str | Path,
+    judge: Judge | str,
+    *,
+    layers: list[int],
+    trait: Trait | str | None = None,
+    trait_dir: str | Path | None = None,
+    variant: str = DEFAULT_VARIANT,
+    out: str | Path | None = None,
+    report: bool = True,
+    progress: bool = True,
+    **options: Any,
+) -> StudyResult:
+    """``personalab sweep``: layers x alphas, judged for trait and coherence, with paired tests against alpha 0.
+    ``options`` are ``SweepConfig``'s (``alphas``, ``samples``, ``scale``, ``positions``, ``batch_size``) and the
+    sampling options. Tables: ``sweep`` (the CLI's ``sweep.csv``)."""
+    from personalab.studies.sweep import SweepConfig, run_sweep
+
+    config = configured(SweepConfig, options, layers=list(layers))
+    persona, direction = vector_of(vector, variant)
+    chosen, scorer, handle = as_trait(trait, persona, trait_dir), as_judge(judge), as_model(model)
+    with run_folder(out) as (folder, kept):
+        run_sweep(handle, direction, chosen, scorer, folder, config, progress)
+        page = write_run_report(folder, report and kept)
+        return collect(folder, kept, ["sweep"], page)

@@ -1,0 +1,127 @@
+"""Study functions that make and read persona vectors: ``extract`` and ``project``."""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from personalab.api.common import (
+    StudyResult,
+    as_judge,
+    as_model,
+    as_trait,
+    configured,
+    run_folder,
+    vector_of,
+    write_run_report,
+)
+from personalab.engine.model import ModelHandle
+from personalab.errors import InvalidInputError
+from personalab.judging.judges import Judge
+from personalab.persona import DEFAULT_VARIANT, PersonaVector, project_records
+from personalab.records import Record, load_records
+from personalab.traits import Trait
+
+
+def extract(
+    model: ModelHandle | str,
+    trait: Trait | str,
+    judge: Judge | str,
+    *,
+    out: str | Path | None = None,
+    report: bool = True,
+    trait_dir: str | Path | None = None,
+    trait_threshold: float | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> PersonaVector:
+    """``personalab extract``: generate with each instruction pair, judge, filter, and take per-layer mean
+    differences; the ``PersonaVector`` of the kept pairs. ``options`` are ``ExtractionConfig``'s (``samples``,
+    ``min_pairs``, thresholds, ``batch_size``) and the sampling options; ``trait_threshold`` sets both trait
+    cut-offs. With ``out`` the run folder is kept (``report.html`` included) and resumes."""
+    from personalab.studies.extraction import ExtractionConfig, FilterError, run_extraction
+
+    if trait_threshold is not None:
+        options = {**options, "pos_threshold": trait_threshold, "neg_threshold": trait_threshold}
+    config = configured(ExtractionConfig, options)
+    handle, chosen, scorer = as_model(model), as_trait(trait, None, trait_dir), as_judge(judge)
+    with run_folder(out) as (folder, kept):
+        try:
+            result = run_extraction(handle, chosen, scorer, folder, config, progress)
+        except FilterError:
+            write_run_report(folder, report and kept)
+            raise
+        write_run_report(folder, report and kept)
+    return PersonaVector(
+        result.vectors,
+        trait=chosen,
+        model=handle.name,
+        revision=handle.revision,
+        meta=result.meta,
+        source=folder if kept else None,
+    )
+
+
+def _records(records: "Sequence[Record] | str | Path") -> list[Record]:
+    return load_records(records) if isinstance(records, str | Path) else list(records)
+
+
+def project(
+    model: ModelHandle | str,
+    vector: PersonaVector | str | Path,
+    records: "Sequence[Record] | str | Path | None" = None,
+    *,
+    layer: int | None = None,
+    variant: str = DEFAULT_VARIANT,
+    shift: bool = False,
+    top_k: int | None = None,
+    tuned: ModelHandle | str | None = None,
+    trait: Trait | str | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> StudyResult:
+    """``personalab project``: records projected onto the vector at ``layer`` (table ``projections``; written as
+    ``STEM.projections.jsonl`` beside a JSONL file); with ``shift``, each dataset response against the model's own
+    answer (``STEM.shift.jsonl``, ``.shift.png`` and with ``top_k`` ``STEM.topK.jsonl``); with ``tuned``, how far the
+    fine-tune ``tuned`` of ``model`` moved the last prompt token along the vector at every layer (table ``shift``;
+    ``OUT.csv`` and ``OUT.png`` with ``out``), on ``records``' prompts or the trait's evaluation questions."""
+    import pandas as pd
+
+    from personalab.figures.plots import plot_model_shift
+    from personalab.figures.tables import write_csv
+    from personalab.store import Store
+    from personalab.studies.monitor import model_shift, projection_shift, write_projections, write_shift_report
+
+    persona, direction = vector_of(vector, variant)
+    if tuned is not None:
+        if records is not None:
+            pairs = [(r.system, r.prompt) for r in _records(records)]
+        else:
+            pairs = [(None, q) for q in as_trait(trait, persona).evaluation_questions]
+        base, changed = as_model(model), as_model(tuned)
+        values = model_shift(base, changed, pairs, direction, batch_size, progress=progress)
+        table = pd.DataFrame({"layer": range(len(values)), "shift": values.tolist()})
+        figures = {}
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            figures["shift"] = Path(f"{out}.png")
+            plot_model_shift(values, f"{changed.name} - {base.name} along {variant}", figures["shift"])
+            write_csv(table, Path(f"{out}.csv"))
+        return StudyResult({"shift": table}, figures)
+    if records is None or layer is None:
+        raise InvalidInputError("give records and a layer (or a tuned model to compare with its base)")
+    if top_k is not None and not shift:
+        raise InvalidInputError("top_k selects by projection shift; add shift=True")
+    rows, handle = _records(records), as_model(model)
+    path = Path(records) if isinstance(records, str | Path) else None
+    if shift:
+        if path is None:
+            raise InvalidInputError("shift stores the model's own answers beside the records; pass a JSONL file")
+        with Store(path.with_name(f"{path.stem}.own.sqlite")) as store:
+            shifts = projection_shift(handle, rows, direction, layer, store, batch_size=batch_size, progress=progress)
+        written = write_shift_report(path, rows, shifts, top_k)
+        return StudyResult({"shift": pd.DataFrame(shifts)}, {"shift": written[1]})
+    projections = project_records(handle, rows, direction, layer, batch_size, progress=progress)
+    if path is not None:
+        write_projections(path, rows, projections)
+    return StudyResult({"projections": pd.DataFrame(projections)})

@@ -1,0 +1,276 @@
+"""``PersonaVector``: the three variants of a persona vector with their trait, model and provenance.
+
+Each variant is float32 ``[n_blocks + 1, hidden]``; row ``l`` is the direction at layer ``l``
+(``personalab.engine.layers``: ``hidden_states[l]``, 0 = embeddings). ``steer`` and ``ablate``
+are context managers over ``personalab.engine.interventions.intervene``, with the alpha
+convention of ``personalab.engine.scale`` and the command line's default scale; ``project``
+gives the projections of ``personalab project``.
+"""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from personalab.engine.capture import capture
+from personalab.engine.chat import TokenSequence
+from personalab.engine.interventions import Ablate, Steer, intervene
+from personalab.engine.layers import check_layers, check_vector
+from personalab.engine.model import ModelHandle
+from personalab.engine.positions import PositionName
+from personalab.engine.scale import DEFAULT_SCALE, Scale, ScaledVector, scaled_vector
+from personalab.errors import InvalidInputError
+from personalab.records import Record, load_records
+from personalab.traits import RUN_TRAIT, Trait, calibration_prompts, run_trait
+from personalab.vectors import VARIANTS, export_public, load_vectors, save_vector_file
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DEFAULT_VARIANT = "response_mean"
+
+
+def unit_direction(vector: torch.Tensor, layer: int, handle: ModelHandle) -> torch.Tensor:
+    """The float32 unit direction ``[hidden]`` at ``layer`` of a ``[hidden]`` or ``[n_blocks + 1, hidden]`` vector."""
+    check_layers(layer, handle.n_blocks)
+    direction = check_vector(vector, layer, handle.n_blocks, handle.hidden_size).detach().float().cpu()
+    norm = direction.norm()
+    if norm == 0:
+        raise InvalidInputError(f"the vector is zero at layer {layer}; choose another layer or re-extract it")
+    return direction / norm
+
+
+def response_projections(
+    handle: ModelHandle,
+    seqs: Sequence[TokenSequence],
+    unit: torch.Tensor,
+    layer: int,
+    batch_size: int = 16,
+    progress: bool = False,
+    label: str = "responses",
+) -> list[float | None]:
+    """Projection of each sequence's mean response residual (``ids[prompt_len:]``) at ``layer`` onto ``unit``;
+    ``None`` where the response has no tokens."""
+    rows = [i for i, seq in enumerate(seqs) if seq.response_len > 0]
+    out: list[float | None] = [None] * len(seqs)
+    if rows:
+        acts = capture(
+            handle, [seqs[i] for i in rows], [layer], "response", batch_size=batch_size, progress=progress, label=label
+        )
+        for i, value in zip(rows, (acts[:, 0] @ unit).tolist(), strict=True):
+            out[i] = value
+    return out
+
+
+def project_records(
+    handle: ModelHandle,
+    records: Sequence[Record],
+    vector: torch.Tensor,
+    layer: int,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[dict]:
+    """Per record ``{"layer", "last_prompt", "response_mean"}``: the projections onto the unit direction at
+    ``layer`` of the residual at the last prompt token and of the mean residual over the response tokens.
+
+    ``response_mean`` is ``None`` when the record has no response or it encodes to no tokens.
+    """
+    unit = unit_direction(vector, layer, handle)
+    if not records:
+        return []
+    prompts = [handle.encode(r.system, r.prompt) for r in records]
+    last = capture(handle, prompts, [layer], "last_prompt", batch_size=batch_size, progress=progress, label="prompts")
+    full = [handle.encode(r.system, r.prompt, r.response) for r in records]
+    means = response_projections(handle, full, unit, layer, batch_size, progress, "responses")
+    return [
+        {"layer": layer, "last_prompt": p, "response_mean": m}
+        for p, m in zip((last[:, 0] @ unit).tolist(), means, strict=True)
+    ]
+
+
+@dataclass
+class PersonaVector:
+    """A persona vector: ``variants`` maps ``response_mean``, ``prompt_mean`` and ``last_prompt`` (or the subset a
+    file holds) to float32 ``[n_blocks + 1, hidden]``; ``trait`` is the trait it was extracted for (``None`` when
+    unknown), ``model``/``revision`` the model, ``meta`` the extraction's ``meta.json`` and ``source`` where it was
+    loaded from."""
+
+    variants: dict[str, torch.Tensor]
+    trait: Trait | None = None
+    model: str | None = None
+    revision: str | None = None
+    meta: dict = field(default_factory=dict)
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.variants:
+            raise InvalidInputError("a persona vector needs at least one variant")
+        shapes = {tuple(v.shape) for v in self.variants.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise InvalidInputError(f"variants must all be [n_blocks + 1, hidden]; got shapes {sorted(shapes)}")
+        self.variants = {k: v.detach().float().cpu() for k, v in self.variants.items()}
+
+    @property
+    def name(self) -> str:
+        """The trait's name, else the source's name."""
+        return self.trait.name if self.trait else self.meta.get("trait") or (self.source.name if self.source else "")
+
+    @property
+    def n_layers(self) -> int:
+        """``n_blocks + 1``."""
+        return next(iter(self.variants.values())).shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return next(iter(self.variants.values())).shape[1]
+
+    def tensor(self, variant: str = DEFAULT_VARIANT) -> torch.Tensor:
+        """The ``[n_blocks + 1, hidden]`` tensor of ``variant``."""
+        if variant not in self.variants:
+            raise InvalidInputError(f"this vector has no variant {variant!r}; it has {', '.join(self.variants)}")
+        return self.variants[variant]
+
+    def at(self, layer: int, variant: str = DEFAULT_VARIANT) -> torch.Tensor:
+        """The ``[hidden]`` direction at ``layer``."""
+        check_layers(layer, self.n_layers - 1)
+        return self.tensor(variant)[layer]
+
+    def unit(self, layer: int, variant: str = DEFAULT_VARIANT) -> torch.Tensor:
+        """The unit ``[hidden]`` direction at ``layer``."""
+        row = self.at(layer, variant)
+        if row.norm() == 0:
+            raise InvalidInputError(f"the vector is zero at layer {layer}; choose another layer")
+        return row / row.norm()
+
+    def norms(self, variant: str = DEFAULT_VARIANT) -> torch.Tensor:
+        """``[n_blocks + 1]`` L2 norm per layer."""
+        return self.tensor(variant).norm(dim=-1)
+
+    def cosine(self, other: "PersonaVector | torch.Tensor", variant: str = DEFAULT_VARIANT) -> torch.Tensor:
+        """``[n_blocks + 1]`` cosine similarity per layer with ``other`` (its same variant; 0 where either is zero)."""
+        theirs = other.tensor(variant) if isinstance(other, PersonaVector) else torch.as_tensor(other).float()
+        mine = self.tensor(variant)
+        if theirs.shape != mine.shape:
+            raise InvalidInputError(
+                f"vectors of shapes {tuple(mine.shape)} and {tuple(theirs.shape)}; compare vectors of one model"
+            )
+        return torch.nn.functional.cosine_similarity(mine, theirs, dim=-1, eps=torch.finfo(torch.float32).tiny)
+
+    def _check_model(self, model: ModelHandle, hooks: bool = True) -> None:
+        if (model.n_layers, model.hidden_size) != (self.n_layers, self.hidden_size):
+            raise InvalidInputError(
+                f"the vector is [{self.n_layers}, {self.hidden_size}] but {model.name} has [{model.n_layers}, "
+                f"{model.hidden_size}]; use a vector extracted from this model"
+            )
+        if hooks and model.engine is not None:
+            raise InvalidInputError(
+                "steering hooks the transformers model; load the model without an engine to steer in a with-block"
+            )
+
+    def scaled(self, model: ModelHandle, layer: int, scale: Scale = DEFAULT_SCALE, variant: str = DEFAULT_VARIANT):
+        """What ``alpha = 1`` adds at ``layer`` under ``scale`` (``personalab.engine.scale.ScaledVector``)."""
+        return scaled_vector(model, self.tensor(variant), layer, scale, calibration_prompts(model))
+
+    @contextmanager
+    def steer(
+        self,
+        model: ModelHandle,
+        layer: int,
+        alpha: float = 1.0,
+        *,
+        scale: Scale = DEFAULT_SCALE,
+        variant: str = DEFAULT_VARIANT,
+        positions: PositionName = "generating",
+    ) -> Iterator[ScaledVector]:
+        """Inside the block every forward pass of ``model`` adds ``alpha`` times the scaled vector at ``layer``
+        (``personalab steer``'s convention); yields the ``ScaledVector``."""
+        self._check_model(model)
+        scaled = self.scaled(model, layer, scale, variant)
+        with intervene(model, Steer(layer, scaled.vector, alpha, positions)):
+            yield scaled
+
+    @contextmanager
+    def ablate(
+        self,
+        model: ModelHandle,
+        layer: int,
+        *,
+        variant: str = DEFAULT_VARIANT,
+        positions: PositionName = "generating",
+    ) -> Iterator[None]:
+        """Inside the block the direction at ``layer`` is projected out of the residual at ``positions``."""
+        self._check_model(model)
+        with intervene(model, Ablate(layer, self.tensor(variant), positions)):
+            yield
+
+    def project(
+        self,
+        model: ModelHandle,
+        records: "Sequence[Record] | str | Path",
+        layer: int | None = None,
+        *,
+        variant: str = DEFAULT_VARIANT,
+        batch_size: int = 16,
+    ) -> "pd.DataFrame":
+        """One row per record: ``layer``, ``last_prompt`` and ``response_mean`` projections (``project_records``);
+        ``records`` are ``Record`` objects or a JSONL file; ``layer`` defaults to ``n_blocks // 2``."""
+        import pandas as pd
+
+        self._check_model(model, hooks=False)
+        rows = load_records(records) if isinstance(records, str | Path) else list(records)
+        chosen = model.n_blocks // 2 if layer is None else layer
+        return pd.DataFrame(project_records(model, rows, self.tensor(variant), chosen, batch_size))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``vectors.safetensors``, ``meta.json`` and (with a trait) ``trait.json`` into ``folder``; a folder
+        that ``PersonaVector.load`` and every ``--vector`` option read."""
+        import json
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_vector_file(folder / "vectors.safetensors", self.variants)
+        meta = {**self.meta, "model": self.model, "revision": self.revision}
+        if self.trait is not None:
+            meta["trait"] = self.trait.name
+            self.trait.save(folder / RUN_TRAIT)
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PersonaVector":
+        """A run folder, a ``.safetensors`` file or a public persona-vectors ``.pt`` file, with the trait kept
+        beside it when there is one."""
+        variants, meta = load_vectors(path)
+        found = run_trait(path)
+        return cls(
+            variants,
+            trait=found[0] if found else None,
+            model=meta.get("model"),
+            revision=meta.get("revision"),
+            meta=meta,
+            source=Path(path),
+        )
+
+    def export_public(self, folder: str | Path) -> list[Path]:
+        """Each variant as ``{trait}_{suffix}.pt`` (the public persona-vectors format) in ``folder``."""
+        if not self.name:
+            raise InvalidInputError("the vector has no trait name to name its files; set its trait first")
+        return export_public({k: v for k, v in self.variants.items() if k in VARIANTS}, folder, self.name)
+
+    def __repr__(self) -> str:
+        return (
+            f"PersonaVector({self.name or '?'}, model={self.model!r}, variants={list(self.variants)}, "
+            f"shape=[{self.n_layers}, {self.hidden_size}])"
+        )
+
+
+def as_vector(value: "PersonaVector | torch.Tensor | str | Path") -> PersonaVector:
+    """A ``PersonaVector`` from itself, a ``[n_blocks + 1, hidden]`` tensor (as ``response_mean``) or a path."""
+    if isinstance(value, PersonaVector):
+        return value
+    if isinstance(value, torch.Tensor):
+        return PersonaVector({DEFAULT_VARIANT: value})
+    return PersonaVector.load(value)
