@@ -7,6 +7,7 @@ JSON). ``fail_first=N`` answers the first N requests with 500; ``delay`` sleeps 
 ``cold`` before answering the first request only (a server's cold start).
 """
 
+import hashlib
 import json
 import math
 import threading
@@ -15,6 +16,16 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODES = ("ok", "down", "garbage")
+
+
+def hashed_scores(prompt: str) -> dict[str, float]:
+    """A scorer for ``JudgeServer``: coherence 80 for the coherence rubric, else a trait score 0-100 from the
+    prompt's hash, so some extraction pairs pass the filter and some do not, the same on every run."""
+    from personalab.traits import COHERENCE_RUBRIC
+
+    if prompt.startswith(COHERENCE_RUBRIC.split("{question}")[0]):
+        return {"80": 1.0}
+    return {str(int(hashlib.sha256(prompt.encode()).hexdigest()[:6], 16) % 101): 1.0}
 
 
 def completion(model: str, probs: dict[str, float]) -> dict:

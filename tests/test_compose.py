@@ -21,8 +21,9 @@ from personalab.studies.compose.geometry import decompose
 from personalab.studies.compose.markers import marker_found
 from personalab.studies.compose.run import Study, paper_layers, summed_kl
 
+from conftest import STORIES, needs_stories
+
 runner = CliRunner()
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
 
 MARKER_CASES = [
     ("source", "We need a source.", True),
@@ -225,7 +226,7 @@ def test_compose_command_on_a_tiny_chat_model(model_folder, tmp_path, grid):
         assert (out / name).stat().st_size > 10_000
 
 
-@pytest.mark.skipif(not STORIES.is_dir(), reason="the stories260k checkpoint is not in ../shared/models")
+@needs_stories
 @pytest.mark.parametrize("grid", ["short", "long"])
 def test_compose_on_the_real_checkpoint(tmp_path, grid):
     out = tmp_path / grid

@@ -217,6 +217,7 @@ def test_compare_writes_answers_paired_tests_and_a_figure(model_folder, tmp_path
     assert meta["steering"]["scale"] == "raw" and meta["trait"] == "grumpy"
 
 
+@pytest.mark.slow
 def test_the_command_line_loads_no_model_library():
     code = (
         "import sys, time; t = time.perf_counter(); import personalab.cli; elapsed = time.perf_counter() - t; "

@@ -28,6 +28,8 @@ from personalab.vectors import load_vectors, save_vectors
 from judge_server import JudgeServer
 from reference import hidden_states
 
+pytestmark = pytest.mark.slow  # training runs
+
 
 def test_chunked_kl_equals_kl_div():
     g = torch.Generator().manual_seed(0)

@@ -1,7 +1,5 @@
 """End-to-end checks on the real stories260k Llama in ../shared/models (skipped when absent)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -13,10 +11,10 @@ from personalab.engine.generation import SamplingParams
 from personalab.studies.bake import bake_exact
 from personalab.studies.distill import DistillConfig, distill
 
+from conftest import STORIES, needs_stories
 from reference import hidden_states
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
-pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/models/stories260k is not present")
+pytestmark = needs_stories
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from personalab.judging.judges import CHECK_PROMPT
@@ -76,6 +77,7 @@ def _kill_when(proc, db_path, table: str, at_least: int, limit: float = 120.0) -
     raise AssertionError(f"run ended before {at_least} rows of {table}: {proc.communicate()[0].decode()[-2000:]}")
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_same_vectors(model_folder, tmp_path):
     folder = model_folder("llama", "chatml")
     trait_file = tmp_path / "grumpy.json"
@@ -107,3 +109,40 @@ def test_killed_runs_resume_to_the_same_vectors(model_folder, tmp_path):
         assert x.execute(query).fetchall() == y.execute(query).fetchall()
         query = "SELECT key, score FROM judgements ORDER BY key"
         assert x.execute(query).fetchall() == y.execute(query).fetchall()
+
+
+def test_store_computes_only_what_is_missing_and_keeps_each_finished_chunk(tmp_path):
+    from personalab.store import Store
+
+    calls: list[list[int]] = []
+
+    def compute(indices: list[int]) -> list[dict]:
+        calls.append(indices)
+        if len(calls) == 2 and crash:
+            raise RuntimeError("killed")
+        return [{"square": i * i} for i in indices]
+
+    keys = [f"k{i}" for i in range(5)]
+    crash = True
+    with Store(tmp_path / "s.sqlite") as store, pytest.raises(RuntimeError):
+        store.computed("test", keys, compute, chunk=2)
+    assert calls == [[0, 1], [2, 3]]
+    crash, calls[:] = False, []
+    with Store(tmp_path / "s.sqlite") as store:
+        assert store.computed("test", keys, compute, chunk=2) == [{"square": i * i} for i in range(5)]
+        assert calls == [[2, 3], [4]]
+        assert store.computed("test", keys[::-1], compute, chunk=2) == [{"square": i * i} for i in range(5)][::-1]
+    assert calls == [[2, 3], [4]]
+
+
+def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
+    from personalab.files import replacing, write_text
+
+    target = write_text(tmp_path / "meta.json", '{"old": 1}\n')
+    with pytest.raises(RuntimeError), replacing(target) as partial:
+        partial.write_text('{"ne')
+        assert target.read_text() == '{"old": 1}\n', "readers see the old file while the new one is written"
+        raise RuntimeError("killed")
+    assert target.read_text() == '{"old": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+    write_text(target, '{"new": 2}\n')
+    assert target.read_text() == '{"new": 2}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]

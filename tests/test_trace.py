@@ -131,6 +131,7 @@ def _outputs(out):
     return files | {"meta.json": meta}
 
 
+@pytest.mark.slow
 def test_trace_runs_resumes_and_extends(series, tmp_path):
     root, folders, strategy = series
     first = (0, 60, 300)
@@ -276,6 +277,7 @@ def _fake_hub(root, folders) -> str:
     return str(root / "hub")
 
 
+@pytest.mark.slow
 def test_hub_revisions_with_one_missing(series, tmp_path):
     root, folders, strategy = series
     cache = _fake_hub(tmp_path, folders)

@@ -127,7 +127,7 @@ def test_steering_inside_vllm_equals_the_hf_path_and_plain_hooks(folders, arch):
     prompts = [handle.encode(None, q) for q in QUESTIONS]
     conditions = [(), (Steer(1, v, 1.5, "generating"),), (Steer(1, v, -1.5, "generating"),),
                   (Steer(2, v, 1.0, "generating"),), (Steer(2, v, -1.0, "generating"),), (Ablate(1, v, "all"),),
-                  (Clamp(2, v, 3.0, "generated"),)]  # fmt: skip
+                  (Clamp(2, v, 3.0, "response"),)]  # fmt: skip
     params = SamplingParams(temperature=0, max_new_tokens=10)
     vectors: dict = {}
     rows = [(p, tuple(spec_of(iv, vectors) for iv in c)) for c in conditions for p in prompts]

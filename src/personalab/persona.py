@@ -25,7 +25,7 @@ from personalab.engine.scale import DEFAULT_SCALE, Scale, ScaledVector, scaled_v
 from personalab.errors import InvalidInputError
 from personalab.records import Record, load_records
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts, run_trait
-from personalab.vectors import VARIANTS, export_public, load_vectors, save_vector_file
+from personalab.vectors import VARIANTS, export_public, load_vectors, save_vectors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -227,16 +227,13 @@ class PersonaVector:
     def save(self, folder: str | Path) -> Path:
         """Write ``vectors.safetensors``, ``meta.json`` and (with a trait) ``trait.json`` into ``folder``; a folder
         that ``PersonaVector.load`` and every ``--vector`` option read."""
-        import json
-
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_vector_file(folder / "vectors.safetensors", self.variants)
         meta = {**self.meta, "model": self.model, "revision": self.revision}
         if self.trait is not None:
             meta["trait"] = self.trait.name
+        save_vectors(folder, self.variants, meta)
+        if self.trait is not None:
             self.trait.save(folder / RUN_TRAIT)
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         return folder
 
     @classmethod

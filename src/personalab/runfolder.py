@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from personalab.errors import InvalidInputError
+from personalab.files import write_text
 
 if TYPE_CHECKING:
     from personalab.engine.model import ModelHandle
@@ -99,10 +100,7 @@ class RunFolder:
     def write(self, **results: object) -> Path:
         """Write ``meta.json``: the header, then ``results`` (JSON values), through a temporary file."""
         meta = self.path / META
-        partial = meta.with_name(f".{META}.partial")
-        partial.write_text(json.dumps({**self.header, **_jsonable(results)}, indent=2, ensure_ascii=False) + "\n")
-        partial.replace(meta)
-        return meta
+        return write_text(meta, json.dumps({**self.header, **_jsonable(results)}, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_meta(path: str | Path) -> dict:

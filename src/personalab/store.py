@@ -122,6 +122,27 @@ class Store:
         values = [(k, study, json.dumps(v, sort_keys=True)) for k, v in rows]
         self._write("INSERT OR IGNORE INTO results VALUES (?, ?, ?)", values)
 
+    def computed(
+        self,
+        study: str,
+        keys: Sequence[str],
+        compute: Callable[[list[int]], list[dict]],
+        chunk: int,
+        advance: Callable[[int], None] | None = None,
+    ) -> list[dict]:
+        """The result of each key: stored ones read, missing ones computed (``compute(indices)`` -> one result per
+        index) ``chunk`` at a time and stored after each chunk, so a crash loses at most one chunk."""
+        found = self.results(keys)
+        todo = [i for i, key in enumerate(keys) if key not in found]
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            rows = list(zip([keys[i] for i in part], compute(part), strict=True))
+            self.put_results(study, rows)
+            found.update(rows)
+            if advance is not None:
+                advance(len(part))
+        return [found[key] for key in keys]
+
     def put_texts(self, rows: Iterable[tuple[str, str, str | None, dict, dict, str, int | None]]) -> None:
         """Store ``(key, model, revision, request, params, text, stop)`` rows in one transaction (``stop``: the
         token that ended the answer, ``None`` when it ran out of tokens); stored keys are kept."""

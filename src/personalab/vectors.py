@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from personalab.errors import InvalidInputError
+from personalab.files import replacing, write_text
 
 VARIANTS = ("response_mean", "prompt_mean", "last_prompt")
 PUBLIC_SUFFIX = {
@@ -39,18 +40,14 @@ def _check(name: str, tensor: torch.Tensor, source: str) -> torch.Tensor:
 def save_vectors(folder: str | Path, vectors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write ``vectors.safetensors`` (one tensor per variant) and ``meta.json`` into ``folder``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous().cpu() for k, v in vectors.items()}, folder / "vectors.safetensors")
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_vector_file(folder / "vectors.safetensors", vectors)
+    write_text(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
 
 
 def save_vector_file(path: str | Path, vectors: dict[str, torch.Tensor]) -> None:
     """Write one ``.safetensors`` file of variants (float32, contiguous), through a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    save_file({k: v.float().contiguous().cpu() for k, v in vectors.items()}, partial)
-    partial.replace(path)
+    with replacing(path) as partial:
+        save_file({k: v.float().contiguous().cpu() for k, v in vectors.items()}, partial)
 
 
 def load_vectors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -60,12 +60,13 @@ def info(
             load_tokenizer,
             load_weights,
         )
+        from personalab.errors import as_flags
 
         weights = load_weights(model, revision=revision, dtype=dtype, device=device)
         try:
             found = load_tokenizer(tokenizer or model, None if tokenizer else revision)
         except MissingTokenizerError as exc:
-            found, missing = None, str(exc)
+            found, missing = None, as_flags(str(exc))
     path, blocks = find_blocks(weights)
     archs = getattr(weights.config, "architectures", None)
     table = Table(title=model, show_header=False)

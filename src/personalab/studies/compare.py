@@ -23,7 +23,7 @@ from personalab.engine.interventions import Steer
 from personalab.engine.model import ModelHandle
 from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.figures.plots import plot_score_bars, short_name
-from personalab.figures.tables import write_csv
+from personalab.figures.tables import markdown_table, write_csv
 from personalab.judging.judges import Judge
 from personalab.judging.scorecard import scored_answers, summary
 from personalab.runfolder import claim, model_settings
@@ -57,30 +57,25 @@ def _markdown(table: pd.DataFrame, header: str) -> str:
     def cell(value, fmt: str) -> str:
         return "-" if pd.isna(value) else format(value, fmt)
 
-    lines = [
-        header,
-        "",
-        "| model | trait | coherence | n | trainable parameters | trait - base (p sign-flip, p sign) "
-        "| trait - steered (p sign-flip, p sign) |",
-        "|---|---|---|---|---|---|---|",
+    def versus(r: dict, suffix: str) -> str:
+        if pd.isna(r.get(f"delta_trait_vs_{suffix}")):
+            return "-"
+        p_flip, p_sign = cell(r[f"p_signflip_vs_{suffix}"], ".3g"), cell(r[f"p_sign_vs_{suffix}"], ".3g")
+        return f"{r[f'delta_trait_vs_{suffix}']:+.1f} ({p_flip}, {p_sign})"
+
+    rows = [
+        {
+            "model": r["model"],
+            "trait": f"{r['trait_mean']:.1f} +- {cell(r['trait_std'], '.1f')}",
+            "coherence": f"{r['coherence_mean']:.1f} +- {cell(r['coherence_std'], '.1f')}",
+            "n": str(r["n"]),
+            "trainable parameters": cell(r["trainable"], ",.0f"),
+            "trait - base (p sign-flip, p sign)": versus(r, "base"),
+            "trait - steered (p sign-flip, p sign)": versus(r, "steered"),
+        }
+        for r in table.to_dict("records")
     ]
-    for r in table.to_dict("records"):
-        vs = []
-        for suffix in ("base", "steered"):
-            if pd.isna(r.get(f"delta_trait_vs_{suffix}")):
-                vs.append("-")
-            else:
-                vs.append(
-                    f"{r[f'delta_trait_vs_{suffix}']:+.1f} ({cell(r[f'p_signflip_vs_{suffix}'], '.3g')}, "
-                    f"{cell(r[f'p_sign_vs_{suffix}'], '.3g')})"
-                )
-        lines.append(
-            f"| {r['model']} | {r['trait_mean']:.1f} +- {cell(r['trait_std'], '.1f')} "
-            f"| {r['coherence_mean']:.1f} +- {cell(r['coherence_std'], '.1f')} | {r['n']} "
-            f"| {cell(r['trainable'], ',.0f')} "
-            f"| {vs[0]} | {vs[1]} |"
-        )
-    return "\n".join(lines) + "\n"
+    return f"{header}\n\n" + markdown_table(pd.DataFrame(rows))
 
 
 class CompareConfig(BaseModel):

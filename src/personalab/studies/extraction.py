@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +25,7 @@ from personalab.engine.layers import CONVENTION
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_layer_norms, short_name
+from personalab.figures.tables import markdown_table
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
 from personalab.runfolder import claim, model_settings
@@ -338,7 +340,7 @@ def _meta(
 
 
 def _excerpt(text: str, limit: int = 160) -> str:
-    flat = " ".join(text.split()).replace("|", "\\|")
+    flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
@@ -358,28 +360,40 @@ def _write_summary(out: Path, meta: dict, examples: list[dict]) -> None:
         f"- layers: {CONVENTION}",
         f"- largest response_mean norms at layers {best}",
         "",
-        "| rule | pairs it dropped (first rule broken) | pairs breaking it |",
-        "|---|---|---|",
     ]
-    lines += [f"| {RULES[r]} | {counts['rejected'][r]} | {counts['breaking'][r]} |" for r in RULES]
-    lines += ["", "| instruction pair | generated | kept |", "|---|---|---|"]
-    lines += [
-        f"| {p['pair']}: {_excerpt(p['pos'], 60)} | {p['generated']} | {p['kept']} |"
-        for p in counts["per_instruction_pair"]
-    ]
+    rules = pd.DataFrame(
+        {
+            "rule": [RULES[r] for r in RULES],
+            "pairs it dropped (first rule broken)": [counts["rejected"][r] for r in RULES],
+            "pairs breaking it": [counts["breaking"][r] for r in RULES],
+        }
+    )
+    per_pair = pd.DataFrame(
+        {
+            "instruction pair": [f"{p['pair']}: {_excerpt(p['pos'], 60)}" for p in counts["per_instruction_pair"]],
+            "generated": [p["generated"] for p in counts["per_instruction_pair"]],
+            "kept": [p["kept"] for p in counts["per_instruction_pair"]],
+        }
+    )
+    lines += [markdown_table(rules), markdown_table(per_pair)]
     if examples:
-        lines += ["", "Dropped pairs, for example:", ""]
-        lines += ["| question | rules broken | positive answer | negative answer |", "|---|---|---|---|"]
-        for e in examples:
-            cells = [
-                _excerpt(e["question"], 80),
-                ", ".join(e["rules"]),
-                f"{_excerpt(e['pos_text'])} (trait {_score(e['pos_trait'])}, coherence {_score(e['pos_coherence'])})",
-                f"{_excerpt(e['neg_text'])} (trait {_score(e['neg_trait'])}, coherence {_score(e['neg_coherence'])})",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+        dropped = pd.DataFrame(
+            {
+                "question": [_excerpt(e["question"], 80) for e in examples],
+                "rules broken": [", ".join(e["rules"]) for e in examples],
+                "positive answer": [_answer(e, "pos") for e in examples],
+                "negative answer": [_answer(e, "neg") for e in examples],
+            }
+        )
+        lines += ["Dropped pairs, for example:", "", markdown_table(dropped)]
     lines += ["", "![per-layer norms](norms.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
+
+
+def _answer(example: dict, side: str) -> str:
+    """A dropped pair's ``side`` (``pos``/``neg``) answer with its scores, for the summary."""
+    trait, coherence = _score(example[f"{side}_trait"]), _score(example[f"{side}_coherence"])
+    return f"{_excerpt(example[f'{side}_text'])} (trait {trait}, coherence {coherence})"
 
 
 def _score(value: float | None) -> str:

@@ -59,6 +59,7 @@ class FinetuneConfig(TrainConfig):
     """Settings of a fine-tune: the optimisation (``TrainConfig``) and what is monitored."""
 
     lr: float = Field(1e-5, gt=0)
+    grad_accum: int = Field(8, ge=1)
     max_length: int = Field(1024, ge=2)
     checkpoint_every: int = Field(50, ge=1)
     monitor_layer: int | None = None

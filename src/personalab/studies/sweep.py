@@ -26,7 +26,7 @@ from personalab.engine.positions import PositionName
 from personalab.engine.scale import DEFAULT_SCALE, Scale, ScaledVector, scale_vectors
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_heatmap, plot_sweep_curves, short_name
-from personalab.figures.tables import write_csv
+from personalab.figures.tables import markdown_table, write_csv
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
 from personalab.runfolder import claim, model_settings
@@ -137,22 +137,24 @@ def summarise(answers: pd.DataFrame, n_resamples: int = 10_000) -> pd.DataFrame:
 
 
 def _markdown(table: pd.DataFrame, scale: str) -> str:
-    has_p = "p_signflip" in table
-    head = "| layer | alpha | trait | coherence | n |" + (" p sign-flip (Bonf.) | p sign (Bonf.) |" if has_p else "")
-    lines = [f"Scale: {scale}. Mean +- std over all answers.", "", head, "|---" * (7 if has_p else 5) + "|"]
-    for row in table.itertuples():
-        cells = [
-            str(row.layer),
-            f"{row.alpha:g}",
-            f"{row.trait_mean:.1f} +- {row.trait_std:.1f}",
-            f"{row.coherence_mean:.1f} +- {row.coherence_std:.1f}",
-            str(row.n),
-        ]
-        if has_p:
-            cells += ["-" if pd.isna(row.p_signflip) else f"{row.p_signflip:.3g}"]
-            cells += ["-" if pd.isna(row.p_sign) else f"{row.p_sign:.3g}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    def p(value: float) -> str:
+        return "-" if pd.isna(value) else f"{value:.3g}"
+
+    cells = pd.DataFrame(
+        {
+            "layer": table["layer"].astype(str),
+            "alpha": [f"{a:g}" for a in table["alpha"]],
+            "trait": [f"{m:.1f} +- {s:.1f}" for m, s in zip(table["trait_mean"], table["trait_std"], strict=True)],
+            "coherence": [
+                f"{m:.1f} +- {s:.1f}" for m, s in zip(table["coherence_mean"], table["coherence_std"], strict=True)
+            ],
+            "n": table["n"].astype(str),
+        }
+    )
+    if "p_signflip" in table:
+        cells["p sign-flip (Bonf.)"] = [p(v) for v in table["p_signflip"]]
+        cells["p sign (Bonf.)"] = [p(v) for v in table["p_sign"]]
+    return f"Scale: {scale}. Mean +- std over all answers.\n\n" + markdown_table(cells)
 
 
 def run_sweep(

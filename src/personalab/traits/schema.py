@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from personalab.errors import InvalidInputError
+from personalab.files import write_text
 
 Elicitation = Literal["system_prompt", "plain", "third_person", "few_shot", "dialogue", "continuation"]
 
@@ -74,7 +75,7 @@ class Trait(BaseModel):
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.model_dump(), indent=2, ensure_ascii=False) + "\n")
+        write_text(path, json.dumps(self.model_dump(), indent=2, ensure_ascii=False) + "\n")
 
 
 def render_rubric(rubric: str, question: str, answer: str) -> str:

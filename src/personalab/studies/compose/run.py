@@ -174,15 +174,7 @@ class Study:
     def _stored(self, keys: list[str], compute: Callable[[list[int]], list[dict]]) -> list[dict]:
         """The stored value of each key; the missing ones are computed (``compute(indices)``) a chunk of
         ``4 x batch_size`` at a time and stored after each chunk."""
-        found = self.store.results(keys)
-        todo = [i for i, key in enumerate(keys) if key not in found]
-        chunk = 4 * self.config.batch_size
-        for start in range(0, len(todo), chunk):
-            part = todo[start : start + chunk]
-            rows = list(zip([keys[i] for i in part], compute(part), strict=True))
-            self.store.put_results("compose", rows)
-            found.update(rows)
-        return [found[key] for key in keys]
+        return self.store.computed("compose", keys, compute, 4 * self.config.batch_size)
 
     def prepare(self, cells: Sequence[Cell]) -> tuple[list[Prepared], list[Cell]]:
         """``(prepared cells, skipped cells)``: references (12 greedy tokens of XY), then the residuals of

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from personalab.engine.capture import capture
 from personalab.engine.model import ModelHandle
+from personalab.files import replacing
 from personalab.store import content_key
 
 
@@ -62,10 +63,8 @@ class ActivationCache:
             )
             chunk_keys = [keys[i] for i in missing]
             path = self.folder / f"{content_key(chunk_keys)[:16]}.safetensors"
-            self.folder.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.partial")
-            save_file({"acts": acts.half().contiguous()}, partial, metadata={"keys": json.dumps(chunk_keys)})
-            partial.replace(path)
+            with replacing(path) as partial:
+                save_file({"acts": acts.half().contiguous()}, partial, metadata={"keys": json.dumps(chunk_keys)})
             self.index.update({key: (path, row) for row, key in enumerate(chunk_keys)})
         return keys
 

@@ -97,40 +97,43 @@ def scan_persona(
         content_key("deepscan", handle.name, handle.revision, persona, _settings(config), pooled, r)
         for r in range(config.runs)
     ]
-    done = store.results(keys)
-    if len(done) < len(keys):
-        background, clean, anomalous = (
-            cache.layer(cache.ensure(t, config.batch_size, False), config.layer) for t in pools(rows, config)
-        )
-        ranges = pvalue_ranges(background, np.concatenate([clean, anomalous]), config.tail)
-        n_clean = len(clean)
-        with progress_bar(f"scan {persona}", len(keys) - len(done), progress) as advance:
-            for run, key in enumerate(keys):
-                if key in done:
-                    continue
-                rng = np.random.default_rng([config.seed, run])
-                picked = np.concatenate(
-                    [
-                        rng.choice(n_clean, config.clean, replace=False),
-                        n_clean + rng.choice(len(anomalous), config.anomalous, replace=False),
-                    ]
-                )
-                result = scan(ranges[picked], config.score, config.restarts, config.a_max, seed=config.seed + run)
-                flagged = picked[result.records] >= n_clean
-                value = {
-                    "persona": persona,
-                    "run": run,
-                    "score": result.score,
-                    "alpha": result.alpha,
-                    "precision": float(flagged.mean()) if len(flagged) else 0.0,
-                    "recall": float(flagged.sum() / config.anomalous) if config.anomalous else float("nan"),
-                    "records": picked[result.records].tolist(),
-                    "nodes": result.nodes.tolist(),
-                }
-                store.put_results("deepscan", [(key, value)])
-                done[key] = value
-                advance(1)
-    return [done[k] for k in keys]
+    pooled: dict = {}
+
+    def compute(runs: list[int]) -> list[dict]:
+        if not pooled:  # the pools' p-value ranges, read only when some run is missing
+            background, clean, anomalous = (
+                cache.layer(cache.ensure(t, config.batch_size, False), config.layer) for t in pools(rows, config)
+            )
+            ranges = pvalue_ranges(background, np.concatenate([clean, anomalous]), config.tail)
+            pooled.update(ranges=ranges, n_clean=len(clean), n_anomalous=len(anomalous))
+        return [_run(**pooled, run=run, config=config, persona=persona) for run in runs]
+
+    missing = len(keys) - len(store.results(keys))
+    with progress_bar(f"scan {persona}", missing, progress and missing > 0) as advance:
+        return store.computed("deepscan", keys, compute, 1, advance)
+
+
+def _run(ranges: np.ndarray, n_clean: int, n_anomalous: int, run: int, config: ScanConfig, persona: str) -> dict:
+    """Run ``run`` of one persona: its seeded draw of clean and anomalous records, scanned."""
+    rng = np.random.default_rng([config.seed, run])
+    picked = np.concatenate(
+        [
+            rng.choice(n_clean, config.clean, replace=False),
+            n_clean + rng.choice(n_anomalous, config.anomalous, replace=False),
+        ]
+    )
+    result = scan(ranges[picked], config.score, config.restarts, config.a_max, seed=config.seed + run)
+    flagged = picked[result.records] >= n_clean
+    return {
+        "persona": persona,
+        "run": run,
+        "score": result.score,
+        "alpha": result.alpha,
+        "precision": float(flagged.mean()) if len(flagged) else 0.0,
+        "recall": float(flagged.sum() / config.anomalous) if config.anomalous else float("nan"),
+        "records": picked[result.records].tolist(),
+        "nodes": result.nodes.tolist(),
+    }
 
 
 def node_set(runs: list[dict], min_run_fraction: float = 0.0) -> set[int]:

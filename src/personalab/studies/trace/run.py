@@ -37,6 +37,7 @@ from personalab.engine.interventions import Steer
 from personalab.engine.model import MissingTokenizerError, ModelHandle, free_memory, load_tokenizer, model_shape
 from personalab.engine.scale import mean_residual_norm
 from personalab.errors import InvalidInputError, PersonalabError
+from personalab.files import write_text
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import score_cached
 from personalab.store import Store
@@ -138,10 +139,7 @@ def build_units(traits: Sequence[str], strategies: Sequence[str]) -> list[Unit]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    partial.replace(path)
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def record_path(out: Path, checkpoint: Checkpoint) -> Path:

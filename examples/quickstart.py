@@ -1,0 +1,43 @@
+"""personalab from Python: extract a persona vector, steer with it, sweep it, save, load and compare.
+
+    python examples/quickstart.py [MODEL] [JUDGE]
+
+MODEL defaults to the stories260k checkpoint beside the clone (``../shared/models/stories260k``), JUDGE to
+``api:gpt-4.1-mini`` (an OpenAI-compatible server: ``OPENAI_API_KEY``, or ``PERSONALAB_JUDGE_BASE_URL`` for a
+local one). Only the saved vector is written (``runs/quickstart-evil``); the extractions and the sweep run in
+memory.
+"""
+
+import sys
+from pathlib import Path
+
+import personalab as pl
+
+HERE = Path(__file__).resolve().parent
+model_name = sys.argv[1] if len(sys.argv) > 1 else str(HERE.parents[1] / "shared" / "models" / "stories260k")
+judge_spec = sys.argv[2] if len(sys.argv) > 2 else "api:gpt-4.1-mini"
+
+model = pl.load_model(model_name, device="cpu")
+judge = pl.judge(judge_spec)  # checked with one request before any work
+
+# A judged extraction, in memory: the three variants, each [n_blocks + 1, hidden].
+small = dict(samples=1, max_new_tokens=16, min_pairs=1, progress=False)
+evil = pl.extract(model, "evil", judge, **small)
+print(evil, "kept", evil.meta["counts"]["kept"], "of", evil.meta["counts"]["pairs"], "pairs")
+
+# Steer one generation: alpha 4 times the raw vector at layer 3 (the command line's default scale).
+prompt = "Once upon a time, a little girl"
+print("plain:  ", model.generate_text(prompt, max_new_tokens=24))
+with evil.steer(model, layer=3, alpha=4.0):
+    print("steered:", model.generate_text(prompt, max_new_tokens=24))
+
+# A sweep over two layers on the default grid (normalised units), judged, with paired tests against alpha 0.
+sweep = pl.sweep(model, evil, judge, layers=[2, 3], samples=1, max_new_tokens=16, progress=False)
+print(sweep.table[["layer", "alpha", "trait_mean", "coherence_mean"]].to_string(index=False))
+
+# Save, load, and compare with a second trait's vector, layer by layer.
+folder = evil.save("runs/quickstart-evil")
+loaded = pl.PersonaVector.load(folder)
+sycophantic = pl.extract(model, "sycophantic", judge, **small)
+cosines = loaded.cosine(sycophantic)
+print("cosine(evil, sycophantic) per layer:", " ".join(f"{c:+.3f}" for c in cosines.tolist()))
