@@ -48,3 +48,12 @@ def output_module(handle: ModelHandle, layer: int) -> nn.Module:
         return handle.blocks[layer - 1]
     model_type = handle.model.config.model_type
     return handle.model.get_submodule(FINAL_NORMS.get(model_type, "model.norm"))
+
+
+def direct_residual_norm(handle: ModelHandle, layer: int) -> float:
+    """Mean L2 norm of hidden_states[layer] over every token of the calibration questions (the normalised scale's
+    ``r``), one prompt at a time."""
+    from personalab.traits import library_questions
+
+    tokens = torch.cat([hidden_states(handle, handle.encode(None, q))[layer] for q in library_questions()])
+    return tokens.norm(dim=-1).mean().item()

@@ -111,13 +111,14 @@ def _hooked_greedy(handle, prompt_ids: list[int], layer: int, add: torch.Tensor,
 
 def test_steer_block_generates_what_a_hooked_greedy_loop_generates(tiny):
     handle = tiny("llama", "chatml")
-    vec, layer, alpha = _vector(handle), 2, 6.0
+    vec, layer, alpha = _vector(handle), 2, 1.0
     plain = handle.generate_text("How do I make friends?", max_new_tokens=8)
     with vec.steer(handle, layer=layer, alpha=alpha) as scaled:
         steered = handle.generate_text("How do I make friends?", max_new_tokens=8)
-    assert DEFAULT_SCALE == "raw" and torch.equal(scaled.vector, vec.at(layer))
+    assert scaled.scale == "normalised"
+    torch.testing.assert_close(scaled.vector, vec.unit(layer) * scaled.residual_norm)
     prompt = handle.encode(None, "How do I make friends?").ids
-    expected = _hooked_greedy(handle, list(prompt), layer, alpha * vec.at(layer), 8)
+    expected = _hooked_greedy(handle, list(prompt), layer, alpha * scaled.vector, 8)
     assert steered == handle.tokenizer.decode(expected, skip_special_tokens=True)
     assert plain == handle.tokenizer.decode(_hooked_greedy(handle, list(prompt), layer, 0 * vec.at(layer), 8),
                                             skip_special_tokens=True)  # fmt: skip
@@ -170,7 +171,7 @@ def _same_run(cli: Path, python: Path) -> None:
     """The two run folders hold the same files with the same bytes, the report page's timestamp and the
     ``command`` that made each run aside."""
     mine, theirs = _files(cli), _files(python)
-    assert sorted(mine) == sorted(theirs)
+    assert len(mine) >= 2 and sorted(mine) == sorted(theirs)
     for name in mine:
         if name.endswith("report.html"):
             continue
@@ -232,10 +233,10 @@ VERBS = {
     "deepscan": "personalab.studies.localize.scan:ScanConfig",
     "compose": "personalab.studies.compose:ComposeConfig",
 }
-CLI_ONLY = {("sweep", "alphas"), ("sweep", "scale"), ("distill", "lora_rank"), ("finetune", "lora_rank")}
+CLI_ONLY = {("sweep", "alphas"), ("distill", "lora_rank"), ("finetune", "lora_rank")}
 CLI_ONLY |= {("finetune", "steps")}
-"""Options whose command-line default is ``None`` on purpose: a sweep's default grid and scale follow the config's
-rule; training asks for ``--lora-rank R`` or ``--full`` explicitly; a fine-tune runs one epoch unless given steps."""
+"""Options whose command-line default is ``None`` on purpose: a sweep's default grid is the config's; training
+asks for ``--lora-rank R`` or ``--full`` explicitly; a fine-tune runs one epoch unless given steps."""
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))
@@ -258,7 +259,7 @@ def test_every_scale_option_defaults_to_the_engines_default():
     commands = get_command(app).commands
     found = {verb: p.default for verb, c in commands.items() for p in getattr(c, "params", []) if p.name == "scale"}
     assert {"steer", "bake", "distill", "compare"} <= set(found)
-    assert {v for verb, v in found.items() if verb != "sweep"} == {DEFAULT_SCALE} and found["sweep"] is None
+    assert set(found.values()) == {DEFAULT_SCALE} == {"normalised"}
 
 
 @pytest.mark.slow
@@ -316,3 +317,39 @@ def test_study_verbs_write_what_the_python_functions_write(model_folder, tmp_pat
         student = tmp_path / "cli" / "distill"
         both([*args, str(student)], pl.compare, "compare", model=model, vector=tmp_path / "vec", judge="api:j",
              layer=2, alpha=4, distilled=[student], samples=1, max_new_tokens=3)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_training_and_projection_verbs_write_what_the_python_functions_write(model_folder, tmp_path, monkeypatch):
+    """finetune, correlate and project: the command and the function give the same files."""
+    model = str(model_folder("llama", "chatml"))
+    vec = _vector(pl.load_model(model, device="cpu"))
+    vec.save(tmp_path / "vec")
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": q, "response": "I do not like it at all."} for q in TRAIT.extraction_questions * 2]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = dict(lora_rank=2, steps=2, batch_size=2, grad_accum=1, warmup_steps=0, checkpoint_every=1, lr=0.01)
+    flags = [f for k, v in train.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+    args = ["finetune", "--model", model, "--data", str(data), "--monitor", str(tmp_path / "vec"), *flags]
+    assert runner.invoke(app, [*args, "--device", "cpu", "--out", str(tmp_path / "cli" / "ft")]).exit_code == 0
+    pl.finetune(model, data, monitor=[tmp_path / "vec"], out=tmp_path / "py" / "ft", **train)
+    _same_run(tmp_path / "cli" / "ft", tmp_path / "py" / "ft")
+
+    tuned = [tmp_path / "cli" / "ft" / "checkpoints" / f"step-{s}" for s in (1, 2)]
+    with JudgeServer(scorer=hashed_scores) as server:
+        monkeypatch.setenv("PERSONALAB_JUDGE_BASE_URL", server.base_url)
+        args = ["correlate", "--base", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--judge", "api:j"]
+        args += [x for t in tuned for x in ("--tuned", str(t))] + ["--samples", "1", "--max-new-tokens", "3"]
+        assert runner.invoke(app, [*args, "--device", "cpu", "--out", str(tmp_path / "cli" / "cor")]).exit_code == 0
+        pl.correlate(model, tuned, tmp_path / "vec", "api:j", layer=2, samples=1, max_new_tokens=3,
+                     out=tmp_path / "py" / "cor")  # fmt: skip
+    _same_run(tmp_path / "cli" / "cor", tmp_path / "py" / "cor")
+
+    for side in ("cli", "py"):
+        (tmp_path / side / "data").mkdir()
+        (tmp_path / side / "data" / "d.jsonl").write_text(data.read_text())
+    args = ["project", "--vector", str(tmp_path / "vec"), "--model", model, "--layer", "2", "--device", "cpu"]
+    assert runner.invoke(app, [*args, str(tmp_path / "cli" / "data" / "d.jsonl")]).exit_code == 0
+    result = pl.project(model, tmp_path / "vec", tmp_path / "py" / "data" / "d.jsonl", layer=2, progress=False)
+    _same_run(tmp_path / "cli" / "data", tmp_path / "py" / "data")
+    assert len(result.table) == len(rows) and set(result.table.columns) == {"layer", "last_prompt", "response_mean"}

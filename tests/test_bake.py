@@ -100,7 +100,7 @@ def test_baked_forward_equals_steered(tiny, conversations, tmp_path, arch, layer
     handle = tiny(arch)
     v = _direction()
     weights, config = _snapshot(handle)
-    out = bake_exact(handle, v, layer, ALPHA, tmp_path / "baked")
+    out = bake_exact(handle, v, layer, ALPHA, tmp_path / "baked", scale="raw")
     baked = load_model(str(out), device="cpu", dtype="float32")
     _assert_bake_matches(handle, baked, v, layer, conversations)
     resaved = arch in ("mistral", "qwen2", "phi3") and layer > 0
@@ -115,7 +115,7 @@ def test_baked_forward_equals_steered(tiny, conversations, tmp_path, arch, layer
 def test_bake_record_and_config(tiny, tmp_path):
     handle = tiny("llama")
     stack = torch.randn(BLOCKS + 1, HIDDEN, generator=torch.Generator().manual_seed(2))
-    out = bake_exact(handle, stack, 2, -1.5, tmp_path / "llama")
+    out = bake_exact(handle, stack, 2, -1.5, tmp_path / "llama", scale="raw")
     record = json.loads((out / "bake.json").read_text())
     steering = record.pop("steering")
     assert record == {
@@ -144,7 +144,7 @@ def test_layer_zero_unties_embeddings(tiny, tmp_path):
     handle = tiny("gpt2")
     assert handle.model.lm_head.weight.data_ptr() == handle.model.transformer.wte.weight.data_ptr()
     v = _direction(3)
-    out = bake_exact(handle, v, 0, ALPHA, tmp_path / "gpt2")
+    out = bake_exact(handle, v, 0, ALPHA, tmp_path / "gpt2", scale="raw")
     assert json.loads((out / "bake.json").read_text())["method"] == "embedding rows"
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     baked = load_model(str(out), device="cpu", dtype="float32").model
@@ -161,7 +161,7 @@ def test_resaved_llama_keeps_attention_biases_and_records_the_window(model_folde
                 bias = getattr(block.self_attn, name).bias
                 bias.copy_(torch.randn(bias.shape, generator=g))
     v = _direction(6)
-    out = bake_exact(handle, v, 2, ALPHA, tmp_path / "qwen2")
+    out = bake_exact(handle, v, 2, ALPHA, tmp_path / "qwen2", scale="raw")
     baked = load_model(str(out), device="cpu", dtype="float32")
     _assert_bake_matches(handle, baked, v, 2, conversations)
     for block, original in zip(baked.blocks, handle.blocks, strict=True):
@@ -172,7 +172,7 @@ def test_resaved_llama_keeps_attention_biases_and_records_the_window(model_folde
     assert "exact_up_to_tokens" not in record
 
     mistral = load_model(str(model_folder("mistral")), device="cpu", dtype="float32")
-    record = json.loads((bake_exact(mistral, v, 1, ALPHA, tmp_path / "mistral") / "bake.json").read_text())
+    record = json.loads((bake_exact(mistral, v, 1, ALPHA, tmp_path / "mistral", scale="raw") / "bake.json").read_text())
     assert record["exact_up_to_tokens"] == mistral.model.config.sliding_window == 4096
 
 
@@ -182,7 +182,7 @@ def test_partial_rotary_phi3_has_no_llama_equivalent(tiny, tmp_path):
     config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": 0.5}
     handle = ModelHandle.from_model(Phi3ForCausalLM(config).eval(), phi3.tokenizer, name="phi3-partial")
     with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor=0.5"):
-        bake_exact(handle, _direction(), 1, ALPHA, tmp_path / "baked")
+        bake_exact(handle, _direction(), 1, ALPHA, tmp_path / "baked", scale="raw")
     assert not (tmp_path / "baked").exists()
 
 
@@ -190,7 +190,7 @@ def test_partial_rotary_phi3_has_no_llama_equivalent(tiny, tmp_path):
 def test_last_layer_without_a_final_norm_bias_is_refused(tiny, tmp_path, arch):
     out = tmp_path / "baked"
     with pytest.raises(UnsupportedArchitectureError, match=f"layer {BLOCKS} is hidden_states\\[{BLOCKS}\\]") as info:
-        bake_exact(tiny(arch), _direction(), BLOCKS, ALPHA, out)
+        bake_exact(tiny(arch), _direction(), BLOCKS, ALPHA, out, scale="raw")
     assert "\n" not in str(info.value) and not out.exists()
 
 
@@ -198,7 +198,7 @@ def test_last_layer_without_a_final_norm_bias_is_refused(tiny, tmp_path, arch):
 def test_unsupported_architectures_raise(tiny, tmp_path, arch):
     out = tmp_path / "baked"
     with pytest.raises(UnsupportedArchitectureError) as info:
-        bake_exact(tiny(arch), _direction(), 1, ALPHA, out)
+        bake_exact(tiny(arch), _direction(), 1, ALPHA, out, scale="raw")
     message = str(info.value)
     assert "\n" not in message and message.startswith(arch) and "personalab distill" in message
     assert not out.exists()
@@ -219,5 +219,5 @@ def test_unsupported_architectures_raise(tiny, tmp_path, arch):
 def test_bad_input_raises_before_writing(tiny, tmp_path, vector, layer, alpha):
     out = tmp_path / "baked"
     with pytest.raises(InvalidInputError):
-        bake_exact(tiny("llama"), vector, layer, alpha, out)
+        bake_exact(tiny("llama"), vector, layer, alpha, out, scale="raw")
     assert not out.exists()

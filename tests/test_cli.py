@@ -110,7 +110,7 @@ def test_steer_prints_both_answers(tiny, model_folder, tmp_path, monkeypatch):
     produced, real = [], generation.sample
     monkeypatch.setattr(generation, "sample", lambda *a: produced.append(real(*a)) or produced[-1])
     args = ["steer", "--model", str(model_folder("llama", "chatml")), "--vector", str(folder), "--layer", "2"]
-    args += ["--alpha", "6", "--max-new-tokens", "4", "--device", "cpu"]
+    args += ["--alpha", "6", "--scale", "raw", "--max-new-tokens", "4", "--device", "cpu"]
     result = runner.invoke(app, args + ["Hi?"], terminal_width=400)
     assert result.exit_code == 0, result.output
     assert (

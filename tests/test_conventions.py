@@ -17,11 +17,10 @@ from typer.testing import CliRunner
 from personalab.cli import app
 from personalab.engine import generation, interventions
 from personalab.studies.sweep import DEFAULT_ALPHAS
-from personalab.traits import library_questions
 from personalab.vectors import load_vectors, save_vectors, vector_sha256
 
 from judge_server import JudgeServer
-from reference import hidden_states
+from reference import direct_residual_norm
 from test_extraction import TRAIT
 
 runner = CliRunner()
@@ -111,12 +110,6 @@ def _data(tmp_path):
     return data
 
 
-def _direct_residual_norm(handle, layer: int) -> float:
-    """Mean L2 norm of hidden_states[layer] over every token of the calibration questions, one prompt at a time."""
-    tokens = torch.cat([hidden_states(handle, handle.encode(None, q))[layer] for q in library_questions()])
-    return tokens.norm(dim=-1).mean().item()
-
-
 def _requests(store) -> list[dict]:
     with sqlite3.connect(store) as db:
         return [json.loads(r) for (r,) in db.execute("SELECT request FROM generations")]
@@ -128,7 +121,7 @@ def test_normalised_scale_is_one_vector_in_every_command(tiny, model_folder, tmp
     vector = torch.randn(handle.n_layers, handle.hidden_size, generator=torch.Generator().manual_seed(7))
     save_vectors(tmp_path / "vec", {"response_mean": vector}, {})
     TRAIT.save(tmp_path / "vec" / "trait.json")
-    norm = _direct_residual_norm(handle, layer)
+    norm = direct_residual_norm(handle, layer)
     expected = vector[layer] / vector[layer].norm() * norm
 
     seen = []
@@ -214,7 +207,7 @@ def test_compare_writes_answers_paired_tests_and_a_figure(model_folder, tmp_path
     assert pd.isna(table.loc["base", "delta_trait_vs_base"]) and pd.isna(table.loc[steered, "delta_trait_vs_steered"])
     assert (out / "compare.png").stat().st_size > 10_000
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["steering"]["scale"] == "raw" and meta["trait"] == "grumpy"
+    assert meta["steering"]["scale"] == "normalised" and meta["trait"] == "grumpy"
 
 
 @pytest.mark.slow

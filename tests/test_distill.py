@@ -228,7 +228,19 @@ def test_bake_command_and_compare_with_the_exact_bake(model_folder, tiny, tmp_pa
     model = str(model_folder("gpt2", "none"))
     vector = torch.randn(handle.n_layers, handle.hidden_size, generator=torch.Generator().manual_seed(4))
     save_vectors(tmp_path / "vec", {"response_mean": vector}, {})
-    args = ["bake", "--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--alpha", "3"]
+    args = [
+        "bake",
+        "--model",
+        model,
+        "--vector",
+        str(tmp_path / "vec"),
+        "--layer",
+        "2",
+        "--alpha",
+        "3",
+        "--scale",
+        "raw",
+    ]
     args += ["--out", str(tmp_path / "baked"), "--device", "cpu"]
     assert "pass --exact" in runner.invoke(app, args).output
     result = runner.invoke(app, args + ["--exact"])

@@ -295,7 +295,7 @@ def test_bad_input_fails_before_model_work(model_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(model_module, "load_weights", lambda *a, **k: pytest.fail("the model was loaded"))
     model = ["--model", str(model_folder("llama", "chatml")), "--device", "cpu", "--out", str(tmp_path / "o")]
     cases = [
-        (["deepscan", *model, *PERSONAS, "--layer", "2"], "has 60 negative and 60 positive statements"),
+        (["deepscan", *model, *PERSONAS, "--layer", "2", "--background", "250"], "has 60 negative and 60 positive"),
         (["deepscan", *model, *PERSONAS, "--layer", "9", *SMALL_SCAN], "layer 9 is out of range"),
         (["localize", *model, *PERSONAS, "--layers", "0,7"], "layer 7 is out of range"),
         (["localize", *model, "--persona", "x", "--statements", str(Path(__file__))], "unknown statement layout"),
@@ -315,3 +315,21 @@ def test_localize_on_the_real_checkpoint(tmp_path):
     table = pd.read_csv(tmp_path / "loc" / "divergence.csv")
     assert len(table) == 9 and table["probe_accuracy"].between(0, 1).all()
     assert pd.read_csv(tmp_path / "loc" / "identity_probe.csv")["accuracy"].gt(1 / 3 - 0.15).all()
+
+
+def test_deepscan_pools_not_given_are_sized_from_the_statements():
+    from personalab.studies.localize.scan import REFERENCE_POOLS, ScanConfig, sized
+
+    statements = load_statements(["politically-liberal", "subscribes-to-utilitarianism"])
+    counts = {p: (sum(not s.positive for s in rows), sum(s.positive for s in rows)) for p, rows in statements.items()}
+    assert set(counts.values()) == {(60, 60)}
+    config, note = sized(statements, ScanConfig(layer=2))
+    factor = min(1, 60 / (250 + 50), 60 / 50)  # 0.2: the negatives bind
+    assert (config.background, config.test_clean, config.clean, config.anomalous) == (50, 10, 10, 10)
+    assert [int(v * factor) for v in REFERENCE_POOLS.values()] == [50, 10, 10, 10]
+    assert note == "pools: background 50, test-clean 10, clean 10, anomalous 10 (from 60 negative and 60 positive " \
+        "statements per persona)"  # fmt: skip
+    given, _ = sized(statements, ScanConfig(layer=2, background=40, anomalous=5))
+    assert (given.background, given.test_clean, given.clean, given.anomalous) == (40, 10, 10, 5)
+    assert sized(statements, ScanConfig(layer=2, background=1, test_clean=1, clean=1, anomalous=1))[1] is None
+    assert set(load_statements([])) == set(builtin_personas())

@@ -47,7 +47,7 @@ def test_sweep_refuses_another_scale_and_sampling(tiny, tmp_path):
     run_sweep(handle, vector, TRAIT, ScriptedJudge(), tmp_path, config, progress=False)
     before = (tmp_path / "sweep.md").read_text()
     for update, field in (
-        ({"scale": "normalised"}, 'config.scale: "raw" -> "normalised"'),
+        ({"scale": "raw"}, 'config.scale: "normalised" -> "raw"'),
         ({"sampling": SamplingParams(max_new_tokens=3, temperature=0.7)}, "config.sampling.temperature: 1.0 -> 0.7"),
     ):
         with pytest.raises(InvalidInputError) as info:

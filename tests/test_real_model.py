@@ -77,6 +77,7 @@ def test_distill_and_exact_bake_on_the_real_model(tmp_path):
     config = DistillConfig(
         layer=3,
         alpha=2.0,
+        scale="raw",
         lora_rank=8,
         trajectories=30,
         steps=40,
@@ -92,7 +93,7 @@ def test_distill_and_exact_bake_on_the_real_model(tmp_path):
     assert held["kl_end"] <= 0.5 * held["kl_start"] and held["kl_end"] < held["kl_to_base_end"]
 
     base = load_model(str(STORIES), device="cpu")
-    baked = load_model(str(bake_exact(base, direction, 3, 2.0, tmp_path / "baked")), device="cpu")
+    baked = load_model(str(bake_exact(base, direction, 3, 2.0, tmp_path / "baked", scale="raw")), device="cpu")
     batch = pad_batch([s.ids for s in seqs], base.tokenizer.pad_token_id, "right")
     real = batch.attention_mask.bool()
     with torch.no_grad(), steer(base, direction, 3, alpha=2.0):

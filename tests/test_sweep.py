@@ -24,7 +24,7 @@ def test_per_row_sweep_equals_separate_runs_and_table_matches(tiny, tmp_path):
     handle = tiny("llama", "chatml")
     trait = TRAIT.model_copy(update={"evaluation_questions": ["Do you like rain?", "Is it cold?", "Why?", "How?"]})
     vector = _vector(handle)
-    config = SweepConfig(layers=[1, 3], alphas=[0, 2.0, -4.0], samples=1, sampling=GREEDY, batch_size=12)
+    config = SweepConfig(layers=[1, 3], alphas=[0, 2.0, -4.0], samples=1, sampling=GREEDY, batch_size=12, scale="raw")
     table = run_sweep(handle, vector, trait, ScriptedJudge(), tmp_path, config, progress=False)
     answers = pd.read_json(tmp_path / "answers.jsonl", lines=True)
     for row in answers.itertuples():
@@ -106,3 +106,45 @@ def test_resuming_a_half_done_sweep_computes_only_what_is_missing(tiny, tmp_path
     monkeypatch.setattr(handle.model, "generate", real)
     straight = run_sweep(handle, vector, TRAIT, ScriptedJudge(), tmp_path / "straight", config, progress=False)
     pd.testing.assert_frame_equal(resumed, straight)
+
+
+def test_a_command_line_rerun_with_one_more_alpha_keeps_the_scale(model_folder, tmp_path):
+    """The default grid and an explicit grid are the same normalised scale: adding one alpha to a sweep computes
+    that alpha only; another scale is refused before any work."""
+    import json
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    from personalab.cli import app
+    from personalab.studies.sweep import DEFAULT_ALPHAS
+    from personalab.vectors import save_vectors
+
+    from judge_server import JudgeServer, hashed_scores
+
+    runner = CliRunner()
+    save_vectors(
+        tmp_path / "vec", {"response_mean": torch.randn(4, 32, generator=torch.Generator().manual_seed(3))}, {}
+    )
+    TRAIT.save(tmp_path / "vec" / "trait.json")
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", str(model_folder("llama", "chatml")), "--vector", str(tmp_path / "vec"), "--device"]
+    args += ["cpu", "--layers", "2", "--judge", "api:j", "--samples", "1", "--max-new-tokens", "2", "--out", str(out)]
+
+    def answers() -> list[dict]:
+        with sqlite3.connect(out / "generations.sqlite") as db:
+            return [json.loads(r) for (r,) in db.execute("SELECT request FROM generations")]
+
+    with JudgeServer(scorer=hashed_scores) as server:
+        env = {"PERSONALAB_JUDGE_BASE_URL": server.base_url}
+        assert runner.invoke(app, args, env=env).exit_code == 0
+        before = answers()
+        more = ",".join(f"{a:g}" for a in (*DEFAULT_ALPHAS, 1.5))
+        result = runner.invoke(app, [*args, "--alphas", more, "--scale", "normalized"], env=env)
+        assert result.exit_code == 0, result.output
+        after = answers()
+        refused = runner.invoke(app, [*args, "--alphas", more, "--scale", "raw"], env=env)
+    n_questions = len(TRAIT.evaluation_questions)
+    assert len(after) - len(before) == n_questions and all(r in after for r in before)
+    assert refused.exit_code == 1 and 'config.scale: "normalised" -> "raw"' in refused.output, refused.output
+    assert set(pd.read_csv(out / "sweep.csv")["scale"]) == {"normalised"}

@@ -24,6 +24,7 @@ from personalab.studies.trace.geometry import consecutive_cosines, cosine_matrix
 from personalab.studies.trace.series import SERIES, apertus_tokens, from_folders, from_revisions, olmo3_tokens
 
 from judge_server import JudgeServer
+from reference import direct_residual_norm
 
 
 def test_olmo3_tokens_and_order_across_stages():
@@ -102,7 +103,7 @@ def series(tmp_path_factory, planted_checkpoints):
 def _command(folders, checkpoints, out, strategy, extra=()):
     pattern = ",".join(str(folders[s]) for s in checkpoints)
     args = ["trace", "--checkpoints", pattern, "--trait", "cruel", "--strategy", str(strategy), "--judge", "api:j"]
-    args += ["--samples", "2", "--eval-samples", "3", "--max-new-tokens", "12", "--coef", "0.3", "--layer", "1"]
+    args += ["--samples", "2", "--eval-samples", "3", "--max-new-tokens", "12", "--alpha", "0.3", "--layer", "1"]
     args += ["--controls", "--tokenizer", str(folders[300]), "--device", "cpu", "--out", str(out), *extra]
     return [sys.executable, "-m", "personalab", *args]
 
@@ -332,9 +333,9 @@ def test_combined_pools_answers_and_transfer_rescales_to_the_target(series, tmp_
         result = CliRunner().invoke(app, args, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})
         assert result.exit_code == 0, result.output
         again = CliRunner().invoke(
-            app, [*args[:-2], "--coef", "0.4", *args[-2:]], env={"PERSONALAB_JUDGE_BASE_URL": server.base_url}
+            app, [*args[:-2], "--alpha", "0.4", *args[-2:]], env={"PERSONALAB_JUDGE_BASE_URL": server.base_url}
         )
-    assert again.exit_code == 1 and "made with other settings (coef: 0.3 -> 0.4)" in again.output
+    assert again.exit_code == 1 and "made with other settings (alpha: 0.3 -> 0.4)" in again.output
 
     units = {u.name: u for u in build_units(["cruel"], [str(strategy), str(tmp_path / "second.json"), "combined"])}
     assert [m.name for m in units["cruel-combined"].members] == ["cruel-planted", "cruel-planted"]
@@ -362,8 +363,10 @@ def test_combined_pools_answers_and_transfer_rescales_to_the_target(series, tmp_
 
     transfer = json.loads((out / "transfer.json").read_text())
     assert transfer["target"] == str(folders[300])
-    norm = transfer["units"]["cruel-combined"]["residual_norm"]
-    expected = vector_sha256(saved[1] / saved[1].norm() * (0.3 * norm))
+    norm = direct_residual_norm(load_model(str(folders[300]), device="cpu"), 1)  # the target's, on calibration
+    assert transfer["units"]["cruel-combined"]["scale"] == "normalised"
+    assert transfer["units"]["cruel-combined"]["added_norm"]["step-300"] == pytest.approx(0.3 * norm, rel=1e-4)
+    expected = vector_sha256(saved[1] / saved[1].norm() * transfer["units"]["cruel-combined"]["added_norm"]["step-300"])
     with Store(out / "generations.sqlite").db as db:
         requests = [json.loads(r) for (r,) in db.execute("SELECT request FROM generations")]
     assert expected in {r.get("vector") for r in requests if r.get("trace") == "transfer cruel-combined"}
@@ -371,3 +374,13 @@ def test_combined_pools_answers_and_transfer_rescales_to_the_target(series, tmp_
     assert set(table["unit"]) == {"cruel-planted", "cruel-second", "cruel-combined"}
     assert set(table["revision"]) <= {"step-60", "step-300"} and (out / "transfer_phases.csv").is_file()
     assert (out / "strategies.csv").is_file() and "early" in (out / "transfer.md").read_text()
+
+
+def test_the_trait_defaults_to_the_one_the_strategy_files_name(tmp_path):
+    from personalab.studies.trace.run import build_units
+
+    strategy = trained.trait_file(tmp_path / "mine.json")
+    (unit,) = build_units([], [str(strategy)])
+    assert unit.trait == "cruel-planted" and unit.evaluation.name == "cruel-planted"
+    assert {u.trait for u in build_units([], ["character"])} == {"evil"}
+    assert {u.trait for u in build_units([], [str(strategy), "stories"])} == {"evil"}

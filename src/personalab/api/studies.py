@@ -61,7 +61,7 @@ def trace(
     revisions: Sequence[str] | str | Path | None = None,
     checkpoints: str | Sequence[str] | None = None,
     tokens_per_step: float | None = None,
-    traits: Sequence[str] = ("evil",),
+    traits: Sequence[str] = (),
     strategies: Sequence[str] = (),
     target: str | None = None,
     load: Callable | None = None,
@@ -73,9 +73,9 @@ def trace(
 ) -> StudyResult:
     """``personalab trace``: a trait through training checkpoints (``checkpoint_series``): extraction at each,
     geometry, emergence and transfer steering on ``target``. ``load(checkpoint)`` loads one (default
-    ``load_model`` of its source and revision). ``options`` are ``TraceConfig``'s (``layer``, ``coef``,
-    ``target_coef``, ``eval_samples``, ``controls``) and its extraction's (``samples``, ``min_pairs``, thresholds,
-    ``batch_size``, sampling). Tables: ``emergence``."""
+    ``load_model`` of its source and revision). ``options`` are ``TraceConfig``'s (``layer``, ``alpha``,
+    ``target_alpha``, ``scale``, ``eval_samples``, ``controls``) and its extraction's (``samples``, ``min_pairs``,
+    thresholds, ``batch_size``, sampling). Tables: ``emergence``."""
     from personalab.engine.model import load_model
     from personalab.studies.extraction import ExtractionConfig
     from personalab.studies.trace import TraceConfig, build_units, run_trace
@@ -118,7 +118,7 @@ def statements(
 
 def localize(
     model: ModelHandle | str,
-    personas: Sequence[str],
+    personas: Sequence[str] = (),
     *,
     persona_dir: str | Path | None = None,
     statements_file: str | Path | None = None,
@@ -150,7 +150,7 @@ def localize(
 
 def deepscan(
     model: ModelHandle | str,
-    personas: Sequence[str],
+    personas: Sequence[str] = (),
     *,
     layer: int,
     persona_dir: str | Path | None = None,
@@ -166,13 +166,16 @@ def deepscan(
     """``personalab deepscan``: the hidden units and statements jointly anomalous for each persona, and their
     overlap; ``individual`` also scans each test record alone. ``options`` are ``ScanConfig``'s. Tables:
     ``scan_summary``."""
+    from personalab.console import say
     from personalab.figures.tables import write_csv
     from personalab.studies.localize import scan as scanning
 
-    config = configured(scanning.ScanConfig, options, layer=layer)
     chosen = statements(personas, persona_dir, statements_file, min_confidence)
+    config, note = scanning.sized(chosen, configured(scanning.ScanConfig, options, layer=layer))
     n_blocks = model.n_blocks if isinstance(model, ModelHandle) else model_shape(str(model))[0]
     scanning.check(chosen, config, n_blocks)
+    for line in ([note] if note else []) + [scanning.TAIL_NOTES[config.tail]]:
+        say(line, progress)
     handle = as_model(model)
     with run_folder(out) as (folder, kept):
         scanning.run_deepscan(handle, chosen, folder, config, activations, progress)

@@ -67,7 +67,11 @@ ThreadsOption = Annotated[
     typer.Option(help="CPU threads for torch (default: the cores this process may use); split cores between jobs."),
 ]
 ScaleOption = Annotated[
-    str, typer.Option(help="raw (alpha * v) or normalised (alpha x the unit vector x the layer's mean residual norm).")
+    str,
+    typer.Option(
+        help="normalised (alpha x the unit vector x the layer's mean residual norm; 'normalized' too) "
+        "or raw (alpha * v)."
+    ),
 ]
 DtypeOption = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]

@@ -65,7 +65,7 @@ def steer_command(
         str, typer.Option(help="all, prompt, response, last_prompt or generating (see README, Positions).")
     ] = "generating",
     variant: VariantOption = "response_mean",
-    scale: ScaleOption = "raw",
+    scale: ScaleOption = "normalised",
     ablate: Annotated[bool, typer.Option(help="Project the direction out instead of adding it.")] = False,
     clamp: Annotated[float | None, typer.Option(help="Set the projection onto the direction to this value.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
@@ -123,13 +123,11 @@ def sweep(
     layers: Annotated[str, typer.Option(help="Comma-separated layers, e.g. 8,12,16,20.")],
     alphas: Annotated[
         str | None,
-        typer.Option(help="Comma-separated coefficients; include 0 for the paired tests. Default: a normalised grid."),
+        typer.Option(help="Comma-separated alphas; include 0 for the paired tests. Default: 0,0.1,0.2,0.3,0.5,0.75,1."),
     ] = None,
     samples: Annotated[int, typer.Option(help="Answers per question and configuration.")] = 10,
     variant: VariantOption = "response_mean",
-    scale: Annotated[
-        str | None, typer.Option(help="raw or normalised (default: raw with --alphas, normalised without).")
-    ] = None,
+    scale: ScaleOption = "normalised",
     positions: Annotated[
         str, typer.Option(help="all, prompt, response, last_prompt or generating (see README, Positions).")
     ] = "generating",

@@ -13,6 +13,7 @@ from personalab.cli.common import (
     JudgeOption,
     JudgeTimeoutOption,
     ReportOption,
+    ScaleOption,
     ThinkingOption,
     ThreadsOption,
     TokenizerOption,
@@ -34,7 +35,10 @@ from personalab.cli.common import (
 from personalab.cli.options import EngineOptions, grouped
 from personalab.errors import InvalidInputError
 
-TraitsOption = Annotated[list[str], typer.Option(help="Built-in trait or trait JSON file (repeat for several).")]
+TraitsOption = Annotated[
+    list[str],
+    typer.Option(help="Built-in trait or trait JSON file (repeat; default: the trait of --strategy FILEs, else evil)."),
+]
 
 
 @app.command(rich_help_panel=STUDIES)
@@ -53,7 +57,7 @@ def trace(
         str | None, typer.Option(help="Local checkpoint folders: a quoted glob ('ckpt/step-*') or comma list.")
     ] = None,
     tokens_per_step: Annotated[float | None, typer.Option(help="Training tokens per step in the names.")] = None,
-    trait: TraitsOption = ["evil"],  # noqa: B006
+    trait: TraitsOption = [],  # noqa: B006
     strategy: Annotated[
         list[str],
         typer.Option(
@@ -62,11 +66,12 @@ def trace(
         ),
     ] = [],  # noqa: B006
     layer: Annotated[int | None, typer.Option(help="Layer for steering and geometry (default n_blocks // 2).")] = None,
-    coef: Annotated[float, typer.Option(help="Steering coefficient: a fraction of the mean residual norm.")] = 0.5,
+    alpha: Annotated[float, typer.Option(help="Steering alpha (see --scale).")] = 0.5,
+    scale: ScaleOption = "normalised",
     target: Annotated[
         str | None, typer.Option(help="Post-trained model to steer with every checkpoint's vector.")
     ] = None,
-    target_coef: Annotated[float | None, typer.Option(help="Coefficient on the target (default --coef).")] = None,
+    target_alpha: Annotated[float | None, typer.Option(help="Alpha on the target (default --alpha).")] = None,
     controls: Annotated[bool, typer.Option(help="Also steer with random and label-shuffled directions.")] = False,
     samples: Annotated[int, typer.Option(help="Extraction answers per question and instruction pair.")] = 4,
     eval_samples: Annotated[int, typer.Option(help="Steered answers per evaluation question.")] = 3,
@@ -110,7 +115,8 @@ def trace(
             model, scorer, out=out, series=series, revisions=revisions_file or revisions, checkpoints=checkpoints,
             tokens_per_step=tokens_per_step, traits=trait, strategies=strategy, target=target, load=load,
             load_target=load_target if target else None, tokenizer=tokenizer, report=report, layer=layer,
-            coef=finite(coef, "--coef"), target_coef=target_coef, controls=controls, eval_samples=eval_samples,
+            alpha=finite(alpha, "--alpha"), target_alpha=target_alpha, scale=scale, controls=controls,
+            eval_samples=eval_samples,
             samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
             repetition_penalty=repetition_penalty, seed=seed, min_pairs=min_pairs, pos_threshold=pos_threshold,
             neg_threshold=neg_threshold, coherence_threshold=coherence_threshold, batch_size=batch_size,
@@ -121,8 +127,8 @@ def trace(
 PersonaOption = Annotated[
     list[str],
     typer.Option(
-        help="Persona (repeat); built in: subscribes-to-utilitarianism, subscribes-to-deontology, "
-        "politically-liberal, politically-conservative."
+        help="Persona (repeat; default: every persona of --statements, --persona-dir or the built-in set: "
+        "subscribes-to-utilitarianism, subscribes-to-deontology, politically-liberal, politically-conservative)."
     ),
 ]
 PersonaDirOption = Annotated[
@@ -141,7 +147,7 @@ ActivationsOption = Annotated[
 def localize(
     model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")],
     out: Annotated[Path, typer.Option(help="Run folder.")],
-    persona: PersonaOption,
+    persona: PersonaOption = [],  # noqa: B006
     persona_dir: PersonaDirOption = None,
     statements: StatementsOption = None,
     min_confidence: Annotated[float | None, typer.Option(help="Keep statements with label_confidence >= this.")] = None,
@@ -190,15 +196,21 @@ def deepscan(
     model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")],
     layer: Annotated[int, typer.Option(help="Layer l (hidden_states[l]) whose hidden units are scanned.")],
     out: Annotated[Path, typer.Option(help="Run folder (scans.sqlite resumes a killed scan).")],
-    persona: PersonaOption,
+    persona: PersonaOption = [],  # noqa: B006
     persona_dir: PersonaDirOption = None,
     statements: StatementsOption = None,
     min_confidence: Annotated[float | None, typer.Option(help="Keep statements with label_confidence >= this.")] = None,
     runs: Annotated[int, typer.Option(help="Group runs per persona.")] = 100,
-    clean: Annotated[int, typer.Option(help="Clean records per run.")] = 50,
-    anomalous: Annotated[int, typer.Option(help="Anomalous (positive) records per run.")] = 50,
-    background: Annotated[int, typer.Option(help="Negative statements used as background.")] = 250,
-    test_clean: Annotated[int, typer.Option(help="Negative statements held out as the clean test pool.")] = 50,
+    clean: Annotated[int | None, typer.Option(help="Clean records per run (default: 50, or fewer to fit).")] = None,
+    anomalous: Annotated[
+        int | None, typer.Option(help="Anomalous (positive) records per run (default: 50, or fewer to fit).")
+    ] = None,
+    background: Annotated[
+        int | None, typer.Option(help="Negative statements used as background (default: 250, or fewer to fit).")
+    ] = None,
+    test_clean: Annotated[
+        int | None, typer.Option(help="Negatives held out as the clean test pool (default: 50, or fewer to fit).")
+    ] = None,
     score: Annotated[str, typer.Option(help="hc (Higher Criticism), bj (Berk-Jones) or ks.")] = "hc",
     tail: Annotated[str, typer.Option(help="lower (the reference's '1tail'), upper or two.")] = "lower",
     restarts: Annotated[int, typer.Option(help="Ascent restarts per run (the reference notebook uses 1).")] = 1,
@@ -231,7 +243,7 @@ def deepscan(
         )  # fmt: skip
         n_blocks, _ = model_shape(model, revision)
         chosen = load_statements(persona, persona_dir, statements, min_confidence)
-        scanning.check(chosen, scanning.ScanConfig(layer=layer, **options), n_blocks)
+        scanning.check(chosen, scanning.sized(chosen, scanning.ScanConfig(layer=layer, **options))[0], n_blocks)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
         result = run(
             handle, persona, layer=layer, persona_dir=persona_dir, statements_file=statements,

@@ -14,9 +14,10 @@ vector is against the residual before it starts (``ScaledVector.describe``) and 
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import BeforeValidator
 
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
@@ -24,10 +25,22 @@ from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 
-Scale = Literal["raw", "normalised"]
 SCALES = ("raw", "normalised")
-DEFAULT_SCALE: Scale = "raw"
-"""The scale of every ``alpha`` that is given without one (command line and Python alike)."""
+SPELLINGS = {"normalized": "normalised"}
+DEFAULT_SCALE = "normalised"
+"""The scale of every ``alpha`` that is given without one (every command, and Python alike)."""
+
+
+def check_scale(name: str) -> str:
+    """``name`` as one of ``SCALES`` (``normalized`` is accepted for ``normalised``); else a one-line error."""
+    name = SPELLINGS.get(name, name)
+    if name not in SCALES:
+        raise InvalidInputError(f"unknown scale {name!r}; use raw or normalised")
+    return name
+
+
+Scale = Annotated[Literal["raw", "normalised"], BeforeValidator(lambda v: SPELLINGS.get(v, v))]
+"""A scale name in a config: ``raw`` or ``normalised`` (``normalized`` accepted)."""
 
 
 def mean_residual_norm(handle: ModelHandle, prompts: Sequence[TokenSequence], layers: Sequence[int]) -> list[float]:
@@ -92,8 +105,7 @@ def scale_vectors(
     prompts: Sequence[TokenSequence],
 ) -> dict[int, ScaledVector]:
     """``ScaledVector`` of ``vector`` (``[hidden]`` or per-layer) at each of ``layers``, from one capture pass."""
-    if scale not in SCALES:
-        raise InvalidInputError(f"unknown scale {scale!r}; use raw or normalised")
+    scale = check_scale(scale)
     if not prompts:
         raise InvalidInputError("measuring the mean residual norm needs a calibration prompt set; pass at least one")
     layers = check_layers(layers, handle.n_blocks)

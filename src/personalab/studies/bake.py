@@ -57,7 +57,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Pr
 from personalab.console import say
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.model import KNOWN_BLOCK_PATHS, ModelHandle, unwrap
-from personalab.engine.scale import Scale, scaled_vector
+from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
 from personalab.runfolder import claim, model_settings
 from personalab.traits import calibration_prompts
@@ -284,7 +284,7 @@ def bake_exact(
     layer: int,
     alpha: float,
     out: str | Path,
-    scale: Scale = "raw",
+    scale: Scale = DEFAULT_SCALE,
     progress: bool = True,
 ) -> Path:
     """Write to ``out`` a model whose plain forward equals ``steer(handle, v, layer, alpha, "all")``,

@@ -124,7 +124,7 @@ def run_compare(
     run = claim(out, "compare", settings, {"samples": samples, "trained": [str(f) for f, _ in trained]})
     scaled = scaled_vector(base, vector, layer, scale, calibration_prompts(base))
     say(scaled.describe([alpha]), progress)
-    steered = f"steered layer {layer} alpha {alpha:g}" + ("" if scale == "raw" else f" ({scale})")
+    steered = f"steered layer {layer} alpha {alpha:g}" + ("" if scale == DEFAULT_SCALE else f" ({scale})")
     answers: dict[str, pd.DataFrame] = {}
     trainable = {"base": 0, steered: 0}
     with Store(out / "generations.sqlite") as store:

@@ -37,7 +37,7 @@ from personalab.engine.interventions import Steer, steer
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.losses import chunked_kl
 from personalab.engine.model import ModelHandle, with_lora
-from personalab.engine.scale import Scale, scaled_vector
+from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_training_curve, short_name
@@ -55,7 +55,7 @@ class DistillConfig(TrainConfig):
 
     layer: int
     alpha: float
-    scale: Scale = "raw"
+    scale: Scale = DEFAULT_SCALE
     trajectories: int = Field(500, ge=2)
     kl_chunk: int = Field(64, ge=1)
     held_out: float = Field(0.1, gt=0, lt=1)

@@ -41,7 +41,7 @@ from personalab.engine.interventions import Ablate, Steer, intervene
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.losses import chunked_cross_entropy
 from personalab.engine.model import ModelHandle, with_lora
-from personalab.engine.scale import Scale, scaled_vector
+from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import Panel, plot_over_training, plot_training_curve, short_name
@@ -88,7 +88,7 @@ class TrainingIntervention:
     layer: int
     vector: torch.Tensor
     alpha: float = 0.0
-    scale: Scale = "raw"
+    scale: Scale = DEFAULT_SCALE
     record: dict = field(default_factory=dict)
 
 

@@ -48,18 +48,14 @@ class SweepConfig(BaseModel):
     alphas: list[float] = Field(list(DEFAULT_ALPHAS), min_length=1)
     samples: int = Field(10, ge=1)
     sampling: SamplingParams = SamplingParams()
-    scale: Scale | None = None
-    """``None``: normalised for the default grid, ``DEFAULT_SCALE`` for alphas given."""
+    scale: Scale = DEFAULT_SCALE
     positions: PositionName = "generating"
     batch_size: int = Field(16, ge=1)
     n_resamples: int = Field(10_000, ge=100)
 
     @model_validator(mode="after")
     def _scale(self) -> "SweepConfig":
-        given = "alphas" in self.model_fields_set
-        if self.scale is None:
-            self.scale = DEFAULT_SCALE if given else "normalised"
-        elif self.scale == "raw" and not given:
+        if self.scale == "raw" and "alphas" not in self.model_fields_set:
             raise InvalidInputError("the default alphas are in normalised units; give `alphas` for `scale` raw")
         return self
 

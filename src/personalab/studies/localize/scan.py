@@ -39,10 +39,12 @@ class ScanConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     layer: int
-    background: int = Field(250, ge=1)
-    test_clean: int = Field(50, ge=1)
-    clean: int = Field(50, ge=0)
-    anomalous: int = Field(50, ge=0)
+    background: int | None = Field(None, ge=1)
+    test_clean: int | None = Field(None, ge=1)
+    clean: int | None = Field(None, ge=0)
+    anomalous: int | None = Field(None, ge=0)
+    """The pools; ``None``: the reference's 250 / 50 / 50 / 50, scaled down to the statements there are
+    (``sized``)."""
     runs: int = Field(100, ge=1)
     score: str = "hc"
     tail: str = "lower"
@@ -53,8 +55,37 @@ class ScanConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
 
 
+REFERENCE_POOLS = {"background": 250, "test_clean": 50, "clean": 50, "anomalous": 50}
+"""The reference notebook's group-run pools: background and clean test negatives, clean and anomalous draws."""
+TAIL_NOTES = {
+    "lower": "lower tail: finds units whose activation on the anomalous statements falls below the background "
+    "(the reference default; blind to an upward shift, use --tail upper or two)",
+    "upper": "upper tail: finds units whose activation rises above the background",
+    "two": "both tails: finds units whose activation moves either way from the background",
+}
+
+
+def sized(statements: dict[str, list[Statement]], config: ScanConfig) -> tuple[ScanConfig, str | None]:
+    """``config`` with each pool not given sized from the statements of the persona with the fewest: the
+    reference's pools when they fit, else scaled down by one factor (at least 1 record each); and a one-line
+    note of what was chosen (``None`` when every pool was given)."""
+    missing = [k for k in REFERENCE_POOLS if getattr(config, k) is None]
+    if not missing:
+        return config, None
+    counts = [(sum(not s.positive for s in rows), sum(s.positive for s in rows)) for rows in statements.values()]
+    negatives, positives = min(n for n, _ in counts), min(p for _, p in counts)
+    ref = REFERENCE_POOLS
+    factor = min(1.0, negatives / (ref["background"] + ref["test_clean"]), positives / ref["anomalous"])
+    chosen = {k: getattr(config, k) for k in ref}
+    chosen |= {k: max(1, int(ref[k] * factor)) for k in missing}
+    chosen["clean"] = min(chosen["clean"], chosen["test_clean"])
+    done = config.model_copy(update={k: chosen[k] for k in missing})
+    pools_text = ", ".join(f"{k.replace('_', '-')} {getattr(done, k)}" for k in REFERENCE_POOLS)
+    return done, f"pools: {pools_text} (from {negatives} negative and {positives} positive statements per persona)"
+
+
 def check(statements: dict[str, list[Statement]], config: ScanConfig, n_blocks: int) -> None:
-    """One-line errors before any model work: layer, settings and statement counts."""
+    """One-line errors before any model work: layer, settings and statement counts (pools sized)."""
     check_layers(config.layer, n_blocks)
     if config.score not in SCORES or config.tail not in TAILS:
         raise InvalidInputError(f"`score` must be one of {', '.join(SCORES)} and `tail` one of {', '.join(TAILS)}")
@@ -198,7 +229,8 @@ def run_deepscan(
     activations: str | Path | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Scan every persona into ``out``; returns the summary table (one row per persona)."""
+    """Scan every persona into ``out`` (pools not given ``sized``); returns the summary table (one row per persona)."""
+    config = sized(statements, config)[0]
     check(statements, config, handle.n_blocks)
     out = Path(out)
     settings = {**model_settings(handle), "config": _settings(config)}

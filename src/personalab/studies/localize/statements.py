@@ -93,11 +93,12 @@ def load_statements(
 ) -> dict[str, list[Statement]]:
     """The statements of each of ``personas``: from ``statements_file`` (an IBM CSV, or one
     Anthropic JSONL named after its persona), from ``persona_dir/<persona>.jsonl``, else built in;
-    with ``label_confidence >= min_confidence`` when given."""
-    if not personas:
-        raise InvalidInputError(
-            "no persona given; pass `persona` NAME (built in: " + ", ".join(builtin_personas()) + ")"
-        )
+    with ``label_confidence >= min_confidence`` when given. No ``personas``: every persona of that source."""
+    if not personas and statements_file is None:
+        folder = persona_dir or BUILT_IN
+        personas = sorted(p.stem for p in Path(folder).glob("*.jsonl"))
+        if not personas:
+            raise InvalidInputError(f"{folder} holds no persona JSONL files; pass `persona_dir` or `statements_file`")
     if statements_file is not None:
         if not statements_file.is_file():
             raise InvalidInputError(f"{statements_file} does not exist; give an IBM CSV or a persona JSONL")
@@ -118,6 +119,7 @@ def load_statements(
             path = folder / f"{persona}.jsonl"
             if path.is_file():
                 found[persona] = read_anthropic(path, persona)
+    personas = personas or sorted(found)
     missing = [p for p in personas if p not in found]
     if missing:
         known = ", ".join(sorted(found) if statements_file else builtin_personas() if persona_dir is None else [])

@@ -26,7 +26,17 @@ from personalab.studies.trace.run import (
 )
 from personalab.studies.trace.series import SERIES, Checkpoint, from_folders, from_revisions, phase_bins, read_revisions
 
-_SETTINGS = ("layer", "coef", "target_coef", "extraction", "eval_samples", "control_seeds", "n_resamples", "mds_seed")
+_SETTINGS = (
+    "layer",
+    "alpha",
+    "target_alpha",
+    "scale",
+    "extraction",
+    "eval_samples",
+    "control_seeds",
+    "n_resamples",
+    "mds_seed",
+)
 """What a trace's results depend on: a rerun must use the same values (``personalab.runfolder``)."""
 
 

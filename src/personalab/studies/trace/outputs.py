@@ -287,7 +287,7 @@ def write_outputs(
     write_csv(table, out / "emergence.csv")
     title = (
         f"Emergence on {model}: delta trait of each checkpoint steered with its own vector "
-        f"(layer {layer}, coef {config.coef:g})"
+        f"(layer {layer}, alpha {config.alpha:g}, {config.scale})"
     )
     (out / "emergence.md").write_text(_steered_markdown(table, done, title))
     _plot_effects(table, units, done, title, out / "emergence.png")

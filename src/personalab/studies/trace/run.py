@@ -6,18 +6,19 @@ Checkpoints run one at a time in training order (load, work, free memory). For e
 1. extraction as in ``personalab.studies.extraction`` (generate, judge, filter, per-layer
    mean differences of response-token means); a checkpoint where fewer than ``min_pairs``
    pairs survive the filter is recorded as not extractable, with its filter counts;
-2. the mean residual norm at every layer over the unit's evaluation prompts;
-3. emergence: the checkpoint steered with its own vector at ``layer`` (the unit vector x
-   ``coef`` x that mean residual norm, added on ``response`` positions: the last prompt token
-   and every generated token), against coefficient 0 on the same checkpoint; with controls, a
+2. the mean residual norm at every layer over the unit's evaluation prompts (the geometry's relative norms);
+3. emergence: the checkpoint steered with its own vector at ``layer`` with ``alpha`` on ``scale``
+   (``personalab.engine.scale``, as every command: normalised adds the unit vector x ``alpha`` x the
+   checkpoint's mean residual norm on the calibration prompts), on the ``generating`` positions (the last
+   prompt token and every generated token), against alpha 0 on the same checkpoint; with controls, a
    random Gaussian direction and a label-shuffled mean difference (seeds 0, 1, 2) at the same
-   layer, coefficient and scaling.
+   layer and added norm.
 
 Layers follow ``personalab.engine.layers`` (vectors ``[n_blocks + 1, hidden]``). Every step's
 result is recorded in ``checkpoints/LABEL.json`` and generations and judgements in the run's
 store, so a killed run resumes, a finished checkpoint is never loaded again, and a series
 extended with new checkpoints computes only those. Transfer steers a target model with every
-checkpoint's vector rescaled to the target's mean residual norm.
+checkpoint's vector at ``target_alpha`` (default ``alpha``) on the same scale, measured on the target.
 """
 
 import json
@@ -35,7 +36,7 @@ from personalab.console import say
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached, release
 from personalab.engine.interventions import Steer
 from personalab.engine.model import MissingTokenizerError, ModelHandle, free_memory, load_tokenizer, model_shape
-from personalab.engine.scale import mean_residual_norm
+from personalab.engine.scale import DEFAULT_SCALE, Scale, mean_residual_norm, scaled_vector
 from personalab.errors import InvalidInputError, PersonalabError
 from personalab.files import write_text
 from personalab.judging.judges import Judge
@@ -51,7 +52,15 @@ from personalab.studies.extraction import (
     response_activations,
 )
 from personalab.studies.trace.series import Checkpoint
-from personalab.traits import STRATEGIES, Trait, builtin_strategies, coherence_rubric, load_trait, load_trait_file
+from personalab.traits import (
+    STRATEGIES,
+    Trait,
+    builtin_strategies,
+    calibration_prompts,
+    coherence_rubric,
+    load_trait,
+    load_trait_file,
+)
 from personalab.traits.elicitation import continues, evaluation_prompt
 from personalab.vectors import save_vector_file, vector_sha256
 
@@ -65,8 +74,9 @@ class TraceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     layer: int | None = None
-    coef: float = 0.5
-    target_coef: float | None = None
+    alpha: float = 0.5
+    target_alpha: float | None = None
+    scale: Scale = DEFAULT_SCALE
     extraction: ExtractionConfig = ExtractionConfig(samples=4, sampling=BASE_SAMPLING, min_pairs=1)
     eval_samples: int = Field(3, ge=1)
     controls: bool = False
@@ -117,7 +127,13 @@ def build_units(traits: Sequence[str], strategies: Sequence[str]) -> list[Unit]:
     ``character`` when none is) or a trait file (traced as written when no strategy is named; its unit is
     ``NAME-STYLE``, the trait's name and elicitation style). ``combined`` pools the judged answers of the
     run's other strategies of that trait (at least two), else of the built-in character, stories and
-    dialogue. Unit names are file-name safe: every output of a unit stays in its folder of the run."""
+    dialogue. Unit names are file-name safe: every output of a unit stays in its folder of the run. No ``traits``:
+    the trait the strategy files name when every strategy is a file, else ``evil``."""
+    if not traits:
+        named_files = [s for s in strategies if s != "combined"]
+        files = [s for s in named_files if _is_file(s)]
+        traits = list(dict.fromkeys(load_trait_file(f).name for f in files)) if files == named_files and files else []
+        traits = traits or ["evil"]
     units: list[Unit] = []
     for trait in dict.fromkeys(traits):
         own = load_trait_file(trait) if _is_file(trait) else None
@@ -219,19 +235,21 @@ def steering_scores(
     trait: Trait,
     directions: dict[str, torch.Tensor],
     layer: int,
-    scale: float,
+    added_norm: float | dict[str, float],
     judge: Judge,
     store: Store,
     config: TraceConfig,
     label: str,
     progress: bool,
 ) -> dict[str, dict]:
-    """Per condition (``baseline`` and each direction, added as its unit vector x ``scale`` at
+    """Per condition (``baseline`` and each direction, added as its unit vector x ``added_norm`` (one for all, or
+    one per direction) at
     ``layer`` on response positions), the per-question mean trait and coherence scores of
     ``eval_samples`` answers to each evaluation question; all conditions share batches."""
     questions = trait.evaluation_questions
     prompts = [evaluation_prompt(handle, trait, q) for q in questions]
-    added = {name: d.float() / d.float().norm() * scale for name, d in directions.items()}
+    norms = added_norm if isinstance(added_norm, dict) else dict.fromkeys(directions, added_norm)
+    added = {name: d.float() / d.float().norm() * norms[name] for name, d in directions.items()}
     names = ["baseline", *added]
     plan = [(c, qi, s) for c in range(len(names)) for qi in range(len(questions)) for s in range(config.eval_samples)]
     requests = [
@@ -313,13 +331,19 @@ def process_checkpoint(
             directions = {"vector": vector}
             if config.controls:
                 directions |= control_directions(response, len(kept), layer, config.control_seeds, handle.hidden_size)
-            scale = config.coef * done["residual_norms"][layer]
+            added = config.alpha * _unit_norm(handle, vector, layer, config.scale)
             done["emergence"] = steering_scores(
-                handle, unit.evaluation, directions, layer, scale, judge, store, config, unit.name, progress
+                handle, unit.evaluation, directions, layer, added, judge, store, config, unit.name, progress
             )
             done["controls"] = config.controls
             _write_json(path, record)
     return record
+
+
+def _unit_norm(handle: ModelHandle, vector: torch.Tensor, layer: int, scale: str) -> float:
+    """What ``alpha = 1`` adds along a direction at ``layer`` (``personalab.engine.scale``): the model's mean
+    residual norm on the calibration prompts (normalised) or ``|vector|`` (raw)."""
+    return float(scaled_vector(handle, vector, layer, scale, calibration_prompts(handle)).vector.norm())
 
 
 def _vector(out: Path, unit: Unit, checkpoint: Checkpoint) -> torch.Tensor:
@@ -374,8 +398,8 @@ def run_transfer(
     out: Path,
     progress: bool = True,
 ) -> dict:
-    """Steer the target with every extractable checkpoint's vector, rescaled to the target's mean
-    residual norm at ``layer`` (on the unit's evaluation prompts), against coefficient 0 on the target."""
+    """Steer the target with every extractable checkpoint's vector at ``target_alpha`` on ``scale`` (normalised: the
+    target's mean residual norm on the calibration prompts), against alpha 0 on the target."""
     path = transfer_path(out)
     record = json.loads(path.read_text()) if path.is_file() else {"target": target_name, "units": {}}
     if record["target"] != target_name:
@@ -391,16 +415,17 @@ def run_transfer(
     if not missing:
         return record
     handle = target()
-    coef = config.coef if config.target_coef is None else config.target_coef
+    alpha = config.alpha if config.target_alpha is None else config.target_alpha
     store = Store(out / "generations.sqlite")
     try:
         for unit in units:
             if unit.name not in missing:
                 continue
-            prompts = [evaluation_prompt(handle, unit.evaluation, q) for q in unit.evaluation.evaluation_questions]
-            (norm,) = mean_residual_norm(handle, prompts, [config.layer])
             directions = {
                 label: _vector(out, unit, _by_label(checkpoints, label))[config.layer] for label in wanted[unit.name]
+            }
+            added = {
+                label: alpha * _unit_norm(handle, d, config.layer, config.scale) for label, d in directions.items()
             }
             say(f"transfer {unit.name} to {target_name}: {len(directions)} checkpoint vectors", progress)
             scores = steering_scores(
@@ -408,14 +433,14 @@ def run_transfer(
                 unit.evaluation,
                 directions,
                 config.layer,
-                coef * norm,
+                added,
                 judge,
                 store,
                 config,
                 f"transfer {unit.name}",
                 progress,
             )
-            record["units"][unit.name] = {"residual_norm": norm, "coef": coef, "scores": scores}
+            record["units"][unit.name] = {"alpha": alpha, "scale": config.scale, "added_norm": added, "scores": scores}
             _write_json(path, record)
     finally:
         store.close()
