@@ -32,7 +32,7 @@ with evil.steer(model, layer=3, alpha=4.0):
     print("steered:", model.generate_text(prompt, max_new_tokens=24))
 
 # A sweep over two layers on the default grid (normalised units), judged, with paired tests against alpha 0.
-sweep = pl.sweep(model, evil, judge, layers=[2, 3], samples=1, max_new_tokens=16, progress=False)
+sweep = pl.sweep(model, evil, judge, layers=[2, 3], eval_samples=1, max_new_tokens=16, progress=False)
 print(sweep.table[["layer", "alpha", "trait_mean", "coherence_mean"]].to_string(index=False))
 
 # Save, load, and compare with a second trait's vector, layer by layer.

@@ -3,6 +3,7 @@ study functions against the command line (same files, same defaults), and ``impo
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -201,7 +202,7 @@ def test_cli_verbs_write_what_the_python_functions_write(model_folder, tmp_path,
         _same_run(tmp_path / "cli" / "ext", tmp_path / "py" / "ext")
 
         sweep = ["sweep", *base, "--vector", str(tmp_path / "cli" / "ext"), "--judge", "api:j", "--layers", "1,2"]
-        sweep += ["--alphas", "0,2", "--samples", "1", "--max-new-tokens", "3"]
+        sweep += ["--alphas", "0,2", "--eval-samples", "1", "--max-new-tokens", "3"]
         assert runner.invoke(app, [*sweep, "--out", str(tmp_path / "cli" / "sweep")], env=env).exit_code == 0
         result = pl.sweep(
             model,
@@ -209,7 +210,7 @@ def test_cli_verbs_write_what_the_python_functions_write(model_folder, tmp_path,
             "api:j",
             layers=[1, 2],
             alphas=[0, 2],
-            samples=1,
+            eval_samples=1,
             max_new_tokens=3,
             out=tmp_path / "py" / "sweep",
         )
@@ -283,7 +284,8 @@ PERSONAS = ["politically-liberal", "subscribes-to-utilitarianism"]
 
 @pytest.mark.slow
 def test_study_verbs_write_what_the_python_functions_write(model_folder, tmp_path, monkeypatch):
-    """compose, localize, deepscan, distill and compare: the command and the function give the same run folder."""
+    """compose, localize, deepscan, trace, distill and compare: the command and the function give the same run
+    folder."""
     chat = str(model_folder("qwen2", "chatml"))
     model = str(model_folder("llama", "chatml"))
     cpu = ["--device", "cpu"]
@@ -304,6 +306,14 @@ def test_study_verbs_write_what_the_python_functions_write(model_folder, tmp_pat
     both(["deepscan", "--model", model, *personas, "--layer", "2", *flags], pl.deepscan, "deepscan", model=model,
          personas=PERSONAS, layer=2, **pools)  # fmt: skip
 
+    checkpoint = str(shutil.copytree(model, tmp_path / "step-0"))  # trace orders checkpoints by their step
+    small = dict(layer=2, samples=1, eval_samples=1, max_new_tokens=2, min_pairs=1, pos_threshold=0, neg_threshold=101)
+    flags = [f for k, v in small.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+    with JudgeServer(scorer=hashed_scores) as server:
+        monkeypatch.setenv("PERSONALAB_JUDGE_BASE_URL", server.base_url)
+        both(["trace", "--checkpoints", checkpoint, "--trait", "evil", "--judge", "api:j", *flags], pl.trace, "trace",
+             model=None, judge="api:j", checkpoints=checkpoint, traits=["evil"], **small)  # fmt: skip
+
     vec = _vector(pl.load_model(model, device="cpu"))
     vec.save(tmp_path / "vec")
     train = dict(lora_rank=2, trajectories=4, steps=1, batch_size=2, grad_accum=1, max_new_tokens=4)
@@ -313,10 +323,10 @@ def test_study_verbs_write_what_the_python_functions_write(model_folder, tmp_pat
     with JudgeServer(scorer=hashed_scores) as server:
         monkeypatch.setenv("PERSONALAB_JUDGE_BASE_URL", server.base_url)
         args = ["compare", "--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--alpha", "4"]
-        args += ["--judge", "api:j", "--samples", "1", "--max-new-tokens", "3", "--distilled"]
+        args += ["--judge", "api:j", "--eval-samples", "1", "--max-new-tokens", "3", "--distilled"]
         student = tmp_path / "cli" / "distill"
         both([*args, str(student)], pl.compare, "compare", model=model, vector=tmp_path / "vec", judge="api:j",
-             layer=2, alpha=4, distilled=[student], samples=1, max_new_tokens=3)  # fmt: skip
+             layer=2, alpha=4, distilled=[student], eval_samples=1, max_new_tokens=3)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -339,9 +349,9 @@ def test_training_and_projection_verbs_write_what_the_python_functions_write(mod
     with JudgeServer(scorer=hashed_scores) as server:
         monkeypatch.setenv("PERSONALAB_JUDGE_BASE_URL", server.base_url)
         args = ["correlate", "--base", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--judge", "api:j"]
-        args += [x for t in tuned for x in ("--tuned", str(t))] + ["--samples", "1", "--max-new-tokens", "3"]
+        args += [x for t in tuned for x in ("--tuned", str(t))] + ["--eval-samples", "1", "--max-new-tokens", "3"]
         assert runner.invoke(app, [*args, "--device", "cpu", "--out", str(tmp_path / "cli" / "cor")]).exit_code == 0
-        pl.correlate(model, tuned, tmp_path / "vec", "api:j", layer=2, samples=1, max_new_tokens=3,
+        pl.correlate(model, tuned, tmp_path / "vec", "api:j", layer=2, eval_samples=1, max_new_tokens=3,
                      out=tmp_path / "py" / "cor")  # fmt: skip
     _same_run(tmp_path / "cli" / "cor", tmp_path / "py" / "cor")
 

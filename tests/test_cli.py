@@ -136,7 +136,18 @@ def test_sweep_command_writes_its_tables(model_folder, tiny, tmp_path):
     out = tmp_path / "sweep"
     with JudgeServer(scorer=lambda prompt: {"70": 1.0}) as server:
         args = ["sweep", "--model", str(model_folder("gpt2", "none")), "--vector", str(folder), "--trait", "evil"]
-        args += ["--judge", "api:j", "--layers", "1,3", "--alphas", "0,2", "--samples", "1", "--max-new-tokens", "3"]
+        args += [
+            "--judge",
+            "api:j",
+            "--layers",
+            "1,3",
+            "--alphas",
+            "0,2",
+            "--eval-samples",
+            "1",
+            "--max-new-tokens",
+            "3",
+        ]
         args += ["--out", str(out), "--device", "cpu"]
         result = runner.invoke(app, args, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})
     assert result.exit_code == 0, result.output

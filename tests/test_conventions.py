@@ -73,10 +73,10 @@ def test_a_run_folder_carries_its_trait_and_commands_are_quiet(model_folder, tmp
         said = f"trait: grumpy (from {run / 'trait.json'})"
         vector = ["--vector", str(run)]
         commands = {
-            "sweep": [*vector, "--judge", "api:j", "--layers", "2", "--alphas", "0,1", "--samples", "1"],
+            "sweep": [*vector, "--judge", "api:j", "--layers", "2", "--alphas", "0,1", "--eval-samples", "1"],
             "distill": [*vector, "--layer", "2", "--alpha", "1", "--lora-rank", "2", "--trajectories", "4"]
             + ["--steps", "1", "--batch-size", "2", "--grad-accum", "1"],
-            "compare": [*vector, "--layer", "2", "--alpha", "1", "--judge", "api:j", "--samples", "1"]
+            "compare": [*vector, "--layer", "2", "--alpha", "1", "--judge", "api:j", "--eval-samples", "1"]
             + ["--distilled", str(tmp_path / "distill")],
         }
         for name, args in commands.items():
@@ -142,7 +142,7 @@ def test_normalised_scale_is_one_vector_in_every_command(tiny, model_folder, tmp
 
     with JudgeServer(scorer=_scorer) as server:
         env = {"PERSONALAB_JUDGE_BASE_URL": server.base_url}
-        sweep = ["sweep", *common, "--layers", str(layer), "--judge", "api:j", "--samples", "1"]
+        sweep = ["sweep", *common, "--layers", str(layer), "--judge", "api:j", "--eval-samples", "1"]
         sweep += ["--max-new-tokens", "2", "--out", str(tmp_path / "sweep")]
         assert runner.invoke(app, sweep, env=env).exit_code == 0
         refused = runner.invoke(app, [*sweep, "--scale", "raw"], env=env)
@@ -183,7 +183,7 @@ def test_compare_writes_answers_paired_tests_and_a_figure(model_folder, tmp_path
     assert runner.invoke(app, distill + ["--steps", "2", "--out", str(tmp_path / "d")]).exit_code == 0
     out = tmp_path / "c"
     with JudgeServer(scorer=_scorer) as server:
-        args = ["compare", *common, "--layer", "2", "--alpha", "3", "--judge", "api:j", "--samples", "2"]
+        args = ["compare", *common, "--layer", "2", "--alpha", "3", "--judge", "api:j", "--eval-samples", "2"]
         args += ["--distilled", str(tmp_path / "d"), "--out", str(out)]
         result = runner.invoke(app, args, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})
     assert result.exit_code == 0, result.output

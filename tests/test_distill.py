@@ -211,7 +211,18 @@ def test_distill_ablation_and_compare_commands(model_folder, tmp_path):
     bake_exact(handle, load_vectors(tmp_path / "vec")[0]["response_mean"], 2, 4.0, tmp_path / "baked")
     with JudgeServer(scorer=lambda prompt: {"60": 0.5, "80": 0.5}) as server:
         compare = ["compare", "--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--alpha", "4"]
-        compare += ["--trait", "evil", "--judge", "api:j", "--samples", "1", "--max-new-tokens", "4", "--device", "cpu"]
+        compare += [
+            "--trait",
+            "evil",
+            "--judge",
+            "api:j",
+            "--eval-samples",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+        ]
         compare += ["--distilled", str(tmp_path / "d" / "trajectories-8"), "--out", str(tmp_path / "c")]
         compare += ["--distilled", str(tmp_path / "baked")]
         result = runner.invoke(app, compare, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})

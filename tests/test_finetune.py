@@ -313,13 +313,13 @@ def test_checkpoints_load_in_every_command_and_correlate(model_folder, tiny, tmp
         env = {"PERSONALAB_JUDGE_BASE_URL": server.base_url}
         result = runner.invoke(
             app,
-            sweep + ["--samples", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "s"), "--device", "cpu"],
+            sweep + ["--eval-samples", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "s"), "--device", "cpu"],
             env=env,
         )
         assert result.exit_code == 0, result.output
         tuned = [str(tmp_path / "ft" / "checkpoints" / f"step-{s}") for s in (2, 4, 6)]
         args = ["correlate", "--base", model, "--vector", str(vector), "--layer", "2", "--judge", "api:j"]
-        args += [x for t in tuned for x in ("--tuned", t)] + ["--samples", "1", "--max-new-tokens", "4"]
+        args += [x for t in tuned for x in ("--tuned", t)] + ["--eval-samples", "1", "--max-new-tokens", "4"]
         result = runner.invoke(app, args + ["--out", str(tmp_path / "c"), "--device", "cpu"], env=env)
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "c" / "correlate.csv")
@@ -355,14 +355,23 @@ def test_bad_input_fails_before_training(model_folder, tmp_path, monkeypatch):
         (_command(model, no_answer, vector, tmp_path / "o"), "no_answer.jsonl line 1: no assistant answer"),
         (_command(model, data, other, tmp_path / "o"), "monitor vector"),
         (
-            _command(model, data, vector, tmp_path / "o", "--steer", str(vector), "--layer", "9"),
+            _command(model, data, vector, tmp_path / "o", "--steer-vector", str(vector), "--layer", "9"),
             "layer 9 is out of range",
         ),
         (
             _command(
-                model, data, vector, tmp_path / "o", "--steer", str(vector), "--ablate", str(second), "--layer", "2"
+                model,
+                data,
+                vector,
+                tmp_path / "o",
+                "--steer-vector",
+                str(vector),
+                "--ablate-vector",
+                str(second),
+                "--layer",
+                "2",
             ),
-            "--steer and --ablate at layer 2 use different vectors",
+            "--steer-vector and --ablate-vector at layer 2 use different vectors",
         ),
         (_command(model, data, vector, tmp_path / "o", "--monitor-layer", "7"), "layer 7 is out of range"),
     ]

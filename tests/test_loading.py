@@ -107,12 +107,12 @@ def test_every_model_command_runs_on_the_checkpoint_with_tokenizer(bare, tmp_pat
         "extract": ["extract", *m, "--trait", "evil", "--judge", "api:j", "--samples", "1", "--max-new-tokens", "3"]
         + ["--min-pairs", "1", "--out", str(tmp_path / "ext"), *cpu],
         "sweep": ["sweep", *m, *v, "--trait", "evil", "--judge", "api:j", "--layers", "2", "--alphas", "0,1"]
-        + ["--samples", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "sweep"), *cpu],
+        + ["--eval-samples", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "sweep"), *cpu],
         "distill": ["distill", *m, *v, "--layer", "2", "--alpha", "2", "--lora-rank", "2", "--trait", "evil"]
         + ["--trajectories", "4", "--steps", "1", "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "3"]
         + ["--out", str(tmp_path / "dist"), *cpu],
         "compare": ["compare", *m, *v, "--layer", "2", "--alpha", "2", "--trait", "evil", "--judge", "api:j"]
-        + ["--samples", "1", "--max-new-tokens", "3", "--distilled", str(tmp_path / "dist"), *cpu]
+        + ["--eval-samples", "1", "--max-new-tokens", "3", "--distilled", str(tmp_path / "dist"), *cpu]
         + ["--out", str(tmp_path / "cmp")],
     }
     with JudgeServer(scorer=_scorer) as server:

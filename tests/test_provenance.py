@@ -43,7 +43,7 @@ def test_a_claim_is_refused_by_another_kind_or_other_settings_and_allowed_to_ext
 def test_sweep_refuses_another_scale_and_sampling(tiny, tmp_path):
     handle = tiny("llama", "chatml")
     vector = torch.randn(handle.n_layers, handle.hidden_size, generator=torch.Generator().manual_seed(0))
-    config = SweepConfig(layers=[1], alphas=[0, 1.0], samples=1, sampling=SamplingParams(max_new_tokens=3))
+    config = SweepConfig(layers=[1], alphas=[0, 1.0], eval_samples=1, sampling=SamplingParams(max_new_tokens=3))
     run_sweep(handle, vector, TRAIT, ScriptedJudge(), tmp_path, config, progress=False)
     before = (tmp_path / "sweep.md").read_text()
     for update, field in (

@@ -63,7 +63,7 @@ def test_every_model_option_takes_a_run_folder(trained, tmp_path, kind):
     assert len(shift) == 5 and any(float(line.split(",")[1]) != 0 for line in shift[1:]), shift
     with JudgeServer(scorer=hashed_scores) as server:
         env = {"PERSONALAB_JUDGE_BASE_URL": server.base_url}
-        judged = [*v, "--judge", "api:j", "--samples", "1", "--max-new-tokens", "2", *cpu]
+        judged = [*v, "--judge", "api:j", "--eval-samples", "1", "--max-new-tokens", "2", *cpu]
         sweep = ["sweep", "--model", run, "--layers", "2", "--alphas", "0,1", *judged, "--out", str(tmp_path / "s")]
         compare = ["compare", "--model", base, "--layer", "2", "--alpha", "1", "--distilled", run, *judged]
         correlate = ["correlate", "--base", base, "--tuned", run, "--layer", "2", *judged]

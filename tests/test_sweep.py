@@ -24,7 +24,9 @@ def test_per_row_sweep_equals_separate_runs_and_table_matches(tiny, tmp_path):
     handle = tiny("llama", "chatml")
     trait = TRAIT.model_copy(update={"evaluation_questions": ["Do you like rain?", "Is it cold?", "Why?", "How?"]})
     vector = _vector(handle)
-    config = SweepConfig(layers=[1, 3], alphas=[0, 2.0, -4.0], samples=1, sampling=GREEDY, batch_size=12, scale="raw")
+    config = SweepConfig(
+        layers=[1, 3], alphas=[0, 2.0, -4.0], eval_samples=1, sampling=GREEDY, batch_size=12, scale="raw"
+    )
     table = run_sweep(handle, vector, trait, ScriptedJudge(), tmp_path, config, progress=False)
     answers = pd.read_json(tmp_path / "answers.jsonl", lines=True)
     for row in answers.itertuples():
@@ -61,7 +63,7 @@ def test_rerun_with_more_alphas_computes_only_the_new_ones(tiny, tmp_path, monke
     handle = tiny("gpt2", "none")
     vector = _vector(handle, 1)
     config = SweepConfig(
-        layers=[2], alphas=[0, 1.0], samples=2, sampling=SamplingParams(max_new_tokens=4), batch_size=5
+        layers=[2], alphas=[0, 1.0], eval_samples=2, sampling=SamplingParams(max_new_tokens=4), batch_size=5
     )
     first = run_sweep(handle, vector, TRAIT, ScriptedJudge(), tmp_path, config, progress=False)
     sampled, real = [], handle.model.generate
@@ -95,7 +97,7 @@ def test_normalised_scale_gives_the_mean_residual_norm(tiny):
 def test_resuming_a_half_done_sweep_computes_only_what_is_missing(tiny, tmp_path, monkeypatch):
     handle = tiny("llama", "chatml")
     vector = _vector(handle, 2)
-    config = SweepConfig(layers=[1, 2], alphas=[0, 3.0], samples=1, sampling=SamplingParams(max_new_tokens=3))
+    config = SweepConfig(layers=[1, 2], alphas=[0, 3.0], eval_samples=1, sampling=SamplingParams(max_new_tokens=3))
     with pytest.raises(PersonalabError, match="judge server is down"):
         run_sweep(handle, vector, TRAIT, ScriptedJudge(fail_after=3), tmp_path / "half", config, progress=False)
     sampled, real = [], handle.model.generate
@@ -129,7 +131,19 @@ def test_a_command_line_rerun_with_one_more_alpha_keeps_the_scale(model_folder, 
     TRAIT.save(tmp_path / "vec" / "trait.json")
     out = tmp_path / "sweep"
     args = ["sweep", "--model", str(model_folder("llama", "chatml")), "--vector", str(tmp_path / "vec"), "--device"]
-    args += ["cpu", "--layers", "2", "--judge", "api:j", "--samples", "1", "--max-new-tokens", "2", "--out", str(out)]
+    args += [
+        "cpu",
+        "--layers",
+        "2",
+        "--judge",
+        "api:j",
+        "--eval-samples",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(out),
+    ]
 
     def answers() -> list[dict]:
         with sqlite3.connect(out / "generations.sqlite") as db:

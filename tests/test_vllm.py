@@ -218,7 +218,7 @@ def test_sweep_on_vllm_has_the_table_resumes_and_extends(folders, tmp_path):
     handle = load_model(str(folders["llama"]), device="cpu", dtype="float32")
     vector = _vector_folder(tmp_path, handle)
     base = ["sweep", "--model", str(folders["llama"]), "--vector", str(vector), "--judge", "api:j", "--layers", "1"]
-    base += ["--samples", "2", "--max-new-tokens", "6", "--device", "cpu", *ENGINE, "--vllm-chunk", "8"]
+    base += ["--eval-samples", "2", "--max-new-tokens", "6", "--device", "cpu", *ENGINE, "--vllm-chunk", "8"]
     with JudgeServer(scorer=_scorer) as server:
         env = {**os.environ, "PERSONALAB_JUDGE_BASE_URL": server.base_url, "PERSONALAB_JUDGE_API_KEY": "x"}
         straight = runner.invoke(app, base + ["--alphas", "0,0.5", "--out", str(tmp_path / "a")], env=env)

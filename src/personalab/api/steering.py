@@ -35,7 +35,7 @@ def sweep(
     **options: Any,
 ) -> StudyResult:
     """``personalab sweep``: layers x alphas, judged for trait and coherence, with paired tests against alpha 0.
-    ``options`` are ``SweepConfig``'s (``alphas``, ``samples``, ``scale``, ``positions``, ``batch_size``) and the
+    ``options`` are ``SweepConfig``'s (``alphas``, ``eval_samples``, ``scale``, ``positions``, ``batch_size``) and the
     sampling options. Tables: ``sweep`` (the CLI's ``sweep.csv``)."""
     from personalab.studies.sweep import SweepConfig, run_sweep
 

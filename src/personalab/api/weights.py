@@ -230,8 +230,8 @@ def finetune(
     monitor: Sequence[PersonaVector | str | Path] = (),
     monitor_prompts: "Sequence[Record] | str | Path | None" = None,
     judge: Judge | str | None = None,
-    steer: PersonaVector | str | Path | None = None,
-    ablate: PersonaVector | str | Path | None = None,
+    steer_vector: PersonaVector | str | Path | None = None,
+    ablate_vector: PersonaVector | str | Path | None = None,
     layer: int | None = None,
     alpha: float = 1.0,
     scale: str | None = None,
@@ -242,7 +242,7 @@ def finetune(
     **options: Any,
 ) -> StudyResult:
     """``personalab finetune``: train on chat records (loss on the final assistant turn and its end of turn) while
-    monitoring the projections of ``monitor`` vectors (judged with ``judge``); ``steer`` or ``ablate`` a vector at
+    monitoring the projections of ``monitor`` vectors (judged with ``judge``); ``steer_vector`` or ``ablate_vector`` at
     ``layer`` during training only. ``options`` are ``FinetuneConfig``'s (``steps`` instead of ``epochs``).
     Tables: ``monitor``."""
     from personalab.engine.scale import DEFAULT_SCALE
@@ -253,13 +253,13 @@ def finetune(
     config = configured(FinetuneConfig, {**options, "steps": steps or 1})
     records = load_records(data) if isinstance(data, str | Path) else list(data)
     check_records(records)
-    if (steer is not None or ablate is not None) and layer is None:
+    if (steer_vector is not None or ablate_vector is not None) and layer is None:
         raise InvalidInputError("steering or ablating during training needs a layer")
     handle = as_model(model)
     monitors = monitored(monitor, config.monitor_layer, handle.n_blocks, monitor_prompts, variant, judge is not None)
     interventions = [
         TrainingIntervention(kind, layer, as_vector(v).tensor(variant), alpha, scale or DEFAULT_SCALE)
-        for kind, v in (("steer", steer), ("ablate", ablate))
+        for kind, v in (("steer", steer_vector), ("ablate", ablate_vector))
         if v is not None
     ]
     check(handle.n_blocks, handle.hidden_size, config, monitors, interventions)

@@ -43,12 +43,26 @@ def _record_command() -> None:
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
-ModelOption = Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")]
-BaseModelOption = Annotated[str, typer.Option(help="Hub name or local folder of the base model.")]
+LAYER_HELP = "Layer l (hidden_states[l]: 0 = embeddings, l = output of block l-1)."
+ALPHA_HELP = "Steering alpha (see --scale)."
+TEMPERATURE_HELP = "Sampling temperature (0: greedy)."
+MIN_PAIRS_HELP = "Fewest kept pairs to build a vector from (trace: for a checkpoint to count as extractable)."
+POS_THRESHOLD_HELP = "Keep a pair when its positive answer's trait >= this."
+NEG_THRESHOLD_HELP = "... and its negative answer's trait < this."
+COHERENCE_THRESHOLD_HELP = "... and both answers' coherence >= this."
+STEPS_HELP = "Optimizer steps."
+MODEL_HELP = "Hub name, local folder or run folder (finetune, distill, bake) of the model."
+LAYERS_HELP = "Comma-separated layers, e.g. 8,12,16 (localize: default every layer; compose: the paper's grid)."
+"""One help text per option name: an option means the same in every command that has it."""
+ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
 VectorOption = Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")]
+TRAIT_HELP = (
+    "Built-in trait, trait JSON file or name in --trait-dir (default where a --vector is given: its run's trait; "
+    "trace: repeat for several, default the --strategy files' trait)."
+)
 TraitOption = Annotated[
     str | None,
-    typer.Option(help="Built-in trait, trait JSON file or name in --trait-dir (default: the --vector run's trait)."),
+    typer.Option(help=TRAIT_HELP),
 ]
 TraitDirOption = Annotated[Path | None, typer.Option(help="persona-vectors data folder (trait_data_extract/...).")]
 JudgeOption = Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")]
@@ -66,6 +80,10 @@ ThreadsOption = Annotated[
     int | None,
     typer.Option(help="CPU threads for torch (default: the cores this process may use); split cores between jobs."),
 ]
+TopPOption = Annotated[float, typer.Option(help="Nucleus sampling: the smallest token set of this probability.")]
+RepetitionPenaltyOption = Annotated[float, typer.Option(help="Divide the logits of tokens already present (1: off).")]
+SamplesOption = Annotated[int, typer.Option(help="Answers per extraction question and instruction pair.")]
+EvalSamplesOption = Annotated[int, typer.Option(help="Answers per evaluation question under each condition.")]
 ScaleOption = Annotated[
     str,
     typer.Option(
@@ -73,7 +91,10 @@ ScaleOption = Annotated[
         "or raw (alpha * v)."
     ),
 ]
-DtypeOption = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+DtypeOption = Annotated[
+    str,
+    typer.Option(help="auto, float32, bfloat16 or float16 (auto: the checkpoint's; float32 to train with --full)."),
+]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 ReportOption = Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run folder.")]
 ThinkingOption = Annotated[

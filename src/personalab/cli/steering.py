@@ -8,19 +8,26 @@ from rich.markup import escape
 from rich.table import Table
 
 from personalab.cli.common import (
+    ALPHA_HELP,
     JUDGE_TIMEOUT,
+    LAYER_HELP,
+    LAYERS_HELP,
     STEERING,
+    TEMPERATURE_HELP,
     DeviceOption,
     DtypeOption,
+    EvalSamplesOption,
     JudgeOption,
     JudgeTimeoutOption,
     ModelOption,
+    RepetitionPenaltyOption,
     ReportOption,
     RevisionOption,
     ScaleOption,
     ThinkingOption,
     ThreadsOption,
     TokenizerOption,
+    TopPOption,
     TraitDirOption,
     TraitOption,
     VariantOption,
@@ -59,8 +66,8 @@ def steer_command(
     prompt: Annotated[str | None, typer.Argument(help="The user message (omit with --chat).")] = None,
     model: ModelOption = ...,
     vector: VectorOption = ...,
-    layer: Annotated[int, typer.Option(help="Layer l: acts on the output of block l-1.")] = ...,
-    alpha: Annotated[float, typer.Option(help="Coefficient (ignored by --ablate and --clamp).")] = 1.0,
+    layer: Annotated[int, typer.Option(help=LAYER_HELP)] = ...,
+    alpha: Annotated[float, typer.Option(help=ALPHA_HELP)] = 1.0,
     positions: Annotated[
         str, typer.Option(help="all, prompt, response, last_prompt or generating (see README, Positions).")
     ] = "generating",
@@ -71,7 +78,9 @@ def steer_command(
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     chat: Annotated[bool, typer.Option(help="Interactive loop: one prompt per line, empty line to stop.")] = False,
     max_new_tokens: int = 128,
-    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
+    temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 0.0,
+    top_p: TopPOption = 1.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
     seed: int = 0,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
@@ -101,7 +110,12 @@ def steer_command(
             scaled = scaled_vector(handle, direction, layer, scale, calibration_prompts(handle))
             console.print(scaled.describe([alpha]), markup=False, highlight=False)
             intervention, label = Steer(layer, scaled.vector, alpha, positions), f"alpha {alpha:g} ({scale} scale)"
-        params = generation.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+        params = generation.SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            max_new_tokens=max_new_tokens,
+        )
         for text in [prompt] if not chat else iter(_read_line, ""):
             seq = handle.encode(system, text)
             (plain,) = generation.sample(handle, [seq], params, seed)
@@ -120,12 +134,15 @@ def sweep(
     model: ModelOption,
     vector: VectorOption,
     judge: JudgeOption,
-    layers: Annotated[str, typer.Option(help="Comma-separated layers, e.g. 8,12,16,20.")],
+    layers: Annotated[
+        str,
+        typer.Option(help=LAYERS_HELP),
+    ],
     alphas: Annotated[
         str | None,
         typer.Option(help="Comma-separated alphas; include 0 for the paired tests. Default: 0,0.1,0.2,0.3,0.5,0.75,1."),
     ] = None,
-    samples: Annotated[int, typer.Option(help="Answers per question and configuration.")] = 10,
+    eval_samples: EvalSamplesOption = 10,
     variant: VariantOption = "response_mean",
     scale: ScaleOption = "normalised",
     positions: Annotated[
@@ -134,9 +151,10 @@ def sweep(
     trait: TraitOption = None,
     trait_dir: TraitDirOption = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/sweep-TRAIT-MODEL).")] = None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 1.0,
+    top_p: TopPOption = 1.0,
     max_new_tokens: int = 256,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
     seed: int = 0,
     batch_size: int = 16,
     revision: RevisionOption = None,
@@ -159,8 +177,8 @@ def sweep(
         chosen_layers = integers(layers, "--layers")
         options = checked(
             SweepConfig, dict(
-                samples=samples, scale=scale, positions=positions, temperature=temperature, top_p=top_p,
-                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                eval_samples=eval_samples, scale=scale, positions=positions, temperature=temperature, top_p=top_p,
+                repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
             ) | ({"alphas": floats(alphas)} if alphas else {}), layers=chosen_layers,
         )  # fmt: skip
         chosen = pick_trait(trait, trait_dir, vector)

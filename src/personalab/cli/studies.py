@@ -6,18 +6,34 @@ from typing import Annotated
 import typer
 
 from personalab.cli.common import (
+    ALPHA_HELP,
+    COHERENCE_THRESHOLD_HELP,
     JUDGE_TIMEOUT,
+    LAYER_HELP,
+    LAYERS_HELP,
+    MIN_PAIRS_HELP,
+    MODEL_HELP,
+    NEG_THRESHOLD_HELP,
+    POS_THRESHOLD_HELP,
     STUDIES,
+    TEMPERATURE_HELP,
+    TRAIT_HELP,
     DeviceOption,
     DtypeOption,
+    EvalSamplesOption,
     JudgeOption,
     JudgeTimeoutOption,
+    RepetitionPenaltyOption,
     ReportOption,
+    SamplesOption,
     ScaleOption,
     ThinkingOption,
     ThreadsOption,
     TokenizerOption,
+    TopPOption,
+    TraitOption,
     VariantOption,
+    VectorOption,
     app,
     check_engine,
     checked,
@@ -35,10 +51,7 @@ from personalab.cli.common import (
 from personalab.cli.options import EngineOptions, grouped
 from personalab.errors import InvalidInputError
 
-TraitsOption = Annotated[
-    list[str],
-    typer.Option(help="Built-in trait or trait JSON file (repeat; default: the trait of --strategy FILEs, else evil)."),
-]
+TraitsOption = Annotated[list[str], typer.Option(help=TRAIT_HELP)]
 
 
 @app.command(rich_help_panel=STUDIES)
@@ -47,7 +60,7 @@ def trace(
     engine: EngineOptions,
     judge: JudgeOption,
     out: Annotated[Path, typer.Option(help="Run folder (resumable; rerun to extend the series).")],
-    model: Annotated[str | None, typer.Option(help="Hub name of the model whose revisions are traced.")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     series: Annotated[
         str | None, typer.Option(help="Built-in series: olmo3 or apertus (revisions and tokens).")
     ] = None,
@@ -65,23 +78,27 @@ def trace(
             "character for a built-in trait, the file itself for a trait file)."
         ),
     ] = [],  # noqa: B006
-    layer: Annotated[int | None, typer.Option(help="Layer for steering and geometry (default n_blocks // 2).")] = None,
-    alpha: Annotated[float, typer.Option(help="Steering alpha (see --scale).")] = 0.5,
+    layer: Annotated[int | None, typer.Option(help=LAYER_HELP)] = None,
+    alpha: Annotated[float, typer.Option(help=ALPHA_HELP)] = 0.5,
     scale: ScaleOption = "normalised",
     target: Annotated[
         str | None, typer.Option(help="Post-trained model to steer with every checkpoint's vector.")
     ] = None,
     target_alpha: Annotated[float | None, typer.Option(help="Alpha on the target (default --alpha).")] = None,
     controls: Annotated[bool, typer.Option(help="Also steer with random and label-shuffled directions.")] = False,
-    samples: Annotated[int, typer.Option(help="Extraction answers per question and instruction pair.")] = 4,
-    eval_samples: Annotated[int, typer.Option(help="Steered answers per evaluation question.")] = 3,
+    samples: SamplesOption = 4,
+    eval_samples: EvalSamplesOption = 3,
     max_new_tokens: int = 64,
-    temperature: float = 0.5,
-    repetition_penalty: float = 1.1,
-    min_pairs: Annotated[int, typer.Option(help="Fewest kept pairs for a checkpoint to count as extractable.")] = 1,
-    pos_threshold: float = 50.0,
-    neg_threshold: float = 50.0,
-    coherence_threshold: float = 50.0,
+    temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 0.5,
+    top_p: TopPOption = 1.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.1,
+    min_pairs: Annotated[
+        int,
+        typer.Option(help=MIN_PAIRS_HELP),
+    ] = 1,
+    pos_threshold: Annotated[float, typer.Option(help=POS_THRESHOLD_HELP)] = 50.0,
+    neg_threshold: Annotated[float, typer.Option(help=NEG_THRESHOLD_HELP)] = 50.0,
+    coherence_threshold: Annotated[float, typer.Option(help=COHERENCE_THRESHOLD_HELP)] = 50.0,
     batch_size: int = 16,
     seed: int = 0,
     tokenizer: TokenizerOption = None,
@@ -118,7 +135,8 @@ def trace(
             alpha=finite(alpha, "--alpha"), target_alpha=target_alpha, scale=scale, controls=controls,
             eval_samples=eval_samples,
             samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
-            repetition_penalty=repetition_penalty, seed=seed, min_pairs=min_pairs, pos_threshold=pos_threshold,
+            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, min_pairs=min_pairs,
+            pos_threshold=pos_threshold,
             neg_threshold=neg_threshold, coherence_threshold=coherence_threshold, batch_size=batch_size,
         )  # fmt: skip
     say_report(out, report)
@@ -145,13 +163,16 @@ ActivationsOption = Annotated[
 
 @app.command(rich_help_panel=STUDIES)
 def localize(
-    model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")],
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
     out: Annotated[Path, typer.Option(help="Run folder.")],
     persona: PersonaOption = [],  # noqa: B006
     persona_dir: PersonaDirOption = None,
     statements: StatementsOption = None,
     min_confidence: Annotated[float | None, typer.Option(help="Keep statements with label_confidence >= this.")] = None,
-    layers: Annotated[str | None, typer.Option(help="Comma-separated layers to analyse (default every layer).")] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(help=LAYERS_HELP),
+    ] = None,
     figure_layers: Annotated[
         str | None, typer.Option(help="Layers of the PCA, t-SNE and UMAP figures (default 4 across the depth).")
     ] = None,
@@ -193,8 +214,8 @@ def localize(
 
 @app.command(rich_help_panel=STUDIES)
 def deepscan(
-    model: Annotated[str, typer.Option(help="Hub name or local folder of a causal LM.")],
-    layer: Annotated[int, typer.Option(help="Layer l (hidden_states[l]) whose hidden units are scanned.")],
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
+    layer: Annotated[int, typer.Option(help=LAYER_HELP)],
     out: Annotated[Path, typer.Option(help="Run folder (scans.sqlite resumes a killed scan).")],
     persona: PersonaOption = [],  # noqa: B006
     persona_dir: PersonaDirOption = None,
@@ -258,10 +279,13 @@ def deepscan(
 
 @app.command(rich_help_panel=STUDIES)
 def compose(
-    model: Annotated[str, typer.Option(help="Hub name or local folder of an instruction-tuned causal LM.")],
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
     out: Annotated[Path, typer.Option(help="Run folder (compose.sqlite resumes a killed run).")],
     grid: Annotated[str, typer.Option(help="short, long, review, or a JSON/YAML grid file.")] = "short",
-    layers: Annotated[str | None, typer.Option(help="KL layers (default: the paper's grid for this depth).")] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(help=LAYERS_HELP),
+    ] = None,
     all_layers: Annotated[bool, typer.Option(help="Causal KL at every layer.")] = False,
     markers: Annotated[bool, typer.Option(help="Behavioural markers: 80 greedy tokens, 4 conditions.")] = False,
     host: Annotated[bool, typer.Option(help="Host injection: BY prompt against the clean XY target.")] = False,
@@ -305,15 +329,17 @@ def correlate(
     engine: EngineOptions,
     base: Annotated[str, typer.Option(help="Hub name or local folder of the base model.")],
     tuned: Annotated[list[Path], typer.Option(help="Fine-tune run folder, checkpoint or model folder (repeat).")],
-    vector: Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")],
-    layer: Annotated[int, typer.Option(help="Layer l (hidden_states[l]) of the projections.")],
+    vector: VectorOption,
+    layer: Annotated[int, typer.Option(help=LAYER_HELP)],
     judge: JudgeOption,
     out: Annotated[Path, typer.Option(help="Folder for correlate.csv, correlate.md, correlate.png.")],
-    trait: Annotated[str | None, typer.Option(help="Trait (default: the --vector run's trait).")] = None,
-    samples: Annotated[int, typer.Option(help="Judged answers per evaluation question.")] = 5,
+    trait: TraitOption = None,
+    eval_samples: EvalSamplesOption = 5,
     variant: VariantOption = "response_mean",
-    temperature: float = 1.0,
+    temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 1.0,
     max_new_tokens: int = 256,
+    top_p: TopPOption = 1.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
     seed: int = 0,
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
@@ -332,7 +358,14 @@ def correlate(
 
         options = checked(
             CorrelateConfig,
-            dict(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
+            dict(
+                eval_samples=eval_samples,
+                temperature=temperature,
+                top_p=top_p,
+                repetition_penalty=repetition_penalty,
+                max_new_tokens=max_new_tokens,
+                seed=seed,
+            ),
             layer=layer,
         )
         persona = load_vector(vector)

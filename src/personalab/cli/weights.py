@@ -7,20 +7,26 @@ import typer
 from rich.table import Table
 
 from personalab.cli.common import (
+    ALPHA_HELP,
     JUDGE_TIMEOUT,
+    LAYER_HELP,
+    STEPS_HELP,
+    TEMPERATURE_HELP,
     WEIGHTS,
-    BaseModelOption,
     DeviceOption,
     DtypeOption,
+    EvalSamplesOption,
     JudgeOption,
     JudgeTimeoutOption,
     ModelOption,
+    RepetitionPenaltyOption,
     ReportOption,
     RevisionOption,
     ScaleOption,
     ThinkingOption,
     ThreadsOption,
     TokenizerOption,
+    TopPOption,
     TraitOption,
     VariantOption,
     VectorOption,
@@ -46,17 +52,17 @@ from personalab.errors import InvalidInputError
 @grouped
 def distill_command(
     engine: EngineOptions,
-    model: BaseModelOption,
+    model: ModelOption,
     vector: VectorOption,
-    layer: Annotated[int, typer.Option(help="Layer l: the teacher adds alpha * v to the output of block l-1.")],
-    alpha: Annotated[float, typer.Option(help="Steering coefficient of the teacher (see --scale).")],
+    layer: Annotated[int, typer.Option(help=LAYER_HELP)],
+    alpha: Annotated[float, typer.Option(help=ALPHA_HELP)],
     out: Annotated[Path, typer.Option(help="Run folder.")],
     scale: ScaleOption = "normalised",
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank on attention and MLP projections.")] = None,
     full: Annotated[bool, typer.Option(help="Full fine-tuning instead of LoRA.")] = False,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2 x rank).")] = None,
     trajectories: Annotated[str, typer.Option(help="Count, or comma-separated counts for an ablation.")] = "500",
-    steps: int = 500,
+    steps: Annotated[int, typer.Option(help=STEPS_HELP)] = 500,
     batch_size: int = 2,
     grad_accum: int = 4,
     lr: float = 1e-4,
@@ -65,19 +71,16 @@ def distill_command(
     kl_chunk: Annotated[int, typer.Option(help="Positions per chunk of full-vocabulary logits.")] = 64,
     mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on a GPU that supports it), bf16 or no.")] = "auto",
     max_new_tokens: int = 256,
+    temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 1.0,
+    top_p: TopPOption = 0.95,
     merge: Annotated[bool, typer.Option(help="Also write the LoRA student merged into OUT/model.")] = False,
     variant: VariantOption = "response_mean",
-    trait: Annotated[
-        str | None,
-        typer.Option(help="Prompt set: this trait's extraction questions (default: the --vector run's trait)."),
-    ] = None,
+    trait: TraitOption = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompt set: a JSONL of chat prompts.")] = None,
     seed: int = 0,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
-    dtype: Annotated[
-        str, typer.Option(help="Weights dtype; auto = float32 for --full (AdamW steps survive), else the checkpoint's.")
-    ] = "auto",
+    dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
     thinking: ThinkingOption = False,
@@ -102,6 +105,7 @@ def distill_command(
                 scale=scale, lora_rank=lora_rank, lora_alpha=lora_alpha, steps=steps, batch_size=batch_size,
                 grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing,
                 kl_chunk=kl_chunk, mixed_precision=mixed_precision, seed=seed, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p,
             ), layer=layer, alpha=alpha, trajectories=min(counts, default=2),
         )  # fmt: skip
         persona = load_vector(vector)
@@ -134,19 +138,21 @@ def distill_command(
 @grouped
 def compare(
     engine: EngineOptions,
-    model: BaseModelOption,
+    model: ModelOption,
     vector: VectorOption,
-    layer: Annotated[int, typer.Option(help="Layer of the steered reference.")],
-    alpha: Annotated[float, typer.Option(help="Coefficient of the steered reference (see --scale).")],
+    layer: Annotated[int, typer.Option(help=LAYER_HELP)],
+    alpha: Annotated[float, typer.Option(help=ALPHA_HELP)],
     judge: JudgeOption,
     distilled: Annotated[list[Path], typer.Option(help="Distill run folder or model folder; repeat for several.")],
     out: Annotated[Path, typer.Option(help="Folder for compare.csv, compare.md and the store.")],
     trait: TraitOption = None,
     scale: ScaleOption = "normalised",
-    samples: int = 5,
+    eval_samples: EvalSamplesOption = 5,
     variant: VariantOption = "response_mean",
-    temperature: float = 1.0,
+    temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 1.0,
     max_new_tokens: int = 256,
+    top_p: TopPOption = 1.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
     seed: int = 0,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
@@ -166,7 +172,9 @@ def compare(
 
         options = checked(
             CompareConfig, dict(
-                scale=scale, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+                scale=scale, eval_samples=eval_samples, temperature=temperature, top_p=top_p,
+                repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                seed=seed,
             ), layer=layer, alpha=alpha,
         )  # fmt: skip
         persona = load_vector(vector)
@@ -190,8 +198,8 @@ def compare(
 def bake(
     model: ModelOption,
     vector: VectorOption,
-    layer: Annotated[int, typer.Option(help="Layer l: the baked model adds alpha * v to the output of block l-1.")],
-    alpha: Annotated[float, typer.Option(help="Steering coefficient (see --scale).")],
+    layer: Annotated[int, typer.Option(help=LAYER_HELP)],
+    alpha: Annotated[float, typer.Option(help=ALPHA_HELP)],
     out: Annotated[Path, typer.Option(help="Folder for the baked model.")],
     scale: ScaleOption = "normalised",
     exact: Annotated[bool, typer.Option(help="Exact bias or embedding shift, no training (required for now).")] = False,
@@ -222,7 +230,7 @@ def bake(
 @grouped
 def finetune(
     engine: EngineOptions,
-    model: BaseModelOption,
+    model: ModelOption,
     data: Annotated[Path, typer.Option(help="JSONL chat records; the loss is on the final assistant turn.")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints/step-N; a killed run resumes).")],
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank on attention and MLP projections.")] = None,
@@ -230,7 +238,7 @@ def finetune(
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2 x rank).")] = None,
     lr: float = 1e-5,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data (default 1 unless --steps).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps instead of --epochs.")] = None,
+    steps: Annotated[int | None, typer.Option(help=STEPS_HELP)] = None,
     batch_size: int = 2,
     grad_accum: int = 8,
     warmup_steps: int = 20,
@@ -257,11 +265,14 @@ def finetune(
     ] = None,
     monitor_tokens: Annotated[int, typer.Option(help="Tokens of the model's own answers when monitoring.")] = 64,
     steer: Annotated[
-        Path | None, typer.Option(help="Preventative steering: add alpha * this vector while training.")
+        Path | None,
+        typer.Option("--steer-vector", help="Preventative steering: add alpha * this vector while training."),
     ] = None,
-    ablate: Annotated[Path | None, typer.Option(help="Project this vector out of the residual while training.")] = None,
-    layer: Annotated[int | None, typer.Option(help="Layer of --steer and --ablate.")] = None,
-    alpha: Annotated[float, typer.Option(help="Coefficient of --steer (see --scale).")] = 1.0,
+    ablate: Annotated[
+        Path | None, typer.Option("--ablate-vector", help="Project this vector out of the residual while training.")
+    ] = None,
+    layer: Annotated[int | None, typer.Option(help=LAYER_HELP)] = None,
+    alpha: Annotated[float, typer.Option(help=ALPHA_HELP)] = 1.0,
     scale: ScaleOption = "normalised",
     variant: VariantOption = "response_mean",
     gradient_checkpointing: bool = False,
@@ -269,9 +280,7 @@ def finetune(
     seed: int = 0,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
-    dtype: Annotated[
-        str, typer.Option(help="Weights dtype; auto = float32 for --full, else the checkpoint's.")
-    ] = "auto",
+    dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
@@ -294,7 +303,7 @@ def finetune(
         if full == (lora_rank is not None):
             raise InvalidInputError("choose one of --lora-rank R or --full")
         if (steer or ablate) and layer is None:
-            raise InvalidInputError("--steer and --ablate need --layer")
+            raise InvalidInputError("--steer-vector and --ablate-vector need --layer")
         options = dict(
             lora_rank=lora_rank, lora_alpha=lora_alpha, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
             warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
@@ -325,8 +334,8 @@ def finetune(
         )  # fmt: skip
         run(
             handle, data, monitor=monitor, monitor_prompts=monitor_prompts, judge=scorer,
-            steer=steering[kinds.index("steer")] if steer else None,
-            ablate=steering[kinds.index("ablate")] if ablate else None, layer=layer, alpha=alpha, scale=scale,
+            steer_vector=steering[kinds.index("steer")] if steer else None,
+            ablate_vector=steering[kinds.index("ablate")] if ablate else None, layer=layer, alpha=alpha, scale=scale,
             variant=variant, epochs=epochs, out=out, report=report and main, **options,
         )  # fmt: skip
     if main:

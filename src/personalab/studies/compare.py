@@ -1,6 +1,6 @@
 """Comparing base, steered and trained models on a trait's evaluation questions.
 
-Every model answers the same evaluation questions ``samples`` times; the judge scores
+Every model answers the same evaluation questions ``eval_samples`` times; the judge scores
 trait expression and coherence. The steered reference is the base model with ``alpha * v``
 added at ``layer`` (convention in ``personalab.engine.layers``; ``v`` raw or normalised,
 ``personalab.engine.scale``) on response positions. Each model is compared question by
@@ -85,7 +85,7 @@ class CompareConfig(BaseModel):
     layer: int
     alpha: float
     scale: Scale = DEFAULT_SCALE
-    samples: int = Field(5, ge=1)
+    eval_samples: int = Field(5, ge=1)
     sampling: SamplingParams = SamplingParams()
     n_resamples: int = Field(10_000, ge=100)
 
@@ -108,7 +108,7 @@ def run_compare(
     judged answer), ``compare.png`` (bars with one std) and ``meta.json``. Returns the table.
     """
     out = Path(out)
-    layer, alpha, scale, samples = config.layer, config.alpha, config.scale, config.samples
+    layer, alpha, scale, samples = config.layer, config.alpha, config.scale, config.eval_samples
     params, n_resamples = config.sampling, config.n_resamples
     settings = {
         **model_settings(base),
@@ -121,7 +121,7 @@ def run_compare(
         "sampling": params.model_dump(mode="json"),
         "n_resamples": n_resamples,
     }
-    run = claim(out, "compare", settings, {"samples": samples, "trained": [str(f) for f, _ in trained]})
+    run = claim(out, "compare", settings, {"eval_samples": samples, "trained": [str(f) for f, _ in trained]})
     scaled = scaled_vector(base, vector, layer, scale, calibration_prompts(base))
     say(scaled.describe([alpha]), progress)
     steered = f"steered layer {layer} alpha {alpha:g}" + ("" if scale == DEFAULT_SCALE else f" ({scale})")

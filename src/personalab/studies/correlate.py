@@ -3,7 +3,7 @@
 For each fine-tuned model, on the trait's evaluation questions: the mean projection onto the
 unit vector at ``layer`` (``hidden_states[l]``) of the residual at the last prompt token, and
 of the mean residual over the model's judged answers, minus the same for the base model; and
-the judged trait and coherence of those answers (``samples`` per question). The correlation
+the judged trait and coherence of those answers (``eval_samples`` per question). The correlation
 of the last-prompt shift with the trait score is Pearson's r with a 95% percentile bootstrap
 interval over the models (10,000 resamples, seeded).
 """
@@ -72,7 +72,7 @@ class CorrelateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     layer: int
-    samples: int = Field(5, ge=1)
+    eval_samples: int = Field(5, ge=1)
     sampling: SamplingParams = SamplingParams()
     seed: int = 0
     """Seed of the bootstrap interval."""
@@ -89,7 +89,7 @@ def run_correlate(
 ) -> pd.DataFrame:
     """Tabulate and plot shift against trait for each ``(name, load)`` of ``tuned`` (one model in memory at a time)."""
     out = Path(out)
-    layer, samples, params, seed = config.layer, config.samples, config.sampling, config.seed
+    layer, samples, params, seed = config.layer, config.eval_samples, config.sampling, config.seed
     rows, run = [], None
     with Store(out / "generations.sqlite") as store:
         for name, load in [("base", base), *tuned]:
@@ -104,7 +104,7 @@ def run_correlate(
                     "sampling": params.model_dump(mode="json"),
                     "seed": seed,
                 }
-                run = claim(out, "correlate", settings, {"samples": samples, "tuned": [n for n, _ in tuned]})
+                run = claim(out, "correlate", settings, {"eval_samples": samples, "tuned": [n for n, _ in tuned]})
             say(f"measuring {name}", True)
             rows.append({"model": name, **_measure(handle, trait, vector, layer, judge, store, samples, params, name)})
             release(handle)

@@ -145,7 +145,9 @@ def check(
         check_vector(iv.vector, iv.layer, n_blocks, hidden)
         other = layers.setdefault(iv.layer, iv)
         if other is not iv and not torch.equal(torch.as_tensor(other.vector), torch.as_tensor(iv.vector)):
-            raise InvalidInputError(f"--steer and --ablate at layer {iv.layer} use different vectors; use one vector")
+            raise InvalidInputError(
+                f"`steer_vector` and `ablate_vector` at layer {iv.layer} use different vectors; use one vector"
+            )
 
 
 def assistant_loss(

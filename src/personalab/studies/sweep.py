@@ -1,6 +1,6 @@
 """Steering sweeps: layers x coefficients, judged for trait expression and coherence.
 
-Every configuration answers the trait's evaluation questions ``samples`` times, with the
+Every configuration answers the trait's evaluation questions ``eval_samples`` times, with the
 vector added at the layer on ``positions``. All coefficients of one layer share batches
 with a per-row alpha, so a sweep costs about one batched generation per layer. Answers
 at ``alpha = 0`` are the unsteered model's and are shared by every layer. Each steered
@@ -46,7 +46,7 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layers: list[int] = Field(min_length=1)
     alphas: list[float] = Field(list(DEFAULT_ALPHAS), min_length=1)
-    samples: int = Field(10, ge=1)
+    eval_samples: int = Field(10, ge=1)
     sampling: SamplingParams = SamplingParams()
     scale: Scale = DEFAULT_SCALE
     positions: PositionName = "generating"
@@ -77,7 +77,7 @@ def _answers(
             (alpha, qi, sample)
             for alpha in config.alphas
             for qi in range(len(prompts))
-            for sample in range(config.samples)
+            for sample in range(config.eval_samples)
         ]
         requests = [
             GenerationRequest(
@@ -166,7 +166,7 @@ def run_sweep(
     alphas or samples computes only those); returns the table."""
     check_layers(config.layers, handle.n_blocks)
     out = Path(out)
-    extends = {"layers": config.layers, "alphas": config.alphas, "samples": config.samples}
+    extends = {"layers": config.layers, "alphas": config.alphas, "eval_samples": config.eval_samples}
     run = claim(out, "sweep", settings(handle, vector, trait, judge, config), extends)
     scales = scale_vectors(handle, vector, config.layers, config.scale, calibration_prompts(handle))
     for scaled in scales.values():
@@ -224,5 +224,5 @@ def settings(handle: ModelHandle, vector: torch.Tensor, trait: Trait, judge: Jud
         "vector_sha256": vector_sha256(vector),
         "trait_sha256": trait.digest(),
         "judge": judge.name,
-        "config": config.model_dump(mode="json", exclude={"layers", "alphas", "samples", "batch_size"}),
+        "config": config.model_dump(mode="json", exclude={"layers", "alphas", "eval_samples", "batch_size"}),
     }
