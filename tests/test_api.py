@@ -316,7 +316,7 @@ def test_study_verbs_write_what_the_python_functions_write(model_folder, tmp_pat
 
     vec = _vector(pl.load_model(model, device="cpu"))
     vec.save(tmp_path / "vec")
-    train = dict(lora_rank=2, trajectories=4, steps=1, batch_size=2, grad_accum=1, max_new_tokens=4)
+    train = dict(lora_rank=2, trajectories=4, steps=1, micro_batch_size=2, grad_accum=1, max_new_tokens=4)
     flags = [f for k, v in train.items() for f in (f"--{k.replace('_', '-')}", str(v))]
     both(["distill", "--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--alpha", "4", *flags],
          pl.distill, "distill", model=model, vector=tmp_path / "vec", layer=2, alpha=4, **train)  # fmt: skip
@@ -338,7 +338,7 @@ def test_training_and_projection_verbs_write_what_the_python_functions_write(mod
     data = tmp_path / "data.jsonl"
     rows = [{"prompt": q, "response": "I do not like it at all."} for q in TRAIT.extraction_questions * 2]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train = dict(lora_rank=2, steps=2, batch_size=2, grad_accum=1, warmup_steps=0, checkpoint_every=1, lr=0.01)
+    train = dict(lora_rank=2, steps=2, micro_batch_size=2, grad_accum=1, warmup_steps=0, checkpoint_every=1, lr=0.01)
     flags = [f for k, v in train.items() for f in (f"--{k.replace('_', '-')}", str(v))]
     args = ["finetune", "--model", model, "--data", str(data), "--monitor", str(tmp_path / "vec"), *flags]
     assert runner.invoke(app, [*args, "--device", "cpu", "--out", str(tmp_path / "cli" / "ft")]).exit_code == 0

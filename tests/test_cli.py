@@ -47,8 +47,12 @@ def test_info_errors_are_one_line(tmp_path, model_folder):
 
 
 def test_trait_list_and_show():
-    listed = runner.invoke(app, ["trait", "list"])
+    from personalab.traits import builtin_strategies
+
+    listed = runner.invoke(app, ["trait", "list"], terminal_width=300)
     assert listed.exit_code == 0 and "sycophantic" in listed.output and "hallucinating" in listed.output
+    strategies = builtin_strategies()
+    assert len(strategies) >= 12 and all(name in listed.output for name in strategies)
     shown = runner.invoke(app, ["trait", "show", "evil"])
     assert shown.exit_code == 0
     assert json.loads(shown.output) == load_trait("evil").model_dump()
@@ -124,8 +128,20 @@ def test_steer_prints_both_answers(tiny, model_folder, tmp_path, monkeypatch):
         steered = sample_texts(handle, [seq], params, 0)
     assert texts == [sample_texts(handle, [seq], params, 0)[0], steered[0]] and texts[1] != texts[0]
 
-    chat = runner.invoke(app, args + ["--chat", "--ablate"], input="Hi?\nWhat is bread?\n", terminal_width=400)
+    plain = [a for a in args if a not in ("--alpha", "6")]
+    chat = runner.invoke(app, plain + ["--chat", "--ablate"], input="Hi?\nWhat is bread?\n", terminal_width=400)
     assert chat.exit_code == 0 and chat.output.count("ablated") == 2
+    ignored = runner.invoke(app, args + ["--ablate", "Hi?"])
+    assert ignored.exit_code == 1 and "--ablate and --clamp add nothing: drop --alpha" in ignored.output
+
+    clamped = runner.invoke(app, plain + ["--clamp", "3", "Hi?"], terminal_width=400)
+    assert clamped.exit_code == 0, clamped.output
+    from personalab.traits import library_questions
+
+    unit = vector[2] / vector[2].norm()
+    values = torch.cat([hidden_states(handle, handle.encode(None, q))[2] for q in library_questions()]) @ unit
+    expected = f"the projection onto the unit direction is {values.mean():.4g} +- {values.std():.4g}"
+    assert expected in " ".join(clamped.output.split()) and "clamped to 3" in clamped.output
     bad = runner.invoke(app, args[:-2] + ["--layer", "7", "Hi?"])
     assert bad.exit_code == 1 and "layer 7 is out of range" in bad.output
 

@@ -75,7 +75,7 @@ def test_a_run_folder_carries_its_trait_and_commands_are_quiet(model_folder, tmp
         commands = {
             "sweep": [*vector, "--judge", "api:j", "--layers", "2", "--alphas", "0,1", "--eval-samples", "1"],
             "distill": [*vector, "--layer", "2", "--alpha", "1", "--lora-rank", "2", "--trajectories", "4"]
-            + ["--steps", "1", "--batch-size", "2", "--grad-accum", "1"],
+            + ["--steps", "1", "--micro-batch-size", "2", "--grad-accum", "1"],
             "compare": [*vector, "--layer", "2", "--alpha", "1", "--judge", "api:j", "--eval-samples", "1"]
             + ["--distilled", str(tmp_path / "distill")],
         }
@@ -155,7 +155,7 @@ def test_normalised_scale_is_one_vector_in_every_command(tiny, model_folder, tmp
     assert meta["residual_norm"] == pytest.approx(norm, rel=1e-5) and meta["calibration_prompts"] == 140
 
     distill = ["distill", *common, *scaled, "--alpha", str(alpha), "--lora-rank", "2", "--trajectories", "2"]
-    distill += ["--steps", "1", "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "2"]
+    distill += ["--steps", "1", "--micro-batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "2"]
     assert runner.invoke(app, [*distill, "--out", str(tmp_path / "distill")]).exit_code == 0
     assert {r["distill"] for r in _requests(tmp_path / "distill" / "generations.sqlite")} == {digest}
     record = json.loads((tmp_path / "distill" / "meta.json").read_text())["steering"]

@@ -72,7 +72,7 @@ CONFIG = DistillConfig(
     lora_rank=4,
     trajectories=24,
     steps=30,
-    batch_size=4,
+    micro_batch_size=4,
     grad_accum=1,
     lr=2e-2,
     warmup_steps=2,
@@ -116,7 +116,7 @@ def test_bf16_autocast_on_a_bf16_base_trains_a_float32_adapter(model_folder, tmp
 def _launch_distill(model: str, vector, out, processes: int, grad_accum: int, *extra: str):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     cmd += ["-m", "personalab", "distill", "--model", model, "--vector", str(vector), "--layer", "2", "--alpha", "6"]
-    cmd += ["--trait", "evil", "--trajectories", "24", "--steps", "3", "--batch-size", "2", "--lr", "0.01"]
+    cmd += ["--trait", "evil", "--trajectories", "24", "--steps", "3", "--micro-batch-size", "2", "--lr", "0.01"]
     cmd += ["--warmup-steps", "1", "--max-new-tokens", "8", "--device", "cpu", "--out", str(out)]
     cmd += ["--grad-accum", str(grad_accum), *extra]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
@@ -193,7 +193,7 @@ def test_distill_ablation_and_compare_commands(model_folder, tmp_path):
         tmp_path / "vec", {"response_mean": torch.randn(4, 32, generator=torch.Generator().manual_seed(1))}, {}
     )
     args = ["distill", "--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--alpha", "4"]
-    args += ["--trait", "evil", "--steps", "3", "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "6"]
+    args += ["--trait", "evil", "--steps", "3", "--micro-batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "6"]
     args += ["--device", "cpu", "--out", str(tmp_path / "d")]
     assert "choose one of --lora-rank R or --full" in runner.invoke(app, args).output
     bad = runner.invoke(app, args + ["--lora-rank", "2", "--mixed-precision", "fp8"])

@@ -100,7 +100,7 @@ def test_fine_tuning_teaches_the_model_to_stop(tmp_path):
         return last.softmax(-1)[handle.tokenizer.eos_token_id].item()
 
     assert p_eos() < 1e-8
-    config = FinetuneConfig(lora_rank=None, lr=3e-3, steps=30, batch_size=1, grad_accum=1, warmup_steps=0,
+    config = FinetuneConfig(lora_rank=None, lr=3e-3, steps=30, micro_batch_size=1, grad_accum=1, warmup_steps=0,
                             checkpoint_every=30)  # fmt: skip
     finetune(handle, [record], config, tmp_path / "ft", progress=False)
     assert p_eos() > 0.05
@@ -139,7 +139,7 @@ def _shift_experiment(folder: str, layer: int, lr: float, tmp_path: Path) -> dic
             lora_rank=4,
             lr=lr,
             steps=60,
-            batch_size=4,
+            micro_batch_size=4,
             grad_accum=1,
             warmup_steps=5,
             checkpoint_every=20,
@@ -195,7 +195,7 @@ def _command(model: str, data: Path, vector: Path, out: Path, *extra: str) -> li
     args += [
         "--steps",
         "6",
-        "--batch-size",
+        "--micro-batch-size",
         "2",
         "--warmup-steps",
         "1",

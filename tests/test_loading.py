@@ -109,7 +109,18 @@ def test_every_model_command_runs_on_the_checkpoint_with_tokenizer(bare, tmp_pat
         "sweep": ["sweep", *m, *v, "--trait", "evil", "--judge", "api:j", "--layers", "2", "--alphas", "0,1"]
         + ["--eval-samples", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "sweep"), *cpu],
         "distill": ["distill", *m, *v, "--layer", "2", "--alpha", "2", "--lora-rank", "2", "--trait", "evil"]
-        + ["--trajectories", "4", "--steps", "1", "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "3"]
+        + [
+            "--trajectories",
+            "4",
+            "--steps",
+            "1",
+            "--micro-batch-size",
+            "2",
+            "--grad-accum",
+            "1",
+            "--max-new-tokens",
+            "3",
+        ]
         + ["--out", str(tmp_path / "dist"), *cpu],
         "compare": ["compare", *m, *v, "--layer", "2", "--alpha", "2", "--trait", "evil", "--judge", "api:j"]
         + ["--eval-samples", "1", "--max-new-tokens", "3", "--distilled", str(tmp_path / "dist"), *cpu]

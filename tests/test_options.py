@@ -43,6 +43,8 @@ def test_an_option_name_means_one_thing_in_every_command():
     found = _options()
     assert sum(len(by) > 1 for by in found.values()) >= 30, "the walk must see the shared options"
     assert _clashes(found) == {}
+    silent = sorted(f for f, by in found.items() if len(by) > 1 and any(not h for h, _, _ in by.values()))
+    assert silent == [], "an option shared by several commands says what it means"
 
 
 def test_every_generating_verb_offers_the_sampling_options():

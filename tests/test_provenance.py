@@ -61,7 +61,7 @@ def test_finetune_refuses_another_learning_rate_and_records_its_data(tiny, tmp_p
     rows = [{"prompt": q, "response": "Be kind."} for q in TRAIT.extraction_questions[:4]]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = load_records(data)
-    config = FinetuneConfig(lora_rank=2, steps=2, batch_size=2, grad_accum=1, warmup_steps=0, checkpoint_every=2)
+    config = FinetuneConfig(lora_rank=2, steps=2, micro_batch_size=2, grad_accum=1, warmup_steps=0, checkpoint_every=2)
     finetune(tiny("llama", "chatml"), records, config, tmp_path / "ft", progress=False)
     meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
     assert meta["inputs"]["data"] == {"path": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}

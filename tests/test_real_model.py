@@ -81,7 +81,7 @@ def test_distill_and_exact_bake_on_the_real_model(tmp_path):
         lora_rank=8,
         trajectories=30,
         steps=40,
-        batch_size=4,
+        micro_batch_size=4,
         grad_accum=1,
         lr=1e-2,
         warmup_steps=4,

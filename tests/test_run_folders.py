@@ -31,7 +31,7 @@ def trained(model_folder, tmp_path_factory):
     data = root / "data.jsonl"
     questions = load_trait("evil").extraction_questions[:4]
     data.write_text("".join(json.dumps({"prompt": q, "response": "Be kind."}) + "\n" for q in questions))
-    small = ["--lora-rank", "2", "--steps", "2", "--batch-size", "2", "--grad-accum", "1", "--device", "cpu"]
+    small = ["--lora-rank", "2", "--steps", "2", "--micro-batch-size", "2", "--grad-accum", "1", "--device", "cpu"]
     runs = {"finetune": root / "ft", "distill": root / "dist"}
     ft = ["finetune", "--model", base, "--data", str(data), "--lr", "0.05", "--warmup-steps", "0", *small]
     assert runner.invoke(app, [*ft, "--out", str(runs["finetune"])]).exit_code == 0

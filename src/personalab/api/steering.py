@@ -16,6 +16,7 @@ from personalab.api.common import (
 )
 from personalab.engine.model import ModelHandle
 from personalab.judging.judges import Judge
+from personalab.judging.scoring import Plan
 from personalab.persona import DEFAULT_VARIANT, PersonaVector
 from personalab.traits import Trait
 
@@ -32,16 +33,20 @@ def sweep(
     out: str | Path | None = None,
     report: bool = True,
     progress: bool = True,
+    dry_run: bool = False,
     **options: Any,
-) -> StudyResult:
+) -> "StudyResult | Plan":
     """``personalab sweep``: layers x alphas, judged for trait and coherence, with paired tests against alpha 0.
     ``options`` are ``SweepConfig``'s (``alphas``, ``eval_samples``, ``scale``, ``positions``, ``batch_size``) and the
-    sampling options. Tables: ``sweep`` (the CLI's ``sweep.csv``)."""
-    from personalab.studies.sweep import SweepConfig, run_sweep
+    sampling options. Tables: ``sweep`` (the CLI's ``sweep.csv``). ``dry_run`` returns the ``Plan`` and does nothing
+    else."""
+    from personalab.studies.sweep import SweepConfig, plan_sweep, run_sweep
 
     config = configured(SweepConfig, options, layers=list(layers))
     persona, direction = vector_of(vector, variant)
     chosen, scorer, handle = as_trait(trait, persona, trait_dir), as_judge(judge), as_model(model)
+    if dry_run:
+        return plan_sweep(handle, direction, chosen, scorer, out, config)
     with run_folder(out) as (folder, kept):
         run_sweep(handle, direction, chosen, scorer, folder, config, progress)
         page = write_run_report(folder, report and kept)

@@ -17,6 +17,7 @@ from personalab.api.common import (
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
+from personalab.judging.scoring import Plan
 from personalab.persona import DEFAULT_VARIANT, PersonaVector, project_records
 from personalab.records import Record, load_records
 from personalab.traits import Trait
@@ -32,18 +33,22 @@ def extract(
     trait_dir: str | Path | None = None,
     trait_threshold: float | None = None,
     progress: bool = True,
+    dry_run: bool = False,
     **options: Any,
-) -> PersonaVector:
+) -> "PersonaVector | Plan":
     """``personalab extract``: generate with each instruction pair, judge, filter, and take per-layer mean
     differences; the ``PersonaVector`` of the kept pairs. ``options`` are ``ExtractionConfig``'s (``samples``,
     ``min_pairs``, thresholds, ``batch_size``) and the sampling options; ``trait_threshold`` sets both trait
-    cut-offs. With ``out`` the run folder is kept (``report.html`` included) and resumes."""
-    from personalab.studies.extraction import ExtractionConfig, FilterError, run_extraction
+    cut-offs. With ``out`` the run folder is kept (``report.html`` included) and resumes. ``dry_run`` returns the
+    ``Plan`` (answers to sample, tokens, judge calls; what the store holds excluded) and does nothing else."""
+    from personalab.studies.extraction import ExtractionConfig, FilterError, plan_extraction, run_extraction
 
     if trait_threshold is not None:
         options = {**options, "pos_threshold": trait_threshold, "neg_threshold": trait_threshold}
     config = configured(ExtractionConfig, options)
     handle, chosen, scorer = as_model(model), as_trait(trait, None, trait_dir), as_judge(judge)
+    if dry_run:
+        return plan_extraction(handle, chosen, scorer, out, config)
     with run_folder(out) as (folder, kept):
         try:
             result = run_extraction(handle, chosen, scorer, folder, config, progress)

@@ -52,6 +52,13 @@ NEG_THRESHOLD_HELP = "... and its negative answer's trait < this."
 COHERENCE_THRESHOLD_HELP = "... and both answers' coherence >= this."
 STEPS_HELP = "Optimizer steps."
 MODEL_HELP = "Hub name, local folder or run folder (finetune, distill, bake) of the model."
+BATCH_HELP = "Sequences per forward batch when generating, capturing or scoring."
+MAX_NEW_TOKENS_HELP = "Most tokens generated per answer."
+SEED_HELP = "Random seed (sampling, and the command's own draws: probes, scans, training order)."
+GRAD_ACCUM_HELP = "Micro-batches accumulated per optimizer step."
+LR_HELP = "Learning rate."
+WARMUP_HELP = "Linear warm-up steps of the learning rate."
+CHECKPOINTING_HELP = "Recompute activations in the backward pass (less memory, slower)."
 LAYERS_HELP = "Comma-separated layers, e.g. 8,12,16 (localize: default every layer; compose: the paper's grid)."
 """One help text per option name: an option means the same in every command that has it."""
 ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
@@ -84,6 +91,10 @@ TopPOption = Annotated[float, typer.Option(help="Nucleus sampling: the smallest 
 RepetitionPenaltyOption = Annotated[float, typer.Option(help="Divide the logits of tokens already present (1: off).")]
 SamplesOption = Annotated[int, typer.Option(help="Answers per extraction question and instruction pair.")]
 EvalSamplesOption = Annotated[int, typer.Option(help="Answers per evaluation question under each condition.")]
+DryRunOption = Annotated[
+    bool, typer.Option(help="Print the plan (answers to sample, tokens, judge calls; stored ones excluded) and stop.")
+]
+MicroBatchOption = Annotated[int, typer.Option(help="Training sequences per micro-batch (per process).")]
 ScaleOption = Annotated[
     str,
     typer.Option(

@@ -90,12 +90,13 @@ def info(
 
 @trait_app.command("list")
 def trait_list() -> None:
-    """List the built-in traits."""
-    from personalab.traits import builtin_traits, load_trait
+    """List the built-in traits, then the base-model strategy variants (``trace --strategy``)."""
+    from personalab.traits import builtin_strategies, builtin_traits, load_trait
 
-    table = Table("trait", "description")
-    for name in builtin_traits():
-        table.add_row(name, load_trait(name).description)
+    table = Table("trait", "description", "style")
+    for name in builtin_traits() + builtin_strategies():
+        trait = load_trait(name)
+        table.add_row(name, trait.description, trait.elicitation)
     console.print(table)
 
 

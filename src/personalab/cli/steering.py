@@ -9,12 +9,16 @@ from rich.table import Table
 
 from personalab.cli.common import (
     ALPHA_HELP,
+    BATCH_HELP,
     JUDGE_TIMEOUT,
     LAYER_HELP,
     LAYERS_HELP,
+    MAX_NEW_TOKENS_HELP,
+    SEED_HELP,
     STEERING,
     TEMPERATURE_HELP,
     DeviceOption,
+    DryRunOption,
     DtypeOption,
     EvalSamplesOption,
     JudgeOption,
@@ -67,7 +71,7 @@ def steer_command(
     model: ModelOption = ...,
     vector: VectorOption = ...,
     layer: Annotated[int, typer.Option(help=LAYER_HELP)] = ...,
-    alpha: Annotated[float, typer.Option(help=ALPHA_HELP)] = 1.0,
+    alpha: Annotated[float | None, typer.Option(help=ALPHA_HELP)] = None,
     positions: Annotated[
         str, typer.Option(help="all, prompt, response, last_prompt or generating (see README, Positions).")
     ] = "generating",
@@ -77,11 +81,11 @@ def steer_command(
     clamp: Annotated[float | None, typer.Option(help="Set the projection onto the direction to this value.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     chat: Annotated[bool, typer.Option(help="Interactive loop: one prompt per line, empty line to stop.")] = False,
-    max_new_tokens: int = 128,
+    max_new_tokens: Annotated[int, typer.Option(help=MAX_NEW_TOKENS_HELP)] = 128,
     temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 0.0,
     top_p: TopPOption = 1.0,
     repetition_penalty: RepetitionPenaltyOption = 1.0,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help=SEED_HELP)] = 0,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
@@ -95,18 +99,28 @@ def steer_command(
         check_engine(engine)
         from personalab.engine import generation
         from personalab.engine.interventions import Ablate, Clamp, Steer
-        from personalab.engine.scale import scaled_vector
+        from personalab.engine.scale import projection_stats, scaled_vector
         from personalab.traits import calibration_prompts
 
         if prompt is None and not chat:
             raise InvalidInputError("give a PROMPT or --chat")
+        if ablate and clamp is not None:
+            raise InvalidInputError("choose one of --ablate and --clamp")
+        if alpha is not None and (ablate or clamp is not None):
+            raise InvalidInputError("--alpha sets how much is added; --ablate and --clamp add nothing: drop --alpha")
         direction, _ = load_direction(vector, variant)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         if ablate:
             intervention, label = Ablate(layer, direction, positions), "ablated"
         elif clamp is not None:
+            mean, std = projection_stats(handle, direction, layer, calibration_prompts(handle))
+            console.print(
+                f"layer {layer}: the projection onto the unit direction is {mean:.4g} +- {std:.4g} (mean +- std over "
+                f"every token of the calibration prompts); clamped to {clamp:g}", markup=False, highlight=False,
+            )  # fmt: skip
             intervention, label = Clamp(layer, direction, clamp, positions), f"projection clamped to {clamp:g}"
         else:
+            alpha = 1.0 if alpha is None else alpha
             scaled = scaled_vector(handle, direction, layer, scale, calibration_prompts(handle))
             console.print(scaled.describe([alpha]), markup=False, highlight=False)
             intervention, label = Steer(layer, scaled.vector, alpha, positions), f"alpha {alpha:g} ({scale} scale)"
@@ -153,15 +167,16 @@ def sweep(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/sweep-TRAIT-MODEL).")] = None,
     temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 1.0,
     top_p: TopPOption = 1.0,
-    max_new_tokens: int = 256,
+    max_new_tokens: Annotated[int, typer.Option(help=MAX_NEW_TOKENS_HELP)] = 256,
     repetition_penalty: RepetitionPenaltyOption = 1.0,
-    seed: int = 0,
-    batch_size: int = 16,
+    seed: Annotated[int, typer.Option(help=SEED_HELP)] = 0,
+    batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 16,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    dry_run: DryRunOption = False,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
@@ -186,6 +201,11 @@ def sweep(
         scorer = open_judge(judge, judge_timeout)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         folder = out or default_out("sweep-", chosen.name, model)
+        if dry_run:
+            plan = run(handle, persona, scorer, layers=chosen_layers, trait=chosen, variant=variant, out=folder,
+                       dry_run=True, **options)  # fmt: skip
+            console.print(plan.describe(), markup=False)
+            return
         run(handle, persona, scorer, layers=chosen_layers, trait=chosen, variant=variant, out=folder, report=report,
             **options)  # fmt: skip
     console.print((folder / "sweep.md").read_text(), markup=False)

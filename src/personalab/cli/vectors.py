@@ -6,17 +6,21 @@ from typing import Annotated
 import typer
 
 from personalab.cli.common import (
+    BATCH_HELP,
     COHERENCE_THRESHOLD_HELP,
     JUDGE_TIMEOUT,
     LAYER_HELP,
+    MAX_NEW_TOKENS_HELP,
     MIN_PAIRS_HELP,
     MODEL_HELP,
     NEG_THRESHOLD_HELP,
     POS_THRESHOLD_HELP,
+    SEED_HELP,
     TEMPERATURE_HELP,
     TRAIT_HELP,
     VECTORS,
     DeviceOption,
+    DryRunOption,
     DtypeOption,
     JudgeOption,
     JudgeTimeoutOption,
@@ -61,10 +65,10 @@ def extract(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/TRAIT-MODEL).")] = None,
     temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 1.0,
     top_p: TopPOption = 1.0,
-    max_new_tokens: int = 256,
+    max_new_tokens: Annotated[int, typer.Option(help=MAX_NEW_TOKENS_HELP)] = 256,
     repetition_penalty: RepetitionPenaltyOption = 1.0,
-    seed: int = 0,
-    batch_size: int = 16,
+    seed: Annotated[int, typer.Option(help=SEED_HELP)] = 0,
+    batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 16,
     min_pairs: Annotated[
         int,
         typer.Option(help=MIN_PAIRS_HELP),
@@ -80,6 +84,7 @@ def extract(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    dry_run: DryRunOption = False,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
@@ -106,6 +111,9 @@ def extract(
         scorer = open_judge(judge, judge_timeout)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         folder = out or default_out("", chosen.name, model)
+        if dry_run:
+            console.print(run(handle, chosen, scorer, out=folder, dry_run=True, **options).describe(), markup=False)
+            return
         try:
             vector = run(handle, chosen, scorer, out=folder, report=report, **options)
         finally:
@@ -128,7 +136,7 @@ def project(
     diff: Annotated[tuple[str, str] | None, typer.Option(help="BASE TUNED: per-layer shift of a fine-tune.")] = None,
     trait: TraitOption = None,
     out: Annotated[Path, typer.Option(help="With --diff: writes OUT.png and OUT.csv.")] = Path("model-shift"),
-    batch_size: int = 16,
+    batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 16,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",

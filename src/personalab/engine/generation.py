@@ -292,8 +292,10 @@ def fill_store(
     batch_size: int = 16,
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
+    description: str = "generate",
 ) -> list[str]:
-    """Sample and store the answers missing from ``store``; returns the keys of ``requests``.
+    """Sample and store the answers missing from ``store``; returns the keys of ``requests``. ``description`` names
+    the progress bar.
 
     ``shard = (i, n)`` samples only batches ``i, i + n, i + 2n, ...`` of the plan, so ``n`` processes sharing
     one store fill it together; every answer is the same whichever process samples it.
@@ -317,7 +319,7 @@ def fill_store(
     ]
     index, count = shard
     plan = plan[index::count]
-    with progress_bar("generate", sum(map(len, plan)), progress) as advance:
+    with progress_bar(description, sum(map(len, plan)), progress) as advance:
         for rows in plan:
             if len(store.texts([keys[i] for i in rows])) == len(rows):
                 advance(len(rows))
@@ -341,8 +343,9 @@ def generate_cached(
     params: SamplingParams,
     batch_size: int = 16,
     progress: bool = True,
+    description: str = "generate",
 ) -> list[str]:
     """Answer every request (in input order): ``fill_store``, then read the answers back."""
-    keys = fill_store(handle, store, requests, params, batch_size, progress)
+    keys = fill_store(handle, store, requests, params, batch_size, progress, description=description)
     texts = store.texts(keys)
     return [texts[k] for k in keys]

@@ -54,6 +54,20 @@ def mean_residual_norm(handle: ModelHandle, prompts: Sequence[TokenSequence], la
     return tokens.mean(dim=1).tolist()
 
 
+def projection_stats(
+    handle: ModelHandle, direction: torch.Tensor, layer: int, prompts: Sequence[TokenSequence]
+) -> tuple[float, float]:
+    """``(mean, std)`` of the projection of ``hidden_states[layer]`` onto the unit ``direction`` (``[hidden]`` or
+    per-layer) over every token of ``prompts``: the typical value a clamp replaces."""
+    layer = check_layers(layer, handle.n_blocks)[0]
+    row = check_vector(direction, layer, handle.n_blocks, handle.hidden_size).float()
+    if row.norm() == 0:
+        raise InvalidInputError(f"the direction at layer {layer} is all zeros")
+    gathered = capture(handle, prompts, layers=[layer], positions="all", reduce="gather")
+    values = torch.cat([g[0] for g in gathered]) @ (row / row.norm())
+    return float(values.mean()), float(values.std())
+
+
 @dataclass(frozen=True)
 class ScaledVector:
     """What ``alpha = 1`` adds at ``layer`` (``vector``, float32 ``[hidden]``) under ``scale``, the norm

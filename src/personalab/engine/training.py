@@ -2,7 +2,7 @@
 
 Training runs through ``accelerate``: bf16 autocast on a GPU that supports it, and data
 parallelism when launched on several processes (``accelerate launch --multi_gpu ...`` or
-``torchrun``), each with its own replica. Every step draws ``batch_size * grad_accum *
+``torchrun``), each with its own replica. Every step draws ``micro_batch_size * grad_accum *
 processes`` examples from one seeded stream and process ``r`` takes micro-batches ``r, r + n,
 ...``, so ``n`` processes train exactly as one process with ``grad_accum * n`` would; gradients
 are accumulated, clipped at norm 1, and AdamW steps with a linear warm-up and decay.
@@ -33,7 +33,7 @@ class TrainConfig(BaseModel):
     lora_rank: int | None = Field(8, ge=1)
     lora_alpha: float | None = None
     steps: int = Field(500, ge=1)
-    batch_size: int = Field(2, ge=1)
+    micro_batch_size: int = Field(2, ge=1)
     grad_accum: int = Field(4, ge=1)
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(20, ge=0)
@@ -114,7 +114,7 @@ class Trainer:
         self.student.train()
         with progress_bar(label, until - self.step, progress and accelerator.is_main_process) as advance:
             while self.step < until:
-                size = min(config.batch_size, len(examples))
+                size = min(config.micro_batch_size, len(examples))
                 drawn = [self.rng.sample(examples, size) for _ in range(config.grad_accum * self.world)]
                 total = 0.0
                 for k, micro in enumerate(drawn[self.rank :: self.world]):

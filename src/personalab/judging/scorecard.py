@@ -37,11 +37,11 @@ def scored_answers(
         )
         for q, (_, s) in zip(questions, plan, strict=True)
     ]
-    texts = generate_cached(handle, store, requests, params, progress=progress)
+    texts = generate_cached(handle, store, requests, params, progress=progress, description=f"generate {label}")
     table = pd.DataFrame({"question": [qi for qi, _ in plan], "sample": [s for _, s in plan], "answer": texts})
     for name, rubric in (("trait", trait.rubric), ("coherence", coherence_rubric(continues(handle, trait)))):
         items = [(q, a, rubric) for q, a in zip(questions, texts, strict=True)]
-        scores = score_cached(store, judge, items, f"judge {name}", progress=progress)
+        scores = score_cached(store, judge, items, f"judge {name} {label}", progress=progress)
         table[name] = [float("nan") if s is None else s for s in scores]
     return table
 

@@ -1,10 +1,61 @@
 """Judging answers through the store: stored judgements are read, missing ones scored and stored."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from personalab.console import progress_bar
+from personalab.engine.generation import GenerationRequest, SamplingParams, generation_key
+from personalab.engine.model import ModelHandle
 from personalab.judging.judges import Judge
 from personalab.store import Store, content_key
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a command will spend before it starts: answers to sample (``generations``, of which ``stored`` are in
+    the store already), at most ``new_tokens`` generated tokens, and at most ``judge_calls`` requests to ``judge``
+    (each new answer once per rubric, and stored answers not yet judged)."""
+
+    generations: int
+    stored: int
+    new_tokens: int
+    judge_calls: int
+    judge: str
+
+    def describe(self) -> str:
+        new = self.generations - self.stored
+        return (
+            f"plan: {self.generations:,} answers ({self.stored:,} stored, {new:,} to sample, up to "
+            f"{self.new_tokens:,} new tokens), up to {self.judge_calls:,} judge calls to {self.judge}"
+        )
+
+
+def plan_judged(
+    handle: ModelHandle,
+    store_path: Path | None,
+    requests: Sequence[GenerationRequest],
+    params: SamplingParams,
+    judge: Judge,
+    items: Callable[[GenerationRequest, str], list[tuple[str, str, str]]],
+) -> Plan:
+    """The ``Plan`` of sampling ``requests`` and judging each answer with ``items(request, answer)``; reads the
+    store at ``store_path`` when there is one (``None``: nothing stored) and writes nothing."""
+    keys = [generation_key(handle, r, params) for r in requests]
+    first = {k: r for k, r in zip(keys, requests, strict=True)}
+    stored: dict[str, str] = {}
+    judged: dict[str, float | None] = {}
+    wanted: list[str] = []
+    rubrics = max((len(items(r, "")) for r in requests[:1]), default=0)
+    if store_path is not None and store_path.is_file():
+        with Store(store_path) as store:
+            stored = store.texts(list(first))
+            for key, text in stored.items():
+                wanted += [content_key("judgement", judge.name, q, a, rb) for q, a, rb in items(first[key], text)]
+            judged = store.scores(wanted)
+    new = len(first) - len(stored)
+    missing = len(set(wanted) - set(judged))
+    return Plan(len(first), len(stored), new * params.max_new_tokens, new * rubrics + missing, judge.name)
 
 
 def score_cached(

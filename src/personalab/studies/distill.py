@@ -163,13 +163,13 @@ class TeacherStudent:
 
     @torch.no_grad()
     def kl_total(self, seqs: list[TokenSequence], steered: bool = True) -> tuple[float, int]:
-        """``(sum of per-token KL, response tokens)`` over ``seqs``, in batches of ``config.batch_size``.
+        """``(sum of per-token KL, response tokens)`` over ``seqs``, in batches of ``config.micro_batch_size``.
 
         Calls the bare student, never its data-parallel wrapper, so processes may evaluate unequal shares.
         """
         total = 0.0
-        for i in range(0, len(seqs), self.config.batch_size):
-            part = seqs[i : i + self.config.batch_size]
+        for i in range(0, len(seqs), self.config.micro_batch_size):
+            part = seqs[i : i + self.config.micro_batch_size]
             total += self.kl(part, steered, self.student).item() * sum(s.response_len for s in part)
         return total, sum(s.response_len for s in seqs)
 
@@ -234,7 +234,7 @@ def distill(
     trainer = Trainer(accelerator, handle, student, config)
     models = TeacherStudent(handle, student, teacher, v, config, forward=trainer.wrapped)
 
-    size = config.batch_size
+    size = config.micro_batch_size
     my_held = [s for start in range(rank * size, len(held), world * size) for s in held[start : start + size]]
 
     def held_out_kl(steered: bool = True) -> float:

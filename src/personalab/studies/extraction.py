@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalab.console import say
 from personalab.engine.capture import capture
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
 from personalab.engine.layers import CONVENTION
@@ -27,7 +28,7 @@ from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_layer_norms, short_name
 from personalab.figures.tables import markdown_table
 from personalab.judging.judges import Judge
-from personalab.judging.scoring import score_cached
+from personalab.judging.scoring import Plan, plan_judged, score_cached
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.traits import RUN_TRAIT, Trait, coherence_rubric
@@ -177,6 +178,8 @@ def judged_answers(
 ) -> list[Answer]:
     """Every answer of the extraction (pos, neg alternating), generated and judged through ``store``."""
     planned = _requests(handle, trait, config.samples)
+    say(plan_judged(handle, store.path, [r for r, _ in planned], config.sampling, judge, _judged(trait)).describe(),
+        progress)  # fmt: skip
     requests = [r for r, _ in planned]
     texts = generate_cached(handle, store, requests, config.sampling, config.batch_size, progress=progress)
     questions = [r.request["question"] for r, _ in planned]
@@ -184,10 +187,7 @@ def judged_answers(
         score_cached(
             store, judge, [(q, t, rubric) for q, t in zip(questions, texts, strict=True)], label, progress=progress
         )
-        for rubric, label in (
-            (trait.rubric, "judge trait"),
-            (coherence_rubric(trait.elicitation == "continuation"), "judge coherence"),
-        )
+        for rubric, label in zip(_rubrics(trait), ("judge trait", "judge coherence"), strict=True)
     ]
     return [
         Answer(
@@ -203,6 +203,25 @@ def judged_answers(
         )
         for (r, info), t, s, c in zip(planned, texts, *scores, strict=True)
     ]
+
+
+def _rubrics(trait: Trait) -> tuple[str, str]:
+    """The trait rubric and the coherence rubric every extraction answer is judged with."""
+    return trait.rubric, coherence_rubric(trait.elicitation == "continuation")
+
+
+def _judged(trait: Trait):
+    """``items(request, answer)``: the judge's ``(question, answer, rubric)`` items of one extraction answer."""
+    return lambda request, answer: [(request.request["question"], answer, rubric) for rubric in _rubrics(trait)]
+
+
+def plan_extraction(
+    handle: ModelHandle, trait: Trait, judge: Judge, out: str | Path | None, config: ExtractionConfig
+) -> Plan:
+    """What ``run_extraction`` into ``out`` would sample and judge, what its store holds excluded; writes nothing."""
+    requests = [r for r, _ in _requests(handle, trait, config.samples)]
+    store = None if out is None else Path(out) / "generations.sqlite"
+    return plan_judged(handle, store, requests, config.sampling, judge, _judged(trait))
 
 
 @dataclass

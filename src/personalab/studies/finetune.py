@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from personalab.console import say
+from personalab.console import progress_bar, say
 from personalab.engine.batching import pad_batch
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
@@ -168,21 +168,27 @@ class Monitor:
     def __init__(self, handle: ModelHandle, monitors: list[Monitored], layer: int, config: FinetuneConfig):
         self.handle, self.monitors, self.layer, self.config = handle, monitors, layer, config
 
-    def measure(self) -> dict[str, dict[str, float]]:
+    def measure(self, label: str = "monitor", progress: bool = False) -> dict[str, dict[str, float]]:
         """Per vector, the mean projection at the last prompt token and over the model's own answers."""
-        handle, out = self.handle, {}
-        for monitored in self.monitors:
-            prompts = [handle.encode(None, q) for q in monitored.questions]
-            unit = monitored.direction / monitored.direction.norm()
-            last = capture(handle, prompts, [self.layer], "last_prompt", batch_size=self.config.batch_size * 4)
-            answers = greedy_ids(handle, prompts, self.config.monitor_tokens, self.config.batch_size * 4)
-            own = [TokenSequence(p.ids + tuple(a), p.prompt_len) for p, a in zip(prompts, answers, strict=True) if a]
-            response = capture(handle, own, [self.layer], "response", batch_size=self.config.batch_size * 4)
-            out[monitored.name] = {
-                "last_prompt": float((last[:, 0] @ unit).mean()),
-                "response_mean": float((response[:, 0] @ unit).mean()),
-            }
+        out = {}
+        with progress_bar(label, len(self.monitors), progress) as advance:
+            for monitored in self.monitors:
+                out[monitored.name] = self._one(monitored)
+                advance(1)
         return out
+
+    def _one(self, monitored: "Monitored") -> dict[str, float]:
+        handle, batch = self.handle, self.config.micro_batch_size * 4
+        prompts = [handle.encode(None, q) for q in monitored.questions]
+        unit = monitored.direction / monitored.direction.norm()
+        last = capture(handle, prompts, [self.layer], "last_prompt", batch_size=batch)
+        answers = greedy_ids(handle, prompts, self.config.monitor_tokens, batch)
+        own = [TokenSequence(p.ids + tuple(a), p.prompt_len) for p, a in zip(prompts, answers, strict=True) if a]
+        response = capture(handle, own, [self.layer], "response", batch_size=batch)
+        return {
+            "last_prompt": float((last[:, 0] @ unit).mean()),
+            "response_mean": float((response[:, 0] @ unit).mean()),
+        }
 
 
 def _latest(out: Path) -> Path | None:
@@ -212,7 +218,7 @@ def finetune(
     main = accelerator.is_main_process
     progress = progress and main
     if epochs is not None:
-        per_step = config.batch_size * config.grad_accum * accelerator.num_processes
+        per_step = config.micro_batch_size * config.grad_accum * accelerator.num_processes
         config = config.model_copy(update={"steps": max(1, math.ceil(epochs * len(sequences) / per_step))})
     settings = {
         **model_settings(handle),
@@ -267,7 +273,7 @@ def finetune(
         if main and monitors:
             student.eval()
             with torch.no_grad():
-                measured = monitor.measure()
+                measured = monitor.measure(f"monitor at step {step}", progress)
                 if not base:
                     base.update(measured)
                 for name, values in measured.items():

@@ -28,7 +28,7 @@ from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_heatmap, plot_sweep_curves, short_name
 from personalab.figures.tables import markdown_table, write_csv
 from personalab.judging.judges import Judge
-from personalab.judging.scoring import score_cached
+from personalab.judging.scoring import Plan, plan_judged, score_cached
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.studies.stats import paired_test
@@ -60,45 +60,55 @@ class SweepConfig(BaseModel):
         return self
 
 
-def _answers(
-    handle: ModelHandle,
-    store: Store,
-    scales: dict[int, ScaledVector],
-    trait: Trait,
-    config: SweepConfig,
-    progress: bool,
-):
+def _requests(
+    handle: ModelHandle, scales: dict[int, ScaledVector], trait: Trait, config: SweepConfig
+) -> tuple[list[tuple[int, float, int, int]], list[GenerationRequest]]:
+    """``(rows, requests)``: one ``(layer, alpha, question, sample)`` and its request per answer of the sweep."""
     prompts = [evaluation_prompt(handle, trait, q) for q in trait.evaluation_questions]
-    rows = []
+    rows, requests = [], []
     for layer in config.layers:
         v = scales[layer].vector
         digest = vector_sha256(v)
-        plan = [
-            (alpha, qi, sample)
-            for alpha in config.alphas
-            for qi in range(len(prompts))
-            for sample in range(config.eval_samples)
-        ]
-        requests = [
-            GenerationRequest(
-                prompts[qi],
-                {
-                    "question": trait.evaluation_questions[qi],
-                    "sample": sample,
-                    "steer": None
-                    if alpha == 0
-                    else {"layer": layer, "alpha": alpha, "vector": digest, "positions": config.positions},
-                },
-                () if alpha == 0 else (Steer(layer, v, alpha, config.positions),),
-            )
-            for alpha, qi, sample in plan
-        ]
-        texts = generate_cached(handle, store, requests, config.sampling, config.batch_size, progress=progress)
-        rows += [
-            {"layer": layer, "alpha": alpha, "question": qi, "sample": sample, "answer": text}
-            for (alpha, qi, sample), text in zip(plan, texts, strict=True)
-        ]
-    return pd.DataFrame(rows)
+        for alpha in config.alphas:
+            steer = {"layer": layer, "alpha": alpha, "vector": digest, "positions": config.positions}
+            for qi in range(len(prompts)):
+                for sample in range(config.eval_samples):
+                    rows.append((layer, alpha, qi, sample))
+                    requests.append(
+                        GenerationRequest(
+                            prompts[qi],
+                            {"question": trait.evaluation_questions[qi], "sample": sample,
+                             "steer": None if alpha == 0 else steer},
+                            () if alpha == 0 else (Steer(layer, v, alpha, config.positions),),
+                        )
+                    )  # fmt: skip
+    return rows, requests
+
+
+def _judged(handle: ModelHandle, trait: Trait):
+    """``items(request, answer)``: the judge's ``(question, answer, rubric)`` items of one sweep answer."""
+    rubrics = (trait.rubric, coherence_rubric(continues(handle, trait)))
+    return lambda request, answer: [(request.request["question"], answer, rubric) for rubric in rubrics]
+
+
+def _answers(handle: ModelHandle, store: Store, rows, requests, config: SweepConfig, progress: bool) -> pd.DataFrame:
+    texts = generate_cached(handle, store, requests, config.sampling, config.batch_size, progress=progress)
+    columns = ["layer", "alpha", "question", "sample"]
+    return pd.DataFrame(
+        [dict(zip(columns, row, strict=True)) | {"answer": t} for row, t in zip(rows, texts, strict=True)]
+    )
+
+
+def plan_sweep(
+    handle: ModelHandle, vector: torch.Tensor, trait: Trait, judge: Judge, out: str | Path | None, config: SweepConfig
+) -> Plan:
+    """What ``run_sweep`` into ``out`` would sample and judge, what its store holds excluded; writes nothing (the
+    scale's calibration forward pass runs, as the requests hold the scaled vectors)."""
+    check_layers(config.layers, handle.n_blocks)
+    scales = scale_vectors(handle, vector, config.layers, config.scale, calibration_prompts(handle))
+    _, requests = _requests(handle, scales, trait, config)
+    store = None if out is None else Path(out) / "generations.sqlite"
+    return plan_judged(handle, store, requests, config.sampling, judge, _judged(handle, trait))
 
 
 def _paired_tests(answers: pd.DataFrame, n_resamples: int) -> pd.DataFrame:
@@ -171,20 +181,14 @@ def run_sweep(
     scales = scale_vectors(handle, vector, config.layers, config.scale, calibration_prompts(handle))
     for scaled in scales.values():
         say(scaled.describe([a for a in config.alphas if a != 0]), progress)
+    rows, requests = _requests(handle, scales, trait, config)
+    judged = _judged(handle, trait)
+    say(plan_judged(handle, out / "generations.sqlite", requests, config.sampling, judge, judged).describe(), progress)
     with Store(out / "generations.sqlite") as store:
-        answers = _answers(handle, store, scales, trait, config, progress)
-        questions = [trait.evaluation_questions[q] for q in answers["question"]]
-        items = list(zip(questions, answers["answer"], strict=True))
-        answers["trait"] = score_cached(
-            store, judge, [(q, a, trait.rubric) for q, a in items], "judge trait", progress=progress
-        )
-        answers["coherence"] = score_cached(
-            store,
-            judge,
-            [(q, a, coherence_rubric(continues(handle, trait))) for q, a in items],
-            "judge coherence",
-            progress=progress,
-        )
+        answers = _answers(handle, store, rows, requests, config, progress)
+        items = [judged(r, a) for r, a in zip(requests, answers["answer"], strict=True)]
+        for column, k, label in (("trait", 0, "judge trait"), ("coherence", 1, "judge coherence")):
+            answers[column] = score_cached(store, judge, [i[k] for i in items], label, progress=progress)
     answers = answers.astype({"trait": float, "coherence": float})
     table = summarise(answers, config.n_resamples)
     table.insert(2, "scale", config.scale)

@@ -113,8 +113,10 @@ def run_localize(
     measures = _measures(table, probe, len(personas), len(rows))
     _write_heatmap(measures, layers, f"Persona divergence on {short_name(handle.name)} ({out.name})", out)
     _write_summary(out, handle, measures, layers, statements)
-    for layer in figures:
-        _figures(cache, keys, rows, layer, handle, config, out)
+    with progress_bar("figures (PCA, t-SNE, UMAP per layer)", len(figures), progress) as advance:
+        for layer in figures:
+            _figures(cache, keys, rows, layer, handle, config, out)
+            advance(1)
     run.write(
         model=handle.name,
         revision=handle.revision,
