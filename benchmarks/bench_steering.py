@@ -33,7 +33,7 @@ def bench(name: str, handle) -> None:
         with torch.inference_mode():
             if alpha is None:
                 return handle.model.generate(**kwargs)
-            with steer(handle, vector, layer, alpha=alpha, positions="response"):
+            with steer(handle, vector, layer, alpha=alpha, positions="generating"):
                 return handle.model.generate(**kwargs)
 
     per_row = torch.linspace(0, 4, BATCH)

@@ -26,12 +26,12 @@ def bench(name: str, handle) -> None:
     def per_row():
         for start in range(0, len(rows), BATCH):
             chunk = rows[start : start + BATCH]
-            with steer(handle, vector, layer, alpha=torch.tensor([a for a, _ in chunk]), positions="response"):
+            with steer(handle, vector, layer, alpha=torch.tensor([a for a, _ in chunk]), positions="generating"):
                 sample_texts(handle, [p for _, p in chunk], PARAMS, 0)
 
     def one_by_one():
         for alpha in ALPHAS:
-            with steer(handle, vector, layer, alpha=alpha, positions="response"):
+            with steer(handle, vector, layer, alpha=alpha, positions="generating"):
                 sample_texts(handle, prompts, PARAMS, 0)
 
     t_rows, t_each = timed(per_row, one_by_one, repeats=3)

@@ -70,3 +70,10 @@ def test_the_walk_sees_a_clash():
 
     clashes = _clashes(_options(demo))
     assert set(clashes) == {"--layer"} and len(clashes["--layer"]) == 3
+
+
+def test_every_verb_that_takes_a_trait_name_takes_the_folder_it_is_in():
+    found = _options()
+    with_trait = set(found["--trait"]) - {"trace"}  # trace's traits are built-in names or files
+    assert {"extract", "sweep", "project", "distill", "compare", "correlate"} <= with_trait
+    assert with_trait <= set(found["--trait-dir"])

@@ -34,6 +34,7 @@ from personalab.cli.common import (
     ThreadsOption,
     TokenizerOption,
     TopPOption,
+    TraitDirOption,
     TraitOption,
     VariantOption,
     VectorOption,
@@ -337,6 +338,7 @@ def correlate(
     judge: JudgeOption,
     out: Annotated[Path, typer.Option(help="Folder for correlate.csv, correlate.md, correlate.png.")],
     trait: TraitOption = None,
+    trait_dir: TraitDirOption = None,
     eval_samples: EvalSamplesOption = 5,
     variant: VariantOption = "response_mean",
     temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 1.0,
@@ -372,7 +374,7 @@ def correlate(
             layer=layer,
         )
         persona = load_vector(vector)
-        chosen = pick_trait(trait, None, vector)
+        chosen = pick_trait(trait, trait_dir, vector)
         scorer = open_judge(judge, judge_timeout)
 
         def load_base():

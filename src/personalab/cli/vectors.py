@@ -135,6 +135,7 @@ def project(
     top_k: Annotated[int | None, typer.Option(help="With --shift: also write the K most shifting records.")] = None,
     diff: Annotated[tuple[str, str] | None, typer.Option(help="BASE TUNED: per-layer shift of a fine-tune.")] = None,
     trait: TraitOption = None,
+    trait_dir: TraitDirOption = None,
     out: Annotated[Path, typer.Option(help="With --diff: writes OUT.png and OUT.csv.")] = Path("model-shift"),
     batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 16,
     revision: RevisionOption = None,
@@ -152,7 +153,9 @@ def project(
 
         persona = load_vector(vector)
         if diff:
-            chosen = None if data is not None else pick_trait(trait, None, vector, also="a JSONL data file of prompts")
+            chosen = (
+                None if data is not None else pick_trait(trait, trait_dir, vector, also="a JSONL data file of prompts")
+            )
             base, tuned = (open_model(name, None, dtype, device, tokenizer, thinking=thinking) for name in diff)
             run(base, persona, data, tuned=tuned, trait=chosen, variant=variant, out=out, batch_size=batch_size)
             written = [Path(f"{out}.png"), Path(f"{out}.csv")]

@@ -34,6 +34,7 @@ from personalab.cli.common import (
     ThreadsOption,
     TokenizerOption,
     TopPOption,
+    TraitDirOption,
     TraitOption,
     VariantOption,
     VectorOption,
@@ -83,6 +84,7 @@ def distill_command(
     merge: Annotated[bool, typer.Option(help="Also write the LoRA student merged into OUT/model.")] = False,
     variant: VariantOption = "response_mean",
     trait: TraitOption = None,
+    trait_dir: TraitDirOption = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompt set: a JSONL of chat prompts.")] = None,
     seed: Annotated[int, typer.Option(help=SEED_HELP)] = 0,
     revision: RevisionOption = None,
@@ -116,7 +118,7 @@ def distill_command(
             ), layer=layer, alpha=alpha, trajectories=min(counts, default=2),
         )  # fmt: skip
         persona = load_vector(vector)
-        chosen = None if prompts is not None else pick_trait(trait, None, vector, also="--prompts FILE")
+        chosen = None if prompts is not None else pick_trait(trait, trait_dir, vector, also="--prompts FILE")
         placement, main, processes = training_placement(device)
         if engine.engine == "vllm" and processes > 1:
             raise InvalidInputError("--engine vllm samples trajectories in one process; launch without accelerate")
@@ -153,6 +155,7 @@ def compare(
     distilled: Annotated[list[Path], typer.Option(help="Distill run folder or model folder; repeat for several.")],
     out: Annotated[Path, typer.Option(help="Folder for compare.csv, compare.md and the store.")],
     trait: TraitOption = None,
+    trait_dir: TraitDirOption = None,
     scale: ScaleOption = "normalised",
     eval_samples: EvalSamplesOption = 5,
     variant: VariantOption = "response_mean",
@@ -185,7 +188,7 @@ def compare(
             ), layer=layer, alpha=alpha,
         )  # fmt: skip
         persona = load_vector(vector)
-        chosen = pick_trait(trait, None, vector)
+        chosen = pick_trait(trait, trait_dir, vector)
         scorer = open_judge(judge, judge_timeout)
         base = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
 
