@@ -44,6 +44,12 @@ def test_info_errors_are_one_line(tmp_path, model_folder):
     assert result.output.strip().startswith("error:") and "missing" in result.output
     result = runner.invoke(app, ["info", str(model_folder("llama")), "--device", "cpu", "--dtype", "float16"])
     assert result.exit_code == 1 and "float16 is not supported on CPU" in result.output
+    folder = str(model_folder("llama"))
+    as_argument = runner.invoke(app, ["info", folder, "--device", "cpu"])
+    as_option = runner.invoke(app, ["info", "--model", folder, "--device", "cpu"])
+    assert as_argument.exit_code == as_option.exit_code == 0 and as_option.output == as_argument.output
+    both = runner.invoke(app, ["info", folder, "--model", folder])
+    assert both.exit_code == 1 and "give the model once" in both.output
 
 
 def test_trait_list_and_show():

@@ -8,6 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from personalab.cli.common import (
+    MODEL_HELP,
     MODELS,
     DeviceOption,
     DtypeOption,
@@ -21,6 +22,7 @@ from personalab.cli.common import (
     prepare,
     reported,
 )
+from personalab.errors import InvalidInputError
 
 trait_app = typer.Typer(help="Built-in, file and generated traits.", no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(trait_app, name="trait", rich_help_panel=MODELS)
@@ -40,7 +42,8 @@ def _chat_rows(chat) -> list[tuple[str, str]]:
 
 @app.command(rich_help_panel=MODELS)
 def info(
-    model: Annotated[str, typer.Argument(help="Hub name or local folder of a causal LM.")],
+    model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False)] = None,
+    model_option: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
@@ -51,6 +54,9 @@ def info(
     """Print a model's architecture, blocks, hidden size, dtype and chat format, with one conversation as personalab
     encodes it and the positions it reads (also without a tokenizer)."""
     with reported():
+        if (model is None) == (model_option is None):
+            raise InvalidInputError("give the model once: personalab info MODEL, or --model MODEL as elsewhere")
+        model = model or model_option
         prepare(threads)
         from personalab.engine.chat import detect_chat_format, positions_example
         from personalab.engine.model import (
