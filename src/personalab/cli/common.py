@@ -43,6 +43,7 @@ def _record_command() -> None:
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
+# One help text per option name: an option means the same in every command that has it (tests/test_options.py).
 LAYER_HELP = "Layer l (hidden_states[l]: 0 = embeddings, l = output of block l-1)."
 ALPHA_HELP = "Steering alpha (see --scale)."
 TEMPERATURE_HELP = "Sampling temperature (0: greedy)."
@@ -60,7 +61,6 @@ LR_HELP = "Learning rate."
 WARMUP_HELP = "Linear warm-up steps of the learning rate."
 CHECKPOINTING_HELP = "Recompute activations in the backward pass (less memory, slower)."
 LAYERS_HELP = "Comma-separated layers, e.g. 8,12,16 (localize: default every layer; compose: the paper's grid)."
-"""One help text per option name: an option means the same in every command that has it."""
 ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
 VectorOption = Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")]
 TRAIT_HELP = (
