@@ -67,3 +67,26 @@ def test_extract_and_sweep_plan_what_is_not_stored(model_folder, tmp_path):
         f"calls to api:j"
     )
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_distill_and_compare_say_what_they_will_sample(model_folder, tmp_path):
+    model = str(model_folder("llama", "chatml"))
+    vector = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
+    save_vectors(tmp_path / "vec", {"response_mean": vector}, {})
+    TRAIT.save(tmp_path / "vec" / "trait.json")
+    common = ["--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--alpha", "1", "--device", "cpu"]
+    distill = ["distill", *common, "--lora-rank", "2", "--trajectories", "4", "--steps", "1", "--micro-batch-size", "2"]
+    distill += ["--grad-accum", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "d")]
+    trained = runner.invoke(app, distill)
+    assert trained.exit_code == 0, trained.output
+    assert "plan for trajectories: 4 answers (0 stored, 4 to sample, up to 12 new tokens)" in trained.output
+    with JudgeServer(scorer=hashed_scores) as server:
+        compare = ["compare", *common, "--judge", "api:j", "--eval-samples", "2", "--max-new-tokens", "3"]
+        compare += ["--distilled", str(tmp_path / "d"), "--out", str(tmp_path / "c")]
+        result = runner.invoke(app, compare, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})
+    assert result.exit_code == 0, result.output
+    n = len(TRAIT.evaluation_questions) * 2
+    plans = [line for line in result.output.splitlines() if line.startswith("plan for ")]
+    assert len(plans) == 3 and all(f": {n} answers (0 stored, {n} to sample, up to {n * 3} new tokens), up to {2 * n} "
+                                   "judge calls to api:j" in " ".join(p.split()) for p in plans), plans  # fmt: skip

@@ -2,10 +2,11 @@
 
 import pandas as pd
 
+from personalab.console import say
 from personalab.engine.generation import GenerationRequest, Interventions, SamplingParams, generate_cached
 from personalab.engine.model import ModelHandle
 from personalab.judging.judges import Judge
-from personalab.judging.scoring import score_cached
+from personalab.judging.scoring import plan_judged, score_cached
 from personalab.store import Store
 from personalab.traits import Trait, coherence_rubric
 from personalab.traits.elicitation import continues, evaluation_prompt
@@ -37,9 +38,14 @@ def scored_answers(
         )
         for q, (_, s) in zip(questions, plan, strict=True)
     ]
+    rubrics = (trait.rubric, coherence_rubric(continues(handle, trait)))
+    cost = plan_judged(
+        handle, store.path, requests, params, judge, lambda r, a: [(r.request["question"], a, rb) for rb in rubrics]
+    )
+    say(cost.describe(label), progress)
     texts = generate_cached(handle, store, requests, params, progress=progress, description=f"generate {label}")
     table = pd.DataFrame({"question": [qi for qi, _ in plan], "sample": [s for _, s in plan], "answer": texts})
-    for name, rubric in (("trait", trait.rubric), ("coherence", coherence_rubric(continues(handle, trait)))):
+    for name, rubric in zip(("trait", "coherence"), rubrics, strict=True):
         items = [(q, a, rubric) for q, a in zip(questions, texts, strict=True)]
         scores = score_cached(store, judge, items, f"judge {name} {label}", progress=progress)
         table[name] = [float("nan") if s is None else s for s in scores]

@@ -23,11 +23,13 @@ class Plan:
     judge_calls: int
     judge: str
 
-    def describe(self) -> str:
+    def describe(self, what: str = "") -> str:
+        """One line: ``plan[ for WHAT]: ...``; the judge part only when there is a judge."""
         new = self.generations - self.stored
+        judged = f", up to {self.judge_calls:,} judge calls to {self.judge}" if self.judge else ""
         return (
-            f"plan: {self.generations:,} answers ({self.stored:,} stored, {new:,} to sample, up to "
-            f"{self.new_tokens:,} new tokens), up to {self.judge_calls:,} judge calls to {self.judge}"
+            f"plan{f' for {what}' if what else ''}: {self.generations:,} answers ({self.stored:,} stored, {new:,} to "
+            f"sample, up to {self.new_tokens:,} new tokens){judged}"
         )
 
 
@@ -36,10 +38,11 @@ def plan_judged(
     store_path: Path | None,
     requests: Sequence[GenerationRequest],
     params: SamplingParams,
-    judge: Judge,
-    items: Callable[[GenerationRequest, str], list[tuple[str, str, str]]],
+    judge: Judge | None,
+    items: Callable[[GenerationRequest, str], list[tuple[str, str, str]]] = lambda request, answer: [],
 ) -> Plan:
-    """The ``Plan`` of sampling ``requests`` and judging each answer with ``items(request, answer)``; reads the
+    """The ``Plan`` of sampling ``requests`` and judging each answer with ``items(request, answer)`` (``judge`` None:
+    sampling only); reads the
     store at ``store_path`` when there is one (``None``: nothing stored) and writes nothing."""
     keys = [generation_key(handle, r, params) for r in requests]
     first = {k: r for k, r in zip(keys, requests, strict=True)}
@@ -50,12 +53,14 @@ def plan_judged(
     if store_path is not None and store_path.is_file():
         with Store(store_path) as store:
             stored = store.texts(list(first))
-            for key, text in stored.items():
-                wanted += [content_key("judgement", judge.name, q, a, rb) for q, a, rb in items(first[key], text)]
-            judged = store.scores(wanted)
+            if judge is not None:
+                for key, text in stored.items():
+                    wanted += [content_key("judgement", judge.name, q, a, rb) for q, a, rb in items(first[key], text)]
+                judged = store.scores(wanted)
     new = len(first) - len(stored)
     missing = len(set(wanted) - set(judged))
-    return Plan(len(first), len(stored), new * params.max_new_tokens, new * rubrics + missing, judge.name)
+    calls = new * rubrics + missing if judge is not None else 0
+    return Plan(len(first), len(stored), new * params.max_new_tokens, calls, judge.name if judge else "")
 
 
 def score_cached(

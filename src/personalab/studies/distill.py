@@ -42,6 +42,7 @@ from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_training_curve, short_name
 from personalab.figures.tables import write_csv
+from personalab.judging.scoring import plan_judged
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store, content_key
 from personalab.traits import calibration_prompts
@@ -106,6 +107,8 @@ def trajectories(
         )
         for i in range(config.trajectories)
     ]
+    if accelerator.is_main_process:
+        say(plan_judged(handle, store.path, requests, config.sampling, None).describe("trajectories"), progress)
     keys = fill_store(
         handle,
         store,
