@@ -103,6 +103,13 @@ def option_defaults(kind: type[BaseModel]) -> dict[str, Any]:
     return out
 
 
+def block_count(model: "ModelHandle | str") -> int:
+    """``n_blocks`` of a loaded model, or read from a name's or folder's config without loading its weights."""
+    from personalab.engine.model import model_shape
+
+    return model.n_blocks if isinstance(model, ModelHandle) else model_shape(str(model))[0]
+
+
 def default_out(prefix: str, trait: str, model: str) -> Path:
     """The command line's run folder when ``--out`` is not given: ``runs/{prefix}{trait}-{model's last part}``."""
     return Path("runs") / f"{prefix}{trait}-{Path(model.rstrip('/')).name}"
@@ -152,6 +159,11 @@ class StudyResult:
 
     def _repr_html_(self) -> str:
         return self.table._repr_html_() if self.tables else repr(self)
+
+
+def finished(folder: Path, kept: bool, report: bool, tables: "list[str] | None" = None) -> StudyResult:
+    """A study's last step: ``report.html`` (when ``report`` and the folder is kept), then its ``StudyResult``."""
+    return collect(folder, kept, tables, write_run_report(folder, report and kept))
 
 
 def collect(folder: Path, kept: bool, tables: "list[str] | None" = None, report: Path | None = None) -> StudyResult:

@@ -8,11 +8,10 @@ from personalab.api.common import (
     as_judge,
     as_model,
     as_trait,
-    collect,
     configured,
+    finished,
     run_folder,
     vector_of,
-    write_run_report,
 )
 from personalab.engine.model import ModelHandle
 from personalab.judging.judges import Judge
@@ -49,5 +48,4 @@ def sweep(
         return plan_sweep(handle, direction, chosen, scorer, out, config)
     with run_folder(out) as (folder, kept):
         run_sweep(handle, direction, chosen, scorer, folder, config, progress)
-        page = write_run_report(folder, report and kept)
-        return collect(folder, kept, ["sweep"], page)
+        return finished(folder, kept, report, ["sweep"])

@@ -10,13 +10,13 @@ from personalab.api.common import (
     as_judge,
     as_model,
     as_trait,
-    collect,
+    block_count,
     configured,
+    finished,
     run_folder,
     vector_of,
-    write_run_report,
 )
-from personalab.engine.model import ModelHandle, model_shape
+from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
 from personalab.persona import DEFAULT_VARIANT, PersonaVector
@@ -100,8 +100,7 @@ def trace(
     with run_folder(out) as (folder, kept):
         run_trace(checkpoints_list, units, config, scorer, folder, load or default_load, series, target, load_target,
                   progress, tokenizer=tokenizer)  # fmt: skip
-        page = write_run_report(folder, report and kept)
-        return collect(folder, kept, ["emergence"], page)
+        return finished(folder, kept, report, ["emergence"])
 
 
 def statements(
@@ -137,15 +136,14 @@ def localize(
     config = configured(LocalizeConfig, options)
     chosen = statements(personas, persona_dir, statements_file, min_confidence)
     check_statements(chosen)
-    n_blocks = model.n_blocks if isinstance(model, ModelHandle) else model_shape(str(model))[0]
+    n_blocks = block_count(model)
     for layers in (config.layers, config.figure_layers):
         if layers is not None:
             check_layers(layers, n_blocks)
     handle = as_model(model)
     with run_folder(out) as (folder, kept):
         run_localize(handle, chosen, folder, config, activations, progress)
-        page = write_run_report(folder, report and kept)
-        return collect(folder, kept, ["divergence"], page)
+        return finished(folder, kept, report, ["divergence"])
 
 
 def deepscan(
@@ -172,7 +170,7 @@ def deepscan(
 
     chosen = statements(personas, persona_dir, statements_file, min_confidence)
     config, note = scanning.sized(chosen, configured(scanning.ScanConfig, options, layer=layer))
-    n_blocks = model.n_blocks if isinstance(model, ModelHandle) else model_shape(str(model))[0]
+    n_blocks = block_count(model)
     scanning.check(chosen, config, n_blocks)
     for line in ([note] if note else []) + [scanning.TAIL_NOTES[config.tail]]:
         say(line, progress)
@@ -183,8 +181,7 @@ def deepscan(
             cache = scanning.ActivationCache(activations or folder / "activations", handle)
             for name, rows in chosen.items():
                 write_csv(scanning.individual(cache, rows, config), folder / f"individual_{name}.csv")
-        page = write_run_report(folder, report and kept)
-        return collect(folder, kept, ["scan_summary"], page)
+        return finished(folder, kept, report, ["scan_summary"])
 
 
 def compose(
@@ -205,13 +202,12 @@ def compose(
     config = configured(ComposeConfig, options)
     chosen = load_grid(str(grid))
     marker_sets = load_markers(marker_file) if config.markers else None
-    n_blocks = model.n_blocks if isinstance(model, ModelHandle) else model_shape(str(model))[0]
+    n_blocks = block_count(model)
     config.check(n_blocks)
     handle = as_model(model)
     with run_folder(out) as (folder, kept):
         run_compose(handle, chosen, folder, config, marker_sets, progress)
-        page = write_run_report(folder, report and kept)
-        return collect(folder, kept, ["kl"], page)
+        return finished(folder, kept, report, ["kl"])
 
 
 def correlate(
@@ -247,8 +243,7 @@ def correlate(
         loaders = [(str(f), lambda f=f: load(Path(f))) for f in tuned]
     with run_folder(out) as (folder, kept):
         run_correlate(load_base, loaders, direction, chosen, scorer, folder, config)
-        page = write_run_report(folder, report and kept)
-        return collect(folder, kept, ["correlate"], page)
+        return finished(folder, kept, report, ["correlate"])
 
 
 def report(runs: Sequence[str | Path], out: str | Path | None = None) -> Path:

@@ -12,6 +12,7 @@ from personalab.api.common import (
     as_trait,
     collect,
     configured,
+    finished,
     run_folder,
     vector_of,
     write_run_report,
@@ -183,8 +184,7 @@ def compare(
     ]  # fmt: skip
     with run_folder(out) as (folder, kept):
         run_compare(base, direction, chosen, scorer, trained, folder, config, progress)
-        page = write_run_report(folder, report and kept)
-        return collect(folder, kept, ["compare"], page)
+        return finished(folder, kept, report, ["compare"])
 
 
 def monitored(
@@ -266,5 +266,4 @@ def finetune(
     scorer = as_judge(judge) if judge is not None else None
     with run_folder(out) as (folder, kept):
         train(handle, records, config, folder, monitors, interventions, scorer, None if steps else (epochs or 1.0))
-        page = write_run_report(folder, report and kept)
-        return collect(folder, kept, ["monitor"], page)
+        return finished(folder, kept, report, ["monitor"])
