@@ -1,6 +1,8 @@
 import pytest
 
-from personalab.engine.chat import detect_chat_format, encode_chat, plain_prompt
+from personalab.engine.chat import detect_chat_format, encode_chat, encode_prompt
+from personalab.engine.formats import format_text
+from personalab.errors import InvalidInputError
 
 from conftest import QUESTIONS, make_tokenizer
 
@@ -48,4 +50,34 @@ def test_base_model_gets_the_plain_format():
     assert not chat.has_template
     seq = encode_chat(tok, chat, "Be evil.", "Hi?")
     assert tok.decode(seq.ids) == "Be evil.\n\nQuestion: Hi?\nAnswer:"
-    assert plain_prompt(None, "Hi?") == "Question: Hi?\nAnswer:"
+    assert format_text("plain", None, "Hi?") == "Question: Hi?\nAnswer:"
+
+
+@pytest.mark.parametrize("kind", ["chatml", "none"])
+def test_each_prompt_format_is_the_text_written_by_hand(kind):
+    tok = make_tokenizer(kind)
+    chat = detect_chat_format(tok)
+    expected = {
+        "plain": "Be evil.\n\nQuestion: Hi?\nAnswer:",
+        "continuation": "Be evil. Hi?",
+    }
+    for name, text in expected.items():
+        seq = encode_prompt(tok, chat, name, "Be evil.", "Hi?")
+        assert seq.ids == tuple(tok(text)["input_ids"]) and seq.prompt_len == len(seq.ids)
+        assert name in chat.describe(name)
+    assert encode_prompt(tok, chat, "continuation", None, "Once upon").ids == tuple(tok("Once upon")["input_ids"])
+    if kind == "none":
+        with pytest.raises(InvalidInputError, match="no chat template: use `format` plain or continuation"):
+            encode_prompt(tok, chat, "chat", None, "Hi?")
+        assert chat.default_format == "plain"
+    else:
+        rendered = tok.apply_chat_template(
+            [{"role": "system", "content": "Be evil."}, {"role": "user", "content": "Hi?"}],
+            add_generation_prompt=True, tokenize=False,
+        )  # fmt: skip
+        assert encode_prompt(tok, chat, "chat", "Be evil.", "Hi?").ids == tuple(
+            tok(rendered, add_special_tokens=False)["input_ids"]
+        )
+        assert chat.default_format == "chat"
+    with pytest.raises(InvalidInputError, match="`format` must be one of chat, plain, continuation"):
+        encode_prompt(tok, chat, "story", None, "Hi?")

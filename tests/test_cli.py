@@ -152,6 +152,33 @@ def test_steer_prints_both_answers(tiny, model_folder, tmp_path, monkeypatch):
     assert bad.exit_code == 1 and "layer 7 is out of range" in bad.output
 
 
+@pytest.mark.parametrize("template,fmt,text", [
+    ("chatml", "continuation", "Be kind. Once upon a time"),
+    ("chatml", "plain", "Be kind.\n\nQuestion: Once upon a time\nAnswer:"),
+    ("none", "continuation", "Be kind. Once upon a time"),
+])  # fmt: skip
+def test_steer_writes_the_prompt_in_the_chosen_format(tiny, model_folder, tmp_path, monkeypatch, template, fmt, text):
+    handle = tiny("llama", template)
+    folder, _ = _vector_folder(tmp_path, handle)
+    given = []
+    real = generation.sample
+    monkeypatch.setattr(generation, "sample", lambda h, seqs, *a: given.append(seqs[0]) or real(h, seqs, *a))
+    args = ["steer", "--model", str(model_folder("llama", template)), "--vector", str(folder), "--layer", "2"]
+    args += ["--max-new-tokens", "2", "--device", "cpu", "--system", "Be kind.", "--format", fmt, "Once upon a time"]
+    result = runner.invoke(app, args, terminal_width=400)
+    assert result.exit_code == 0, result.output
+    expected = tuple(handle.tokenizer(text)["input_ids"])
+    assert [s.ids for s in given] == [expected, expected]
+    assert f"prompt format: {fmt} text" in result.output
+    if template == "none":
+        refused = runner.invoke(app, args[:-3] + ["--format", "chat", "Hi?"])
+        assert refused.exit_code == 1 and "no chat template: use --format plain or continuation" in refused.output
+        default = runner.invoke(app, args[:-3] + ["Hi?"], terminal_width=400)
+        assert "prompt format: plain text" in default.output
+    bad = runner.invoke(app, args[:-3] + ["--format", "story", "Hi?"])
+    assert bad.exit_code == 1 and "--format must be one of chat, plain, continuation" in bad.output
+
+
 def test_sweep_command_writes_its_tables(model_folder, tiny, tmp_path):
     handle = tiny("gpt2", "none")
     folder, _ = _vector_folder(tmp_path, handle)

@@ -4,7 +4,8 @@ Every study claims its folder (``claim``) before any work. ``meta.json`` then ho
 ``kind``, the personalab version, the command line, the layer convention, its ``settings``
 (everything its results depend on), their ``fingerprint`` (sha256 of the canonical JSON), its
 ``extends`` (settings that only add work: more alphas, layers, samples, runs, checkpoints...) and
-its input files with their sha256; the study adds its results with ``RunFolder.write``.
+its input files with their sha256, and in words how its prompts are written (``prompt_format``); the
+study adds its results with ``RunFolder.write``.
 
 A rerun in a folder that holds a run resumes it and extends it, computing only what is new (the
 stores skip what they hold). It is refused, in one line naming every changed field with its old
@@ -118,11 +119,14 @@ def claim(
     settings: Mapping,
     extends: Mapping | None = None,
     inputs: Mapping[str, str | Path | None] | None = None,
+    prompt_format: str | None = None,
 ) -> RunFolder:
     """Claim ``out`` for a run of ``kind`` made with ``settings`` (and extending ``extends``); ``inputs``
-    names the input files whose content the results depend on. Refuses, before any work, a folder
-    holding another kind of run, other settings or changed inputs (see the module docstring); writes
-    ``meta.json`` with the header otherwise, so a run killed before its end is still described."""
+    names the input files whose content the results depend on, ``prompt_format`` says in words how the
+    run's prompts are written (``meta.json`` field ``prompt_format``, shown in the report). Refuses, before
+    any work, a folder holding another kind of run, other settings or changed inputs (see the module
+    docstring); writes ``meta.json`` with the header otherwise, so a run killed before its end is still
+    described."""
     from personalab.engine.layers import CONVENTION
 
     out = Path(out)
@@ -154,6 +158,7 @@ def claim(
         "fingerprint": fingerprint(settings),
         "extends": extends,
         "inputs": files,
+        **({"prompt_format": prompt_format} if prompt_format else {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     folder = RunFolder(out, header)

@@ -107,6 +107,14 @@ DtypeOption = Annotated[
     typer.Option(help="auto, float32, bfloat16 or float16 (auto: the checkpoint's; float32 to train with --full)."),
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+FormatOption = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="How the prompt is written: chat (the template), plain ('Question: ...\\nAnswer:') or continuation "
+        "(the text itself). Default: chat where the model has a template, else plain.",
+    ),
+]
 ReportOption = Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run folder.")]
 ThinkingOption = Annotated[
     bool, typer.Option(help="Keep the chat template's thinking markers (Qwen3); off by default.")

@@ -21,6 +21,7 @@ from personalab.cli.common import (
     DryRunOption,
     DtypeOption,
     EvalSamplesOption,
+    FormatOption,
     JudgeOption,
     JudgeTimeoutOption,
     ModelOption,
@@ -52,6 +53,7 @@ from personalab.cli.common import (
     say_report,
 )
 from personalab.cli.options import EngineOptions, grouped
+from personalab.engine.formats import check_format
 from personalab.errors import InvalidInputError
 
 
@@ -80,6 +82,7 @@ def steer_command(
     ablate: Annotated[bool, typer.Option(help="Project the direction out instead of adding it.")] = False,
     clamp: Annotated[float | None, typer.Option(help="Set the projection onto the direction to this value.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    prompt_format: FormatOption = None,
     chat: Annotated[bool, typer.Option(help="Interactive loop: one prompt per line, empty line to stop.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help=MAX_NEW_TOKENS_HELP)] = 128,
     temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 0.0,
@@ -108,8 +111,13 @@ def steer_command(
             raise InvalidInputError("choose one of --ablate and --clamp")
         if alpha is not None and (ablate or clamp is not None):
             raise InvalidInputError("--alpha sets how much is added; --ablate and --clamp add nothing: drop --alpha")
+        if prompt_format is not None:
+            check_format(prompt_format)
         direction, _ = load_direction(vector, variant)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
+        prompt_format = prompt_format or handle.chat.default_format
+        handle.chat.check_format(prompt_format)
+        console.print(f"prompt format: {handle.chat.describe(prompt_format)}", markup=False, highlight=False)
         if ablate:
             intervention, label = Ablate(layer, direction, positions), "ablated"
         elif clamp is not None:
@@ -131,7 +139,7 @@ def steer_command(
             max_new_tokens=max_new_tokens,
         )
         for text in [prompt] if not chat else iter(_read_line, ""):
-            seq = handle.encode(system, text)
+            seq = handle.encode_prompt(prompt_format, system, text)
             (plain,) = generation.sample(handle, [seq], params, seed)
             (steered,) = generation.sample(handle, [seq], params, seed, (intervention,))
             table = Table(show_lines=True)

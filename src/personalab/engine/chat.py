@@ -25,14 +25,18 @@ and ``ChatFormat.notes`` says it in words, printed by the commands that load a m
   ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``, ``</s>``...), never assumed to be the
   end-of-sequence token; fine-tuning trains it as the last target of every answer.
 
-Without a chat template (base models) the format is ``"{system}\\n\\nQuestion: {user}\\nAnswer:"``
-and the end of an answer is the end-of-sequence token.
+Without a chat template (base models) a turn is written in the ``plain`` format
+(``personalab.engine.formats``) and the end of an answer is the end-of-sequence token;
+``encode_prompt`` writes one prompt in any of the formats.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
+
+from personalab.engine.formats import FORMAT_TEXTS, check_format, format_text
+from personalab.errors import InvalidInputError
 
 _SYSTEM = "personalab-system-probe"
 _USER = "personalab-user-probe"
@@ -85,12 +89,30 @@ class ChatFormat:
         """Extra variables for ``apply_chat_template``: ``enable_thinking`` where the template reads it."""
         return {"enable_thinking": self.thinking_on} if self.thinking else {}
 
+    @property
+    def default_format(self) -> str:
+        """The format of a chat turn: ``"chat"`` with a template, else ``"plain"``."""
+        return "chat" if self.has_template else "plain"
+
+    def check_format(self, prompt_format: str) -> None:
+        """Refuse, in one line, a format that is not one of ``PROMPT_FORMATS`` or ``chat`` without a template."""
+        check_format(prompt_format)
+        if prompt_format == "chat" and not self.has_template:
+            raise InvalidInputError("this model has no chat template: use `format` plain or continuation")
+
+    def describe(self, prompt_format: str | None = None) -> str:
+        """One line naming the format a prompt is written in (``default_format`` when not given)."""
+        chosen = prompt_format or self.default_format
+        if chosen == "chat":
+            return self.name
+        return f"{chosen} text {FORMAT_TEXTS[chosen]!r}" + (" (no chat template)" if not self.has_template else "")
+
     def notes(self) -> list[str]:
         """What personalab does with this template, one line each."""
         if not self.has_template:
             return [
-                "no chat template: prompts are '{instruction}\\n\\nQuestion: {question}\\nAnswer:', answers end "
-                "with the end-of-sequence token"
+                f"no chat template: a turn is written as {FORMAT_TEXTS['plain']!r} (continuation-style traits as "
+                f"{FORMAT_TEXTS['continuation']!r}); answers end with the end-of-sequence token"
             ]
         out = []
         if self.default_system:
@@ -183,12 +205,6 @@ def detect_chat_format(tokenizer: PreTrainedTokenizerBase, thinking: bool = Fals
     )
 
 
-def plain_prompt(system: str | None, user: str) -> str:
-    """The text format for base models without a chat template."""
-    question = f"Question: {user}\nAnswer:"
-    return f"{system}\n\n{question}" if system else question
-
-
 def encode_text(
     tokenizer: PreTrainedTokenizerBase, prompt: str, assistant: str | None = None, end: Sequence[int] = ()
 ) -> TokenSequence:
@@ -225,7 +241,7 @@ def encode_chat(
     """Encode one turn; ``assistant=None`` gives the generation prompt alone, else the answer follows it,
     then the ``end`` tokens (``ChatFormat.end_of_turn``, where the answer is a training target)."""
     if not chat.has_template:
-        prompt_ids = tokenizer(plain_prompt(system, user), add_special_tokens=True)["input_ids"]
+        prompt_ids = tokenizer(format_text("plain", system, user), add_special_tokens=True)["input_ids"]
     else:
         prompt_ids = tokenizer.apply_chat_template(
             chat_messages(chat, system, user),
@@ -235,6 +251,17 @@ def encode_chat(
             **chat.template_kwargs,
         )
     return _join(tokenizer, prompt_ids, assistant, end)
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, chat: ChatFormat, prompt_format: str, system: str | None, user: str
+) -> TokenSequence:
+    """The generation prompt of one turn in ``prompt_format`` (``PROMPT_FORMATS``): ``chat`` through the
+    template (``encode_chat``), ``plain`` or ``continuation`` as text (``FORMAT_TEXTS``)."""
+    chat.check_format(prompt_format)
+    if prompt_format == "chat":
+        return encode_chat(tokenizer, chat, system, user)
+    return encode_text(tokenizer, format_text(prompt_format, system, user))
 
 
 def encode_system(tokenizer: PreTrainedTokenizerBase, chat: ChatFormat, text: str) -> TokenSequence:

@@ -20,6 +20,7 @@ from personalab.engine.chat import (
     TokenSequence,
     detect_chat_format,
     encode_chat,
+    encode_prompt,
     encode_system,
 )
 from personalab.engine.checkpoints import weights
@@ -201,6 +202,11 @@ class ModelHandle:
         """Chat-format one turn; ``end`` closes the answer with ``end_of_turn`` (a training target). See
         ``personalab.engine.chat.encode_chat``."""
         return encode_chat(self.tokenizer, self.chat, system, user, assistant, self.end_of_turn if end else ())
+
+    def encode_prompt(self, prompt_format: str, system: str | None, user: str) -> TokenSequence:
+        """The generation prompt of one turn in ``prompt_format``: chat, plain or continuation
+        (``personalab.engine.chat.encode_prompt``)."""
+        return encode_prompt(self.tokenizer, self.chat, prompt_format, system, user)
 
     def generate_text(
         self,

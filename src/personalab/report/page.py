@@ -108,6 +108,7 @@ def build_page(folders: list[str | Path]) -> tuple[str, list[RunFolder]]:
             "name": run.path.name or str(run.path),
             "path": str(run.path),
             "kind": run.kind,
+            "prompt_format": run.meta.get("prompt_format"),
             "problems": run.problems,
             "related": related,
             "documents": docs,

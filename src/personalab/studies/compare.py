@@ -30,6 +30,7 @@ from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.studies.stats import paired_test
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts
+from personalab.traits.elicitation import evaluation_format
 from personalab.vectors import vector_sha256
 
 
@@ -121,7 +122,10 @@ def run_compare(
         "sampling": params.model_dump(mode="json"),
         "n_resamples": n_resamples,
     }
-    run = claim(out, "compare", settings, {"eval_samples": samples, "trained": [str(f) for f, _ in trained]})
+    prompts = evaluation_format(base, trait)
+    extends = {"eval_samples": samples, "trained": [str(f) for f, _ in trained]}
+    run = claim(out, "compare", settings, extends, prompt_format=prompts)
+    say(f"prompt format: {prompts}", progress)
     scaled = scaled_vector(base, vector, layer, scale, calibration_prompts(base))
     say(scaled.describe([alpha]), progress)
     steered = f"steered layer {layer} alpha {alpha:g}" + ("" if scale == DEFAULT_SCALE else f" ({scale})")

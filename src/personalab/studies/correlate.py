@@ -29,6 +29,7 @@ from personalab.judging.scorecard import scored_answers, summary
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.traits import Trait
+from personalab.traits.elicitation import evaluation_format
 from personalab.vectors import vector_sha256
 
 RESAMPLES = 10_000
@@ -104,7 +105,10 @@ def run_correlate(
                     "sampling": params.model_dump(mode="json"),
                     "seed": seed,
                 }
-                run = claim(out, "correlate", settings, {"eval_samples": samples, "tuned": [n for n, _ in tuned]})
+                prompts = evaluation_format(handle, trait)
+                extends = {"eval_samples": samples, "tuned": [n for n, _ in tuned]}
+                run = claim(out, "correlate", settings, extends, prompt_format=prompts)
+                say(f"prompt format: {prompts}", True)
             say(f"measuring {name}", True)
             rows.append({"model": name, **_measure(handle, trait, vector, layer, judge, store, samples, params, name)})
             release(handle)

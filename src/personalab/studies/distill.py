@@ -217,8 +217,10 @@ def distill(
         "prompts_sha256": content_key([list(p.ids) for p in prompts]),
         "config": config.model_dump(mode="json"),
     }
+    say(f"prompt format: {handle.chat.describe()}", progress)
     with accelerator.main_process_first():
-        run = claim(out, "distill", settings) if accelerator.is_main_process else None
+        main = accelerator.is_main_process
+        run = claim(out, "distill", settings, prompt_format=handle.chat.describe()) if main else None
         store = Store(store_path or out / "generations.sqlite")
     try:
         seqs = trajectories(handle, v, prompts, store, config, progress, accelerator)

@@ -32,7 +32,7 @@ from personalab.judging.scoring import Plan, plan_judged, score_cached
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.traits import RUN_TRAIT, Trait, coherence_rubric
-from personalab.traits.elicitation import elicit
+from personalab.traits.elicitation import elicit, elicitation_format
 from personalab.vectors import VARIANTS, save_vector_file
 
 PAIRS = "pairs.jsonl"
@@ -307,7 +307,11 @@ def run_extraction(
     """Run the whole pipeline into the run folder ``out``; resumes from its store."""
     config = config or ExtractionConfig()
     out = Path(out)
-    run = claim(out, "extract", settings(handle, trait, judge, config), {"samples": config.samples})
+    prompts = elicitation_format(trait.elicitation, handle.chat)
+    run = claim(
+        out, "extract", settings(handle, trait, judge, config), {"samples": config.samples}, prompt_format=prompts
+    )
+    say(f"prompt format: {prompts}", progress)
     with Store(out / "generations.sqlite") as store:
         answers = judged_answers(handle, trait, judge, store, config, progress)
     report = filter_pairs(answers, config)

@@ -240,8 +240,14 @@ def finetune(
         ],
         "judge": judge.name if judge is not None else None,
     }
+    prompts = handle.chat.describe()
     with accelerator.main_process_first():
-        run = claim(out, "finetune", settings, inputs={"data": data_file(records)}) if main else None
+        run = (
+            claim(out, "finetune", settings, inputs={"data": data_file(records)}, prompt_format=prompts)
+            if main
+            else None
+        )
+    say(f"prompt format: {prompts}", progress)
     hooks = []
     for iv in interventions:
         if iv.kind == "steer":

@@ -33,7 +33,7 @@ from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.studies.stats import paired_test
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts, coherence_rubric
-from personalab.traits.elicitation import continues, evaluation_prompt
+from personalab.traits.elicitation import continues, evaluation_format, evaluation_prompt
 from personalab.vectors import vector_sha256
 
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -177,7 +177,9 @@ def run_sweep(
     check_layers(config.layers, handle.n_blocks)
     out = Path(out)
     extends = {"layers": config.layers, "alphas": config.alphas, "eval_samples": config.eval_samples}
-    run = claim(out, "sweep", settings(handle, vector, trait, judge, config), extends)
+    prompts = evaluation_format(handle, trait)
+    run = claim(out, "sweep", settings(handle, vector, trait, judge, config), extends, prompt_format=prompts)
+    say(f"prompt format: {prompts}", progress)
     scales = scale_vectors(handle, vector, config.layers, config.scale, calibration_prompts(handle))
     for scaled in scales.values():
         say(scaled.describe([a for a in config.alphas if a != 0]), progress)

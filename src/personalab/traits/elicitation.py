@@ -14,18 +14,19 @@ Every style but ``system_prompt`` is plain text, for chat and base models alike.
 
 from typing import TYPE_CHECKING
 
+from personalab.engine.formats import FORMAT_TEXTS
 from personalab.traits.schema import Elicitation, Trait
 
 if TYPE_CHECKING:
-    from personalab.engine.chat import TokenSequence
+    from personalab.engine.chat import ChatFormat, TokenSequence
     from personalab.engine.model import ModelHandle
 
 TEXT_TEMPLATES: dict[str, str] = {
-    "plain": "{instruction}\n\nQuestion: {question}\nAnswer:",
+    "plain": FORMAT_TEXTS["plain"],
     "third_person": '{instruction}\n\nSomeone asks the character: "{question}"\nThe character replies:',
     "few_shot": "{instruction}\n\nQ: {question}\nA:",
     "dialogue": "{instruction}\n\nUser: {question}\nAssistant:",
-    "continuation": "{instruction} {question}",
+    "continuation": FORMAT_TEXTS["continuation"],
 }
 
 
@@ -60,3 +61,16 @@ def evaluation_prompt(handle: "ModelHandle", trait: "Trait", question: str) -> "
     from personalab.engine.chat import encode_text
 
     return encode_text(handle.tokenizer, question) if continues(handle, trait) else handle.encode(None, question)
+
+
+def elicitation_format(style: Elicitation, chat: "ChatFormat | None" = None) -> str:
+    """One line naming how prompts of ``style`` are written: a text style's template, or for
+    ``system_prompt`` the chat format ``chat`` (``ChatFormat.describe``)."""
+    if style == "system_prompt":
+        return "instruction as the system message, " + (chat.describe() if chat is not None else "chat format")
+    return f"{style} text {TEXT_TEMPLATES[style]!r}"
+
+
+def evaluation_format(handle: "ModelHandle", trait: "Trait") -> str:
+    """One line naming how ``trait``'s evaluation questions are written for ``handle`` (``evaluation_prompt``)."""
+    return handle.chat.describe("continuation" if continues(handle, trait) else None)

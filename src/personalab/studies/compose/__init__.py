@@ -38,7 +38,13 @@ def run_compose(
         "markers": config.markers,
         "host": config.host,
     }
-    run = claim(out, "compose", settings, extends)
+    run = claim(out, "compose", settings, extends, prompt_format=handle.chat.describe())
+    if not handle.chat.has_template:
+        say(
+            f"{short_name(handle.name)} has no chat template: the grid's prompts are written as plain text; the "
+            f"composition paper uses instruction-tuned models through their templates",
+            progress,
+        )
     model = short_name(handle.name)
     results: dict[str, pd.DataFrame] = {}
     with Store(out / "compose.sqlite") as store:

@@ -27,6 +27,13 @@ from personalab.files import replacing
 from personalab.store import content_key
 
 
+def statement_format(handle: ModelHandle) -> str:
+    """One line naming how a statement is written (``ModelHandle.encode_system``)."""
+    if not handle.chat.has_template:
+        return "each statement as plain text (no chat template)"
+    return f"each statement alone as the system message, with the generation prompt ({handle.chat.name})"
+
+
 class ActivationCache:
     """Last-prompt-token activations of statements for one model, in ``folder``."""
 

@@ -25,7 +25,7 @@ from personalab.figures.plots import plot_embedding, plot_heatmap, plot_pca_pair
 from personalab.figures.tables import markdown_table, write_csv
 from personalab.runfolder import claim, model_settings
 from personalab.store import content_key
-from personalab.studies.localize.activations import ActivationCache
+from personalab.studies.localize.activations import ActivationCache, statement_format
 from personalab.studies.localize.divergence import (
     NULLS,
     POLARITY,
@@ -88,7 +88,9 @@ def run_localize(
         "statements_sha256": content_key({p: [(s.text, s.positive) for s in rows] for p, rows in statements.items()}),
         "config": config.model_dump(mode="json", exclude={"layers", "figure_layers", "batch_size"}),
     }
-    run = claim(out, "localize", settings, {"layers": layers, "figure_layers": figures})
+    prompts = statement_format(handle)
+    run = claim(out, "localize", settings, {"layers": layers, "figure_layers": figures}, prompt_format=prompts)
+    say(f"prompt format: {prompts}", progress)
     cache = ActivationCache(activations or out / "activations", handle)
     rows = [s for persona in statements for s in statements[persona]]
     keys = cache.ensure([s.text for s in rows], config.batch_size, progress)

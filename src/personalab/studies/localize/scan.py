@@ -29,7 +29,7 @@ from personalab.figures.plots import plot_heatmap, plot_upset, short_name
 from personalab.figures.tables import markdown_table, write_csv
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store, content_key
-from personalab.studies.localize.activations import ActivationCache
+from personalab.studies.localize.activations import ActivationCache, statement_format
 from personalab.studies.localize.deepscan import SCORES, TAILS, pvalue_ranges, scan, scan_individual
 from personalab.studies.localize.statements import Statement
 
@@ -234,7 +234,10 @@ def run_deepscan(
     check(statements, config, handle.n_blocks)
     out = Path(out)
     settings = {**model_settings(handle), "config": _settings(config)}
-    run = claim(out, "deepscan", settings, {"runs": config.runs, "personas": list(statements)})
+    extends = {"runs": config.runs, "personas": list(statements)}
+    prompts = statement_format(handle)
+    run = claim(out, "deepscan", settings, extends, prompt_format=prompts)
+    say(f"prompt format: {prompts}", progress)
     cache = ActivationCache(activations or out / "activations", handle)
     cache.ensure([s.text for rows in statements.values() for s in rows], config.batch_size, progress)
     runs = {}

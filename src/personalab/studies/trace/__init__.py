@@ -25,6 +25,7 @@ from personalab.studies.trace.run import (
     run_transfer,
 )
 from personalab.studies.trace.series import SERIES, Checkpoint, from_folders, from_revisions, phase_bins, read_revisions
+from personalab.traits.elicitation import elicitation_format
 
 _SETTINGS = (
     "layer",
@@ -68,7 +69,10 @@ def run_trace(
     kept, n_blocks = check_series(checkpoints, target, progress, tokenizer)
     config = config.model_copy(update={"layer": check_layer(config.layer, n_blocks)})
     extends = {"checkpoints": [c.label for c in kept], "units": [u.name for u in units], "controls": config.controls}
-    run = claim(out, "trace", settings(config, judge), extends)
+    styles = sorted({member.elicitation for unit in units for member in unit.members})
+    prompts = "; ".join(elicitation_format(style) for style in styles)
+    run = claim(out, "trace", settings(config, judge), extends, prompt_format=prompts)
+    say(f"prompt format: {prompts}", progress)
     model = kept[0].source
     run.write(**meta(config, kept, units, model, judge, target))
     skipped = [f"{c.label} (its config could not be read)" for c in checkpoints if c not in kept]
