@@ -74,6 +74,6 @@ def test_the_walk_sees_a_clash():
 
 def test_every_verb_that_takes_a_trait_name_takes_the_folder_it_is_in():
     found = _options()
-    with_trait = set(found["--trait"]) - {"trace"}  # trace's traits are built-in names or files
-    assert {"extract", "sweep", "project", "distill", "compare", "correlate"} <= with_trait
+    with_trait = set(found["--trait"])
+    assert {"extract", "sweep", "project", "distill", "compare", "correlate", "trace"} <= with_trait
     assert with_trait <= set(found["--trait-dir"])

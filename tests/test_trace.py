@@ -384,3 +384,20 @@ def test_the_trait_defaults_to_the_one_the_strategy_files_name(tmp_path):
     assert unit.trait == "cruel-planted" and unit.evaluation.name == "cruel-planted"
     assert {u.trait for u in build_units([], ["character"])} == {"evil"}
     assert {u.trait for u in build_units([], [str(strategy), "stories"])} == {"evil"}
+
+
+def test_a_trait_of_a_persona_vectors_folder_is_traced_as_written(tmp_path):
+    from personalab.studies.trace.run import build_units
+    from personalab.traits import load_trait
+
+    evil = load_trait("evil")
+    for split, questions in (("extract", evil.extraction_questions), ("eval", evil.evaluation_questions)):
+        folder = tmp_path / f"trait_data_{split}"
+        folder.mkdir()
+        pairs = [p.model_dump() for p in evil.instructions]
+        data = {"instruction": pairs, "questions": questions, "eval_prompt": evil.rubric}
+        (folder / "wicked.json").write_text(json.dumps(data))
+    (unit,) = build_units(["wicked"], [], tmp_path)
+    assert unit.name == "wicked-system_prompt" and unit.members[0].extraction_questions == evil.extraction_questions
+    with pytest.raises(InvalidInputError, match="does not exist; point `trait_dir`"):
+        build_units(["kind"], [], tmp_path)

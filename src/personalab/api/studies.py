@@ -63,6 +63,7 @@ def trace(
     tokens_per_step: float | None = None,
     traits: Sequence[str] = (),
     strategies: Sequence[str] = (),
+    trait_dir: str | Path | None = None,
     target: str | None = None,
     load: Callable | None = None,
     load_target: Callable[[], ModelHandle] | None = None,
@@ -72,7 +73,8 @@ def trace(
     **options: Any,
 ) -> StudyResult:
     """``personalab trace``: a trait through training checkpoints (``checkpoint_series``): extraction at each,
-    geometry, emergence and transfer steering on ``target``. ``load(checkpoint)`` loads one (default
+    geometry, emergence and transfer steering on ``target``; with ``trait_dir`` (a persona-vectors data folder)
+    each trait name is read from it and traced as written. ``load(checkpoint)`` loads one (default
     ``load_model`` of its source and revision). ``options`` are ``TraceConfig``'s (``layer``, ``alpha``,
     ``target_alpha``, ``scale``, ``eval_samples``, ``controls``) and its extraction's (``samples``, ``min_pairs``,
     thresholds, ``batch_size``, sampling). Tables: ``emergence``."""
@@ -89,7 +91,7 @@ def trace(
     chosen = ExtractionConfig(**{**base.model_dump(exclude={"sampling"}), **extraction, "sampling": sampling})
     config = configured(TraceConfig, mine, extraction=chosen)
     checkpoints_list = checkpoint_series(model, series, revisions, checkpoints, tokens_per_step)
-    units = build_units(traits, strategies)
+    units = build_units(traits, strategies, trait_dir)
     scorer = as_judge(judge)
 
     def default_load(checkpoint):

@@ -75,6 +75,7 @@ def trace(
     ] = None,
     tokens_per_step: Annotated[float | None, typer.Option(help="Training tokens per step in the names.")] = None,
     trait: TraitsOption = [],  # noqa: B006
+    trait_dir: TraitDirOption = None,
     strategy: Annotated[
         list[str],
         typer.Option(
@@ -134,7 +135,8 @@ def trace(
 
         run(
             model, scorer, out=out, series=series, revisions=revisions_file or revisions, checkpoints=checkpoints,
-            tokens_per_step=tokens_per_step, traits=trait, strategies=strategy, target=target, load=load,
+            tokens_per_step=tokens_per_step, traits=trait, strategies=strategy, trait_dir=trait_dir, target=target,
+            load=load,
             load_target=load_target if target else None, tokenizer=tokenizer, report=report, layer=layer,
             alpha=finite(alpha, "--alpha"), target_alpha=target_alpha, scale=scale, controls=controls,
             eval_samples=eval_samples,

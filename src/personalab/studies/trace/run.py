@@ -122,10 +122,11 @@ def _strategy(trait: str, strategy: str) -> tuple[str, Trait]:
     return strategy, load_trait(f"{trait}-{strategy}")
 
 
-def build_units(traits: Sequence[str], strategies: Sequence[str]) -> list[Unit]:
+def build_units(traits: Sequence[str], strategies: Sequence[str], trait_dir: str | Path | None = None) -> list[Unit]:
     """Units of every trait x strategy. A trait is a built-in name (traced in the built-in strategies named,
-    ``character`` when none is) or a trait file (traced as written when no strategy is named; its unit is
-    ``NAME-STYLE``, the trait's name and elicitation style). ``combined`` pools the judged answers of the
+    ``character`` when none is), a trait file or, with ``trait_dir``, a trait of that persona-vectors data
+    folder (both traced as written when no strategy is named; the unit is ``NAME-STYLE``, the trait's name and
+    elicitation style). ``combined`` pools the judged answers of the
     run's other strategies of that trait (at least two), else of the built-in character, stories and
     dialogue. Unit names are file-name safe: every output of a unit stays in its folder of the run. No ``traits``:
     the trait the strategy files name when every strategy is a file, else ``evil``."""
@@ -136,7 +137,7 @@ def build_units(traits: Sequence[str], strategies: Sequence[str]) -> list[Unit]:
         traits = traits or ["evil"]
     units: list[Unit] = []
     for trait in dict.fromkeys(traits):
-        own = load_trait_file(trait) if _is_file(trait) else None
+        own = load_trait_file(trait) if _is_file(trait) else load_trait(trait, trait_dir) if trait_dir else None
         label = safe_name(own.name if own else trait)
         named = [s for s in dict.fromkeys(strategies) if s != "combined"]
         if own is not None and not named:
