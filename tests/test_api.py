@@ -323,10 +323,10 @@ def test_study_verbs_write_what_the_python_functions_write(model_folder, tmp_pat
     with JudgeServer(scorer=hashed_scores) as server:
         monkeypatch.setenv("PERSONALAB_JUDGE_BASE_URL", server.base_url)
         args = ["compare", "--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--alpha", "4"]
-        args += ["--judge", "api:j", "--eval-samples", "1", "--max-new-tokens", "3", "--distilled"]
+        args += ["--judge", "api:j", "--eval-samples", "1", "--max-new-tokens", "3", "--tuned"]
         student = tmp_path / "cli" / "distill"
         both([*args, str(student)], pl.compare, "compare", model=model, vector=tmp_path / "vec", judge="api:j",
-             layer=2, alpha=4, distilled=[student], eval_samples=1, max_new_tokens=3)  # fmt: skip
+             layer=2, alpha=4, tuned=[student], eval_samples=1, max_new_tokens=3)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -348,7 +348,7 @@ def test_training_and_projection_verbs_write_what_the_python_functions_write(mod
     tuned = [tmp_path / "cli" / "ft" / "checkpoints" / f"step-{s}" for s in (1, 2)]
     with JudgeServer(scorer=hashed_scores) as server:
         monkeypatch.setenv("PERSONALAB_JUDGE_BASE_URL", server.base_url)
-        args = ["correlate", "--base", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--judge", "api:j"]
+        args = ["correlate", "--model", model, "--vector", str(tmp_path / "vec"), "--layer", "2", "--judge", "api:j"]
         args += [x for t in tuned for x in ("--tuned", str(t))] + ["--eval-samples", "1", "--max-new-tokens", "3"]
         assert runner.invoke(app, [*args, "--device", "cpu", "--out", str(tmp_path / "cli" / "cor")]).exit_code == 0
         pl.correlate(model, tuned, tmp_path / "vec", "api:j", layer=2, eval_samples=1, max_new_tokens=3,

@@ -227,14 +227,32 @@ def test_project_command_modes(tiny, model_folder, tmp_path):
     assert shifted.exit_code == 0, shifted.output
     assert (tmp_path / "data.shift.png").is_file() and len((tmp_path / "data.top1.jsonl").read_text().splitlines()) == 1
 
+    def lines(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    into = tmp_path / "proj"
+    for extra, name in ((["--shift", "--top-k", "1"], "shift"), ([], "projections")):
+        run = runner.invoke(app, base + extra + ["--out", str(into / name)])
+        assert run.exit_code == 0, run.output
+        assert lines(into / name / f"{name}.jsonl") == lines(tmp_path / f"data.{name}.jsonl")
+        assert (into / name / "report.html").is_file() and (into / name / "summary.md").is_file()
+    shifts = {r["index"]: r["shift"] for r in lines(tmp_path / "data.shift.jsonl")}
+    table = pd.read_csv(into / "shift" / "project.csv")
+    assert table["shift"].tolist() == pytest.approx([shifts[i] for i in table["index"]])
+    assert (into / "shift" / "top1.jsonl").is_file() and (into / "shift" / "generations.sqlite").is_file()
+    again = runner.invoke(app, [a if a != "2" else "3" for a in base] + ["--out", str(into / "projections")])
+    assert again.exit_code == 1 and "config" not in again.output and "layer: 2 -> 3" in again.output
+
     out = tmp_path / "shift"
     diff = runner.invoke(
-        app, ["project", "--vector", str(folder), "--diff", model, model, "--trait", "evil", "--out", str(out)]
+        app,
+        ["project", "--vector", str(folder), "--model", model, "--tuned", model, "--trait", "evil", "--out", str(out)],
     )
     assert diff.exit_code == 0, diff.output
-    assert pd.read_csv(f"{out}.csv")["shift"].abs().max() == 0.0
-    bad = runner.invoke(app, ["project", "--vector", str(folder), str(data)])
-    assert bad.exit_code == 1 and "--model and --layer" in bad.output
+    assert pd.read_csv(out / "project.csv")["shift"].abs().max() == 0.0 and (out / "model_shift.png").is_file()
+    assert (out / "report.html").is_file() and json.loads((out / "meta.json").read_text())["kind"] == "project"
+    bad = runner.invoke(app, ["project", "--vector", str(folder), "--model", model, str(data)])
+    assert bad.exit_code == 1 and "pass a JSONL data file and --layer" in bad.output
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ def test_a_run_folder_carries_its_trait_and_commands_are_quiet(model_folder, tmp
             "distill": [*vector, "--layer", "2", "--alpha", "1", "--lora-rank", "2", "--trajectories", "4"]
             + ["--steps", "1", "--micro-batch-size", "2", "--grad-accum", "1"],
             "compare": [*vector, "--layer", "2", "--alpha", "1", "--judge", "api:j", "--eval-samples", "1"]
-            + ["--distilled", str(tmp_path / "distill")],
+            + ["--tuned", str(tmp_path / "distill")],
         }
         for name, args in commands.items():
             output = _quiet_run([name, *model, *args, *small, "--out", str(tmp_path / name)], env)
@@ -184,7 +184,7 @@ def test_compare_writes_answers_paired_tests_and_a_figure(model_folder, tmp_path
     out = tmp_path / "c"
     with JudgeServer(scorer=_scorer) as server:
         args = ["compare", *common, "--layer", "2", "--alpha", "3", "--judge", "api:j", "--eval-samples", "2"]
-        args += ["--distilled", str(tmp_path / "d"), "--out", str(out)]
+        args += ["--tuned", str(tmp_path / "d"), "--out", str(out)]
         result = runner.invoke(app, args, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})
     assert result.exit_code == 0, result.output
     answers = pd.read_json(out / "answers.jsonl", lines=True)

@@ -223,8 +223,8 @@ def test_distill_ablation_and_compare_commands(model_folder, tmp_path):
             "--device",
             "cpu",
         ]
-        compare += ["--distilled", str(tmp_path / "d" / "trajectories-8"), "--out", str(tmp_path / "c")]
-        compare += ["--distilled", str(tmp_path / "baked")]
+        compare += ["--tuned", str(tmp_path / "d" / "trajectories-8"), "--out", str(tmp_path / "c")]
+        compare += ["--tuned", str(tmp_path / "baked")]
         result = runner.invoke(app, compare, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})
     assert result.exit_code == 0, result.output
     rows = pd.read_csv(tmp_path / "c" / "compare.csv")

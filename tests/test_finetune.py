@@ -318,7 +318,7 @@ def test_checkpoints_load_in_every_command_and_correlate(model_folder, tiny, tmp
         )
         assert result.exit_code == 0, result.output
         tuned = [str(tmp_path / "ft" / "checkpoints" / f"step-{s}") for s in (2, 4, 6)]
-        args = ["correlate", "--base", model, "--vector", str(vector), "--layer", "2", "--judge", "api:j"]
+        args = ["correlate", "--model", model, "--vector", str(vector), "--layer", "2", "--judge", "api:j"]
         args += [x for t in tuned for x in ("--tuned", t)] + ["--eval-samples", "1", "--max-new-tokens", "4"]
         result = runner.invoke(app, args + ["--out", str(tmp_path / "c"), "--device", "cpu"], env=env)
     assert result.exit_code == 0, result.output

@@ -123,7 +123,7 @@ def test_every_model_command_runs_on_the_checkpoint_with_tokenizer(bare, tmp_pat
         ]
         + ["--out", str(tmp_path / "dist"), *cpu],
         "compare": ["compare", *m, *v, "--layer", "2", "--alpha", "2", "--trait", "evil", "--judge", "api:j"]
-        + ["--eval-samples", "1", "--max-new-tokens", "3", "--distilled", str(tmp_path / "dist"), *cpu]
+        + ["--eval-samples", "1", "--max-new-tokens", "3", "--tuned", str(tmp_path / "dist"), *cpu]
         + ["--out", str(tmp_path / "cmp")],
     }
     with JudgeServer(scorer=_scorer) as server:

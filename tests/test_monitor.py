@@ -12,7 +12,7 @@ from personalab.figures.plots import plot_model_shift
 from personalab.persona import project_records, unit_direction
 from personalab.records import Record, load_records
 from personalab.store import Store
-from personalab.studies.monitor import model_shift, projection_shift, write_projections, write_shift_report
+from personalab.studies.monitor import beside, model_shift, projection_shift, write_projections, write_shift_report
 
 from reference import hidden_states
 
@@ -137,7 +137,7 @@ def test_unit_direction_checks(tiny):
 def test_write_projections_keeps_original_fields(data):
     records = load_records(data)
     projections = [{"layer": 1, "last_prompt": float(i), "response_mean": None} for i in range(len(records))]
-    target = write_projections(data, records, projections)
+    target = write_projections(beside(data), records, projections)
     assert target == data.with_name("data.projections.jsonl")
     lines = [json.loads(line) for line in target.read_text().splitlines()]
     assert lines == [{**o, "projection": p} for o, p in zip(RECORDS, projections, strict=True)]
@@ -194,7 +194,7 @@ def test_projection_shift_and_report(tiny, data, tmp_path, monkeypatch):
             assert s["shift"] == pytest.approx(dataset - own, abs=1e-5)
 
     shifts = [*shifts[:-1], {**shifts[-1], "own": None, "shift": None}]
-    paths = write_shift_report(data, records, shifts, top_k=2)
+    paths = write_shift_report(beside(data), records, shifts, top_k=2)
     names = [p.name for p in paths]
     assert names == ["data.shift.jsonl", "data.shift.png", "data.top2.jsonl"]
     assert paths[1].stat().st_size > 0

@@ -83,7 +83,7 @@ def test_distill_and_compare_say_what_they_will_sample(model_folder, tmp_path):
     assert "plan for trajectories: 4 answers (0 stored, 4 to sample, up to 12 new tokens)" in trained.output
     with JudgeServer(scorer=hashed_scores) as server:
         compare = ["compare", *common, "--judge", "api:j", "--eval-samples", "2", "--max-new-tokens", "3"]
-        compare += ["--distilled", str(tmp_path / "d"), "--out", str(tmp_path / "c")]
+        compare += ["--tuned", str(tmp_path / "d"), "--out", str(tmp_path / "c")]
         result = runner.invoke(app, compare, env={"PERSONALAB_JUDGE_BASE_URL": server.base_url})
     assert result.exit_code == 0, result.output
     n = len(TRAIT.evaluation_questions) * 2

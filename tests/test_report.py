@@ -56,12 +56,12 @@ def runs(model_folder, tmp_path_factory) -> Path:
         "distill": [*m, *v, "--layer", "2", "--alpha", "1", "--lora-rank", "2", "--trajectories", "4", *small]
         + ["--steps", "2", "--micro-batch-size", "2", "--grad-accum", "1"],
         "compare": [*m, *v, "--layer", "2", "--alpha", "1", *judge, "--eval-samples", "2", *small]
-        + ["--distilled", root / "distill"],
+        + ["--tuned", root / "distill"],
         "bake": [*m, *v, "--layer", "2", "--alpha", "1", "--exact"],
         "finetune": [*m, "--data", data, "--lora-rank", "2", "--lr", "0.01", "--steps", "4", "--micro-batch-size", "2"]
         + ["--warmup-steps", "1", "--checkpoint-every", "2", "--monitor", root / "extract", "--monitor-layer", "2"]
         + ["--monitor-tokens", "4", "--monitor-judge", "api:j"],
-        "correlate": ["--base", llama, "--tuned", root / "finetune", *v, "--layer", "2", *judge, "--eval-samples", "1"]
+        "correlate": ["--model", llama, "--tuned", root / "finetune", *v, "--layer", "2", *judge, "--eval-samples", "1"]
         + [*small, "--device", "cpu"],
         "localize": [*m, *personas, "--activations", root / "acts", "--figure-layers", "2"],
         "deepscan": [*m, *personas, "--activations", root / "acts", "--layer", "2", "--background", "40"]

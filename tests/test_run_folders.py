@@ -1,5 +1,5 @@
 """Every option that names a model accepts a fine-tune or a distillation run folder: ``steer``, ``sweep``,
-``project --diff``, ``compare``, ``correlate`` and ``trace --target`` resolve it the same way and steer or score
+``project --tuned``, ``compare``, ``correlate`` and ``trace --target`` resolve it the same way and steer or score
 the trained model, whose logits differ from the base's."""
 
 import json
@@ -57,16 +57,16 @@ def test_every_model_option_takes_a_run_folder(trained, tmp_path, kind):
     steer = runner.invoke(app, ["steer", "--model", run, *v, "--layer", "2", "--alpha", "1", "--max-new-tokens", "2",
                                 *cpu, "Hi?"])  # fmt: skip
     assert steer.exit_code == 0 and f"model: {run}" in " ".join(steer.output.split()), steer.output
-    diff = runner.invoke(app, ["project", *v, "--diff", base, run, *cpu, "--out", str(tmp_path / "shift")])
+    diff = runner.invoke(app, ["project", *v, "--model", base, "--tuned", run, *cpu, "--out", str(tmp_path / "shift")])
     assert diff.exit_code == 0, diff.output
-    shift = (tmp_path / "shift.csv").read_text().splitlines()
+    shift = (tmp_path / "shift" / "project.csv").read_text().splitlines()
     assert len(shift) == 5 and any(float(line.split(",")[1]) != 0 for line in shift[1:]), shift
     with JudgeServer(scorer=hashed_scores) as server:
         env = {"PERSONALAB_JUDGE_BASE_URL": server.base_url}
         judged = [*v, "--judge", "api:j", "--eval-samples", "1", "--max-new-tokens", "2", *cpu]
         sweep = ["sweep", "--model", run, "--layers", "2", "--alphas", "0,1", *judged, "--out", str(tmp_path / "s")]
-        compare = ["compare", "--model", base, "--layer", "2", "--alpha", "1", "--distilled", run, *judged]
-        correlate = ["correlate", "--base", base, "--tuned", run, "--layer", "2", *judged]
+        compare = ["compare", "--model", base, "--layer", "2", "--alpha", "1", "--tuned", run, *judged]
+        correlate = ["correlate", "--model", base, "--tuned", run, "--layer", "2", *judged]
         trace = [
             "trace",
             "--checkpoints",

@@ -10,6 +10,7 @@ from personalab.api.common import (
     as_model,
     as_trait,
     configured,
+    finished,
     run_folder,
     vector_of,
     write_run_report,
@@ -82,51 +83,49 @@ def project(
     tuned: ModelHandle | str | None = None,
     trait: Trait | str | None = None,
     out: str | Path | None = None,
+    report: bool = True,
     batch_size: int = 16,
     progress: bool = True,
 ) -> StudyResult:
-    """``personalab project``: records projected onto the vector at ``layer`` (table ``projections``; written as
-    ``STEM.projections.jsonl`` beside a JSONL file); with ``shift``, each dataset response against the model's own
-    answer (``STEM.shift.jsonl``, ``.shift.png`` and with ``top_k`` ``STEM.topK.jsonl``); with ``tuned``, how far the
-    fine-tune ``tuned`` of ``model`` moved the last prompt token along the vector at every layer (table ``shift``;
-    ``OUT.csv`` and ``OUT.png`` with ``out``), on ``records``' prompts or the trait's evaluation questions."""
+    """``personalab project``: records projected onto the vector at ``layer`` (table ``project``: ``last_prompt`` and
+    ``response_mean`` per record); with ``shift``, each dataset response against the model's own answer (``shift``
+    per record); with ``tuned``, how far the fine-tune ``tuned`` of ``model`` moved the last prompt token along the
+    vector at every layer (``shift`` per layer), on ``records``' prompts or the trait's evaluation questions. With
+    ``out`` a run folder (``personalab.studies.project``); without it, records given as a JSONL file get their
+    results beside it (``STEM.projections.jsonl``; ``STEM.shift.jsonl``, ``.shift.png``, ``.topK.jsonl`` and the own
+    answers in ``STEM.own.sqlite``)."""
     import pandas as pd
 
-    from personalab.figures.plots import plot_model_shift
-    from personalab.figures.tables import write_csv
     from personalab.store import Store
-    from personalab.studies.monitor import model_shift, projection_shift, write_projections, write_shift_report
+    from personalab.studies.monitor import beside, projection_shift, write_projections, write_shift_report
+    from personalab.studies.project import run_project
 
     persona, direction = vector_of(vector, variant)
-    if tuned is not None:
-        if records is not None:
-            pairs = [(r.system, r.prompt) for r in _records(records)]
-        else:
-            pairs = [(None, q) for q in as_trait(trait, persona).evaluation_questions]
-        base, changed = as_model(model), as_model(tuned)
-        values = model_shift(base, changed, pairs, direction, batch_size, progress=progress)
-        table = pd.DataFrame({"layer": range(len(values)), "shift": values.tolist()})
-        figures = {}
-        if out is not None:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            figures["shift"] = Path(f"{out}.png")
-            plot_model_shift(values, f"{changed.name} - {base.name} along {variant}", figures["shift"])
-            write_csv(table, Path(f"{out}.csv"))
-        return StudyResult({"shift": table}, figures)
-    if records is None or layer is None:
+    if tuned is None and (records is None or layer is None):
         raise InvalidInputError("give records and a layer (or a tuned model to compare with its base)")
     if top_k is not None and not shift:
         raise InvalidInputError("top_k selects by projection shift; add shift=True")
-    rows, handle = _records(records), as_model(model)
     path = Path(records) if isinstance(records, str | Path) else None
-    if shift:
-        if path is None:
-            raise InvalidInputError("shift stores the model's own answers beside the records; pass a JSONL file")
-        with Store(path.with_name(f"{path.stem}.own.sqlite")) as store:
-            shifts = projection_shift(handle, rows, direction, layer, store, batch_size=batch_size, progress=progress)
-        written = write_shift_report(path, rows, shifts, top_k)
-        return StudyResult({"shift": pd.DataFrame(shifts)}, {"shift": written[1]})
-    projections = project_records(handle, rows, direction, layer, batch_size, progress=progress)
-    if path is not None:
-        write_projections(path, rows, projections)
-    return StudyResult({"projections": pd.DataFrame(projections)})
+    rows = _records(records) if records is not None else []
+    handle = as_model(model)
+    if out is None and path is not None and tuned is None:
+        if shift:
+            with Store(path.with_name(f"{path.stem}.own.sqlite")) as store:
+                shifts = projection_shift(
+                    handle, rows, direction, layer, store, batch_size=batch_size, progress=progress
+                )
+            written = write_shift_report(beside(path), rows, shifts, top_k, f"{path.name}: projection shift")
+            return StudyResult({"project": pd.DataFrame(shifts)}, {"shift": written[1]})
+        projections = project_records(handle, rows, direction, layer, batch_size, progress=progress)
+        write_projections(beside(path), rows, projections)
+        return StudyResult({"project": pd.DataFrame(projections)})
+    changed = as_model(tuned) if tuned is not None else None
+    prompts = [(r.system, r.prompt) for r in rows] or (
+        [(None, q) for q in as_trait(trait, persona).evaluation_questions] if changed is not None else []
+    )
+    with run_folder(out) as (folder, kept):
+        run_project(
+            handle, direction, folder, variant=variant, records=rows, prompts=prompts if changed else (), layer=layer,
+            shift=shift, top_k=top_k, tuned=changed, data=path, batch_size=batch_size, progress=progress,
+        )  # fmt: skip
+        return finished(folder, kept, report, ["project"])

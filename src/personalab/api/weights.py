@@ -162,7 +162,7 @@ def compare(
     *,
     layer: int,
     alpha: float,
-    distilled: Sequence[str | Path],
+    tuned: Sequence[str | Path],
     trait: Trait | str | None = None,
     variant: str = DEFAULT_VARIANT,
     load: Callable[[Path], ModelHandle] | None = None,
@@ -171,17 +171,16 @@ def compare(
     progress: bool = True,
     **options: Any,
 ) -> StudyResult:
-    """``personalab compare``: base, steered and each distilled model judged on the trait's evaluation questions,
-    with question-level paired tests. ``load(folder)`` loads a distilled model (default ``trained_loader``).
+    """``personalab compare``: base, steered and each distilled (``tuned``: distill runs, bakes or models) model
+    judged on the trait's evaluation questions, with question-level paired tests. ``load(folder)`` loads one
+    (default ``trained_loader``).
     ``options`` are ``CompareConfig``'s and the sampling options. Tables: ``compare``."""
     from personalab.studies.compare import CompareConfig, run_compare
 
     config = configured(CompareConfig, options, layer=layer, alpha=alpha)
     persona, direction = vector_of(vector, variant)
     chosen, scorer, base = as_trait(trait, persona), as_judge(judge), as_model(model)
-    trained = [
-        (Path(f), (lambda f=f: load(Path(f))) if load else trained_loader(base, f)) for f in distilled
-    ]  # fmt: skip
+    trained = [(Path(f), (lambda f=f: load(Path(f))) if load else trained_loader(base, f)) for f in tuned]
     with run_folder(out) as (folder, kept):
         run_compare(base, direction, chosen, scorer, trained, folder, config, progress)
         return finished(folder, kept, report, ["compare"])

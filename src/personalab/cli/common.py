@@ -62,6 +62,10 @@ WARMUP_HELP = "Linear warm-up steps of the learning rate."
 CHECKPOINTING_HELP = "Recompute activations in the backward pass (less memory, slower)."
 LAYERS_HELP = "Comma-separated layers, e.g. 8,12,16 (localize: default every layer; compose: the paper's grid)."
 ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
+TUNED_HELP = (
+    "A fine-tune of --model: finetune or distill run folder, one of its checkpoints, a bake folder or a model "
+    "(repeat where a command compares several)."
+)
 VectorOption = Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")]
 TRAIT_HELP = (
     "Built-in trait, trait JSON file or name in --trait-dir (default where a --vector is given: its run's trait; "

@@ -21,11 +21,13 @@ from personalab.cli.common import (
     STUDIES,
     TEMPERATURE_HELP,
     TRAIT_HELP,
+    TUNED_HELP,
     DeviceOption,
     DtypeOption,
     EvalSamplesOption,
     JudgeOption,
     JudgeTimeoutOption,
+    ModelOption,
     RepetitionPenaltyOption,
     ReportOption,
     SamplesOption,
@@ -333,8 +335,8 @@ def compose(
 @grouped
 def correlate(
     engine: EngineOptions,
-    base: Annotated[str, typer.Option(help="Hub name or local folder of the base model.")],
-    tuned: Annotated[list[Path], typer.Option(help="Fine-tune run folder, checkpoint or model folder (repeat).")],
+    model: ModelOption,
+    tuned: Annotated[list[Path], typer.Option(help=TUNED_HELP)],
     vector: VectorOption,
     layer: Annotated[int, typer.Option(help=LAYER_HELP)],
     judge: JudgeOption,
@@ -380,10 +382,10 @@ def correlate(
         scorer = open_judge(judge, judge_timeout)
 
         def load_base():
-            return open_model(base, None, dtype, device, tokenizer, thinking, engine)
+            return open_model(model, None, dtype, device, tokenizer, thinking, engine)
 
         def load(folder):
-            return open_trained(base, folder, dtype, device, tokenizer, thinking, engine)
+            return open_trained(model, folder, dtype, device, tokenizer, thinking, engine)
 
         run(
             load_base, tuned, persona, scorer, layer=layer, trait=chosen, variant=variant, load=load, out=out,

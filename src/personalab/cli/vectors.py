@@ -18,6 +18,7 @@ from personalab.cli.common import (
     SEED_HELP,
     TEMPERATURE_HELP,
     TRAIT_HELP,
+    TUNED_HELP,
     VECTORS,
     DeviceOption,
     DryRunOption,
@@ -44,6 +45,7 @@ from personalab.cli.common import (
     load_vector,
     open_judge,
     open_model,
+    open_trained,
     pick_trait,
     prepare,
     reported,
@@ -133,10 +135,14 @@ def project(
     layer: Annotated[int | None, typer.Option(help=LAYER_HELP)] = None,
     shift: Annotated[bool, typer.Option(help="Projection difference vs the model's own answers.")] = False,
     top_k: Annotated[int | None, typer.Option(help="With --shift: also write the K most shifting records.")] = None,
-    diff: Annotated[tuple[str, str] | None, typer.Option(help="BASE TUNED: per-layer shift of a fine-tune.")] = None,
+    tuned: Annotated[Path | None, typer.Option(help=TUNED_HELP)] = None,
     trait: TraitOption = None,
     trait_dir: TraitDirOption = None,
-    out: Annotated[Path, typer.Option(help="With --diff: writes OUT.png and OUT.csv.")] = Path("model-shift"),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Run folder (default: beside DATA; with --tuned runs/project-TRAIT-MODEL)."),
+    ] = None,
+    report: ReportOption = True,
     batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 16,
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
@@ -145,35 +151,38 @@ def project(
     thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
-    """Project records (or a fine-tune's change) onto a persona vector."""
+    """Project records, their shift against the model's own answers, or a fine-tune's change (--tuned) onto a
+    persona vector."""
     with reported():
         prepare(threads)
         check_engine(engine)
         from personalab.api import project as run
+        from personalab.api.common import default_out
 
+        if model is None:
+            raise InvalidInputError("pass --model (the base model, with --tuned)")
+        if tuned is None and (data is None or layer is None):
+            raise InvalidInputError("pass a JSONL data file and --layer (or --tuned TUNED)")
+        if top_k is not None and not shift:
+            raise InvalidInputError("--top-k selects by projection shift; add --shift")
         persona = load_vector(vector)
-        if diff:
-            chosen = (
-                None if data is not None else pick_trait(trait, trait_dir, vector, also="a JSONL data file of prompts")
-            )
-            base, tuned = (open_model(name, None, dtype, device, tokenizer, thinking=thinking) for name in diff)
-            run(base, persona, data, tuned=tuned, trait=chosen, variant=variant, out=out, batch_size=batch_size)
-            written = [Path(f"{out}.png"), Path(f"{out}.csv")]
-        else:
-            if data is None or model is None or layer is None:
-                raise InvalidInputError("pass a JSONL data file, --model and --layer (or --diff BASE TUNED)")
-            if top_k is not None and not shift:
-                raise InvalidInputError("--top-k selects by projection shift; add --shift")
-            handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
-            run(handle, persona, data, layer=layer, variant=variant, shift=shift, top_k=top_k, batch_size=batch_size)
-            stem = data.with_name(data.stem)
-            written = (
-                [Path(f"{stem}.shift.jsonl"), Path(f"{stem}.shift.png")]
-                + ([Path(f"{stem}.top{top_k}.jsonl")] if top_k else [])
-                if shift
-                else [Path(f"{stem}.projections.jsonl")]
-            )
-    console.print("wrote " + ", ".join(str(p) for p in written))
+        chosen = None
+        if tuned is not None and data is None:
+            chosen = pick_trait(trait, trait_dir, vector, also="a JSONL data file of prompts")
+            out = out or default_out("project-", chosen.name, str(tuned))
+        handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
+        changed = open_trained(model, tuned, dtype, device, tokenizer, thinking) if tuned is not None else None
+        run(
+            handle, persona, data, layer=layer, variant=variant, shift=shift, top_k=top_k, tuned=changed,
+            trait=chosen, out=out, report=report, batch_size=batch_size,
+        )  # fmt: skip
+    if out is not None:
+        console.print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir() if p.is_file())))
+        say_report(out, report)
+        return
+    stem = data.with_name(data.stem)
+    written = [f"{stem}.shift.jsonl", f"{stem}.shift.png"] + ([f"{stem}.top{top_k}.jsonl"] if top_k else [])
+    console.print("wrote " + ", ".join(written if shift else [f"{stem}.projections.jsonl"]))
 
 
 @app.command(rich_help_panel=VECTORS)

@@ -17,6 +17,7 @@ from personalab.cli.common import (
     SEED_HELP,
     STEPS_HELP,
     TEMPERATURE_HELP,
+    TUNED_HELP,
     WARMUP_HELP,
     WEIGHTS,
     DeviceOption,
@@ -152,7 +153,7 @@ def compare(
     layer: Annotated[int, typer.Option(help=LAYER_HELP)],
     alpha: Annotated[float, typer.Option(help=ALPHA_HELP)],
     judge: JudgeOption,
-    distilled: Annotated[list[Path], typer.Option(help="Distill run folder or model folder; repeat for several.")],
+    tuned: Annotated[list[Path], typer.Option(help=TUNED_HELP)],
     out: Annotated[Path, typer.Option(help="Folder for compare.csv, compare.md and the store.")],
     trait: TraitOption = None,
     trait_dir: TraitDirOption = None,
@@ -173,7 +174,7 @@ def compare(
     thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
-    """Judge base, steered and distilled models on the trait's evaluation questions."""
+    """Judge base, steered and distilled (--tuned) models on the trait's evaluation questions."""
     with reported():
         prepare(threads)
         check_engine(engine)
@@ -196,7 +197,7 @@ def compare(
             return open_trained(model, folder, dtype, device, tokenizer, thinking, engine)
 
         run(
-            base, persona, scorer, layer=layer, alpha=alpha, distilled=distilled, trait=chosen, variant=variant,
+            base, persona, scorer, layer=layer, alpha=alpha, tuned=tuned, trait=chosen, variant=variant,
             load=load, out=out, report=report, **options,
         )  # fmt: skip
     console.print((out / "compare.md").read_text(), markup=False)

@@ -36,13 +36,19 @@ def _write_jsonl(path: Path, objects: Sequence[dict]) -> Path:
     return path
 
 
-def write_projections(path: str | Path, records: Sequence[Record], projections: Sequence[dict]) -> Path:
-    """Write ``<stem>.projections.jsonl`` next to ``path``: each original object plus ``"projection"``."""
+def beside(path: str | Path) -> str:
+    """The path prefix of files written beside a data file: ``data.jsonl`` -> ``data.`` (``data.shift.jsonl``...)."""
+    path = Path(path)
+    return f"{path.with_name(path.stem)}."
+
+
+def write_projections(prefix: str, records: Sequence[Record], projections: Sequence[dict]) -> Path:
+    """Write ``{prefix}projections.jsonl`` (``prefix``: ``beside(data)`` or a run folder and ``/``): each original
+    object plus ``"projection"``."""
     if len(records) != len(projections):
         raise InvalidInputError(f"{len(records)} records but {len(projections)} projections; pass one per record")
-    path = Path(path)
     objects = [{**r.source, "projection": p} for r, p in zip(records, projections, strict=True)]
-    return _write_jsonl(path.with_name(f"{path.stem}.projections.jsonl"), objects)
+    return _write_jsonl(Path(f"{prefix}projections.jsonl"), objects)
 
 
 def projection_shift(
@@ -88,28 +94,25 @@ def projection_shift(
 
 
 def write_shift_report(
-    path: str | Path, records: Sequence[Record], shifts: Sequence[dict], top_k: int | None = None
+    prefix: str, records: Sequence[Record], shifts: Sequence[dict], top_k: int | None = None, title: str = ""
 ) -> list[Path]:
-    """Write the shift report next to ``path``; returns the written paths.
+    """Write the shift report under the path prefix ``prefix`` (see ``write_projections``); returns the paths.
 
-    ``<stem>.shift.jsonl``: original objects plus the shift fields, by shift descending
-    (``None`` last); ``<stem>.shift.png``: histogram of the shifts; with ``top_k``,
-    ``<stem>.top{k}.jsonl``: the original objects of the ``k`` largest shifts.
+    ``{prefix}shift.jsonl``: original objects plus the shift fields, by shift descending (``None`` last);
+    ``{prefix}shift.png``: histogram of the shifts, titled ``title``; with ``top_k``, ``{prefix}top{k}.jsonl``:
+    the original objects of the ``k`` largest shifts.
     """
     if top_k is not None and top_k < 1:
         raise InvalidInputError(f"top_k is {top_k}; give a positive number of examples")
-    path = Path(path)
     ordered = sorted(shifts, key=lambda s: (s["shift"] is None, -(s["shift"] or 0.0)))
-    written = [
-        _write_jsonl(path.with_name(f"{path.stem}.shift.jsonl"), [{**records[s["index"]].source, **s} for s in ordered])
-    ]
+    written = [_write_jsonl(Path(f"{prefix}shift.jsonl"), [{**records[s["index"]].source, **s} for s in ordered])]
     values = [s["shift"] for s in ordered if s["shift"] is not None]
-    png = path.with_name(f"{path.stem}.shift.png")
-    plot_histogram(values, "projection shift (dataset response - own answer)", f"{path.name}: projection shift", png)
+    png = Path(f"{prefix}shift.png")
+    plot_histogram(values, "projection shift (dataset response - own answer)", title or "projection shift", png)
     written.append(png)
     if top_k is not None:
         top = [records[s["index"]].source for s in ordered[:top_k] if s["shift"] is not None]
-        written.append(_write_jsonl(path.with_name(f"{path.stem}.top{top_k}.jsonl"), top))
+        written.append(_write_jsonl(Path(f"{prefix}top{top_k}.jsonl"), top))
     return written
 
 
