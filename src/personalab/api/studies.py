@@ -19,6 +19,7 @@ from personalab.api.common import (
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
+from personalab.judging.scoring import Plan
 from personalab.persona import DEFAULT_VARIANT, PersonaVector
 from personalab.traits import Trait
 
@@ -70,14 +71,16 @@ def trace(
     tokenizer: str | None = None,
     report: bool = True,
     progress: bool = True,
+    dry_run: bool = False,
     **options: Any,
-) -> StudyResult:
+) -> "StudyResult | Plan":
     """``personalab trace``: a trait through training checkpoints (``checkpoint_series``): extraction at each,
     geometry, emergence and transfer steering on ``target``; with ``trait_dir`` (a persona-vectors data folder)
     each trait name is read from it and traced as written. ``load(checkpoint)`` loads one (default
     ``load_model`` of its source and revision). ``options`` are ``TraceConfig``'s (``layer``, ``alpha``,
     ``target_alpha``, ``scale``, ``eval_samples``, ``controls``) and its extraction's (``samples``, ``min_pairs``,
-    thresholds, ``batch_size``, sampling). Tables: ``emergence``."""
+    thresholds, ``batch_size``, sampling). Tables: ``emergence``. ``dry_run`` returns the ``Plan`` (an upper bound:
+    checkpoints already traced left out) before any checkpoint is loaded."""
     from personalab.engine.model import load_model
     from personalab.studies.extraction import ExtractionConfig
     from personalab.studies.trace import TraceConfig, build_units, run_trace
@@ -100,9 +103,9 @@ def trace(
     if target is not None and load_target is None:
         load_target = lambda: load_model(target)  # noqa: E731
     with run_folder(out) as (folder, kept):
-        run_trace(checkpoints_list, units, config, scorer, folder, load or default_load, series, target, load_target,
-                  progress, tokenizer=tokenizer)  # fmt: skip
-        return finished(folder, kept, report, ["emergence"])
+        traced = run_trace(checkpoints_list, units, config, scorer, folder, load or default_load, series, target,
+                           load_target, progress, tokenizer=tokenizer, dry_run=dry_run)  # fmt: skip
+        return traced if dry_run else finished(folder, kept, report, ["emergence"])
 
 
 def statements(
@@ -224,19 +227,22 @@ def correlate(
     load: Callable[[Path], ModelHandle] | None = None,
     out: str | Path | None = None,
     report: bool = True,
+    dry_run: bool = False,
     **options: Any,
-) -> StudyResult:
+) -> "StudyResult | Plan":
     """``personalab correlate``: projection shift against judged trait across fine-tunes of ``model``, with Pearson r
     and a bootstrap interval; one model in memory at a time (``load(folder)`` loads a fine-tune, default
     ``trained_loader`` on the base). ``options`` are ``CorrelateConfig``'s and the sampling options. Tables:
-    ``correlate``."""
+    ``correlate``. ``dry_run`` loads the base model, returns the ``Plan`` of every model and does nothing else."""
     from personalab.api.weights import trained_loader
-    from personalab.studies.correlate import CorrelateConfig, run_correlate
+    from personalab.studies.correlate import CorrelateConfig, plan_correlate, run_correlate
 
     config = configured(CorrelateConfig, options, layer=layer)
     persona, direction = vector_of(vector, variant)
     chosen, scorer = as_trait(trait, persona), as_judge(judge)
     load_base = model if callable(model) and not isinstance(model, ModelHandle) else (lambda: as_model(model))
+    if dry_run:
+        return plan_correlate(load_base(), chosen, scorer, [str(f) for f in tuned], out, config)
     if load is None:
         base = load_base()
         loaders = [(str(f), trained_loader(base, f)) for f in tuned]

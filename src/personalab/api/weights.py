@@ -20,6 +20,7 @@ from personalab.api.common import (
 from personalab.engine.model import ModelHandle, load_trained
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
+from personalab.judging.scoring import Plan
 from personalab.persona import DEFAULT_VARIANT, PersonaVector, as_vector
 from personalab.records import Record, load_records
 from personalab.traits import Trait
@@ -78,17 +79,20 @@ def distill(
     out: str | Path | None = None,
     report: bool = True,
     progress: bool = True,
+    dry_run: bool = False,
     **options: Any,
-) -> StudyResult:
+) -> "StudyResult | Plan":
     """``personalab distill``: train a student (LoRA with ``lora_rank``, full with ``lora_rank=None``) to match the
     steered teacher on steered trajectories. Several ``trajectories`` counts run one student each into
     ``out/trajectories-N`` (``model`` then a name or a loader, so each starts fresh) and table ``ablation``.
     ``options`` are ``DistillConfig``'s and the trajectories' sampling options. Tables: ``distill`` (one row
-    per count: held-out KL before and after, KL to the unsteered base, trainable parameters)."""
+    per count: held-out KL before and after, KL to the unsteered base, trainable parameters). ``dry_run`` loads the
+    model and returns the ``Plan`` of the trajectories (the largest count's, which the others share) and does
+    nothing else."""
     import pandas as pd
 
     from personalab.figures.tables import write_csv
-    from personalab.studies.distill import DistillConfig
+    from personalab.studies.distill import DistillConfig, plan_distill
     from personalab.studies.distill import distill as train
 
     counts = [trajectories] if isinstance(trajectories, int) else list(trajectories)
@@ -100,6 +104,12 @@ def distill(
     persona, direction = vector_of(vector, variant)
     chosen = None if prompts is not None else as_trait(trait, persona)
     load = _loader(model, training_dtype("auto", configs[0].lora_rank is None))
+    if dry_run:
+        handle = load()
+        store = Path(out) / "generations.sqlite" if out is not None else None
+        return plan_distill(
+            handle, direction, _prompt_set(handle, chosen, prompts), store, configs[counts.index(max(counts))]
+        )
     rows = []
     with run_folder(out) as (folder, kept):
         for config in configs:
@@ -169,17 +179,21 @@ def compare(
     out: str | Path | None = None,
     report: bool = True,
     progress: bool = True,
+    dry_run: bool = False,
     **options: Any,
-) -> StudyResult:
+) -> "StudyResult | Plan":
     """``personalab compare``: base, steered and each distilled (``tuned``: distill runs, bakes or models) model
     judged on the trait's evaluation questions, with question-level paired tests. ``load(folder)`` loads one
     (default ``trained_loader``).
-    ``options`` are ``CompareConfig``'s and the sampling options. Tables: ``compare``."""
-    from personalab.studies.compare import CompareConfig, run_compare
+    ``options`` are ``CompareConfig``'s and the sampling options. Tables: ``compare``. ``dry_run`` returns the
+    ``Plan`` of every model and does nothing else."""
+    from personalab.studies.compare import CompareConfig, plan_compare, run_compare
 
     config = configured(CompareConfig, options, layer=layer, alpha=alpha)
     persona, direction = vector_of(vector, variant)
     chosen, scorer, base = as_trait(trait, persona), as_judge(judge), as_model(model)
+    if dry_run:
+        return plan_compare(base, direction, chosen, scorer, list(tuned), out, config)
     trained = [(Path(f), (lambda f=f: load(Path(f))) if load else trained_loader(base, f)) for f in tuned]
     with run_folder(out) as (folder, kept):
         run_compare(base, direction, chosen, scorer, trained, folder, config, progress)
@@ -238,12 +252,13 @@ def finetune(
     epochs: float | None = None,
     out: str | Path | None = None,
     report: bool = True,
+    dry_run: bool = False,
     **options: Any,
-) -> StudyResult:
+) -> "StudyResult | Plan":
     """``personalab finetune``: train on chat records (loss on the final assistant turn and its end of turn) while
     monitoring the projections of ``monitor`` vectors (judged with ``judge``); ``steer_vector`` or ``ablate_vector`` at
     ``layer`` during training only. ``options`` are ``FinetuneConfig``'s (``steps`` instead of ``epochs``).
-    Tables: ``monitor``."""
+    Tables: ``monitor``. ``dry_run`` returns the ``Plan`` of the monitoring judge and does nothing else."""
     from personalab.engine.scale import DEFAULT_SCALE
     from personalab.studies.finetune import FinetuneConfig, TrainingIntervention, check, check_records
     from personalab.studies.finetune import finetune as train
@@ -264,5 +279,6 @@ def finetune(
     check(handle.n_blocks, handle.hidden_size, config, monitors, interventions)
     scorer = as_judge(judge) if judge is not None else None
     with run_folder(out) as (folder, kept):
-        train(handle, records, config, folder, monitors, interventions, scorer, None if steps else (epochs or 1.0))
-        return finished(folder, kept, report, ["monitor"])
+        planned = train(handle, records, config, folder, monitors, interventions, scorer,
+                        None if steps else (epochs or 1.0), dry_run=dry_run)  # fmt: skip
+        return planned if dry_run else finished(folder, kept, report, ["monitor"])

@@ -23,6 +23,7 @@ from personalab.cli.common import (
     TRAIT_HELP,
     TUNED_HELP,
     DeviceOption,
+    DryRunOption,
     DtypeOption,
     EvalSamplesOption,
     JudgeOption,
@@ -112,6 +113,7 @@ def trace(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    dry_run: DryRunOption = False,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
@@ -146,8 +148,10 @@ def trace(
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, min_pairs=min_pairs,
             pos_threshold=pos_threshold,
             neg_threshold=neg_threshold, coherence_threshold=coherence_threshold, batch_size=batch_size,
+            dry_run=dry_run,
         )  # fmt: skip
-    say_report(out, report)
+    if not dry_run:
+        say_report(out, report)
 
 
 PersonaOption = Annotated[
@@ -354,6 +358,7 @@ def correlate(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    dry_run: DryRunOption = False,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
@@ -387,6 +392,11 @@ def correlate(
         def load(folder):
             return open_trained(model, folder, dtype, device, tokenizer, thinking, engine)
 
+        if dry_run:
+            plan = run(load_base, tuned, persona, scorer, layer=layer, trait=chosen, variant=variant, out=out,
+                       dry_run=True, **options)  # fmt: skip
+            console.print(plan.describe(f"{1 + len(tuned)} models"), markup=False)
+            return
         run(
             load_base, tuned, persona, scorer, layer=layer, trait=chosen, variant=variant, load=load, out=out,
             report=report, **options,

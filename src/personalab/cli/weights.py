@@ -21,6 +21,7 @@ from personalab.cli.common import (
     WARMUP_HELP,
     WEIGHTS,
     DeviceOption,
+    DryRunOption,
     DtypeOption,
     EvalSamplesOption,
     JudgeOption,
@@ -93,6 +94,7 @@ def distill_command(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    dry_run: DryRunOption = False,
     thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
@@ -128,6 +130,11 @@ def distill_command(
             return open_model(model, revision, training_dtype(dtype, full), placement, tokenizer, thinking=thinking,
                               engine=engine)  # fmt: skip
 
+        if dry_run:
+            plan = run(load, persona, layer=layer, alpha=alpha, trajectories=counts, prompts=prompts, trait=chosen,
+                       variant=variant, out=out, dry_run=True, **options)  # fmt: skip
+            console.print(plan.describe("trajectories"), markup=False)
+            return
         result = run(
             load, persona, layer=layer, alpha=alpha, trajectories=counts, prompts=prompts, trait=chosen,
             variant=variant, merge=merge, out=out, report=report and main, **options,
@@ -170,6 +177,7 @@ def compare(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    dry_run: DryRunOption = False,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
@@ -196,6 +204,11 @@ def compare(
         def load(folder):
             return open_trained(model, folder, dtype, device, tokenizer, thinking, engine)
 
+        if dry_run:
+            plan = run(base, persona, scorer, layer=layer, alpha=alpha, tuned=tuned, trait=chosen, variant=variant,
+                       out=out, dry_run=True, **options)  # fmt: skip
+            console.print(plan.describe(f"{2 + len(tuned)} models"), markup=False)
+            return
         run(
             base, persona, scorer, layer=layer, alpha=alpha, tuned=tuned, trait=chosen, variant=variant,
             load=load, out=out, report=report, **options,
@@ -294,6 +307,7 @@ def finetune(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     report: ReportOption = True,
+    dry_run: DryRunOption = False,
     judge_timeout: JudgeTimeoutOption = JUDGE_TIMEOUT,
     thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
@@ -347,8 +361,10 @@ def finetune(
             handle, data, monitor=monitor, monitor_prompts=monitor_prompts, judge=scorer,
             steer_vector=steering[kinds.index("steer")] if steer else None,
             ablate_vector=steering[kinds.index("ablate")] if ablate else None, layer=layer, alpha=alpha, scale=scale,
-            variant=variant, epochs=epochs, out=out, report=report and main, **options,
+            variant=variant, epochs=epochs, out=out, report=report and main, dry_run=dry_run, **options,
         )  # fmt: skip
+        if dry_run:
+            return
     if main:
         console.print((out / "summary.md").read_text(), markup=False)
         console.print(f"wrote {out}/checkpoints, monitor.csv, monitor.png, training_curve.png", markup=False)

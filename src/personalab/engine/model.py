@@ -447,6 +447,13 @@ def load_model(
     return handle
 
 
+def loaded_name(name_or_path: str | Path) -> str:
+    """The name ``load_model`` and ``load_trained`` give what they load from ``name_or_path``, known without loading
+    it: the folder of the weights a local (run) folder holds, else the name itself."""
+    folder = local_folder(str(name_or_path))
+    return str(weights(folder).folder) if folder is not None else str(name_or_path)
+
+
 def merge_adapter(handle: ModelHandle, adapter: str | Path) -> ModelHandle:
     """``handle``'s model with the peft adapter in ``adapter`` merged into its weights, named after the adapter."""
     from peft import PeftModel

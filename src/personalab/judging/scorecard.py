@@ -1,15 +1,53 @@
 """Judged answers to a trait's evaluation questions: the common scorecard of steered and trained models."""
 
+from pathlib import Path
+
 import pandas as pd
 
 from personalab.console import say
 from personalab.engine.generation import GenerationRequest, Interventions, SamplingParams, generate_cached
 from personalab.engine.model import ModelHandle
 from personalab.judging.judges import Judge
-from personalab.judging.scoring import plan_judged, score_cached
+from personalab.judging.scoring import Plan, plan_judged, score_cached
 from personalab.store import Store
 from personalab.traits import Trait, coherence_rubric
 from personalab.traits.elicitation import continues, evaluation_prompt
+
+
+def _requests(
+    handle: ModelHandle, trait: Trait, label: str, samples: int, interventions: Interventions
+) -> list[GenerationRequest]:
+    """Every evaluation question ``samples`` times, as ``evaluation_prompt`` encodes it; ``label`` names the condition
+    in the store keys."""
+    return [
+        GenerationRequest(
+            evaluation_prompt(handle, trait, q), {"eval": label, "question": q, "sample": s}, interventions
+        )
+        for q in trait.evaluation_questions
+        for s in range(samples)
+    ]
+
+
+def _rubrics(handle: ModelHandle, trait: Trait) -> tuple[str, str]:
+    return trait.rubric, coherence_rubric(continues(handle, trait))
+
+
+def evaluation_plan(
+    handle: ModelHandle,
+    trait: Trait,
+    judge: Judge,
+    store: Path | None,
+    label: str,
+    samples: int,
+    params: SamplingParams,
+    interventions: Interventions = (),
+) -> Plan:
+    """The ``Plan`` of ``scored_answers`` with these arguments (the store at ``store`` read, nothing written)."""
+    rubrics = _rubrics(handle, trait)
+    requests = _requests(handle, trait, label, samples, interventions)
+    return plan_judged(
+        handle, store, requests, params, judge, lambda r, a: [(r.request["question"], a, rb) for rb in rubrics]
+    )
 
 
 def scored_answers(
@@ -30,22 +68,20 @@ def scored_answers(
     into the evaluation questions), ``sample``, ``answer``, ``trait`` and ``coherence``
     (``NaN`` where the judge gave no number).
     """
-    plan = [(qi, s) for qi in range(len(trait.evaluation_questions)) for s in range(samples)]
-    questions = [trait.evaluation_questions[qi] for qi, _ in plan]
-    requests = [
-        GenerationRequest(
-            evaluation_prompt(handle, trait, q), {"eval": label, "question": q, "sample": s}, interventions
-        )
-        for q, (_, s) in zip(questions, plan, strict=True)
-    ]
-    rubrics = (trait.rubric, coherence_rubric(continues(handle, trait)))
-    cost = plan_judged(
-        handle, store.path, requests, params, judge, lambda r, a: [(r.request["question"], a, rb) for rb in rubrics]
+    requests = _requests(handle, trait, label, samples, interventions)
+    questions = [r.request["question"] for r in requests]
+    say(
+        evaluation_plan(handle, trait, judge, store.path, label, samples, params, interventions).describe(label),
+        progress,
     )
-    say(cost.describe(label), progress)
     texts = generate_cached(handle, store, requests, params, progress=progress, description=f"generate {label}")
-    table = pd.DataFrame({"question": [qi for qi, _ in plan], "sample": [s for _, s in plan], "answer": texts})
-    for name, rubric in zip(("trait", "coherence"), rubrics, strict=True):
+    n = len(trait.evaluation_questions)
+    table = pd.DataFrame({
+        "question": [qi for qi in range(n) for _ in range(samples)],
+        "sample": [s for _ in range(n) for s in range(samples)],
+        "answer": texts,
+    })  # fmt: skip
+    for name, rubric in zip(("trait", "coherence"), _rubrics(handle, trait), strict=True):
         items = [(q, a, rubric) for q, a in zip(questions, texts, strict=True)]
         scores = score_cached(store, judge, items, f"judge {name} {label}", progress=progress)
         table[name] = [float("nan") if s is None else s for s in scores]

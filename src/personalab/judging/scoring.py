@@ -15,22 +15,42 @@ from personalab.store import Store, content_key
 class Plan:
     """What a command will spend before it starts: answers to sample (``generations``, of which ``stored`` are in
     the store already), at most ``new_tokens`` generated tokens, and at most ``judge_calls`` requests to ``judge``
-    (each new answer once per rubric, and stored answers not yet judged)."""
+    (each new answer once per rubric, and stored answers not yet judged). ``stored`` is ``None`` where it can only
+    be counted later (a model not loaded yet): the plan is then an upper bound, and says so."""
 
     generations: int
-    stored: int
+    stored: int | None
     new_tokens: int
     judge_calls: int
     judge: str
 
+    def __add__(self, other: "Plan") -> "Plan":
+        return Plan(
+            self.generations + other.generations,
+            None if self.stored is None or other.stored is None else self.stored + other.stored,
+            self.new_tokens + other.new_tokens,
+            self.judge_calls + other.judge_calls,
+            self.judge or other.judge,
+        )
+
+    @classmethod
+    def total(cls, plans: "Sequence[Plan]") -> "Plan":
+        """The sum of ``plans`` (an empty plan when there are none)."""
+        out = cls(0, 0, 0, 0, "")
+        for plan in plans:
+            out = out + plan
+        return out
+
     def describe(self, what: str = "") -> str:
         """One line: ``plan[ for WHAT]: ...``; the judge part only when there is a judge."""
-        new = self.generations - self.stored
         judged = f", up to {self.judge_calls:,} judge calls to {self.judge}" if self.judge else ""
-        return (
-            f"plan{f' for {what}' if what else ''}: {self.generations:,} answers ({self.stored:,} stored, {new:,} to "
-            f"sample, up to {self.new_tokens:,} new tokens){judged}"
-        )
+        if self.stored is None:
+            counted = f"up to {self.generations:,} answers (stored ones are left out as each model is loaded"
+        else:
+            counted = (
+                f"{self.generations:,} answers ({self.stored:,} stored, {self.generations - self.stored:,} to sample"
+            )
+        return f"plan{f' for {what}' if what else ''}: {counted}, up to {self.new_tokens:,} new tokens){judged}"
 
 
 def plan_judged(

@@ -10,6 +10,7 @@ Bonferroni-corrected over all the comparisons of the table.
 """
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -20,12 +21,13 @@ from personalab.console import say
 from personalab.engine.checkpoints import trained_parameters
 from personalab.engine.generation import SamplingParams
 from personalab.engine.interventions import Steer
-from personalab.engine.model import ModelHandle
+from personalab.engine.model import ModelHandle, loaded_name
 from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.figures.plots import plot_score_bars, short_name
 from personalab.figures.tables import markdown_table, write_csv
 from personalab.judging.judges import Judge
-from personalab.judging.scorecard import scored_answers, summary
+from personalab.judging.scorecard import evaluation_plan, scored_answers, summary
+from personalab.judging.scoring import Plan
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.studies.stats import paired_test
@@ -91,6 +93,46 @@ class CompareConfig(BaseModel):
     n_resamples: int = Field(10_000, ge=100)
 
 
+def _steered_label(config: CompareConfig) -> str:
+    scale = "" if config.scale == DEFAULT_SCALE else f" ({config.scale})"
+    return f"steered layer {config.layer} alpha {config.alpha:g}{scale}"
+
+
+def plan_compare(
+    base: ModelHandle,
+    vector: torch.Tensor,
+    trait: Trait,
+    judge: Judge,
+    trained: Sequence[str | Path],
+    out: str | Path | None,
+    config: CompareConfig,
+) -> Plan:
+    """What ``run_compare`` into ``out`` would sample and judge for every model (base, steered, each of
+    ``trained``), what its store holds excluded; writes nothing (the scale's calibration forward pass runs). A
+    trained model is counted under the name it will be loaded with and with the base's tokenizer, before it is
+    loaded."""
+    scaled = scaled_vector(base, vector, config.layer, config.scale, calibration_prompts(base))
+    return _planned(base, scaled.vector, trait, judge, trained, out, config)
+
+
+def _planned(
+    base: ModelHandle,
+    scaled: torch.Tensor,
+    trait: Trait,
+    judge: Judge,
+    trained: Sequence[str | Path],
+    out: str | Path | None,
+    config: CompareConfig,
+) -> Plan:
+    store = Path(out) / "generations.sqlite" if out is not None else None
+    samples, params = config.eval_samples, config.sampling
+    steering = (Steer(config.layer, scaled, config.alpha, "generating"),)
+    conditions = [(base, "base", ()), (base, _steered_label(config), steering)]
+    conditions += [(replace(base, name=loaded_name(f), revision=None), f"distilled {f}", ()) for f in trained]
+    plans = [evaluation_plan(h, trait, judge, store, label, samples, params, ivs) for h, label, ivs in conditions]
+    return Plan.total(plans)
+
+
 def run_compare(
     base: ModelHandle,
     vector: torch.Tensor,
@@ -122,13 +164,16 @@ def run_compare(
         "sampling": params.model_dump(mode="json"),
         "n_resamples": n_resamples,
     }
+    scaled = scaled_vector(base, vector, layer, scale, calibration_prompts(base))
+    say(scaled.describe([alpha]), progress)
+    steered = _steered_label(config)
+    steering = (Steer(layer, scaled.vector, alpha, "generating"),)
+    plan = _planned(base, scaled.vector, trait, judge, [f for f, _ in trained], out, config)
+    say(plan.describe(f"{2 + len(trained)} models"), progress)
     prompts = evaluation_format(base, trait)
     extends = {"eval_samples": samples, "trained": [str(f) for f, _ in trained]}
     run = claim(out, "compare", settings, extends, prompt_format=prompts)
     say(f"prompt format: {prompts}", progress)
-    scaled = scaled_vector(base, vector, layer, scale, calibration_prompts(base))
-    say(scaled.describe([alpha]), progress)
-    steered = f"steered layer {layer} alpha {alpha:g}" + ("" if scale == DEFAULT_SCALE else f" ({scale})")
     answers: dict[str, pd.DataFrame] = {}
     trainable = {"base": 0, steered: 0}
     with Store(out / "generations.sqlite") as store:
@@ -137,7 +182,7 @@ def run_compare(
             return scored_answers(handle, trait, judge, store, label, samples, params, interventions, progress)
 
         answers["base"] = card(base, "base")
-        answers[steered] = card(base, steered, (Steer(layer, scaled.vector, alpha, "generating"),))
+        answers[steered] = card(base, steered, steering)
         for folder, load in trained:
             label = str(folder)
             answers[label] = card(load(), f"distilled {folder}")

@@ -9,6 +9,7 @@ interval over the models (10,000 resamples, seeded).
 """
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,12 @@ from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import SamplingParams, release
 from personalab.engine.layers import CONVENTION, check_vector
-from personalab.engine.model import ModelHandle, free_memory
+from personalab.engine.model import ModelHandle, free_memory, loaded_name
 from personalab.figures.plots import short_name
 from personalab.figures.tables import markdown_table, write_csv
 from personalab.judging.judges import Judge
-from personalab.judging.scorecard import scored_answers, summary
+from personalab.judging.scorecard import evaluation_plan, scored_answers, summary
+from personalab.judging.scoring import Plan
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.traits import Trait
@@ -79,6 +81,24 @@ class CorrelateConfig(BaseModel):
     """Seed of the bootstrap interval."""
 
 
+def plan_correlate(
+    base: ModelHandle,
+    trait: Trait,
+    judge: Judge,
+    tuned: Sequence[str],
+    out: str | Path | None,
+    config: CorrelateConfig,
+) -> Plan:
+    """What ``run_correlate`` into ``out`` would sample and judge for the base and each fine-tune of ``tuned``, what
+    its store holds excluded; writes nothing. A fine-tune is counted under the name it will be loaded with and with
+    the base's tokenizer, before it is loaded."""
+    store = Path(out) / "generations.sqlite" if out is not None else None
+    models = [(base, "base")] + [(replace(base, name=loaded_name(name), revision=None), name) for name in tuned]
+    return Plan.total(
+        [evaluation_plan(h, trait, judge, store, label, config.eval_samples, config.sampling) for h, label in models]
+    )
+
+
 def run_correlate(
     base: Callable[[], ModelHandle],
     tuned: Sequence[tuple[str, Callable[[], ModelHandle]]],
@@ -107,6 +127,8 @@ def run_correlate(
                 }
                 prompts = evaluation_format(handle, trait)
                 extends = {"eval_samples": samples, "tuned": [n for n, _ in tuned]}
+                plan = plan_correlate(handle, trait, judge, [n for n, _ in tuned], out, config)
+                say(plan.describe(f"{1 + len(tuned)} models"), True)
                 run = claim(out, "correlate", settings, extends, prompt_format=prompts)
                 say(f"prompt format: {prompts}", True)
             say(f"measuring {name}", True)

@@ -42,7 +42,7 @@ from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_training_curve, short_name
 from personalab.figures.tables import write_csv
-from personalab.judging.scoring import plan_judged
+from personalab.judging.scoring import Plan, plan_judged
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store, content_key
 from personalab.traits import calibration_prompts
@@ -83,6 +83,31 @@ def check_inputs(
         raise InvalidInputError("alpha must be a finite number")
 
 
+def _requests(v: torch.Tensor, prompts: list[TokenSequence], config: DistillConfig) -> list[GenerationRequest]:
+    """The teacher's trajectories: ``config.trajectories`` requests cycling over ``prompts``, steered by ``v``; a
+    smaller count asks for a prefix of a larger one, so counts share one store."""
+    digest = vector_sha256(v)
+    steering = (Steer(config.layer, v, config.alpha, "generating"),)
+    return [
+        GenerationRequest(
+            prompts[i % len(prompts)],
+            {"distill": digest, "layer": config.layer, "alpha": config.alpha, "sample": i // len(prompts)},
+            steering,
+        )
+        for i in range(config.trajectories)
+    ]
+
+
+def plan_distill(
+    handle: ModelHandle, vector: torch.Tensor, prompts: list[TokenSequence], store: Path | None, config: DistillConfig
+) -> Plan:
+    """What ``distill`` would sample as trajectories, what the store at ``store`` holds excluded; writes nothing (the
+    scale's calibration forward pass runs)."""
+    check_inputs(handle, vector, prompts, config)
+    scaled = scaled_vector(handle, vector, config.layer, config.scale, calibration_prompts(handle))
+    return plan_judged(handle, store, _requests(scaled.vector, prompts, config), config.sampling, None)
+
+
 def trajectories(
     handle: ModelHandle,
     v: torch.Tensor,
@@ -97,16 +122,7 @@ def trajectories(
 
     Each process samples its share of the batches into the shared store; all then read every answer.
     """
-    digest = vector_sha256(v)
-    steering = (Steer(config.layer, v, config.alpha, "generating"),)
-    requests = [
-        GenerationRequest(
-            prompts[i % len(prompts)],
-            {"distill": digest, "layer": config.layer, "alpha": config.alpha, "sample": i // len(prompts)},
-            steering,
-        )
-        for i in range(config.trajectories)
-    ]
+    requests = _requests(v, prompts, config)
     if accelerator.is_main_process:
         say(plan_judged(handle, store.path, requests, config.sampling, None).describe("trajectories"), progress)
     keys = fill_store(

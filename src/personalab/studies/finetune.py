@@ -23,6 +23,7 @@ exactly as an uninterrupted run.
 """
 
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,8 @@ from personalab.errors import InvalidInputError
 from personalab.figures.plots import Panel, plot_over_training, plot_training_curve, short_name
 from personalab.figures.tables import write_csv
 from personalab.judging.judges import Judge
-from personalab.judging.scorecard import scored_answers, summary
+from personalab.judging.scorecard import evaluation_plan, scored_answers, summary
+from personalab.judging.scoring import Plan
 from personalab.records import Record, data_file
 from personalab.runfolder import RunFolder, claim, model_settings
 from personalab.store import Store, content_key
@@ -206,9 +208,11 @@ def finetune(
     judge: Judge | None = None,
     epochs: float | None = None,
     progress: bool = True,
-) -> pd.DataFrame:
+    dry_run: bool = False,
+) -> "pd.DataFrame | Plan":
     """Fine-tune ``handle.model`` in place into ``out`` (resuming from its last checkpoint); returns the
-    monitor table (step, vector, layer, position, projection, shift)."""
+    monitor table (step, vector, layer, position, projection, shift). Prints the plan first: the steps left and
+    what the monitoring judge will be asked (``plan_monitoring``); ``dry_run`` returns that ``Plan`` there."""
     out = Path(out)
     monitors, interventions = list(monitors), list(interventions)
     layer = config.monitor_layer if config.monitor_layer is not None else handle.n_blocks // 2
@@ -220,6 +224,16 @@ def finetune(
     if epochs is not None:
         per_step = config.micro_batch_size * config.grad_accum * accelerator.num_processes
         config = config.model_copy(update={"steps": max(1, math.ceil(epochs * len(sequences) / per_step))})
+    latest = _latest(out)
+    start = int(latest.name.removeprefix("step-")) if latest is not None else 0
+    per_step = config.micro_batch_size * config.grad_accum * accelerator.num_processes
+    say(f"plan for training: {config.steps - start} of {config.steps} steps left, {per_step} sequences each "
+        f"({len(sequences)} training sequences)", progress)  # fmt: skip
+    plan = plan_monitoring(handle, monitors, judge, out, config, start)
+    if judge is not None:
+        say(plan.describe("the monitoring judge"), progress)
+    if dry_run:
+        return plan
     settings = {
         **model_settings(handle),
         "data_sha256": content_key([(r.system, r.prompt, r.response) for r in records]),
@@ -264,7 +278,6 @@ def finetune(
     monitor = Monitor(handle, monitors, layer, config)
     rows: list[dict] = []
     base: dict = {}
-    latest = _latest(out)
     if latest is not None:
         state = torch.load(latest / "trainer_state.pt", weights_only=False)
         trainer.restore(state["trainer"])
@@ -324,11 +337,46 @@ def finetune(
     return pd.DataFrame(rows)
 
 
+def _observed(start: int, config: FinetuneConfig) -> list[int]:
+    """The steps monitored after step ``start``: 0 on a fresh run, each checkpoint and the last step."""
+    every, steps = config.checkpoint_every, config.steps
+    return ([0] if start == 0 else []) + [s for s in range(start + 1, steps + 1) if s % every == 0 or s == steps]
+
+
+def _judging(config: FinetuneConfig) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_new_tokens=config.monitor_tokens)
+
+
+def plan_monitoring(
+    handle: ModelHandle,
+    monitors: Sequence["Monitored"],
+    judge: Judge | None,
+    out: Path,
+    config: FinetuneConfig,
+    start: int = 0,
+) -> Plan:
+    """What the monitoring judge will be asked from step ``start`` on: at every monitored step, each monitored
+    trait's evaluation questions ``monitor_samples`` times (greedy), judged for trait and coherence; the store of
+    ``out`` read, nothing written. Empty without a judge."""
+    if judge is None:
+        return Plan.total([])
+    store = out / "generations.sqlite"
+    return Plan.total([
+        evaluation_plan(handle, m.trait, judge, store, _label(out, step), config.monitor_samples, _judging(config))
+        for step in _observed(start, config)
+        for m in monitors
+        if m.trait is not None
+    ])  # fmt: skip
+
+
+def _label(out: Path, step: int) -> str:
+    return f"finetune {out} step {step}"
+
+
 def _judged(handle, monitors, judge, out: Path, step: int, config: FinetuneConfig) -> list[dict]:
     if judge is None:
         return []
     rows = []
-    params = SamplingParams(temperature=0.0, max_new_tokens=config.monitor_tokens)
     with Store(out / "generations.sqlite") as store:
         for monitored in monitors:
             if monitored.trait is None:
@@ -338,9 +386,9 @@ def _judged(handle, monitors, judge, out: Path, step: int, config: FinetuneConfi
                 monitored.trait,
                 judge,
                 store,
-                f"finetune {out} step {step}",
+                _label(out, step),
                 config.monitor_samples,
-                params,
+                _judging(config),
                 progress=False,
             )
             scores = summary(answers)

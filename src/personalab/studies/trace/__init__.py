@@ -12,6 +12,7 @@ from pathlib import Path
 from personalab.console import say
 from personalab.engine.model import ModelHandle
 from personalab.judging.judges import Judge
+from personalab.judging.scoring import Plan
 from personalab.runfolder import claim
 from personalab.studies.trace.outputs import write_outputs
 from personalab.studies.trace.run import (
@@ -21,6 +22,7 @@ from personalab.studies.trace.run import (
     check_layer,
     check_series,
     meta,
+    plan_trace,
     run_checkpoints,
     run_transfer,
 )
@@ -62,12 +64,18 @@ def run_trace(
     load_target: Callable[[], ModelHandle] | None = None,
     progress: bool = True,
     tokenizer: str | None = None,
-) -> TraceConfig:
+    dry_run: bool = False,
+) -> "TraceConfig | Plan":
     """Trace ``units`` over ``checkpoints`` into ``out``; returns the config with its layer resolved.
-    ``tokenizer`` names the tokenizer ``load`` gives every checkpoint (``None``: each its own)."""
+    ``tokenizer`` names the tokenizer ``load`` gives every checkpoint (``None``: each its own). Prints the plan
+    first (``plan_trace``); ``dry_run`` returns it there, before any checkpoint is loaded."""
     out = Path(out)
     kept, n_blocks = check_series(checkpoints, target, progress, tokenizer)
     config = config.model_copy(update={"layer": check_layer(config.layer, n_blocks)})
+    plan = plan_trace(kept, units, config, judge, out, target is not None)
+    say(plan.describe(f"{len(kept)} checkpoints" + (" and the target" if target else "")), progress)
+    if dry_run:
+        return plan
     extends = {"checkpoints": [c.label for c in kept], "units": [u.name for u in units], "controls": config.controls}
     styles = sorted({member.elicitation for unit in units for member in unit.members})
     prompts = "; ".join(elicitation_format(style) for style in styles)

@@ -40,7 +40,7 @@ from personalab.engine.scale import DEFAULT_SCALE, Scale, mean_residual_norm, sc
 from personalab.errors import InvalidInputError, PersonalabError
 from personalab.files import write_text
 from personalab.judging.judges import Judge
-from personalab.judging.scoring import score_cached
+from personalab.judging.scoring import Plan, score_cached
 from personalab.store import Store
 from personalab.studies.extraction import (
     RULES,
@@ -351,6 +351,26 @@ def _vector(out: Path, unit: Unit, checkpoint: Checkpoint) -> torch.Tensor:
     from safetensors.torch import load_file
 
     return load_file(out / unit.name / "vectors" / f"{checkpoint.label}.safetensors")["response_mean"]
+
+
+def plan_trace(
+    checkpoints: Sequence[Checkpoint], units: Sequence[Unit], config: TraceConfig, judge: Judge, out: Path, target: bool
+) -> Plan:
+    """The most a trace into ``out`` still samples and judges: at every checkpoint with work left, each unit
+    member's extraction answers (instructions x questions x 2 x ``samples``) and each steered unit's steering
+    answers (baseline and vector, and 2 per control seed, x evaluation questions x ``eval_samples``), and on the
+    target the baseline and every checkpoint's vector; every answer judged for trait and coherence. An upper bound:
+    what a checkpoint's store holds is known when it is loaded."""
+    with_work = [c for c in checkpoints if pending(out, c, units, config)]
+    members = {member.digest(): member for unit in units for member in unit.members}
+    samples = config.extraction.samples
+    extraction = sum(len(m.instructions) * len(m.extraction_questions) * 2 * samples for m in members.values())
+    conditions = 2 + (2 * len(config.control_seeds) if config.controls else 0)
+    steered = [unit for unit in units if unit.steer]
+    evaluations = sum(len(u.evaluation.evaluation_questions) * config.eval_samples for u in steered)
+    answers = (extraction + conditions * evaluations) * len(with_work)
+    answers += (1 + len(checkpoints)) * evaluations if target else 0
+    return Plan(answers, None, answers * config.extraction.sampling.max_new_tokens, 2 * answers, judge.name)
 
 
 def run_checkpoints(
