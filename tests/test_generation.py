@@ -94,3 +94,23 @@ def test_answers_do_not_depend_on_batching_order_or_what_ran_before(tiny, tmp_pa
     plain = [v for k, v in straight.items() if k.endswith("0.0")]
     assert steered != plain
     np.testing.assert_equal(len(straight), len(requests))
+
+
+def test_an_answer_does_not_depend_on_where_the_model_folder_is(model_folder, tmp_path):
+    """The sampled text of a request is the same from a copy of the model folder at another path (the model's name
+    is part of the store key, not of the request's random stream)."""
+    import shutil
+
+    from personalab.engine.model import load_model
+
+    original = model_folder("llama", "chatml")
+    moved = shutil.copytree(original, tmp_path / "elsewhere" / "copy")
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=3)
+    texts = []
+    for folder, store_path in ((original, tmp_path / "a.sqlite"), (moved, tmp_path / "b.sqlite")):
+        handle = load_model(str(folder), device="cpu", dtype="float32")
+        requests = [GenerationRequest(handle.encode(None, q), {"question": q}) for q in ("Hi?", "What is bread?")]
+        with Store(store_path) as store:
+            keys = fill_store(handle, store, requests, params)
+            texts.append([store.texts(keys)[k] for k in keys])
+    assert texts[0] == texts[1] and all(texts[0])

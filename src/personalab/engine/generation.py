@@ -1,12 +1,13 @@
 """Batched, cached, reproducible sampling on two engines: Hugging Face ``generate`` and vLLM.
 
-Every answer is a function of the model, the rendered prompt, the sampling parameters, the request (its
-sample index among them) and the run seed alone: each request draws from its own random stream, seeded from
-the run seed and its store key (``request_seed``), so neither the other requests of its batch, nor their
-order, nor what ran before change it. On Hugging Face ``generate`` a logits processor samples each row from
-its own generator (temperature, top-k, top-p, then one uniform draw per row and token against the cumulative
-distribution, ``RowSampler``); vLLM takes the seed per request. Nothing comes from the checkpoint's
-``generation_config``: only ``SamplingParams`` apply.
+Every answer is a function of the model, the rendered prompt, the sampling parameters, the request (its sample index
+among them) and the run seed alone: each request draws from its own random stream, seeded from the run seed and the
+request (``sample_key``: its content, prompt ids and parameters; not where the model was loaded from, so a moved or
+copied model folder answers the same, and two models asked the same request draw the same numbers), so neither the
+other requests of its batch, nor their order, nor what ran before change it. On Hugging Face ``generate`` a logits
+processor samples each row from its own generator (temperature, top-k, top-p, then one uniform draw per row and
+token against the cumulative distribution, ``RowSampler``); vLLM takes the seed per request. Nothing comes from the
+checkpoint's ``generation_config``: only ``SamplingParams`` apply.
 
 Requests carry their interventions as data (``GenerationRequest.interventions``: ``Steer``, ``Ablate`` or
 ``Clamp`` with a scalar coefficient each), so the engine that runs them decides how: Hugging Face batches rows
@@ -135,7 +136,7 @@ def weights_saved(handle: ModelHandle, adapter: str | Path) -> None:
 
 
 def request_seed(seed: int, key: str) -> int:
-    """The seed of one request: from the run seed and the request's store key (63 bits)."""
+    """The seed of one request: from the run seed and the request's ``sample_key`` (63 bits)."""
     return int(content_key("seed", seed, key)[:15], 16)
 
 
@@ -226,6 +227,11 @@ def run_batch(
         for i, answer in zip(rows, answers, strict=True):
             out[i] = answer
     return out
+
+
+def sample_key(req: GenerationRequest, params: SamplingParams) -> str:
+    """What a request's random stream is seeded from: the request, the prompt's ids and the parameters."""
+    return content_key("sample", req.request, list(req.prompt.ids), params.model_dump())
 
 
 def generation_key(handle: ModelHandle, req: GenerationRequest, params: SamplingParams) -> str:
@@ -324,7 +330,7 @@ def fill_store(
             if len(store.texts([keys[i] for i in rows])) == len(rows):
                 advance(len(rows))
                 continue
-            seeds = [request_seed(params.seed, keys[i]) for i in rows]
+            seeds = [request_seed(params.seed, sample_key(requests[i], params)) for i in rows]
             answers = run_batch(
                 handle, [requests[i].prompt for i in rows], params, seeds, [specs[i] for i in rows], vectors
             )
