@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -205,7 +206,7 @@ def test_sweep_command_writes_its_tables(model_folder, tiny, tmp_path):
     assert (out / "heatmap_trait.png").is_file() and "| 3 | 2 | 70.0 +- 0.0 |" in result.output
 
 
-def test_project_command_modes(tiny, model_folder, tmp_path):
+def test_project_command_modes(tiny, model_folder, tmp_path, monkeypatch):
     handle = tiny("llama", "chatml")
     folder, vector = _vector_folder(tmp_path, handle)
     data = tmp_path / "data.jsonl"
@@ -251,6 +252,11 @@ def test_project_command_modes(tiny, model_folder, tmp_path):
     assert diff.exit_code == 0, diff.output
     assert pd.read_csv(out / "project.csv")["shift"].abs().max() == 0.0 and (out / "model_shift.png").is_file()
     assert (out / "report.html").is_file() and json.loads((out / "meta.json").read_text())["kind"] == "project"
+    monkeypatch.chdir(tmp_path)
+    on_data = runner.invoke(app, ["project", "--vector", str(folder), "--model", model, "--tuned", model, str(data)])
+    assert on_data.exit_code == 0, on_data.output
+    table = pd.read_csv(tmp_path / "runs" / f"project-data-{Path(model).name}" / "project.csv")
+    assert len(table) == handle.n_layers and table["shift"].abs().max() == 0.0
     bad = runner.invoke(app, ["project", "--vector", str(folder), "--model", model, str(data)])
     assert bad.exit_code == 1 and "pass a JSONL data file and --layer" in bad.output
 

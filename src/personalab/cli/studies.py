@@ -284,8 +284,7 @@ def deepscan(
             **options,
         )  # fmt: skip
     columns = ["persona", "runs", "score_mean", "precision_mean", "recall_mean", "records_mean", "nodes_mean"]
-    console.print(result.table[columns].to_string(index=False, float_format="%.3g"), markup=False)
-    console.print(f"wrote {out}/summary.md, scan_summary.csv, scan_runs.csv", markup=False)
+    console.print(result.table[columns].to_string(index=False, float_format="%.3g"), markup=False, soft_wrap=True)
     say_report(out, report)
 
 

@@ -140,7 +140,7 @@ def project(
     trait_dir: TraitDirOption = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Run folder (default: beside DATA; with --tuned runs/project-TRAIT-MODEL)."),
+        typer.Option(help="Run folder (default: files beside DATA; with --tuned runs/project-NAME-TUNED)."),
     ] = None,
     report: ReportOption = True,
     batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 16,
@@ -169,7 +169,8 @@ def project(
         chosen = None
         if tuned is not None and data is None:
             chosen = pick_trait(trait, trait_dir, vector, also="a JSONL data file of prompts")
-            out = out or default_out("project-", chosen.name, str(tuned))
+        if tuned is not None:
+            out = out or default_out("project-", chosen.name if chosen else data.stem, str(tuned))
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         changed = open_trained(model, tuned, dtype, device, tokenizer, thinking) if tuned is not None else None
         run(
