@@ -2,14 +2,13 @@
 
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from personalab.engine.model import ModelHandle, load_model
+from personalab.engine.model import ModelHandle, load_model, local_folder
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
+STORIES = local_folder("builtin:stories260k")
 
 
 def random_llama() -> torch.nn.Module:
@@ -31,13 +30,9 @@ def random_llama() -> torch.nn.Module:
 
 
 def models() -> dict[str, ModelHandle]:
-    """The real stories260k (when present) and a random Llama of 8 blocks x 512 with a 32k vocabulary."""
-    out = {}
-    if STORIES.is_dir():
-        out["stories260k (real)"] = load_model(str(STORIES), device="auto")
-        tokenizer = AutoTokenizer.from_pretrained(STORIES)
-    else:
-        raise SystemExit(f"benchmarks need the tokenizer in {STORIES}")
+    """The real stories260k (``builtin:stories260k``) and a random Llama of 8 blocks x 512 with a 32k vocabulary."""
+    out = {"stories260k (real)": load_model(str(STORIES), device="auto")}
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
     model = random_llama().eval()
     out["random llama 8x512, vocab 32k"] = ModelHandle.from_model(model, tokenizer, name="random-llama")
     return out

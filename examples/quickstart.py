@@ -2,19 +2,17 @@
 
     python examples/quickstart.py [MODEL] [JUDGE]
 
-MODEL defaults to the stories260k checkpoint beside the clone (``../shared/models/stories260k``), JUDGE to
+MODEL defaults to the stories260k checkpoint shipped with personalab (``builtin:stories260k``), JUDGE to
 ``api:gpt-4.1-mini`` (an OpenAI-compatible server: ``OPENAI_API_KEY``, or ``PERSONALAB_JUDGE_BASE_URL`` for a
 local one). Only the saved vector is written (``runs/quickstart-evil``); the extractions and the sweep run in
 memory.
 """
 
 import sys
-from pathlib import Path
 
 import personalab as pl
 
-HERE = Path(__file__).resolve().parent
-model_name = sys.argv[1] if len(sys.argv) > 1 else str(HERE.parents[1] / "shared" / "models" / "stories260k")
+model_name = sys.argv[1] if len(sys.argv) > 1 else "builtin:stories260k"
 judge_spec = sys.argv[2] if len(sys.argv) > 2 else "api:gpt-4.1-mini"
 
 model = pl.load_model(model_name, device="cpu")

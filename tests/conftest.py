@@ -22,11 +22,10 @@ from transformers import (
 )
 
 from personalab import load_model
-from personalab.engine.model import ModelHandle
+from personalab.engine.model import ModelHandle, local_folder
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
-"""The real trained stories260k checkpoint (head_dim 8) beside the clone."""
-needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason="the stories260k checkpoint is not in ../shared/models")
+STORIES = local_folder("builtin:stories260k")
+"""The real trained stories260k checkpoint (head_dim 8) shipped with personalab (``builtin:stories260k``)."""
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>"]
 

@@ -10,7 +10,7 @@ from personalab import load_model, steer
 from personalab.engine.batching import pad_batch
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
-from personalab.studies.bake import bake_exact
+from personalab.studies.bake import bake_exact, largest_logit_difference
 from personalab.traits import calibration_prompts
 from personalab.vectors import vector_sha256
 
@@ -118,6 +118,8 @@ def test_bake_record_and_config(tiny, tmp_path):
     out = bake_exact(handle, stack, 2, -1.5, tmp_path / "llama", scale="raw")
     record = json.loads((out / "bake.json").read_text())
     steering = record.pop("steering")
+    check = record.pop("check")
+    assert check["prompts"] == 8 and check["max_abs_logit_difference"] < 1e-4
     assert record == {
         "layer": 2,
         "alpha": -1.5,
@@ -134,6 +136,14 @@ def test_bake_record_and_config(tiny, tmp_path):
     assert normalised["steering"]["added"][0]["norm"] == pytest.approx(0.5 * norm, rel=1e-5)
     assert json.loads((out / "config.json").read_text())["mlp_bias"] is True
     baked = load_model(str(out), device="cpu", dtype="float32")
+    prompts = calibration_prompts(handle)[:8]
+    with steer(handle, stack[2], 2, -1.5, "all"):
+        steered = [logits(handle, torch.tensor([seq.ids]))[0, -1] for seq in prompts]
+    plain = [logits(baked, torch.tensor([seq.ids]))[0, -1] for seq in prompts]
+    by_hand = max(float((p - s).abs().max()) for p, s in zip(plain, steered, strict=True))
+    assert check["max_abs_logit_difference"] == pytest.approx(by_hand, abs=2e-6)
+    wrong = largest_logit_difference(handle, baked.model, stack[2], 2, -3.0, prompts)
+    assert wrong > 1e-3 and wrong > 100 * check["max_abs_logit_difference"], "a wrong bake shows in the check"
     for i, block in enumerate(baked.blocks):
         assert not block.mlp.gate_proj.bias.any() and not block.mlp.up_proj.bias.any()
         expected = -1.5 * stack[2] if i == 1 else torch.zeros(HIDDEN)

@@ -21,7 +21,7 @@ from personalab.studies.compose.geometry import decompose
 from personalab.studies.compose.markers import marker_found
 from personalab.studies.compose.run import Study, paper_layers, summed_kl
 
-from conftest import STORIES, needs_stories
+from conftest import STORIES
 
 runner = CliRunner()
 
@@ -226,7 +226,6 @@ def test_compose_command_on_a_tiny_chat_model(model_folder, tmp_path, grid):
         assert (out / name).stat().st_size > 10_000
 
 
-@needs_stories
 @pytest.mark.parametrize("grid", ["short", "long"])
 def test_compose_on_the_real_checkpoint(tmp_path, grid):
     out = tmp_path / grid

@@ -12,14 +12,13 @@ import torch
 
 from personalab.vectors import load_vectors
 
-from conftest import STORIES, needs_stories
+from conftest import STORIES
 from judge_server import JudgeServer, hashed_scores
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 
 
 @pytest.mark.slow
-@needs_stories
 def test_quickstart_runs_in_memory_and_saves_only_the_vector(tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()

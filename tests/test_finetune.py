@@ -38,7 +38,7 @@ from personalab.studies.finetune import (
 from personalab.traits import load_trait
 from personalab.vectors import save_vectors
 
-from conftest import STORIES, needs_stories
+from conftest import STORIES
 from judge_server import JudgeServer
 from reference import hidden_states
 
@@ -86,7 +86,6 @@ def test_loss_is_the_cross_entropy_of_answer_tokens_only(tiny):
     assert got.item() == pytest.approx((total / count).item(), rel=1e-5)
 
 
-@needs_stories
 def test_fine_tuning_teaches_the_model_to_stop(tmp_path):
     """The end-of-sequence token after the answer is a target: P(eos | prompt + answer) must rise."""
     handle = load_model(str(STORIES), device="cpu", dtype="float32")
@@ -164,7 +163,6 @@ def test_shift_grows_and_training_interventions_shrink_it(model_folder, tmp_path
     _check_shifts(_shift_experiment(str(model_folder("llama", "chatml")), 2, 5e-3, tmp_path))
 
 
-@needs_stories
 def test_shift_on_the_real_checkpoint(tmp_path):
     _check_shifts(_shift_experiment(str(STORIES), 3, 1e-3, tmp_path))
 

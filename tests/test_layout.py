@@ -19,7 +19,7 @@ ALLOWED = {
     "runfolder": {"files", "errors", "engine"},
     "traits": {"files", "errors", "engine"},
     "judging": {"files", "errors", "console", "store", "engine", "traits"},
-    "report": {"files", "errors", "records", "traits"},
+    "report": {"files", "errors", "records", "traits", "judging"},
     "persona": {"files", "errors", "vectors", "engine", "records", "traits"},
     "studies": {
         "files", "errors", "console", "store", "vectors", "records", "figures", "engine", "runfolder", "traits",

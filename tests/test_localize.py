@@ -31,7 +31,7 @@ from personalab.studies.localize.deepscan import (
 from personalab.studies.localize.divergence import Measure, persona_labels, polarity, probe_chance
 from personalab.studies.localize.statements import builtin_personas, load_statements
 
-from conftest import STORIES, needs_stories
+from conftest import STORIES
 
 runner = CliRunner()
 
@@ -307,7 +307,6 @@ def test_bad_input_fails_before_model_work(model_folder, tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
-@needs_stories
 def test_localize_on_the_real_checkpoint(tmp_path):
     args = ["localize", "--model", str(STORIES), "--device", "cpu", *PERSONAS, "--persona", "politically-conservative"]
     result = runner.invoke(app, args + ["--layers", "1,3,5", "--figure-layers", "5", "--out", str(tmp_path / "loc")])

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from personalab.cli import app
 from personalab.studies.localize.statements import builtin_personas
 
-from conftest import STORIES, needs_stories
+from conftest import STORIES
 from judge_server import JudgeServer, hashed_scores
 
 README = Path(__file__).parents[1] / "README.md"
@@ -138,7 +138,6 @@ def _scratch(folder: Path) -> None:
         shutil.copytree(STORIES, folder / "ckpt" / name)
 
 
-@needs_stories
 @pytest.mark.slow
 def test_the_readmes_commands_run_on_stories260k(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,4 @@
-"""End-to-end checks on the real stories260k Llama in ../shared/models (skipped when absent)."""
+"""End-to-end checks on the real stories260k Llama shipped with personalab (``builtin:stories260k``)."""
 
 import pytest
 import torch
@@ -11,10 +11,8 @@ from personalab.engine.generation import SamplingParams
 from personalab.studies.bake import bake_exact
 from personalab.studies.distill import DistillConfig, distill
 
-from conftest import STORIES, needs_stories
+from conftest import STORIES
 from reference import hidden_states
-
-pytestmark = needs_stories
 
 
 @pytest.fixture(scope="module")

@@ -162,3 +162,13 @@ def test_generated_trait_with_wrong_counts_is_reported_not_returned():
     client = FakeClient([json.dumps(small_trait())] * 2)
     with pytest.raises(InvalidInputError, match="no valid trait in 2 attempts; last problem: expected 5 instruction"):
         generate_trait(client, "writer", "grumpy", "Complains.", attempts=2)
+
+
+def test_the_calibration_set_stays_fixed_when_the_library_grows():
+    """``--scale normalised`` is measured on the seven calibration traits' questions; a trait added to the library
+    (cheerful, for the demo) must not change it."""
+    from personalab.traits import CALIBRATION_TRAITS, builtin_traits, library_questions, load_trait
+
+    assert "cheerful" in builtin_traits() and "cheerful" not in CALIBRATION_TRAITS
+    expected = [q for name in sorted(CALIBRATION_TRAITS) for q in load_trait(name).extraction_questions]
+    assert library_questions() == expected and len(expected) == 140

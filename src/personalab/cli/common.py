@@ -76,7 +76,13 @@ TraitOption = Annotated[
     typer.Option(help=TRAIT_HELP),
 ]
 TraitDirOption = Annotated[Path | None, typer.Option(help="persona-vectors data folder (trait_data_extract/...).")]
-JudgeOption = Annotated[str, typer.Option(help="api:MODEL (OpenAI-compatible server) or local:MODEL.")]
+JudgeOption = Annotated[
+    str,
+    typer.Option(
+        help="api:MODEL (OpenAI-compatible server), local:MODEL, or lexicon:[FILE] (word counts: a keyword metric for "
+        "demos and smoke tests, not a substitute for an LLM judge)."
+    ),
+]
 JudgeTimeoutOption = Annotated[
     float,
     typer.Option(help="Seconds an api: judge has to answer a request (a cold server's first one included)."),
@@ -222,10 +228,13 @@ def open_judge(spec: str, timeout: float) -> "Judge":
     """The judge of ``spec`` (an API judge with ``timeout`` seconds per request), checked with one request before
     any work, and its location printed."""
     from personalab.judging.judges import judge_from_spec
+    from personalab.judging.lexicon import NOTICE, LexiconJudge
 
     judge = judge_from_spec(spec, timeout=timeout)
     source = getattr(judge, "url_source", None)
     console.print(f"judge: {judge.name}" + (f" ({source})" if source else ""), highlight=False, markup=False)
+    if isinstance(judge, LexiconJudge):
+        console.print(NOTICE, highlight=False, markup=False)
     judge.check()
     return judge
 

@@ -270,12 +270,27 @@ class MissingTokenizerError(PersonalabError):
     """A checkpoint has weights and a config but no tokenizer."""
 
 
+BUILT_IN = Path(__file__).parents[1] / "models"
+"""Models shipped inside the package, loaded as ``builtin:NAME`` with no network (``models/NAME/SOURCE.md``)."""
+
+
+def builtin_models() -> list[str]:
+    """Names of the models shipped with personalab (``builtin:NAME``)."""
+    return sorted(p.name for p in BUILT_IN.iterdir() if (p / "config.json").is_file())
+
+
 def local_folder(name_or_path: str) -> Path | None:
-    """The folder ``name_or_path`` names, or ``None`` for a hub name.
+    """The folder ``name_or_path`` names (``builtin:NAME``: a model shipped with personalab), or ``None`` for a
+    hub name.
 
     A name that can only be a path (absolute, relative with ``.`` or ``~``, more than one
     ``/``, or a trailing ``/``) and does not exist raises "no such folder".
     """
+    if name_or_path.startswith("builtin:"):
+        name = name_or_path.removeprefix("builtin:")
+        if name not in builtin_models():
+            raise InvalidInputError(f"no built-in model {name!r}; built in: {', '.join(builtin_models())}")
+        return BUILT_IN / name
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -351,7 +366,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
         raise MissingTokenizerError(f"{folder} has no tokenizer files ({files}); {_TOKENIZER_HINT}")
     try:
         if folder is not None:
-            return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+            return AutoTokenizer.from_pretrained(folder, revision=revision)
         return from_hub(AutoTokenizer.from_pretrained, name_or_path, revision, "tokenizer")
     except (OSError, ValueError) as exc:
         raise MissingTokenizerError(
@@ -397,7 +412,7 @@ def load_weights(
     load = partial(AutoModelForCausalLM.from_pretrained, dtype=torch_dtype, device_map=device_map_for(device))
     try:
         if folder is not None:
-            model = load(name_or_path, revision=revision)
+            model = load(folder, revision=revision)
         else:
             model = from_hub(load, name_or_path, revision, "weights")
     except HubUnreachableError:

@@ -282,11 +282,16 @@ class LocalJudge:
 
 
 def judge_from_spec(spec: str, **kwargs: Any) -> Judge:
-    """``"api:MODEL"`` -> ``ApiJudge(MODEL, **kwargs)``; ``"local:NAME_OR_PATH"`` -> ``LocalJudge`` of that model
-    (``kwargs`` are the API judge's and do not apply)."""
+    """``"api:MODEL"`` -> ``ApiJudge(MODEL, **kwargs)``; ``"local:NAME_OR_PATH"`` -> ``LocalJudge`` of that model;
+    ``"lexicon:"`` / ``"lexicon:FILE"`` -> ``LexiconJudge`` (word counts, ``personalab.judging.lexicon``; ``kwargs``
+    are the API judge's and apply to it alone)."""
     kind, _, target = spec.partition(":")
     if kind == "api" and target:
         return ApiJudge(target, **kwargs)
     if kind == "local" and target:
         return LocalJudge(load_model(target))
-    raise InvalidInputError(f"unknown judge {spec!r}; use api:MODEL or local:MODEL")
+    if kind == "lexicon":
+        from personalab.judging.lexicon import LexiconJudge
+
+        return LexiconJudge(target or None)
+    raise InvalidInputError(f"unknown judge {spec!r}; use api:MODEL, local:MODEL or lexicon:[FILE]")

@@ -82,6 +82,15 @@ def _run_data(run: RunFolder) -> dict:
     return data
 
 
+def _judge_notice(meta: dict) -> str | None:
+    """What a run's judge is not, when it is the ``lexicon:`` keyword metric."""
+    from personalab.judging.lexicon import NOTICE
+
+    settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
+    judge = meta.get("judge") or settings.get("judge")
+    return f"{judge}: {NOTICE.removeprefix('lexicon: ')}" if str(judge).startswith("lexicon:") else None
+
+
 def _related(runs: list[RunFolder]) -> list[list[tuple[str, int, str]]]:
     """Per run, links to the other runs of the report it compares or was compared in."""
     index = {run.path.resolve(): i for i, run in enumerate(runs)}
@@ -109,6 +118,7 @@ def build_page(folders: list[str | Path]) -> tuple[str, list[RunFolder]]:
             "path": str(run.path),
             "kind": run.kind,
             "prompt_format": run.meta.get("prompt_format"),
+            "judge_notice": _judge_notice(run.meta),
             "problems": run.problems,
             "related": related,
             "documents": docs,

@@ -48,6 +48,7 @@ device and given the original tensors); nothing of the original is modified.
 import copy
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
 from personalab.console import say
+from personalab.engine.chat import TokenSequence
+from personalab.engine.forward import next_token_logits
+from personalab.engine.interventions import steer
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.model import KNOWN_BLOCK_PATHS, ModelHandle, unwrap
 from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
@@ -277,6 +281,28 @@ def _rebuilt(model: PreTrainedModel, plan: _Plan) -> PreTrainedModel:
     return baked.eval()
 
 
+CHECKED_PROMPTS = 8
+"""Calibration prompts on which a bake is checked against steering."""
+
+
+def largest_logit_difference(
+    handle: ModelHandle,
+    baked: PreTrainedModel,
+    v: torch.Tensor,
+    layer: int,
+    alpha: float,
+    prompts: Sequence[TokenSequence],
+) -> float:
+    """Largest ``|logit|`` difference, over the next-token logits of ``prompts``, between ``baked``'s plain forward
+    and ``handle`` steered with ``alpha * v`` at ``layer`` on every position."""
+    twin = ModelHandle.from_model(baked, handle.tokenizer, name=handle.name)
+    ids = [list(p.ids) for p in prompts]
+    with steer(handle, v, layer, alpha, "all"):
+        steered = {tuple(rows): logits for rows, logits in next_token_logits(handle, ids)}
+    plain = {tuple(rows): logits for rows, logits in next_token_logits(twin, ids)}
+    return max(float((plain[rows] - steered[rows]).abs().max()) for rows in steered)
+
+
 @torch.no_grad()
 def bake_exact(
     handle: ModelHandle,
@@ -314,6 +340,10 @@ def bake_exact(
     shift = alpha * v
     plan = _embedding_plan(model, shift) if layer == 0 else _bias_plan(handle, model, layer, shift)
     baked = _rebuilt(model, plan)
+    checked = calibration_prompts(handle)[:CHECKED_PROMPTS]
+    difference = largest_logit_difference(handle, baked, v, layer, alpha, checked)
+    say(f"check: largest |logit difference| against steering, on {len(checked)} calibration prompts: "
+        f"{difference:.3g}", progress)  # fmt: skip
     out = Path(out)
     run = claim(out, "bake", {**settings, "scale": scale})
     baked.save_pretrained(out)
@@ -324,6 +354,11 @@ def bake_exact(
         "method": plan.method,
         "vector_sha256": vector_sha256(v),
         "steering": scaled.record([alpha]),
+        "check": {
+            "prompts": len(checked),
+            "max_abs_logit_difference": difference,
+            "against": "the original model steered with alpha * v at every position (next-token logits)",
+        },
     }
     if plan.exact_up_to_tokens is not None:
         record["exact_up_to_tokens"] = plan.exact_up_to_tokens

@@ -27,14 +27,19 @@ def builtin_traits() -> list[str]:
     return sorted(p.stem for p in LIBRARY.glob("*.json"))
 
 
+CALIBRATION_TRAITS = ("apathetic", "evil", "hallucinating", "humorous", "impolite", "optimistic", "sycophantic")
+"""The traits whose extraction questions are the calibration set: fixed, so a trait added to the library does not
+change what ``--scale normalised`` means."""
+
+
 def library_questions() -> list[str]:
-    """The extraction questions of every built-in trait: a broad prompt set (e.g. to measure residual norms)."""
-    return [q for name in builtin_traits() for q in load_trait_file(LIBRARY / f"{name}.json").extraction_questions]
+    """The extraction questions of the ``CALIBRATION_TRAITS`` (140): a broad, fixed prompt set (residual norms)."""
+    return [q for name in CALIBRATION_TRAITS for q in load_trait_file(LIBRARY / f"{name}.json").extraction_questions]
 
 
 def calibration_prompts(handle: "ModelHandle") -> "list[TokenSequence]":
-    """The fixed prompt set on which ``--scale normalised`` measures a model's mean residual norm:
-    every built-in trait's extraction questions, each as a user turn with the generation prompt."""
+    """The fixed prompt set on which ``--scale normalised`` measures a model's mean residual norm: the extraction
+    questions of the ``CALIBRATION_TRAITS``, each as a user turn with the generation prompt."""
     return [handle.encode(None, q) for q in library_questions()]
 
 
