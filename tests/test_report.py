@@ -267,7 +267,7 @@ def _chromium() -> str:
     path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
         pytest.skip("no Chromium here: install Debian's chromium package (.ci/run does) to run the browser test")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[browser]'")
     return path
 
 

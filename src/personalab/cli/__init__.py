@@ -16,7 +16,7 @@ from importlib import import_module  # noqa: E402
 
 from personalab.cli.common import app  # noqa: E402
 
-GROUPS = ("models", "vectors", "steering", "weights", "studies", "reports")
+GROUPS = ("demo", "models", "vectors", "steering", "weights", "studies", "reports")
 """Command modules, in the order of their groups in ``personalab --help``; importing one registers its commands."""
 
 for _group in GROUPS:

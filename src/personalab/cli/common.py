@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from personalab.judging.judges import Judge
     from personalab.traits import Trait
 
-MODELS, VECTORS, STEERING, WEIGHTS = "Models and traits", "Vectors", "Steering", "Weights"
+DEMO, MODELS, VECTORS, STEERING, WEIGHTS = "Start here", "Models and traits", "Vectors", "Steering", "Weights"
 STUDIES, REPORTS = "Studies", "Reports"
 """Help panels of ``personalab --help``, by what the commands do."""
 

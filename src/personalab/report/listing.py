@@ -42,19 +42,33 @@ def _meta(path: Path) -> dict:
         return {}
 
 
+def largest_change(table: pd.DataFrame, significant: bool = True) -> dict | None:
+    """The steered configuration of a sweep table whose mean trait differs most from alpha 0 at its layer, as
+    ``{"layer", "alpha", "change", "p"}``; among those with ``p_signflip < 0.05`` when ``significant`` (``None``
+    when there is none)."""
+    base = table[table["alpha"] == 0].set_index("layer")["trait_mean"]
+    rows = table[(table["alpha"] != 0) & table["layer"].isin(base.index)]
+    if significant:
+        rows = rows[rows["p_signflip"] < 0.05] if "p_signflip" in rows else rows.iloc[:0]
+    if rows.empty:
+        return None
+    delta = rows["trait_mean"].to_numpy() - base.loc[rows["layer"]].to_numpy()
+    best = int(abs(delta).argmax())
+    row = rows.iloc[best]
+    p = float(row["p_signflip"]) if "p_signflip" in row else float("nan")
+    return {"layer": int(row["layer"]), "alpha": float(row["alpha"]), "change": float(delta[best]), "p": p}
+
+
 def _sweep_figure(path: Path) -> str:
     table = pd.read_csv(path / "sweep.csv")
     if "p_signflip" not in table:
         return f"{len(table)} configurations"
-    base = table[table["alpha"] == 0].set_index("layer")["trait_mean"]
-    rows = table[(table["alpha"] != 0) & (table["p_signflip"] < 0.05) & table["layer"].isin(base.index)]
-    if rows.empty:
+    best = largest_change(table)
+    if best is None:
         return f"{len(table)} configurations, no significant trait change"
-    delta = rows["trait_mean"].to_numpy() - base.loc[rows["layer"]].to_numpy()
-    best = rows.iloc[int(abs(delta).argmax())]
     return (
-        f"largest significant trait change {delta[int(abs(delta).argmax())]:+.1f} at layer {int(best['layer'])}, "
-        f"alpha {best['alpha']:g} (p {best['p_signflip']:.3g})"
+        f"largest significant trait change {best['change']:+.1f} at layer {best['layer']}, alpha {best['alpha']:g} "
+        f"(p {best['p']:.3g})"
     )
 
 
