@@ -106,24 +106,14 @@ def plan_compare(
     trained: Sequence[str | Path],
     out: str | Path | None,
     config: CompareConfig,
+    scaled: torch.Tensor | None = None,
 ) -> Plan:
     """What ``run_compare`` into ``out`` would sample and judge for every model (base, steered, each of
-    ``trained``), what its store holds excluded; writes nothing (the scale's calibration forward pass runs). A
-    trained model is counted under the name it will be loaded with and with the base's tokenizer, before it is
-    loaded."""
-    scaled = scaled_vector(base, vector, config.layer, config.scale, calibration_prompts(base))
-    return _planned(base, scaled.vector, trait, judge, trained, out, config)
-
-
-def _planned(
-    base: ModelHandle,
-    scaled: torch.Tensor,
-    trait: Trait,
-    judge: Judge,
-    trained: Sequence[str | Path],
-    out: str | Path | None,
-    config: CompareConfig,
-) -> Plan:
+    ``trained``), what its store holds excluded; writes nothing (the scale's calibration forward pass runs unless
+    ``scaled``, the vector under the config's scale, is given). A trained model is counted under the name it will
+    be loaded with and with the base's tokenizer, before it is loaded."""
+    if scaled is None:
+        scaled = scaled_vector(base, vector, config.layer, config.scale, calibration_prompts(base)).vector
     store = Path(out) / "generations.sqlite" if out is not None else None
     samples, params = config.eval_samples, config.sampling
     steering = (Steer(config.layer, scaled, config.alpha, "generating"),)
@@ -168,7 +158,7 @@ def run_compare(
     say(scaled.describe([alpha]), progress)
     steered = _steered_label(config)
     steering = (Steer(layer, scaled.vector, alpha, "generating"),)
-    plan = _planned(base, scaled.vector, trait, judge, [f for f, _ in trained], out, config)
+    plan = plan_compare(base, vector, trait, judge, [f for f, _ in trained], out, config, scaled.vector)
     say(plan.describe(f"{2 + len(trained)} models"), progress)
     prompts = evaluation_format(base, trait)
     extends = {"eval_samples": samples, "trained": [str(f) for f, _ in trained]}
