@@ -235,7 +235,7 @@ def additive_beats_bb(out) -> float:
 
 def test_compose_on_the_real_checkpoint(tmp_path):
     """The short grid with the host table here; the README's review (markers, host) and long (all layers) grids run
-    on the same checkpoint in tests/test_readme.py, with the same checks."""
+    on the same checkpoint in tests/test_readme.py, with these checks (the first on the long grid)."""
     out = tmp_path / "short"
     args = ["compose", "--model", str(STORIES), "--device", "cpu", "--grid", "short", "--out", str(out), "--host"]
     result = runner.invoke(app, args)

@@ -11,7 +11,7 @@ from judge_server import JudgeServer
 from test_extraction import TRAIT
 from test_resume import _extract, scorer
 
-TRIALS = 3
+TRIALS = 2
 SMALL = dict(samples=2, batch_size=4, max_new_tokens=8)
 
 

@@ -289,7 +289,7 @@ def test_judge_from_spec(model_folder):
     assert isinstance(local, LocalJudge)
     assert local.name == f"local:{folder}"
     for spec in ("gpt-4.1-mini", "api:", "local:", "hf:model", "", "API:model"):
-        with pytest.raises(InvalidInputError, match="use api:MODEL or local:MODEL"):
+        with pytest.raises(InvalidInputError, match="use api:MODEL, local:MODEL or lexicon:\[FILE\]"):
             judge_from_spec(spec)
 
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
 from typer.main import get_command
 
@@ -44,6 +43,8 @@ def demo(
     """The whole pipeline offline in about a minute on a CPU: a persona vector, a steering sweep with its statistics,
     the vector baked into weights, one report page (built-in stories260k, lexicon: judge, cheerful trait)."""
     import json
+
+    import pandas as pd
 
     from personalab.report.listing import largest_change
 
