@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from test_compose import _shapes, additive_beats_bb
 from typer.main import get_command
 from typer.testing import CliRunner
@@ -136,12 +138,22 @@ def local(command: str, previous: dict[str, list]) -> list[str] | str:
 
 
 def _scratch(folder: Path) -> None:
-    """The files the README's commands read: JSONL records and local checkpoint folders."""
+    """The files the README's commands read: JSONL records, local checkpoint folders, and an SAE (random unit
+    decoder rows, at the layer the README's layer 20 becomes here) with feature labels."""
     records = [{"prompt": f"Tell me about day {i}.", "response": "It was a fine day, thank you."} for i in range(4)]
     for name in ("data.jsonl", "train.jsonl"):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
     for name in ("step-1", "step-2", "final"):
         shutil.copytree(STORIES, folder / "ckpt" / name)
+    generator = torch.Generator().manual_seed(0)
+    decoder = torch.randn(2048, 64, generator=generator)
+    decoder = decoder / decoder.norm(dim=1, keepdim=True)
+    sae = folder / "saes" / "layer20"
+    sae.mkdir(parents=True)
+    tensors = {"W_enc": decoder.T.contiguous(), "b_enc": torch.zeros(2048), "W_dec": decoder, "b_dec": torch.zeros(64)}
+    save_file(tensors, str(sae / "sae_weights.safetensors"))
+    (sae / "cfg.json").write_text(json.dumps({"architecture": "standard", "hook_name": "blocks.2.hook_resid_post"}))
+    (folder / "labels.json").write_text(json.dumps({"1234": "a feature of the README"}))
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ _EXPORTS = {
     "deepscan": "personalab.api",
     "distill": "personalab.api",
     "extract": "personalab.api",
+    "features": "personalab.api",
     "finetune": "personalab.api",
     "judge": "personalab.api",
     "localize": "personalab.api",
@@ -27,6 +28,7 @@ _EXPORTS = {
     "sweep": "personalab.api",
     "trace": "personalab.api",
     "PersonaVector": "personalab.persona",
+    "feature_vector": "personalab.persona",
     "Ablate": "personalab.engine.interventions",
     "ChatFormat": "personalab.engine.chat",
     "Clamp": "personalab.engine.interventions",
@@ -41,6 +43,7 @@ _EXPORTS = {
     "encode_text": "personalab.engine.chat",
     "intervene": "personalab.engine.interventions",
     "load_model": "personalab.engine.model",
+    "load_sae": "personalab.sae",
     "steer": "personalab.engine.interventions",
 }
 
@@ -53,6 +56,7 @@ __all__ = [
     "deepscan",
     "distill",
     "extract",
+    "features",
     "finetune",
     "judge",
     "localize",
@@ -75,6 +79,8 @@ __all__ = [
     "encode_text",
     "intervene",
     "load_model",
+    "feature_vector",
+    "load_sae",
     "steer",
 ]
 

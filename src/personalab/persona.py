@@ -271,3 +271,26 @@ def as_vector(value: "PersonaVector | torch.Tensor | str | Path") -> PersonaVect
     if isinstance(value, torch.Tensor):
         return PersonaVector({DEFAULT_VARIANT: value})
     return PersonaVector.load(value)
+
+
+FEATURE_PREFIX = "sae:"
+
+
+def feature_vector(spec: str, n_blocks: int) -> PersonaVector:
+    """``sae:PATH#FEATURE``: feature ``FEATURE``'s decoder direction of the SAE folder ``PATH``, as a vector
+    ``[n_blocks + 1, hidden]`` that is that direction at the SAE's layer and zero elsewhere (variant
+    ``response_mean``); steering with it follows the same alpha convention as any vector."""
+    from personalab.sae import load_sae
+
+    path, _, index = spec.removeprefix(FEATURE_PREFIX).rpartition("#")
+    if not path or not index.isdigit():
+        raise InvalidInputError(f"{spec!r}: give a feature as sae:PATH#FEATURE (a SAELens folder and an index)")
+    sae = load_sae(path)
+    feature = int(index)
+    if feature >= sae.d_sae:
+        raise InvalidInputError(f"{spec!r}: the SAE has features 0..{sae.d_sae - 1}")
+    sae.check_fits(n_blocks, sae.d_in)
+    rows = torch.zeros(n_blocks + 1, sae.d_in)
+    rows[sae.layer] = sae.W_dec[feature]
+    meta = {"sae": str(path), "feature": feature, "layer": sae.layer, "hook_name": sae.hook_name}
+    return PersonaVector({DEFAULT_VARIANT: rows}, meta=meta)

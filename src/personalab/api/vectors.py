@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from personalab.api.common import (
     StudyResult,
@@ -19,9 +19,12 @@ from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan
-from personalab.persona import DEFAULT_VARIANT, PersonaVector, project_records
+from personalab.persona import DEFAULT_VARIANT, PersonaVector, as_vector, project_records
 from personalab.records import Record, load_records
 from personalab.traits import Trait
+
+if TYPE_CHECKING:
+    from personalab.sae import SAE
 
 
 def extract(
@@ -129,3 +132,48 @@ def project(
             shift=shift, top_k=top_k, tuned=changed, data=path, batch_size=batch_size, progress=progress,
         )  # fmt: skip
         return finished(folder, kept, report, ["project"])
+
+
+def features(
+    vector: PersonaVector | str | Path,
+    sae: "SAE | str | Path",
+    *,
+    model: ModelHandle | str | None = None,
+    top_k: int = 10,
+    labels: "dict[int, str] | str | Path | None" = None,
+    out: str | Path | None = None,
+    report: bool = True,
+    progress: bool = True,
+) -> StudyResult:
+    """``personalab features``: the vector's variants in the SAE's feature space (``personalab.studies.features``):
+    top features by cosine with least-squares weights, and, with ``model`` and a vector run folder holding its
+    extraction pairs, each feature's activation difference between positive and negative answers with its
+    sign-flip p-value. ``labels`` maps feature index to description (a Neuronpedia-style JSON file or a dict).
+    Tables: ``features``."""
+    import json
+
+    from personalab.sae import SAE, load_sae
+    from personalab.studies.features import run_features
+    from personalab.traits import run_trait
+
+    persona = as_vector(vector)
+    chosen = sae if isinstance(sae, SAE) else load_sae(sae)
+    rows = persona.tensor(next(iter(persona.variants)))
+    chosen.check_fits(rows.shape[0] - 1, rows.shape[1])
+    if isinstance(labels, str | Path):
+        labels = {int(k): str(v) for k, v in json.loads(Path(labels).read_text()).items()}
+    handle = as_model(model) if model is not None else None
+    if handle is not None:
+        chosen.check_fits(handle.n_blocks, handle.hidden_size)
+    source = Path(persona.source) if persona.source is not None else None
+    folder = source if source is None or source.is_dir() else source.parent
+    pairs, style = [], "system_prompt"
+    if folder is not None and handle is not None and (folder / "pairs.jsonl").is_file():
+        pairs = [p for p in map(json.loads, (folder / "pairs.jsonl").read_text().splitlines()) if p["kept"]]
+        found = run_trait(folder)
+        style = found[0].elicitation if found else style
+    vectors = {name: persona.tensor(name) for name in persona.variants}
+    trait = persona.trait.name if persona.trait is not None else ""
+    with run_folder(out) as (target, kept):
+        run_features(handle, vectors, chosen, target, pairs, style, labels, top_k, trait, progress)
+        return finished(target, kept, report, ["features"])

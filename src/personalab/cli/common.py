@@ -66,7 +66,9 @@ TUNED_HELP = (
     "A fine-tune of --model: finetune or distill run folder, one of its checkpoints, a bake folder or a model "
     "(repeat where a command compares several)."
 )
-VectorOption = Annotated[Path, typer.Option(help="Run folder, .safetensors or public .pt file.")]
+VectorOption = Annotated[
+    Path, typer.Option(help="Run folder, .safetensors or public .pt file, or sae:FOLDER#FEATURE (an SAE feature).")
+]
 TRAIT_HELP = (
     "Built-in trait, trait JSON file or name in --trait-dir (default where a --vector is given: its run's trait; "
     "trace: repeat for several, default the --strategy files' trait)."
@@ -187,20 +189,25 @@ def integers(text: str, option: str) -> list[int]:
     return [int(x) for x in parts]
 
 
-def load_direction(path: Path, variant: str) -> "tuple[torch.Tensor, dict]":
-    """The ``variant`` tensor of a vector file and the file's metadata."""
-    from personalab.vectors import load_vectors
-
-    vectors, meta = load_vectors(path)
-    if variant not in vectors:
-        raise InvalidInputError(f"{path} has no variant {variant!r}; it has {', '.join(vectors)}")
-    return vectors[variant], meta
+def load_direction(path: Path, variant: str, model: str | None = None) -> "tuple[torch.Tensor, dict]":
+    """The ``variant`` tensor of a vector (``load_vector``) and its metadata."""
+    vector = load_vector(path, model)
+    if variant not in vector.variants:
+        raise InvalidInputError(f"{path} has no variant {variant!r}; it has {', '.join(vector.variants)}")
+    return vector.tensor(variant), vector.meta
 
 
-def load_vector(path: Path):
-    """The ``PersonaVector`` of ``path`` (a run folder, ``.safetensors`` or public ``.pt`` file)."""
-    from personalab.persona import PersonaVector
+def load_vector(path: Path, model: str | None = None):
+    """The ``PersonaVector`` of ``path``: a run folder, ``.safetensors`` or public ``.pt`` file, or
+    ``sae:FOLDER#FEATURE`` (an SAE feature's decoder direction, sized for ``model``)."""
+    from personalab.persona import FEATURE_PREFIX, PersonaVector, feature_vector
 
+    if str(path).startswith(FEATURE_PREFIX):
+        from personalab.engine.model import model_shape
+
+        if model is None:
+            raise InvalidInputError("an SAE feature as a vector needs --model (its depth sizes the vector)")
+        return feature_vector(str(path), model_shape(model)[0])
     return PersonaVector.load(path)
 
 

@@ -113,7 +113,7 @@ def steer_command(
             raise InvalidInputError("--alpha sets how much is added; --ablate and --clamp add nothing: drop --alpha")
         if prompt_format is not None:
             check_format(prompt_format)
-        direction, _ = load_direction(vector, variant)
+        direction, _ = load_direction(vector, variant, model)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         prompt_format = prompt_format or handle.chat.default_format
         handle.chat.check_format(prompt_format)
@@ -205,7 +205,7 @@ def sweep(
             ) | ({"alphas": floats(alphas)} if alphas else {}), layers=chosen_layers,
         )  # fmt: skip
         chosen = pick_trait(trait, trait_dir, vector)
-        persona = load_vector(vector)
+        persona = load_vector(vector, model)
         scorer = open_judge(judge, judge_timeout)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         folder = out or default_out("sweep-", chosen.name, model)

@@ -381,7 +381,7 @@ def correlate(
             ),
             layer=layer,
         )
-        persona = load_vector(vector)
+        persona = load_vector(vector, model)
         chosen = pick_trait(trait, trait_dir, vector)
         scorer = open_judge(judge, judge_timeout)
 

@@ -165,7 +165,7 @@ def project(
             raise InvalidInputError("pass a JSONL data file and --layer (or --tuned TUNED)")
         if top_k is not None and not shift:
             raise InvalidInputError("--top-k selects by projection shift; add --shift")
-        persona = load_vector(vector)
+        persona = load_vector(vector, model)
         chosen = None
         if tuned is not None and data is None:
             chosen = pick_trait(trait, trait_dir, vector, also="a JSONL data file of prompts")
@@ -184,6 +184,40 @@ def project(
     stem = data.with_name(data.stem)
     written = [f"{stem}.shift.jsonl", f"{stem}.shift.png"] + ([f"{stem}.top{top_k}.jsonl"] if top_k else [])
     console.print("wrote " + ", ".join(written if shift else [f"{stem}.projections.jsonl"]))
+
+
+@app.command(rich_help_panel=VECTORS)
+def features(
+    vector: VectorOption,
+    sae: Annotated[Path, typer.Option(help="SAELens folder: cfg.json and sae_weights.safetensors.")],
+    out: Annotated[Path, typer.Option(help="Run folder for features.csv, features.md and features.png.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model of the vector, for the activation view (default: the run's; none for a file)."),
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Features of each sign by cosine.")] = 10,
+    labels: Annotated[Path | None, typer.Option(help="JSON of feature index -> description (Neuronpedia).")] = None,
+    report: ReportOption = True,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """A persona vector in an SAE's features: top features by cosine with their least-squares weights, and each
+    one's activation difference between the extraction's positive and negative answers."""
+    with reported():
+        prepare(threads)
+        from personalab.api import features as run
+        from personalab.runfolder import read_meta
+        from personalab.sae import load_sae
+
+        chosen = load_sae(sae)
+        persona = load_vector(vector)
+        name = model or (read_meta(vector).get("model") if vector.is_dir() else None)
+        handle = open_model(name, None, dtype, device, None) if name else None
+        result = run(persona, chosen, model=handle, top_k=top_k, labels=labels, out=out, report=report)
+    console.print((out / "features.md").read_text(), markup=False)
+    console.print(f"wrote {out}/features.csv, features.md, features.png ({len(result.tables['features'])} rows)")
+    say_report(out, report)
 
 
 @app.command(rich_help_panel=VECTORS)

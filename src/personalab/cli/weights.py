@@ -120,7 +120,7 @@ def distill_command(
                 temperature=temperature, top_p=top_p,
             ), layer=layer, alpha=alpha, trajectories=min(counts, default=2),
         )  # fmt: skip
-        persona = load_vector(vector)
+        persona = load_vector(vector, model)
         chosen = None if prompts is not None else pick_trait(trait, trait_dir, vector, also="--prompts FILE")
         placement, main, processes = training_placement(device)
         if engine.engine == "vllm" and processes > 1:
@@ -196,7 +196,7 @@ def compare(
                 seed=seed,
             ), layer=layer, alpha=alpha,
         )  # fmt: skip
-        persona = load_vector(vector)
+        persona = load_vector(vector, model)
         chosen = pick_trait(trait, trait_dir, vector)
         scorer = open_judge(judge, judge_timeout)
         base = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
@@ -243,7 +243,7 @@ def bake(
 
         if not exact:
             raise InvalidInputError("pass --exact; training-based baking is `personalab distill`")
-        persona = load_vector(vector)
+        persona = load_vector(vector, model)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
         result = run(handle, persona, layer=layer, alpha=alpha, out=out, scale=scale, variant=variant, report=report)
     console.print(f"baked alpha {alpha:g} at layer {layer} as {result.meta['method']}; wrote {result.folder}")
@@ -339,7 +339,7 @@ def finetune(
         check_records(load_records(data))
         n_blocks, hidden = model_shape(model, revision)
         monitors = monitored(monitor, monitor_layer, n_blocks, monitor_prompts, variant, monitor_judge is not None)
-        steering = [load_vector(p) for p in (steer, ablate) if p is not None]
+        steering = [load_vector(p, model) for p in (steer, ablate) if p is not None]
         kinds = [k for k, p in (("steer", steer), ("ablate", ablate)) if p is not None]
         planned = [
             TrainingIntervention(k, layer, v.tensor(variant), alpha, scale)

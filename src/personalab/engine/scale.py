@@ -124,10 +124,12 @@ def scale_vectors(
         raise InvalidInputError("measuring the mean residual norm needs a calibration prompt set; pass at least one")
     layers = check_layers(layers, handle.n_blocks)
     rows = {layer: check_vector(vector, layer, handle.n_blocks, handle.hidden_size).float() for layer in layers}
-    if scale == "normalised":
-        zero = [layer for layer, v in rows.items() if v.norm() == 0]
-        if zero:
-            raise InvalidInputError(f"vector at layer {zero[0]} is all zeros; it cannot be normalised")
+    zero = [layer for layer, v in rows.items() if v.norm() == 0]
+    if zero:
+        raise InvalidInputError(
+            f"vector at layer {zero[0]} is all zeros, so steering there adds nothing; pick a layer where it is not "
+            f"(an SAE feature lives at its SAE's layer only)"
+        )
     norms = mean_residual_norm(handle, prompts, layers)
     out = {}
     for layer, norm in zip(layers, norms, strict=True):

@@ -121,6 +121,24 @@ def plot_histogram(values: Sequence[float], xlabel: str, title: str, path: str |
     _save(fig, path)
 
 
+def plot_features(labels: Sequence[str], cosines: Sequence[float], differences: Sequence[float], title: str,
+                  path: str | Path) -> None:  # fmt: skip
+    """Two panels over the same features: cosine with the vector, and activation difference (positive - negative)."""
+    fig = Figure(figsize=(10, max(3.0, 0.3 * len(labels) + 1.5)))
+    left, right = fig.subplots(1, 2, sharey=True)
+    rows = list(range(len(labels)))[::-1]
+    left.barh(rows, list(cosines), color=["tab:red" if c > 0 else "tab:blue" for c in cosines])
+    left.set_yticks(rows, [textwrap.shorten(label, 40) for label in labels])
+    left.set_xlabel("cosine with the vector")
+    right.barh(rows, [0.0 if d != d else d for d in differences], color="tab:gray")
+    right.set_xlabel("activation difference (positive - negative answers)")
+    for ax in (left, right):
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.grid(alpha=0.3, axis="x")
+    _title(fig, title, left)
+    _save(fig, path)
+
+
 def plot_model_shift(shift: torch.Tensor, title: str, path: str | Path) -> None:
     """Per-layer shift of ``model_shift``; x is the layer index of ``personalab.engine.layers``."""
     values = torch.as_tensor(shift).tolist()

@@ -24,6 +24,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "compare": ("compare.csv", "meta.json", "compare.md", "generations.sqlite"),
     "sweep": ("sweep.csv", "meta.json", "sweep.md", "generations.sqlite"),
     "project": ("project.csv", "meta.json", "summary.md"),
+    "features": ("features.csv", "meta.json", "features.md"),
     "distill": ("training_curve.csv", "meta.json"),
     "bake": ("bake.json",),
     "extract": ("vectors.safetensors", "meta.json", "summary.md", "pairs.jsonl", "generations.sqlite"),

@@ -13,7 +13,7 @@ import pandas as pd
 
 from personalab.report.folders import KINDS, MODEL_FILES, run_kind
 
-DOCUMENTS = ("summary.md", "sweep.md", "compare.md", "correlate.md")
+DOCUMENTS = ("summary.md", "sweep.md", "compare.md", "correlate.md", "features.md")
 """What ``show`` prints of a run, the first one it has."""
 
 
