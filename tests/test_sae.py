@@ -165,7 +165,7 @@ def test_the_features_command_writes_the_papers_table(cheerful, tmp_path):
     _save(tmp_path / "sae", _planted(vector.at(3), 17), architecture="standard", hook_name="blocks.2.hook_resid_post")
     (tmp_path / "labels.json").write_text(json.dumps({"17": "cheerful stories"}))
     args = ["features", "--vector", str(run), "--sae", str(tmp_path / "sae"), "--labels", str(tmp_path / "labels.json")]
-    result = CliRunner().invoke(app, [*args, "--top-k", "3", "--device", "cpu", "--out", str(tmp_path / "f")])
+    result = CliRunner().invoke(app, [*args, "--per-sign", "3", "--device", "cpu", "--out", str(tmp_path / "f")])
     assert result.exit_code == 0, result.output
     import pandas as pd
 

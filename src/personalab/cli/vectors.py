@@ -191,11 +191,8 @@ def features(
     vector: VectorOption,
     sae: Annotated[Path, typer.Option(help="SAELens folder: cfg.json and sae_weights.safetensors.")],
     out: Annotated[Path, typer.Option(help="Run folder for features.csv, features.md and features.png.")],
-    model: Annotated[
-        str | None,
-        typer.Option(help="Model of the vector, for the activation view (default: the run's; none for a file)."),
-    ] = None,
-    top_k: Annotated[int, typer.Option(help="Features of each sign by cosine.")] = 10,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    per_sign: Annotated[int, typer.Option(help="Features of each sign, by cosine with the vector.")] = 10,
     labels: Annotated[Path | None, typer.Option(help="JSON of feature index -> description (Neuronpedia).")] = None,
     report: ReportOption = True,
     dtype: DtypeOption = "auto",
@@ -203,7 +200,8 @@ def features(
     threads: ThreadsOption = None,
 ) -> None:
     """A persona vector in an SAE's features: top features by cosine with their least-squares weights, and each
-    one's activation difference between the extraction's positive and negative answers."""
+    one's activation difference between the extraction's positive and negative answers (with --model, by default
+    the vector run's own model)."""
     with reported():
         prepare(threads)
         from personalab.api import features as run
@@ -214,7 +212,7 @@ def features(
         persona = load_vector(vector)
         name = model or (read_meta(vector).get("model") if vector.is_dir() else None)
         handle = open_model(name, None, dtype, device, None) if name else None
-        result = run(persona, chosen, model=handle, top_k=top_k, labels=labels, out=out, report=report)
+        result = run(persona, chosen, model=handle, top_k=per_sign, labels=labels, out=out, report=report)
     console.print((out / "features.md").read_text(), markup=False)
     console.print(f"wrote {out}/features.csv, features.md, features.png ({len(result.tables['features'])} rows)")
     say_report(out, report)
