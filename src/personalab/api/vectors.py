@@ -19,7 +19,7 @@ from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan
-from personalab.persona import DEFAULT_VARIANT, PersonaVector, as_vector, project_records
+from personalab.persona import DEFAULT_VARIANT, PersonaVector, as_vector
 from personalab.records import Record, load_records
 from personalab.traits import Trait
 
@@ -97,11 +97,8 @@ def project(
     ``out`` a run folder (``personalab.studies.project``); without it, records given as a JSONL file get their
     results beside it (``STEM.projections.jsonl``; ``STEM.shift.jsonl``, ``.shift.png``, ``.topK.jsonl`` and the own
     answers in ``STEM.own.sqlite``)."""
-    import pandas as pd
-
-    from personalab.store import Store
-    from personalab.studies.monitor import beside, projection_shift, write_projections, write_shift_report
-    from personalab.studies.project import run_project
+    from personalab.studies.monitor import beside
+    from personalab.studies.project import record_projections, run_project
 
     persona, direction = vector_of(vector, variant)
     if tuned is None and (records is None or layer is None):
@@ -112,16 +109,12 @@ def project(
     rows = _records(records) if records is not None else []
     handle = as_model(model)
     if out is None and path is not None and tuned is None:
-        if shift:
-            with Store(path.with_name(f"{path.stem}.own.sqlite")) as store:
-                shifts = projection_shift(
-                    handle, rows, direction, layer, store, batch_size=batch_size, progress=progress
-                )
-            written = write_shift_report(beside(path), rows, shifts, top_k, f"{path.name}: projection shift")
-            return StudyResult({"project": pd.DataFrame(shifts)}, {"shift": written[1]})
-        projections = project_records(handle, rows, direction, layer, batch_size, progress=progress)
-        write_projections(beside(path), rows, projections)
-        return StudyResult({"project": pd.DataFrame(projections)})
+        own = path.with_name(f"{path.stem}.own.sqlite")
+        title = f"{path.name}: projection shift"
+        table = record_projections(
+            handle, rows, direction, layer, beside(path), own, shift, top_k, title, batch_size, progress
+        )
+        return StudyResult({"project": table}, {"shift": Path(f"{beside(path)}shift.png")} if shift else {})
     changed = as_model(tuned) if tuned is not None else None
     prompts = [(r.system, r.prompt) for r in rows] or (
         [(None, q) for q in as_trait(trait, persona).evaluation_questions] if changed is not None else []

@@ -154,10 +154,11 @@ def run_features(
         lines.append(markdown_table(shown, formats))
     result = pd.concat(frames, ignore_index=True)
     write_csv(result, out / "features.csv")
-    main = result[result["variant"] == next(iter(vectors))]
+    shown = next(iter(vectors))
+    main = result[result["variant"] == shown]
     names = [f"{f} {label}".strip() for f, label in zip(main["feature"], main["label"], strict=True)]
     differences = main["difference"].tolist() if "difference" in main else [float("nan")] * len(main)
-    plot_features(names, main["cosine"].tolist(), differences, f"{next(iter(vectors))} in {sae.d_sae} features",
+    plot_features(names, main["cosine"].tolist(), differences, f"{shown} in {sae.d_sae} features",
                   out / "features.png")  # fmt: skip
     write_text(out / "features.md", "\n".join(lines) + "\n")
     run.write(counts={"rows": len(result)})

@@ -31,6 +31,35 @@ from personalab.vectors import vector_sha256
 TABLE = "project.csv"
 
 
+def record_projections(
+    handle: ModelHandle,
+    records: Sequence[Record],
+    direction: torch.Tensor,
+    layer: int,
+    prefix: str,
+    store: Path | None,
+    shift: bool,
+    top_k: int | None,
+    title: str,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Records projected at ``layer`` (``last_prompt`` and ``response_mean`` per record, written to
+    ``{prefix}projections.jsonl``), or with ``shift`` against the model's own answers kept in ``store``
+    (``{prefix}shift.jsonl``, ``shift.png`` titled ``title``, ``top{K}.jsonl``); ``prefix`` is a run folder and
+    ``/``, or ``monitor.beside(data)``. Returns the table."""
+    if shift:
+        with Store(store) as opened:
+            shifts = projection_shift(
+                handle, records, direction, layer, opened, batch_size=batch_size, progress=progress
+            )
+        write_shift_report(prefix, records, shifts, top_k, title)
+        return pd.DataFrame(shifts, columns=["index", "shift", "dataset", "own", "own_response"])
+    projections = project_records(handle, records, direction, layer, batch_size, progress=progress)
+    write_projections(prefix, records, projections)
+    return pd.DataFrame(projections, columns=["layer", "last_prompt", "response_mean"])
+
+
 def run_project(
     handle: ModelHandle,
     direction: torch.Tensor,
@@ -77,12 +106,10 @@ def run_project(
             "![shift](model_shift.png)",
         ]
     elif shift:
-        with Store(out / "generations.sqlite") as store:
-            shifts = projection_shift(
-                handle, records, direction, layer, store, batch_size=batch_size, progress=progress
-            )
-        write_shift_report(f"{out}/", records, shifts, top_k, f"{len(records)} records: projection shift")
-        table = pd.DataFrame(shifts, columns=["index", "shift", "dataset", "own", "own_response"])
+        table = record_projections(
+            handle, records, direction, layer, f"{out}/", out / "generations.sqlite", True, top_k,
+            f"{len(records)} records: projection shift", batch_size, progress,
+        )  # fmt: skip
         lines += [
             f"- layer {layer}; {len(records)} records, {table['shift'].notna().sum()} with a shift",
             f"- mean shift (dataset response - own answer): {table['shift'].mean():.4g}",
@@ -90,9 +117,9 @@ def run_project(
             "![shift](shift.png)",
         ]
     else:
-        projections = project_records(handle, records, direction, layer, batch_size, progress=progress)
-        write_projections(f"{out}/", records, projections)
-        table = pd.DataFrame(projections, columns=["layer", "last_prompt", "response_mean"])
+        table = record_projections(
+            handle, records, direction, layer, f"{out}/", None, False, None, "", batch_size, progress
+        )
         means = table[["last_prompt", "response_mean"]].mean()
         formats = {"last_prompt": ".4g", "response_mean": ".4g"}
         lines += [
