@@ -37,7 +37,7 @@ ALLOWED = {
         "judging",
         "report", "persona", "sae", "studies", "api",
     },
-    "__init__": {"errors", "engine", "persona", "api"},
+    "__init__": {"errors", "engine", "persona", "sae", "api"},
     "__main__": {"cli"},
 }  # fmt: skip
 """Which wings each wing may import from (besides itself)."""

@@ -67,34 +67,43 @@ def readme_commands() -> list[str]:
     return found
 
 
-def _params(verb: str) -> dict[str, bool]:
-    """``{flag: takes a value}`` of a command."""
-    return {o: not p.is_flag for p in COMMANDS[verb].params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
+def _params(verb: str) -> dict[str, int]:
+    """``{flag: how many values it takes}`` of a command (0 for a switch)."""
+    return {
+        o: 0 if p.is_flag else p.nargs
+        for p in COMMANDS[verb].params
+        for o in (*p.opts, *p.secondary_opts)
+        if o.startswith("--")
+    }
 
 
-def _parse(verb: str, words: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """``(options, arguments)``: options as ``(flag, value or None)`` pairs in order, and the positional words."""
+def _parse(verb: str, words: list[str]) -> tuple[list[tuple[str, str | tuple[str, ...] | None]], list[str]]:
+    """``(options, arguments)``: options as ``(flag, value)`` pairs in order (None for a switch, a tuple for an
+    option of several values), and the positional words."""
     takes = _params(verb)
     options, arguments, i = [], [], 0
     while i < len(words):
         word = words[i]
         if word.startswith("--") and word in takes:
-            value = words[i + 1] if takes[word] else None
+            n = takes[word]
+            value = None if n == 0 else words[i + 1] if n == 1 else tuple(words[i + 1 : i + 1 + n])
             options.append((word, value))
-            i += 2 if takes[word] else 1
+            i += 1 + n
         else:
             arguments.append(word)
             i += 1
     return options, arguments
 
 
-MODEL_FLAGS = {"--model", "--target", "--tokenizer", "--tuned"}
+MODEL_FLAGS = {"--model", "--target", "--tokenizer", "--tuned", "--diff"}
 LOCAL_PREFIXES = ("runs/", "ckpt/", "../", "./", "/")
 
 
-def _local_value(flag: str, value: str | None) -> str | None:
+def _local_value(flag: str, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
     if value is None:
         return None
+    if isinstance(value, tuple):
+        return tuple(_local_value(flag, v) for v in value)
     if flag in MODEL_FLAGS and (value in ("M", "BASE") or not value.startswith(LOCAL_PREFIXES)):
         return str(STORIES) if value != "TUNED" else "ckpt/final"
     if value.startswith("api:"):
@@ -133,7 +142,7 @@ def local(command: str, previous: dict[str, list]) -> list[str] | str:
     kept = [(f, _local_value(f, v)) for f, v in options if f != "--persona-dir" and (f != "--persona" or v in personas)]
     takes = _params(verb)
     kept += [(f, SIZES[f]) for f in ADDED if f in takes and f not in {g for g, _ in kept}]
-    out = [verb, *(x for f, v in kept for x in ((f,) if v is None else (f, v)))]
+    out = [verb, *(x for f, v in kept for x in ((f,) if v is None else (f, *v) if isinstance(v, tuple) else (f, v)))]
     return out + [str(STORIES) if a.endswith("models/stories260k") else a for a in arguments]
 
 

@@ -3,6 +3,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,14 @@ from personalab.studies.features import activation_differences, decompose
 from conftest import STORIES
 
 D_IN, D_SAE = 64, 256
+OPTIONS = [
+    {},
+    {"apply_b_dec_to_input": False},
+    {"normalize_activations": "constant_norm_rescale"},
+    {"normalize_activations": "layer_norm"},
+    {"rescale_acts_by_decoder_norm": True},
+]
+"""The encoding options of a SAELens cfg.json (``rescale_acts_by_decoder_norm`` is read by TopK only)."""
 
 
 def _save(folder, tensors: dict, **cfg) -> None:
@@ -50,11 +59,11 @@ def test_a_hook_point_off_the_residual_stream_is_refused():
 
 
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
-@pytest.mark.parametrize(
-    "options", [{}, {"apply_b_dec_to_input": False}, {"normalize_activations": "constant_norm_rescale"}]
-)
+@pytest.mark.parametrize("options", OPTIONS)
 def test_encoding_is_each_architectures_formula(tmp_path, architecture, options):
     t = _random_sae()
+    if options.get("rescale_acts_by_decoder_norm"):
+        t["W_dec"] = t["W_dec"] * torch.linspace(0.5, 2.0, D_SAE).unsqueeze(1)
     extra = {"k": 5} if architecture == "topk" else {}
     _save(tmp_path / "sae", t, architecture=architecture, hook_name="blocks.2.hook_resid_post", **extra, **options)
     sae = load_sae(tmp_path / "sae")
@@ -65,9 +74,15 @@ def test_encoding_is_each_architectures_formula(tmp_path, architecture, options)
         token = x[row].double()
         if options.get("normalize_activations") == "constant_norm_rescale":
             token = token * math.sqrt(D_IN) / token.norm()
+        if options.get("normalize_activations") == "layer_norm":
+            mean = sum(token.tolist()) / D_IN
+            std = math.sqrt(sum((v - mean) ** 2 for v in token.tolist()) / (D_IN - 1))
+            token = (token - mean) / (std + 1e-5)
         if options.get("apply_b_dec_to_input", True):
             token = token - t["b_dec"].double()
         pre = [float(token @ t["W_enc"][:, f].double() + t["b_enc"][f]) for f in range(D_SAE)]
+        if options.get("rescale_acts_by_decoder_norm") and architecture == "topk":  # SAELens reads it for topk only
+            pre = [p * float(t["W_dec"][f].norm()) for f, p in enumerate(pre)]
         if architecture == "standard":
             values = [max(p, 0.0) for p in pre]
         elif architecture == "jumprelu":
@@ -79,13 +94,83 @@ def test_encoding_is_each_architectures_formula(tmp_path, architecture, options)
     torch.testing.assert_close(sae.encode(x), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_sae_lens_encodes_the_same_where_it_is_installed(tmp_path):
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_sae_lens_encodes_the_same_where_it_is_installed(tmp_path, architecture, options):
     sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed: pip install -e '.[sae]'")
     t = _random_sae()
-    _save(tmp_path / "sae", t, architecture="jumprelu", hook_name="blocks.2.hook_resid_post")
+    if options.get("rescale_acts_by_decoder_norm"):
+        t["W_dec"] = t["W_dec"] * torch.linspace(0.5, 2.0, D_SAE).unsqueeze(1)
+    if architecture != "jumprelu":
+        del t["threshold"]
+    extra = {"k": 5} if architecture == "topk" else {}
+    cfg = {"architecture": architecture, "hook_name": "blocks.2.hook_resid_post", "dtype": "float32", **extra}
+    _save(tmp_path / "sae", t, **cfg, **options)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
-    x = torch.randn(5, D_IN, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(load_sae(tmp_path / "sae").encode(x), theirs.encode(x), atol=1e-5, rtol=1e-5)
+    x = torch.randn(5, D_IN, generator=torch.Generator().manual_seed(2)) * 3
+    with torch.no_grad():
+        expected = theirs.encode(x)
+    torch.testing.assert_close(load_sae(tmp_path / "sae").encode(x), expected, atol=1e-5, rtol=1e-5)
+    theirs.save_model(tmp_path / "saved")  # the folder SAELens itself writes, as a release is read
+    resaved = load_sae(tmp_path / "saved")
+    assert resaved.layer == 3
+    torch.testing.assert_close(resaved.encode(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sae_lens_releases_load_through_its_loader(tmp_path, monkeypatch):
+    """The glue to SAELens's loader: what ``SAE.from_pretrained`` returns is saved in its folder format and read
+    back (a stand-in for the package, which downloads; the real one is compared above where installed)."""
+    import sys
+    import types
+
+    with pytest.raises(InvalidInputError, match="name a pretrained SAE as sae-lens:RELEASE/ID"):
+        load_sae("sae-lens:gpt2-small-res-jb")
+    t = _random_sae(7)
+    calls = []
+
+    class Loaded:
+        def save_model(self, path):
+            _save(Path(path) / "saved", t, architecture="standard", hook_name="blocks.8.hook_resid_pre")
+            for name in ("cfg.json", "sae_weights.safetensors"):
+                (Path(path) / "saved" / name).rename(Path(path) / name)
+
+    class Loader:
+        @staticmethod
+        def from_pretrained(release, sae_id, device):
+            calls.append((release, sae_id, device))
+            return Loaded()
+
+    monkeypatch.setitem(sys.modules, "sae_lens", types.SimpleNamespace(SAE=Loader))
+    sae = load_sae("sae-lens:gpt2-small-res-jb/blocks.8.hook_resid_pre")
+    assert calls == [("gpt2-small-res-jb", "blocks.8.hook_resid_pre", "cpu")]
+    assert sae.layer == 8 and sae.source == "sae-lens:gpt2-small-res-jb/blocks.8.hook_resid_pre"
+    assert torch.equal(sae.W_dec, t["W_dec"])
+    monkeypatch.setitem(sys.modules, "sae_lens", None)
+    with pytest.raises(InvalidInputError, match=r"needs sae-lens: pip install 'personalab\[sae\]'"):
+        load_sae("sae-lens:gpt2-small-res-jb/blocks.8.hook_resid_pre")
+
+
+def test_labels_stated_layers_and_feature_vectors_in_python(tmp_path):
+    from personalab.api.common import vector_of
+    from personalab.sae import as_sae, load_labels
+
+    (tmp_path / "object.json").write_text(json.dumps({"3": "joy", "17": "panic"}))
+    (tmp_path / "export.json").write_text(json.dumps([{"index": "3", "description": "joy", "modelId": "x"}]))
+    (tmp_path / "bad.json").write_text(json.dumps([{"feature": 3}]))
+    assert load_labels(tmp_path / "object.json") == {3: "joy", 17: "panic"}
+    assert load_labels(tmp_path / "export.json") == {3: "joy"}
+    with pytest.raises(InvalidInputError, match="feature labels are"):
+        load_labels(tmp_path / "bad.json")
+    t = _random_sae(8)
+    _save(tmp_path / "sae", t, architecture="standard", hook_name="blocks.2.hook_resid_post")
+    assert as_sae(tmp_path / "sae", 3).layer == 3
+    with pytest.raises(InvalidInputError, match=r"reads blocks.2.hook_resid_post = layer 3 \(hidden_states\[3\]\)"):
+        as_sae(tmp_path / "sae", 2)
+    spec = f"sae:{tmp_path / 'sae'}#4"
+    persona, direction = vector_of(spec, "response_mean", str(STORIES))
+    assert direction.shape == (6, D_IN) and torch.equal(direction[3], t["W_dec"][4])
+    with pytest.raises(InvalidInputError, match="needs the model's depth"):
+        pl.features(spec, tmp_path / "sae")
 
 
 def test_bad_folders_and_misfits_are_one_line(tmp_path):
@@ -95,6 +180,11 @@ def test_bad_folders_and_misfits_are_one_line(tmp_path):
     _save(tmp_path / "gated", t, architecture="gated", hook_name="blocks.1.hook_resid_post")
     with pytest.raises(InvalidInputError, match="architecture 'gated'; supported"):
         load_sae(tmp_path / "gated")
+    _save(
+        tmp_path / "average", t, hook_name="blocks.1.hook_resid_post", normalize_activations="expected_average_only_in"
+    )
+    with pytest.raises(InvalidInputError, match="needs its dataset's scaling factor; fold it"):
+        load_sae(tmp_path / "average")
     _save(tmp_path / "topk", t, architecture="topk", hook_name="blocks.1.hook_resid_post")
     with pytest.raises(InvalidInputError, match="a topk SAE needs k"):
         load_sae(tmp_path / "topk")
@@ -212,3 +302,70 @@ def test_steering_along_a_feature_is_steering_along_its_decoder_row(tmp_path, mo
     )
     with pytest.raises(InvalidInputError, match="the SAE has features 0..255"):
         pl.feature_vector(f"sae:{tmp_path / 'sae'}#999", handle.n_blocks)
+
+
+STARTS = ["Once upon a time", "One day", "Tim was", "Lily had a", "The cat", "There was a", "The sun", "Sam and Mia",
+          "A little dog", "The big tree", "Mom said", "In the park"]  # fmt: skip
+
+
+def test_a_fine_tune_on_data_steered_along_a_feature_puts_it_first_in_the_diff(cheerful, tmp_path):
+    from typer.testing import CliRunner
+
+    from personalab.cli import app
+    from personalab.engine.generation import SamplingParams, sample_texts
+    from personalab.engine.interventions import steer
+    from personalab.records import Record
+
+    _, vector, _ = cheerful
+    feature, layer = 17, 3
+    _save(tmp_path / "sae", _planted(vector.at(layer), feature), architecture="standard",
+          hook_name=f"blocks.{layer - 1}.hook_resid_post")  # fmt: skip
+    handle = pl.load_model(str(STORIES), device="cpu")
+    seqs = [handle.encode(None, s) for s in STARTS]
+    direction = pl.feature_vector(f"sae:{tmp_path / 'sae'}#{feature}", handle.n_blocks).at(layer)
+    with steer(handle, direction, layer, alpha=8.0, positions="all"):
+        texts = [sample_texts(handle, seqs, SamplingParams(temperature=1.0, max_new_tokens=32), s) for s in range(4)]
+    records = [Record(None, s, text) for answers in texts for s, text in zip(STARTS, answers, strict=True)]
+    pl.finetune(str(STORIES), records, lora_rank=None, steps=40, lr=1e-3, micro_batch_size=8, grad_accum=1,
+                warmup_steps=0, out=tmp_path / "ft", report=False)  # fmt: skip
+    held_out = ["Once upon a time there was", "Ben liked", "The bird", "Anna went to", "It was a sunny day", "The boy"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in held_out))
+    run = vector.source if vector.source.is_dir() else vector.source.parent
+    args = ["features", "--diff", str(STORIES), str(tmp_path / "ft"), "--sae", str(tmp_path / "sae"), "--vector",
+            str(run), "--prompts", str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "32", "--per-sign", "3",
+            "--device", "cpu", "--out", str(tmp_path / "d")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "d" / "features.csv")
+    assert len(table) == D_SAE and table.loc[0, "feature"] == feature and table.loc[0, "difference"] > 0
+    assert table.loc[0, "cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert table.loc[0, "difference"] == pytest.approx(table.loc[0, "tuned"] - table.loc[0, "base"], rel=1e-9)
+    text = (tmp_path / "d" / "features.md").read_text()
+    assert "| feature | base | tuned | difference | p | cosine | label |" in text and "6 records" in text
+    assert (tmp_path / "d" / "generations.sqlite").is_file() and (tmp_path / "d" / "features.png").is_file()
+
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "d" / "generations.sqlite") as db:  # the base model's greedy answers
+        answers = {
+            json.loads(request)["prompt"]: text for request, text in db.execute("SELECT request, text FROM generations")
+        }
+    assert sorted(answers) == sorted(held_out)
+    tuned = pl.load_model(str(tmp_path / "ft" / "checkpoints" / "step-40"), device="cpu")
+    means = []
+    for model in (handle, tuned):  # plain output_hidden_states on the same texts, the feature's formula by hand
+        per_record = []
+        for prompt in held_out:
+            seq = handle.encode(None, prompt, answers[prompt])
+            with torch.no_grad():
+                out = model.model(torch.tensor([seq.ids]), output_hidden_states=True)
+            tokens = out.hidden_states[layer][0, seq.prompt_len :]
+            per_record.append(torch.relu(tokens.double() @ direction.double() / direction.norm()).mean())
+        means.append(torch.stack(per_record).mean())
+    assert table.loc[0, "difference"] == pytest.approx(float(means[1] - means[0]), rel=1e-4)
+    rerun = CliRunner().invoke(app, [*args[:-2], "--positions", "all", "--out", str(tmp_path / "d")])
+    assert rerun.exit_code == 1 and "positions" in rerun.output
+    both = CliRunner().invoke(app, [*args, "--model", str(STORIES)])
+    assert both.exit_code == 1 and "--diff names the base model; leave out --model" in both.output

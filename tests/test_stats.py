@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from personalab.studies.stats import bonferroni, sign_flip_test, sign_test
+from personalab.studies.stats import bonferroni, sign_flip_test, sign_test, smallest_sign_flip_p
 
 CASES = [
     [1.0, 2.0, -0.5, 3.0, 0.7, 1.2],
@@ -18,6 +18,16 @@ CASES = [
 def test_sign_flip_matches_scipy_exact(diffs):
     ref = stats.permutation_test((np.array(diffs),), np.mean, permutation_type="samples", n_resamples=np.inf)
     assert sign_flip_test(diffs) == pytest.approx(ref.pvalue, abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 6, 12])
+def test_the_smallest_sign_flip_p_is_what_the_test_returns_for_differences_of_one_sign(n):
+    diffs = [1.0 + 0.1 * i for i in range(n)]
+    assert smallest_sign_flip_p(n) == sign_flip_test(diffs)
+    assert min(sign_flip_test(list(signs)) for signs in itertools.product((1.0, -1.5), repeat=n)) == sign_flip_test(
+        diffs
+    )
+    assert smallest_sign_flip_p(30, n_resamples=999) == sign_flip_test([1.0] * 30, n_resamples=999) == 1e-3
 
 
 def test_sign_flip_monte_carlo_is_close_to_exact():

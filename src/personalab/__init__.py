@@ -19,6 +19,7 @@ _EXPORTS = {
     "deepscan": "personalab.api",
     "distill": "personalab.api",
     "extract": "personalab.api",
+    "feature_diff": "personalab.api",
     "features": "personalab.api",
     "finetune": "personalab.api",
     "judge": "personalab.api",
@@ -56,6 +57,7 @@ __all__ = [
     "deepscan",
     "distill",
     "extract",
+    "feature_diff",
     "features",
     "finetune",
     "judge",
@@ -94,6 +96,8 @@ if TYPE_CHECKING:
         deepscan,
         distill,
         extract,
+        feature_diff,
+        features,
         finetune,
         judge,
         localize,
@@ -108,7 +112,8 @@ if TYPE_CHECKING:
     from personalab.engine.model import ModelHandle, load_model
     from personalab.engine.positions import GeneratedToken, Indices
     from personalab.errors import PersonalabError
-    from personalab.persona import PersonaVector
+    from personalab.persona import PersonaVector, feature_vector
+    from personalab.sae import load_sae
 
 
 def __getattr__(name: str):

@@ -264,16 +264,21 @@ class PersonaVector:
         )
 
 
-def as_vector(value: "PersonaVector | torch.Tensor | str | Path") -> PersonaVector:
-    """A ``PersonaVector`` from itself, a ``[n_blocks + 1, hidden]`` tensor (as ``response_mean``) or a path."""
+FEATURE_PREFIX = "sae:"
+
+
+def as_vector(value: "PersonaVector | torch.Tensor | str | Path", n_blocks: int | None = None) -> PersonaVector:
+    """A ``PersonaVector`` from itself, a ``[n_blocks + 1, hidden]`` tensor (as ``response_mean``), a path, or
+    ``sae:PATH#FEATURE`` (``feature_vector``, sized by ``n_blocks``)."""
     if isinstance(value, PersonaVector):
         return value
     if isinstance(value, torch.Tensor):
         return PersonaVector({DEFAULT_VARIANT: value})
+    if str(value).startswith(FEATURE_PREFIX):
+        if n_blocks is None:
+            raise InvalidInputError(f"{value!r}: an SAE feature as a vector needs the model's depth; give the model")
+        return feature_vector(str(value), n_blocks)
     return PersonaVector.load(value)
-
-
-FEATURE_PREFIX = "sae:"
 
 
 def feature_vector(spec: str, n_blocks: int) -> PersonaVector:

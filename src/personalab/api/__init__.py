@@ -10,7 +10,7 @@ paths, ``meta.json``).
 from personalab.api.common import StudyResult, judge
 from personalab.api.steering import sweep
 from personalab.api.studies import compose, correlate, deepscan, localize, report, trace
-from personalab.api.vectors import extract, features, project
+from personalab.api.vectors import extract, feature_diff, features, project
 from personalab.api.weights import bake, compare, distill, finetune
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "deepscan",
     "distill",
     "extract",
+    "feature_diff",
     "features",
     "finetune",
     "judge",

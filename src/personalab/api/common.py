@@ -20,7 +20,7 @@ from personalab.engine.generation import SamplingParams
 from personalab.engine.model import ModelHandle, load_model
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge, judge_from_spec
-from personalab.persona import PersonaVector, as_vector
+from personalab.persona import FEATURE_PREFIX, PersonaVector, as_vector
 from personalab.traits import Trait, load_trait
 
 if TYPE_CHECKING:
@@ -66,10 +66,18 @@ def as_trait(
     raise InvalidInputError("the vector keeps no trait; pass trait=NAME or trait=FILE")
 
 
-def vector_of(value: "PersonaVector | str | Path | Any", variant: str) -> tuple[PersonaVector, Any]:
-    """The ``PersonaVector`` of ``value`` and its ``variant`` tensor ``[n_blocks + 1, hidden]``."""
-    vector = as_vector(value)
-    return vector, vector.tensor(variant)
+def vector_of(value: "PersonaVector | str | Path | Any", variant: str, model: Any = None) -> tuple[PersonaVector, Any]:
+    """The ``PersonaVector`` of ``value`` and its ``variant`` tensor ``[n_blocks + 1, hidden]``; an SAE feature
+    (``sae:PATH#FEATURE``) is sized for ``model`` (a handle, name or folder)."""
+    return (vector := as_vector(value, sized_for(value, model))), vector.tensor(variant)
+
+
+def sized_for(value: Any, model: Any) -> int | None:
+    """The ``n_blocks`` an SAE feature given as ``value`` is sized by: ``model``'s, when it is a handle, name or
+    folder; None for any other value."""
+    if not str(value).startswith(FEATURE_PREFIX) or not isinstance(model, ModelHandle | str | Path):
+        return None
+    return block_count(model)
 
 
 def configured(kind: type[Config], options: Mapping[str, Any], **fixed: Any) -> Config:

@@ -42,7 +42,7 @@ def sweep(
     from personalab.studies.sweep import SweepConfig, plan_sweep, run_sweep
 
     config = configured(SweepConfig, options, layers=list(layers))
-    persona, direction = vector_of(vector, variant)
+    persona, direction = vector_of(vector, variant, model)
     chosen, scorer, handle = as_trait(trait, persona, trait_dir), as_judge(judge), as_model(model)
     if dry_run:
         return plan_sweep(handle, direction, chosen, scorer, out, config)

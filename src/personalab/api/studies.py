@@ -238,7 +238,7 @@ def correlate(
     from personalab.studies.correlate import CorrelateConfig, plan_correlate, run_correlate
 
     config = configured(CorrelateConfig, options, layer=layer)
-    persona, direction = vector_of(vector, variant)
+    persona, direction = vector_of(vector, variant, model)
     chosen, scorer = as_trait(trait, persona), as_judge(judge)
     load_base = model if callable(model) and not isinstance(model, ModelHandle) else (lambda: as_model(model))
     if dry_run:

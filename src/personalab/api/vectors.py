@@ -1,4 +1,5 @@
-"""Study functions that make and read persona vectors: ``extract`` and ``project``."""
+"""Study functions that make and read persona vectors: ``extract``, ``project``, ``features`` and
+``feature_diff``."""
 
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from personalab.api.common import (
     configured,
     finished,
     run_folder,
+    sized_for,
     vector_of,
     write_run_report,
 )
@@ -100,7 +102,7 @@ def project(
     from personalab.studies.monitor import beside
     from personalab.studies.project import record_projections, run_project
 
-    persona, direction = vector_of(vector, variant)
+    persona, direction = vector_of(vector, variant, model)
     if tuned is None and (records is None or layer is None):
         raise InvalidInputError("give records and a layer (or a tuned model to compare with its base)")
     if top_k is not None and not shift:
@@ -132,6 +134,7 @@ def features(
     sae: "SAE | str | Path",
     *,
     model: ModelHandle | str | None = None,
+    layer: int | None = None,
     top_k: int = 10,
     labels: "dict[int, str] | str | Path | None" = None,
     out: str | Path | None = None,
@@ -141,20 +144,20 @@ def features(
     """``personalab features``: the vector's variants in the SAE's feature space (``personalab.studies.features``):
     top features by cosine with least-squares weights, and, with ``model`` and a vector run folder holding its
     extraction pairs, each feature's activation difference between positive and negative answers with its
-    sign-flip p-value. ``labels`` maps feature index to description (a Neuronpedia-style JSON file or a dict).
+    sign-flip p-value. ``sae`` is a SAELens folder or ``sae-lens:RELEASE/ID``; ``layer``, when given, must be the
+    one it reads. ``labels`` maps feature index to description (``personalab.sae.load_labels``, or a dict).
     Tables: ``features``."""
     import json
 
-    from personalab.sae import SAE, load_sae
+    from personalab.sae import as_sae, load_labels
     from personalab.studies.features import run_features
     from personalab.traits import run_trait
 
-    persona = as_vector(vector)
-    chosen = sae if isinstance(sae, SAE) else load_sae(sae)
+    chosen = as_sae(sae, layer)
+    persona = as_vector(vector, sized_for(vector, model))
     rows = persona.tensor(next(iter(persona.variants)))
     chosen.check_fits(rows.shape[0] - 1, rows.shape[1])
-    if isinstance(labels, str | Path):
-        labels = {int(k): str(v) for k, v in json.loads(Path(labels).read_text()).items()}
+    labels = load_labels(labels) if isinstance(labels, str | Path) else labels
     handle = as_model(model) if model is not None else None
     if handle is not None:
         chosen.check_fits(handle.n_blocks, handle.hidden_size)
@@ -170,3 +173,57 @@ def features(
     with run_folder(out) as (target, kept):
         run_features(handle, vectors, chosen, target, pairs, style, labels, top_k, trait, progress)
         return finished(target, kept, report, ["features"])
+
+
+def feature_diff(
+    model: ModelHandle | str,
+    tuned: ModelHandle | str | Path,
+    sae: "SAE | str | Path",
+    *,
+    prompts: "Sequence[Record] | str | Path | None" = None,
+    trait: Trait | str | None = None,
+    vector: PersonaVector | str | Path | None = None,
+    variant: str = DEFAULT_VARIANT,
+    layer: int | None = None,
+    positions: str = "response",
+    top_k: int = 10,
+    labels: "dict[int, str] | str | Path | None" = None,
+    max_new_tokens: int = 128,
+    out: str | Path | None = None,
+    report: bool = True,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> StudyResult:
+    """``personalab features --diff``: the SAE features whose mean activation the fine-tune ``tuned`` of ``model``
+    (a run folder, checkpoint, bake folder, model or handle) changed most, on the same texts read by both models
+    (``personalab.studies.features.run_feature_diff``): ``prompts``' records (their responses, or the base
+    model's greedy answers), else the evaluation questions of ``trait`` (default: ``vector``'s); ``positions`` of
+    each text (``response``, ``prompt`` or ``all``); each feature's cosine with ``vector``'s ``variant``. Tables:
+    ``features``."""
+    from personalab.api.weights import trained_loader
+    from personalab.engine.positions import check_name
+    from personalab.sae import as_sae, load_labels
+    from personalab.studies.features import run_feature_diff
+
+    check_name(positions)
+    if positions in ("last_prompt", "generating"):
+        raise InvalidInputError(f"positions {positions!r}: choose response, prompt or all")
+    chosen = as_sae(sae, layer)
+    persona = as_vector(vector, sized_for(vector, model)) if vector is not None else None
+    path = Path(prompts) if isinstance(prompts, str | Path) else None
+    rows = _records(prompts) if prompts is not None else None
+    if rows is None:
+        rows = [Record(None, q, None) for q in as_trait(trait, persona).evaluation_questions]
+    if not rows:
+        raise InvalidInputError("no prompts to compare the models on; give a JSONL of records or a trait")
+    labels = load_labels(labels) if isinstance(labels, str | Path) else labels
+    base = as_model(model)
+    chosen.check_fits(base.n_blocks, base.hidden_size)
+    direction = persona.tensor(variant) if persona is not None else None
+    changed = tuned if isinstance(tuned, ModelHandle) else trained_loader(base, tuned)()
+    with run_folder(out) as (folder, kept):
+        run_feature_diff(
+            base, changed, chosen, folder, rows, direction, variant, positions, labels, top_k, max_new_tokens, path,
+            batch_size, progress,
+        )  # fmt: skip
+        return finished(folder, kept, report, ["features"])

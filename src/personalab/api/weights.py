@@ -101,7 +101,7 @@ def distill(
     if len(counts) > 1 and isinstance(model, ModelHandle):
         raise InvalidInputError("several trajectory counts train several students; pass the model's name or a loader")
     configs = [configured(DistillConfig, options, layer=layer, alpha=alpha, trajectories=n) for n in counts]
-    persona, direction = vector_of(vector, variant)
+    persona, direction = vector_of(vector, variant, model)
     chosen = None if prompts is not None else as_trait(trait, persona)
     load = _loader(model, training_dtype("auto", configs[0].lora_rank is None))
     if dry_run:
@@ -152,7 +152,7 @@ def bake(
     from personalab.engine.scale import DEFAULT_SCALE
     from personalab.studies.bake import bake_exact
 
-    _, direction = vector_of(vector, variant)
+    _, direction = vector_of(vector, variant, model)
     folder = bake_exact(as_model(model), direction, layer, alpha, out, scale or DEFAULT_SCALE)
     page = write_run_report(folder, report)
     return StudyResult(meta=json.loads((folder / "bake.json").read_text()), folder=folder, report=page)
@@ -190,7 +190,7 @@ def compare(
     from personalab.studies.compare import CompareConfig, plan_compare, run_compare
 
     config = configured(CompareConfig, options, layer=layer, alpha=alpha)
-    persona, direction = vector_of(vector, variant)
+    persona, direction = vector_of(vector, variant, model)
     chosen, scorer, base = as_trait(trait, persona), as_judge(judge), as_model(model)
     if dry_run:
         return plan_compare(base, direction, chosen, scorer, list(tuned), out, config)
@@ -218,7 +218,7 @@ def monitored(
     questions = [r.prompt for r in rows] if rows else None
     out = []
     for value in vectors:
-        vector = as_vector(value)
+        vector = as_vector(value, n_blocks)
         name = vector.source.name if vector.source else vector.name
         direction = vector.tensor(variant)
         if direction.shape[0] != n_blocks + 1:
@@ -272,7 +272,7 @@ def finetune(
     handle = as_model(model)
     monitors = monitored(monitor, config.monitor_layer, handle.n_blocks, monitor_prompts, variant, judge is not None)
     interventions = [
-        TrainingIntervention(kind, layer, as_vector(v).tensor(variant), alpha, scale or DEFAULT_SCALE)
+        TrainingIntervention(kind, layer, as_vector(v, handle.n_blocks).tensor(variant), alpha, scale or DEFAULT_SCALE)
         for kind, v in (("steer", steer_vector), ("ablate", ablate_vector))
         if v is not None
     ]

@@ -66,9 +66,10 @@ TUNED_HELP = (
     "A fine-tune of --model: finetune or distill run folder, one of its checkpoints, a bake folder or a model "
     "(repeat where a command compares several)."
 )
-VectorOption = Annotated[
-    Path, typer.Option(help="Run folder, .safetensors or public .pt file, or sae:FOLDER#FEATURE (an SAE feature).")
-]
+VECTOR_HELP = "Run folder, .safetensors or public .pt file, or sae:FOLDER#FEATURE (an SAE feature)."
+VectorOption = Annotated[Path, typer.Option(help=VECTOR_HELP)]
+POSITIONS_HELP = "all, prompt, response, last_prompt or generating (see README, Positions)."
+PROMPTS_HELP = "Prompt set: a JSONL of chat prompts."
 TRAIT_HELP = (
     "Built-in trait, trait JSON file or name in --trait-dir (default where a --vector is given: its run's trait; "
     "trace: repeat for several, default the --strategy files' trait)."

@@ -14,6 +14,7 @@ from personalab.cli.common import (
     LAYER_HELP,
     LAYERS_HELP,
     MAX_NEW_TOKENS_HELP,
+    POSITIONS_HELP,
     SEED_HELP,
     STEERING,
     TEMPERATURE_HELP,
@@ -74,9 +75,7 @@ def steer_command(
     vector: VectorOption = ...,
     layer: Annotated[int, typer.Option(help=LAYER_HELP)] = ...,
     alpha: Annotated[float | None, typer.Option(help=ALPHA_HELP)] = None,
-    positions: Annotated[
-        str, typer.Option(help="all, prompt, response, last_prompt or generating (see README, Positions).")
-    ] = "generating",
+    positions: Annotated[str, typer.Option(help=POSITIONS_HELP)] = "generating",
     variant: VariantOption = "response_mean",
     scale: ScaleOption = "normalised",
     ablate: Annotated[bool, typer.Option(help="Project the direction out instead of adding it.")] = False,
@@ -167,9 +166,7 @@ def sweep(
     eval_samples: EvalSamplesOption = 10,
     variant: VariantOption = "response_mean",
     scale: ScaleOption = "normalised",
-    positions: Annotated[
-        str, typer.Option(help="all, prompt, response, last_prompt or generating (see README, Positions).")
-    ] = "generating",
+    positions: Annotated[str, typer.Option(help=POSITIONS_HELP)] = "generating",
     trait: TraitOption = None,
     trait_dir: TraitDirOption = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/sweep-TRAIT-MODEL).")] = None,

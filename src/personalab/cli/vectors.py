@@ -15,10 +15,13 @@ from personalab.cli.common import (
     MODEL_HELP,
     NEG_THRESHOLD_HELP,
     POS_THRESHOLD_HELP,
+    POSITIONS_HELP,
+    PROMPTS_HELP,
     SEED_HELP,
     TEMPERATURE_HELP,
     TRAIT_HELP,
     TUNED_HELP,
+    VECTOR_HELP,
     VECTORS,
     DeviceOption,
     DryRunOption,
@@ -188,12 +191,28 @@ def project(
 
 @app.command(rich_help_panel=VECTORS)
 def features(
-    vector: VectorOption,
-    sae: Annotated[Path, typer.Option(help="SAELens folder: cfg.json and sae_weights.safetensors.")],
+    sae: Annotated[
+        str, typer.Option(help="SAELens folder (cfg.json, sae_weights.safetensors) or sae-lens:RELEASE/ID.")
+    ],
     out: Annotated[Path, typer.Option(help="Run folder for features.csv, features.md and features.png.")],
+    vector: Annotated[Path | None, typer.Option(help=VECTOR_HELP)] = None,
+    diff: Annotated[
+        tuple[str, str] | None,
+        typer.Option(help="BASE TUNED: the features a fine-tune moved (TUNED as in --tuned).", metavar="BASE TUNED"),
+    ] = None,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
-    per_sign: Annotated[int, typer.Option(help="Features of each sign, by cosine with the vector.")] = 10,
+    layer: Annotated[int | None, typer.Option(help=LAYER_HELP)] = None,
+    per_sign: Annotated[
+        int, typer.Option(help="Features shown of each sign (by cosine; with --diff, by change).")
+    ] = 10,
     labels: Annotated[Path | None, typer.Option(help="JSON of feature index -> description (Neuronpedia).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help=PROMPTS_HELP)] = None,
+    trait: TraitOption = None,
+    trait_dir: TraitDirOption = None,
+    variant: VariantOption = "response_mean",
+    positions: Annotated[str, typer.Option(help=POSITIONS_HELP)] = "response",
+    max_new_tokens: Annotated[int, typer.Option(help=MAX_NEW_TOKENS_HELP)] = 128,
+    batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 16,
     report: ReportOption = True,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
@@ -201,21 +220,51 @@ def features(
 ) -> None:
     """A persona vector in an SAE's features: top features by cosine with their least-squares weights, and each
     one's activation difference between the extraction's positive and negative answers (with --model, by default
-    the vector run's own model)."""
+    the vector run's own model). With --diff BASE TUNED: the features whose mean activation the fine-tune changed
+    most on the same texts (--prompts records with their responses or the base model's greedy answers, else the
+    trait's evaluation questions), each with its cosine to --vector."""
     with reported():
         prepare(threads)
-        from personalab.api import features as run
-        from personalab.runfolder import read_meta
-        from personalab.sae import load_sae
+        from personalab.sae import as_sae
 
-        chosen = load_sae(sae)
-        persona = load_vector(vector)
-        name = model or (read_meta(vector).get("model") if vector.is_dir() else None)
-        handle = open_model(name, None, dtype, device, None) if name else None
-        result = run(persona, chosen, model=handle, top_k=per_sign, labels=labels, out=out, report=report)
+        chosen = as_sae(sae, layer)
+        if diff is not None:
+            if model is not None:
+                raise InvalidInputError("--diff names the base model; leave out --model")
+            _feature_diff(diff, chosen, out, vector, prompts, trait, trait_dir, variant, positions, per_sign, labels,
+                          max_new_tokens, batch_size, report, dtype, device)  # fmt: skip
+        else:
+            _features(chosen, out, vector, model, per_sign, labels, report, dtype, device)
     console.print((out / "features.md").read_text(), markup=False)
-    console.print(f"wrote {out}/features.csv, features.md, features.png ({len(result.tables['features'])} rows)")
+    console.print(f"wrote {out}/features.csv, features.md, features.png")
     say_report(out, report)
+
+
+def _features(sae, out, vector, model, per_sign, labels, report, dtype, device) -> None:
+    from personalab.api import features as run
+    from personalab.runfolder import read_meta
+
+    if vector is None:
+        raise InvalidInputError("pass --vector (the persona vector to decompose), or --diff BASE TUNED")
+    persona = load_vector(vector, model)
+    name = model or (read_meta(vector).get("model") if vector.is_dir() else None)
+    handle = open_model(name, None, dtype, device, None) if name else None
+    run(persona, sae, model=handle, top_k=per_sign, labels=labels, out=out, report=report)
+
+
+def _feature_diff(diff, sae, out, vector, prompts, trait, trait_dir, variant, positions, per_sign, labels,
+                  max_new_tokens, batch_size, report, dtype, device) -> None:  # fmt: skip
+    from personalab.api.vectors import feature_diff
+
+    base, tuned = diff
+    persona = load_vector(vector, base) if vector is not None else None
+    chosen = None if prompts is not None else pick_trait(trait, trait_dir, vector, also="--prompts FILE")
+    handle = open_model(base, None, dtype, device, None)
+    changed = open_trained(base, Path(tuned), dtype, device, None, False)
+    feature_diff(
+        handle, changed, sae, prompts=prompts, trait=chosen, vector=persona, variant=variant, positions=positions,
+        top_k=per_sign, labels=labels, max_new_tokens=max_new_tokens, out=out, report=report, batch_size=batch_size,
+    )  # fmt: skip
 
 
 @app.command(rich_help_panel=VECTORS)

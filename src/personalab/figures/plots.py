@@ -121,21 +121,24 @@ def plot_histogram(values: Sequence[float], xlabel: str, title: str, path: str |
     _save(fig, path)
 
 
-def plot_features(labels: Sequence[str], cosines: Sequence[float], differences: Sequence[float], title: str,
-                  path: str | Path) -> None:  # fmt: skip
-    """Two panels over the same features: cosine with the vector, and activation difference (positive - negative)."""
-    fig = Figure(figsize=(10, max(3.0, 0.3 * len(labels) + 1.5)))
-    left, right = fig.subplots(1, 2, sharey=True)
+def plot_features(labels: Sequence[str], cosines: Sequence[float] | None, differences: Sequence[float], title: str,
+                  path: str | Path,
+                  difference_label: str = "activation difference (positive - negative answers)") -> None:  # fmt: skip
+    """Bars over the same features: cosine with the vector (left; left out when ``cosines`` is None) and
+    activation difference."""
+    fig = Figure(figsize=(10 if cosines is not None else 6, max(3.0, 0.3 * len(labels) + 1.5)))
+    axes = fig.subplots(1, 2, sharey=True) if cosines is not None else [fig.subplots()]
     rows = list(range(len(labels)))[::-1]
-    left.barh(rows, list(cosines), color=["tab:red" if c > 0 else "tab:blue" for c in cosines])
-    left.set_yticks(rows, [textwrap.shorten(label, 40) for label in labels])
-    left.set_xlabel("cosine with the vector")
-    right.barh(rows, [0.0 if d != d else d for d in differences], color="tab:gray")
-    right.set_xlabel("activation difference (positive - negative answers)")
-    for ax in (left, right):
+    if cosines is not None:
+        axes[0].barh(rows, list(cosines), color=["tab:red" if c > 0 else "tab:blue" for c in cosines])
+        axes[0].set_xlabel("cosine with the vector")
+    axes[0].set_yticks(rows, [textwrap.shorten(label, 40) for label in labels])
+    axes[-1].barh(rows, [0.0 if d != d else d for d in differences], color="tab:gray")
+    axes[-1].set_xlabel(difference_label)
+    for ax in axes:
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.grid(alpha=0.3, axis="x")
-    _title(fig, title, left)
+    _title(fig, title, axes[0])
     _save(fig, path)
 
 

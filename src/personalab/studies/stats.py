@@ -64,6 +64,12 @@ def sign_flip_test(
     return float((1 + hits) / (1 + n_resamples))
 
 
+def smallest_sign_flip_p(n: int, n_resamples: int = 10_000, exact_max: int = EXACT_MAX) -> float:
+    """The smallest two-sided p-value ``sign_flip_test`` can return for ``n`` units: ``2 / 2**n`` exactly,
+    ``1 / (1 + n_resamples)`` by Monte Carlo."""
+    return 2.0 / 2.0**n if n <= exact_max else 1.0 / (1 + n_resamples)
+
+
 def sign_test(diffs: Sequence[float]) -> float:
     """Two-sided exact sign test (binomial, p = 1/2) over the non-zero differences."""
     nonzero = [x for x in diffs if x != 0]
