@@ -369,3 +369,22 @@ def test_a_fine_tune_on_data_steered_along_a_feature_puts_it_first_in_the_diff(c
     assert rerun.exit_code == 1 and "positions" in rerun.output
     both = CliRunner().invoke(app, [*args, "--model", str(STORIES)])
     assert both.exit_code == 1 and "--diff names the base model; leave out --model" in both.output
+
+
+def test_the_diff_refuses_bad_input_in_one_line(tmp_path):
+    from personalab.records import Record
+
+    _save(tmp_path / "sae", _random_sae(9), architecture="standard", hook_name="blocks.2.hook_resid_post")
+    prompts = [Record(None, "Once upon a time", None)]
+    common = {"prompts": prompts, "out": tmp_path / "d", "report": False, "progress": False}
+    with pytest.raises(InvalidInputError, match="positions 'last_prompt': choose response, prompt or all"):
+        pl.feature_diff(str(STORIES), str(STORIES), tmp_path / "sae", positions="last_prompt", **common)
+    with pytest.raises(InvalidInputError, match="the vector keeps no trait"):
+        pl.feature_diff(str(STORIES), str(STORIES), tmp_path / "sae", vector=torch.ones(6, D_IN), out=tmp_path / "e")
+    with pytest.raises(InvalidInputError, match="per-layer vector has 4 rows but this model has 6 layers"):
+        pl.feature_diff(str(STORIES), str(STORIES), tmp_path / "sae", vector=torch.ones(4, D_IN), **common)
+    zero = torch.ones(6, D_IN)
+    zero[3] = 0
+    with pytest.raises(InvalidInputError, match="the vector is zero at layer 3, the SAE's"):
+        pl.feature_diff(str(STORIES), str(STORIES), tmp_path / "sae", vector=zero, **common)
+    assert not (tmp_path / "d").exists(), "refused before the run folder is claimed"

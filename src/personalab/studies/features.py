@@ -27,6 +27,7 @@ from personalab.console import progress_bar
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.engine.layers import check_vector
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_features
@@ -174,7 +175,7 @@ def model_differences(
             batch_size,
             progress,
             f"encode with {name}",
-        )  # fmt: skip
+        )
         for name, handle in (("base", base), ("tuned", tuned))
     ]
     both = ~(means[0].isnan().any(1) | means[1].isnan().any(1))
@@ -271,6 +272,11 @@ def run_feature_diff(
     ``features.md`` (the ``k`` largest changes of each sign) and ``features.png`` into ``out``; returns the table.
     A record without a response is answered by the base model, greedily, kept in ``generations.sqlite``."""
     labels = labels or {}
+    row = None
+    if vector is not None:
+        row = check_vector(vector, sae.layer, base.n_blocks, base.hidden_size).float()
+        if not row.norm() > 0:
+            raise InvalidInputError(f"the vector is zero at layer {sae.layer}, the SAE's; extract it again")
     settings = {
         **model_settings(base),
         "mode": "diff",
@@ -294,8 +300,7 @@ def run_feature_diff(
             answers = iter(generate_cached(base, store, requests, params, batch_size, progress, "base answers"))
         records = [r if r.response is not None else replace(r, response=next(answers)) for r in records]
     table = model_differences(base, tuned, sae, records, positions, batch_size=batch_size, progress=progress)
-    if vector is not None:
-        row = vector[sae.layer].float()
+    if row is not None:
         decoder = sae.W_dec.float()[torch.tensor(table["feature"].tolist())]
         table["cosine"] = (decoder @ row / (decoder.norm(dim=1) * row.norm()).clamp(min=1e-12)).tolist()
     table["label"] = [labels.get(int(f), "") for f in table["feature"]]
