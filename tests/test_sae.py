@@ -268,6 +268,8 @@ def test_the_features_command_writes_the_papers_table(cheerful, tmp_path):
     text = (tmp_path / "f" / "features.md").read_text()
     assert "| feature | cosine | weight | label | difference | p |" in text and "cheerful stories" in text
     assert (tmp_path / "f" / "features.png").stat().st_size > 5_000 and (tmp_path / "f" / "report.html").is_file()
+    stray = CliRunner().invoke(app, [*args, "--positions", "all", "--out", str(tmp_path / "g")])
+    assert stray.exit_code == 1 and "--positions: only with --diff BASE TUNED" in stray.output
 
 
 def test_steering_along_a_feature_is_steering_along_its_decoder_row(tmp_path, monkeypatch):

@@ -234,6 +234,10 @@ def features(
             _feature_diff(diff, chosen, out, vector, prompts, trait, trait_dir, variant, positions, per_sign, labels,
                           max_new_tokens, batch_size, report, dtype, device)  # fmt: skip
         else:
+            given = [name for name, value in (("--prompts", prompts), ("--trait", trait), ("--trait-dir", trait_dir))
+                     if value is not None] + (["--positions"] if positions != "response" else [])  # fmt: skip
+            if given:
+                raise InvalidInputError(f"{', '.join(given)}: only with --diff BASE TUNED (the texts both models read)")
             _features(chosen, out, vector, model, per_sign, labels, report, dtype, device)
     console.print((out / "features.md").read_text(), markup=False)
     console.print(f"wrote {out}/features.csv, features.md, features.png")
