@@ -97,6 +97,11 @@ class SAE:
             return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
         return torch.relu(pre)
 
+    def cosines(self, v: torch.Tensor) -> torch.Tensor:
+        """Cosine of every decoder direction with ``v [d_in]``: float32 ``[d_sae]``."""
+        decoder, v = self.W_dec.float(), v.float()
+        return decoder @ v / (decoder.norm(dim=1) * v.norm()).clamp(min=1e-12)
+
     def check_fits(self, n_blocks: int, hidden: int) -> None:
         """Refuse, in one line, an SAE whose width or layer does not fit a model of ``n_blocks`` x ``hidden``."""
         if self.d_in != hidden:

@@ -201,15 +201,12 @@ def load_direction(path: Path, variant: str, model: str | None = None) -> "tuple
 def load_vector(path: Path, model: str | None = None):
     """The ``PersonaVector`` of ``path``: a run folder, ``.safetensors`` or public ``.pt`` file, or
     ``sae:FOLDER#FEATURE`` (an SAE feature's decoder direction, sized for ``model``)."""
-    from personalab.persona import FEATURE_PREFIX, PersonaVector, feature_vector
+    from personalab.api.common import sized_for
+    from personalab.persona import FEATURE_PREFIX, as_vector
 
-    if str(path).startswith(FEATURE_PREFIX):
-        from personalab.engine.model import model_shape
-
-        if model is None:
-            raise InvalidInputError("an SAE feature as a vector needs --model (its depth sizes the vector)")
-        return feature_vector(str(path), model_shape(model)[0])
-    return PersonaVector.load(path)
+    if str(path).startswith(FEATURE_PREFIX) and model is None:
+        raise InvalidInputError("an SAE feature as a vector needs --model (its depth sizes the vector)")
+    return as_vector(path, sized_for(path, model))
 
 
 def pick_trait(trait: str | None, trait_dir: Path | None, vector: Path | None, also: str = "") -> "Trait":

@@ -258,7 +258,7 @@ def _features(sae, out, vector, model, per_sign, labels, report, dtype, device) 
 
 def _feature_diff(diff, sae, out, vector, prompts, trait, trait_dir, variant, positions, per_sign, labels,
                   max_new_tokens, batch_size, report, dtype, device) -> None:  # fmt: skip
-    from personalab.api.vectors import feature_diff
+    from personalab.api import feature_diff
 
     base, tuned = diff
     persona = load_vector(vector, base) if vector is not None else None

@@ -228,6 +228,15 @@ class ModelHandle:
         return encode_system(self.tokenizer, self.chat, text)
 
 
+def check_same_shape(base: ModelHandle, tuned: ModelHandle) -> None:
+    """Refuse, in one line, two models whose depth or width differ (a fine-tune must keep its base's shape)."""
+    if (base.n_blocks, base.hidden_size) != (tuned.n_blocks, tuned.hidden_size):
+        raise InvalidInputError(
+            f"{base.name} has {base.n_blocks} blocks of width {base.hidden_size} but {tuned.name} has "
+            f"{tuned.n_blocks} of width {tuned.hidden_size}; compare a fine-tune with its own base model"
+        )
+
+
 def free_memory() -> None:
     """Return the memory of models no longer referenced (garbage collection, then the CUDA cache)."""
     gc.collect()

@@ -26,9 +26,9 @@ import torch
 from personalab.console import progress_bar
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
-from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.engine.generation import SamplingParams
 from personalab.engine.layers import check_vector
-from personalab.engine.model import ModelHandle
+from personalab.engine.model import ModelHandle, check_same_shape
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_features
 from personalab.figures.tables import markdown_table, write_csv
@@ -37,6 +37,7 @@ from personalab.records import Record
 from personalab.runfolder import claim, model_settings
 from personalab.sae import SAE
 from personalab.store import Store, content_key
+from personalab.studies.monitor import own_answers
 from personalab.studies.stats import bonferroni, sign_flip_test, smallest_sign_flip_p
 from personalab.traits.elicitation import elicit
 from personalab.vectors import vector_sha256
@@ -56,11 +57,10 @@ def decompose(vector: torch.Tensor, sae: SAE, k: int = 10) -> tuple[pd.DataFrame
         raise InvalidInputError(f"the vector is zero at layer {sae.layer}; extract it again or pick another layer")
     if k < 1:
         raise InvalidInputError(f"`top_k` is {k}; give a positive number of features")
-    decoder = sae.W_dec.float()
-    cosine = decoder @ v / (decoder.norm(dim=1) * v.norm()).clamp(min=1e-12)
+    cosine = sae.cosines(v)
     k = min(k, sae.d_sae)
     chosen = torch.cat([cosine.topk(k).indices, (-cosine).topk(k).indices]).unique()
-    basis = decoder[chosen].T.double()
+    basis = sae.W_dec[chosen].T.double()
     weights = torch.linalg.lstsq(basis, v.double().unsqueeze(1)).solution.squeeze(1)
     share = 1.0 - float((v.double() - basis @ weights).square().sum() / v.double().square().sum())
     table = pd.DataFrame({"feature": chosen.tolist(), "cosine": cosine[chosen].tolist(), "weight": weights.tolist()})
@@ -161,11 +161,7 @@ def model_differences(
     the two means), each model encoding the record with its own tokenizer; the sign-flip p-value over records of
     the ``tested`` largest ``|difference|`` (``p_raw``; ``p`` Bonferroni over every feature). One row per
     feature, by ``|difference|``."""
-    if (base.n_blocks, base.hidden_size) != (tuned.n_blocks, tuned.hidden_size):
-        raise InvalidInputError(
-            f"{base.name} has {base.n_blocks} blocks of width {base.hidden_size} but {tuned.name} has "
-            f"{tuned.n_blocks} of width {tuned.hidden_size}; compare a fine-tune with its own base model"
-        )
+    check_same_shape(base, tuned)
     means = [
         feature_means(
             handle,
@@ -293,16 +289,13 @@ def run_feature_diff(
     run = claim(out, "features", settings, inputs={"data": data}, prompt_format=base.chat.describe())
     unanswered = [r for r in records if r.response is None]
     if unanswered:
-        requests = [GenerationRequest(base.encode(r.system, r.prompt), {"system": r.system, "prompt": r.prompt})
-                    for r in unanswered]  # fmt: skip
         params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
         with Store(out / "generations.sqlite") as store:
-            answers = iter(generate_cached(base, store, requests, params, batch_size, progress, "base answers"))
+            answers = iter(own_answers(base, unanswered, store, params, batch_size, progress, "base answers"))
         records = [r if r.response is not None else replace(r, response=next(answers)) for r in records]
     table = model_differences(base, tuned, sae, records, positions, batch_size=batch_size, progress=progress)
     if row is not None:
-        decoder = sae.W_dec.float()[torch.tensor(table["feature"].tolist())]
-        table["cosine"] = (decoder @ row / (decoder.norm(dim=1) * row.norm()).clamp(min=1e-12)).tolist()
+        table["cosine"] = sae.cosines(row)[torch.tensor(table["feature"].tolist())].tolist()
     table["label"] = [labels.get(int(f), "") for f in table["feature"]]
     write_csv(table, out / "features.csv")
     shown = pd.concat([table[table["difference"] > 0].head(k), table[table["difference"] < 0].head(k)])

@@ -21,7 +21,7 @@ import torch
 from personalab.engine.capture import capture
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
 from personalab.engine.layers import check_vector
-from personalab.engine.model import ModelHandle
+from personalab.engine.model import ModelHandle, check_same_shape
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_histogram
 from personalab.persona import response_projections, unit_direction
@@ -51,6 +51,22 @@ def write_projections(prefix: str, records: Sequence[Record], projections: Seque
     return _write_jsonl(Path(f"{prefix}projections.jsonl"), objects)
 
 
+def own_answers(
+    handle: ModelHandle,
+    records: Sequence[Record],
+    store: Store,
+    params: SamplingParams = GREEDY,
+    batch_size: int = 16,
+    progress: bool = False,
+    description: str = "generate",
+) -> list[str]:
+    """The model's own answers to ``records``' prompts, in input order, through ``generate_cached`` (kept in
+    ``store``, request ``{"system", "prompt"}``; ``description`` labels the progress bar)."""
+    requests = [GenerationRequest(handle.encode(r.system, r.prompt), {"system": r.system, "prompt": r.prompt})
+                for r in records]  # fmt: skip
+    return generate_cached(handle, store, requests, params, batch_size, progress, description)
+
+
 def projection_shift(
     handle: ModelHandle,
     records: Sequence[Record],
@@ -63,8 +79,7 @@ def projection_shift(
 ) -> list[dict]:
     """Dataset response vs the model's own answer to the same prompt, projected at ``layer``.
 
-    Own answers come from ``generate_cached`` (stored in ``store``, request
-    ``{"system", "prompt"}``). Returns, in input order, one
+    Own answers come from ``own_answers`` (stored in ``store``). Returns, in input order, one
     ``{"index", "shift", "dataset", "own", "own_response"}`` per record whose response has
     tokens, with ``shift = dataset - own`` (``response_mean`` projections); ``own`` and
     ``shift`` are ``None`` when the own answer is empty.
@@ -77,14 +92,7 @@ def projection_shift(
     dataset = response_projections(
         handle, [dataset_seqs[i] for i in kept], unit, layer, batch_size, progress, "dataset responses"
     )
-    requests = [
-        GenerationRequest(
-            handle.encode(records[i].system, records[i].prompt),
-            {"system": records[i].system, "prompt": records[i].prompt},
-        )
-        for i in kept
-    ]
-    answers = generate_cached(handle, store, requests, params, batch_size, progress)
+    answers = own_answers(handle, [records[i] for i in kept], store, params, batch_size, progress)
     own_seqs = [handle.encode(records[i].system, records[i].prompt, a) for i, a in zip(kept, answers, strict=True)]
     own = response_projections(handle, own_seqs, unit, layer, batch_size, progress, "own answers")
     return [
@@ -131,11 +139,7 @@ def model_shift(
     prompt)`` pairs with its own tokenizer. Rows of ``vector`` that are zero give 0.
     Returns float32 ``[n_blocks + 1]``.
     """
-    if (base.n_blocks, base.hidden_size) != (tuned.n_blocks, tuned.hidden_size):
-        raise InvalidInputError(
-            f"{base.name} has {base.n_blocks} blocks of width {base.hidden_size} but {tuned.name} has "
-            f"{tuned.n_blocks} of width {tuned.hidden_size}; compare a fine-tune with its own base model"
-        )
+    check_same_shape(base, tuned)
     if not prompts:
         raise InvalidInputError("no prompts to compare the models on; pass at least one (system, prompt)")
     vector = torch.as_tensor(vector).detach().float().cpu()
