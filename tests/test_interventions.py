@@ -60,8 +60,16 @@ def test_steer_layer_zero_equals_shifted_input_embeddings(tiny, conversations, a
     ids = torch.tensor([seq.ids])
     v = _direction(handle)
     with torch.no_grad():
-        embeds = handle.model.get_input_embeddings()(ids) + 2.0 * v
-        ref = handle.model(inputs_embeds=embeds).logits
+        # a shift u of the input embeddings shifts hidden_states[0] by c x u (Gemma scales its embeddings, inside the
+        # embedding module or the model depending on the transformers release): an input shifted by 2v / c is the
+        # residual at layer 0 shifted by 2v
+        embeds = handle.model.get_input_embeddings()(ids)
+        first, shifted = (
+            handle.model(inputs_embeds=e, output_hidden_states=True).hidden_states[0] for e in (embeds, embeds + v)
+        )
+        c = ((shifted - first).norm() / (v.norm() * len(seq.ids) ** 0.5)).item()
+        torch.testing.assert_close(shifted - first, c * v.expand_as(first), atol=1e-4, rtol=1e-4)
+        ref = handle.model(inputs_embeds=embeds + 2.0 * v / c).logits
     with steer(handle, v, 0, alpha=2.0):
         got = logits(handle, ids)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -282,3 +290,41 @@ def test_bad_inputs_are_clear_errors(tiny, conversations):
         with intervene(handle, Steer(1, torch.ones(h), alpha=[1.0, 2.0])):
             logits(handle, batch.input_ids, batch.attention_mask)
     assert hook_counts(handle) == before_hooks
+
+
+def _recomputed_greedy(handle, ids, positions, layer, vector, n):
+    """Greedy tokens of one unpadded prompt, the whole sequence recomputed at every step without a KV cache, the
+    vector added by a plain hook where the position formula of ``positions`` selects (prompt length fixed)."""
+    p, ids = len(ids), list(ids)
+    for _ in range(n):
+        idx = torch.arange(len(ids))
+        where = {"all": idx >= 0, "prompt": idx < p, "response": idx >= p, "last_prompt": idx == p - 1,
+                 "generating": idx >= p - 1}[positions].float()  # fmt: skip
+        with _ManualAdd(handle, layer, vector, where[None]):
+            ids.append(int(logits(handle, torch.tensor([ids]))[0, -1].argmax()))
+    return ids[p:]
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "response", "last_prompt", "generating"])
+@pytest.mark.parametrize("rows", ["one row", "equal-length rows", "padded rows"])
+def test_steered_generation_positions_equal_a_recomputed_reference(tiny, conversations, positions, rows):
+    """Each position name steers the same tokens whether the batch is one row, rows of equal length (whose all-ones
+    mask transformers' generate may drop) or left-padded rows: ``model.generate`` inside ``steer`` and personalab's
+    own sampling both equal greedy decoding recomputed from scratch at every step by a plain hook."""
+    from personalab.engine.generation import GREEDY, sample
+
+    handle = tiny("llama")
+    seqs = [handle.encode(s, u) for s, u, _ in conversations]
+    chosen = {"one row": seqs[:1], "equal-length rows": [seqs[1]] * 3, "padded rows": seqs}[rows]
+    v, n, layer = _direction(handle, seed=2) * 8, 5, 1
+    expected = [_recomputed_greedy(handle, s.ids, positions, layer, v, n) for s in chosen]
+    plain = [_recomputed_greedy(handle, s.ids, positions, layer, 0 * v, n) for s in chosen]
+    assert expected != plain, "the vector must change the greedy answer for the comparison to mean anything"
+    batch = pad_batch([s.ids for s in chosen], handle.tokenizer.pad_token_id, "left")
+    with steer(handle, v, layer, alpha=1.0, positions=positions):
+        tokens, _ = _generate(handle, batch, n=n)
+    assert tokens[:, batch.input_ids.shape[1] :].tolist() == expected
+    params = GREEDY.model_copy(update={"max_new_tokens": n})
+    answers = sample(handle, chosen, params, interventions=(Steer(layer, v, 1.0, positions),))
+    stop = handle.stop_ids
+    assert [list(a.ids) for a in answers] == [e[: next((k for k, t in enumerate(e) if t in stop), n)] for e in expected]

@@ -5,8 +5,8 @@
 ``l - 1`` for ``0 < l < n_blocks``, and the output of the decoder stack for ``l = n_blocks``
 (``hidden_states[n_blocks]`` of transformers, after the final norm), so what is read at a
 layer and what is written there are the same tensor.
-``hook_call`` sees each top-level forward call before it runs (batch shape and
-attention mask), which is how interventions follow positions through cached decoding.
+``hook_call`` sees each top-level forward call before it runs (batch shape, attention mask and how many
+positions its KV cache already holds), which is how interventions follow positions through cached decoding.
 """
 
 from collections.abc import Callable
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.hooks import RemovableHandle
+from transformers import Cache
 
 from personalab.engine.model import ModelHandle, unwrap
 
@@ -58,14 +59,17 @@ def hook_residual(handle: ModelHandle, layer: int, fn: ResidualFn, *, prepend: b
 
 @dataclass(frozen=True)
 class CallInfo:
-    """One top-level forward call: ``batch`` rows, ``length`` new positions, full attention mask.
+    """One top-level forward call: ``batch`` rows, ``length`` new positions after the ``past`` positions its KV cache
+    holds (0 without a cache), and the attention mask as given: ``[batch, past + length]``, or ``None``.
 
-    ``attention_mask`` is ``[batch, past + length]`` (``None`` if the caller gave none).
+    ``past`` is read from the cache itself (``Cache.get_seq_length``), whatever the argument holding it is called;
+    a mask can be left out (transformers' ``generate`` drops an all-ones mask), a cache cannot.
     """
 
     batch: int
     length: int
     attention_mask: torch.Tensor | None
+    past: int = 0
 
 
 def hook_call(handle: ModelHandle, fn: Callable[[CallInfo], None]) -> RemovableHandle:
@@ -78,6 +82,8 @@ def hook_call(handle: ModelHandle, fn: Callable[[CallInfo], None]) -> RemovableH
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1:
             mask = args[1]
-        fn(CallInfo(batch=tokens.shape[0], length=tokens.shape[1], attention_mask=mask))
+        cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
+        past = 0 if cache is None else int(cache.get_seq_length())
+        fn(CallInfo(batch=tokens.shape[0], length=tokens.shape[1], attention_mask=mask, past=past))
 
     return unwrap(handle.model).register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)

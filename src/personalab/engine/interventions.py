@@ -12,10 +12,12 @@ Positions are the names of ``personalab.engine.positions`` (``all``, ``prompt``,
 ``last_prompt``, ``generating``), counted within each unpadded row; padding is never touched.
 
 ``prompt_len`` per row is taken from ``prompt_lengths`` when given (needed for a
-teacher-forced forward over prompt + response); otherwise it is the number of real
-tokens in the first forward call (the prefill of ``generate``), so with a KV cache the
-prompt is handled at prefill and each decoding step is a generated position. Left and
-right padding are both handled through the attention mask.
+teacher-forced forward over prompt + response, and for ``generate(use_cache=False)``); otherwise it
+is the number of real tokens of the call that starts a sequence (one whose KV cache is empty: the
+prefill of ``generate``), so with a KV cache the prompt is handled at prefill and each later step is a
+generated position. Where a call sits in its sequence is read from the KV cache it is given, never from
+whether a mask is passed: a call without a mask is an unpadded batch. Left and right padding are
+handled through the attention mask.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -41,11 +43,16 @@ class CallPositions:
     def __init__(self, info: CallInfo, given: torch.Tensor | None, inferred: torch.Tensor | None):
         mask = info.attention_mask
         if mask is None:
-            mask = torch.ones(info.batch, info.length, dtype=torch.long)
+            mask = torch.ones(info.batch, info.past + info.length, dtype=torch.long)
         if mask.dim() != 2:
             raise InvalidInputError("interventions need a 2-D attention mask [batch, seq]; pass one to the model")
+        if mask.shape[1] != info.past + info.length:
+            raise InvalidInputError(
+                f"the attention mask covers {mask.shape[1]} positions but the KV cache holds {info.past} and the call "
+                f"adds {info.length}; pass a mask over the cached and the new positions"
+            )
         self.batch, self.length = info.batch, info.length
-        self.offset = mask.shape[1] - info.length
+        self.offset = info.past
         self.left_pad = (mask.cumsum(-1) == 0).sum(-1)
         positions = torch.arange(self.offset, mask.shape[1], device=mask.device)
         self.index = positions.unsqueeze(0) - self.left_pad.unsqueeze(1)
