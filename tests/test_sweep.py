@@ -6,9 +6,12 @@ from scipy import stats
 
 from personalab.engine.generation import SamplingParams, sample_texts
 from personalab.engine.interventions import steer
-from personalab.engine.scale import mean_residual_norm, scaled_vector
+from personalab.engine.scale import mean_residual_norm, scaled_vector, typical_residual_norm
 from personalab.errors import PersonalabError
-from personalab.studies.sweep import SweepConfig, run_sweep
+from personalab.judging.judges import JudgeError
+from personalab.store import Store
+from personalab.studies.sweep import SweepConfig, _markdown, run_sweep, summarise
+from personalab.traits import COHERENCE_RUBRIC
 
 from reference import hidden_states
 from test_extraction import TRAIT, ScriptedJudge, hashed_score
@@ -79,12 +82,13 @@ def test_rerun_with_more_alphas_computes_only_the_new_ones(tiny, tmp_path, monke
     )
 
 
-def test_normalised_scale_gives_the_mean_residual_norm(tiny):
+def test_normalised_scale_gives_the_median_token_residual_norm(tiny):
     handle = tiny("qwen3", "chatml")
     prompts = [handle.encode(None, q) for q in TRAIT.extraction_questions]
-    tokens = torch.cat([hidden_states(handle, p)[2] for p in prompts])
-    reference = tokens.norm(dim=-1).mean().item()
-    assert mean_residual_norm(handle, prompts, [2]) == pytest.approx([reference], rel=1e-5)
+    tokens = torch.cat([hidden_states(handle, p)[2] for p in prompts]).norm(dim=-1).double().numpy()
+    reference = float(np.median(tokens))
+    assert mean_residual_norm(handle, prompts, [2]) == pytest.approx([tokens.mean()], rel=1e-5)
+    assert typical_residual_norm(handle, prompts, [2]) == pytest.approx([reference], rel=1e-5)
     scaled = scaled_vector(handle, _vector(handle), 2, "normalised", prompts)
     assert scaled.residual_norm == pytest.approx(reference, rel=1e-5)
     assert scaled.vector.norm().item() == pytest.approx(reference, rel=1e-5)
@@ -162,3 +166,39 @@ def test_a_command_line_rerun_with_one_more_alpha_keeps_the_scale(model_folder, 
     assert len(after) - len(before) == n_questions and all(r in after for r in before)
     assert refused.exit_code == 1 and 'config.scale: "normalised" -> "raw"' in refused.output, refused.output
     assert set(pd.read_csv(out / "sweep.csv")["scale"]) == {"normalised"}
+
+
+class _Mute(ScriptedJudge):
+    """Scores coherence, but gives no trait score to the answers where ``silent(answer)``."""
+
+    def __init__(self, silent=None):
+        super().__init__()
+        self.silent = silent
+
+    def score_many(self, items):
+        return [None if rubric != COHERENCE_RUBRIC and self.silent(answer) else s
+                for (_, answer, rubric), s in zip(items, super().score_many(items), strict=True)]  # fmt: skip
+
+
+def test_a_judge_that_scores_nothing_fails_loudly_and_keeps_the_answers(tiny, tmp_path):
+    handle = tiny("llama", "chatml")
+    config = SweepConfig(layers=[1], alphas=[0, 2.0], eval_samples=2, sampling=GREEDY, scale="raw")
+    with pytest.raises(JudgeError, match=r"gave no score for 4 of 4 judge trait items \(a score needs") as err:
+        run_sweep(handle, _vector(handle), TRAIT, _Mute(lambda answer: True), tmp_path, config, progress=False)
+    assert "\n" not in str(err.value)
+    with Store(tmp_path / "generations.sqlite") as store:
+        assert store.count("generations") == 4, "every answer is kept for a rerun with another judge"
+
+
+def test_a_cell_without_scores_has_n_0_and_no_p_value():
+    rows = [
+        {"layer": layer, "alpha": alpha, "question": q, "sample": 0, "coherence": 80.0,
+         "trait": float("nan") if layer == 2 and alpha == 1.0 else 10.0 * q + alpha}
+        for layer in (1, 2) for alpha in (0.0, 1.0) for q in range(4)
+    ]  # fmt: skip
+    table = summarise(pd.DataFrame(rows)).set_index(["layer", "alpha"])
+    assert table.loc[(2, 1.0), "n"] == 0 and table.loc[(2, 1.0), "n_questions"] == 0
+    assert pd.isna(table.loc[(2, 1.0), "p_signflip"]) and pd.isna(table.loc[(2, 1.0), "p_sign"])
+    assert table.loc[(1, 1.0), "n"] == 4 and table.loc[(1, 1.0), "p_sign"] == pytest.approx(min(1.0, 2 * 2 / 2**4))
+    cell = next(line for line in _markdown(table.reset_index(), "raw").splitlines() if line.startswith("| 2 | 1 |"))
+    assert cell.split("|")[-3:-1] == [" - ", " - "]

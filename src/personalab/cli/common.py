@@ -111,7 +111,7 @@ MicroBatchOption = Annotated[int, typer.Option(help="Training sequences per micr
 ScaleOption = Annotated[
     str,
     typer.Option(
-        help="normalised (alpha x the unit vector x the layer's mean residual norm; 'normalized' too) "
+        help="normalised (alpha x the unit vector x the layer's median token residual norm; 'normalized' too) "
         "or raw (alpha * v)."
     ),
 ]

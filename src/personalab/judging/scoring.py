@@ -7,7 +7,7 @@ from pathlib import Path
 from personalab.console import progress_bar
 from personalab.engine.generation import GenerationRequest, SamplingParams, generation_key
 from personalab.engine.model import ModelHandle
-from personalab.judging.judges import Judge
+from personalab.judging.judges import NO_SCORE, Judge, JudgeError
 from personalab.store import Store, content_key
 
 
@@ -95,7 +95,8 @@ def score_cached(
 
     Missing scores are computed ``chunk`` at a time and stored after each chunk; a judge
     failure raises before anything of its chunk is stored, never as a score. Scores another
-    process stored meanwhile are read, not recomputed.
+    process stored meanwhile are read, not recomputed. When the judge gave no number for more than half of the
+    items, ``JudgeError`` says how many and why, after every score is stored.
     """
     keys = [content_key("judgement", judge.name, q, a, r) for q, a, r in items]
     scores = store.scores(keys)
@@ -112,4 +113,11 @@ def score_cached(
                 store.put_scores((k, judge.name, *items[first[k]], s) for k, s in zip(part, got, strict=True))
                 scores.update(store.scores(part))
             advance(len(stored) + len(part))
-    return [scores[k] for k in keys]
+    out = [scores[k] for k in keys]
+    missing = out.count(None)
+    if missing * 2 > len(out):
+        raise JudgeError(
+            f"{judge.name} gave no score for {missing} of {len(out)} {description} items ({NO_SCORE}); "
+            f"use a judge that answers the rubric with a number"
+        )
+    return out

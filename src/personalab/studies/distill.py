@@ -1,7 +1,7 @@
 """Distillation: bake a steering vector into weights by matching the steered model.
 
 The teacher is the base weights with ``alpha * v`` added at ``layer`` on response
-positions (``v`` raw or normalised to the mean residual norm, ``personalab.engine.scale``);
+positions (``v`` raw or normalised to the typical residual norm, ``personalab.engine.scale``);
 the student has no hook. Trajectories are sampled from the teacher (stored in the run's
 SQLite store). The loss is the token-level KL(teacher || student) over the full
 vocabulary, averaged over the positions that predict response tokens (prompt and padding

@@ -105,7 +105,7 @@ def _ranked(per_unit: torch.Tensor, d_sae: int, tested: int) -> pd.DataFrame:
     table = pd.DataFrame({"feature": order, "difference": difference[order]})
     p_raw = [sign_flip_test(per_unit[:, f].tolist()) for f in order[:tested]]
     table["p_raw"] = p_raw + [float("nan")] * (len(order) - len(p_raw))
-    table["p"] = [bonferroni(p, d_sae) if p == p else float("nan") for p in table["p_raw"]]
+    table["p"] = [bonferroni(p, d_sae) for p in table["p_raw"]]
     return table
 
 

@@ -39,12 +39,13 @@ def sign_flip_test(
     Exact for ``len(diffs) <= exact_max``: the ``2**n`` sign patterns are counted by meeting
     in the middle (the signed sums of each half, one half sorted), without materialising them.
     Above that, a Monte Carlo estimate ``(1 + hits) / (1 + n_resamples)`` with a seeded generator.
+    No differences, no test: NaN.
     """
     if alternative not in ("two-sided", "greater"):
         raise ValueError(f"alternative must be 'two-sided' or 'greater', not {alternative!r}")
     d = np.asarray(diffs, dtype=np.float64)
     if d.size == 0:
-        return 1.0
+        return float("nan")
     observed = d.sum()
     tolerance = 1e-12 * max(1.0, float(np.abs(d).sum()))
     target = (abs(observed) if alternative == "two-sided" else observed) - tolerance
@@ -71,7 +72,10 @@ def smallest_sign_flip_p(n: int, n_resamples: int = 10_000, exact_max: int = EXA
 
 
 def sign_test(diffs: Sequence[float]) -> float:
-    """Two-sided exact sign test (binomial, p = 1/2) over the non-zero differences."""
+    """Two-sided exact sign test (binomial, p = 1/2) over the non-zero differences (NaN without differences, 1
+    when all are zero)."""
+    if len(diffs) == 0:
+        return float("nan")
     nonzero = [x for x in diffs if x != 0]
     n = len(nonzero)
     if n == 0:
@@ -81,15 +85,16 @@ def sign_test(diffs: Sequence[float]) -> float:
 
 
 def bonferroni(p: float, m: int) -> float:
-    """Bonferroni-corrected p-value for ``m`` comparisons."""
-    return min(1.0, p * max(m, 1))
+    """Bonferroni-corrected p-value for ``m`` comparisons (NaN stays NaN)."""
+    return p if math.isnan(p) else min(1.0, p * max(m, 1))
 
 
 def paired_test(treated: "pd.Series", reference: "pd.Series", comparisons: int = 1, n_resamples: int = 10_000) -> dict:
     """Question-level paired comparison of two conditions.
 
     ``treated`` and ``reference`` are per-question mean scores indexed by question; questions
-    missing from either (or without a score) are left out. Returns ``n_questions``,
+    missing from either (or without a score) are left out; with none left every p-value is NaN (no test, never
+    1). Returns ``n_questions``,
     ``mean_diff`` (treated - reference), the raw two-sided sign-flip, one-sided (greater)
     sign-flip and sign-test p-values (``*_raw``, ``p_greater``), and the two-sided ones
     Bonferroni-corrected for ``comparisons`` tests (``p_signflip``, ``p_sign``).

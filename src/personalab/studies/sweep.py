@@ -8,7 +8,7 @@ configuration is compared with ``alpha = 0`` question by question (the mean trai
 of a question's samples): a sign-flip permutation test and a sign test, both
 Bonferroni-corrected over the steered configurations. Standard deviations are over all
 answers (``ddof = 1``). Coefficients follow ``personalab.engine.scale`` (``raw`` or
-``normalised`` against the mean residual norm on the calibration prompts).
+``normalised`` against the typical residual norm on the calibration prompts).
 """
 
 from pathlib import Path
@@ -37,7 +37,7 @@ from personalab.traits.elicitation import continues, evaluation_format, evaluati
 from personalab.vectors import vector_sha256
 
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
-"""Coefficients of a sweep given none, in normalised units (fractions of the mean residual norm)."""
+"""Coefficients of a sweep given none, in normalised units (fractions of the typical, median token, residual norm)."""
 
 
 class SweepConfig(BaseModel):

@@ -38,7 +38,7 @@ def library_questions() -> list[str]:
 
 
 def calibration_prompts(handle: "ModelHandle") -> "list[TokenSequence]":
-    """The fixed prompt set on which ``--scale normalised`` measures a model's mean residual norm: the extraction
+    """The fixed prompt set on which ``--scale normalised`` measures a model's typical residual norm: the extraction
     questions of the ``CALIBRATION_TRAITS``, each as a user turn with the generation prompt."""
     return [handle.encode(None, q) for q in library_questions()]
 

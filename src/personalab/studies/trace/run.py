@@ -6,11 +6,13 @@ Checkpoints run one at a time in training order (load, work, free memory). For e
 1. extraction as in ``personalab.studies.extraction`` (generate, judge, filter, per-layer
    mean differences of response-token means); a checkpoint where fewer than ``min_pairs``
    pairs survive the filter is recorded as not extractable, with its filter counts;
-2. the mean residual norm at every layer over the unit's evaluation prompts (the geometry's relative norms);
+2. the mean residual norm at every layer over the unit's evaluation prompts (the geometry's relative norms: the
+   reference's ``mean_l2``, a mean over every token, sink tokens included, kept as the paper computes it);
 3. emergence: the checkpoint steered with its own vector at ``layer`` with ``alpha`` on ``scale``
    (``personalab.engine.scale``, as every command: normalised adds the unit vector x ``alpha`` x the
-   checkpoint's mean residual norm on the calibration prompts), on the ``generating`` positions (the last
-   prompt token and every generated token), against alpha 0 on the same checkpoint; with controls, a
+   checkpoint's typical (median token) residual norm on the calibration prompts), on the ``generating``
+   positions (the last prompt token and every generated token), against alpha 0 on the same checkpoint, judged
+   and measured for fluency (``personalab.judging.fluency``) under the unsteered checkpoint; with controls, a
    random Gaussian direction and a label-shuffled mean difference (seeds 0, 1, 2) at the same
    layer and added norm.
 
@@ -342,8 +344,8 @@ def process_checkpoint(
 
 
 def _unit_norm(handle: ModelHandle, vector: torch.Tensor, layer: int, scale: str) -> float:
-    """What ``alpha = 1`` adds along a direction at ``layer`` (``personalab.engine.scale``): the model's mean
-    residual norm on the calibration prompts (normalised) or ``|vector|`` (raw)."""
+    """What ``alpha = 1`` adds along a direction at ``layer`` (``personalab.engine.scale``): the model's typical
+    (median token) residual norm on the calibration prompts (normalised) or ``|vector|`` (raw)."""
     return float(scaled_vector(handle, vector, layer, scale, calibration_prompts(handle)).vector.norm())
 
 
@@ -420,7 +422,7 @@ def run_transfer(
     progress: bool = True,
 ) -> dict:
     """Steer the target with every extractable checkpoint's vector at ``target_alpha`` on ``scale`` (normalised: the
-    target's mean residual norm on the calibration prompts), against alpha 0 on the target."""
+    target's typical residual norm on the calibration prompts), against alpha 0 on the target."""
     path = transfer_path(out)
     record = json.loads(path.read_text()) if path.is_file() else {"target": target_name, "units": {}}
     if record["target"] != target_name:
