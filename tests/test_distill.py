@@ -5,6 +5,7 @@ import subprocess
 import sys
 from contextlib import closing
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -231,6 +232,16 @@ def test_distill_ablation_and_compare_commands(model_folder, tmp_path):
     assert rows["model"].tolist()[:2] == ["base", "steered layer 2 alpha 4"] and len(rows) == 4
     assert (rows["trait_mean"] == 70.0).all() and rows["trainable"].tolist()[2] == table["trainable"][0]
     assert "| base | 70.0 +- 0.0 |" in (tmp_path / "c" / "compare.md").read_text()
+    answers = pd.read_json(tmp_path / "c" / "answers.jsonl", lines=True)
+    for row in answers.itertuples():  # every model's fluency is its answers' NLL under the base model, by hand
+        prompt = list(handle.encode(None, row.question_text).ids)
+        ids = prompt + handle.tokenizer.encode(row.answer, add_special_tokens=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(handle.model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        assert row.nll == pytest.approx(-np.mean([logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))]))
+    for row in rows.itertuples():
+        assert row.nll_mean == pytest.approx(answers[answers.model == row.model].nll.mean())
+    assert np.isnan(rows["delta_nll_vs_base"][0]) and rows["delta_nll_vs_base"][1:].notna().all()
 
 
 def test_bake_command_and_compare_with_the_exact_bake(model_folder, tiny, tmp_path):

@@ -202,3 +202,26 @@ def test_a_cell_without_scores_has_n_0_and_no_p_value():
     assert table.loc[(1, 1.0), "n"] == 4 and table.loc[(1, 1.0), "p_sign"] == pytest.approx(min(1.0, 2 * 2 / 2**4))
     cell = next(line for line in _markdown(table.reset_index(), "raw").splitlines() if line.startswith("| 2 | 1 |"))
     assert cell.split("|")[-3:-1] == [" - ", " - "]
+
+
+def test_the_fluency_column_is_the_unsteered_nll_computed_by_hand(tiny, tmp_path):
+    handle = tiny("llama", "chatml")
+    trait = TRAIT.model_copy(update={"evaluation_questions": ["Do you like rain?", "Is it cold?", "Why?", "How?"]})
+    config = SweepConfig(layers=[2], alphas=[0, 3.0], eval_samples=2, sampling=SamplingParams(max_new_tokens=6),
+                         scale="raw")  # fmt: skip
+    table = run_sweep(handle, _vector(handle), trait, ScriptedJudge(), tmp_path, config, progress=False)
+    answers = pd.read_json(tmp_path / "answers.jsonl", lines=True)
+    for row in answers.itertuples():
+        prompt = list(handle.encode(None, trait.evaluation_questions[row.question]).ids)
+        ids = prompt + handle.tokenizer.encode(row.answer, add_special_tokens=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(handle.model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        by_hand = -np.mean([logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))])
+        assert row.nll == pytest.approx(by_hand, rel=1e-4)
+    steered = table[table.alpha == 3.0].iloc[0]
+    assert steered.nll_mean == pytest.approx(answers[answers.alpha == 3.0].nll.mean())
+    per_question = answers.groupby(["alpha", "question"]).nll.mean().unstack(0)
+    diffs = (per_question[3.0] - per_question[0.0]).to_numpy()
+    flip = stats.permutation_test((diffs,), np.mean, permutation_type="samples", n_resamples=np.inf).pvalue
+    assert steered.p_nll == pytest.approx(flip)
+    assert "NLL/token" in (tmp_path / "sweep.md").read_text()

@@ -187,6 +187,9 @@ def test_trace_runs_resumes_and_extends(series, tmp_path):
     signs = np.array(list(itertools.product((1, -1), repeat=len(diffs))))
     brute = np.mean(np.abs(signs @ diffs) >= abs(diffs.sum()) - 1e-9)
     assert row["p_raw"] == pytest.approx(brute) and row["p_bonferroni"] == pytest.approx(min(1, 3 * brute))
+    nll = np.array(record["emergence"]["vector"]["nll"]) - np.array(record["emergence"]["baseline"]["nll"])
+    assert row["delta_nll"] == pytest.approx(nll.mean())
+    assert row["p_nll"] == pytest.approx(np.mean(np.abs(signs @ nll) >= abs(nll.sum()) - 1e-9))
 
     stack = np.stack(
         [

@@ -214,6 +214,12 @@ def encode_text(
     return _join(tokenizer, prompt_ids, assistant, end)
 
 
+def with_answer(tokenizer: PreTrainedTokenizerBase, prompt: TokenSequence, answer: str) -> TokenSequence:
+    """``prompt`` (a generation prompt in any format) followed by ``answer`` encoded on its own, as ``encode_chat``
+    writes an answer: the sequence whose response is ``answer``."""
+    return _join(tokenizer, list(prompt.ids[: prompt.prompt_len]), answer, ())
+
+
 def _join(
     tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], assistant: str | None, end: Sequence[int]
 ) -> TokenSequence:

@@ -1,5 +1,5 @@
 """Forward passes that need more than ``capture``: final hidden states for training, the LM head
-applied to them, and next-token logits for scoring.
+applied to them, next-token logits for scoring, and the likelihood of given answers.
 
 ``final_hidden`` returns ``hidden_states[n_blocks]`` (after the final norm, as in
 ``personalab.engine.layers``) without computing full-vocabulary logits, so a loss can form
@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from personalab.console import progress_bar
 from personalab.engine.batching import PaddedBatch, length_sorted_batches, pad_batch
@@ -92,4 +93,38 @@ def logprobs_at(
                 index = torch.as_tensor(list(positions[i]), dtype=torch.long, device=hidden.device)
                 out[i] = torch.log_softmax(head(hidden[j, index]).float(), dim=-1).cpu()
             advance(len(rows))
+    return out
+
+
+@torch.inference_mode()
+def response_nll(
+    handle: ModelHandle,
+    sequences: Sequence[TokenSequence],
+    batch_size: int = 16,
+    chunk: int = 256,
+    progress: bool = False,
+    label: str = "fluency",
+) -> list[float | None]:
+    """Mean negative log-likelihood (nats) per response token of each sequence: ``-mean log p(ids[t] | ids[:t])`` over
+    ``t`` in ``prompt_len .. len(ids) - 1``, teacher-forced, one forward per length-sorted, right-padded batch; the LM
+    head runs on the response positions only, ``chunk`` at a time, in float32. ``None`` for an empty response."""
+    head = logits_fn(handle)
+    out: list[float | None] = [None] * len(sequences)
+    rows = [i for i, seq in enumerate(sequences) if seq.response_len > 0]
+    with progress_bar(label, len(rows), progress) as advance:
+        for batch_rows in length_sorted_batches([len(sequences[i].ids) for i in rows], batch_size):
+            chosen = [rows[j] for j in batch_rows]
+            batch = pad_batch([sequences[i].ids for i in chosen], handle.tokenizer.pad_token_id, "right",
+                              handle.input_device)  # fmt: skip
+            hidden = final_hidden(handle, batch)
+            for j, i in enumerate(chosen):
+                seq = sequences[i]
+                states = hidden[j, seq.prompt_len - 1 : len(seq.ids) - 1]
+                targets = torch.tensor(seq.ids[seq.prompt_len :], device=states.device)
+                total = sum(
+                    float(F.cross_entropy(head(states[k : k + chunk]).float(), targets[k : k + chunk], reduction="sum"))
+                    for k in range(0, len(targets), chunk)
+                )
+                out[i] = total / len(targets)
+            advance(len(chosen))
     return out

@@ -91,18 +91,23 @@ def plot_heatmap(
 
 
 def plot_sweep_curves(table, title: str, path: str | Path) -> None:
-    """Trait and coherence against alpha, one line per layer (mean with a band of one std)."""
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2, sharex=True)
-    for ax, metric in zip(axes, ("trait", "coherence"), strict=True):
+    """Trait, coherence and fluency (mean NLL per answer token, where the table has it) against alpha, one line per
+    layer (mean with a band of one std)."""
+    metrics = [("trait", "trait score (0-100)"), ("coherence", "coherence score (0-100)")]
+    if "nll_mean" in table:
+        metrics.append(("nll", "NLL per answer token (nats), unsteered model"))
+    fig = Figure(figsize=(5.5 * len(metrics), 4))
+    axes = fig.subplots(1, len(metrics), sharex=True)
+    for ax, (metric, label) in zip(axes, metrics, strict=True):
         for layer, rows in table.groupby("layer"):
             rows = rows.sort_values("alpha")
             mean, std = rows[f"{metric}_mean"], rows[f"{metric}_std"].fillna(0)
             ax.plot(rows["alpha"], mean, marker="o", markersize=3, label=f"layer {layer}")
             ax.fill_between(rows["alpha"], mean - std, mean + std, alpha=0.15)
         ax.set_xlabel("alpha")
-        ax.set_ylabel(f"{metric} score (0-100)")
-        ax.set_ylim(0, 100)
+        ax.set_ylabel(label)
+        if metric != "nll":
+            ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     axes[0].legend()
     _title(fig, title)

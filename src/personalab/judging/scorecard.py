@@ -7,6 +7,7 @@ import pandas as pd
 from personalab.console import say
 from personalab.engine.generation import GenerationRequest, Interventions, SamplingParams, generate_cached
 from personalab.engine.model import ModelHandle
+from personalab.judging.fluency import fluency_cached
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan, plan_judged, score_cached
 from personalab.store import Store
@@ -60,13 +61,15 @@ def scored_answers(
     params: SamplingParams,
     interventions: Interventions = (),
     progress: bool = True,
+    fluency: ModelHandle | None = None,
 ) -> pd.DataFrame:
     """Answer every evaluation question ``samples`` times (under ``interventions``), judge trait and coherence.
 
     Questions are asked as ``personalab.traits.elicitation.evaluation_prompt`` encodes them.
     ``label`` names the condition in the store keys. One row per answer: ``question`` (index
     into the evaluation questions), ``sample``, ``answer``, ``trait`` and ``coherence``
-    (``NaN`` where the judge gave no number).
+    (``NaN`` where the judge gave no number), and with ``fluency`` (the unsteered reference model) ``nll``, the
+    answer's mean NLL per token under that model (``personalab.judging.fluency``).
     """
     requests = _requests(handle, trait, label, samples, interventions)
     questions = [r.request["question"] for r in requests]
@@ -85,13 +88,18 @@ def scored_answers(
         items = [(q, a, rubric) for q, a in zip(questions, texts, strict=True)]
         scores = score_cached(store, judge, items, f"judge {name} {label}", progress=progress)
         table[name] = [float("nan") if s is None else s for s in scores]
+    if fluency is not None:
+        prompts = [evaluation_prompt(fluency, trait, q) for q in questions]
+        nll = fluency_cached(fluency, store, prompts, texts, progress=progress, description=f"fluency {label}")
+        table["nll"] = [float("nan") if v is None else v for v in nll]
     return table
 
 
 def summary(answers: pd.DataFrame) -> dict:
-    """Mean and std (``ddof = 1``) of trait and coherence over the answers the judge scored, and ``n`` answers."""
+    """Mean and std (``ddof = 1``) of trait, coherence and (where ``answers`` has it) fluency over the answers that
+    have a value, and ``n`` answers."""
     row = {}
-    for name in ("trait", "coherence"):
+    for name in [m for m in ("trait", "coherence", "nll") if m in answers]:
         scores = answers[name].dropna()
         row[f"{name}_mean"] = float(scores.mean()) if len(scores) else float("nan")
         row[f"{name}_std"] = float(scores.std(ddof=1)) if len(scores) > 1 else float("nan")

@@ -6,7 +6,8 @@ added at ``layer`` (convention in ``personalab.engine.layers``; ``v`` raw or nor
 ``personalab.engine.scale``) on response positions. Each model is compared question by
 question (the mean trait score of a question's samples) with the base model, and each
 trained model also with the steered reference: the sweep's sign-flip and sign tests,
-Bonferroni-corrected over all the comparisons of the table.
+Bonferroni-corrected over all the comparisons of the table. Every answer's fluency is its mean NLL per token
+under the base model (``personalab.judging.fluency``), compared the same way (sign-flip test).
 """
 
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from personalab.engine.model import ModelHandle, loaded_name
 from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.figures.plots import plot_score_bars, short_name
 from personalab.figures.tables import markdown_table, write_csv
+from personalab.judging.fluency import FLUENCY
 from personalab.judging.judges import Judge
 from personalab.judging.scorecard import evaluation_plan, scored_answers, summary
 from personalab.judging.scoring import Plan
@@ -37,20 +39,24 @@ from personalab.vectors import vector_sha256
 
 
 def _tests(answers: dict[str, pd.DataFrame], steered: str, trained: list[str], n_resamples: int) -> dict[str, dict]:
-    """Per model, its paired tests against ``base`` and (trained models) against ``steered``."""
-    means = {label: frame.groupby("question")["trait"].mean() for label, frame in answers.items()}
+    """Per model, its paired tests against ``base`` and (trained models) against ``steered``: trait (sign-flip and
+    sign tests) and fluency (sign-flip test of the NLL per token)."""
+    means = {label: frame.groupby("question")[["trait", "nll"]].mean() for label, frame in answers.items()}
     comparisons = (len(answers) - 1) + len(trained)
     out: dict[str, dict] = {label: {} for label in answers}
     for label in answers:
         against = (["base"] if label != "base" else []) + ([steered] if label in trained else [])
         for other in against:
             suffix = "base" if other == "base" else "steered"
-            test = paired_test(means[label], means[other], comparisons, n_resamples)
+            test = paired_test(means[label]["trait"], means[other]["trait"], comparisons, n_resamples)
+            nll = paired_test(means[label]["nll"], means[other]["nll"], comparisons, n_resamples)
             out[label].update(
                 {
                     f"delta_trait_vs_{suffix}": test["mean_diff"],
                     f"p_signflip_vs_{suffix}": test["p_signflip"],
                     f"p_sign_vs_{suffix}": test["p_sign"],
+                    f"delta_nll_vs_{suffix}": nll["mean_diff"],
+                    f"p_nll_vs_{suffix}": nll["p_signflip"],
                 }
             )
     return out
@@ -66,15 +72,22 @@ def _markdown(table: pd.DataFrame, header: str) -> str:
         p_flip, p_sign = cell(r[f"p_signflip_vs_{suffix}"], ".3g"), cell(r[f"p_sign_vs_{suffix}"], ".3g")
         return f"{r[f'delta_trait_vs_{suffix}']:+.1f} ({p_flip}, {p_sign})"
 
+    def fluency(r: dict) -> str:
+        if pd.isna(r.get("delta_nll_vs_base")):
+            return "-"
+        return f"{r['delta_nll_vs_base']:+.2f} ({cell(r['p_nll_vs_base'], '.3g')})"
+
     rows = [
         {
             "model": r["model"],
             "trait": f"{r['trait_mean']:.1f} +- {cell(r['trait_std'], '.1f')}",
             "coherence": f"{r['coherence_mean']:.1f} +- {cell(r['coherence_std'], '.1f')}",
+            "NLL/token": f"{r['nll_mean']:.2f} +- {cell(r['nll_std'], '.2f')}",
             "n": str(r["n"]),
             "trainable parameters": cell(r["trainable"], ",.0f"),
             "trait - base (p sign-flip, p sign)": versus(r, "base"),
             "trait - steered (p sign-flip, p sign)": versus(r, "steered"),
+            "NLL - base (p sign-flip)": fluency(r),
         }
         for r in table.to_dict("records")
     ]
@@ -169,7 +182,7 @@ def run_compare(
     with Store(out / "generations.sqlite") as store:
 
         def card(handle, label, interventions=()):
-            return scored_answers(handle, trait, judge, store, label, samples, params, interventions, progress)
+            return scored_answers(handle, trait, judge, store, label, samples, params, interventions, progress, base)
 
         answers["base"] = card(base, "base")
         answers[steered] = card(base, steered, steering)
@@ -184,6 +197,7 @@ def run_compare(
     write_csv(table, out / "compare.csv")
     header = (
         f"{trait.name} on {base.name}: steered reference {scaled.describe([alpha])}. Mean +- std over all answers; "
+        f"NLL/token is the fluency, the {FLUENCY} ({base.name}); "
         f"p-values question-level, Bonferroni-corrected over {len(answers) - 1 + len(labels)} comparisons."
     )
     (out / "compare.md").write_text(_markdown(table, header))

@@ -3,12 +3,14 @@
 Every configuration answers the trait's evaluation questions ``eval_samples`` times, with the
 vector added at the layer on ``positions``. All coefficients of one layer share batches
 with a per-row alpha, so a sweep costs about one batched generation per layer. Answers
-at ``alpha = 0`` are the unsteered model's and are shared by every layer. Each steered
+at ``alpha = 0`` are the unsteered model's and are shared by every layer. Beside the judge's
+scores every answer gets its fluency, the mean NLL per token under the unsteered model
+(``personalab.judging.fluency``), which sees the word salad a keyword judge cannot. Each steered
 configuration is compared with ``alpha = 0`` question by question (the mean trait score
 of a question's samples): a sign-flip permutation test and a sign test, both
-Bonferroni-corrected over the steered configurations. Standard deviations are over all
-answers (``ddof = 1``). Coefficients follow ``personalab.engine.scale`` (``raw`` or
-``normalised`` against the typical residual norm on the calibration prompts).
+Bonferroni-corrected over the steered configurations, and the sign-flip test of the fluency
+(``p_nll``). Standard deviations are over all answers (``ddof = 1``). Coefficients follow
+``personalab.engine.scale`` (``raw`` or ``normalised`` against the typical residual norm on the calibration prompts).
 """
 
 from pathlib import Path
@@ -27,6 +29,7 @@ from personalab.engine.scale import DEFAULT_SCALE, Scale, ScaledVector, scale_ve
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_heatmap, plot_sweep_curves, short_name
 from personalab.figures.tables import markdown_table, write_csv
+from personalab.judging.fluency import FLUENCY, fluency_cached
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan, plan_judged, score_cached
 from personalab.runfolder import claim, model_settings
@@ -92,10 +95,15 @@ def _judged(handle: ModelHandle, trait: Trait):
 
 
 def _answers(handle: ModelHandle, store: Store, rows, requests, config: SweepConfig, progress: bool) -> pd.DataFrame:
+    """Every answer (generated through the store) with its fluency under the unsteered model."""
     texts = generate_cached(handle, store, requests, config.sampling, config.batch_size, progress=progress)
+    nll = fluency_cached(handle, store, [r.prompt for r in requests], texts, config.batch_size, progress)
     columns = ["layer", "alpha", "question", "sample"]
     return pd.DataFrame(
-        [dict(zip(columns, row, strict=True)) | {"answer": t} for row, t in zip(rows, texts, strict=True)]
+        [
+            dict(zip(columns, row, strict=True)) | {"answer": t, "nll": v}
+            for row, t, v in zip(rows, texts, nll, strict=True)
+        ]
     )
 
 
@@ -112,31 +120,34 @@ def plan_sweep(
 
 
 def _paired_tests(answers: pd.DataFrame, n_resamples: int) -> pd.DataFrame:
-    per_question = answers.groupby(["layer", "alpha", "question"])["trait"].mean().reset_index()
-    baseline = per_question[per_question["alpha"] == 0].groupby("question")["trait"].mean()
+    columns = ["layer", "alpha", "n_questions", "p_signflip", "p_sign"] + (["p_nll"] if "nll" in answers else [])
+    metrics = [m for m in ("trait", "nll") if m in answers]
+    per_question = answers.groupby(["layer", "alpha", "question"])[metrics].mean().reset_index()
+    baseline = per_question[per_question["alpha"] == 0].groupby("question")[metrics].mean()
     configs = per_question[per_question["alpha"] != 0].groupby(["layer", "alpha"])
     out = []
     for (layer, alpha), rows in configs:
-        test = paired_test(rows.set_index("question")["trait"], baseline, configs.ngroups, n_resamples)
-        out.append({"layer": layer, "alpha": alpha, **{k: test[k] for k in ("n_questions", "p_signflip", "p_sign")}})
-    return pd.DataFrame(out, columns=["layer", "alpha", "n_questions", "p_signflip", "p_sign"])
+        steered = rows.set_index("question")
+        test = paired_test(steered["trait"], baseline["trait"], configs.ngroups, n_resamples)
+        row = {"layer": layer, "alpha": alpha, **{k: test[k] for k in ("n_questions", "p_signflip", "p_sign")}}
+        if "nll" in metrics:
+            row["p_nll"] = paired_test(steered["nll"], baseline["nll"], configs.ngroups, n_resamples)["p_signflip"]
+        out.append(row)
+    return pd.DataFrame(out, columns=columns)
 
 
 def summarise(answers: pd.DataFrame, n_resamples: int = 10_000) -> pd.DataFrame:
-    """One row per (layer, alpha): trait and coherence mean and std, n, Bonferroni-corrected p-values.
+    """One row per (layer, alpha): trait, coherence and (where ``answers`` has it) fluency mean and std, n (answers
+    the judge scored for the trait), Bonferroni-corrected p-values.
 
-    ``answers`` has columns layer, alpha, question, sample, trait, coherence; p-values need ``alpha = 0``.
+    ``answers`` has columns layer, alpha, question, sample, trait, coherence and optionally nll; p-values need
+    ``alpha = 0``.
     """
     grouped = answers.groupby(["layer", "alpha"])
-    table = pd.DataFrame(
-        {
-            "trait_mean": grouped["trait"].mean(),
-            "trait_std": grouped["trait"].std(),
-            "coherence_mean": grouped["coherence"].mean(),
-            "coherence_std": grouped["coherence"].std(),
-            "n": grouped["trait"].count(),
-        }
-    ).reset_index()
+    columns = {}
+    for metric in [m for m in ("trait", "coherence", "nll") if m in answers]:
+        columns |= {f"{metric}_mean": grouped[metric].mean(), f"{metric}_std": grouped[metric].std()}
+    table = pd.DataFrame({**columns, "n": grouped["trait"].count()}).reset_index()
     if (answers["alpha"] == 0).any():
         table = table.merge(_paired_tests(answers, n_resamples), on=["layer", "alpha"], how="left")
     return table
@@ -157,10 +168,19 @@ def _markdown(table: pd.DataFrame, scale: str) -> str:
             "n": table["n"].astype(str),
         }
     )
+    if "nll_mean" in table:
+        cells.insert(
+            4, "NLL/token", [f"{m:.2f} +- {s:.2f}" for m, s in zip(table["nll_mean"], table["nll_std"], strict=True)]
+        )
     if "p_signflip" in table:
         cells["p sign-flip (Bonf.)"] = [p(v) for v in table["p_signflip"]]
         cells["p sign (Bonf.)"] = [p(v) for v in table["p_sign"]]
-    return f"Scale: {scale}. Mean +- std over all answers.\n\n" + markdown_table(cells)
+    if "p_nll" in table:
+        cells["p NLL (Bonf.)"] = [p(v) for v in table["p_nll"]]
+    return (
+        f"Scale: {scale}. Mean +- std over all answers; NLL/token is the fluency, the {FLUENCY}; p-values compare "
+        f"each configuration with alpha 0 question by question.\n\n" + markdown_table(cells)
+    )
 
 
 def run_sweep(

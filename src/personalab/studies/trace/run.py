@@ -41,6 +41,7 @@ from personalab.engine.model import MissingTokenizerError, ModelHandle, free_mem
 from personalab.engine.scale import DEFAULT_SCALE, Scale, mean_residual_norm, scaled_vector
 from personalab.errors import InvalidInputError, PersonalabError
 from personalab.files import write_text
+from personalab.judging.fluency import fluency_cached
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan, score_cached
 from personalab.store import Store
@@ -246,9 +247,9 @@ def steering_scores(
     progress: bool,
 ) -> dict[str, dict]:
     """Per condition (``baseline`` and each direction, added as its unit vector x ``added_norm`` (one for all, or
-    one per direction) at
-    ``layer`` on response positions), the per-question mean trait and coherence scores of
-    ``eval_samples`` answers to each evaluation question; all conditions share batches."""
+    one per direction) at ``layer`` on response positions), the per-question mean trait and coherence scores and
+    fluency (``nll``: mean NLL per token under the unsteered ``handle``) of ``eval_samples`` answers to each
+    evaluation question; all conditions share batches."""
     questions = trait.evaluation_questions
     prompts = [evaluation_prompt(handle, trait, q) for q in questions]
     norms = added_norm if isinstance(added_norm, dict) else dict.fromkeys(directions, added_norm)
@@ -276,13 +277,16 @@ def steering_scores(
     for key, rubric in (("trait", trait.rubric), ("coherence", coherence)):
         items = [(questions[qi], text, rubric) for (_, qi, _), text in zip(plan, texts, strict=True)]
         scores[key] = score_cached(store, judge, items, f"judge {key}", progress=progress)
+    scores["nll"] = fluency_cached(
+        handle, store, [r.prompt for r in requests], texts, config.extraction.batch_size, progress
+    )
     cells: dict[tuple[int, int], list[int]] = {}
     for i, (c, qi, _) in enumerate(plan):
         cells.setdefault((c, qi), []).append(i)
     out: dict[str, dict] = {}
     for c, name in enumerate(names):
         out[name] = {}
-        for key in ("trait", "coherence"):
+        for key in ("trait", "coherence", "nll"):
             values = [
                 [scores[key][i] for i in cells[(c, qi)] if scores[key][i] is not None] for qi in range(len(questions))
             ]

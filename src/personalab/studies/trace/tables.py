@@ -4,8 +4,9 @@ A steered condition is compared with coefficient 0 on the same model question by
 ``delta_trait`` and ``delta_coherence`` are mean differences over questions, ``p_raw`` the
 exact two-sided sign-flip p-value (``personalab.studies.stats``; exact up to 20 questions),
 ``p_greater`` its one-sided version, ``p_sign`` the sign test, ``p_coherence`` the sign-flip
-test on coherence. ``p_bonferroni`` multiplies ``p_raw`` by the number of real-vector tests
-of the same trait in the table ("Bonferroni within trait"). A checkpoint is significant when
+test on coherence; ``delta_nll`` and ``p_nll`` the same for the fluency (mean NLL per answer token under the
+unsteered model; NaN for records written before it was measured). ``p_bonferroni`` multiplies ``p_raw`` by the
+number of real-vector tests of the same trait in the table ("Bonferroni within trait"). A checkpoint is significant when
 its real vector raises the trait (``delta_trait > 0``) with ``p_bonferroni < 0.05``.
 Significance marks follow the raw p-value: ``*`` < .05, ``**`` < .01, ``***`` < .001.
 """
@@ -36,6 +37,8 @@ COLUMNS = [
     "p_greater",
     "p_sign",
     "p_coherence",
+    "delta_nll",
+    "p_nll",
     "p_bonferroni",
     "significant",
     "mark",
@@ -50,7 +53,7 @@ def mark(p: float) -> str:
 
 
 def _means(scores: dict[str, list[float | None]], key: str) -> pd.Series:
-    return pd.Series([float("nan") if v is None else v for v in scores[key]], dtype=float)
+    return pd.Series([float("nan") if v is None else v for v in scores.get(key, [])], dtype=float)
 
 
 def condition_rows(
@@ -65,6 +68,7 @@ def condition_rows(
             continue
         test = paired_test(_means(steered, "trait"), _means(base, "trait"), 1, n_resamples)
         coherence = (_means(steered, "coherence") - _means(base, "coherence")).dropna()
+        nll = (_means(steered, "nll") - _means(base, "nll")).dropna()
         rows.append(
             {
                 **_where(unit, trait, checkpoint, final, True, condition),
@@ -77,6 +81,8 @@ def condition_rows(
                 "p_greater": test["p_greater"],
                 "p_sign": test["p_sign_raw"],
                 "p_coherence": sign_flip_test(coherence.tolist(), n_resamples),
+                "delta_nll": float(nll.mean()) if len(nll) else float("nan"),
+                "p_nll": sign_flip_test(nll.tolist(), n_resamples),
                 "mark": mark(test["p_signflip_raw"]),
             }
         )
