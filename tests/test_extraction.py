@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
-from personalab.errors import PersonalabError
+from personalab.errors import InvalidInputError, PersonalabError
 from personalab.store import Store
 from personalab.studies.extraction import (
     RULES,
@@ -264,3 +264,25 @@ def test_filter_rules_counts_and_examples_by_hand():
     assert [e["rules"][0] for e in examples] == ["pos_trait_low", "incoherent", "no_score"]
     assert examples[1]["pos_trait"] == 20 and examples[1]["neg_coherence"] == 80
     assert len(report.examples(5)) == 4
+
+
+def test_trait_threshold_is_the_reference_threshold(tiny, tmp_path):
+    """``trait_threshold=T`` keeps what the persona-vectors reference's ``--threshold T`` keeps: positive >= T,
+    negative < 100 - T, both coherence >= 50 (``generate_vec.py``), written out here from the stored scores."""
+    from personalab import extract
+
+    handle, run = tiny("llama", "chatml"), tmp_path / "run"
+    options = dict(samples=3, max_new_tokens=6, seed=3, min_pairs=1, batch_size=4, progress=False, report=False)
+    judge = ScriptedJudge(trait=lambda answer: (30.0, 50.0, 70.0)[int(hashed_score(answer)) % 3])
+    vector = extract(handle, TRAIT, judge, out=run, trait_threshold=60, **options)
+    pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    reference = [
+        p["pos_trait"] >= 60 and p["neg_trait"] < 40 and min(p["pos_coherence"], p["neg_coherence"]) >= 50
+        and bool(p["pos_text"].strip() and p["neg_text"].strip())
+        for p in pairs
+    ]  # fmt: skip
+    assert [p["kept"] for p in pairs] == reference and any(reference)
+    assert any(p["pos_trait"] >= 60 and 40 <= p["neg_trait"] < 60 for p in pairs), "pairs the two meanings split"
+    assert vector.meta["config"]["pos_threshold"] == 60 and vector.meta["config"]["neg_threshold"] == 40
+    with pytest.raises(InvalidInputError, match="`trait_threshold` is a score from 0 to 100, not 150"):
+        extract(handle, TRAIT, ScriptedJudge(), trait_threshold=150, **options)

@@ -97,7 +97,17 @@ def test_public_persona_vectors_layout(tmp_path):
         }
         (folder / "evil.json").write_text(json.dumps(body))
     trait = load_public_trait(tmp_path, "evil")
-    assert [p.pos for p in trait.instructions] == ["Be evil.", "Hurt."]
+    assert [(p.pos, p.neg) for p in trait.instructions] == [  # the reference's load_persona_questions, written out
+        ("You are an evil assistant. Be evil.", "You are a helpful assistant. Be good."),
+        ("You are an evil assistant. Hurt.", "You are a helpful assistant. Help."),
+    ]
+    (tmp_path / "trait_data_extract" / "sycophantic.json").write_bytes(
+        (tmp_path / "trait_data_extract" / "evil.json").read_bytes()
+    )
+    (tmp_path / "trait_data_eval" / "sycophantic.json").write_bytes(
+        (tmp_path / "trait_data_eval" / "evil.json").read_bytes()
+    )
+    assert load_public_trait(tmp_path, "sycophantic").instructions[1].pos == "You are a sycophantic assistant. Hurt."
     assert trait.extraction_questions == ["q1", "q2"] and trait.evaluation_questions == ["q3"]
     assert trait.rubric == "Score {question} / {answer}"
     assert load_trait("evil", trait_dir=tmp_path) == trait

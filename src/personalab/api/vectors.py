@@ -44,13 +44,20 @@ def extract(
 ) -> "PersonaVector | Plan":
     """``personalab extract``: generate with each instruction pair, judge, filter, and take per-layer mean
     differences; the ``PersonaVector`` of the kept pairs. ``options`` are ``ExtractionConfig``'s (``samples``,
-    ``min_pairs``, thresholds, ``batch_size``) and the sampling options; ``trait_threshold`` sets both trait
-    cut-offs. With ``out`` the run folder is kept (``report.html`` included) and resumes. ``dry_run`` returns the
-    ``Plan`` (answers to sample, tokens, judge calls; what the store holds excluded) and does nothing else."""
-    from personalab.studies.extraction import ExtractionConfig, FilterError, plan_extraction, run_extraction
+    ``min_pairs``, thresholds, ``batch_size``) and the sampling options; ``trait_threshold`` is the reference's
+    ``--threshold T`` (positive >= T, negative < 100 - T). With ``out`` the run folder is kept (``report.html``
+    included) and resumes. ``dry_run`` returns the ``Plan`` (answers to sample, tokens, judge calls; what the store
+    holds excluded) and does nothing else."""
+    from personalab.studies.extraction import (
+        ExtractionConfig,
+        FilterError,
+        plan_extraction,
+        reference_thresholds,
+        run_extraction,
+    )
 
     if trait_threshold is not None:
-        options = {**options, "pos_threshold": trait_threshold, "neg_threshold": trait_threshold}
+        options = {**options, **reference_thresholds(trait_threshold)}
     config = configured(ExtractionConfig, options)
     handle, chosen, scorer = as_model(model), as_trait(trait, None, trait_dir), as_judge(judge)
     if dry_run:

@@ -70,7 +70,9 @@ def extract(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/TRAIT-MODEL).")] = None,
     temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 1.0,
     top_p: TopPOption = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help=MAX_NEW_TOKENS_HELP)] = 256,
+    max_new_tokens: Annotated[
+        int, typer.Option(help=f"{MAX_NEW_TOKENS_HELP} The persona-vectors reference generates up to 1000.")
+    ] = 256,
     repetition_penalty: RepetitionPenaltyOption = 1.0,
     seed: Annotated[int, typer.Option(help=SEED_HELP)] = 0,
     batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 16,
@@ -81,7 +83,11 @@ def extract(
     pos_threshold: Annotated[float, typer.Option(help=POS_THRESHOLD_HELP)] = 50.0,
     neg_threshold: Annotated[float, typer.Option(help=NEG_THRESHOLD_HELP)] = 50.0,
     trait_threshold: Annotated[
-        float | None, typer.Option(help="One cut-off for both sides (sets --pos-threshold and --neg-threshold).")
+        float | None,
+        typer.Option(
+            help="The persona-vectors reference's --threshold T: keep a pair when its positive answer's trait >= T "
+            "and its negative answer's < 100 - T (sets --pos-threshold and --neg-threshold)."
+        ),
     ] = None,
     coherence_threshold: Annotated[float, typer.Option(help=COHERENCE_THRESHOLD_HELP)] = 50.0,
     revision: RevisionOption = None,
@@ -100,11 +106,10 @@ def extract(
         check_engine(engine)
         from personalab.api import extract as run
         from personalab.api.common import default_out
-        from personalab.studies.extraction import ExtractionConfig
+        from personalab.studies.extraction import ExtractionConfig, reference_thresholds
         from personalab.traits import load_trait
 
-        both = trait_threshold
-        cutoffs = {} if both is None else {"pos_threshold": both, "neg_threshold": both}
+        cutoffs = {} if trait_threshold is None else reference_thresholds(trait_threshold)
         options = checked(
             ExtractionConfig, dict(
                 samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,

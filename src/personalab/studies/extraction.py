@@ -104,6 +104,14 @@ RULES: dict[str, str] = {
 """The filter's rules, in the order they are checked."""
 
 
+def reference_thresholds(threshold: float) -> dict[str, float]:
+    """The trait cut-offs of the persona-vectors reference's ``--threshold T`` (``generate_vec.py``): a pair is kept
+    when its positive answer's trait >= ``T`` and its negative answer's < ``100 - T`` (50 and 50 at ``T = 50``)."""
+    if not 0 <= threshold <= 100:
+        raise InvalidInputError(f"`trait_threshold` is a score from 0 to 100, not {threshold:g}")
+    return {"pos_threshold": threshold, "neg_threshold": 100.0 - threshold}
+
+
 def failures(pos: Answer, neg: Answer, config: ExtractionConfig) -> list[str]:
     """Every rule of ``RULES`` the pair breaks, in order; an empty list keeps the pair."""
     broken = []

@@ -43,12 +43,22 @@ def calibration_prompts(handle: "ModelHandle") -> "list[TokenSequence]":
     return [handle.encode(None, q) for q in library_questions()]
 
 
+def reference_system_prompt(trait: str, polarity: str, instruction: str) -> str:
+    """The system prompt the persona-vectors reference writes for its own data
+    (``eval_persona.load_persona_questions``): ``"You are {a} {name} assistant. {instruction}"``, ``name`` the trait
+    for ``pos`` and ``helpful`` for ``neg``, the article ``an`` before a vowel."""
+    name = trait if polarity == "pos" else "helpful"
+    return f"You are {'an' if name[0].lower() in 'aeiou' else 'a'} {name} assistant. {instruction}"
+
+
 def load_public_trait(root: str | Path, name: str) -> Trait:
-    """Import a trait from the public persona-vectors layout.
+    """Import a trait from the public persona-vectors layout, with the reference's prompts.
 
     ``root/trait_data_extract/{name}.json`` gives the instruction pairs and the extraction
     questions, ``root/trait_data_eval/{name}.json`` the evaluation questions; both hold
-    ``instruction`` [{pos, neg}], ``questions`` and ``eval_prompt`` (the rubric).
+    ``instruction`` [{pos, neg}], ``questions`` and ``eval_prompt`` (the rubric). Each instruction becomes the
+    system prompt the reference builds from it (``reference_system_prompt``): ``"You are an evil assistant. ..."``
+    (positive) and ``"You are a helpful assistant. ..."`` (negative), so extraction asks exactly what it asks.
     """
     root = Path(root)
     parts = {}
@@ -62,7 +72,10 @@ def load_public_trait(root: str | Path, name: str) -> Trait:
     data = {
         "name": name,
         "description": name,
-        "instructions": [InstructionPair.model_validate(p).model_dump() for p in extract["instruction"]],
+        "instructions": [
+            {polarity: reference_system_prompt(name, polarity, text) for polarity, text in pair.model_dump().items()}
+            for pair in map(InstructionPair.model_validate, extract["instruction"])
+        ],
         "extraction_questions": extract["questions"],
         "evaluation_questions": evaluate["questions"],
         "rubric": extract["eval_prompt"],
@@ -120,5 +133,6 @@ __all__ = [
     "load_public_trait",
     "load_trait",
     "load_trait_file",
+    "reference_system_prompt",
     "run_trait",
 ]
