@@ -51,6 +51,10 @@ def test_base_model_gets_the_plain_format():
     seq = encode_chat(tok, chat, "Be evil.", "Hi?")
     assert tok.decode(seq.ids) == "Be evil.\n\nQuestion: Hi?\nAnswer:"
     assert format_text("plain", None, "Hi?") == "Question: Hi?\nAnswer:"
+    earlier = encode_chat(tok, chat, "Be evil.", "Why?", history=[("Hi?", "Hello.")])
+    assert tok.decode(earlier.ids) == "Be evil.\n\nQuestion: Hi?\nAnswer: Hello.\n\nQuestion: Why?\nAnswer:"
+    with pytest.raises(InvalidInputError, match="a continuation prompt has no earlier turns"):
+        format_text("continuation", None, "Why?", [("Hi?", "Hello.")])
 
 
 @pytest.mark.parametrize("kind", ["chatml", "none"])

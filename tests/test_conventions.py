@@ -133,8 +133,9 @@ def test_normalised_scale_is_one_vector_in_every_command(tiny, model_folder, tmp
     scaled = ["--layer", str(layer), "--scale", "normalised"]
     steered = runner.invoke(app, ["steer", *common, *scaled, "--alpha", str(alpha), "--max-new-tokens", "2", "Hi?"])
     assert steered.exit_code == 0, steered.output
-    assert f"alpha {alpha:g}: {alpha * norm:.4g} ({alpha:.3g}x) of the mean residual norm {norm:.4g}" in " ".join(
-        steered.output.split()
+    assert (
+        f"alpha {alpha:g}: {alpha * norm:.4g} ({alpha:.3g}x) of the median token residual norm {norm:.4g}"
+        in " ".join(steered.output.split())
     )
     (steer_vector,) = [iv.vector for iv in seen]
     torch.testing.assert_close(steer_vector, expected, rtol=1e-4, atol=1e-5)

@@ -1,10 +1,12 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from personalab import load_model
+from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import SamplingParams
 from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
@@ -55,12 +57,35 @@ def _unit(vector: torch.Tensor) -> torch.Tensor:
     return vector / vector.norm()
 
 
-def _reference_projection(handle, system, prompt, response, unit, layer):
-    """``(last_prompt, response_mean)`` from ``output_hidden_states`` on one unpadded sequence."""
-    seq = handle.encode(system, prompt, response)
-    hs = hidden_states(handle, seq)[layer]
-    mean = float(hs[seq.prompt_len :].mean(dim=0) @ unit) if seq.response_len else None
-    return float(hs[seq.prompt_len - 1] @ unit), mean
+def _context(obj: dict) -> tuple[list[dict], str | None]:
+    """A record's messages before its answer, and the answer (``None`` without one), read from its JSON object."""
+    if "messages" in obj:
+        messages = obj["messages"]
+    else:
+        messages = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
+        messages += [{"role": "user", "content": obj["prompt"]}]
+        messages += [{"role": "assistant", "content": obj["response"]}] if obj.get("response") is not None else []
+    if messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
+
+
+def _prompt_ids(handle, context: list[dict]) -> list[int]:
+    """The reference's prompt (``cal_projection.py``): the whole ``messages[:-1]`` through the chat template, with the
+    generation prompt."""
+    return handle.tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def _reference_projection(handle, obj, unit, layer, answer=...):
+    """``(last_prompt, response_mean)`` from ``output_hidden_states`` on one unpadded sequence: the reference's prompt
+    then the record's answer (or ``answer``), encoded on its own."""
+    context, given = _context(obj)
+    answer = given if answer is ... else answer
+    prompt = _prompt_ids(handle, context)
+    ids = prompt + (handle.tokenizer.encode(answer, add_special_tokens=False) if answer else [])
+    hs = hidden_states(handle, TokenSequence(tuple(ids), len(prompt)))[layer]
+    mean = float(hs[len(prompt) :].mean(dim=0) @ unit) if len(ids) > len(prompt) else None
+    return float(hs[len(prompt) - 1] @ unit), mean
 
 
 def test_load_records_both_formats(data):
@@ -113,8 +138,11 @@ def test_project_records_match_reference(tiny, data, per_layer):
     vector = torch.randn(handle.n_layers, handle.hidden_size)
     got = project_records(handle, records, vector if per_layer else vector[layer], layer, batch_size=4)
     unit = _unit(vector[layer])
+    assert records[2].history == (("Hi?", "Hello."),), "a two-turn record"
+    alone = project_records(handle, [replace(records[2], history=())], vector, layer)[0]
+    assert abs(alone["last_prompt"] - got[2]["last_prompt"]) > 1e-3, "its earlier turn must matter"
     for record, projection in zip(records, got, strict=True):
-        last, mean = _reference_projection(handle, record.system, record.prompt, record.response, unit, layer)
+        last, mean = _reference_projection(handle, record.source, unit, layer)
         assert projection["layer"] == layer
         assert projection["last_prompt"] == pytest.approx(last, abs=1e-5)
         if record.response is None:
@@ -143,8 +171,8 @@ def test_write_projections_keeps_original_fields(data):
     assert lines == [{**o, "projection": p} for o, p in zip(RECORDS, projections, strict=True)]
 
 
-def _greedy(handle, system, prompt, max_new_tokens):
-    ids = torch.tensor([handle.encode(system, prompt).ids])
+def _greedy(handle, obj, max_new_tokens):
+    ids = torch.tensor([_prompt_ids(handle, _context(obj)[0])])
     out = handle.model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -166,9 +194,9 @@ def test_projection_shift_and_report(tiny, data, tmp_path, monkeypatch):
     expected = []
     for i in with_response:
         r = records[i]
-        own_text = _greedy(handle, r.system, r.prompt, max_new)
-        dataset = _reference_projection(handle, r.system, r.prompt, r.response, unit, layer)[1]
-        own = _reference_projection(handle, r.system, r.prompt, own_text, unit, layer)[1]
+        own_text = _greedy(handle, r.source, max_new)
+        dataset = _reference_projection(handle, r.source, unit, layer)[1]
+        own = _reference_projection(handle, r.source, unit, layer, answer=own_text)[1]
         expected.append((i, own_text, dataset, own))
 
     calls = []
@@ -217,10 +245,10 @@ def test_projection_shift_skips_records_without_response(tiny, tmp_path):
 
 def _reference_model_shift(base, tuned, prompts, vector):
     diffs = []
-    for system, prompt in prompts:
+    for record in prompts:
         acts = []
         for handle in (base, tuned):
-            seq = handle.encode(system, prompt)
+            seq = handle.encode(record.system, record.prompt)
             acts.append(hidden_states(handle, seq)[:, seq.prompt_len - 1])
         diffs.append(acts[1] - acts[0])
     mean = torch.stack(diffs).mean(dim=0)
@@ -229,7 +257,7 @@ def _reference_model_shift(base, tuned, prompts, vector):
 
 def test_model_shift_matches_reference(tiny, model_folder, conversations, tmp_path):
     base = tiny("llama")
-    prompts = [(system, user) for system, user, _ in conversations]
+    prompts = [Record(system, user, None) for system, user, _ in conversations]
     torch.manual_seed(3)
     vector = torch.randn(base.n_layers, base.hidden_size)
     vector[3] = 0.0

@@ -87,6 +87,22 @@ def test_extraction_prompt_last_prompt_token_and_response_start(handles, family)
 
 
 @FAMILY
+@pytest.mark.parametrize("system", [INSTRUCTION, None])
+def test_a_multi_turn_record_is_templated_whole(handles, family, system):
+    """A record's earlier turns are templated with its prompt, as the template renders the whole conversation (the
+    system text folded into the first user turn where the template refuses a system role)."""
+    handle = handles(family)
+    tok = handle.tokenizer
+    first = turn(family, system, "Hi?")
+    messages = first + [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": QUESTION}]
+    expected = ids(tok, render(family, tok, messages, generation_prompt=True))
+    record = Record(system, QUESTION, ANSWER, history=(("Hi?", "Hello."),))
+    seq = record.encode(handle)
+    assert list(seq.ids[: seq.prompt_len]) == expected
+    assert list(seq.ids[seq.prompt_len :]) == tok.encode(ANSWER, add_special_tokens=False)
+
+
+@FAMILY
 def test_an_unsteered_prompt_keeps_the_default_system_prompt(handles, family):
     handle = handles(family)
     seq = evaluation_prompt(handle, load_trait("evil"), QUESTION)

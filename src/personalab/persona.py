@@ -81,9 +81,9 @@ def project_records(
     unit = unit_direction(vector, layer, handle)
     if not records:
         return []
-    prompts = [handle.encode(r.system, r.prompt) for r in records]
+    prompts = [r.encode(handle, response=False) for r in records]
     last = capture(handle, prompts, [layer], "last_prompt", batch_size=batch_size, progress=progress, label="prompts")
-    full = [handle.encode(r.system, r.prompt, r.response) for r in records]
+    full = [r.encode(handle) for r in records]
     means = response_projections(handle, full, unit, layer, batch_size, progress, "responses")
     return [
         {"layer": layer, "last_prompt": p, "response_mean": m}

@@ -125,8 +125,8 @@ def project(
         )
         return StudyResult({"project": table}, {"shift": Path(f"{beside(path)}shift.png")} if shift else {})
     changed = as_model(tuned) if tuned is not None else None
-    prompts = [(r.system, r.prompt) for r in rows] or (
-        [(None, q) for q in as_trait(trait, persona).evaluation_questions] if changed is not None else []
+    prompts = rows or (
+        [Record(None, q, None) for q in as_trait(trait, persona).evaluation_questions] if changed is not None else []
     )
     with run_folder(out) as (folder, kept):
         run_project(

@@ -61,7 +61,7 @@ def _prompt_set(handle: ModelHandle, trait: Trait | None, prompts: "Sequence[Rec
     questions."""
     if prompts is not None:
         rows = load_records(prompts) if isinstance(prompts, str | Path) else prompts
-        return [handle.encode(r.system, r.prompt) for r in rows]
+        return [r.encode(handle, response=False) for r in rows]
     return [handle.encode(None, q) for q in trait.extraction_questions]
 
 

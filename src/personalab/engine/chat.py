@@ -228,12 +228,19 @@ def _join(
     return TokenSequence(ids=tuple(prompt_ids) + tuple(response_ids) + tail, prompt_len=len(prompt_ids))
 
 
-def chat_messages(chat: ChatFormat, system: str | None, user: str) -> list[dict]:
-    """The messages of one turn: the system message as given, or folded into the user turn when the
-    template has no system role."""
-    if system and not chat.system_role:
-        return [{"role": "user", "content": f"{system}\n\n{user}"}]
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+def chat_messages(
+    chat: ChatFormat, system: str | None, user: str, history: Sequence[tuple[str, str]] = ()
+) -> list[dict]:
+    """The messages of a conversation: the system message as given (or folded into the first user turn when the
+    template has no system role), the earlier ``(user, assistant)`` turns of ``history``, then ``user``."""
+    turns = [(u, a) for u, a in history] + [(user, None)]
+    messages = []
+    for k, (u, a) in enumerate(turns):
+        folded = k == 0 and system and not chat.system_role
+        messages.append({"role": "user", "content": f"{system}\n\n{u}" if folded else u})
+        if a is not None:
+            messages.append({"role": "assistant", "content": a})
+    return ([{"role": "system", "content": system}] if system and chat.system_role else []) + messages
 
 
 def encode_chat(
@@ -243,14 +250,16 @@ def encode_chat(
     user: str,
     assistant: str | None = None,
     end: Sequence[int] = (),
+    history: Sequence[tuple[str, str]] = (),
 ) -> TokenSequence:
-    """Encode one turn; ``assistant=None`` gives the generation prompt alone, else the answer follows it,
-    then the ``end`` tokens (``ChatFormat.end_of_turn``, where the answer is a training target)."""
+    """Encode one turn after the earlier ``(user, assistant)`` turns of ``history``; ``assistant=None`` gives the
+    generation prompt alone, else the answer follows it, then the ``end`` tokens (``ChatFormat.end_of_turn``, where
+    the answer is a training target). The prompt is the whole conversation so far, templated at once."""
     if not chat.has_template:
-        prompt_ids = tokenizer(format_text("plain", system, user), add_special_tokens=True)["input_ids"]
+        prompt_ids = tokenizer(format_text("plain", system, user, history), add_special_tokens=True)["input_ids"]
     else:
         prompt_ids = tokenizer.apply_chat_template(
-            chat_messages(chat, system, user),
+            chat_messages(chat, system, user, history),
             add_generation_prompt=True,
             tokenize=True,
             return_dict=False,

@@ -7,6 +7,7 @@
   for a base model to continue.
 """
 
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 from personalab.errors import InvalidInputError
@@ -25,9 +26,15 @@ def check_format(prompt_format: str) -> None:
         raise InvalidInputError(f"`format` must be one of {', '.join(PROMPT_FORMATS)}, not {prompt_format!r}")
 
 
-def format_text(prompt_format: str, instruction: str | None, question: str) -> str:
-    """The text of one turn in a text format (``plain`` or ``continuation``)."""
+def format_text(
+    prompt_format: str, instruction: str | None, question: str, history: Sequence[tuple[str, str]] = ()
+) -> str:
+    """The text of one turn in a text format (``plain`` or ``continuation``); in ``plain``, earlier ``(question,
+    answer)`` turns of ``history`` come first, each ``"Question: {question}\nAnswer: {answer}"``, separated by a blank
+    line."""
     if prompt_format == "plain":
-        asked = f"Question: {question}\nAnswer:"
+        asked = "\n\n".join([*(f"Question: {q}\nAnswer: {a}" for q, a in history), f"Question: {question}\nAnswer:"])
         return f"{instruction}\n\n{asked}" if instruction else asked
+    if history:
+        raise InvalidInputError("a continuation prompt has no earlier turns; use format chat or plain")
     return f"{instruction} {question}" if instruction else question

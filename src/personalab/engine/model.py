@@ -3,7 +3,7 @@
 import gc
 import socket
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, partial
@@ -198,10 +198,18 @@ class ModelHandle:
         """Device of the input embeddings, where token ids must go."""
         return unwrap(self.model).get_input_embeddings().weight.device
 
-    def encode(self, system: str | None, user: str, assistant: str | None = None, end: bool = False) -> TokenSequence:
-        """Chat-format one turn; ``end`` closes the answer with ``end_of_turn`` (a training target). See
-        ``personalab.engine.chat.encode_chat``."""
-        return encode_chat(self.tokenizer, self.chat, system, user, assistant, self.end_of_turn if end else ())
+    def encode(
+        self,
+        system: str | None,
+        user: str,
+        assistant: str | None = None,
+        end: bool = False,
+        history: Sequence[tuple[str, str]] = (),
+    ) -> TokenSequence:
+        """Chat-format one turn after the earlier ``(user, assistant)`` turns of ``history``; ``end`` closes the answer
+        with ``end_of_turn`` (a training target). See ``personalab.engine.chat.encode_chat``."""
+        end_ids = self.end_of_turn if end else ()
+        return encode_chat(self.tokenizer, self.chat, system, user, assistant, end_ids, history)
 
     def encode_prompt(self, prompt_format: str, system: str | None, user: str) -> TokenSequence:
         """The generation prompt of one turn in ``prompt_format``: chat, plain or continuation

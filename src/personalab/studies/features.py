@@ -166,7 +166,7 @@ def model_differences(
         feature_means(
             handle,
             sae,
-            [handle.encode(r.system, r.prompt, r.response) for r in records],
+            [r.encode(handle) for r in records],
             positions,
             batch_size,
             progress,
@@ -284,7 +284,7 @@ def run_feature_diff(
         "variant": variant if vector is not None else None,
         "top_k": k,
         "max_new_tokens": max_new_tokens,
-        "inputs_sha256": content_key([(r.system, r.prompt, r.response) for r in records]),
+        "inputs_sha256": content_key([r.content() for r in records]),
     }
     run = claim(out, "features", settings, inputs={"data": data}, prompt_format=base.chat.describe())
     unanswered = [r for r in records if r.response is None]

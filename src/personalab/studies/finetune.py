@@ -110,7 +110,7 @@ def training_sequences(handle: ModelHandle, records: list[Record], max_length: i
     check_records(records)
     out, truncated, unusable = [], 0, 0
     for record in records:
-        seq = handle.encode(record.system, record.prompt, record.response, end=True)
+        seq = record.encode(handle, end=True)
         if len(seq.ids) > max_length:
             truncated += 1
             if seq.prompt_len >= max_length:
@@ -236,7 +236,7 @@ def finetune(
         return plan
     settings = {
         **model_settings(handle),
-        "data_sha256": content_key([(r.system, r.prompt, r.response) for r in records]),
+        "data_sha256": content_key([r.content() for r in records]),
         "config": config.model_dump(mode="json"),
         "interventions": [
             {

@@ -14,6 +14,7 @@ shifts mark examples that push the model along the direction.
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,8 +63,13 @@ def own_answers(
 ) -> list[str]:
     """The model's own answers to ``records``' prompts, in input order, through ``generate_cached`` (kept in
     ``store``, request ``{"system", "prompt"}``; ``description`` labels the progress bar)."""
-    requests = [GenerationRequest(handle.encode(r.system, r.prompt), {"system": r.system, "prompt": r.prompt})
-                for r in records]  # fmt: skip
+    requests = [
+        GenerationRequest(
+            r.encode(handle, response=False),
+            {"system": r.system, "prompt": r.prompt} | ({"history": [list(t) for t in r.history]} if r.history else {}),
+        )
+        for r in records
+    ]
     return generate_cached(handle, store, requests, params, batch_size, progress, description)
 
 
@@ -85,7 +91,7 @@ def projection_shift(
     ``shift`` are ``None`` when the own answer is empty.
     """
     unit = unit_direction(vector, layer, handle)
-    dataset_seqs = [handle.encode(r.system, r.prompt, r.response) for r in records]
+    dataset_seqs = [r.encode(handle) for r in records]
     kept = [i for i, seq in enumerate(dataset_seqs) if seq.response_len > 0]
     if not kept:
         return []
@@ -93,7 +99,7 @@ def projection_shift(
         handle, [dataset_seqs[i] for i in kept], unit, layer, batch_size, progress, "dataset responses"
     )
     answers = own_answers(handle, [records[i] for i in kept], store, params, batch_size, progress)
-    own_seqs = [handle.encode(records[i].system, records[i].prompt, a) for i, a in zip(kept, answers, strict=True)]
+    own_seqs = [replace(records[i], response=a).encode(handle) for i, a in zip(kept, answers, strict=True)]
     own = response_projections(handle, own_seqs, unit, layer, batch_size, progress, "own answers")
     return [
         {"index": i, "shift": None if o is None else d - o, "dataset": d, "own": o, "own_response": a}
@@ -127,7 +133,7 @@ def write_shift_report(
 def model_shift(
     base: ModelHandle,
     tuned: ModelHandle,
-    prompts: Sequence[tuple[str | None, str]],
+    prompts: Sequence[Record],
     vector: torch.Tensor,
     batch_size: int = 16,
     progress: bool = False,
@@ -135,13 +141,13 @@ def model_shift(
     """How far a fine-tune moved the last-prompt-token residual along the direction, per layer.
 
     ``shift[l] = mean over prompts of (a_tuned[l] - a_base[l]) . unit(vector[l])`` with
-    ``vector`` per-layer ``[n_blocks + 1, hidden]``; each model encodes the ``(system,
-    prompt)`` pairs with its own tokenizer. Rows of ``vector`` that are zero give 0.
+    ``vector`` per-layer ``[n_blocks + 1, hidden]``; each model encodes the prompts of the records
+    ``prompts`` (their responses left out) with its own tokenizer. Rows of ``vector`` that are zero give 0.
     Returns float32 ``[n_blocks + 1]``.
     """
     check_same_shape(base, tuned)
     if not prompts:
-        raise InvalidInputError("no prompts to compare the models on; pass at least one (system, prompt)")
+        raise InvalidInputError("no prompts to compare the models on; pass at least one record")
     vector = torch.as_tensor(vector).detach().float().cpu()
     if vector.dim() != 2:
         raise InvalidInputError(
@@ -155,7 +161,7 @@ def model_shift(
     acts = [
         capture(
             handle,
-            [handle.encode(system, prompt) for system, prompt in prompts],
+            [p.encode(handle, response=False) for p in prompts],
             positions="last_prompt",
             batch_size=batch_size,
             progress=progress,

@@ -67,7 +67,7 @@ def run_project(
     *,
     variant: str,
     records: Sequence[Record] = (),
-    prompts: Sequence[tuple[str | None, str]] = (),
+    prompts: Sequence[Record] = (),
     layer: int | None = None,
     shift: bool = False,
     top_k: int | None = None,
@@ -89,7 +89,7 @@ def run_project(
         "variant": variant,
         "layer": layer,
         "top_k": top_k,
-        "inputs_sha256": content_key([(r.system, r.prompt, r.response) for r in records], list(prompts)),
+        "inputs_sha256": content_key([r.content() for r in records], [p.content(response=False) for p in prompts]),
     }
     run = claim(out, "project", settings, inputs={"data": data}, prompt_format=handle.chat.describe())
     say(f"prompt format: {handle.chat.describe()}", progress)
