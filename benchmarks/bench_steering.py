@@ -5,7 +5,7 @@ Run: ``python benchmarks/bench_steering.py``.
 
 import torch
 
-from personalab import steer
+from personalab import add_vector
 from personalab.engine.batching import pad_batch
 
 from common import models, timed
@@ -33,7 +33,7 @@ def bench(name: str, handle) -> None:
         with torch.inference_mode():
             if alpha is None:
                 return handle.model.generate(**kwargs)
-            with steer(handle, vector, layer, alpha=alpha, positions="generating"):
+            with add_vector(handle, vector, layer, alpha=alpha, positions="generating"):
                 return handle.model.generate(**kwargs)
 
     per_row = torch.linspace(0, 4, BATCH)

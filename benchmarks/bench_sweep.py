@@ -6,7 +6,7 @@ tokens); judging is not timed. Run: ``python benchmarks/bench_sweep.py``.
 
 import torch
 
-from personalab import steer
+from personalab import add_vector
 from personalab.engine.generation import SamplingParams, sample_texts
 from personalab.traits import load_trait
 
@@ -26,12 +26,12 @@ def bench(name: str, handle) -> None:
     def per_row():
         for start in range(0, len(rows), BATCH):
             chunk = rows[start : start + BATCH]
-            with steer(handle, vector, layer, alpha=torch.tensor([a for a, _ in chunk]), positions="generating"):
+            with add_vector(handle, vector, layer, alpha=torch.tensor([a for a, _ in chunk]), positions="generating"):
                 sample_texts(handle, [p for _, p in chunk], PARAMS, 0)
 
     def one_by_one():
         for alpha in ALPHAS:
-            with steer(handle, vector, layer, alpha=alpha, positions="generating"):
+            with add_vector(handle, vector, layer, alpha=alpha, positions="generating"):
                 sample_texts(handle, prompts, PARAMS, 0)
 
     t_rows, t_each = timed(per_row, one_by_one, repeats=3)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from personalab.cli import app
 from personalab.engine import generation
 from personalab.engine.generation import SamplingParams, sample_texts
-from personalab.engine.interventions import steer
+from personalab.engine.interventions import add_vector
 from personalab.judging import judges
 from personalab.traits import load_trait
 from personalab.vectors import save_vectors
@@ -131,7 +131,7 @@ def test_steer_prints_both_answers(tiny, model_folder, tmp_path, monkeypatch):
     texts = [answers[0].text for answers in produced]
     seq = handle.encode(None, "Hi?")
     params = SamplingParams(temperature=0, max_new_tokens=4)
-    with steer(handle, vector, 2, alpha=6.0, positions="generating"):
+    with add_vector(handle, vector, 2, alpha=6.0, positions="generating"):
         steered = sample_texts(handle, [seq], params, 0)
     assert texts == [sample_texts(handle, [seq], params, 0)[0], steered[0]] and texts[1] != texts[0]
 

@@ -173,6 +173,31 @@ def test_normalised_scale_is_one_vector_in_every_command(tiny, model_folder, tmp
     torch.testing.assert_close(bias, alpha * expected, rtol=1e-4, atol=1e-5)
 
 
+def test_steer_in_python_takes_the_command_lines_alpha(tiny, monkeypatch):
+    """``personalab.steer`` and ``PersonaVector.steer`` add what ``personalab steer --alpha`` adds (normalised by
+    default); ``scale="raw"`` adds the vector as given, as the engine's ``add_vector`` does."""
+    import personalab as pl
+    from personalab import persona
+
+    handle = tiny("llama", "chatml")
+    layer, alpha = 2, 0.4
+    vector = torch.randn(handle.n_layers, handle.hidden_size, generator=torch.Generator().manual_seed(7))
+    expected = vector[layer] / vector[layer].norm() * direct_residual_norm(handle, layer)
+    seen = []
+    original = persona.intervene
+    monkeypatch.setattr(persona, "intervene", lambda h, *ivs, **k: seen.extend(ivs) or original(h, *ivs, **k))
+    with pl.steer(handle, vector, layer, alpha) as scaled:
+        assert scaled.ratio(alpha) == pytest.approx(alpha)
+    with pl.PersonaVector({"response_mean": vector}).steer(handle, layer, alpha):
+        pass
+    with pl.steer(handle, vector[layer], layer, alpha, scale="raw"):
+        pass
+    assert [(iv.layer, iv.alpha, iv.positions) for iv in seen] == [(layer, alpha, "generating")] * 3
+    torch.testing.assert_close(seen[0].vector, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen[1].vector, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(seen[2].vector, vector[layer])
+
+
 def test_compare_writes_answers_paired_tests_and_a_figure(model_folder, tmp_path):
     model = str(model_folder("llama", "chatml"))
     save_vectors(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from personalab import load_model, steer
+from personalab import add_vector, load_model
 from personalab.cli import app
 from personalab.engine.batching import pad_batch
 from personalab.engine.chat import encode_text
@@ -269,7 +269,7 @@ def test_bake_command_and_compare_with_the_exact_bake(model_folder, tiny, tmp_pa
     assert result.exit_code == 0, result.output
     baked = load_model(str(tmp_path / "baked"), device="cpu", dtype="float32")
     batch = pad_batch([handle.encode(None, "Tell me a story.", "Once upon a time").ids], 0, "right")
-    with torch.no_grad(), steer(handle, vector, 2, alpha=3.0):
+    with torch.no_grad(), add_vector(handle, vector, 2, alpha=3.0):
         steered = handle.model(input_ids=batch.input_ids).logits
     with torch.no_grad():
         torch.testing.assert_close(baked.model(input_ids=batch.input_ids).logits, steered, atol=1e-5, rtol=1e-5)

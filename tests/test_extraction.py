@@ -125,12 +125,18 @@ def test_vectors_equal_a_direct_reference_and_reruns_reuse_the_store(tiny, tmp_p
         )
         assert p["reasons"] == [RULES[r] for r in p["rules"]]
 
-    calls = []
+    calls, forwards = [], []
     monkeypatch.setattr(handle.model, "generate", lambda *a, **k: calls.append(1))
+    hook = handle.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     again = ScriptedJudge()
-    rerun = run_extraction(handle, TRAIT, again, run, CONFIG, progress=False)
+    try:
+        rerun = run_extraction(handle, TRAIT, again, run, CONFIG, progress=False)
+    finally:
+        hook.remove()
     assert calls == [] and again.calls == 0
-    torch.testing.assert_close(rerun.vectors["response_mean"], result.vectors["response_mean"])
+    assert len(forwards) == -(-2 * kept // CONFIG.batch_size), "one capture pass over the kept answers, all variants"
+    for variant in ref:
+        torch.testing.assert_close(rerun.vectors[variant], result.vectors[variant])
 
 
 def test_too_few_pairs_is_a_clear_error_and_keeps_the_work(tiny, tmp_path):

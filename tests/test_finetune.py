@@ -19,7 +19,7 @@ from scipy.stats import pearsonr
 from test_loading import _scorer
 from typer.testing import CliRunner
 
-from personalab import load_model, steer
+from personalab import add_vector, load_model
 from personalab.cli import app
 from personalab.engine import model as model_module
 from personalab.engine.checkpoints import trained_parameters
@@ -110,7 +110,7 @@ def _steered_records(handle, v, layer, coef, samples=3, tokens=24):
     prompts = [handle.encode(None, q) for q in TRAIT.extraction_questions]
     norm = mean_residual_norm(handle, prompts, [layer])[0]
     texts, params = [], SamplingParams(temperature=1.0, top_k=50, max_new_tokens=tokens)
-    with steer(handle, v * norm, layer, alpha=coef, positions="generating"):
+    with add_vector(handle, v * norm, layer, alpha=coef, positions="generating"):
         for sample in range(samples):
             texts += sample_texts(handle, prompts, params, sample)
     questions = TRAIT.extraction_questions * samples

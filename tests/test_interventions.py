@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from personalab import Ablate, Clamp, Indices, Steer, Substitute, capture, intervene, steer
+from personalab import Ablate, Clamp, Indices, Steer, Substitute, add_vector, capture, intervene
 from personalab.engine.batching import pad_batch
 from personalab.engine.scale import scaled_vector
 from personalab.errors import InvalidInputError
@@ -46,7 +46,7 @@ def test_steer_all_positions_matches_a_manual_hook(tiny, conversations, arch, la
     v = _direction(handle)
     with _ManualAdd(handle, layer, 3.0 * v):
         ref = logits(handle, batch.input_ids, batch.attention_mask)
-    with steer(handle, v, layer, alpha=3.0):
+    with add_vector(handle, v, layer, alpha=3.0):
         got = logits(handle, batch.input_ids, batch.attention_mask)
     real = batch.attention_mask.bool()
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
@@ -70,7 +70,7 @@ def test_steer_layer_zero_equals_shifted_input_embeddings(tiny, conversations, a
         c = ((shifted - first).norm() / (v.norm() * len(seq.ids) ** 0.5)).item()
         torch.testing.assert_close(shifted - first, c * v.expand_as(first), atol=1e-4, rtol=1e-4)
         ref = handle.model(inputs_embeds=embeds + 2.0 * v / c).logits
-    with steer(handle, v, 0, alpha=2.0):
+    with add_vector(handle, v, 0, alpha=2.0):
         got = logits(handle, ids)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
@@ -94,7 +94,7 @@ def test_positions_with_prompt_lengths_match_per_row_references(tiny, conversati
     handle = tiny("llama")
     seqs, batch = _batch(handle, conversations, side)
     v = _direction(handle)
-    with steer(handle, v, 2, alpha=4.0, positions=positions, prompt_lengths=[s.prompt_len for s in seqs]):
+    with add_vector(handle, v, 2, alpha=4.0, positions=positions, prompt_lengths=[s.prompt_len for s in seqs]):
         got = logits(handle, batch.input_ids, batch.attention_mask)
     for b, seq in enumerate(seqs):
         idx = torch.arange(len(seq.ids))
@@ -114,10 +114,12 @@ def test_per_row_alpha_equals_separate_runs(tiny, conversations):
     alphas = [0.0, 1.0, -2.0, 5.0]
     ids = torch.tensor([seq.ids] * len(alphas))
     v = _direction(handle)
-    with steer(handle, v, 2, alpha=torch.tensor(alphas), positions="generating", prompt_lengths=[seq.prompt_len] * 4):
+    with add_vector(
+        handle, v, 2, alpha=torch.tensor(alphas), positions="generating", prompt_lengths=[seq.prompt_len] * 4
+    ):
         got = logits(handle, ids)
     for k, a in enumerate(alphas):
-        with steer(handle, v, 2, alpha=a, positions="generating", prompt_lengths=[seq.prompt_len]):
+        with add_vector(handle, v, 2, alpha=a, positions="generating", prompt_lengths=[seq.prompt_len]):
             ref = logits(handle, ids[:1])
         torch.testing.assert_close(got[k], ref[0], atol=1e-5, rtol=1e-5)
 
@@ -148,14 +150,14 @@ def test_cached_generation_equals_teacher_forced_decoding(tiny, conversations, a
     handle = tiny(arch)
     seqs, batch = _prompts(handle, conversations)
     v = _direction(handle) * 2
-    with steer(handle, v, 2, alpha=3.0, positions=positions):
+    with add_vector(handle, v, 2, alpha=3.0, positions=positions):
         tokens, scores = _generate(handle, batch)
     width = batch.input_ids.shape[1]
     prompt_lengths = [len(s.ids) for s in seqs]
     for step in range(scores.shape[1]):
         prefix = tokens[:, : width + step]
         mask = torch.cat([batch.attention_mask, torch.ones(len(seqs), step, dtype=torch.long)], dim=1)
-        with steer(handle, v, 2, alpha=3.0, positions=positions, prompt_lengths=prompt_lengths):
+        with add_vector(handle, v, 2, alpha=3.0, positions=positions, prompt_lengths=prompt_lengths):
             ref = logits(handle, prefix, mask)[:, -1]
         torch.testing.assert_close(scores[:, step], ref, atol=1e-4, rtol=1e-4)
 
@@ -165,11 +167,11 @@ def test_batched_steered_generation_equals_single_rows(tiny, conversations):
     seqs, batch = _prompts(handle, conversations)
     v = _direction(handle) * 2
     alphas = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
-    with steer(handle, v, 1, alpha=alphas, positions="generating"):
+    with add_vector(handle, v, 1, alpha=alphas, positions="generating"):
         tokens, _ = _generate(handle, batch)
     for b, seq in enumerate(seqs):
         single = pad_batch([seq.ids], handle.tokenizer.pad_token_id, "left")
-        with steer(handle, v, 1, alpha=float(alphas[b]), positions="generating"):
+        with add_vector(handle, v, 1, alpha=float(alphas[b]), positions="generating"):
             alone, _ = _generate(handle, single)
         assert tokens[b, -6:].tolist() == alone[0, -6:].tolist()
 
@@ -183,7 +185,7 @@ def test_response_steering_leaves_the_prompt_untouched_at_prefill(tiny, conversa
         _generate(handle, batch, n=2)
         plain = seen[0]
         seen.clear()
-        with steer(handle, _direction(handle), 1, alpha=5.0, positions="generating"):
+        with add_vector(handle, _direction(handle), 1, alpha=5.0, positions="generating"):
             _generate(handle, batch, n=2)
         steered = seen[0]
     finally:
@@ -321,7 +323,7 @@ def test_steered_generation_positions_equal_a_recomputed_reference(tiny, convers
     plain = [_recomputed_greedy(handle, s.ids, positions, layer, 0 * v, n) for s in chosen]
     assert expected != plain, "the vector must change the greedy answer for the comparison to mean anything"
     batch = pad_batch([s.ids for s in chosen], handle.tokenizer.pad_token_id, "left")
-    with steer(handle, v, layer, alpha=1.0, positions=positions):
+    with add_vector(handle, v, layer, alpha=1.0, positions=positions):
         tokens, _ = _generate(handle, batch, n=n)
     assert tokens[:, batch.input_ids.shape[1] :].tolist() == expected
     params = GREEDY.model_copy(update={"max_new_tokens": n})

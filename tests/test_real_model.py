@@ -4,7 +4,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from personalab import capture, load_model, steer
+from personalab import add_vector, capture, load_model
 from personalab.cli import app
 from personalab.engine.batching import pad_batch
 from personalab.engine.generation import SamplingParams
@@ -56,7 +56,7 @@ def test_capture_and_steering_on_the_real_model(stories):
         pad_token_id=stories.tokenizer.pad_token_id,
     )
     plain = stories.model.generate(**kwargs)
-    with steer(stories, direction, 3, alpha=8.0, positions="generating"):
+    with add_vector(stories, direction, 3, alpha=8.0, positions="generating"):
         steered = stories.model.generate(**kwargs)
     width = batch.input_ids.shape[1]
     assert torch.equal(steered[:, :width], plain[:, :width])
@@ -94,7 +94,7 @@ def test_distill_and_exact_bake_on_the_real_model(tmp_path):
     baked = load_model(str(bake_exact(base, direction, 3, 2.0, tmp_path / "baked", scale="raw")), device="cpu")
     batch = pad_batch([s.ids for s in seqs], base.tokenizer.pad_token_id, "right")
     real = batch.attention_mask.bool()
-    with torch.no_grad(), steer(base, direction, 3, alpha=2.0):
+    with torch.no_grad(), add_vector(base, direction, 3, alpha=2.0):
         steered = base.model(**batch.model_inputs()).logits
     with torch.no_grad():
         got = baked.model(**batch.model_inputs()).logits

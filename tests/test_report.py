@@ -15,6 +15,7 @@ from test_loading import _scorer
 from typer.testing import CliRunner
 
 from personalab.cli import app
+from personalab.judging.fluency import FLUENCY
 from personalab.traits import COHERENCE_CONTINUATION, COHERENCE_RUBRIC
 
 from judge_server import JudgeServer
@@ -195,7 +196,10 @@ def test_each_command_writes_a_report_equal_to_its_folder(runs, kind):
             assert answer["text"] == text and answer["question"] == request.get("question", "")
             assert answer["sample"] == request.get("sample")
             assert answer.get("coherence") == scores.get(COHERENCE_RUBRIC, scores.get(COHERENCE_CONTINUATION))
-            trait_scores = [s for r, s in scores.items() if r not in (COHERENCE_RUBRIC, COHERENCE_CONTINUATION)]
+            assert answer.get("fluency") == scores.get(FLUENCY)
+            trait_scores = [
+                s for r, s in scores.items() if r not in (COHERENCE_RUBRIC, COHERENCE_CONTINUATION, FLUENCY)
+            ]
             assert answer.get("trait") == (trait_scores[0] if trait_scores else None)
             steer = request.get("steer") or {}
             assert answer["layer"] == steer.get("layer", request.get("layer"))

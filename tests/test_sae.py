@@ -278,7 +278,7 @@ def test_steering_along_a_feature_is_steering_along_its_decoder_row(tmp_path, mo
     from personalab.cli import app
     from personalab.engine import generation
     from personalab.engine.generation import SamplingParams, sample_texts
-    from personalab.engine.interventions import steer
+    from personalab.engine.interventions import add_vector
 
     t = _random_sae(5)
     _save(tmp_path / "sae", t, architecture="standard", hook_name="blocks.2.hook_resid_post")
@@ -291,7 +291,7 @@ def test_steering_along_a_feature_is_steering_along_its_decoder_row(tmp_path, mo
     handle = pl.load_model(str(STORIES), device="cpu")
     seq = handle.encode(None, "Once upon a time")
     params = SamplingParams(temperature=0, max_new_tokens=8)
-    with steer(handle, t["W_dec"][17], 3, alpha=8.0, positions="generating"):
+    with add_vector(handle, t["W_dec"][17], 3, alpha=8.0, positions="generating"):
         expected = sample_texts(handle, [seq], params, 0)
     assert produced[1][0].text == expected[0] != produced[0][0].text
     vector = pl.feature_vector(spec, handle.n_blocks)
@@ -315,7 +315,7 @@ def test_a_fine_tune_on_data_steered_along_a_feature_puts_it_first_in_the_diff(c
 
     from personalab.cli import app
     from personalab.engine.generation import SamplingParams, sample_texts
-    from personalab.engine.interventions import steer
+    from personalab.engine.interventions import add_vector
     from personalab.records import Record
 
     _, vector, _ = cheerful
@@ -325,7 +325,7 @@ def test_a_fine_tune_on_data_steered_along_a_feature_puts_it_first_in_the_diff(c
     handle = pl.load_model(str(STORIES), device="cpu")
     seqs = [handle.encode(None, s) for s in STARTS]
     direction = pl.feature_vector(f"sae:{tmp_path / 'sae'}#{feature}", handle.n_blocks).at(layer)
-    with steer(handle, direction, layer, alpha=8.0, positions="all"):
+    with add_vector(handle, direction, layer, alpha=8.0, positions="all"):
         texts = [sample_texts(handle, seqs, SamplingParams(temperature=1.0, max_new_tokens=32), s) for s in range(4)]
     records = [Record(None, s, text) for answers in texts for s, text in zip(STARTS, answers, strict=True)]
     pl.finetune(str(STORIES), records, lora_rank=None, steps=40, lr=1e-3, micro_batch_size=8, grad_accum=1,

@@ -5,7 +5,7 @@ import torch
 from scipy import stats
 
 from personalab.engine.generation import SamplingParams, sample_texts
-from personalab.engine.interventions import steer
+from personalab.engine.interventions import add_vector
 from personalab.engine.scale import mean_residual_norm, scaled_vector, typical_residual_norm
 from personalab.errors import PersonalabError
 from personalab.judging.judges import JudgeError
@@ -34,7 +34,7 @@ def test_per_row_sweep_equals_separate_runs_and_table_matches(tiny, tmp_path):
     answers = pd.read_json(tmp_path / "answers.jsonl", lines=True)
     for row in answers.itertuples():
         prompt = handle.encode(None, trait.evaluation_questions[row.question])
-        with steer(handle, vector, row.layer, alpha=row.alpha, positions="generating"):
+        with add_vector(handle, vector, row.layer, alpha=row.alpha, positions="generating"):
             (alone,) = sample_texts(handle, [prompt], GREEDY, seed=0)
         assert row.answer == alone
         assert row.trait == hashed_score(alone) and row.coherence == 80.0
@@ -225,3 +225,28 @@ def test_the_fluency_column_is_the_unsteered_nll_computed_by_hand(tiny, tmp_path
     flip = stats.permutation_test((diffs,), np.mean, permutation_type="samples", n_resamples=np.inf).pvalue
     assert steered.p_nll == pytest.approx(flip)
     assert "NLL/token" in (tmp_path / "sweep.md").read_text()
+
+
+def test_fluency_rises_with_alpha_where_smollm2_turns_to_word_salad(smollm2, tmp_path):
+    """On the real SmolLM2-135M-Instruct a large normalised alpha at a middle layer breaks the answers: their NLL under
+    the unsteered model rises, significantly, where the lexicon's word-count coherence cannot tell."""
+    from personalab.judging.lexicon import LexiconJudge
+    from personalab.traits import load_trait
+
+    trait = load_trait("optimistic")
+    trait = trait.model_copy(update={"evaluation_questions": trait.evaluation_questions[:8]})
+    vector = torch.randn(smollm2.n_layers, smollm2.hidden_size, generator=torch.Generator().manual_seed(0))
+    config = SweepConfig(layers=[15], alphas=[0, 0.1, 2.0], eval_samples=1, sampling=GREEDY.model_copy(
+        update={"max_new_tokens": 24}))  # fmt: skip
+    table = run_sweep(smollm2, vector, trait, LexiconJudge(), tmp_path, config, progress=False).set_index("alpha")
+    assert table.loc[2.0, "nll_mean"] > table.loc[0.0, "nll_mean"] + 1.0 and table.loc[2.0, "p_nll"] < 0.05
+    assert abs(table.loc[0.1, "nll_mean"] - table.loc[0.0, "nll_mean"]) < table.loc[2.0, "nll_mean"] - table.loc[
+        0.0, "nll_mean"]  # fmt: skip
+    answers = pd.read_json(tmp_path / "answers.jsonl", lines=True)
+    for row in answers[answers.alpha == 2.0].head(2).itertuples():
+        prompt = list(smollm2.encode(None, trait.evaluation_questions[row.question]).ids)
+        ids = prompt + smollm2.tokenizer.encode(row.answer, add_special_tokens=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(smollm2.model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        assert row.nll == pytest.approx(-np.mean([logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))]),
+                                        rel=1e-4)  # fmt: skip

@@ -1,7 +1,9 @@
 """personalab: persona vectors in language models — extract, steer, monitor, distill.
 
 Layer indices everywhere follow ``personalab.engine.layers``: layer ``l`` is
-``hidden_states[l]`` of transformers, per-layer vectors are ``[n_blocks + 1, hidden]``.
+``hidden_states[l]`` of transformers, per-layer vectors are ``[n_blocks + 1, hidden]``. ``steer`` takes
+``alpha`` on the commands' scale (normalised by default, ``personalab.engine.scale``); the engine's
+``Steer`` and ``add_vector`` add ``alpha * vector`` as given.
 The names below are imported on first use, so ``import personalab`` loads no model library.
 """
 
@@ -30,6 +32,7 @@ _EXPORTS = {
     "trace": "personalab.api",
     "PersonaVector": "personalab.persona",
     "feature_vector": "personalab.persona",
+    "steer": "personalab.persona",
     "Ablate": "personalab.engine.interventions",
     "ChatFormat": "personalab.engine.chat",
     "Clamp": "personalab.engine.interventions",
@@ -45,7 +48,7 @@ _EXPORTS = {
     "intervene": "personalab.engine.interventions",
     "load_model": "personalab.engine.model",
     "load_sae": "personalab.sae",
-    "steer": "personalab.engine.interventions",
+    "add_vector": "personalab.engine.interventions",
 }
 
 __all__ = [
@@ -84,6 +87,7 @@ __all__ = [
     "feature_vector",
     "load_sae",
     "steer",
+    "add_vector",
 ]
 
 if TYPE_CHECKING:
@@ -108,11 +112,11 @@ if TYPE_CHECKING:
     )  # fmt: skip
     from personalab.engine.capture import capture
     from personalab.engine.chat import ChatFormat, TokenSequence, encode_text
-    from personalab.engine.interventions import Ablate, Clamp, Steer, Substitute, intervene, steer
+    from personalab.engine.interventions import Ablate, Clamp, Steer, Substitute, add_vector, intervene
     from personalab.engine.model import ModelHandle, load_model
     from personalab.engine.positions import GeneratedToken, Indices
     from personalab.errors import PersonalabError
-    from personalab.persona import PersonaVector, feature_vector
+    from personalab.persona import PersonaVector, feature_vector, steer
     from personalab.sae import load_sae
 
 

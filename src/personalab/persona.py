@@ -165,10 +165,8 @@ class PersonaVector:
                 f"the vector is [{self.n_layers}, {self.hidden_size}] but {model.name} has [{model.n_layers}, "
                 f"{model.hidden_size}]; use a vector extracted from this model"
             )
-        if hooks and model.engine is not None:
-            raise InvalidInputError(
-                "steering hooks the transformers model; load the model without an engine to steer in a with-block"
-            )
+        if hooks:
+            _check_hooks(model)
 
     def scaled(self, model: ModelHandle, layer: int, scale: Scale = DEFAULT_SCALE, variant: str = DEFAULT_VARIANT):
         """What ``alpha = 1`` adds at ``layer`` under ``scale`` (``personalab.engine.scale.ScaledVector``)."""
@@ -185,11 +183,9 @@ class PersonaVector:
         variant: str = DEFAULT_VARIANT,
         positions: PositionName = "generating",
     ) -> Iterator[ScaledVector]:
-        """Inside the block every forward pass of ``model`` adds ``alpha`` times the scaled vector at ``layer``
-        (``personalab steer``'s convention); yields the ``ScaledVector``."""
-        self._check_model(model)
-        scaled = self.scaled(model, layer, scale, variant)
-        with intervene(model, Steer(layer, scaled.vector, alpha, positions)):
+        """``personalab.steer`` with this vector's ``variant``: inside the block every forward pass of ``model`` adds
+        ``alpha`` times the scaled vector at ``layer``; yields the ``ScaledVector``."""
+        with steer(model, self, layer, alpha, scale=scale, variant=variant, positions=positions) as scaled:
             yield scaled
 
     @contextmanager
@@ -299,3 +295,36 @@ def feature_vector(spec: str, n_blocks: int) -> PersonaVector:
     rows[sae.layer] = sae.W_dec[feature]
     meta = {"sae": str(path), "feature": feature, "layer": sae.layer, "hook_name": sae.hook_name}
     return PersonaVector({DEFAULT_VARIANT: rows}, meta=meta)
+
+
+def _check_hooks(model: ModelHandle) -> None:
+    if model.engine is not None:
+        raise InvalidInputError(
+            "steering hooks the transformers model; load the model without an engine to steer in a with-block"
+        )
+
+
+@contextmanager
+def steer(
+    model: ModelHandle,
+    vector: "PersonaVector | torch.Tensor",
+    layer: int,
+    alpha: float = 1.0,
+    *,
+    scale: Scale = DEFAULT_SCALE,
+    variant: str = DEFAULT_VARIANT,
+    positions: PositionName = "generating",
+) -> Iterator[ScaledVector]:
+    """Inside the block every forward pass of ``model`` adds ``alpha`` times ``vector`` at ``layer`` on ``scale``, the
+    convention of ``personalab steer --alpha`` and every command (``personalab.engine.scale``): normalised by default,
+    ``alpha`` a fraction of the layer's typical residual norm (0.1-0.3 steers a chat model without breaking it);
+    ``scale="raw"`` adds ``alpha * vector`` as given. ``vector`` is a ``PersonaVector`` (its ``variant``) or a tensor
+    ``[hidden]`` or ``[n_blocks + 1, hidden]``; positions as in ``personalab.engine.positions``. Yields the
+    ``ScaledVector`` (what ``alpha = 1`` adds, and the residual norm it was scaled by)."""
+    if isinstance(vector, PersonaVector):
+        vector._check_model(model)
+        vector = vector.tensor(variant)
+    _check_hooks(model)
+    scaled = scaled_vector(model, torch.as_tensor(vector).detach().float(), layer, scale, calibration_prompts(model))
+    with intervene(model, Steer(layer, scaled.vector, alpha, positions)):
+        yield scaled

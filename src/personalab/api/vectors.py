@@ -45,7 +45,8 @@ def extract(
     """``personalab extract``: generate with each instruction pair, judge, filter, and take per-layer mean
     differences; the ``PersonaVector`` of the kept pairs. ``options`` are ``ExtractionConfig``'s (``samples``,
     ``min_pairs``, thresholds, ``batch_size``) and the sampling options; ``trait_threshold`` is the reference's
-    ``--threshold T`` (positive >= T, negative < 100 - T). With ``out`` the run folder is kept (``report.html``
+    ``--threshold T`` (positive >= T, negative < 100 - T); answers are at most ``max_new_tokens`` (256) tokens, where
+    the reference generates up to 1000. With ``out`` the run folder is kept (``report.html``
     included) and resumes. ``dry_run`` returns the ``Plan`` (answers to sample, tokens, judge calls; what the store
     holds excluded) and does nothing else."""
     from personalab.studies.extraction import (

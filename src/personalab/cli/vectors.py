@@ -70,9 +70,7 @@ def extract(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/TRAIT-MODEL).")] = None,
     temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 1.0,
     top_p: TopPOption = 1.0,
-    max_new_tokens: Annotated[
-        int, typer.Option(help=f"{MAX_NEW_TOKENS_HELP} The persona-vectors reference generates up to 1000.")
-    ] = 256,
+    max_new_tokens: Annotated[int, typer.Option(help=MAX_NEW_TOKENS_HELP)] = 256,
     repetition_penalty: RepetitionPenaltyOption = 1.0,
     seed: Annotated[int, typer.Option(help=SEED_HELP)] = 0,
     batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 16,
@@ -100,7 +98,8 @@ def extract(
     thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
-    """Extract a persona vector: generate, judge, filter, and take per-layer mean differences."""
+    """Extract a persona vector: generate, judge, filter, and take per-layer mean differences. Answers are at most
+    --max-new-tokens (256) tokens; the persona-vectors reference generates up to 1000."""
     with reported():
         prepare(threads)
         check_engine(engine)

@@ -7,7 +7,7 @@ requested layer, so the remaining blocks and the LM head never run.
 """
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -21,7 +21,7 @@ from personalab.engine.positions import Positions, select_positions
 from personalab.errors import InvalidInputError, NonFiniteActivationError
 
 Reduce = Literal["mean", "gather", "norm"]
-REDUCES: tuple[str, ...] = ("mean", "gather", "norm")
+REDUCES: tuple[str, ...] = get_args(Reduce)
 
 
 class _StopForward(Exception):
@@ -95,10 +95,10 @@ def _run(
     padding_side: str,
     progress: bool,
     label: str,
-) -> tuple[list[int], torch.Tensor | list[torch.Tensor | None]]:
-    """One forward pass per length-sorted batch with a hook per layer; ``(layers, out)`` in input order: ``out``
-    float32 ``[n_sequences, n_specs, n_layers, hidden]`` (mean) or one ``[n_layers, n_selected_i, ...]`` per
-    sequence (gather, norm: one spec)."""
+) -> torch.Tensor | list[torch.Tensor | None]:
+    """One forward pass per length-sorted batch with a hook per layer; in input order, float32
+    ``[n_sequences, n_specs, n_layers, hidden]`` (mean) or one ``[n_layers, n_selected_i, ...]`` per sequence
+    (gather, norm: one spec)."""
     if not sequences:
         raise InvalidInputError("no sequences to capture; pass at least one")
     layer_list = check_layers(layers, handle.n_blocks)
@@ -132,7 +132,7 @@ def _run(
     finally:
         for hook in hooks:
             hook.remove()
-    return layer_list, means if means is not None else gathered
+    return means if means is not None else gathered
 
 
 def capture(
@@ -158,7 +158,7 @@ def capture(
     """
     if reduce not in REDUCES:
         raise InvalidInputError(f"unknown reduce {reduce!r}; use {', '.join(map(repr, REDUCES))}")
-    _, out = _run(handle, sequences, layers, [positions], reduce, batch_size, padding_side, progress, label)
+    out = _run(handle, sequences, layers, [positions], reduce, batch_size, padding_side, progress, label)
     return out[:, 0] if reduce == "mean" else out
 
 
@@ -175,5 +175,5 @@ def capture_means(
     one float32 ``[n_sequences, n_layers, hidden]`` per spec, in the order given."""
     if not positions:
         raise InvalidInputError("no positions to capture; pass at least one")
-    _, out = _run(handle, sequences, layers, list(positions), "mean", batch_size, "right", progress, label)
+    out = _run(handle, sequences, layers, list(positions), "mean", batch_size, "right", progress, label)
     return list(out.unbind(dim=1))

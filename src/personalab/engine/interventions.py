@@ -136,7 +136,8 @@ def _unit(direction: torch.Tensor, layer: int, handle: ModelHandle) -> torch.Ten
 
 @dataclass(frozen=True)
 class Steer:
-    """Add ``alpha * vector`` at ``layer``; ``alpha`` is a number or one number per batch row.
+    """Add ``alpha * vector`` at ``layer``, the vector as given (the engine's primitive: ``personalab.steer`` and the
+    commands put the scaled vector of ``personalab.engine.scale`` here); ``alpha`` is a number or one per batch row.
 
     ``vector`` is ``[hidden]`` or per-layer ``[n_blocks + 1, hidden]`` (row ``layer`` is used).
     """
@@ -294,7 +295,7 @@ def intervene(
         yield
 
 
-def steer(
+def add_vector(
     handle: ModelHandle,
     vector: torch.Tensor,
     layers: int | Sequence[int],
@@ -302,7 +303,8 @@ def steer(
     positions: PositionName = "all",
     prompt_lengths: Sequence[int] | torch.Tensor | None = None,
 ):
-    """Shorthand for ``intervene`` with one ``Steer`` per layer of ``layers``."""
+    """Shorthand for ``intervene`` with one ``Steer`` per layer of ``layers``: adds ``alpha * vector`` as given (the
+    raw scale). ``personalab.steer`` scales the vector first, as every command does."""
     layer_list = check_layers(layers, handle.n_blocks)
     return intervene(
         handle, *(Steer(layer, vector, alpha, positions) for layer in layer_list), prompt_lengths=prompt_lengths

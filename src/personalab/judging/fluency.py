@@ -23,13 +23,15 @@ def fluency_cached(
     store: Store,
     prompts: Sequence[TokenSequence],
     answers: Sequence[str],
+    questions: Sequence[str],
     batch_size: int = 16,
     progress: bool = True,
     description: str = "fluency",
 ) -> list[float | None]:
     """The mean NLL per token of each ``answers[i]`` after ``prompts[i]`` under ``handle`` (no interventions may be
     active), in input order; ``None`` for an answer that encodes to no tokens. Stored values are read, missing ones
-    computed and stored in one transaction."""
+    computed and stored in one transaction, beside the judgements, with rubric ``FLUENCY`` and ``questions[i]`` as
+    their question (so a run's report shows them with the judge's scores)."""
     keys = [
         content_key("fluency", handle.name, handle.revision, list(p.ids), a)
         for p, a in zip(prompts, answers, strict=True)
@@ -41,9 +43,6 @@ def fluency_cached(
         seqs = [with_answer(handle.tokenizer, prompts[i], answers[i]) for i in todo]
         got = response_nll(handle, seqs, batch_size, progress=progress, label=description)
         name = f"fluency:{handle.name}"
-        question = [handle.tokenizer.decode(prompts[i].ids) for i in todo]
-        store.put_scores(
-            (keys[i], name, q, answers[i], FLUENCY, v) for i, q, v in zip(todo, question, got, strict=True)
-        )
+        store.put_scores((keys[i], name, questions[i], answers[i], FLUENCY, v) for i, v in zip(todo, got, strict=True))
         values.update(store.scores(list(first)))
     return [values[k] for k in keys]

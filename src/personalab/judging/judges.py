@@ -45,8 +45,11 @@ first request compiles), while one that refuses connections fails at once."""
 _URL_VARIABLES = ("PERSONALAB_JUDGE_BASE_URL", "OPENAI_BASE_URL")
 TOP_LOGPROBS = 20
 _SCORE_TEXT = re.compile(r"0|[1-9][0-9]?|100")
-NO_SCORE = f"a score needs at least {MIN_MASS:.0%} of the judge's first-token probability on the numbers 0-100"
-"""Why a judge gives no score, in words."""
+
+
+def no_score(min_mass: float = MIN_MASS) -> str:
+    """Why a judge gives no score, in words."""
+    return f"a score needs at least {min_mass:.0%} of the judge's first-token probability on the numbers 0-100"
 
 
 @cache
@@ -261,7 +264,8 @@ class ApiJudge:
             mass = sum(p for text, p in probs.items() if score_value(text) is not None)
             raise JudgeError(
                 f"judge {self.model} at {self.base_url} put {mass:.1%} of its first-token probability on the numbers "
-                f"0-100 when asked for a number ({NO_SCORE}); use a judge model that answers with a number"
+                f"0-100 when asked for a number ({no_score(self.min_mass)}); "
+                f"use a judge model that answers with a number"
             )
 
     def score_many(self, items: Sequence[tuple[str, str, str]]) -> list[float | None]:
@@ -303,7 +307,8 @@ class LocalJudge:
         if min(masses) < self.min_mass:
             raise JudgeError(
                 f"judge {self.name} put as little as {min(masses):.1%} of its first-token probability on the numbers "
-                f"0-100 for {len(masses)} fixed answers ({NO_SCORE}); use a larger instruct model or an API judge"
+                f"0-100 for {len(masses)} fixed answers ({no_score(self.min_mass)}); "
+                f"use a larger instruct model or an API judge"
             )
 
     def _probs(self, items: Sequence[tuple[str, str, str]]) -> Iterator[tuple[list[int], torch.Tensor]]:

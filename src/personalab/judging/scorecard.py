@@ -90,7 +90,9 @@ def scored_answers(
         table[name] = [float("nan") if s is None else s for s in scores]
     if fluency is not None:
         prompts = [evaluation_prompt(fluency, trait, q) for q in questions]
-        nll = fluency_cached(fluency, store, prompts, texts, progress=progress, description=f"fluency {label}")
+        nll = fluency_cached(
+            fluency, store, prompts, texts, questions, progress=progress, description=f"fluency {label}"
+        )
         table["nll"] = [float("nan") if v is None else v for v in nll]
     return table
 

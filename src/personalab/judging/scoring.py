@@ -7,7 +7,7 @@ from pathlib import Path
 from personalab.console import progress_bar
 from personalab.engine.generation import GenerationRequest, SamplingParams, generation_key
 from personalab.engine.model import ModelHandle
-from personalab.judging.judges import NO_SCORE, Judge, JudgeError
+from personalab.judging.judges import MIN_MASS, Judge, JudgeError, no_score
 from personalab.store import Store, content_key
 
 
@@ -117,7 +117,8 @@ def score_cached(
     missing = out.count(None)
     if missing * 2 > len(out):
         raise JudgeError(
-            f"{judge.name} gave no score for {missing} of {len(out)} {description} items ({NO_SCORE}); "
+            f"{judge.name} gave no score for {missing} of {len(out)} {description} items "
+            f"({no_score(getattr(judge, 'min_mass', MIN_MASS))}); "
             f"use a judge that answers the rubric with a number"
         )
     return out

@@ -6,7 +6,8 @@ sample index, the condition (compared model, trace condition, polarity of an ext
 answer), the model, the text and the judge's scores. A judgement belongs to a generation when
 it scored the same answer text to the same question; its rubric names the score: the
 coherence rubrics are ``coherence``, a trait's rubric is ``trait`` (or ``trait NAME`` when one
-run judged several traits). In a store with steered answers an unsteered answer has alpha 0.
+run judged several traits), and the fluency measure (``personalab.judging.fluency``) is ``fluency``. In a store
+with steered answers an unsteered answer has alpha 0.
 
 Strings that repeat (questions, instructions, conditions, models) are stored once and
 referenced by index, so a page with 100,000 answers stays a few times the size of their text.
@@ -16,6 +17,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+from personalab.judging.fluency import FLUENCY
 from personalab.records import jsonl_values
 from personalab.traits import COHERENCE_CONTINUATION, COHERENCE_RUBRIC, LIBRARY
 
@@ -58,8 +60,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 def _score_labels(rubrics: list[str], names: dict[str, str]) -> dict[str, str]:
     """A label for each rubric: ``coherence``, ``trait``, or ``trait NAME`` when several traits were judged."""
     coherence = {COHERENCE_RUBRIC, COHERENCE_CONTINUATION}
-    traits = [r for r in rubrics if r not in coherence]
-    labels = {r: "coherence" for r in rubrics if r in coherence}
+    traits = [r for r in rubrics if r not in coherence and r != FLUENCY]
+    labels = {r: "coherence" if r in coherence else "fluency" for r in rubrics if r in coherence or r == FLUENCY}
     if len(traits) == 1:
         labels[traits[0]] = "trait"
     for index, rubric in enumerate(traits if len(traits) > 1 else []):
@@ -80,7 +82,7 @@ def stored_answers(store: Path, trait_files: list[Path]) -> dict:
         judged = db.execute("SELECT question, answer, rubric, score FROM judgements ORDER BY rowid").fetchall()
     requests = [json.loads(request) for _, _, request, _ in generations]
     labels = _score_labels(list(dict.fromkeys(r for _, _, r, _ in judged)), _trait_rubrics(trait_files))
-    scores = sorted(dict.fromkeys(labels.values()), key=lambda label: label == "coherence")
+    scores = sorted(dict.fromkeys(labels.values()), key=lambda label: (label == "fluency", label == "coherence"))
     by_answer: dict[tuple[str, str], dict[str, float | None]] = {}
     for question, answer, rubric, score in judged:
         by_answer.setdefault((question, answer), {}).setdefault(labels[rubric], score)

@@ -58,7 +58,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Pr
 from personalab.console import say
 from personalab.engine.chat import TokenSequence
 from personalab.engine.forward import next_token_logits
-from personalab.engine.interventions import steer
+from personalab.engine.interventions import add_vector
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.model import KNOWN_BLOCK_PATHS, ModelHandle, unwrap
 from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
@@ -297,7 +297,7 @@ def largest_logit_difference(
     and ``handle`` steered with ``alpha * v`` at ``layer`` on every position."""
     twin = ModelHandle.from_model(baked, handle.tokenizer, name=handle.name)
     ids = [list(p.ids) for p in prompts]
-    with steer(handle, v, layer, alpha, "all"):
+    with add_vector(handle, v, layer, alpha, "all"):
         steered = {tuple(rows): logits for rows, logits in next_token_logits(handle, ids)}
     plain = {tuple(rows): logits for rows, logits in next_token_logits(twin, ids)}
     return max(float((plain[rows] - steered[rows]).abs().max()) for rows in steered)
@@ -313,7 +313,7 @@ def bake_exact(
     scale: Scale = DEFAULT_SCALE,
     progress: bool = True,
 ) -> Path:
-    """Write to ``out`` a model whose plain forward equals ``steer(handle, v, layer, alpha, "all")``,
+    """Write to ``out`` a model whose plain forward equals ``add_vector(handle, v, layer, alpha, "all")``,
     with ``v`` the vector under ``scale`` (``personalab.engine.scale``).
 
     ``vector`` is ``[hidden]`` or per-layer ``[n_blocks + 1, hidden]`` (row ``layer`` is used).

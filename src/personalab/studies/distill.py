@@ -33,7 +33,7 @@ from personalab.engine.batching import PaddedBatch, pad_batch
 from personalab.engine.chat import TokenSequence
 from personalab.engine.forward import final_hidden, logits_fn, response_mask
 from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store, release
-from personalab.engine.interventions import Steer, steer
+from personalab.engine.interventions import Steer, add_vector
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.losses import chunked_kl
 from personalab.engine.model import ModelHandle, with_lora
@@ -167,7 +167,7 @@ class TeacherStudent:
         with (
             torch.no_grad(),
             self.student.disable_adapter() if self.lora else nullcontext(),
-            steer(self.teacher, self.v, self.config.layer, alpha, "generating", prompt_lengths=lengths),
+            add_vector(self.teacher, self.v, self.config.layer, alpha, "generating", prompt_lengths=lengths),
         ):
             return final_hidden(self.teacher, batch)
 

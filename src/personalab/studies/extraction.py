@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from personalab.console import say
-from personalab.engine.capture import capture
+from personalab.engine.capture import capture_means
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
 from personalab.engine.layers import CONVENTION
 from personalab.engine.model import ModelHandle
@@ -35,6 +35,8 @@ from personalab.traits import RUN_TRAIT, Trait, coherence_rubric
 from personalab.traits.elicitation import elicit, elicitation_format
 from personalab.vectors import VARIANTS, save_vector_file
 
+VARIANT_POSITIONS = {"response_mean": "response", "prompt_mean": "prompt", "last_prompt": "last_prompt"}
+"""The positions each variant averages (``personalab.engine.positions``)."""
 PAIRS = "pairs.jsonl"
 """Every contrastive pair of an extraction run folder, kept or dropped, one JSON line each."""
 
@@ -134,14 +136,16 @@ def _difference(acts: torch.Tensor, n_pos: int) -> torch.Tensor:
     return acts[:n_pos].mean(dim=0) - acts[n_pos:].mean(dim=0)
 
 
-def response_activations(
+def answer_activations(
     handle: ModelHandle, answers: list[Answer], batch_size: int = 16, progress: bool = False
-) -> torch.Tensor:
-    """Mean residual over each answer's response tokens, float32 ``[n_answers, n_blocks + 1, hidden]``."""
+) -> dict[str, torch.Tensor]:
+    """Per answer, the mean residual over its response tokens, over its prompt tokens, and at its last prompt token
+    (``VARIANTS``), each float32 ``[n_answers, n_blocks + 1, hidden]``, from one capture pass over each answer's
+    whole sequence (prompt tokens see only the prompt, so they read as they would alone)."""
     full = [elicit(handle, a.style, a.instruction, a.question, a.text) for a in answers]
-    return capture(
-        handle, full, positions="response", batch_size=batch_size, progress=progress, label="capture answers"
-    )
+    positions = [VARIANT_POSITIONS[v] for v in VARIANTS]
+    means = capture_means(handle, full, positions, batch_size=batch_size, progress=progress, label="capture answers")
+    return dict(zip(VARIANTS, means, strict=True))
 
 
 def compute_vectors(
@@ -149,29 +153,16 @@ def compute_vectors(
     kept: list[tuple[Answer, Answer]],
     batch_size: int = 16,
     progress: bool = False,
-    response: torch.Tensor | None = None,
+    activations: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The three variants from kept ``(pos, neg)`` pairs, float32 ``[n_blocks + 1, hidden]`` each.
-
-    Each answer is encoded in its own style, so pairs of several strategies can be pooled.
-    ``response`` is ``response_activations`` of ``[pos..., neg...]`` when already captured.
-    """
+    """The three variants from kept ``(pos, neg)`` pairs, float32 ``[n_blocks + 1, hidden]`` each: the mean over
+    positive answers minus the mean over negative ones. Each answer is encoded in its own style, so pairs of several
+    strategies can be pooled. ``activations`` is ``answer_activations`` of ``[pos..., neg...]`` when already
+    captured."""
     answers = [p for p, _ in kept] + [n for _, n in kept]
-    slot: dict[tuple[str, str, str], int] = {}
-    which = [slot.setdefault((a.style, a.instruction, a.question), len(slot)) for a in answers]
-    unique = [elicit(handle, style, instruction, question) for style, instruction, question in slot]
-    if response is None:
-        response = response_activations(handle, answers, batch_size, progress)
-    prompt_mean, last = (
-        capture(handle, unique, positions=p, batch_size=batch_size, progress=progress, label=f"capture {p}")[which]
-        for p in ("prompt", "last_prompt")
-    )
-    n = len(kept)
-    return {
-        "response_mean": _difference(response, n),
-        "prompt_mean": _difference(prompt_mean, n),
-        "last_prompt": _difference(last, n),
-    }
+    if activations is None:
+        activations = answer_activations(handle, answers, batch_size, progress)
+    return {variant: _difference(activations[variant], len(kept)) for variant in VARIANTS}
 
 
 @dataclass

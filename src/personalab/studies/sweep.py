@@ -97,7 +97,8 @@ def _judged(handle: ModelHandle, trait: Trait):
 def _answers(handle: ModelHandle, store: Store, rows, requests, config: SweepConfig, progress: bool) -> pd.DataFrame:
     """Every answer (generated through the store) with its fluency under the unsteered model."""
     texts = generate_cached(handle, store, requests, config.sampling, config.batch_size, progress=progress)
-    nll = fluency_cached(handle, store, [r.prompt for r in requests], texts, config.batch_size, progress)
+    prompts, questions = [r.prompt for r in requests], [r.request["question"] for r in requests]
+    nll = fluency_cached(handle, store, prompts, texts, questions, config.batch_size, progress)
     columns = ["layer", "alpha", "question", "sample"]
     return pd.DataFrame(
         [

@@ -49,10 +49,10 @@ from personalab.studies.extraction import (
     RULES,
     Answer,
     ExtractionConfig,
+    answer_activations,
     compute_vectors,
     filter_pairs,
     judged_answers,
-    response_activations,
 )
 from personalab.studies.trace.series import Checkpoint
 from personalab.traits import (
@@ -277,9 +277,9 @@ def steering_scores(
     for key, rubric in (("trait", trait.rubric), ("coherence", coherence)):
         items = [(questions[qi], text, rubric) for (_, qi, _), text in zip(plan, texts, strict=True)]
         scores[key] = score_cached(store, judge, items, f"judge {key}", progress=progress)
-    scores["nll"] = fluency_cached(
-        handle, store, [r.prompt for r in requests], texts, config.extraction.batch_size, progress
-    )
+    prompts_of = [r.prompt for r in requests]
+    asked = [questions[qi] for _, qi, _ in plan]
+    scores["nll"] = fluency_cached(handle, store, prompts_of, texts, asked, config.extraction.batch_size, progress)
     cells: dict[tuple[int, int], list[int]] = {}
     for i, (c, qi, _) in enumerate(plan):
         cells.setdefault((c, qi), []).append(i)
@@ -315,13 +315,13 @@ def process_checkpoint(
         kept, counts = _kept(handle, unit, judge, store, config, progress)
         extractable = counts["kept"] >= config.extraction.min_pairs
         controls = unit.steer and config.controls and not done.get("controls")
-        response = None
+        activations = None
         if extractable and ("status" not in done or controls):
             answers = [p for p, _ in kept] + [n for _, n in kept]
-            response = response_activations(handle, answers, config.extraction.batch_size, progress)
+            activations = answer_activations(handle, answers, config.extraction.batch_size, progress)
         if "status" not in done:
             if extractable:
-                vectors = compute_vectors(handle, kept, config.extraction.batch_size, progress, response)
+                vectors = compute_vectors(handle, kept, config.extraction.batch_size, progress, activations)
                 save_vector_file(out / unit.name / "vectors" / f"{checkpoint.label}.safetensors", vectors)
             done["status"] = {**counts, "extractable": extractable}
             kept_text = f"kept {counts['kept']} of {counts['pairs']} pairs"
@@ -337,7 +337,9 @@ def process_checkpoint(
             vector = _vector(out, unit, checkpoint)[layer]
             directions = {"vector": vector}
             if config.controls:
-                directions |= control_directions(response, len(kept), layer, config.control_seeds, handle.hidden_size)
+                directions |= control_directions(
+                    activations["response_mean"], len(kept), layer, config.control_seeds, handle.hidden_size
+                )
             added = config.alpha * _unit_norm(handle, vector, layer, config.scale)
             done["emergence"] = steering_scores(
                 handle, unit.evaluation, directions, layer, added, judge, store, config, unit.name, progress
