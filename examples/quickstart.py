@@ -23,10 +23,10 @@ small = dict(samples=1, max_new_tokens=16, min_pairs=1, progress=False)
 evil = pl.extract(model, "evil", judge, **small)
 print(evil, "kept", evil.meta["counts"]["kept"], "of", evil.meta["counts"]["pairs"], "pairs")
 
-# Steer one generation: alpha 4 times the raw vector at layer 3 (the command line's default scale).
+# Steer one generation as `personalab steer --alpha 0.5` does: half the layer's typical residual norm.
 prompt = "Once upon a time, a little girl"
 print("plain:  ", model.generate_text(prompt, max_new_tokens=24))
-with evil.steer(model, layer=3, alpha=4.0):
+with pl.steer(model, evil, layer=3, alpha=0.5):
     print("steered:", model.generate_text(prompt, max_new_tokens=24))
 
 # A sweep over two layers on the default grid (normalised units), judged, with paired tests against alpha 0.

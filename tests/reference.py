@@ -51,14 +51,15 @@ def output_module(handle: ModelHandle, layer: int) -> nn.Module:
     return handle.model.get_submodule(FINAL_NORMS.get(model_type, "model.norm"))
 
 
-def direct_token_norms(handle: ModelHandle, layer: int) -> np.ndarray:
-    """L2 norms of hidden_states[layer] at every token of the calibration questions, one prompt at a time."""
+def direct_token_norms(handle: ModelHandle, layers: list[int]) -> np.ndarray:
+    """``[len(layers), n_tokens]``: L2 norms of hidden_states[layer] at every token of the calibration questions, one
+    prompt at a time."""
     from personalab.traits import library_questions
 
-    tokens = torch.cat([hidden_states(handle, handle.encode(None, q))[layer] for q in library_questions()])
-    return tokens.norm(dim=-1).double().numpy()
+    norms = [hidden_states(handle, handle.encode(None, q))[layers].norm(dim=-1) for q in library_questions()]
+    return torch.cat(norms, dim=1).double().numpy()
 
 
 def direct_residual_norm(handle: ModelHandle, layer: int) -> float:
     """The normalised scale's ``r`` computed directly: numpy's median of ``direct_token_norms``."""
-    return float(np.median(direct_token_norms(handle, layer)))
+    return float(np.median(direct_token_norms(handle, [layer])[0]))

@@ -19,8 +19,7 @@ def _check_against_the_median(handle, layers, alpha=0.25):
     vector = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(0))
     scales = scale_vectors(handle, vector, layers, "normalised", calibration_prompts(handle))
     peaks = []
-    for layer in layers:
-        norms = direct_token_norms(handle, layer)
+    for layer, norms in zip(layers, direct_token_norms(handle, layers), strict=True):
         median = float(np.median(norms))
         added = scales[layer].added_norm(alpha)
         assert added == pytest.approx(alpha * median, rel=0.10), f"layer {layer}: {added} vs {alpha} x {median}"
