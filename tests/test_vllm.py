@@ -211,7 +211,7 @@ def test_steer_prints_the_same_continuation_on_both_engines(folders, tmp_path):
 
 def _scorer(prompt):
     answer = prompt.split("[ANSWER START]")[-1] if "[ANSWER START]" in prompt else prompt
-    return {str(hashed_score(answer)): 1.0}
+    return {str(int(hashed_score(answer))): 1.0}
 
 
 def test_sweep_on_vllm_has_the_table_resumes_and_extends(folders, tmp_path):
