@@ -72,13 +72,13 @@ def _from_messages(messages: object, where: str) -> tuple[str | None, str, str |
     if not users:
         raise InvalidInputError(f"{where}: no user message; {_RECORD_HINT}")
     system = _text(messages[0].get("content"), "system content", where) if roles[0] == "system" else None
-    earlier = roles[1 if system is not None else 0 : users[-1]]
+    start = 1 if system is not None else 0
+    earlier = roles[start : users[-1]]
     if earlier != ["user", "assistant"] * (len(earlier) // 2):
         raise InvalidInputError(
             f"{where}: the turns before the last user message are {earlier}; after an optional first system message "
             f"they must alternate user and assistant"
         )
-    start = 1 if system is not None else 0
     history = tuple(
         (
             _text(messages[i].get("content"), "user content", where),
