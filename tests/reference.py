@@ -1,5 +1,7 @@
 """Reference computations that use transformers directly, not personalab's hooks."""
 
+import sqlite3
+
 import numpy as np
 import torch
 from torch import nn
@@ -63,3 +65,12 @@ def direct_token_norms(handle: ModelHandle, layers: list[int]) -> np.ndarray:
 def direct_residual_norm(handle: ModelHandle, layer: int) -> float:
     """The normalised scale's ``r`` computed directly: numpy's median of ``direct_token_norms``."""
     return float(np.median(direct_token_norms(handle, [layer])[0]))
+
+
+def stored_rows(db_path, table: str) -> int:
+    """Rows in a table of a store that another process may be creating (0 until the table exists)."""
+    try:
+        with sqlite3.connect(db_path, timeout=1) as db:
+            return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    except sqlite3.Error:
+        return 0

@@ -94,7 +94,15 @@ def test_extract_rejects_bad_input_before_any_work(model_folder, tmp_path):
         (["--trait", "evil", "--judge", "api:x", "--top-p", "2"], "invalid --top-p"),
         (["--trait", "evil", "--judge", "api:x", "--engine", "tgi"], "unknown --engine 'tgi'; use hf or vllm"),
         (["--trait", "evil", "--judge", "api:x", "--tensor-parallel-size", "2"], "add --engine vllm"),
+        (
+            ["--trait", "evil", "--judge", "api:x", "--trait-threshold", "60", "--pos-threshold", "70"],
+            "--trait-threshold sets both trait cut-offs; give either it or --pos-threshold, not both",
+        ),
+        (["--trait", "evil", "--judge", "api:x", "--pos-threshold", "150"], "invalid --pos-threshold"),
+        (["--trait", "evil", "--judge", "api:x", "--coherence-threshold", "-5"], "invalid --coherence-threshold"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["--trait", "evil", "--judge", "api:x", "--device", "cuda"], "--device cuda is not on this"))
     try:
         import vllm  # noqa: F401
     except ImportError:

@@ -68,7 +68,7 @@ def test_a_run_folder_carries_its_trait_and_commands_are_quiet(model_folder, tmp
         extract = [*model, "--trait", str(trait_file), "--judge", "api:j", "--samples", "2", "--min-pairs", "1"]
         extract += ["--pos-threshold", "0", "--neg-threshold", "101"]  # hashed scores of sampled text vary by CPU
         output = _quiet_run(["extract", *extract, *small, "--out", str(run)], env)
-        assert f"judge: api:j@{server.base_url} (from PERSONALAB_JUDGE_BASE_URL)" in output
+        assert f"judge: api:j at {server.base_url} (from PERSONALAB_JUDGE_BASE_URL)" in output
         assert json.loads((run / "trait.json").read_text()) == TRAIT.model_dump()
         said = f"trait: grumpy (from {run / 'trait.json'})"
         vector = ["--vector", str(run)]

@@ -19,6 +19,7 @@ from personalab.studies.extraction import (
 from personalab.traits import COHERENCE_RUBRIC, Trait, load_trait_file
 from personalab.vectors import export_public, load_vectors
 
+from judge_server import JudgeServer, hashed_scores
 from reference import hidden_states
 
 
@@ -292,3 +293,50 @@ def test_trait_threshold_is_the_reference_threshold(tiny, tmp_path):
     assert vector.meta["config"]["pos_threshold"] == 60 and vector.meta["config"]["neg_threshold"] == 40
     with pytest.raises(InvalidInputError, match="`trait_threshold` is a score from 0 to 100, not 150"):
         extract(handle, TRAIT, ScriptedJudge(), trait_threshold=150, **options)
+    with pytest.raises(InvalidInputError, match="give either it or `pos_threshold`, not both"):
+        extract(handle, TRAIT, ScriptedJudge(), trait_threshold=60, pos_threshold=70, **options)
+    for name in ("pos_threshold", "neg_threshold", "coherence_threshold"):
+        for value in (-1, 150):
+            with pytest.raises(ValueError, match=name):
+                extract(handle, TRAIT, ScriptedJudge(), **{**options, name: value})
+
+
+def test_a_new_filter_threshold_refilters_the_stored_pairs(tiny, tmp_path):
+    """A rerun in the folder of a run that kept no pair, with another threshold, keeps pairs from the stored answers
+    and judgements: nothing is generated or judged again, and ``meta.json`` records the filter that was used."""
+    handle, run = tiny("llama", "chatml"), tmp_path / "run"
+    judge = ScriptedJudge()
+    with pytest.raises(FilterError, match="pos_trait_low: 18"):
+        run_extraction(handle, TRAIT, judge, run, CONFIG.model_copy(update={"pos_threshold": 100.0}), progress=False)
+    with sqlite3.connect(run / "generations.sqlite") as db:
+        stored = [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("generations", "judgements")]
+    judged, fingerprint = judge.calls, json.loads((run / "meta.json").read_text())["fingerprint"]
+    loose = CONFIG.model_copy(update={"pos_threshold": 20.0, "coherence_threshold": 10.0, "min_pairs": 2})
+    result = run_extraction(handle, TRAIT, judge, run, loose, progress=False)
+    with sqlite3.connect(run / "generations.sqlite") as db:
+        assert [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("generations", "judgements")] == stored
+    assert judge.calls == judged
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["fingerprint"] == fingerprint and meta["recorded"]["filter"]["pos_threshold"] == 20.0
+    pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    assert [p["kept"] for p in pairs] == [p["pos_trait"] >= 20 and p["neg_trait"] < 50 for p in pairs]
+    assert result.meta["counts"]["kept"] == sum(p["kept"] for p in pairs) >= 2
+
+
+def test_a_judge_server_that_moved_keeps_the_stored_judgements(tiny, tmp_path):
+    """The judge's URL is recorded, not fingerprinted: the same judge model served at another port resumes the run
+    and is asked nothing, and ``meta.json`` records where it was reached last."""
+    from personalab.judging.judges import ApiJudge
+
+    handle, run = tiny("llama", "chatml"), tmp_path / "run"
+    config = CONFIG.model_copy(update={"pos_threshold": 0.0})
+    with JudgeServer(scorer=hashed_scores) as first:
+        before = run_extraction(handle, TRAIT, ApiJudge("j", base_url=first.base_url), run, config, progress=False)
+        assert first.calls > 0
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["recorded"]["judge_url"] == first.base_url and first.base_url not in json.dumps(meta["settings"])
+    with JudgeServer(scorer=lambda prompt: {"0": 1.0}) as moved:
+        after = run_extraction(handle, TRAIT, ApiJudge("j", base_url=moved.base_url), run, config, progress=False)
+        assert moved.calls == 0
+    assert json.loads((run / "meta.json").read_text())["recorded"]["judge_url"] == moved.base_url
+    assert [a.trait for a in after.answers] == [a.trait for a in before.answers]

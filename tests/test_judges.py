@@ -136,12 +136,12 @@ def test_api_judge_name_and_environment_fallbacks(monkeypatch):
         monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
         monkeypatch.setenv("PERSONALAB_JUDGE_BASE_URL", server.base_url)
         judge = ApiJudge("m")
-        assert judge.name == f"api:m@{server.base_url}"
+        assert judge.name == "api:m" and judge.base_url == server.base_url
         assert judge.client.api_key == "EMPTY"
         assert judge.score("q", "a", RUBRIC) == 30.0
     monkeypatch.delenv("PERSONALAB_JUDGE_BASE_URL")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
-    assert ApiJudge("m").name == "api:m@http://127.0.0.1:9/v1"
+    assert ApiJudge("m").base_url == "http://127.0.0.1:9/v1"
     assert ApiJudge("m").client.api_key == "sk-openai"
     monkeypatch.setenv("PERSONALAB_JUDGE_API_KEY", "sk-judge")
     assert ApiJudge("m").client.api_key == "sk-judge"
@@ -312,7 +312,7 @@ def test_judge_from_spec(model_folder):
     judge = judge_from_spec("api:gpt-4.1-mini", base_url="http://127.0.0.1:9/v1", timeout=1.0)
     assert isinstance(judge, ApiJudge)
     assert judge.model == "gpt-4.1-mini"
-    assert judge.name == "api:gpt-4.1-mini@http://127.0.0.1:9/v1"
+    assert judge.name == "api:gpt-4.1-mini" and judge.base_url == "http://127.0.0.1:9/v1"
     folder = str(model_folder("llama", "chatml"))
     local = judge_from_spec(f"local:{folder}")
     assert isinstance(local, LocalJudge)
@@ -390,5 +390,5 @@ def test_commands_fail_on_a_dead_judge_before_loading_the_model(model_folder, tm
     assert time.monotonic() - start < 15
     assert result.exit_code == 1 and loaded == []
     lines = result.output.strip().splitlines()
-    assert lines[0] == f"judge: api:j@{url} (from PERSONALAB_JUDGE_BASE_URL)"
+    assert lines[0] == f"judge: api:j at {url} (from PERSONALAB_JUDGE_BASE_URL)"
     assert len(lines) == 2 and lines[1].startswith("error: judge j at " + url) and not (tmp_path / "run").exists()

@@ -79,3 +79,14 @@ def test_missing_model_is_a_one_line_error(tmp_path):
     with pytest.raises(PersonalabError) as err:
         load_model(str(tmp_path / "nope"), device="cpu")
     assert "\n" not in str(err.value) and "nope" in str(err.value)
+
+
+def test_a_device_the_machine_lacks_is_an_error_naming_the_ones_it_has(model_folder, monkeypatch):
+    from personalab.engine import model as engine_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engine_model, "load_weights", lambda *a, **k: pytest.fail("loaded before the check"))
+    for device in ("cuda", "cuda:1", "tpu"):
+        with pytest.raises(InvalidInputError, match=rf"`device` {device} is not on this machine.*one of cpu"):
+            load_model(str(model_folder("llama")), device=device)
+    assert engine_model.resolve_device("auto") == "cpu" and engine_model.resolve_device("cpu") == "cpu"

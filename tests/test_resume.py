@@ -16,6 +16,7 @@ from personalab.traits import COHERENCE_RUBRIC
 from personalab.vectors import load_vectors
 
 from judge_server import JudgeServer
+from reference import stored_rows
 from test_extraction import TRAIT
 
 
@@ -24,14 +25,6 @@ def scorer(prompt: str) -> dict[str, float]:
         return {"80": 1.0}
     value = int(hashlib.sha256(prompt.encode()).hexdigest()[:6], 16) % 101
     return {str(value): 0.7, str(100 - value): 0.3}
-
-
-def _count(db_path, table: str) -> int:
-    try:
-        with sqlite3.connect(db_path, timeout=1) as db:
-            return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 def _extract(folder, trait_file, out, base_url, samples: int = 4, batch_size: int = 1, max_new_tokens: int = 24):
@@ -68,7 +61,7 @@ def _extract(folder, trait_file, out, base_url, samples: int = 4, batch_size: in
 def _kill_when(proc, db_path, table: str, at_least: int, limit: float = 120.0) -> int:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline and proc.poll() is None:
-        n = _count(db_path, table)
+        n = stored_rows(db_path, table)
         if n >= at_least:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -91,7 +84,7 @@ def test_killed_runs_resume_to_the_same_vectors(model_folder, tmp_path):
         killed_at = _kill_when(_extract(folder, trait_file, run, server.base_url), db, "generations", 3)
         assert killed_at < total
         judged_at = _kill_when(_extract(folder, trait_file, run, server.base_url), db, "judgements", 5)
-        assert _count(db, "generations") == total and judged_at < 2 * total
+        assert stored_rows(db, "generations") == total and judged_at < 2 * total
         calls_before = server.calls
         last = _extract(folder, trait_file, run, server.base_url)
         assert last.wait(timeout=300) == 0, last.stdout.read().decode()[-2000:]

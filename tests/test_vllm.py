@@ -46,6 +46,7 @@ from personalab.traits import load_trait  # noqa: E402
 
 from conftest import make_tokenizer  # noqa: E402
 from judge_server import JudgeServer  # noqa: E402
+from reference import stored_rows  # noqa: E402
 from test_extraction import hashed_score  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -233,10 +234,8 @@ def test_sweep_on_vllm_has_the_table_resumes_and_extends(folders, tmp_path):
         store = tmp_path / "b" / "generations.sqlite"
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            if store.is_file():
-                with closing(sqlite3.connect(store)) as db:
-                    if db.execute("SELECT COUNT(*) FROM generations").fetchone()[0] >= 8:
-                        break
+            if stored_rows(store, "generations") >= 8:
+                break
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -5,7 +5,10 @@ Every study claims its folder (``claim``) before any work. ``meta.json`` then ho
 (everything its results depend on), their ``fingerprint`` (sha256 of the canonical JSON), its
 ``extends`` (settings that only add work: more alphas, layers, samples, runs, checkpoints...) and
 its input files with their sha256, and in words how its prompts are written (``prompt_format``); the
-study adds its results with ``RunFolder.write``.
+study adds its results with ``RunFolder.write``. Settings that neither determine a stored answer nor a
+judgement are ``recorded`` outside the fingerprint: where a judge server was reached (a server that
+moves keeps the stored judgements) and the cut-offs that choose among stored results (a rerun with
+another filter threshold re-filters without generating or judging again).
 
 A rerun in a folder that holds a run resumes it and extends it, computing only what is new (the
 stores skip what they hold). It is refused, in one line naming every changed field with its old
@@ -120,10 +123,12 @@ def claim(
     extends: Mapping | None = None,
     inputs: Mapping[str, str | Path | None] | None = None,
     prompt_format: str | None = None,
+    recorded: Mapping | None = None,
 ) -> RunFolder:
     """Claim ``out`` for a run of ``kind`` made with ``settings`` (and extending ``extends``); ``inputs``
     names the input files whose content the results depend on, ``prompt_format`` says in words how the
-    run's prompts are written (``meta.json`` field ``prompt_format``, shown in the report). Refuses, before
+    run's prompts are written (``meta.json`` field ``prompt_format``, shown in the report), ``recorded`` what this
+    run used that may change between reruns (``meta.json`` field ``recorded``, not fingerprinted). Refuses, before
     any work, a folder holding another kind of run, other settings or changed inputs (see the module
     docstring); writes ``meta.json`` with the header otherwise, so a run killed before its end is still
     described."""
@@ -159,6 +164,7 @@ def claim(
         "extends": extends,
         "inputs": files,
         **({"prompt_format": prompt_format} if prompt_format else {}),
+        **({"recorded": _jsonable(dict(recorded))} if recorded else {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     folder = RunFolder(out, header)

@@ -53,13 +53,11 @@ def extract(
         ExtractionConfig,
         FilterError,
         plan_extraction,
-        reference_thresholds,
         run_extraction,
+        with_reference_thresholds,
     )
 
-    if trait_threshold is not None:
-        options = {**options, **reference_thresholds(trait_threshold)}
-    config = configured(ExtractionConfig, options)
+    config = configured(ExtractionConfig, with_reference_thresholds(options, trait_threshold))
     handle, chosen, scorer = as_model(model), as_trait(trait, None, trait_dir), as_judge(judge)
     if dry_run:
         return plan_extraction(handle, chosen, scorer, out, config)

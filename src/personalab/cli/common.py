@@ -162,13 +162,16 @@ def checked(kind: type, options: dict[str, Any], **fixed: Any) -> dict[str, Any]
     return options
 
 
-def prepare(threads: int | None) -> None:
-    """First step of a model command: torch's intra-op threads (default: the cores this process may use),
-    and no progress bars from transformers (personalab shows its own)."""
+def prepare(threads: int | None, device: str) -> None:
+    """First step of a model command: the ``device`` checked (before any judge or model is opened), torch's
+    intra-op threads (default: the cores this process may use), and no progress bars from transformers (personalab
+    shows its own)."""
     from transformers.utils import logging as hf_logging
 
+    from personalab.engine.model import resolve_device
     from personalab.engine.threads import set_threads
 
+    resolve_device(device)
     set_threads(threads)
     hf_logging.disable_progress_bar()
 
@@ -232,12 +235,13 @@ def pick_trait(trait: str | None, trait_dir: Path | None, vector: Path | None, a
 def open_judge(spec: str, timeout: float) -> "Judge":
     """The judge of ``spec`` (an API judge with ``timeout`` seconds per request), checked with one request before
     any work, and its location printed."""
-    from personalab.judging.judges import judge_from_spec
+    from personalab.judging.judges import judge_from_spec, judge_record
     from personalab.judging.lexicon import NOTICE, LexiconJudge
 
     judge = judge_from_spec(spec, timeout=timeout)
-    source = getattr(judge, "url_source", None)
-    console.print(f"judge: {judge.name}" + (f" ({source})" if source else ""), highlight=False, markup=False)
+    where = judge_record(judge).get("judge_url")
+    source = f" at {where} ({judge.url_source})" if where else ""
+    console.print(f"judge: {judge.name}{source}", highlight=False, markup=False)
     if isinstance(judge, LexiconJudge):
         console.print(NOTICE, highlight=False, markup=False)
     judge.check()

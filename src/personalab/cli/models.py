@@ -57,7 +57,7 @@ def info(
         if (model is None) == (model_option is None):
             raise InvalidInputError("give the model once: personalab info MODEL, or --model MODEL as elsewhere")
         model = model or model_option
-        prepare(threads)
+        prepare(threads, device)
         from personalab.engine.chat import detect_chat_format, positions_example
         from personalab.engine.model import (
             MissingTokenizerError,

@@ -97,7 +97,7 @@ def steer_command(
 ) -> None:
     """Print the steered answer beside the unsteered one."""
     with reported():
-        prepare(threads)
+        prepare(threads, device)
         check_engine(engine)
         from personalab.engine import generation
         from personalab.engine.interventions import Ablate, Clamp, Steer
@@ -188,7 +188,7 @@ def sweep(
 ) -> None:
     """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
     with reported():
-        prepare(threads)
+        prepare(threads, device)
         check_engine(engine)
         from personalab.api import sweep as run
         from personalab.api.common import default_out

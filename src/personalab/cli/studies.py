@@ -120,7 +120,7 @@ def trace(
 ) -> None:
     """Trace a trait through training checkpoints: extraction, geometry, emergence and transfer steering."""
     with reported():
-        prepare(threads)
+        prepare(threads, device)
         check_engine(engine)
         from personalab.api import trace as run
         from personalab.studies.trace.run import finite
@@ -201,7 +201,7 @@ def localize(
 ) -> None:
     """Where personas live: per-layer divergence of persona statements, and PCA, t-SNE and UMAP figures."""
     with reported():
-        prepare(threads)
+        prepare(threads, device)
         from personalab.api import localize as run
         from personalab.api.studies import statements as load_statements
         from personalab.engine.layers import check_layers
@@ -264,7 +264,7 @@ def deepscan(
 ) -> None:
     """DeepScan: the hidden units and statements jointly anomalous for each persona, and their overlap."""
     with reported():
-        prepare(threads)
+        prepare(threads, device)
         from personalab.api import deepscan as run
         from personalab.api.studies import statements as load_statements
         from personalab.engine.model import model_shape
@@ -316,7 +316,7 @@ def compose(
 ) -> None:
     """As X, do Y: 2x2 residual decomposition, additive substitution with causal KL, markers, host injection."""
     with reported():
-        prepare(threads)
+        prepare(threads, device)
         from personalab.api import compose as run
         from personalab.engine.model import model_shape
         from personalab.studies.compose import ComposeConfig, load_grid
@@ -364,7 +364,7 @@ def correlate(
 ) -> None:
     """Projection shift against judged trait across fine-tuned models, with Pearson r and a bootstrap interval."""
     with reported():
-        prepare(threads)
+        prepare(threads, device)
         check_engine(engine)
         from personalab.api import correlate as run
         from personalab.studies.correlate import CorrelateConfig

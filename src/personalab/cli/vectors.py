@@ -78,8 +78,8 @@ def extract(
         int,
         typer.Option(help=MIN_PAIRS_HELP),
     ] = 10,
-    pos_threshold: Annotated[float, typer.Option(help=POS_THRESHOLD_HELP)] = 50.0,
-    neg_threshold: Annotated[float, typer.Option(help=NEG_THRESHOLD_HELP)] = 50.0,
+    pos_threshold: Annotated[float | None, typer.Option(help=POS_THRESHOLD_HELP, show_default="50")] = None,
+    neg_threshold: Annotated[float | None, typer.Option(help=NEG_THRESHOLD_HELP, show_default="50")] = None,
     trait_threshold: Annotated[
         float | None,
         typer.Option(
@@ -101,30 +101,32 @@ def extract(
     """Extract a persona vector: generate, judge, filter, and take per-layer mean differences. Answers are at most
     --max-new-tokens (256) tokens; the persona-vectors reference generates up to 1000."""
     with reported():
-        prepare(threads)
+        prepare(threads, device)
         check_engine(engine)
         from personalab.api import extract as run
         from personalab.api.common import default_out
-        from personalab.studies.extraction import ExtractionConfig, reference_thresholds
+        from personalab.studies.extraction import ExtractionConfig, with_reference_thresholds
         from personalab.traits import load_trait
 
-        cutoffs = {} if trait_threshold is None else reference_thresholds(trait_threshold)
-        options = checked(
-            ExtractionConfig, dict(
-                samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                repetition_penalty=repetition_penalty, seed=seed, batch_size=batch_size, min_pairs=min_pairs,
-                pos_threshold=pos_threshold, neg_threshold=neg_threshold, coherence_threshold=coherence_threshold,
-            ) | cutoffs,
+        cutoffs = {
+            k: v for k, v in dict(pos_threshold=pos_threshold, neg_threshold=neg_threshold).items() if v is not None
+        }
+        options = dict(
+            samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty, seed=seed, batch_size=batch_size, min_pairs=min_pairs,
+            coherence_threshold=coherence_threshold, **cutoffs,
         )  # fmt: skip
+        checked(ExtractionConfig, with_reference_thresholds(options, trait_threshold))
         chosen = load_trait(trait, trait_dir)
         scorer = open_judge(judge, judge_timeout)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         folder = out or default_out("", chosen.name, model)
         if dry_run:
-            console.print(run(handle, chosen, scorer, out=folder, dry_run=True, **options).describe(), markup=False)
+            plan = run(handle, chosen, scorer, out=folder, dry_run=True, trait_threshold=trait_threshold, **options)
+            console.print(plan.describe(), markup=False)
             return
         try:
-            vector = run(handle, chosen, scorer, out=folder, report=report, **options)
+            vector = run(handle, chosen, scorer, out=folder, report=report, trait_threshold=trait_threshold, **options)
         finally:
             say_report(folder, report)
     counts = vector.meta["counts"]
@@ -161,7 +163,7 @@ def project(
     """Project records, their shift against the model's own answers, or a fine-tune's change (--tuned) onto a
     persona vector."""
     with reported():
-        prepare(threads)
+        prepare(threads, device)
         check_engine(engine)
         from personalab.api import project as run
         from personalab.api.common import default_out
@@ -228,7 +230,7 @@ def features(
     most on the same texts (--prompts records with their responses or the base model's greedy answers, else the
     trait's evaluation questions), each with its cosine to --vector."""
     with reported():
-        prepare(threads)
+        prepare(threads, device)
         from personalab.sae import as_sae
 
         chosen = as_sae(sae, layer)

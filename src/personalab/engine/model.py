@@ -252,10 +252,25 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def devices() -> list[str]:
+    """The devices this process can load a model on: ``cpu``, then ``cuda:0``... and ``mps`` where present."""
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    return found + (["mps"] if torch.backends.mps.is_available() else [])
+
+
 def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``."""
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; any other device must be one of ``devices()``
+    (``cuda`` standing for every GPU), or the error names the ones there are."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    there = devices()
+    if device not in there and not (device == "cuda" and "cuda:0" in there):
+        built = (
+            "" if device.split(":")[0] != "cuda" or torch.version.cuda else f" (torch {torch.__version__} has no CUDA)"
+        )
+        raise InvalidInputError(
+            f"`device` {device} is not on this machine{built}; use auto or one of {', '.join(there)}"
+        )
     return device
 
 
@@ -461,6 +476,7 @@ def load_model(
     is named after the folder the weights were loaded from. ``thinking`` keeps the chat template's
     thinking markers (``personalab.engine.chat``; off by default).
     """
+    resolve_device(device)
     folder = local_folder(name_or_path)
     if folder is not None:
         found = weights(folder)

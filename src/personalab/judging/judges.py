@@ -168,6 +168,9 @@ class ApiJudge:
     and malformed answers are retried ``max_retries`` times with exponential backoff
     (``backoff * 2**attempt`` seconds); a malformed answer is a missing field or a body that
     is not JSON (``ValueError``). Other API errors (400, 401, 404...) fail at once.
+
+    ``name`` is the served model (``api:MODEL``), not where it is served: a judge reached at another host or port keeps
+    its stored judgements; run folders record the URL (``judge_record``) without fingerprinting it.
     """
 
     def __init__(
@@ -190,7 +193,7 @@ class ApiJudge:
         self.model = model
         self.base_url = str(self.client.base_url).rstrip("/")
         self.url_source = url_source(base_url)
-        self.name = f"api:{model}@{self.base_url}"
+        self.name = f"api:{model}"
         self.max_retries, self.backoff, self.concurrency, self.min_mass = max_retries, backoff, concurrency, min_mass
 
     def _request(self, prompt: str, client: "openai.OpenAI") -> dict[str, float]:
@@ -277,6 +280,11 @@ class ApiJudge:
             return list(pool.map(lambda item: self.score(*item), items))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def judge_record(judge: Judge | None) -> dict[str, str]:
+    """What a run folder records of ``judge`` beside its name, outside the fingerprint: an API judge's URL."""
+    return {"judge_url": judge.base_url} if isinstance(judge, ApiJudge) else {}
 
 
 class LocalJudge:

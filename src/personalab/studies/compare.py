@@ -27,7 +27,7 @@ from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.figures.plots import plot_score_bars, short_name
 from personalab.figures.tables import markdown_table, write_csv
 from personalab.judging.fluency import FLUENCY
-from personalab.judging.judges import Judge
+from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scorecard import evaluation_plan, scored_answers, summary
 from personalab.judging.scoring import Plan
 from personalab.runfolder import claim, model_settings
@@ -175,7 +175,7 @@ def run_compare(
     say(plan.describe(f"{2 + len(trained)} models"), progress)
     prompts = evaluation_format(base, trait)
     extends = {"eval_samples": samples, "trained": [str(f) for f, _ in trained]}
-    run = claim(out, "compare", settings, extends, prompt_format=prompts)
+    run = claim(out, "compare", settings, extends, prompt_format=prompts, recorded=judge_record(judge))
     say(f"prompt format: {prompts}", progress)
     answers: dict[str, pd.DataFrame] = {}
     trainable = {"base": 0, steered: 0}

@@ -25,7 +25,7 @@ from personalab.engine.layers import CONVENTION, check_vector
 from personalab.engine.model import ModelHandle, free_memory, loaded_name
 from personalab.figures.plots import short_name
 from personalab.figures.tables import markdown_table, write_csv
-from personalab.judging.judges import Judge
+from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scorecard import evaluation_plan, scored_answers, summary
 from personalab.judging.scoring import Plan
 from personalab.runfolder import claim, model_settings
@@ -129,7 +129,7 @@ def run_correlate(
                 extends = {"eval_samples": samples, "tuned": [n for n, _ in tuned]}
                 plan = plan_correlate(handle, trait, judge, [n for n, _ in tuned], out, config)
                 say(plan.describe(f"{1 + len(tuned)} models"), True)
-                run = claim(out, "correlate", settings, extends, prompt_format=prompts)
+                run = claim(out, "correlate", settings, extends, prompt_format=prompts, recorded=judge_record(judge))
                 say(f"prompt format: {prompts}", True)
             say(f"measuring {name}", True)
             rows.append({"model": name, **_measure(handle, trait, vector, layer, judge, store, samples, params, name)})

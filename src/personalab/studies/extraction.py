@@ -27,7 +27,7 @@ from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_layer_norms, short_name
 from personalab.figures.tables import markdown_table
-from personalab.judging.judges import Judge
+from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scoring import Plan, plan_judged, score_cached
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
@@ -47,11 +47,16 @@ class ExtractionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     samples: int = Field(10, ge=1)
     sampling: SamplingParams = SamplingParams()
-    pos_threshold: float = 50.0
-    neg_threshold: float = 50.0
-    coherence_threshold: float = 50.0
+    pos_threshold: float = Field(50.0, ge=0, le=100)
+    neg_threshold: float = Field(50.0, ge=0, le=101)
+    """Scores are 0-100 and a negative answer passes below this, so 101 lets every negative answer pass."""
+    coherence_threshold: float = Field(50.0, ge=0, le=100)
     min_pairs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
+
+
+FILTER = ("pos_threshold", "neg_threshold", "coherence_threshold", "min_pairs")
+"""The settings that only choose among stored pairs: a rerun with others re-filters without generating or judging."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,17 @@ def reference_thresholds(threshold: float) -> dict[str, float]:
     if not 0 <= threshold <= 100:
         raise InvalidInputError(f"`trait_threshold` is a score from 0 to 100, not {threshold:g}")
     return {"pos_threshold": threshold, "neg_threshold": 100.0 - threshold}
+
+
+def with_reference_thresholds(options: dict, trait_threshold: float | None) -> dict:
+    """``options`` with the cut-offs of ``reference_thresholds(trait_threshold)``; an error when ``options`` sets a
+    cut-off of its own as well (the two would disagree)."""
+    if trait_threshold is None:
+        return options
+    given = [name for name in ("pos_threshold", "neg_threshold") if options.get(name) is not None]
+    if given:
+        raise InvalidInputError(f"`trait_threshold` sets both trait cut-offs; give either it or `{given[0]}`, not both")
+    return {**options, **reference_thresholds(trait_threshold)}
 
 
 def failures(pos: Answer, neg: Answer, config: ExtractionConfig) -> list[str]:
@@ -307,8 +323,10 @@ def run_extraction(
     config = config or ExtractionConfig()
     out = Path(out)
     prompts = elicitation_format(trait.elicitation, handle.chat)
+    recorded = {**filter_settings(config), **judge_record(judge)}
+    extends = {"samples": config.samples}
     run = claim(
-        out, "extract", settings(handle, trait, judge, config), {"samples": config.samples}, prompt_format=prompts
+        out, "extract", settings(handle, trait, judge, config), extends, prompt_format=prompts, recorded=recorded
     )
     say(f"prompt format: {prompts}", progress)
     with Store(out / "generations.sqlite") as store:
@@ -332,13 +350,19 @@ def run_extraction(
 
 
 def settings(handle: ModelHandle, trait: Trait, judge: Judge, config: ExtractionConfig) -> dict:
-    """What an extraction's results depend on (``samples`` only extends a run)."""
+    """What an extraction's answers and judgements depend on (``samples`` only extends a run; the ``FILTER``
+    settings only choose among them, and are recorded by ``filter_settings``)."""
     return {
         **model_settings(handle),
         "trait_sha256": trait.digest(),
         "judge": judge.name,
-        "config": config.model_dump(mode="json", exclude={"samples", "batch_size"}),
+        "config": config.model_dump(mode="json", exclude={"samples", "batch_size", *FILTER}),
     }
+
+
+def filter_settings(config: ExtractionConfig) -> dict:
+    """The ``FILTER`` settings of ``config``: recorded in ``meta.json``, free to change between reruns."""
+    return {"filter": config.model_dump(mode="json", include=set(FILTER))}
 
 
 def _meta(

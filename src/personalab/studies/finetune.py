@@ -47,7 +47,7 @@ from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import Panel, plot_over_training, plot_training_curve, short_name
 from personalab.figures.tables import write_csv
-from personalab.judging.judges import Judge
+from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scorecard import evaluation_plan, scored_answers, summary
 from personalab.judging.scoring import Plan
 from personalab.records import Record, data_file
@@ -257,7 +257,14 @@ def finetune(
     prompts = handle.chat.describe()
     with accelerator.main_process_first():
         run = (
-            claim(out, "finetune", settings, inputs={"data": data_file(records)}, prompt_format=prompts)
+            claim(
+                out,
+                "finetune",
+                settings,
+                inputs={"data": data_file(records)},
+                prompt_format=prompts,
+                recorded=judge_record(judge),
+            )  # fmt: skip
             if main
             else None
         )

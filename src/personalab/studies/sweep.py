@@ -30,7 +30,7 @@ from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_heatmap, plot_sweep_curves, short_name
 from personalab.figures.tables import markdown_table, write_csv
 from personalab.judging.fluency import FLUENCY, fluency_cached
-from personalab.judging.judges import Judge
+from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scoring import Plan, plan_judged, score_cached
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
@@ -199,7 +199,14 @@ def run_sweep(
     out = Path(out)
     extends = {"layers": config.layers, "alphas": config.alphas, "eval_samples": config.eval_samples}
     prompts = evaluation_format(handle, trait)
-    run = claim(out, "sweep", settings(handle, vector, trait, judge, config), extends, prompt_format=prompts)
+    run = claim(
+        out,
+        "sweep",
+        settings(handle, vector, trait, judge, config),
+        extends,
+        prompt_format=prompts,
+        recorded=judge_record(judge),
+    )
     say(f"prompt format: {prompts}", progress)
     scales = scale_vectors(handle, vector, config.layers, config.scale, calibration_prompts(handle))
     for scaled in scales.values():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from personalab.console import say
 from personalab.engine.model import ModelHandle
-from personalab.judging.judges import Judge
+from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scoring import Plan
 from personalab.runfolder import claim
 from personalab.studies.trace.outputs import write_outputs
@@ -79,7 +79,7 @@ def run_trace(
     extends = {"checkpoints": [c.label for c in kept], "units": [u.name for u in units], "controls": config.controls}
     styles = sorted({member.elicitation for unit in units for member in unit.members})
     prompts = "; ".join(elicitation_format(style) for style in styles)
-    run = claim(out, "trace", settings(config, judge), extends, prompt_format=prompts)
+    run = claim(out, "trace", settings(config, judge), extends, prompt_format=prompts, recorded=judge_record(judge))
     say(f"prompt format: {prompts}", progress)
     model = kept[0].source
     run.write(**meta(config, kept, units, model, judge, target))
