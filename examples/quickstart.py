@@ -15,8 +15,11 @@ import personalab as pl
 model_name = sys.argv[1] if len(sys.argv) > 1 else "builtin:stories260k"
 judge_spec = sys.argv[2] if len(sys.argv) > 2 else "api:gpt-4.1-mini"
 
-model = pl.load_model(model_name, device="cpu")
-judge = pl.judge(judge_spec)  # checked with one request before any work
+try:
+    judge = pl.judge(judge_spec)  # checked with one request before any work
+    model = pl.load_model(model_name, device="cpu")
+except pl.PersonalabError as exc:
+    sys.exit(f"error: {exc} (usage: python examples/quickstart.py [MODEL] [JUDGE])")
 
 # A judged extraction, in memory: the three variants, each [n_blocks + 1, hidden].
 small = dict(samples=1, max_new_tokens=16, min_pairs=1, progress=False)

@@ -313,3 +313,50 @@ def test_trait_writer_that_cannot_be_reached_is_one_line_with_its_url():
     result = runner.invoke(app, args + ["--base-url", "http://127.0.0.1:9/v1", "--api-key", "x"])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert "http://127.0.0.1:9/v1" in result.output and "APIConnectionError" in result.output
+
+
+def test_broken_files_and_an_unwritable_out_are_one_line_naming_the_fix(model_folder, tiny, tmp_path):
+    """Corrupt or foreign vector files, a corrupt store and an ``--out`` that cannot be written each end in one line
+    (exit status 1) that names the fix, and nothing is created."""
+    handle = tiny("llama", "chatml")
+    folder, _ = _vector_folder(tmp_path, handle)
+    safetensors = (folder / "vectors.safetensors").read_bytes()
+    broken = {
+        "garbage.safetensors": b"this is not a tensor file at all",
+        "truncated.safetensors": safetensors[: len(safetensors) // 2],
+        "garbage.pt": b"\x80\x04not a pickle",
+    }
+    for name, data in broken.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "badmeta").mkdir()
+    (tmp_path / "badmeta" / "vectors.safetensors").write_bytes(safetensors)
+    (tmp_path / "badmeta" / "meta.json").write_text("{broken")
+    steer = ["steer", "--model", str(model_folder("llama", "chatml")), "--layer", "1", "--alpha", "1"]
+    steer += ["--device", "cpu", "--max-new-tokens", "2", "Hi?"]
+    for name in [*broken, "badmeta"]:
+        result = runner.invoke(app, steer + ["--vector", str(tmp_path / name)])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert "cannot be read as" in result.output and "give another vector" in result.output, result.output
+
+    (tmp_path / "a-file").write_text("x")
+    extract = ["extract", "--model", str(model_folder("llama")), "--trait", "evil", "--judge", "lexicon:"]
+    for out, says in [
+        ("/proc/personalab-run", "cannot be written"),
+        (str(tmp_path / "a-file" / "run"), "which is a file"),
+    ]:
+        result = runner.invoke(app, extract + ["--out", out, "--device", "cpu"])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert says in result.output and "choose another --out" in result.output
+    assert not Path("/proc/personalab-run").exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*broken, "badmeta", "vec", "a-file"]
+    )
+
+    run = tmp_path / "sweep"
+    run.mkdir()
+    (run / "generations.sqlite").write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 64)
+    sweep = ["sweep", "--model", str(model_folder("llama", "chatml")), "--vector", str(folder), "--trait", "evil"]
+    sweep += ["--judge", "lexicon:", "--layers", "1", "--alphas", "0,1", "--eval-samples", "1", "--device", "cpu"]
+    result = runner.invoke(app, sweep + ["--max-new-tokens", "2", "--out", str(run)])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) >= 1
+    (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert "generations.sqlite is not a readable store" in line and "generations.sqlite.broken) and rerun" in line

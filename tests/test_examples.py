@@ -46,3 +46,12 @@ def test_quickstart_runs_in_memory_and_saves_only_the_vector(tmp_path):
     assert meta["model"] == str(STORIES) and meta["counts"]["kept"] == kept
     assert set(variants) == {"response_mean", "prompt_mean", "last_prompt"}
     assert all(v.shape == (6, 64) and torch.isfinite(v).all() for v in variants.values())
+
+
+def test_quickstart_without_a_judge_server_is_one_line(tmp_path):
+    env = {**os.environ, "PERSONALAB_JUDGE_BASE_URL": "http://127.0.0.1:9/v1"}
+    run = subprocess.run([sys.executable, str(QUICKSTART)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("error: judge gpt-4.1-mini at http://127.0.0.1:9/v1") and "usage:" in line
+    assert list(tmp_path.iterdir()) == []

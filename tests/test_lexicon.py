@@ -59,6 +59,14 @@ def test_the_judge_scores_coherence_rubrics_for_coherence_and_any_other_for_the_
 def test_a_bad_lexicon_is_one_line(tmp_path):
     with pytest.raises(InvalidInputError, match="no lexicon file"):
         judge_from_spec(f"lexicon:{tmp_path / 'missing.json'}")
-    (tmp_path / "bad.json").write_text(json.dumps({"trait": "x", "trait_words": []}))
-    with pytest.raises(InvalidInputError, match="is not a lexicon"):
+    (tmp_path / "bad.json").write_text(json.dumps({"trait": 3, "trait_words": []}))
+    with pytest.raises(InvalidInputError) as err:
         load_lexicon(tmp_path / "bad.json")
+    message = str(err.value)
+    assert "\n" not in message and "is not a lexicon" in message and "validation error" not in message
+    for field in ("trait: Input should be a valid string", "trait_words: List should have at least 1 item",
+                  "anti_words: Field required"):  # fmt: skip
+        assert field in message
+    (tmp_path / "broken.json").write_text('{"trait": ')
+    with pytest.raises(InvalidInputError, match=r"broken.json is not JSON \(Expecting value: line 1"):
+        load_lexicon(tmp_path / "broken.json")

@@ -58,12 +58,12 @@ def _extract(folder, trait_file, out, base_url, samples: int = 4, batch_size: in
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _kill_when(proc, db_path, table: str, at_least: int, limit: float = 120.0) -> int:
+def _kill_when(proc, db_path, table: str, at_least: int, limit: float = 120.0, how=signal.SIGKILL) -> int:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline and proc.poll() is None:
         n = stored_rows(db_path, table)
         if n >= at_least:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(how)
             proc.wait()
             return n
         time.sleep(0.005)
@@ -102,6 +102,26 @@ def test_killed_runs_resume_to_the_same_vectors(model_folder, tmp_path):
         assert x.execute(query).fetchall() == y.execute(query).fetchall()
         query = "SELECT key, score FROM judgements ORDER BY key"
         assert x.execute(query).fetchall() == y.execute(query).fetchall()
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(model_folder, tmp_path):
+    folder, trait_file = model_folder("llama", "chatml"), tmp_path / "grumpy.json"
+    TRAIT.save(trait_file)
+    run, db = tmp_path / "run", tmp_path / "run" / "generations.sqlite"
+    with JudgeServer(scorer=scorer) as server:
+        interrupted = _extract(folder, trait_file, run, server.base_url)
+        stored = _kill_when(interrupted, db, "generations", 3, how=signal.SIGINT)
+        output = interrupted.stdout.read().decode()
+        assert interrupted.returncode == 130 and "Traceback" not in output, output[-2000:]
+        assert (
+            output.strip().splitlines()[-1]
+            == f"interrupted; rerun the same command to resume {run} from what it stored"
+        )
+        assert stored_rows(db, "generations") >= stored
+        last = _extract(folder, trait_file, run, server.base_url)
+        assert last.wait(timeout=300) == 0, last.stdout.read().decode()[-2000:]
+    assert load_vectors(run)[1]["counts"]["pairs"] == len(TRAIT.extraction_questions) * len(TRAIT.instructions) * 4
 
 
 def test_store_computes_only_what_is_missing_and_keeps_each_finished_chunk(tmp_path):

@@ -2,9 +2,12 @@
 the old file or the new one, never a partial one."""
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from personalab.errors import InvalidInputError
 
 
 @contextmanager
@@ -26,3 +29,20 @@ def write_text(path: str | Path, text: str) -> Path:
     with replacing(path) as partial:
         partial.write_text(text)
     return Path(path)
+
+
+def check_writable(path: str | Path, option: str = "out") -> None:
+    """Raise a one-line ``InvalidInputError`` unless ``path`` (a file or folder, there or not) can be written: its
+    nearest existing ancestor is a folder in which a folder can be made (tried, and removed at once). Creates
+    nothing; ``option`` names the parameter in the message."""
+    path = Path(path).absolute()
+    there = next(p for p in (path, *path.parents) if p.exists())
+    if there != path and not there.is_dir():
+        raise InvalidInputError(f"`{option}` {path} is under {there}, which is a file; choose another `{option}`")
+    folder = there if there.is_dir() else there.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".personalab-", dir=folder))
+    except OSError as exc:
+        raise InvalidInputError(
+            f"`{option}` {path} cannot be written ({folder}: {exc.strerror}); choose another `{option}`"
+        ) from None

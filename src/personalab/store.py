@@ -70,13 +70,24 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level="IMMEDIATE")
-        self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_SECONDS * 1000)}")
-        _retry_locked(self._create, self.path)
+        try:
+            self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_SECONDS * 1000)}")
+            _retry_locked(self._create, self.path)
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            aside = self.path.with_name(self.path.name + ".broken")
+            raise PersonalabError(
+                f"{self.path} is not a readable store ({exc}); move it aside (mv {self.path} {aside}) and rerun: "
+                f"what it held is computed again, the rest of the folder is kept"
+            ) from None
 
     def _create(self) -> None:
         mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise sqlite3.OperationalError(f"database is busy: journal mode is {mode}, not wal")
+        damage = self.db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if damage != "ok":
+            raise sqlite3.DatabaseError(f"database disk image is malformed: {damage}")
         self.db.executescript(_SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(generations)")}
         if "stop" not in columns:  # a store written before answers recorded their stop token

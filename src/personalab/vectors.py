@@ -8,13 +8,18 @@ activations minus the mean of the trait-suppressing ones.
 
 import hashlib
 import json
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from personalab.errors import InvalidInputError
 from personalab.files import replacing, write_text
+
+T = TypeVar("T")
 
 VARIANTS = ("response_mean", "prompt_mean", "last_prompt")
 PUBLIC_SUFFIX = {
@@ -62,15 +67,31 @@ def load_vectors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.exists():
         raise InvalidInputError(f"vector file {path} does not exist; give a run folder, .safetensors or .pt file")
     if path.suffix == ".pt":
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        tensor = _read(path, lambda: torch.load(path, map_location="cpu", weights_only=True), "a torch tensor")
         if not isinstance(tensor, torch.Tensor):
             raise InvalidInputError(f"{path}: expected one tensor [n_blocks + 1, hidden], got {type(tensor).__name__}")
         variant = next((v for v, s in PUBLIC_SUFFIX.items() if path.stem.endswith(s)), "response_mean")
         return {variant: _check(variant, tensor, str(path))}, {}
-    tensors = load_file(path)
+    tensors = _read(path, lambda: load_file(path), "safetensors")
     meta_path = path.with_name("meta.json")
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = _read(meta_path, lambda: json.loads(meta_path.read_text()), "JSON") if meta_path.exists() else {}
     return {k: _check(k, v, str(path)) for k, v in tensors.items()}, meta
+
+
+def _read(path: Path, read: Callable[[], T], kind: str) -> T:
+    """``read()``, or one line saying that ``path`` is not ``kind`` (a corrupt, truncated or foreign file); the
+    readers' own warnings are silenced (torch warns about the pickle protocol of a file it then refuses)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return read()
+    except Exception as exc:  # safetensors, pickle, zip and JSON each raise their own errors on a broken file
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        reason = f": {reason}" if len(reason) <= 120 else ""
+        raise InvalidInputError(
+            f"{path} cannot be read as {kind} ({type(exc).__name__}{reason}); it is corrupt or not a vector file: "
+            "re-extract or re-export it, or give another vector"
+        ) from None
 
 
 def export_public(vectors: dict[str, torch.Tensor], folder: str | Path, trait: str) -> list[Path]:

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from personalab.cli.options import EngineOptions
 from personalab.errors import InvalidInputError, PersonalabError, as_flags
+from personalab.files import check_writable
 
 if TYPE_CHECKING:
     import torch
@@ -135,14 +136,29 @@ ThinkingOption = Annotated[
 
 
 @contextmanager
-def reported() -> Iterator[None]:
-    """Turn a ``PersonalabError`` (or an invalid setting) into a one-line message on stderr and exit status 1."""
+def reported(out: Path | None = None) -> Iterator[None]:
+    """The body of a command: its ``out`` (``--out``) checked writable first (``check_writable``); a
+    ``PersonalabError``, an invalid setting or a file that cannot be written turned into a one-line message on stderr
+    and exit status 1; Ctrl-C into one line and exit status 130 (what was stored is kept: a run folder's command
+    resumes it)."""
     from pydantic import ValidationError
 
     try:
+        if out is not None:
+            check_writable(out)
         yield
     except PersonalabError as exc:
         errors.print("[red]error:[/red]", escape(as_flags(str(exc))), highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        resume = f"; rerun the same command to resume {out} from what it stored" if out is not None else ""
+        errors.print(f"interrupted{resume}", highlight=False, markup=False)
+        raise typer.Exit(130) from None
+    except OSError as exc:
+        if exc.filename is None:  # not a file's error (a connection's, say): its traceback says more
+            raise
+        message = f"cannot write or read {exc.filename}: {exc.strerror or exc}; check the path and its permissions"
+        errors.print("[red]error:[/red]", escape(message), highlight=False)
         raise typer.Exit(1) from None
     except ValidationError as exc:
         first = exc.errors()[0]

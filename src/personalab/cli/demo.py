@@ -48,7 +48,7 @@ def demo(
 
     from personalab.report.listing import largest_change
 
-    with reported():
+    with reported(out):
         extract, sweep, bake = out / "extract", out / "sweep", out / "bake"
         _run(["extract", "--model", MODEL, "--trait", TRAIT, "--judge", JUDGE, "--samples", "2", "--max-new-tokens",
               TOKENS, "--out", str(extract)])  # fmt: skip

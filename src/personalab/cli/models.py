@@ -147,7 +147,7 @@ def trait_new(
     attempts: Annotated[int, typer.Option(help="Tries before giving up on invalid output.")] = 3,
 ) -> None:
     """Have an LLM write a complete trait file; invalid output is retried, never saved."""
-    with reported():
+    with reported(out):
         from personalab.judging.judges import openai_client
         from personalab.traits.generate import generate_trait
 

@@ -17,7 +17,7 @@ def report(
     ] = None,
 ) -> None:
     """One HTML page of run folders: config, tables, figures, answers and extraction pairs; opens offline."""
-    with reported():
+    with reported(out):
         from personalab.api.studies import report_runs
 
         target, read = report_runs(runs, out)

@@ -187,7 +187,7 @@ def sweep(
     threads: ThreadsOption = None,
 ) -> None:
     """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
-    with reported():
+    with reported(out):
         prepare(threads, device)
         check_engine(engine)
         from personalab.api import sweep as run

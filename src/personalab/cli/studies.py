@@ -119,7 +119,7 @@ def trace(
     threads: ThreadsOption = None,
 ) -> None:
     """Trace a trait through training checkpoints: extraction, geometry, emergence and transfer steering."""
-    with reported():
+    with reported(out):
         prepare(threads, device)
         check_engine(engine)
         from personalab.api import trace as run
@@ -200,7 +200,7 @@ def localize(
     threads: ThreadsOption = None,
 ) -> None:
     """Where personas live: per-layer divergence of persona statements, and PCA, t-SNE and UMAP figures."""
-    with reported():
+    with reported(out):
         prepare(threads, device)
         from personalab.api import localize as run
         from personalab.api.studies import statements as load_statements
@@ -263,7 +263,7 @@ def deepscan(
     threads: ThreadsOption = None,
 ) -> None:
     """DeepScan: the hidden units and statements jointly anomalous for each persona, and their overlap."""
-    with reported():
+    with reported(out):
         prepare(threads, device)
         from personalab.api import deepscan as run
         from personalab.api.studies import statements as load_statements
@@ -315,7 +315,7 @@ def compose(
     threads: ThreadsOption = None,
 ) -> None:
     """As X, do Y: 2x2 residual decomposition, additive substitution with causal KL, markers, host injection."""
-    with reported():
+    with reported(out):
         prepare(threads, device)
         from personalab.api import compose as run
         from personalab.engine.model import model_shape
@@ -363,7 +363,7 @@ def correlate(
     threads: ThreadsOption = None,
 ) -> None:
     """Projection shift against judged trait across fine-tuned models, with Pearson r and a bootstrap interval."""
-    with reported():
+    with reported(out):
         prepare(threads, device)
         check_engine(engine)
         from personalab.api import correlate as run

@@ -100,7 +100,7 @@ def extract(
 ) -> None:
     """Extract a persona vector: generate, judge, filter, and take per-layer mean differences. Answers are at most
     --max-new-tokens (256) tokens; the persona-vectors reference generates up to 1000."""
-    with reported():
+    with reported(out):
         prepare(threads, device)
         check_engine(engine)
         from personalab.api import extract as run
@@ -162,7 +162,7 @@ def project(
 ) -> None:
     """Project records, their shift against the model's own answers, or a fine-tune's change (--tuned) onto a
     persona vector."""
-    with reported():
+    with reported(out):
         prepare(threads, device)
         check_engine(engine)
         from personalab.api import project as run
@@ -229,7 +229,7 @@ def features(
     the vector run's own model). With --diff BASE TUNED: the features whose mean activation the fine-tune changed
     most on the same texts (--prompts records with their responses or the base model's greedy answers, else the
     trait's evaluation questions), each with its cosine to --vector."""
-    with reported():
+    with reported(out):
         prepare(threads, device)
         from personalab.sae import as_sae
 
@@ -283,6 +283,6 @@ def export(
     out: Annotated[Path, typer.Option(help="Folder for the .pt files.")] = Path("."),
 ) -> None:
     """Write a vector's variants as public persona-vectors .pt files ({trait}_response_avg_diff.pt, ...)."""
-    with reported():
+    with reported(out):
         written = load_vector(vector).export_public(out)
     console.print("wrote " + ", ".join(str(p) for p in written))

@@ -103,7 +103,7 @@ def distill_command(
 
     Data-parallel on several GPUs: `accelerate launch --multi_gpu --num_processes N -m personalab distill ...`.
     """
-    with reported():
+    with reported(out):
         prepare(threads, device)
         check_engine(engine)
         from personalab.api import distill as run
@@ -184,7 +184,7 @@ def compare(
     threads: ThreadsOption = None,
 ) -> None:
     """Judge base, steered and distilled (--tuned) models on the trait's evaluation questions."""
-    with reported():
+    with reported(out):
         prepare(threads, device)
         check_engine(engine)
         from personalab.api import compare as run
@@ -238,7 +238,7 @@ def bake(
     threads: ThreadsOption = None,
 ) -> None:
     """Bake steering on all positions into the weights: the saved model's plain forward equals the steered one."""
-    with reported():
+    with reported(out):
         prepare(threads, device)
         from personalab.api import bake as run
 
@@ -317,7 +317,7 @@ def finetune(
 
     Data-parallel on several GPUs: `accelerate launch --multi_gpu --num_processes N -m personalab finetune ...`.
     """
-    with reported():
+    with reported(out):
         prepare(threads, device)
         check_engine(engine)
         from personalab.api import finetune as run

@@ -52,9 +52,13 @@ def load_lexicon(path: str | Path | None = None) -> Lexicon:
         raise InvalidInputError(
             f"no lexicon file {path}; give lexicon:FILE.json or lexicon: for the built-in one"
         ) from None
-    except (json.JSONDecodeError, ValidationError) as exc:
-        first = str(exc).splitlines()[0]
-        raise InvalidInputError(f"{path} is not a lexicon ({first}); see personalab.judging.lexicon") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{path} is not JSON ({exc}); a lexicon is a JSON object like {BUILT_IN}") from None
+    except ValidationError as exc:
+        wrong = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}" for e in exc.errors())
+        raise InvalidInputError(
+            f"{path} is not a lexicon ({wrong}); it needs trait, trait_words and anti_words, like {BUILT_IN}"
+        ) from None
 
 
 def words(text: str) -> list[str]:
