@@ -10,6 +10,7 @@ from personalab.cli import app
 from personalab.engine import generation
 from personalab.engine.generation import SamplingParams, sample_texts
 from personalab.engine.interventions import add_vector
+from personalab.errors import InvalidInputError
 from personalab.judging import judges
 from personalab.traits import load_trait
 from personalab.vectors import save_vectors
@@ -360,3 +361,40 @@ def test_broken_files_and_an_unwritable_out_are_one_line_naming_the_fix(model_fo
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) >= 1
     (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
     assert "generations.sqlite is not a readable store" in line and "generations.sqlite.broken) and rerun" in line
+
+
+def test_a_vector_of_another_model_is_a_warning_and_of_another_tokenizer_an_error(model_folder, tiny, tmp_path):
+    import warnings
+
+    from personalab.api.common import vector_of
+    from personalab.errors import PersonalabWarning
+    from personalab.persona import PersonaVector
+
+    folder, handle = model_folder("llama", "chatml"), tiny("llama", "chatml")
+    tensor = torch.randn(handle.n_layers, handle.hidden_size, generator=torch.Generator().manual_seed(0))
+    own = {"model": str(folder), "revision": None, "tokenizer_sha256": handle.tokenizer_sha256()}
+    cases = {
+        "own": (own, None),
+        "other": ({**own, "model": "someone/else", "revision": "v2"}, "warning: the vector was extracted from "
+                  f"someone/else@v2 but is applied to {folder}; its shape fits"),
+        "other-tokenizer": ({**own, "model": "someone/else", "tokenizer_sha256": "0" * 64}, "error: the vector was "
+                            f"extracted from someone/else, whose tokenizer differs from that of {folder}"),
+    }  # fmt: skip
+    args = ["steer", "--model", str(folder), "--layer", "1", "--alpha", "1", "--device", "cpu", "--max-new-tokens", "2"]
+    for name, (meta, says) in cases.items():
+        save_vectors(tmp_path / name, {"response_mean": tensor}, meta)
+        result = runner.invoke(app, args + ["--vector", str(tmp_path / name), "Hi?"])
+        flagged = [line for line in result.output.splitlines() if line.startswith(("warning:", "error:"))]
+        assert result.exit_code == (1 if name == "other-tokenizer" else 0), result.output
+        assert flagged == ([] if says is None else [line for line in flagged if line.startswith(says)]), result.output
+        assert len(flagged) == (says is not None)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            persona = PersonaVector.load(tmp_path / name)
+            if name == "own":  # the fixture's handle is named apart from its folder
+                persona.model = handle.name
+            try:
+                vector_of(persona, "response_mean", handle)
+            except InvalidInputError as exc:
+                assert name == "other-tokenizer" and "tokenizer differs" in str(exc)
+        assert [w.category for w in seen] == ([PersonalabWarning] if name == "other" else [])

@@ -28,3 +28,7 @@ class NonFiniteActivationError(PersonalabError):
 
 class InvalidInputError(PersonalabError, ValueError):
     """An argument has the wrong shape, range or value."""
+
+
+class PersonalabWarning(UserWarning):
+    """Something the user should know that does not stop the work; the CLI prints it as one ``warning:`` line."""

@@ -7,6 +7,7 @@ convention of ``personalab.engine.scale`` and the command line's default scale; 
 gives the projections of ``personalab project``.
 """
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,10 +20,10 @@ from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
 from personalab.engine.interventions import Ablate, Steer, intervene
 from personalab.engine.layers import check_layers, check_vector
-from personalab.engine.model import ModelHandle
+from personalab.engine.model import ModelHandle, loaded_name
 from personalab.engine.positions import PositionName
 from personalab.engine.scale import DEFAULT_SCALE, Scale, ScaledVector, scaled_vector
-from personalab.errors import InvalidInputError
+from personalab.errors import InvalidInputError, PersonalabWarning
 from personalab.records import Record, load_records
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts, run_trait
 from personalab.vectors import VARIANTS, export_public, load_vectors, save_vectors
@@ -261,6 +262,40 @@ class PersonaVector:
 
 
 FEATURE_PREFIX = "sae:"
+
+
+def _identity(name: str) -> str:
+    """A model's name as compared between a vector and a model: a local folder by its resolved path."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def _named(name: str, revision: str | None) -> str:
+    return name if revision is None else f"{name}@{revision}"
+
+
+def check_origin(vector: PersonaVector, model: ModelHandle | str) -> None:
+    """Compare where ``vector`` was extracted (its recorded model and revision) with the model it is applied to: a
+    different tokenizer (the vector's recorded ``tokenizer_sha256``, checked against a loaded ``model``) is an error,
+    another model or revision a ``PersonalabWarning`` naming both. A vector of unknown origin (a public ``.pt`` file,
+    a bare tensor) passes."""
+    if vector.model is None:
+        return
+    handle = model if isinstance(model, ModelHandle) else None
+    name, revision = (handle.name, handle.revision) if handle is not None else (loaded_name(str(model)), None)
+    recorded = vector.meta.get("tokenizer_sha256")
+    if handle is not None and recorded and recorded != handle.tokenizer_sha256():
+        raise InvalidInputError(
+            f"the vector was extracted from {_named(vector.model, vector.revision)}, whose tokenizer differs from "
+            f"that of {name} (the same text is other tokens there); extract a vector from {name}"
+        )
+    same = _identity(vector.model) == _identity(name)
+    if not same or (handle is not None and vector.revision != revision):
+        warnings.warn(
+            f"the vector was extracted from {_named(vector.model, vector.revision)} but is applied to "
+            f"{_named(name, revision)}; its shape fits, its direction may not mean the same there",
+            PersonalabWarning,
+            stacklevel=2,
+        )
 
 
 def as_vector(value: "PersonaVector | torch.Tensor | str | Path", n_blocks: int | None = None) -> PersonaVector:

@@ -20,7 +20,7 @@ from personalab.engine.generation import SamplingParams
 from personalab.engine.model import ModelHandle, load_model
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge, judge_from_spec
-from personalab.persona import FEATURE_PREFIX, PersonaVector, as_vector
+from personalab.persona import FEATURE_PREFIX, PersonaVector, as_vector, check_origin
 from personalab.traits import Trait, load_trait
 
 if TYPE_CHECKING:
@@ -68,8 +68,12 @@ def as_trait(
 
 def vector_of(value: "PersonaVector | str | Path | Any", variant: str, model: Any = None) -> tuple[PersonaVector, Any]:
     """The ``PersonaVector`` of ``value`` and its ``variant`` tensor ``[n_blocks + 1, hidden]``; an SAE feature
-    (``sae:PATH#FEATURE``) is sized for ``model`` (a handle, name or folder)."""
-    return (vector := as_vector(value, sized_for(value, model))), vector.tensor(variant)
+    (``sae:PATH#FEATURE``) is sized for ``model`` (a handle, name or folder), and a vector extracted from another
+    model than ``model`` is a warning, or an error for another tokenizer (``check_origin``)."""
+    vector = as_vector(value, sized_for(value, model))
+    if isinstance(model, ModelHandle | str | Path):
+        check_origin(vector, model if isinstance(model, ModelHandle) else str(model))
+    return vector, vector.tensor(variant)
 
 
 def sized_for(value: Any, model: Any) -> int | None:

@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers, matplotlib) are imported inside the comman
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,12 +17,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from personalab.cli.options import EngineOptions
-from personalab.errors import InvalidInputError, PersonalabError, as_flags
+from personalab.errors import InvalidInputError, PersonalabError, PersonalabWarning, as_flags
 from personalab.files import check_writable
 
 if TYPE_CHECKING:
-    import torch
-
     from personalab.engine.model import ModelHandle
     from personalab.judging.judges import Judge
     from personalab.traits import Trait
@@ -39,6 +38,18 @@ def _record_command() -> None:
     from personalab import runfolder
 
     runfolder.command = runfolder.command_line()
+    warnings.showwarning = _one_line_warning
+
+
+_show_warning = warnings.showwarning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` of the command line: a ``PersonalabWarning`` as one ``warning:`` line on stderr."""
+    if issubclass(category, PersonalabWarning):
+        errors.print("[yellow]warning:[/yellow]", escape(as_flags(str(message))), highlight=False)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
 
 
 console = Console()
@@ -207,14 +218,6 @@ def integers(text: str, option: str) -> list[int]:
     if bad is not None or not parts:
         raise InvalidInputError(f"{option} takes comma-separated whole numbers, e.g. 8,12,16; got {text!r}")
     return [int(x) for x in parts]
-
-
-def load_direction(path: Path, variant: str, model: str | None = None) -> "tuple[torch.Tensor, dict]":
-    """The ``variant`` tensor of a vector (``load_vector``) and its metadata."""
-    vector = load_vector(path, model)
-    if variant not in vector.variants:
-        raise InvalidInputError(f"{path} has no variant {variant!r}; it has {', '.join(vector.variants)}")
-    return vector.tensor(variant), vector.meta
 
 
 def load_vector(path: Path, model: str | None = None):

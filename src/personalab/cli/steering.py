@@ -44,7 +44,6 @@ from personalab.cli.common import (
     console,
     floats,
     integers,
-    load_direction,
     load_vector,
     open_judge,
     open_model,
@@ -112,8 +111,12 @@ def steer_command(
             raise InvalidInputError("--alpha sets how much is added; --ablate and --clamp add nothing: drop --alpha")
         if prompt_format is not None:
             check_format(prompt_format)
-        direction, _ = load_direction(vector, variant, model)
+        from personalab.persona import check_origin
+
+        persona = load_vector(vector, model)
+        direction = persona.tensor(variant)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
+        check_origin(persona, handle)
         prompt_format = prompt_format or handle.chat.default_format
         handle.chat.check_format(prompt_format)
         console.print(f"prompt format: {handle.chat.describe(prompt_format)}", markup=False, highlight=False)

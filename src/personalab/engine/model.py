@@ -25,6 +25,7 @@ from personalab.engine.chat import (
 )
 from personalab.engine.checkpoints import weights
 from personalab.errors import InvalidInputError, PersonalabError, UnsupportedArchitectureError
+from personalab.store import content_key
 
 KNOWN_BLOCK_PATHS: dict[str, str] = {
     "llama": "model.layers",
@@ -173,6 +174,11 @@ class ModelHandle:
             revision=revision,
             stop_ids=frozenset(stops - {None}),
         )
+
+    def tokenizer_sha256(self) -> str:
+        """sha256 of the tokenizer's vocabulary (every token with its id): models that share it read text as the same
+        token ids; a vector records it (``meta.json``) to be refused by a model that does not."""
+        return content_key("vocabulary", sorted(self.tokenizer.get_vocab().items()))
 
     @property
     def end_of_turn(self) -> tuple[int, ...]:

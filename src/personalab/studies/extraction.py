@@ -375,6 +375,7 @@ def _meta(
         "dtype": str(handle.dtype).removeprefix("torch."),
         "n_blocks": handle.n_blocks,
         "hidden_size": handle.hidden_size,
+        "tokenizer_sha256": handle.tokenizer_sha256(),
         "trait": trait.name,
         "trait_sha256": trait.digest(),
         "elicitation": trait.elicitation,
