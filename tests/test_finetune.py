@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from scipy.stats import pearsonr
+from scipy.stats import PermutationMethod, pearsonr
 from test_loading import _scorer
 from typer.testing import CliRunner
 
@@ -26,7 +26,6 @@ from personalab.engine.checkpoints import trained_parameters
 from personalab.engine.generation import SamplingParams, sample_texts
 from personalab.engine.scale import mean_residual_norm
 from personalab.records import Record
-from personalab.studies.correlate import pearson_interval
 from personalab.studies.finetune import (
     FinetuneConfig,
     Monitored,
@@ -332,11 +331,16 @@ def test_checkpoints_load_in_every_command_and_correlate(model_folder, tiny, tmp
         for h in handles
     ]
     assert table.loc[1, "shift_last_prompt"] == pytest.approx(last[1] - last[0], abs=1e-4)
-    r, low, high = pearson_interval(table["shift_last_prompt"][1:], table["trait_mean"][1:])
-    if not np.isnan(r):
-        assert r == pytest.approx(pearsonr(table["shift_last_prompt"][1:], table["trait_mean"][1:]).statistic)
-        assert low - 1e-12 <= r <= high + 1e-12  # a degenerate bootstrap puts a bound on r itself
-    assert (tmp_path / "c" / "correlate.png").is_file() and "Pearson r" in (tmp_path / "c" / "correlate.md").read_text()
+    assert table["role"].tolist() == ["reference", "point", "point", "point"]
+    found = json.loads((tmp_path / "c" / "meta.json").read_text())["correlation"]
+    exact = pearsonr(table["shift_last_prompt"][1:], table["trait_mean"][1:], method=PermutationMethod(np.inf))
+    assert found["n"] == 3 and found["low"] is None and found["high"] is None
+    if not np.isnan(exact.statistic):
+        assert found["r"] == pytest.approx(exact.statistic) and found["p"] == pytest.approx(exact.pvalue)
+    text = (tmp_path / "c" / "correlate.md").read_text()
+    assert "over n = 3 fine-tunes" in text and "no interval below n = 10" in text and "not a point" in text
+    assert "over n = 3 fine-tunes" in " ".join(result.output.split())
+    assert (tmp_path / "c" / "correlate.png").is_file()
 
 
 def test_bad_input_fails_before_training(model_folder, tmp_path, monkeypatch):

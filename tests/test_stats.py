@@ -82,3 +82,30 @@ def test_exact_sign_flip_matches_scipy_and_counts_twenty_pairs():
         assert sign_flip_test(diffs, alternative=alternative) == pytest.approx(ref.pvalue, rel=1e-9)
     nineteen_of_twenty = np.r_[np.ones(19), -1.0]
     assert sign_flip_test(nineteen_of_twenty) == pytest.approx(2 * 21 / 2**20)
+
+
+def test_correlation_gives_n_an_exact_p_and_an_interval_only_where_n_supports_one():
+    from personalab.studies.correlate import MIN_INTERVAL, correlation, describe_correlation, pearson_interval
+
+    rng = np.random.default_rng(4)
+    assert correlation([0.1, 0.2], [3.0, 4.0]) == {"n": 2}
+    assert describe_correlation({"n": 2}) == "needs 3 fine-tuned models; got n = 2"
+    for n in (3, 5, 7, 12):
+        x = rng.normal(size=n)
+        y = x + rng.normal(size=n)
+        found = correlation(x.tolist(), y.tolist(), seed=1)
+        r = float(np.corrcoef(x, y)[0, 1])
+        assert found["n"] == n and found["r"] == pytest.approx(r, abs=1e-12)
+        if n <= 8:
+            pairings = np.array([np.corrcoef(x, y[list(p)])[0, 1] for p in itertools.permutations(range(n))])
+            one_sided = min(np.mean(pairings >= r - 1e-12), np.mean(pairings <= r + 1e-12))
+            assert found["p_method"] == "exact permutation" and found["p"] == pytest.approx(min(1.0, 2 * one_sided))
+        else:
+            assert found["p_method"] == "t-test" and found["p"] == pytest.approx(stats.pearsonr(x, y).pvalue)
+        if n < MIN_INTERVAL:
+            assert found["low"] is None and found["high"] is None
+            assert f"over n = {n} fine-tunes" in describe_correlation(found)
+            assert "no interval below n = 10" in describe_correlation(found)
+        else:
+            assert (found["low"], found["high"]) == pearson_interval(x, y, seed=1)[1:]
+            assert found["low"] < found["r"] < found["high"]

@@ -3,9 +3,13 @@
 For each fine-tuned model, on the trait's evaluation questions: the mean projection onto the
 unit vector at ``layer`` (``hidden_states[l]``) of the residual at the last prompt token, and
 of the mean residual over the model's judged answers, minus the same for the base model; and
-the judged trait and coherence of those answers (``eval_samples`` per question). The correlation
-of the last-prompt shift with the trait score is Pearson's r with a 95% percentile bootstrap
-interval over the models (10,000 resamples, seeded).
+the judged trait and coherence of those answers (``eval_samples`` per question). The base is the
+reference every shift is measured from (its shift is 0 by definition), not a point: the
+correlation of the last-prompt shift with the trait score is Pearson's r over the n fine-tunes
+(``correlation``: from n = 3), with a two-sided p-value (exact over all n! pairings up to
+n = 8, else the t-test) and, from n = 10, a 95% percentile bootstrap interval (10,000
+resamples, seeded); below that a bootstrap over so few models takes only a handful of values,
+so no interval is given, and the outputs say so.
 """
 
 from collections.abc import Callable, Sequence
@@ -35,6 +39,12 @@ from personalab.traits.elicitation import evaluation_format
 from personalab.vectors import vector_sha256
 
 RESAMPLES = 10_000
+MIN_POINTS = 3
+"""Fewest fine-tunes (points) for a correlation."""
+MIN_INTERVAL = 10
+"""Fewest fine-tunes for a bootstrap interval."""
+EXACT_UP_TO = 8
+"""Up to this many fine-tunes the p-value is exact over every pairing (8! = 40,320)."""
 
 
 def pearson_interval(x: Sequence[float], y: Sequence[float], seed: int = 0) -> tuple[float, float, float]:
@@ -51,6 +61,39 @@ def pearson_interval(x: Sequence[float], y: Sequence[float], seed: int = 0) -> t
     rs = (xs * ys).sum(1)[valid] / denominator[valid]
     low, high = np.percentile(rs, [2.5, 97.5]) if len(rs) else (np.nan, np.nan)
     return r, float(low), float(high)
+
+
+def correlation(x: Sequence[float], y: Sequence[float], seed: int = 0) -> dict:
+    """Pearson's r of the points ``(x[i], y[i])`` with ``n``, a two-sided ``p`` (``p_method``: ``exact permutation``
+    over every pairing up to ``EXACT_UP_TO`` points, else ``t-test``), and from ``MIN_INTERVAL`` points a 95%
+    bootstrap interval (``low``, ``high``; ``None`` below); ``{"n": n}`` alone below ``MIN_POINTS``."""
+    from scipy.stats import PermutationMethod, pearsonr
+
+    n = len(x)
+    if n < MIN_POINTS:
+        return {"n": n}
+    exact = n <= EXACT_UP_TO
+    result = pearsonr(x, y, method=PermutationMethod(n_resamples=np.inf) if exact else None)
+    low, high = pearson_interval(x, y, seed)[1:] if n >= MIN_INTERVAL else (None, None)
+    return {
+        "n": n,
+        "r": float(result.statistic),
+        "p": float(result.pvalue),
+        "p_method": "exact permutation" if exact else "t-test",
+        "low": low,
+        "high": high,
+    }
+
+
+def describe_correlation(stats: dict) -> str:
+    """One line: r with n, p and the interval, or why there is none."""
+    n = stats["n"]
+    if "r" not in stats:
+        return f"needs {MIN_POINTS} fine-tuned models; got n = {n}"
+    text = f"r = {stats['r']:.3f} over n = {n} fine-tunes, p = {stats['p']:.3g} ({stats['p_method']})"
+    if stats["low"] is None:
+        return text + f"; no interval below n = {MIN_INTERVAL} (a bootstrap over {n} models takes a handful of values)"
+    return text + f", 95% bootstrap interval [{stats['low']:.3f}, {stats['high']:.3f}]"
 
 
 def _measure(handle: ModelHandle, trait: Trait, vector, layer: int, judge, store, samples, params, label) -> dict:
@@ -139,23 +182,24 @@ def run_correlate(
     table = pd.DataFrame(rows)
     for position in ("last_prompt", "response_mean"):
         table[f"shift_{position}"] = table[position] - table.loc[0, position]
+    table.insert(1, "role", ["reference"] + ["point"] * (len(table) - 1))
     write_csv(table, out / "correlate.csv")
     models = table.iloc[1:]
-    stats = {}
-    if len(models) >= 3:
-        r, low, high = pearson_interval(models["shift_last_prompt"], models["trait_mean"], seed)
-        stats = {"r": r, "low": low, "high": high}
+    stats = correlation(models["shift_last_prompt"].tolist(), models["trait_mean"].tolist(), seed)
     _plot(models, stats, trait, layer, out)
+    shown = table[["model", "role", "shift_last_prompt", "shift_response_mean", "trait_mean", "coherence_mean", "n"]]
     lines = [
         f"# Projection shift against {trait.name} expression",
         "",
         f"- layer {layer} ({CONVENTION}); shifts are fine-tune minus base, on the trait's evaluation questions",
-        "- Pearson r (last-prompt shift, trait), 95% bootstrap interval: "
-        + (f"{stats['r']:.3f} [{stats['low']:.3f}, {stats['high']:.3f}]" if stats else "needs 3 fine-tuned models"),
+        f"- points: the {len(models)} fine-tunes (role `point`); the base is the reference each shift is measured "
+        "from (shift 0 by definition), not a point",
+        f"- Pearson r (last-prompt shift, trait): {describe_correlation(stats)}",
         "- the persona-vectors paper reports r between 0.76 and 0.97 across traits",
+        "- `n`: judged answers behind each model's trait and coherence means",
         "",
         markdown_table(
-            table[["model", "shift_last_prompt", "shift_response_mean", "trait_mean", "coherence_mean", "n"]],
+            shown,
             {"shift_last_prompt": "+.4g", "shift_response_mean": "+.4g", "trait_mean": ".1f", "coherence_mean": ".1f"},
         ),
     ]
@@ -178,14 +222,18 @@ def _plot(models: pd.DataFrame, stats: dict, trait: Trait, layer: int, out: Path
             textcoords="offset points",
             xytext=(3, 3),
         )
-    if stats:
+    if "r" in stats:
         slope, intercept = np.polyfit(models["shift_last_prompt"], models["trait_mean"], 1)
         xs = np.linspace(models["shift_last_prompt"].min(), models["shift_last_prompt"].max(), 50)
         ax.plot(xs, slope * xs + intercept, color="grey")
     ax.set_xlabel(f"projection shift at the last prompt token (layer {layer}), fine-tune - base")
     ax.set_ylabel(f"judged {trait.name} (0-100)")
-    note = f"r = {stats['r']:.2f} [{stats['low']:.2f}, {stats['high']:.2f}]" if stats else "fewer than 3 fine-tunes"
-    ax.set_title(f"{trait.name}: projection shift against trait expression ({note})")
+    if "r" not in stats:
+        note = f"n = {stats['n']} fine-tunes: too few for r"
+    else:
+        interval = "" if stats["low"] is None else f" [{stats['low']:.2f}, {stats['high']:.2f}]"
+        note = f"r = {stats['r']:.2f}{interval}, n = {stats['n']} fine-tunes, p = {stats['p']:.2g}"
+    ax.set_title(f"{trait.name}: projection shift against trait expression\n{note}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "correlate.png", dpi=150)
