@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -398,3 +399,30 @@ def test_a_vector_of_another_model_is_a_warning_and_of_another_tokenizer_an_erro
             except InvalidInputError as exc:
                 assert name == "other-tokenizer" and "tokenizer differs" in str(exc)
         assert [w.category for w in seen] == ([PersonalabWarning] if name == "other" else [])
+
+
+def test_version_and_vectors_cosine(tmp_path):
+    from importlib.metadata import version
+
+    shown = runner.invoke(app, ["--version"])
+    assert shown.exit_code == 0 and shown.output.strip() == f"personalab {version('personalab')}"
+    generator = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 16, generator=generator), torch.randn(5, 16, generator=generator)
+    b[2] = -3 * a[2]
+    save_vectors(tmp_path / "a", {"response_mean": a}, {"trait": "evil"})
+    save_vectors(tmp_path / "b", {"response_mean": b}, {"trait": "sycophantic"})
+    result = runner.invoke(
+        app, ["vectors", "cosine", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "c" / "cosine.csv")
+    x, y = a.double().numpy(), b.double().numpy()
+    expected = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    np.testing.assert_allclose(table["cosine"], expected, atol=1e-6)
+    np.testing.assert_allclose(table["norm_a"], np.linalg.norm(x, axis=1), rtol=1e-6)
+    assert table["layer"].tolist() == [0, 1, 2, 3, 4] and table.loc[2, "cosine"] == pytest.approx(-1, abs=1e-6)
+    assert "| 2 | -1.000 |" in result.output
+    assert (tmp_path / "c" / "cosine.png").is_file() and (tmp_path / "c" / "cosine.svg").is_file()
+    save_vectors(tmp_path / "d", {"response_mean": torch.randn(4, 16)}, {})
+    other = runner.invoke(app, ["vectors", "cosine", str(tmp_path / "a"), str(tmp_path / "d")])
+    assert other.exit_code == 1 and "compare vectors of one model" in other.output

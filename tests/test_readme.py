@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.figure import Figure
 from safetensors.torch import save_file
 from test_compose import _shapes, additive_beats_bb
 from typer.main import get_command
 from typer.testing import CliRunner
 
 from personalab.cli import app
+from personalab.figures.layout import layout_problems
 from personalab.studies.localize.statements import builtin_personas
 
 from conftest import STORIES
@@ -167,8 +169,19 @@ def _scratch(folder: Path) -> None:
 
 @pytest.mark.slow
 def test_the_readmes_commands_run_on_stories260k(tmp_path, monkeypatch):
+    """... and every figure they write reads at its saved size (``layout_problems``, measured with matplotlib's own
+    text extents as each figure is saved), with an SVG copy beside each PNG."""
     monkeypatch.chdir(tmp_path)
     _scratch(tmp_path)
+    problems: dict[str, list[str]] = {}
+    save = Figure.savefig
+
+    def checked(fig, path, *args, **kwargs):
+        if str(path).endswith(".png"):
+            problems[str(path)] = layout_problems(fig)
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", checked)
     runner = CliRunner()
     previous: dict[str, list] = {}
     ran, skipped = [], []
@@ -184,6 +197,10 @@ def test_the_readmes_commands_run_on_stories260k(tmp_path, monkeypatch):
             assert result.exit_code == 0, f"{command}\nran as: personalab {shlex.join(args)}\n{result.output}"
             ran.append(args[0])
     assert set(ran) == set(COMMANDS) - {"trait", "export", "demo"}, "the README shows every verb but trait and export"
+    pngs = {p.resolve() for p in tmp_path.rglob("*.png")}
+    assert len(pngs) >= 30 and pngs <= {Path(p).resolve() for p in problems}, "every figure is checked as it is saved"
+    assert {p: found for p, found in problems.items() if found} == {}
+    assert all(p.with_suffix(".svg").is_file() for p in pngs)
     assert len(skipped) == 6, skipped  # the demo, three vLLM sweeps, the OLMo-3 series and its revisions
     assert (tmp_path / "data.projections.jsonl").is_file() and (tmp_path / "report.html").is_file()
     assert (tmp_path / "runs" / "evil-qwen" / "report.html").is_file()

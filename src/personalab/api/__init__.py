@@ -10,7 +10,7 @@ paths, ``meta.json``).
 from personalab.api.common import StudyResult, judge
 from personalab.api.steering import sweep
 from personalab.api.studies import compose, correlate, deepscan, localize, report, trace
-from personalab.api.vectors import extract, feature_diff, features, project
+from personalab.api.vectors import cosine, extract, feature_diff, features, project
 from personalab.api.weights import bake, compare, distill, finetune
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "compare",
     "compose",
     "correlate",
+    "cosine",
     "deepscan",
     "distill",
     "extract",

@@ -26,6 +26,8 @@ from personalab.records import Record, load_records
 from personalab.traits import Trait
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from personalab.sae import SAE
 
 
@@ -233,3 +235,35 @@ def feature_diff(
             batch_size, progress,
         )  # fmt: skip
         return finished(folder, kept, report, ["features"])
+
+
+def cosine(
+    a: "PersonaVector | str | Path", b: "PersonaVector | str | Path", *, variant: str = DEFAULT_VARIANT,
+    out: str | Path | None = None,
+) -> "pd.DataFrame":  # fmt: skip
+    """``personalab vectors cosine``: the cosine similarity of two persona vectors (``PersonaVector``, run folders or
+    vector files, of one model's shape) at every layer, for their ``variant``: a table of ``layer``, ``cosine`` and
+    each vector's norm (``norm_a``, ``norm_b``); with ``out`` a folder also gets ``cosine.csv`` and ``cosine.png``."""
+    import pandas as pd
+
+    from personalab.figures.plots import plot_layer_cosine
+    from personalab.figures.tables import write_csv
+
+    first, second = as_vector(a), as_vector(b)
+    values = first.cosine(second, variant)
+    table = pd.DataFrame(
+        {
+            "layer": range(len(values)),
+            "cosine": values.tolist(),
+            "norm_a": first.norms(variant).tolist(),
+            "norm_b": second.norms(variant).tolist(),
+        }
+    )
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_csv(table, folder / "cosine.csv")
+        names = [v.name or str(v.source or "?") for v in (first, second)]
+        plot_layer_cosine(table["cosine"], f"cosine of {names[0]} and {names[1]} per layer ({variant})",
+                          folder / "cosine.png")  # fmt: skip
+    return table

@@ -32,8 +32,20 @@ STUDIES, REPORTS = "Studies", "Reports"
 app = typer.Typer(help="Persona vectors in language models.", no_args_is_help=True, add_completion=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"personalab {version('personalab')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _record_command() -> None:
+def _record_command(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Persona vectors in language models."""
     from personalab import runfolder
 

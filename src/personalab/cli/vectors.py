@@ -1,4 +1,5 @@
-"""Commands that make and read persona vectors: ``extract``, ``project`` and ``export``."""
+"""Commands that make and read persona vectors: ``extract``, ``project``, ``features``, ``export`` and ``vectors``
+(``cosine``)."""
 
 from pathlib import Path
 from typing import Annotated
@@ -286,3 +287,27 @@ def export(
     with reported(out):
         written = load_vector(vector).export_public(out)
     console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+vectors_app = typer.Typer(help="Compare persona vectors.", no_args_is_help=True)
+app.add_typer(vectors_app, name="vectors", rich_help_panel=VECTORS)
+
+
+@vectors_app.command("cosine")
+def cosine_command(
+    a: Annotated[Path, typer.Argument(help="A run folder or vector file.")],
+    b: Annotated[Path, typer.Argument(help="Another, of the same model's shape.")],
+    variant: VariantOption = "response_mean",
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for cosine.csv and cosine.png (default: print only).")
+    ] = None,
+) -> None:
+    """Cosine similarity of two persona vectors at every layer."""
+    with reported(out):
+        from personalab.api import cosine
+        from personalab.figures.tables import markdown_table
+
+        table = cosine(load_vector(a), load_vector(b), variant=variant, out=out)
+    console.print(markdown_table(table, {"cosine": "+.3f", "norm_a": ".4g", "norm_b": ".4g"}), markup=False)
+    if out is not None:
+        console.print(f"wrote {out}/cosine.csv, cosine.png", markup=False)

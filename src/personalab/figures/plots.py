@@ -10,9 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+from personalab.figures.layout import save_figure
 
 LAYER_AXIS = "layer (0 = embeddings, l = output of block l-1)"
 
@@ -32,11 +35,6 @@ def _title(fig: Figure, text: str, ax=None) -> None:
         ax.set_title(wrapped)
 
 
-def _save(fig: Figure, path: str | Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-
-
 def plot_layer_norms(norms: dict[str, list[float]], title: str, path: str | Path) -> None:
     """Per-layer vector norms, one line per variant; x is the layer index of ``personalab.engine.layers``."""
     fig = Figure(figsize=(7, 4))
@@ -49,7 +47,22 @@ def plot_layer_norms(norms: dict[str, list[float]], title: str, path: str | Path
     _title(fig, title, ax)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def plot_layer_cosine(cosines: Sequence[float], title: str, path: str | Path) -> None:
+    """Cosine similarity per layer (x: the layer index of ``personalab.engine.layers``), on [-1, 1]."""
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
+    ax.plot(range(len(cosines)), list(cosines), marker="o", markersize=3)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel(LAYER_AXIS)
+    ax.set_ylabel("cosine similarity")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _title(fig, title, ax)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
 
 
 def plot_heatmap(
@@ -87,7 +100,7 @@ def plot_heatmap(
                 text = format(value, cell_format) if cell_text is None else cell_text[i][j]
                 ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=7)
     fig.colorbar(image, ax=ax, label=label)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_sweep_curves(table, title: str, path: str | Path) -> None:
@@ -111,7 +124,7 @@ def plot_sweep_curves(table, title: str, path: str | Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     _title(fig, title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_histogram(values: Sequence[float], xlabel: str, title: str, path: str | Path) -> None:
@@ -123,7 +136,7 @@ def plot_histogram(values: Sequence[float], xlabel: str, title: str, path: str |
     ax.set_ylabel("count")
     _title(fig, title, ax)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_features(labels: Sequence[str], cosines: Sequence[float] | None, differences: Sequence[float], title: str,
@@ -144,7 +157,7 @@ def plot_features(labels: Sequence[str], cosines: Sequence[float] | None, differ
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.grid(alpha=0.3, axis="x")
     _title(fig, title, axes[0])
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_model_shift(shift: torch.Tensor, title: str, path: str | Path) -> None:
@@ -159,7 +172,7 @@ def plot_model_shift(shift: torch.Tensor, title: str, path: str | Path) -> None:
     ax.set_ylabel("mean projection shift (tuned - base)")
     _title(fig, title, ax)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plain(value: float, _position=None) -> str:
@@ -183,7 +196,7 @@ def plot_training_curve(losses: Sequence[float], title: str, path: str | Path, y
     ax.set_ylabel(ylabel)
     _title(fig, title, ax)
     ax.grid(alpha=0.3, which="both")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_score_bars(table, title: str, path: str | Path) -> None:
@@ -200,7 +213,7 @@ def plot_score_bars(table, title: str, path: str | Path) -> None:
         ax.set_title(metric)
         ax.grid(alpha=0.3, axis="x")
     _title(fig, title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 @dataclass
@@ -260,7 +273,7 @@ def plot_over_training(panels: Sequence[Panel], xlabel: str, title: str, path: s
         axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].set_xlabel(xlabel)
     _title(fig, title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_labelled_points(xy, labels: Sequence[str], colour: Sequence[float], title: str, path: str | Path) -> None:
@@ -275,7 +288,7 @@ def plot_labelled_points(xy, labels: Sequence[str], colour: Sequence[float], tit
     fig.colorbar(image, ax=ax, label="log10 training position")
     _title(fig, title, ax)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_pca_pairs(panels: dict[str, tuple], title: str, path: str | Path) -> None:
@@ -298,7 +311,7 @@ def plot_pca_pairs(panels: dict[str, tuple], title: str, path: str | Path) -> No
             row[k].set_ylabel("PC0")
         row[0].legend(fontsize=7)
     _title(fig, title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_embedding(xy, groups: Sequence[str], positive: Sequence[bool], title: str, path: str | Path) -> None:
@@ -317,7 +330,7 @@ def plot_embedding(xy, groups: Sequence[str], positive: Sequence[bool], title: s
     ax.set_xlabel("dimension 1")
     ax.set_ylabel("dimension 2")
     _title(fig, title, ax)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def exclusive_intersections(sets: dict[str, set]) -> list[tuple[frozenset[str], int]]:
@@ -362,4 +375,30 @@ def plot_upset(sets: dict[str, set], title: str, path: str | Path, max_columns: 
     totals.set_yticks([])
     totals.set_xlabel("set size")
     _title(fig, title)
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def plot_correlation(
+    x: Sequence[float], y: Sequence[float], labels: Sequence[str], xlabel: str, ylabel: str, title: str, stats: dict,
+    path: str | Path,
+) -> None:  # fmt: skip
+    """The points ``(x[i], y[i])``, each labelled, with the least-squares line where ``stats`` (``correlation``: n, and
+    r, p, low, high from three points) has an r; the title gives r, n, p and the interval where there is one."""
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    ax.scatter(x, y, zorder=2)
+    for xi, yi, label in zip(x, y, labels, strict=True):
+        ax.annotate(label, (xi, yi), fontsize=8, textcoords="offset points", xytext=(4, 4))
+    if "r" in stats:
+        slope, intercept = np.polyfit(x, y, 1)
+        xs = np.linspace(min(x), max(x), 50)
+        ax.plot(xs, slope * xs + intercept, color="grey", zorder=1)
+        interval = "" if stats["low"] is None else f" [{stats['low']:.2f}, {stats['high']:.2f}]"
+        note = f"Pearson r = {stats['r']:.2f}{interval}, n = {stats['n']} fine-tunes, p = {stats['p']:.2g}"
+    else:
+        note = f"n = {stats['n']} fine-tunes: too few for r"
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    _title(fig, f"{title}\n{note}", ax)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)

@@ -27,7 +27,7 @@ from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import SamplingParams, release
 from personalab.engine.layers import CONVENTION, check_vector
 from personalab.engine.model import ModelHandle, free_memory, loaded_name
-from personalab.figures.plots import short_name
+from personalab.figures.plots import plot_correlation, short_name
 from personalab.figures.tables import markdown_table, write_csv
 from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scorecard import evaluation_plan, scored_answers, summary
@@ -185,8 +185,13 @@ def run_correlate(
     table.insert(1, "role", ["reference"] + ["point"] * (len(table) - 1))
     write_csv(table, out / "correlate.csv")
     models = table.iloc[1:]
-    stats = correlation(models["shift_last_prompt"].tolist(), models["trait_mean"].tolist(), seed)
-    _plot(models, stats, trait, layer, out)
+    x, y = models["shift_last_prompt"].tolist(), models["trait_mean"].tolist()
+    stats = correlation(x, y, seed)
+    plot_correlation(
+        x, y, [short_name(str(m)) for m in models["model"]],
+        f"projection shift at the last prompt token (layer {layer}), fine-tune - base", f"judged {trait.name} (0-100)",
+        f"{trait.name}: projection shift against trait expression", stats, out / "correlate.png",
+    )  # fmt: skip
     shown = table[["model", "role", "shift_last_prompt", "shift_response_mean", "trait_mean", "coherence_mean", "n"]]
     lines = [
         f"# Projection shift against {trait.name} expression",
@@ -206,34 +211,3 @@ def run_correlate(
     (out / "correlate.md").write_text("\n".join(lines) + "\n")
     run.write(trait=trait.name, layer=layer, judge=judge.name, models=list(table["model"]), correlation=stats)
     return table
-
-
-def _plot(models: pd.DataFrame, stats: dict, trait: Trait, layer: int, out: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 5))
-    ax = fig.subplots()
-    ax.scatter(models["shift_last_prompt"], models["trait_mean"])
-    for row in models.itertuples():
-        ax.annotate(
-            short_name(str(row.model)),
-            (row.shift_last_prompt, row.trait_mean),
-            fontsize=7,
-            textcoords="offset points",
-            xytext=(3, 3),
-        )
-    if "r" in stats:
-        slope, intercept = np.polyfit(models["shift_last_prompt"], models["trait_mean"], 1)
-        xs = np.linspace(models["shift_last_prompt"].min(), models["shift_last_prompt"].max(), 50)
-        ax.plot(xs, slope * xs + intercept, color="grey")
-    ax.set_xlabel(f"projection shift at the last prompt token (layer {layer}), fine-tune - base")
-    ax.set_ylabel(f"judged {trait.name} (0-100)")
-    if "r" not in stats:
-        note = f"n = {stats['n']} fine-tunes: too few for r"
-    else:
-        interval = "" if stats["low"] is None else f" [{stats['low']:.2f}, {stats['high']:.2f}]"
-        note = f"r = {stats['r']:.2f}{interval}, n = {stats['n']} fine-tunes, p = {stats['p']:.2g}"
-    ax.set_title(f"{trait.name}: projection shift against trait expression\n{note}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "correlate.png", dpi=150)
