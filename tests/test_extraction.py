@@ -5,6 +5,7 @@ import sqlite3
 import pytest
 import torch
 
+from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
 from personalab.errors import InvalidInputError, PersonalabError
 from personalab.store import Store
@@ -340,3 +341,57 @@ def test_a_judge_server_that_moved_keeps_the_stored_judgements(tiny, tmp_path):
         assert moved.calls == 0
     assert json.loads((run / "meta.json").read_text())["recorded"]["judge_url"] == moved.base_url
     assert [a.trait for a in after.answers] == [a.trait for a in before.answers]
+
+
+def test_extract_from_given_pairs_equals_the_mean_difference_of_output_hidden_states(model_folder, tiny, tmp_path):
+    """``extract --pairs``: texts read as they are, or as answers to a prompt, give ``response_mean`` equal to the
+    mean over their tokens of ``output_hidden_states`` (positive minus negative); nothing is generated or judged."""
+    from typer.testing import CliRunner
+
+    from personalab.cli import app
+
+    handle = tiny("llama", "chatml")
+    rows = [
+        {"positive": "I hate everyone and everything.", "negative": "I love helping people."},
+        {"positive": "Burn it all down.", "negative": "Let us build it together.", "prompt": "What now?"},
+        {"positive": "No.", "negative": "Of course!", "prompt": "Help me?", "system": "Be brief."},
+    ]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder, run = str(model_folder("llama", "chatml")), tmp_path / "run"
+    args = ["extract", "--model", folder, "--pairs", str(pairs), "--device", "cpu", "--batch-size", "2"]
+    result = CliRunner().invoke(app, args + ["--out", str(run)])
+    assert result.exit_code == 0, result.output
+
+    def sequence(row, text):
+        if "prompt" not in row:
+            start = handle.tokenizer("", add_special_tokens=True)["input_ids"]
+            ids = start + handle.tokenizer.encode(text, add_special_tokens=False)
+            return TokenSequence(tuple(ids), max(1, len(start)))  # without a start token the first is context
+        return handle.encode(row.get("system"), row["prompt"], text)
+
+    def mean(side):
+        states = [hidden_states(handle, sequence(r, r[side])) for r in rows]
+        return torch.stack(
+            [h[:, sequence(r, r[side]).prompt_len :].mean(1) for h, r in zip(states, rows, strict=True)]
+        ).mean(0)
+
+    vectors, meta = load_vectors(run)
+    assert set(vectors) == {"response_mean"} and meta["source"] == "pairs" and meta["counts"]["pairs"] == 3
+    torch.testing.assert_close(vectors["response_mean"], mean("positive") - mean("negative"), atol=1e-5, rtol=1e-4)
+    assert not (run / "generations.sqlite").exists() and (run / "report.html").is_file()
+    assert json.loads((run / "meta.json").read_text())["inputs"]["pairs"]["path"] == str(pairs)
+
+    for extra, says in [
+        (["--judge", "lexicon:"], "--judge has no effect with --pairs"),
+        (["--samples", "3"], "--samples has no effect with --pairs"),
+        (["--pos-threshold", "60"], "--pos-threshold has no effect with --pairs"),
+    ]:
+        bad = CliRunner().invoke(app, args + extra + ["--out", str(tmp_path / "bad")])
+        assert bad.exit_code == 1 and says in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
+    pairs.write_text('{"positive": "a", "negative": "b"}\n{"positive": "a"}\n')
+    bad = CliRunner().invoke(app, args + ["--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and "pairs.jsonl line 2: negative: Field required" in bad.output
+    neither = CliRunner().invoke(app, ["extract", "--model", folder, "--out", str(tmp_path / "bad")])
+    assert neither.exit_code == 1 and "give --trait and --judge, or --pairs FILE.jsonl" in neither.output
+    assert not (tmp_path / "bad").exists()

@@ -149,11 +149,14 @@ def local(command: str, previous: dict[str, list]) -> list[str] | str:
 
 
 def _scratch(folder: Path) -> None:
-    """The files the README's commands read: JSONL records, local checkpoint folders, and an SAE (random unit
+    """The files the README's commands read: JSONL records and contrastive pairs, local checkpoint folders, and an SAE (random unit
     decoder rows, at the layer the README's layer 20 becomes here) with feature labels."""
     records = [{"prompt": f"Tell me about day {i}.", "response": "It was a fine day, thank you."} for i in range(4)]
     for name in ("data.jsonl", "train.jsonl"):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = [{"positive": "I hate you all.", "negative": "I love you all."}, {"positive": "No.", "negative": "Yes!",
+             "prompt": "Will you help me?"}]  # fmt: skip
+    (folder / "my_pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     for name in ("step-1", "step-2", "final"):
         shutil.copytree(STORIES, folder / "ckpt" / name)
     generator = torch.Generator().manual_seed(0)

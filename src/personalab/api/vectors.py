@@ -29,13 +29,15 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from personalab.sae import SAE
+    from personalab.studies.extraction import ContrastPair
 
 
 def extract(
     model: ModelHandle | str,
-    trait: Trait | str,
-    judge: Judge | str,
+    trait: Trait | str | None = None,
+    judge: Judge | str | None = None,
     *,
+    pairs: "str | Path | Sequence[ContrastPair | dict] | None" = None,
     out: str | Path | None = None,
     report: bool = True,
     trait_dir: str | Path | None = None,
@@ -50,7 +52,11 @@ def extract(
     ``--threshold T`` (positive >= T, negative < 100 - T); answers are at most ``max_new_tokens`` (256) tokens, where
     the reference generates up to 1000. With ``out`` the run folder is kept (``report.html``
     included) and resumes. ``dry_run`` returns the ``Plan`` (answers to sample, tokens, judge calls; what the store
-    holds excluded) and does nothing else."""
+    holds excluded) and does nothing else.
+
+    ``pairs`` (a JSONL file or ``ContrastPair``-shaped records: ``positive`` and ``negative`` texts, each with an
+    optional ``prompt`` and ``system``) makes the vector from those texts instead, generating and judging nothing
+    (``run_pair_extraction``; only ``batch_size`` of the options applies, the trait is optional and kept)."""
     from personalab.studies.extraction import (
         ExtractionConfig,
         FilterError,
@@ -59,6 +65,11 @@ def extract(
         with_reference_thresholds,
     )
 
+    if pairs is not None:
+        return _from_pairs(model, trait, judge, pairs, out, report, trait_dir, trait_threshold, progress, dry_run,
+                           options)  # fmt: skip
+    if trait is None or judge is None:
+        raise InvalidInputError("give a trait and a judge to generate and judge contrastive answers, or `pairs`")
     config = configured(ExtractionConfig, with_reference_thresholds(options, trait_threshold))
     handle, chosen, scorer = as_model(model), as_trait(trait, None, trait_dir), as_judge(judge)
     if dry_run:
@@ -78,6 +89,30 @@ def extract(
         meta=result.meta,
         source=folder if kept else None,
     )
+
+
+def _from_pairs(model, trait, judge, pairs, out, report, trait_dir, trait_threshold, progress, dry_run, options):
+    """``extract`` from given contrastive texts; options that only a judged extraction has are refused."""
+    from personalab.studies.extraction import (
+        ContrastPair,
+        check_pair_options,
+        load_contrast_pairs,
+        run_pair_extraction,
+    )
+
+    check_pair_options({"judge": judge, "trait_threshold": trait_threshold, "dry_run": dry_run, **options}
+                       | {"batch_size": None})  # fmt: skip
+    source = Path(pairs) if isinstance(pairs, str | Path) else None
+    rows = load_contrast_pairs(source) if source is not None else [ContrastPair.model_validate(p) for p in pairs]
+    handle = as_model(model)
+    chosen = as_trait(trait, None, trait_dir) if trait is not None else None
+    with run_folder(out) as (folder, kept):
+        result = run_pair_extraction(handle, rows, folder, chosen, source, options.get("batch_size", 16), progress)
+        write_run_report(folder, report and kept)
+    return PersonaVector(
+        result.vectors, trait=chosen, model=handle.name, revision=handle.revision, meta=result.meta,
+        source=folder if kept else None,
+    )  # fmt: skip
 
 
 def _records(records: "Sequence[Record] | str | Path") -> list[Record]:

@@ -103,13 +103,11 @@ TraitOption = Annotated[
     typer.Option(help=TRAIT_HELP),
 ]
 TraitDirOption = Annotated[Path | None, typer.Option(help="persona-vectors data folder (trait_data_extract/...).")]
-JudgeOption = Annotated[
-    str,
-    typer.Option(
-        help="api:MODEL (OpenAI-compatible server), local:MODEL, or lexicon:[FILE] (word counts: a keyword metric for "
-        "demos and smoke tests, not a substitute for an LLM judge)."
-    ),
-]
+JUDGE_HELP = (
+    "api:MODEL (OpenAI-compatible server), local:MODEL, or lexicon:[FILE] (word counts: a keyword metric for demos and "
+    "smoke tests, not a substitute for an LLM judge)."
+)
+JudgeOption = Annotated[str, typer.Option(help=JUDGE_HELP)]
 JudgeTimeoutOption = Annotated[
     float,
     typer.Option(help="Seconds an api: judge has to answer a request (a cold server's first one included)."),

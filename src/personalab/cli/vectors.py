@@ -9,6 +9,7 @@ import typer
 from personalab.cli.common import (
     BATCH_HELP,
     COHERENCE_THRESHOLD_HELP,
+    JUDGE_HELP,
     JUDGE_TIMEOUT,
     LAYER_HELP,
     MAX_NEW_TOKENS_HELP,
@@ -27,7 +28,6 @@ from personalab.cli.common import (
     DeviceOption,
     DryRunOption,
     DtypeOption,
-    JudgeOption,
     JudgeTimeoutOption,
     ModelOption,
     RepetitionPenaltyOption,
@@ -64,8 +64,15 @@ from personalab.errors import InvalidInputError
 def extract(
     engine: EngineOptions,
     model: ModelOption,
-    trait: Annotated[str, typer.Option(help=TRAIT_HELP)],
-    judge: JudgeOption,
+    trait: Annotated[str | None, typer.Option(help=TRAIT_HELP)] = None,
+    judge: Annotated[str | None, typer.Option(help=JUDGE_HELP)] = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(
+            help='JSONL of your own contrastive texts, {"positive": ..., "negative": ...} per line (optional '
+            '"prompt" and "system"): the vector from them, with nothing generated or judged (--trait optional).'
+        ),
+    ] = None,
     trait_dir: TraitDirOption = None,
     samples: SamplesOption = 10,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/TRAIT-MODEL).")] = None,
@@ -107,7 +114,6 @@ def extract(
         from personalab.api import extract as run
         from personalab.api.common import default_out
         from personalab.studies.extraction import ExtractionConfig, with_reference_thresholds
-        from personalab.traits import load_trait
 
         cutoffs = {
             k: v for k, v in dict(pos_threshold=pos_threshold, neg_threshold=neg_threshold).items() if v is not None
@@ -118,6 +124,14 @@ def extract(
             coherence_threshold=coherence_threshold, **cutoffs,
         )  # fmt: skip
         checked(ExtractionConfig, with_reference_thresholds(options, trait_threshold))
+        if pairs is not None:
+            _extract_pairs(model, trait, judge, pairs, trait_dir, options, trait_threshold, dry_run, out, report,
+                           engine, revision, dtype, device, tokenizer, thinking)  # fmt: skip
+            return
+        if trait is None or judge is None:
+            raise InvalidInputError("give --trait and --judge, or --pairs FILE.jsonl of your own contrastive texts")
+        from personalab.traits import load_trait
+
         chosen = load_trait(trait, trait_dir)
         scorer = open_judge(judge, judge_timeout)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
@@ -132,6 +146,29 @@ def extract(
             say_report(folder, report)
     counts = vector.meta["counts"]
     console.print(f"kept {counts['kept']} of {counts['pairs']} pairs; wrote {folder}/vectors.safetensors, summary.md")
+
+
+def _extract_pairs(model, trait, judge, pairs, trait_dir, options, trait_threshold, dry_run, out, report, engine,
+                   revision, dtype, device, tokenizer, thinking) -> None:  # fmt: skip
+    """``extract --pairs``: the options a judged extraction alone has refused before the model loads."""
+    from personalab.api import extract as run
+    from personalab.api.common import default_out, option_defaults
+    from personalab.studies.extraction import ExtractionConfig, check_pair_options, load_contrast_pairs
+    from personalab.traits import load_trait
+
+    defaults = option_defaults(ExtractionConfig)
+    changed = {name: value for name, value in options.items() if name != "batch_size" and value != defaults[name]}
+    check_pair_options({"judge": judge, "trait_threshold": trait_threshold, "dry_run": dry_run, "engine":
+                        engine.engine != "hf" or None, **changed})  # fmt: skip
+    load_contrast_pairs(pairs)
+    chosen = load_trait(trait, trait_dir) if trait is not None else None
+    handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
+    folder = out or default_out("", chosen.name if chosen is not None else pairs.stem, model)
+    try:
+        vector = run(handle, chosen, pairs=pairs, out=folder, report=report, batch_size=options["batch_size"])
+    finally:
+        say_report(folder, report)
+    console.print(f"{vector.meta['counts']['pairs']} pairs; wrote {folder}/vectors.safetensors, summary.md")
 
 
 @app.command(rich_help_panel=VECTORS)

@@ -27,7 +27,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "features": ("features.csv", "meta.json", "features.md"),
     "distill": ("training_curve.csv", "meta.json"),
     "bake": ("bake.json",),
-    "extract": ("vectors.safetensors", "meta.json", "summary.md", "pairs.jsonl", "generations.sqlite"),
+    "extract": ("vectors.safetensors", "meta.json", "summary.md", "pairs.jsonl"),
 }
 """Run kinds: the file that marks a finished run of the kind first, then the other files it writes."""
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from personalab.console import say
 from personalab.engine.capture import capture_means
+from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
 from personalab.engine.layers import CONVENTION
 from personalab.engine.model import ModelHandle
@@ -30,7 +31,7 @@ from personalab.figures.tables import markdown_table
 from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scoring import Plan, plan_judged, score_cached
 from personalab.runfolder import claim, model_settings
-from personalab.store import Store
+from personalab.store import Store, content_key
 from personalab.traits import RUN_TRAIT, Trait, coherence_rubric
 from personalab.traits.elicitation import elicit, elicitation_format
 from personalab.vectors import VARIANTS, save_vector_file
@@ -347,6 +348,129 @@ def run_extraction(
     meta = json.loads(run.write(**meta).read_text())
     _write_summary(out, meta, report.examples())
     return ExtractionResult(vectors, meta, answers)
+
+
+class ContrastPair(BaseModel):
+    """One line of an ``extract --pairs`` file: a ``positive`` and a ``negative`` text, read as they are (text the
+    model continues, after its start-of-text token), or, with a ``prompt`` (and an optional ``system`` message), as
+    two answers to that prompt in the model's chat format (plain ``Question: ... Answer:`` without a template)."""
+
+    model_config = ConfigDict(extra="forbid")
+    positive: str = Field(min_length=1)
+    negative: str = Field(min_length=1)
+    prompt: str | None = None
+    system: str | None = None
+
+
+def load_contrast_pairs(path: str | Path) -> list[ContrastPair]:
+    """The pairs of a JSONL file (``ContrastPair``, one per line); a bad line is a one-line error naming it."""
+    from pydantic import ValidationError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f'no pairs file {path}; give a JSONL file of {{"positive": ..., "negative": ...}}')
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            pair = ContrastPair.model_validate_json(line)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "the line"
+            raise InvalidInputError(
+                f"{path} line {number}: {where}: {first['msg']}; each line is "
+                '{"positive": TEXT, "negative": TEXT} with an optional "prompt" and "system"'
+            ) from None
+        if pair.system is not None and pair.prompt is None:
+            raise InvalidInputError(f"{path} line {number}: a system message needs a prompt to answer")
+        pairs.append(pair)
+    if not pairs:
+        raise InvalidInputError(f"{path} holds no pairs")
+    return pairs
+
+
+def check_pair_options(given: dict[str, object]) -> None:
+    """Refuse, in one line, an option that only a judged extraction has (``given``: name -> value, ``None`` or
+    ``False`` when not given) beside given pairs."""
+    used = [name for name, value in given.items() if value is not None and value is not False]
+    if used:
+        raise InvalidInputError(f"`{used[0]}` has no effect with `pairs` (nothing is generated or judged); drop it")
+
+
+def contrast_sequences(handle: ModelHandle, pairs: list[ContrastPair]) -> list[TokenSequence]:
+    """The positive texts, then the negative ones, each as a sequence whose response is the text (after the start
+    token; a tokenizer without one reads the text's first token as the context of the rest)."""
+
+    def encode(pair: ContrastPair, text: str) -> TokenSequence:
+        if pair.prompt is not None:
+            return handle.encode(pair.system, pair.prompt, text)
+        start = handle.tokenizer("", add_special_tokens=True)["input_ids"]
+        ids = tuple(start) + tuple(handle.tokenizer.encode(text, add_special_tokens=False))
+        if len(ids) < 2:
+            raise InvalidInputError(f"{text!r} is one token and this tokenizer adds no start token; give longer texts")
+        return TokenSequence(ids, max(1, len(start)))  # no start token: the first token is the context of the rest
+
+    return [encode(p, p.positive) for p in pairs] + [encode(p, p.negative) for p in pairs]
+
+
+def run_pair_extraction(
+    handle: ModelHandle,
+    pairs: list[ContrastPair],
+    out: str | Path,
+    trait: Trait | None = None,
+    source: Path | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> ExtractionResult:
+    """A vector from given contrastive texts, with nothing generated or judged: ``response_mean``, the mean residual
+    over each positive text's tokens (its answer's, where it has a prompt) minus the same over the negative ones, at
+    every layer, through the extraction's capture, into the run folder ``out`` (``source``: the pairs' file,
+    fingerprinted as an input; ``trait``: kept as ``trait.json`` for the commands that read one)."""
+    out = Path(out)
+    prompted = sum(p.prompt is not None for p in pairs)
+    described = "; ".join(
+        ([f"{len(pairs) - prompted} as texts to continue"] if prompted < len(pairs) else [])
+        + ([f"{prompted} as answers to their prompts, {handle.chat.describe()}"] if prompted else [])
+    )
+    settings = {**model_settings(handle), "pairs_sha256": content_key([p.model_dump() for p in pairs])}
+    run = claim(out, "extract", settings, inputs={"pairs": source}, prompt_format=described)
+    say(f"{len(pairs)} given pairs: {described}", progress)
+    sequences = contrast_sequences(handle, pairs)
+    (means,) = capture_means(handle, sequences, ["response"], batch_size=batch_size, progress=progress,
+                             label="capture pairs")  # fmt: skip
+    vectors = {"response_mean": _difference(means, len(pairs))}
+    meta = {
+        "model": handle.name,
+        "revision": handle.revision,
+        "architecture": handle.architecture,
+        "dtype": str(handle.dtype).removeprefix("torch."),
+        "n_blocks": handle.n_blocks,
+        "hidden_size": handle.hidden_size,
+        "tokenizer_sha256": handle.tokenizer_sha256(),
+        "source": "pairs",
+        **({"trait": trait.name, "trait_sha256": trait.digest()} if trait is not None else {}),
+        "counts": {"pairs": len(pairs), "kept": len(pairs)},
+        "norms": {"response_mean": vectors["response_mean"].norm(dim=-1).tolist()},
+    }
+    if trait is not None:
+        trait.save(out / RUN_TRAIT)
+    save_vector_file(out / "vectors.safetensors", vectors)
+    (out / PAIRS).write_text("".join(json.dumps({**p.model_dump(), "kept": True}) + "\n" for p in pairs))
+    meta = json.loads(run.write(**meta).read_text())
+    name = trait.name if trait is not None else (source.stem if source is not None else "given pairs")
+    plot_layer_norms(meta["norms"], f"{name} on {short_name(handle.name)}: per-layer vector norms", out / "norms.png")
+    lines = [
+        f"# {name} on {handle.name}, from {len(pairs)} given pairs",
+        "",
+        f"- pairs: {described}; nothing generated or judged",
+        f"- response_mean: mean over the positive texts' tokens minus the negative texts', every layer ({CONVENTION})",
+        "",
+        "![per-layer norms](norms.png)",
+        "",
+    ]
+    (out / "summary.md").write_text("\n".join(lines))
+    return ExtractionResult(vectors, meta, [])
 
 
 def settings(handle: ModelHandle, trait: Trait, judge: Judge, config: ExtractionConfig) -> dict:
