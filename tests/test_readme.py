@@ -149,8 +149,8 @@ def local(command: str, previous: dict[str, list]) -> list[str] | str:
 
 
 def _scratch(folder: Path) -> None:
-    """The files the README's commands read: JSONL records and contrastive pairs, local checkpoint folders, and an SAE (random unit
-    decoder rows, at the layer the README's layer 20 becomes here) with feature labels."""
+    """The files the README's commands read: JSONL records and contrastive pairs, local checkpoint folders, and an
+    SAE (random unit decoder rows, at the layer the README's layer 20 becomes here) with feature labels."""
     records = [{"prompt": f"Tell me about day {i}.", "response": "It was a fine day, thank you."} for i in range(4)]
     for name in ("data.jsonl", "train.jsonl"):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
