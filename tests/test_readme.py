@@ -143,7 +143,8 @@ def local(command: str, previous: dict[str, list]) -> list[str] | str:
     personas = builtin_personas()
     kept = [(f, _local_value(f, v)) for f, v in options if f != "--persona-dir" and (f != "--persona" or v in personas)]
     takes = _params(verb)
-    kept += [(f, SIZES[f]) for f in ADDED if f in takes and f not in {g for g, _ in kept}]
+    given = {g for g, _ in kept}
+    kept += [(f, SIZES[f]) for f in ADDED if f in takes and f not in given and "--pairs" not in given]
     out = [verb, *(x for f, v in kept for x in ((f,) if v is None else (f, *v) if isinstance(v, tuple) else (f, v)))]
     return out + [str(STORIES) if a.endswith("models/stories260k") else a for a in arguments]
 
@@ -202,7 +203,8 @@ def test_the_readmes_commands_run_on_stories260k(tmp_path, monkeypatch):
     assert set(ran) == set(COMMANDS) - {"trait", "export", "demo"}, "the README shows every verb but trait and export"
     pngs = {p.resolve() for p in tmp_path.rglob("*.png")}
     assert len(pngs) >= 30 and pngs <= {Path(p).resolve() for p in problems}, "every figure is checked as it is saved"
-    assert {p: found for p, found in problems.items() if found} == {}
+    unreadable = [f"{path}: {problem}" for path, found in sorted(problems.items()) for problem in found]
+    assert unreadable == [], "\n".join(unreadable)
     assert all(p.with_suffix(".svg").is_file() for p in pngs)
     assert len(skipped) == 6, skipped  # the demo, three vLLM sweeps, the OLMo-3 series and its revisions
     assert (tmp_path / "data.projections.jsonl").is_file() and (tmp_path / "report.html").is_file()

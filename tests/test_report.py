@@ -339,6 +339,15 @@ def test_the_page_filters_answers_in_chromium(runs, tmp_path):
             "alpha 1",
         ]
         assert page.locator("#run-1 .count").inner_text() == f"12 of {len(stored)} answers"
+
+        figure, zoom = page.locator("#run-1 .figures img").first, page.locator("dialog#zoom")
+        small = figure.evaluate("image => image.getBoundingClientRect().width")
+        figure.click()
+        assert zoom.evaluate("dialog => dialog.open")
+        natural, shown = zoom.locator("img").evaluate("i => [i.naturalWidth, i.getBoundingClientRect().width]")
+        assert natural == shown > small, "a clicked figure is shown at its saved size"
+        zoom.click()
+        assert not zoom.evaluate("dialog => dialog.open")
         shot = tmp_path / "page.png"
         page.screenshot(path=str(shot))
         browser.close()

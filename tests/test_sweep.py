@@ -250,3 +250,63 @@ def test_fluency_rises_with_alpha_where_smollm2_turns_to_word_salad(smollm2, tmp
             logp = torch.log_softmax(smollm2.model(torch.tensor([ids])).logits[0].double(), dim=-1)
         assert row.nll == pytest.approx(-np.mean([logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))]),
                                         rel=1e-4)  # fmt: skip
+
+
+def test_controls_steer_at_the_vectors_norm_with_directions_computed_by_hand(tiny, tmp_path):
+    """``controls=True``: random Gaussian directions and the kept pairs' label-shuffled mean differences (recomputed
+    here from ``output_hidden_states`` of each kept answer), each added at the vector's norm, judged against the
+    unsteered answers; ``sweep.csv`` keeps its shape and ``controls.csv`` has each seed."""
+    import json
+
+    from personalab import extract, sweep
+    from personalab.studies.controls import pair_activations
+    from personalab.traits.elicitation import elicit
+    from personalab.studies.sweep import control_vectors
+    from personalab.vectors import vector_sha256
+
+    handle, judge = tiny("llama", "chatml"), ScriptedJudge()
+    vector = extract(handle, TRAIT, judge, out=tmp_path / "vec", samples=2, max_new_tokens=6, min_pairs=1,
+                     pos_threshold=0, progress=False, report=False)  # fmt: skip
+    pairs = [json.loads(line) for line in (tmp_path / "vec" / "pairs.jsonl").read_text().splitlines()]
+    kept = [p for p in pairs if p["kept"]]
+    acts = {
+        side: torch.stack([
+            hidden_states(handle, s)[:, s.prompt_len :].mean(1)
+            for s in (elicit(handle, "system_prompt", p[f"{side}_instruction"], p["question"], p[f"{side}_text"])
+                      for p in kept)
+        ]).double()
+        for side in ("pos", "neg")
+    }  # fmt: skip
+    layer = 2
+    config = SweepConfig(layers=[layer], alphas=[0, 4.0], eval_samples=1, sampling=GREEDY, scale="raw", controls=True)
+    directions = control_vectors(handle, config, pair_activations(handle, tmp_path / "vec"))[layer]
+    assert sorted(directions) == [f"{k}-{s}" for k in ("random", "shuffled") for s in (0, 1, 2)]
+    for seed in (0, 1, 2):
+        torch.testing.assert_close(directions[f"random-{seed}"], torch.randn(handle.hidden_size,
+                                   generator=torch.Generator().manual_seed(seed)))  # fmt: skip
+        flip = torch.from_numpy(np.random.default_rng(seed).random(len(kept)) < 0.5)[:, None]
+        pos, neg = acts["pos"][:, layer], acts["neg"][:, layer]
+        expected = torch.where(flip, neg, pos).mean(0) - torch.where(flip, pos, neg).mean(0)
+        torch.testing.assert_close(directions[f"shuffled-{seed}"], expected.float(), atol=1e-4, rtol=1e-4)
+
+    result = sweep(handle, vector, judge, layers=[layer], alphas=[0, 4.0], eval_samples=1, temperature=0,
+                   max_new_tokens=5, scale="raw", controls=True, out=tmp_path / "sweep", progress=False,
+                   report=False)  # fmt: skip
+    assert list(result.tables["sweep"].columns) == list(pd.read_csv(tmp_path / "sweep" / "sweep.csv").columns)
+    assert "condition" not in result.tables["sweep"] and len(result.tables["sweep"]) == 2
+    controls = result.tables["controls"]
+    assert sorted(controls["condition"]) == sorted(directions) and (controls["alpha"] == 4.0).all()
+    with Store(tmp_path / "sweep" / "generations.sqlite") as store:
+        requests = [json.loads(r) for (r,) in store.db.execute("SELECT request FROM generations")]
+    digests = {r["steer"]["vector"] for r in requests if r["steer"]}
+    v = vector.tensor("response_mean")[layer]
+    for d in directions.values():
+        assert vector_sha256(d / d.norm() * v.norm()) in digests, "each control is added at the vector's norm"
+    assert vector_sha256(v) in digests and len(digests) == 7
+    answers = pd.read_json(tmp_path / "sweep" / "answers.jsonl", lines=True)
+    baseline = answers[answers["alpha"] == 0]["trait"].mean()
+    for row in controls.itertuples():
+        mine = answers[answers["condition"] == row.condition]
+        assert row.trait_mean == pytest.approx(mine["trait"].mean()) and row.n == len(mine)
+        assert row.delta_trait == pytest.approx(row.trait_mean - baseline)
+    assert "Controls at the vector's added norm" in (tmp_path / "sweep" / "sweep.md").read_text()

@@ -37,15 +37,20 @@ def sweep(
 ) -> "StudyResult | Plan":
     """``personalab sweep``: layers x alphas, judged for trait and coherence, with paired tests against alpha 0.
     ``options`` are ``SweepConfig``'s (``alphas``, ``eval_samples``, ``scale``, ``positions``, ``batch_size``) and the
-    sampling options. Tables: ``sweep`` (the CLI's ``sweep.csv``). ``dry_run`` returns the ``Plan`` and does nothing
-    else."""
+    sampling options; ``controls=True`` also steers with random and (where the vector's run folder keeps its pairs)
+    label-shuffled directions at the same added norm. Tables: ``sweep`` (the CLI's ``sweep.csv``) and, with controls,
+    ``controls``. ``dry_run`` returns the ``Plan`` and does nothing else."""
+    from personalab.studies.controls import pair_activations
     from personalab.studies.sweep import SweepConfig, plan_sweep, run_sweep
 
     config = configured(SweepConfig, options, layers=list(layers))
     persona, direction = vector_of(vector, variant, model)
     chosen, scorer, handle = as_trait(trait, persona, trait_dir), as_judge(judge), as_model(model)
+    pairs = None
+    if config.controls and persona.source is not None:
+        pairs = pair_activations(handle, persona.source, config.batch_size)
     if dry_run:
-        return plan_sweep(handle, direction, chosen, scorer, out, config)
+        return plan_sweep(handle, direction, chosen, scorer, out, config, pairs)
     with run_folder(out) as (folder, kept):
-        run_sweep(handle, direction, chosen, scorer, folder, config, progress)
-        return finished(folder, kept, report, ["sweep"])
+        run_sweep(handle, direction, chosen, scorer, folder, config, progress, pairs)
+        return finished(folder, kept, report, ["sweep", "controls"])

@@ -84,6 +84,10 @@ GRAD_ACCUM_HELP = "Micro-batches accumulated per optimizer step."
 LR_HELP = "Learning rate."
 WARMUP_HELP = "Linear warm-up steps of the learning rate."
 CHECKPOINTING_HELP = "Recompute activations in the backward pass (less memory, slower)."
+CONTROLS_HELP = (
+    "Also steer with random and label-shuffled directions (seeds 0, 1, 2) at the vector's added norm (sweep: "
+    "label-shuffled where the vector's run folder keeps its pairs)."
+)
 LAYERS_HELP = "Comma-separated layers, e.g. 8,12,16 (localize: default every layer; compose: the paper's grid)."
 ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
 TUNED_HELP = (

@@ -10,6 +10,7 @@ from rich.table import Table
 from personalab.cli.common import (
     ALPHA_HELP,
     BATCH_HELP,
+    CONTROLS_HELP,
     JUDGE_TIMEOUT,
     LAYER_HELP,
     LAYERS_HELP,
@@ -170,6 +171,7 @@ def sweep(
     variant: VariantOption = "response_mean",
     scale: ScaleOption = "normalised",
     positions: Annotated[str, typer.Option(help=POSITIONS_HELP)] = "generating",
+    controls: Annotated[bool, typer.Option(help=CONTROLS_HELP)] = False,
     trait: TraitOption = None,
     trait_dir: TraitDirOption = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/sweep-TRAIT-MODEL).")] = None,
@@ -200,7 +202,8 @@ def sweep(
         chosen_layers = integers(layers, "--layers")
         options = checked(
             SweepConfig, dict(
-                eval_samples=eval_samples, scale=scale, positions=positions, temperature=temperature, top_p=top_p,
+                eval_samples=eval_samples, scale=scale, positions=positions, controls=controls, temperature=temperature,
+                top_p=top_p,
                 repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
             ) | ({"alphas": floats(alphas)} if alphas else {}), layers=chosen_layers,
         )  # fmt: skip
@@ -217,5 +220,6 @@ def sweep(
         run(handle, persona, scorer, layers=chosen_layers, trait=chosen, variant=variant, out=folder, report=report,
             **options)  # fmt: skip
     console.print((folder / "sweep.md").read_text(), markup=False)
-    console.print(f"wrote {folder}/sweep.csv, sweep.md, heatmap_trait.png, heatmap_coherence.png, curves.png")
+    extra = ", controls.csv" if controls else ""
+    console.print(f"wrote {folder}/sweep.csv{extra}, sweep.md, heatmap_trait.png, heatmap_coherence.png, curves.png")
     say_report(folder, report)

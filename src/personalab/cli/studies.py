@@ -9,6 +9,7 @@ from personalab.cli.common import (
     ALPHA_HELP,
     BATCH_HELP,
     COHERENCE_THRESHOLD_HELP,
+    CONTROLS_HELP,
     JUDGE_TIMEOUT,
     LAYER_HELP,
     LAYERS_HELP,
@@ -93,7 +94,7 @@ def trace(
         str | None, typer.Option(help="Post-trained model to steer with every checkpoint's vector.")
     ] = None,
     target_alpha: Annotated[float | None, typer.Option(help="Alpha on the target (default --alpha).")] = None,
-    controls: Annotated[bool, typer.Option(help="Also steer with random and label-shuffled directions.")] = False,
+    controls: Annotated[bool, typer.Option(help=CONTROLS_HELP)] = False,
     samples: SamplesOption = 4,
     eval_samples: EvalSamplesOption = 3,
     max_new_tokens: Annotated[int, typer.Option(help=MAX_NEW_TOKENS_HELP)] = 64,

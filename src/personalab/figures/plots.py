@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
-from personalab.figures.layout import save_figure
+from personalab.figures.layout import MIN_FONT_PT, save_figure
 
 LAYER_AXIS = "layer (0 = embeddings, l = output of block l-1)"
 
@@ -25,14 +25,18 @@ def short_name(name: str) -> str:
     return Path(name).name if name.startswith(("/", ".", "~")) or name.count("/") > 1 else name
 
 
+TITLE_PT = 11.0
+
+
 def _title(fig: Figure, text: str, ax=None) -> None:
-    """Set the title of ``ax`` (or the figure), wrapped to the figure's width."""
-    width = max(30, int(fig.get_figwidth() * 11 * (1 if ax is None else 0.8)))
-    wrapped = textwrap.fill(text, width)
+    """The figure's title, each line wrapped to the figure's width (about 0.6 em per character at ``TITLE_PT``):
+    above ``ax`` when given, else above all panels."""
+    width = max(30, int(fig.get_figwidth() * (1 if ax is None else 0.85) * 72 / (0.6 * TITLE_PT)))
+    wrapped = "\n".join(textwrap.fill(line, width) for line in text.splitlines())
     if ax is None:
-        fig.suptitle(wrapped)
+        fig.suptitle(wrapped, fontsize=TITLE_PT)
     else:
-        ax.set_title(wrapped)
+        ax.set_title(wrapped, fontsize=TITLE_PT)
 
 
 def plot_layer_norms(norms: dict[str, list[float]], title: str, path: str | Path) -> None:
@@ -46,7 +50,7 @@ def plot_layer_norms(norms: dict[str, list[float]], title: str, path: str | Path
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _title(fig, title, ax)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     save_figure(fig, path)
 
 
@@ -90,7 +94,7 @@ def plot_heatmap(
         ax.tick_params(axis="x", labelrotation=45)
     ax.set_xlabel(column_label)
     ax.set_ylabel(row_label)
-    _title(fig, title, ax)
+    _title(fig, title)
     middle = (limits[0] + limits[1]) / 2
     for i in range(len(rows)):
         for j in range(len(columns)):
@@ -98,18 +102,19 @@ def plot_heatmap(
             if not math.isnan(value):
                 colour = "white" if value < middle else "black"
                 text = format(value, cell_format) if cell_text is None else cell_text[i][j]
-                ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=7)
+                ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=MIN_FONT_PT)
     fig.colorbar(image, ax=ax, label=label)
     save_figure(fig, path)
 
 
-def plot_sweep_curves(table, title: str, path: str | Path) -> None:
+def plot_sweep_curves(table, title: str, path: str | Path, controls=None) -> None:
     """Trait, coherence and fluency (mean NLL per answer token, where the table has it) against alpha, one line per
-    layer (mean with a band of one std)."""
+    layer (mean with a band of one std); ``controls`` (``summarise_controls``), where given, as grey markers (random
+    directions: x, label-shuffled: +), one per seed, in each panel."""
     metrics = [("trait", "trait score (0-100)"), ("coherence", "coherence score (0-100)")]
     if "nll_mean" in table:
-        metrics.append(("nll", "NLL per answer token (nats), unsteered model"))
-    fig = Figure(figsize=(5.5 * len(metrics), 4))
+        metrics.append(("nll", "NLL per answer token (nats)"))
+    fig = Figure(figsize=(2.2 + 3.2 * len(metrics), 4.2))
     axes = fig.subplots(1, len(metrics), sharex=True)
     for ax, (metric, label) in zip(axes, metrics, strict=True):
         for layer, rows in table.groupby("layer"):
@@ -117,13 +122,23 @@ def plot_sweep_curves(table, title: str, path: str | Path) -> None:
             mean, std = rows[f"{metric}_mean"], rows[f"{metric}_std"].fillna(0)
             ax.plot(rows["alpha"], mean, marker="o", markersize=3, label=f"layer {layer}")
             ax.fill_between(rows["alpha"], mean - std, mean + std, alpha=0.15)
+        if controls is not None and len(controls):
+            for kind, marker in (("random", "x"), ("shuffled", "+")):
+                mine = controls[controls["condition"].str.startswith(kind)]
+                if len(mine):
+                    ax.scatter(mine["alpha"], mine[f"{metric}_mean"], marker=marker, color="grey", s=18, zorder=3,
+                               label=f"{kind} control (each seed)")  # fmt: skip
         ax.set_xlabel("alpha")
         ax.set_ylabel(label)
         if metric != "nll":
             ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    _title(fig, title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[len(axes) // 2].legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                                ncol=min(len(labels), 4), frameon=False)  # fmt: skip
+    counts = sorted({int(n) for n in table["n"]})
+    n = f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}-{counts[-1]}"
+    _title(fig, f"{title}\nmean and one std over {n} answers per point; NLL under the unsteered model")
     save_figure(fig, path)
 
 
@@ -179,6 +194,12 @@ def _plain(value: float, _position=None) -> str:
     return f"{value:g}"
 
 
+def _two_and_five(value: float, _position=None) -> str:
+    """A minor tick's label on a log axis: only at 2 and 5 times a power of ten, so labels never crowd."""
+    leading = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+    return _plain(value) if round(leading, 6) in (2.0, 5.0) else ""
+
+
 def plot_training_curve(losses: Sequence[float], title: str, path: str | Path, ylabel: str = "loss") -> None:
     """Loss per optimizer step; a log y axis (labelled in plain numbers) when the loss spans over a decade."""
     fig = Figure(figsize=(7, 4))
@@ -190,7 +211,7 @@ def plot_training_curve(losses: Sequence[float], title: str, path: str | Path, y
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(_plain))
         decades = math.log10(max(positive) / min(positive))
-        ax.yaxis.set_minor_formatter(FuncFormatter(_plain) if decades < 2 else NullFormatter())
+        ax.yaxis.set_minor_formatter(FuncFormatter(_two_and_five) if decades < 2 else NullFormatter())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
@@ -248,7 +269,7 @@ def plot_over_training(panels: Sequence[Panel], xlabel: str, title: str, path: s
                         textcoords="offset points",
                         xytext=(0, 5),
                         ha="center",
-                        fontsize=8,
+                        fontsize=MIN_FONT_PT,
                         color=line.get_color(),
                     )
         for label, (x, low, high) in panel.bands.items():
@@ -266,7 +287,7 @@ def plot_over_training(panels: Sequence[Panel], xlabel: str, title: str, path: s
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3, which="both")
         if panel.lines or panel.points or panel.crosses:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=MIN_FONT_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     if log_x:
         axes[-1].set_xscale("log")
     else:
@@ -282,7 +303,7 @@ def plot_labelled_points(xy, labels: Sequence[str], colour: Sequence[float], tit
     ax = fig.subplots()
     image = ax.scatter([p[0] for p in xy], [p[1] for p in xy], c=colour, cmap="viridis", s=40)
     for (x, y), label in zip(xy, labels, strict=True):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=MIN_FONT_PT)
     ax.set_xlabel("MDS 1")
     ax.set_ylabel("MDS 2")
     fig.colorbar(image, ax=ax, label="log10 training position")
@@ -309,7 +330,7 @@ def plot_pca_pairs(panels: dict[str, tuple], title: str, path: str | Path) -> No
         for k in range(1, 4):
             row[k].set_xlabel(f"PC{k}")
             row[k].set_ylabel("PC0")
-        row[0].legend(fontsize=7)
+        row[0].legend(fontsize=MIN_FONT_PT)
     _title(fig, title)
     save_figure(fig, path)
 
@@ -326,7 +347,7 @@ def plot_embedding(xy, groups: Sequence[str], positive: Sequence[bool], title: s
             rows = [i for i, (g, p) in enumerate(zip(groups, positive, strict=True)) if g == name and p == cls]
             label = f"{name} ({'positive' if cls else 'negative'})"
             ax.scatter(xy[rows, 0], xy[rows, 1], s=10, marker=marker, color=colours[name], alpha=0.6, label=label)
-    ax.legend(fontsize=7, markerscale=1.5)
+    ax.legend(fontsize=MIN_FONT_PT, markerscale=1.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_xlabel("dimension 1")
     ax.set_ylabel("dimension 2")
     _title(fig, title, ax)
@@ -354,7 +375,7 @@ def plot_upset(sets: dict[str, set], title: str, path: str | Path, max_columns: 
     heights = [count for _, count in columns]
     bars.bar(x, heights, color="black")
     for xi, h in zip(x, heights, strict=True):
-        bars.annotate(str(h), (xi, h), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)
+        bars.annotate(str(h), (xi, h), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=MIN_FONT_PT)
     bars.set_ylabel("exclusive intersection size")
     bars.set_xticks([])
     bars.set_xlim(-0.5, len(columns) - 0.5)
@@ -388,7 +409,7 @@ def plot_correlation(
     ax = fig.subplots()
     ax.scatter(x, y, zorder=2)
     for xi, yi, label in zip(x, y, labels, strict=True):
-        ax.annotate(label, (xi, yi), fontsize=8, textcoords="offset points", xytext=(4, 4))
+        ax.annotate(label, (xi, yi), fontsize=MIN_FONT_PT, textcoords="offset points", xytext=(4, 4))
     if "r" in stats:
         slope, intercept = np.polyfit(x, y, 1)
         xs = np.linspace(min(x), max(x), 50)

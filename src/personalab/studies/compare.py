@@ -206,7 +206,9 @@ def run_compare(
         for m, frame in answers.items()
     ]
     pd.concat(frames).to_json(out / "answers.jsonl", orient="records", lines=True, force_ascii=False)
-    plot_score_bars(table, f"{trait.name} on {short_name(base.name)}: {out.name}", out / "compare.png")
+    plot_score_bars(
+        table, f"{trait.name} on {short_name(base.name)} and its fine-tunes: judged scores", out / "compare.png"
+    )
     run.write(
         model=base.name,
         revision=base.revision,

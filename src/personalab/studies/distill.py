@@ -287,9 +287,7 @@ def _save(run, handle, student, config, losses, held_out, trainable, split, merg
         student.merge_and_unload().save_pretrained(out / "model")
         handle.tokenizer.save_pretrained(out / "model")
     write_csv(pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses}), out / "training_curve.csv")
-    title = (
-        f"distill {out.name}: {short_name(handle.name)}, layer {config.layer}, alpha {config.alpha:g} ({config.scale})"
-    )
+    title = f"distilling into {short_name(handle.name)}: layer {config.layer}, alpha {config.alpha:g}, {config.scale}"
     plot_training_curve(losses, title, out / "training_curve.png", "KL(steered teacher || student)")
     run.write(
         model=handle.name,

@@ -390,6 +390,16 @@ def load_contrast_pairs(path: str | Path) -> list[ContrastPair]:
     return pairs
 
 
+def given_record(index: int, pair: ContrastPair) -> dict:
+    """A given pair as a line of ``pairs.jsonl``, in the judged pairs' fields (no scores; kept) and its own."""
+    return {
+        "question": pair.prompt or "", "pair": index, "sample": 0, "rules": [], "kept": True, "reasons": [],
+        **{f"{side}_{key}": value for side, text in (("pos", pair.positive), ("neg", pair.negative))
+           for key, value in (("text", text), ("trait", None), ("coherence", None), ("instruction", pair.system))},
+        "given": pair.model_dump(),
+    }  # fmt: skip
+
+
 def check_pair_options(given: dict[str, object]) -> None:
     """Refuse, in one line, an option that only a judged extraction has (``given``: name -> value, ``None`` or
     ``False`` when not given) beside given pairs."""
@@ -456,7 +466,7 @@ def run_pair_extraction(
     if trait is not None:
         trait.save(out / RUN_TRAIT)
     save_vector_file(out / "vectors.safetensors", vectors)
-    (out / PAIRS).write_text("".join(json.dumps({**p.model_dump(), "kept": True}) + "\n" for p in pairs))
+    (out / PAIRS).write_text("".join(json.dumps(given_record(i, p)) + "\n" for i, p in enumerate(pairs)))
     meta = json.loads(run.write(**meta).read_text())
     name = trait.name if trait is not None else (source.stem if source is not None else "given pairs")
     plot_layer_norms(meta["norms"], f"{name} on {short_name(handle.name)}: per-layer vector norms", out / "norms.png")
@@ -517,7 +527,8 @@ def _excerpt(text: str, limit: int = 160) -> str:
 
 def _write_summary(out: Path, meta: dict, examples: list[dict]) -> None:
     title = f"{meta['trait']} on {meta['model']}"
-    figure_title = f"{meta['trait']} on {short_name(meta['model'])}: per-layer vector norms ({out.name})"
+    kept = f"{meta['counts']['kept']} of {meta['counts']['pairs']} pairs kept"
+    figure_title = f"{meta['trait']} on {short_name(meta['model'])}: per-layer vector norms ({kept})"
     plot_layer_norms(meta["norms"], figure_title, out / "norms.png")
     counts, config = meta["counts"], meta["config"]
     norms = meta["norms"]["response_mean"]

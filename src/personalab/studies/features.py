@@ -30,7 +30,7 @@ from personalab.engine.generation import SamplingParams
 from personalab.engine.layers import check_vector
 from personalab.engine.model import ModelHandle, check_same_shape
 from personalab.errors import InvalidInputError
-from personalab.figures.plots import plot_features
+from personalab.figures.plots import plot_features, short_name
 from personalab.figures.tables import markdown_table, write_csv
 from personalab.files import write_text
 from personalab.records import Record
@@ -318,7 +318,7 @@ def run_feature_diff(
     names = [f"{f} {label}".strip() for f, label in zip(shown["feature"], shown["label"], strict=True)]
     plot_features(
         names, shown["cosine"].tolist() if vector is not None else None, shown["difference"].tolist(),
-        f"{tuned.name} - {base.name} in {sae.d_sae} features", out / "features.png",
+        f"{short_name(tuned.name)} - {short_name(base.name)} in {sae.d_sae} features", out / "features.png",
         difference_label="mean activation difference (tuned - base)",
     )  # fmt: skip
     run.write(counts={"rows": len(table), "records": table.attrs["records"], "base_answers": len(unanswered)})

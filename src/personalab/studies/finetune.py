@@ -427,7 +427,7 @@ def _outputs(run: RunFolder, handle, rows, losses, config: FinetuneConfig, count
     name = short_name(handle.name)
     write_csv(pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses}), out / "training_curve.csv")
     if losses:
-        title = f"finetune {out.name}: {name}, cross-entropy of assistant tokens"
+        title = f"fine-tuning {name}: cross-entropy of assistant tokens"
         plot_training_curve(losses, title, out / "training_curve.png", "cross-entropy (nats per token)")
     table = pd.DataFrame(rows, columns=["step", "vector", "layer", "position", "projection", "shift"])
     write_csv(table, out / "monitor.csv")
@@ -439,7 +439,7 @@ def _outputs(run: RunFolder, handle, rows, losses, config: FinetuneConfig, count
             for vector, mine in rows_at.groupby("vector", sort=False):
                 panel.lines[vector] = (mine["step"], mine["shift"], None)
             panels.append(panel)
-        title = f"finetune {out.name}: projection shift of {name} along each monitored vector"
+        title = f"fine-tuning {name}: projection shift along each monitored vector"
         plot_over_training(panels, "optimizer step", title, out / "monitor.png", False)
     run.write(
         model=handle.name,

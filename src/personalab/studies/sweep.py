@@ -11,6 +11,10 @@ of a question's samples): a sign-flip permutation test and a sign test, both
 Bonferroni-corrected over the steered configurations, and the sign-flip test of the fluency
 (``p_nll``). Standard deviations are over all answers (``ddof = 1``). Coefficients follow
 ``personalab.engine.scale`` (``raw`` or ``normalised`` against the typical residual norm on the calibration prompts).
+
+With ``controls``, every steered configuration is also run with control directions at the same added norm
+(``personalab.studies.controls``: random Gaussian directions and, where the vector's pairs are at hand,
+label-shuffled mean differences), each compared with ``alpha = 0`` in the same way (``controls.csv``).
 """
 
 from pathlib import Path
@@ -34,6 +38,7 @@ from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scoring import Plan, plan_judged, score_cached
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store
+from personalab.studies.controls import CONTROL_SEEDS, control_directions
 from personalab.studies.stats import paired_test
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts, coherence_rubric
 from personalab.traits.elicitation import continues, evaluation_format, evaluation_prompt
@@ -55,6 +60,8 @@ class SweepConfig(BaseModel):
     positions: PositionName = "generating"
     batch_size: int = Field(16, ge=1)
     n_resamples: int = Field(10_000, ge=100)
+    controls: bool = False
+    control_seeds: list[int] = Field(list(CONTROL_SEEDS), min_length=1)
 
     @model_validator(mode="after")
     def _scale(self) -> "SweepConfig":
@@ -63,29 +70,57 @@ class SweepConfig(BaseModel):
         return self
 
 
+VECTOR = "vector"
+"""The condition of the swept vector's answers (and of the unsteered ones at ``alpha = 0``)."""
+
+
 def _requests(
-    handle: ModelHandle, scales: dict[int, ScaledVector], trait: Trait, config: SweepConfig
-) -> tuple[list[tuple[int, float, int, int]], list[GenerationRequest]]:
-    """``(rows, requests)``: one ``(layer, alpha, question, sample)`` and its request per answer of the sweep."""
+    handle: ModelHandle,
+    scales: dict[int, ScaledVector],
+    trait: Trait,
+    config: SweepConfig,
+    controls: dict[int, dict[str, torch.Tensor]] | None = None,
+) -> tuple[list[tuple[int, float, str, int, int]], list[GenerationRequest]]:
+    """``(rows, requests)``: one ``(layer, alpha, condition, question, sample)`` and its request per answer of the
+    sweep; ``controls`` maps a layer to its control directions (``[hidden]``, added at the vector's norm there)."""
     prompts = [evaluation_prompt(handle, trait, q) for q in trait.evaluation_questions]
     rows, requests = [], []
     for layer in config.layers:
         v = scales[layer].vector
-        digest = vector_sha256(v)
-        for alpha in config.alphas:
-            steer = {"layer": layer, "alpha": alpha, "vector": digest, "positions": config.positions}
-            for qi in range(len(prompts)):
-                for sample in range(config.eval_samples):
-                    rows.append((layer, alpha, qi, sample))
-                    requests.append(
-                        GenerationRequest(
-                            prompts[qi],
-                            {"question": trait.evaluation_questions[qi], "sample": sample,
-                             "steer": None if alpha == 0 else steer},
-                            () if alpha == 0 else (Steer(layer, v, alpha, config.positions),),
-                        )
-                    )  # fmt: skip
+        directions = {VECTOR: v} | {
+            name: d.float() / d.float().norm() * v.norm() for name, d in (controls or {}).get(layer, {}).items()
+        }
+        for condition, direction in directions.items():
+            digest = vector_sha256(direction)
+            for alpha in config.alphas:
+                if alpha == 0 and condition != VECTOR:
+                    continue
+                steer = {"layer": layer, "alpha": alpha, "vector": digest, "positions": config.positions}
+                for qi in range(len(prompts)):
+                    for sample in range(config.eval_samples):
+                        rows.append((layer, alpha, condition, qi, sample))
+                        requests.append(
+                            GenerationRequest(
+                                prompts[qi],
+                                {"question": trait.evaluation_questions[qi], "sample": sample,
+                                 "steer": None if alpha == 0 else steer},
+                                () if alpha == 0 else (Steer(layer, direction, alpha, config.positions),),
+                            )
+                        )  # fmt: skip
     return rows, requests
+
+
+def control_vectors(
+    handle: ModelHandle, config: SweepConfig, pairs: torch.Tensor | None
+) -> dict[int, dict[str, torch.Tensor]] | None:
+    """Per swept layer, the control directions of ``config`` (``None`` without ``controls``); ``pairs``: the response
+    means of the vector's pairs (``pair_activations``), for the label-shuffled ones."""
+    if not config.controls:
+        return None
+    n = 0 if pairs is None else len(pairs) // 2
+    return {
+        layer: control_directions(pairs, n, layer, config.control_seeds, handle.hidden_size) for layer in config.layers
+    }
 
 
 def _judged(handle: ModelHandle, trait: Trait):
@@ -99,7 +134,7 @@ def _answers(handle: ModelHandle, store: Store, rows, requests, config: SweepCon
     texts = generate_cached(handle, store, requests, config.sampling, config.batch_size, progress=progress)
     prompts, questions = [r.prompt for r in requests], [r.request["question"] for r in requests]
     nll = fluency_cached(handle, store, prompts, texts, questions, config.batch_size, progress)
-    columns = ["layer", "alpha", "question", "sample"]
+    columns = ["layer", "alpha", "condition", "question", "sample"]
     return pd.DataFrame(
         [
             dict(zip(columns, row, strict=True)) | {"answer": t, "nll": v}
@@ -109,13 +144,19 @@ def _answers(handle: ModelHandle, store: Store, rows, requests, config: SweepCon
 
 
 def plan_sweep(
-    handle: ModelHandle, vector: torch.Tensor, trait: Trait, judge: Judge, out: str | Path | None, config: SweepConfig
+    handle: ModelHandle,
+    vector: torch.Tensor,
+    trait: Trait,
+    judge: Judge,
+    out: str | Path | None,
+    config: SweepConfig,
+    pairs: torch.Tensor | None = None,
 ) -> Plan:
     """What ``run_sweep`` into ``out`` would sample and judge, what its store holds excluded; writes nothing (the
     scale's calibration forward pass runs, as the requests hold the scaled vectors)."""
     check_layers(config.layers, handle.n_blocks)
     scales = scale_vectors(handle, vector, config.layers, config.scale, calibration_prompts(handle))
-    _, requests = _requests(handle, scales, trait, config)
+    _, requests = _requests(handle, scales, trait, config, control_vectors(handle, config, pairs))
     store = None if out is None else Path(out) / "generations.sqlite"
     return plan_judged(handle, store, requests, config.sampling, judge, _judged(handle, trait))
 
@@ -152,6 +193,42 @@ def summarise(answers: pd.DataFrame, n_resamples: int = 10_000) -> pd.DataFrame:
     if (answers["alpha"] == 0).any():
         table = table.merge(_paired_tests(answers, n_resamples), on=["layer", "alpha"], how="left")
     return table
+
+
+def summarise_controls(answers: pd.DataFrame, n_resamples: int = 10_000) -> pd.DataFrame:
+    """``summarise`` of each control condition of ``answers`` (column ``condition``) against the unsteered answers
+    (``alpha = 0``), one row per (condition, layer, alpha), Bonferroni within each condition; with ``delta_trait``,
+    the mean trait minus the unsteered mean."""
+    baseline = answers[answers["alpha"] == 0]
+    frames = []
+    for condition in [c for c in answers["condition"].unique() if c != VECTOR]:
+        mine = pd.concat([answers[answers["condition"] == condition], baseline]).drop(columns="condition")
+        summary = summarise(mine, n_resamples)
+        summary = summary[summary["alpha"] != 0]
+        summary.insert(0, "condition", condition)
+        frames.append(summary)
+    table = pd.concat(frames, ignore_index=True)
+    table.insert(table.columns.get_loc("trait_std") + 1, "delta_trait", table["trait_mean"] - baseline["trait"].mean())
+    return table
+
+
+def _controls_markdown(table: pd.DataFrame) -> str:
+    """Per control kind, layer and alpha: the mean and range over seeds of the trait change, and how many seeds
+    moved the trait significantly."""
+    kinds = table.assign(kind=table["condition"].str.split("-").str[0])
+    rows = []
+    for (kind, layer, alpha), group in kinds.groupby(["kind", "layer", "alpha"]):
+        rows.append({
+            "control": kind, "layer": layer, "alpha": f"{alpha:g}", "seeds": len(group),
+            "delta trait (mean, min..max)": f"{group['delta_trait'].mean():+.1f} ({group['delta_trait'].min():+.1f}.."
+                                            f"{group['delta_trait'].max():+.1f})",
+            "n per seed": int(group["n"].min()),
+            "seeds with p sign-flip < 0.05 (Bonf.)": int((group["p_signflip"] < 0.05).sum()),
+        })  # fmt: skip
+    return (
+        "Controls at the vector's added norm: the trait change from alpha 0 of random directions and of label-shuffled "
+        "mean differences (controls.csv has each seed).\n\n" + markdown_table(pd.DataFrame(rows))
+    )
 
 
 def _markdown(table: pd.DataFrame, scale: str) -> str:
@@ -192,12 +269,15 @@ def run_sweep(
     out: str | Path,
     config: SweepConfig,
     progress: bool = True,
+    pairs: torch.Tensor | None = None,
 ) -> pd.DataFrame:
     """Run the sweep into ``out`` (resumable through ``out/generations.sqlite``; a rerun with more layers,
-    alphas or samples computes only those); returns the table."""
+    alphas, samples or controls computes only those); returns the table. ``pairs``: the response means of the
+    vector's contrastive pairs (``pair_activations``), for the label-shuffled controls."""
     check_layers(config.layers, handle.n_blocks)
     out = Path(out)
     extends = {"layers": config.layers, "alphas": config.alphas, "eval_samples": config.eval_samples}
+    extends |= {"controls": config.controls, "control_seeds": config.control_seeds}
     prompts = evaluation_format(handle, trait)
     run = claim(
         out,
@@ -211,7 +291,13 @@ def run_sweep(
     scales = scale_vectors(handle, vector, config.layers, config.scale, calibration_prompts(handle))
     for scaled in scales.values():
         say(scaled.describe([a for a in config.alphas if a != 0]), progress)
-    rows, requests = _requests(handle, scales, trait, config)
+    controls = control_vectors(handle, config, pairs)
+    if controls is not None:
+        kinds = sorted({name.split("-")[0] for name in next(iter(controls.values()))})
+        missing = "" if "shuffled" in kinds else " (no label-shuffled ones: the vector's folder keeps no pairs)"
+        say(f"controls at the vector's added norm: {', '.join(kinds)}, seeds {config.control_seeds}{missing}",
+            progress)  # fmt: skip
+    rows, requests = _requests(handle, scales, trait, config, controls)
     judged = _judged(handle, trait)
     say(plan_judged(handle, out / "generations.sqlite", requests, config.sampling, judge, judged).describe(), progress)
     with Store(out / "generations.sqlite") as store:
@@ -220,24 +306,31 @@ def run_sweep(
         for column, k, label in (("trait", 0, "judge trait"), ("coherence", 1, "judge coherence")):
             answers[column] = score_cached(store, judge, [i[k] for i in items], label, progress=progress)
     answers = answers.astype({"trait": float, "coherence": float})
-    table = summarise(answers, config.n_resamples)
+    table = summarise(answers[answers["condition"] == VECTOR].drop(columns="condition"), config.n_resamples)
     table.insert(2, "scale", config.scale)
     write_csv(table, out / "sweep.csv")
     answers.to_json(out / "answers.jsonl", orient="records", lines=True)
-    (out / "sweep.md").write_text(_markdown(table, config.scale))
+    markdown = _markdown(table, config.scale)
+    control_table = summarise_controls(answers, config.n_resamples) if controls is not None else None
+    if control_table is not None:
+        write_csv(control_table, out / "controls.csv")
+        markdown += "\n\n" + _controls_markdown(control_table)
+    (out / "sweep.md").write_text(markdown)
     for metric in ("trait", "coherence"):
         grid = table.pivot(index="layer", columns="alpha", values=f"{metric}_mean")
         plot_heatmap(
             grid.to_numpy(),
             grid.index.tolist(),
             grid.columns.tolist(),
-            f"{trait.name} on {short_name(handle.name)}: mean {metric} ({out.name}, {config.scale} scale)",
+            f"{trait.name} on {short_name(handle.name)}: mean {metric} ({config.scale} scale), "
+            f"n = {int(table['n'].min())} answers per cell",
             f"{metric} score (0-100)",
             out / f"heatmap_{metric}.png",
         )
     plot_sweep_curves(
-        table, f"{trait.name} on {short_name(handle.name)} ({out.name}, {config.scale} scale)", out / "curves.png"
-    )
+        table, f"{trait.name} on {short_name(handle.name)} ({config.scale} scale)", out / "curves.png",
+        control_table,
+    )  # fmt: skip
     run.write(
         model=handle.name,
         revision=handle.revision,
@@ -252,11 +345,13 @@ def run_sweep(
 
 
 def settings(handle: ModelHandle, vector: torch.Tensor, trait: Trait, judge: Judge, config: SweepConfig) -> dict:
-    """What a sweep's results depend on (its layers, alphas and samples only extend it)."""
+    """What a sweep's results depend on (its layers, alphas, samples and controls only extend it)."""
     return {
         **model_settings(handle),
         "vector_sha256": vector_sha256(vector),
         "trait_sha256": trait.digest(),
         "judge": judge.name,
-        "config": config.model_dump(mode="json", exclude={"layers", "alphas", "eval_samples", "batch_size"}),
+        "config": config.model_dump(
+            mode="json", exclude={"layers", "alphas", "eval_samples", "batch_size", "controls", "control_seeds"}
+        ),
     }

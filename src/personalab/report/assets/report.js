@@ -276,7 +276,21 @@ function show(index) {
   if (location.hash !== `#run-${index}`) history.replaceState(null, "", `#run-${index}`);
 }
 
+// ---- click a figure to see it at its saved size ---------------------------------------------------
+
+function zoom(event) {
+  const image = event.target.closest(".figures img, .doc img");
+  if (!image) return;
+  const dialog = document.getElementById("zoom");
+  const large = dialog.querySelector("img");
+  large.src = image.src;
+  large.alt = image.alt;
+  dialog.showModal();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  document.querySelector("main").addEventListener("click", zoom);
+  document.getElementById("zoom").addEventListener("click", (event) => event.currentTarget.close());
   document.querySelectorAll("a[data-run]").forEach((a) => a.addEventListener("click", (event) => {
     event.preventDefault();
     show(Number(a.dataset.run));

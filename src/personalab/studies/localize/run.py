@@ -113,7 +113,7 @@ def run_localize(
     probe = pd.DataFrame(identity, columns=["layer", "accuracy", "f1_weighted", "precision_weighted"])
     write_csv(probe, out / "identity_probe.csv")
     measures = _measures(table, probe, len(personas), len(rows))
-    _write_heatmap(measures, layers, f"Persona divergence on {short_name(handle.name)} ({out.name})", out)
+    _write_heatmap(measures, layers, f"Persona divergence on {short_name(handle.name)}", out)
     _write_summary(out, handle, measures, layers, statements)
     with progress_bar("figures (PCA, t-SNE, UMAP per layer)", len(figures), progress) as advance:
         for layer in figures:

@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +44,7 @@ from personalab.judging.fluency import fluency_cached
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan, score_cached
 from personalab.store import Store
+from personalab.studies.controls import CONTROL_SEEDS, control_directions
 from personalab.studies.extraction import (
     RULES,
     Answer,
@@ -83,7 +83,7 @@ class TraceConfig(BaseModel):
     extraction: ExtractionConfig = ExtractionConfig(samples=4, sampling=BASE_SAMPLING, min_pairs=1)
     eval_samples: int = Field(3, ge=1)
     controls: bool = False
-    control_seeds: tuple[int, ...] = (0, 1, 2)
+    control_seeds: tuple[int, ...] = CONTROL_SEEDS
     n_resamples: int = Field(10_000, ge=100)
     mds_seed: int = 42
 
@@ -216,22 +216,6 @@ def _kept(handle, unit, judge, store, config, progress) -> tuple[list[tuple[Answ
         for member in unit.members
     ]
     return [pair for report in reports for pair in report.kept], _counts(reports)
-
-
-def control_directions(
-    response: torch.Tensor, n_pairs: int, layer: int, seeds: Sequence[int], hidden: int
-) -> dict[str, torch.Tensor]:
-    """``random-S``: a Gaussian direction from seed ``S``; ``shuffled-S``: the mean difference at
-    ``layer`` after swapping the labels of each kept pair with probability 1/2 (seed ``S``).
-    ``response`` holds the response means of ``[pos..., neg...]``."""
-    out = {}
-    acts = response[:, layer].double()
-    pos, neg = acts[:n_pairs], acts[n_pairs:]
-    for seed in seeds:
-        out[f"random-{seed}"] = torch.randn(hidden, generator=torch.Generator().manual_seed(seed))
-        flip = torch.from_numpy(np.random.default_rng(seed).random(n_pairs) < 0.5).unsqueeze(1)
-        out[f"shuffled-{seed}"] = (torch.where(flip, neg, pos).mean(0) - torch.where(flip, pos, neg).mean(0)).float()
-    return out
 
 
 def steering_scores(
