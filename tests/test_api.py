@@ -235,9 +235,10 @@ VERBS = {
     "compose": "personalab.studies.compose:ComposeConfig",
 }
 CLI_ONLY = {("sweep", "alphas"), ("distill", "lora_rank"), ("finetune", "lora_rank")}
-CLI_ONLY |= {("finetune", "steps")}
+CLI_ONLY |= {("finetune", "steps"), ("extract", "pos_threshold"), ("extract", "neg_threshold")}
 """Options whose command-line default is ``None`` on purpose: a sweep's default grid is the config's; training
-asks for ``--lora-rank R`` or ``--full`` explicitly; a fine-tune runs one epoch unless given steps."""
+asks for ``--lora-rank R`` or ``--full`` explicitly; a fine-tune runs one epoch unless given steps; extract's trait
+cut-offs are the config's unless given, so that beside ``--trait-threshold`` a given one is an error."""
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))

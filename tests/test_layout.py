@@ -9,7 +9,7 @@ ROOT = Path(personalab.__file__).parent
 
 ALLOWED = {
     "errors": set(),
-    "files": set(),
+    "files": {"errors"},
     "console": set(),
     "store": {"files", "errors"},
     "vectors": {"files", "errors"},

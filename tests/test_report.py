@@ -97,7 +97,7 @@ class _Page(HTMLParser):
             self._into = ("data", attrs["id"])
         elif tag == "pre" and attrs.get("class") == "config":
             self._into = ("config", "")
-        elif tag == "img":
+        elif tag == "img" and "src" in attrs:  # the zoom dialog's image gets its source on a click
             self.images.append(attrs["src"])
         elif tag == "div" and attrs.get("class") == "problems":
             self._problems = 1

@@ -260,8 +260,8 @@ def test_controls_steer_at_the_vectors_norm_with_directions_computed_by_hand(tin
 
     from personalab import extract, sweep
     from personalab.studies.controls import pair_activations
-    from personalab.traits.elicitation import elicit
     from personalab.studies.sweep import control_vectors
+    from personalab.traits.elicitation import elicit
     from personalab.vectors import vector_sha256
 
     handle, judge = tiny("llama", "chatml"), ScriptedJudge()

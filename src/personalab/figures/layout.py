@@ -1,14 +1,16 @@
 """Saving figures for a paper, and checking that they read at the size they are saved.
 
 Every figure is saved as a PNG and, beside it, the same figure as SVG (``save_figure``), a vector copy that
-stays sharp in a paper. ``layout_problems`` measures a drawn figure with matplotlib's own text extents: text
-smaller than ``MIN_FONT_PT`` at the saved size, text that overlaps other text, text cut off at the figure's
-edge, and a legend drawn over data points.
+stays sharp in a paper; both are byte-identical when the same figure is saved again. ``layout_problems``
+measures a drawn figure with matplotlib's own text extents: text smaller than ``MIN_FONT_PT`` at the saved
+size, text that overlaps other text, text cut off at the figure's edge, and a legend drawn over data points.
 """
 
+import threading
 from itertools import combinations
 from pathlib import Path
 
+from matplotlib import rc_context
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -19,14 +21,19 @@ MIN_FONT_PT = 8.0
 """Smallest font size of any text, in points at the saved size."""
 DPI = 200
 VECTOR_SUFFIX = ".svg"
+_SVG_SALT = threading.Lock()
+"""Held while the global ``svg.hashsalt`` is set for one figure (figures may be saved from several threads)."""
 
 
 def save_figure(fig: Figure, path: str | Path) -> None:
-    """Lay ``fig`` out and write it to ``path`` (PNG) and to ``path`` with ``VECTOR_SUFFIX``."""
+    """Lay ``fig`` out (``tight_layout``, unless it has a layout engine of its own) and write it to ``path`` (PNG) and
+    to ``path`` with ``VECTOR_SUFFIX``."""
     path = Path(path)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=DPI)
-    fig.savefig(path.with_suffix(VECTOR_SUFFIX))
+    with _SVG_SALT, rc_context({"svg.hashsalt": path.name}):  # the SVG's ids from its name, not a random salt
+        fig.savefig(path.with_suffix(VECTOR_SUFFIX), metadata={"Date": None})
 
 
 def _tick_labels(ax: Axes) -> list[Text]:
@@ -100,4 +107,8 @@ def layout_problems(fig: Figure, tolerance: float = 1.0) -> list[str]:
             covered = _covered_points(ax, legend.get_window_extent(renderer))
             if covered:
                 problems.append(f"the legend of {ax.get_title() or 'a panel'!r} covers {covered} data points")
+    for legend in fig.legends:
+        covered = sum(_covered_points(ax, legend.get_window_extent(renderer)) for ax in fig.axes)
+        if legend.get_visible() and covered:
+            problems.append(f"the figure's legend covers {covered} data points")
     return problems

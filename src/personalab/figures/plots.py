@@ -114,7 +114,7 @@ def plot_sweep_curves(table, title: str, path: str | Path, controls=None) -> Non
     metrics = [("trait", "trait score (0-100)"), ("coherence", "coherence score (0-100)")]
     if "nll_mean" in table:
         metrics.append(("nll", "NLL per answer token (nats)"))
-    fig = Figure(figsize=(2.2 + 3.2 * len(metrics), 4.2))
+    fig = Figure(figsize=(1.0 + 3.3 * len(metrics), 4.2), layout="constrained")
     axes = fig.subplots(1, len(metrics), sharex=True)
     for ax, (metric, label) in zip(axes, metrics, strict=True):
         for layer, rows in table.groupby("layer"):
@@ -134,8 +134,7 @@ def plot_sweep_curves(table, title: str, path: str | Path, controls=None) -> Non
             ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    axes[len(axes) // 2].legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2),
-                                ncol=min(len(labels), 4), frameon=False)  # fmt: skip
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), frameon=False)
     counts = sorted({int(n) for n in table["n"]})
     n = f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}-{counts[-1]}"
     _title(fig, f"{title}\nmean and one std over {n} answers per point; NLL under the unsteered model")
@@ -414,8 +413,10 @@ def plot_correlation(
         slope, intercept = np.polyfit(x, y, 1)
         xs = np.linspace(min(x), max(x), 50)
         ax.plot(xs, slope * xs + intercept, color="grey", zorder=1)
-        interval = "" if stats["low"] is None else f" [{stats['low']:.2f}, {stats['high']:.2f}]"
-        note = f"Pearson r = {stats['r']:.2f}{interval}, n = {stats['n']} fine-tunes, p = {stats['p']:.2g}"
+        interval = "no interval: too few points" if stats["low"] is None else (
+            f"95% interval [{stats['low']:.2f}, {stats['high']:.2f}]"
+        )  # fmt: skip
+        note = f"Pearson r = {stats['r']:.2f} over n = {stats['n']} fine-tunes, p = {stats['p']:.2g}; {interval}"
     else:
         note = f"n = {stats['n']} fine-tunes: too few for r"
     ax.set_xlabel(xlabel)
