@@ -77,7 +77,7 @@ def test_every_plot_reads_at_its_saved_size_and_has_a_vector_copy(tmp_path, monk
             rng.normal(size=20).tolist(), "ckpt/final - stories260k in 2048 features", p,
         ),
         "bars": lambda p: plots.plot_score_bars(
-            pd.DataFrame({"model": ["base", "runs/ft", "runs/ft-steered", "runs/ft-ablated"], **{
+            pd.DataFrame({"model": ["base", "runs/ft", "runs/ft-steered", "runs/ft-ablated"], "n": [40] * 4, **{
                 f"{m}_{s}": rng.uniform(0, 50, 4) for m in ("trait", "coherence") for s in ("mean", "std")}}),
             f"evil on {long} and its fine-tunes: judged scores", p,
         ),
@@ -104,3 +104,14 @@ def test_every_plot_reads_at_its_saved_size_and_has_a_vector_copy(tmp_path, monk
     assert set(checked) == set(written)
     assert {name: found for name, found in checked.items() if found} == {}
     assert all((tmp_path / f"{name}.svg").stat().st_size > 1000 for name in written)
+
+
+def test_score_bars_list_the_models_top_down_in_table_order(tmp_path, monkeypatch):
+    table = pd.DataFrame({"model": ["base", "ft"], "n": [4, 4], "trait_mean": [10.0, 90.0], "trait_std": [1.0, 1.0],
+                          "coherence_mean": [50.0, 50.0], "coherence_std": [1.0, 1.0]})  # fmt: skip
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    plots.plot_score_bars(table, "scores", tmp_path / "bars.png")
+    for ax in drawn[0].axes:
+        top = max(ax.patches, key=lambda bar: bar.get_window_extent().y0)
+        assert top.get_width() == table.loc[0, f"{ax.get_title()}_mean"], "the base, the first row, is on top"

@@ -142,7 +142,8 @@ def plot_sweep_curves(table, title: str, path: str | Path, controls=None) -> Non
 
 
 def plot_histogram(values: Sequence[float], xlabel: str, title: str, path: str | Path) -> None:
-    """Histogram of ``values`` written to ``path``."""
+    """Histogram of ``values`` written to ``path``; the title gives their number."""
+    title = f"{title} (n = {len(values)})"
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     ax.hist(list(values), bins=min(50, max(10, len(values) // 5)))
@@ -220,18 +221,23 @@ def plot_training_curve(losses: Sequence[float], title: str, path: str | Path, y
 
 
 def plot_score_bars(table, title: str, path: str | Path) -> None:
-    """Trait and coherence per model (``table``: model, *_mean, *_std): horizontal bars with one std."""
-    labels = [textwrap.fill(short_name(str(m)), 28) for m in table["model"]]
-    fig = Figure(figsize=(10, 1.5 + 0.6 * len(labels)))
+    """Trait and coherence per model (``table``: model, *_mean, *_std and n, the answers each mean is over):
+    horizontal bars with one std, each labelled with its n."""
+    counts = table["n"] if "n" in table else [None] * len(table)
+    labels = [
+        textwrap.fill(short_name(str(m)), 28) + ("" if n is None else f"\nn = {int(n)}")
+        for m, n in zip(table["model"], counts, strict=True)
+    ]
+    fig = Figure(figsize=(10, 1.5 + 0.7 * len(labels)))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, metric in zip(axes, ("trait", "coherence"), strict=True):
         ax.barh(range(len(labels)), table[f"{metric}_mean"], xerr=table[f"{metric}_std"].fillna(0), capsize=4)
         ax.set_yticks(range(len(labels)), labels)
-        ax.invert_yaxis()
         ax.set_xlabel(f"{metric} score (0-100), mean and one std")
         ax.set_xlim(0, 100)
         ax.set_title(metric)
         ax.grid(alpha=0.3, axis="x")
+    axes[0].invert_yaxis()  # the axes share y: the first model on top
     _title(fig, title)
     save_figure(fig, path)
 

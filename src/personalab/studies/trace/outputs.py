@@ -199,7 +199,9 @@ def _plot_effects(
             panel.crosses["not extractable"] = [position[r] for r in missing["revision"]]
         panels.append(panel)
     if panels:
-        plot_over_training(panels, xlabel, title, path, log_x)
+        counts = sorted({int(n) for n in table["n_questions"].dropna()})
+        n = "" if not counts else f"; n = {counts[0]}" + (f"-{counts[-1]}" if len(counts) > 1 else "")
+        plot_over_training(panels, xlabel, f"{title}{n} questions per point (mean over their samples)", path, log_x)
 
 
 def _steered_markdown(table: pd.DataFrame, checkpoints: list[Checkpoint], title: str) -> str:
