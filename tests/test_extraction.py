@@ -318,10 +318,16 @@ def test_a_new_filter_threshold_refilters_the_stored_pairs(tiny, tmp_path):
         assert [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("generations", "judgements")] == stored
     assert judge.calls == judged
     meta = json.loads((run / "meta.json").read_text())
-    assert meta["fingerprint"] == fingerprint and meta["recorded"]["filter"]["pos_threshold"] == 20.0
+    assert meta["fingerprint"] == fingerprint and meta["config"]["pos_threshold"] == 20.0
     pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
     assert [p["kept"] for p in pairs] == [p["pos_trait"] >= 20 and p["neg_trait"] < 50 for p in pairs]
     assert result.meta["counts"]["kept"] == sum(p["kept"] for p in pairs) >= 2
+
+    files = {name: (run / name).read_bytes() for name in ("pairs.jsonl", "vectors.safetensors")}
+    with pytest.raises(FilterError, match="the folder keeps the vector of its last filter"):
+        run_extraction(handle, TRAIT, judge, run, CONFIG.model_copy(update={"pos_threshold": 100.0}), progress=False)
+    assert {name: (run / name).read_bytes() for name in files} == files, "the pairs still match the vector"
+    assert json.loads((run / "meta.json").read_text())["config"]["pos_threshold"] == 20.0
 
 
 def test_a_judge_server_that_moved_keeps_the_stored_judgements(tiny, tmp_path):

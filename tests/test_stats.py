@@ -90,6 +90,9 @@ def test_correlation_gives_n_an_exact_p_and_an_interval_only_where_n_supports_on
     rng = np.random.default_rng(4)
     assert correlation([0.1, 0.2], [3.0, 4.0]) == {"n": 2}
     assert describe_correlation({"n": 2}) == "needs 3 fine-tuned models; got n = 2"
+    for y in ([50.0, 50.0, 50.0], [10.0, float("nan"), 30.0]):  # scipy gives r = nan with p = 0 for these
+        found = correlation([0.1, 0.2, 0.3], y)
+        assert set(found) == {"n", "undefined"} and describe_correlation(found).startswith("undefined over n = 3")
     for n in (3, 5, 7, 12):
         x = rng.normal(size=n)
         y = x + rng.normal(size=n)

@@ -279,7 +279,7 @@ def test_controls_steer_at_the_vectors_norm_with_directions_computed_by_hand(tin
     }  # fmt: skip
     layer = 2
     config = SweepConfig(layers=[layer], alphas=[0, 4.0], eval_samples=1, sampling=GREEDY, scale="raw", controls=True)
-    directions = control_vectors(handle, config, pair_activations(handle, tmp_path / "vec"))[layer]
+    directions = control_vectors(handle, config, lambda: pair_activations(handle, tmp_path / "vec"), None)[layer]
     assert sorted(directions) == [f"{k}-{s}" for k in ("random", "shuffled") for s in (0, 1, 2)]
     for seed in (0, 1, 2):
         torch.testing.assert_close(directions[f"random-{seed}"], torch.randn(handle.hidden_size,
@@ -310,3 +310,16 @@ def test_controls_steer_at_the_vectors_norm_with_directions_computed_by_hand(tin
         assert row.trait_mean == pytest.approx(mine["trait"].mean()) and row.n == len(mine)
         assert row.delta_trait == pytest.approx(row.trait_mean - baseline)
     assert "Controls at the vector's added norm" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert {r.get("condition") for r in requests} == {None, *directions}, "the report can tell the controls apart"
+
+    generations = len(requests)
+    rerun = dict(layers=[layer], alphas=[0, 4.0], eval_samples=1, temperature=0, max_new_tokens=5, scale="raw",
+                 out=tmp_path / "sweep", progress=False, report=False)  # fmt: skip
+    again = sweep(handle, vector, judge, controls=True, batch_size=3, **rerun)
+    with Store(tmp_path / "sweep" / "generations.sqlite") as store:
+        assert store.count("generations") == generations, "the kept control directions find their answers again"
+    pd.testing.assert_frame_equal(again.tables["controls"], controls)
+    sweep(handle, vector, judge, **rerun)
+    assert not (tmp_path / "sweep" / "controls.csv").exists(), "a rerun without controls drops their table"
+    with pytest.raises(ValueError, match="add 0 to `alphas`"):
+        SweepConfig(layers=[layer], alphas=[4.0], scale="raw", controls=True)

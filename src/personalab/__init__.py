@@ -8,9 +8,11 @@ The names below are imported on first use, so ``import personalab`` loads no mod
 """
 
 from importlib import import_module
+from importlib.metadata import version
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = version("personalab")
+"""The installed version (``pyproject.toml``'s), as ``personalab --version`` prints it."""
 
 _EXPORTS = {
     "StudyResult": "personalab.api",
@@ -18,6 +20,7 @@ _EXPORTS = {
     "compare": "personalab.api",
     "compose": "personalab.api",
     "correlate": "personalab.api",
+    "cosine": "personalab.api",
     "deepscan": "personalab.api",
     "distill": "personalab.api",
     "extract": "personalab.api",
@@ -40,6 +43,7 @@ _EXPORTS = {
     "Indices": "personalab.engine.positions",
     "ModelHandle": "personalab.engine.model",
     "PersonalabError": "personalab.errors",
+    "PersonalabWarning": "personalab.errors",
     "Steer": "personalab.engine.interventions",
     "Substitute": "personalab.engine.interventions",
     "TokenSequence": "personalab.engine.chat",
@@ -57,6 +61,7 @@ __all__ = [
     "compare",
     "compose",
     "correlate",
+    "cosine",
     "deepscan",
     "distill",
     "extract",
@@ -77,6 +82,7 @@ __all__ = [
     "Indices",
     "ModelHandle",
     "PersonalabError",
+    "PersonalabWarning",
     "Steer",
     "Substitute",
     "TokenSequence",
@@ -97,6 +103,7 @@ if TYPE_CHECKING:
         compare,
         compose,
         correlate,
+        cosine,
         deepscan,
         distill,
         extract,
@@ -115,7 +122,7 @@ if TYPE_CHECKING:
     from personalab.engine.interventions import Ablate, Clamp, Steer, Substitute, add_vector, intervene
     from personalab.engine.model import ModelHandle, load_model
     from personalab.engine.positions import GeneratedToken, Indices
-    from personalab.errors import PersonalabError
+    from personalab.errors import PersonalabError, PersonalabWarning
     from personalab.persona import PersonaVector, feature_vector, steer
     from personalab.sae import load_sae
 

@@ -359,6 +359,7 @@ def steer(
     ``ScaledVector`` (what ``alpha = 1`` adds, and the residual norm it was scaled by)."""
     if isinstance(vector, PersonaVector):
         vector._check_model(model, hooks=False)
+        check_origin(vector, model)
         vector = vector.tensor(variant)
     _check_hooks(model)
     scaled = scaled_vector(model, torch.as_tensor(vector).detach().float(), layer, scale, calibration_prompts(model))

@@ -5,10 +5,11 @@ Every study claims its folder (``claim``) before any work. ``meta.json`` then ho
 (everything its results depend on), their ``fingerprint`` (sha256 of the canonical JSON), its
 ``extends`` (settings that only add work: more alphas, layers, samples, runs, checkpoints...) and
 its input files with their sha256, and in words how its prompts are written (``prompt_format``); the
-study adds its results with ``RunFolder.write``. Settings that neither determine a stored answer nor a
-judgement are ``recorded`` outside the fingerprint: where a judge server was reached (a server that
-moves keeps the stored judgements) and the cut-offs that choose among stored results (a rerun with
-another filter threshold re-filters without generating or judging again).
+study adds its results with ``RunFolder.write``. What determines neither a stored answer nor a
+judgement stays out of the fingerprint: where a judge server was reached is ``recorded`` (a server
+that moves keeps the stored judgements), and a study leaves out the settings that only choose among
+stored results (extraction's filter: a rerun with another threshold re-filters without generating or
+judging again, and its results record the threshold they were made with).
 
 A rerun in a folder that holds a run resumes it and extends it, computing only what is new (the
 stores skip what they hold). It is refused, in one line naming every changed field with its old

@@ -73,7 +73,10 @@ class Store:
         try:
             self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_SECONDS * 1000)}")
             _retry_locked(self._create, self.path)
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.OperationalError as exc:  # read-only, a disk error...: the file itself may be sound
+            self.db.close()
+            raise PersonalabError(f"{self.path} cannot be opened ({exc}); check the disk and its permissions") from None
+        except sqlite3.DatabaseError as exc:  # not a database, or a malformed one
             self.db.close()
             aside = self.path.with_name(self.path.name + ".broken")
             raise PersonalabError(
@@ -85,7 +88,7 @@ class Store:
         mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise sqlite3.OperationalError(f"database is busy: journal mode is {mode}, not wal")
-        damage = self.db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        damage = self.db.execute("PRAGMA quick_check(1)").fetchone()[0]  # reads the file once, at opening
         if damage != "ok":
             raise sqlite3.DatabaseError(f"database disk image is malformed: {damage}")
         self.db.executescript(_SCHEMA)

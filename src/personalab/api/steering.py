@@ -46,9 +46,11 @@ def sweep(
     config = configured(SweepConfig, options, layers=list(layers))
     persona, direction = vector_of(vector, variant, model)
     chosen, scorer, handle = as_trait(trait, persona, trait_dir), as_judge(judge), as_model(model)
-    pairs = None
-    if config.controls and persona.source is not None:
-        pairs = pair_activations(handle, persona.source, config.batch_size)
+    source = persona.source
+
+    def pairs():
+        return None if source is None else pair_activations(handle, source, variant, config.batch_size)
+
     if dry_run:
         return plan_sweep(handle, direction, chosen, scorer, out, config, pairs)
     with run_folder(out) as (folder, kept):

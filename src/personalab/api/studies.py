@@ -231,9 +231,10 @@ def correlate(
     **options: Any,
 ) -> "StudyResult | Plan":
     """``personalab correlate``: projection shift against judged trait across fine-tunes of ``model``, with Pearson r
-    and a bootstrap interval; one model in memory at a time (``load(folder)`` loads a fine-tune, default
-    ``trained_loader`` on the base). ``options`` are ``CorrelateConfig``'s and the sampling options. Tables:
-    ``correlate``. ``dry_run`` loads the base model, returns the ``Plan`` of every model and does nothing else."""
+    over the n fine-tunes, its p and, from n = 10, a bootstrap interval (``correlation``); one model in memory at a
+    time (``load(folder)`` loads a fine-tune, default ``trained_loader`` on the base). ``options`` are
+    ``CorrelateConfig``'s and the sampling options. Tables: ``correlate``. ``dry_run`` loads the base model, returns
+    the ``Plan`` of every model and does nothing else."""
     from personalab.api.weights import trained_loader
     from personalab.studies.correlate import CorrelateConfig, plan_correlate, run_correlate
 

@@ -272,7 +272,7 @@ def finetune(
     handle = as_model(model)
     monitors = monitored(monitor, config.monitor_layer, handle.n_blocks, monitor_prompts, variant, judge is not None)
     interventions = [
-        TrainingIntervention(kind, layer, as_vector(v, handle.n_blocks).tensor(variant), alpha, scale or DEFAULT_SCALE)
+        TrainingIntervention(kind, layer, vector_of(v, variant, handle)[1], alpha, scale or DEFAULT_SCALE)
         for kind, v in (("steer", steer_vector), ("ablate", ablate_vector))
         if v is not None
     ]

@@ -363,7 +363,8 @@ def correlate(
     thinking: ThinkingOption = False,
     threads: ThreadsOption = None,
 ) -> None:
-    """Projection shift against judged trait across fine-tuned models, with Pearson r and a bootstrap interval."""
+    """Projection shift against judged trait across fine-tuned models: Pearson r over the n fine-tunes, its p, and a
+    bootstrap interval from n = 10."""
     with reported(out):
         prepare(threads, device)
         check_engine(engine)

@@ -265,12 +265,16 @@ def devices() -> list[str]:
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; any other device must be one of ``devices()``
-    (``cuda`` standing for every GPU), or the error names the ones there are."""
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; any other device must be on this machine: the CPU
+    (``cpu``, ``cpu:N``), one of ``devices()``, or ``cuda`` for every GPU; else the error names the ones there are."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     there = devices()
-    if device not in there and not (device == "cuda" and "cuda:0" in there):
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind != "cpu" and device not in there and not (device == "cuda" and "cuda:0" in there):
         built = (
             "" if device.split(":")[0] != "cuda" or torch.version.cuda else f" (torch {torch.__version__} has no CUDA)"
         )

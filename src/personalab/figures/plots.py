@@ -424,7 +424,7 @@ def plot_correlation(
         )  # fmt: skip
         note = f"Pearson r = {stats['r']:.2f} over n = {stats['n']} fine-tunes, p = {stats['p']:.2g}; {interval}"
     else:
-        note = f"n = {stats['n']} fine-tunes: too few for r"
+        note = f"n = {stats['n']} fine-tunes: " + ("r is undefined" if "undefined" in stats else "too few for r")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     _title(fig, f"{title}\n{note}", ax)

@@ -38,18 +38,24 @@ def control_directions(
     return out
 
 
-def pair_activations(handle: ModelHandle, folder: Path, batch_size: int = 16) -> torch.Tensor | None:
-    """The response means (``[2 n, n_blocks + 1, hidden]``, positives first) of the pairs an extraction run folder
-    kept (``pairs.jsonl``: judged pairs, or the pairs of ``extract --pairs``), captured on ``handle``; ``None`` for a
-    folder without them (a vector file, a public ``.pt``)."""
-    path = folder / PAIRS if folder.is_dir() else None
-    if path is None or not path.is_file():
+def pair_activations(
+    handle: ModelHandle, source: Path, variant: str = "response_mean", batch_size: int = 16
+) -> torch.Tensor | None:
+    """The ``variant`` activations (``[2 n, n_blocks + 1, hidden]``, positives first) of the pairs the extraction run
+    folder of ``source`` (the folder or its ``vectors.safetensors``) kept (``pairs.jsonl``: judged pairs, or those of
+    ``extract --pairs``, which have ``response_mean`` alone), captured on ``handle``; ``None`` where there are none
+    (a lone vector file, a public ``.pt``)."""
+    folder = source if source.is_dir() else source.parent
+    path = folder / PAIRS
+    if not path.is_file() or not (source.is_dir() or source.name == "vectors.safetensors"):
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     kept = [row for row in rows if row.get("kept")]
     if not kept:
         return None
     if "given" in kept[0]:
+        if variant != "response_mean":
+            return None
         pairs = [ContrastPair.model_validate(row["given"]) for row in kept]
         (means,) = capture_means(handle, contrast_sequences(handle, pairs), ["response"], batch_size=batch_size)
         return means
@@ -59,4 +65,4 @@ def pair_activations(handle: ModelHandle, folder: Path, batch_size: int = 16) ->
                row[f"{side}_trait"], row[f"{side}_coherence"], style)
         for side in ("pos", "neg") for row in kept
     ]  # fmt: skip
-    return answer_activations(handle, answers, batch_size)["response_mean"]
+    return answer_activations(handle, answers, batch_size)[variant]

@@ -66,12 +66,15 @@ def pearson_interval(x: Sequence[float], y: Sequence[float], seed: int = 0) -> t
 def correlation(x: Sequence[float], y: Sequence[float], seed: int = 0) -> dict:
     """Pearson's r of the points ``(x[i], y[i])`` with ``n``, a two-sided ``p`` (``p_method``: ``exact permutation``
     over every pairing up to ``EXACT_UP_TO`` points, else ``t-test``), and from ``MIN_INTERVAL`` points a 95%
-    bootstrap interval (``low``, ``high``; ``None`` below); ``{"n": n}`` alone below ``MIN_POINTS``."""
+    bootstrap interval (``low``, ``high``; ``None`` below); ``{"n": n}`` alone below ``MIN_POINTS``, and with
+    ``undefined`` (why) where r is (a constant or missing value)."""
     from scipy.stats import PermutationMethod, pearsonr
 
     n = len(x)
     if n < MIN_POINTS:
         return {"n": n}
+    if not (np.isfinite(x).all() and np.isfinite(y).all()) or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"n": n, "undefined": "a shift or trait score is missing, or all of one are equal"}
     exact = n <= EXACT_UP_TO
     result = pearsonr(x, y, method=PermutationMethod(n_resamples=np.inf) if exact else None)
     low, high = pearson_interval(x, y, seed)[1:] if n >= MIN_INTERVAL else (None, None)
@@ -88,6 +91,8 @@ def correlation(x: Sequence[float], y: Sequence[float], seed: int = 0) -> dict:
 def describe_correlation(stats: dict) -> str:
     """One line: r with n, p and the interval, or why there is none."""
     n = stats["n"]
+    if "undefined" in stats:
+        return f"undefined over n = {n} fine-tunes: {stats['undefined']}"
     if "r" not in stats:
         return f"needs {MIN_POINTS} fine-tuned models; got n = {n}"
     text = f"r = {stats['r']:.3f} over n = {n} fine-tunes, p = {stats['p']:.3g} ({stats['p_method']})"

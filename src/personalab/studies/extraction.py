@@ -324,22 +324,25 @@ def run_extraction(
     config = config or ExtractionConfig()
     out = Path(out)
     prompts = elicitation_format(trait.elicitation, handle.chat)
-    recorded = {**filter_settings(config), **judge_record(judge)}
     extends = {"samples": config.samples}
     run = claim(
-        out, "extract", settings(handle, trait, judge, config), extends, prompt_format=prompts, recorded=recorded
-    )
+        out, "extract", settings(handle, trait, judge, config), extends, prompt_format=prompts,
+        recorded=judge_record(judge),
+    )  # fmt: skip
     say(f"prompt format: {prompts}", progress)
     with Store(out / "generations.sqlite") as store:
         answers = judged_answers(handle, trait, judge, store, config, progress)
     report = filter_pairs(answers, config)
-    report.write(out / PAIRS)
     counts = report.counts(trait)
+    earlier = (out / "vectors.safetensors").is_file()
+    if counts["kept"] >= config.min_pairs or not earlier:  # a failed re-filter leaves the earlier vector's pairs
+        report.write(out / PAIRS)
     if counts["kept"] < config.min_pairs:
         reasons = ", ".join(f"{k}: {v}" for k, v in counts["rejected"].items() if v)
+        kept = "; the folder keeps the vector of its last filter" if earlier else ""
         raise FilterError(
             f"only {counts['kept']} of {counts['pairs']} pairs passed the filter (need {config.min_pairs}; "
-            f"rejected {reasons}); raise `samples`, lower `min_pairs` or the thresholds, or check the judge"
+            f"rejected {reasons}); raise `samples`, lower `min_pairs` or the thresholds, or check the judge{kept}"
         )
     vectors = compute_vectors(handle, report.kept, config.batch_size, progress)
     meta = _meta(handle, trait, judge, config, counts, vectors)
@@ -451,13 +454,7 @@ def run_pair_extraction(
                              label="capture pairs")  # fmt: skip
     vectors = {"response_mean": _difference(means, len(pairs))}
     meta = {
-        "model": handle.name,
-        "revision": handle.revision,
-        "architecture": handle.architecture,
-        "dtype": str(handle.dtype).removeprefix("torch."),
-        "n_blocks": handle.n_blocks,
-        "hidden_size": handle.hidden_size,
-        "tokenizer_sha256": handle.tokenizer_sha256(),
+        **_model_meta(handle),
         "source": "pairs",
         **({"trait": trait.name, "trait_sha256": trait.digest()} if trait is not None else {}),
         "counts": {"pairs": len(pairs), "kept": len(pairs)},
@@ -485,7 +482,7 @@ def run_pair_extraction(
 
 def settings(handle: ModelHandle, trait: Trait, judge: Judge, config: ExtractionConfig) -> dict:
     """What an extraction's answers and judgements depend on (``samples`` only extends a run; the ``FILTER``
-    settings only choose among them, and are recorded by ``filter_settings``)."""
+    settings only choose among stored answers: ``meta.json``'s ``config`` records those the vector was made with)."""
     return {
         **model_settings(handle),
         "trait_sha256": trait.digest(),
@@ -494,14 +491,8 @@ def settings(handle: ModelHandle, trait: Trait, judge: Judge, config: Extraction
     }
 
 
-def filter_settings(config: ExtractionConfig) -> dict:
-    """The ``FILTER`` settings of ``config``: recorded in ``meta.json``, free to change between reruns."""
-    return {"filter": config.model_dump(mode="json", include=set(FILTER))}
-
-
-def _meta(
-    handle: ModelHandle, trait: Trait, judge: Judge, config: ExtractionConfig, counts: dict, vectors: dict
-) -> dict:
+def _model_meta(handle: ModelHandle) -> dict:
+    """What a vector's ``meta.json`` records of the model it was extracted from (``check_origin`` reads it)."""
     return {
         "model": handle.name,
         "revision": handle.revision,
@@ -510,6 +501,14 @@ def _meta(
         "n_blocks": handle.n_blocks,
         "hidden_size": handle.hidden_size,
         "tokenizer_sha256": handle.tokenizer_sha256(),
+    }
+
+
+def _meta(
+    handle: ModelHandle, trait: Trait, judge: Judge, config: ExtractionConfig, counts: dict, vectors: dict
+) -> dict:
+    return {
+        **_model_meta(handle),
         "trait": trait.name,
         "trait_sha256": trait.digest(),
         "elicitation": trait.elicitation,

@@ -17,11 +17,13 @@ With ``controls``, every steered configuration is also run with control directio
 label-shuffled mean differences), each compared with ``alpha = 0`` in the same way (``controls.csv``).
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file
 
 from personalab.console import say
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
@@ -42,7 +44,7 @@ from personalab.studies.controls import CONTROL_SEEDS, control_directions
 from personalab.studies.stats import paired_test
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts, coherence_rubric
 from personalab.traits.elicitation import continues, evaluation_format, evaluation_prompt
-from personalab.vectors import vector_sha256
+from personalab.vectors import save_vector_file, vector_sha256
 
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 """Coefficients of a sweep given none, in normalised units (fractions of the typical, median token, residual norm)."""
@@ -67,6 +69,8 @@ class SweepConfig(BaseModel):
     def _scale(self) -> "SweepConfig":
         if self.scale == "raw" and "alphas" not in self.model_fields_set:
             raise InvalidInputError("the default alphas are in normalised units; give `alphas` for `scale` raw")
+        if self.controls and 0 not in self.alphas:
+            raise InvalidInputError("`controls` are compared with the unsteered answers; add 0 to `alphas`")
         return self
 
 
@@ -96,6 +100,7 @@ def _requests(
                 if alpha == 0 and condition != VECTOR:
                     continue
                 steer = {"layer": layer, "alpha": alpha, "vector": digest, "positions": config.positions}
+                named = {} if condition == VECTOR else {"condition": condition}
                 for qi in range(len(prompts)):
                     for sample in range(config.eval_samples):
                         rows.append((layer, alpha, condition, qi, sample))
@@ -103,24 +108,48 @@ def _requests(
                             GenerationRequest(
                                 prompts[qi],
                                 {"question": trait.evaluation_questions[qi], "sample": sample,
-                                 "steer": None if alpha == 0 else steer},
+                                 "steer": None if alpha == 0 else steer, **named},
                                 () if alpha == 0 else (Steer(layer, direction, alpha, config.positions),),
                             )
                         )  # fmt: skip
     return rows, requests
 
 
+CONTROLS_FILE = "controls.safetensors"
+"""A sweep's control directions (``LAYER/NAME``, float32 ``[hidden]``), kept so that a rerun adds the same ones."""
+
+Pairs = Callable[[], torch.Tensor | None]
+"""The response means of the vector's pairs (``pair_activations``), captured when first needed; ``None``: none."""
+
+
 def control_vectors(
-    handle: ModelHandle, config: SweepConfig, pairs: torch.Tensor | None
+    handle: ModelHandle, config: SweepConfig, pairs: Pairs, folder: Path | None, keep: bool = False
 ) -> dict[int, dict[str, torch.Tensor]] | None:
-    """Per swept layer, the control directions of ``config`` (``None`` without ``controls``); ``pairs``: the response
-    means of the vector's pairs (``pair_activations``), for the label-shuffled ones."""
+    """Per swept layer, the control directions of ``config`` (``None`` without ``controls``): those ``folder`` keeps
+    (``CONTROLS_FILE``) read back, the rest computed (``pairs`` captured once, for the label-shuffled ones) and, with
+    ``keep``, added to the file. A shuffled direction is a mean of captured floats, which batching may change in the
+    last bits; kept, it is added bit for bit the same on a rerun, so its stored answers are found again."""
     if not config.controls:
         return None
-    n = 0 if pairs is None else len(pairs) // 2
-    return {
-        layer: control_directions(pairs, n, layer, config.control_seeds, handle.hidden_size) for layer in config.layers
-    }
+    path = folder / CONTROLS_FILE if folder is not None else None
+    kept = load_file(path) if path is not None and path.is_file() else {}
+    todo = [
+        (layer, seed)
+        for layer in config.layers
+        for seed in config.control_seeds
+        if f"{layer}/random-{seed}" not in kept
+    ]
+    if todo:
+        means = pairs()
+        n = 0 if means is None else len(means) // 2
+        for layer in dict.fromkeys(layer for layer, _ in todo):
+            seeds = [seed for at, seed in todo if at == layer]
+            new = control_directions(means, n, layer, seeds, handle.hidden_size)
+            kept |= {f"{layer}/{name}": direction.contiguous() for name, direction in new.items()}
+        if keep and path is not None:
+            save_vector_file(path, kept)
+    names = [f"{kind}-{seed}" for seed in config.control_seeds for kind in ("random", "shuffled")]
+    return {layer: {n: kept[f"{layer}/{n}"] for n in names if f"{layer}/{n}" in kept} for layer in config.layers}
 
 
 def _judged(handle: ModelHandle, trait: Trait):
@@ -150,13 +179,14 @@ def plan_sweep(
     judge: Judge,
     out: str | Path | None,
     config: SweepConfig,
-    pairs: torch.Tensor | None = None,
+    pairs: Pairs = lambda: None,
 ) -> Plan:
     """What ``run_sweep`` into ``out`` would sample and judge, what its store holds excluded; writes nothing (the
     scale's calibration forward pass runs, as the requests hold the scaled vectors)."""
     check_layers(config.layers, handle.n_blocks)
     scales = scale_vectors(handle, vector, config.layers, config.scale, calibration_prompts(handle))
-    _, requests = _requests(handle, scales, trait, config, control_vectors(handle, config, pairs))
+    controls = control_vectors(handle, config, pairs, Path(out) if out is not None else None)
+    _, requests = _requests(handle, scales, trait, config, controls)
     store = None if out is None else Path(out) / "generations.sqlite"
     return plan_judged(handle, store, requests, config.sampling, judge, _judged(handle, trait))
 
@@ -269,11 +299,11 @@ def run_sweep(
     out: str | Path,
     config: SweepConfig,
     progress: bool = True,
-    pairs: torch.Tensor | None = None,
+    pairs: Pairs = lambda: None,
 ) -> pd.DataFrame:
     """Run the sweep into ``out`` (resumable through ``out/generations.sqlite``; a rerun with more layers,
-    alphas, samples or controls computes only those); returns the table. ``pairs``: the response means of the
-    vector's contrastive pairs (``pair_activations``), for the label-shuffled controls."""
+    alphas, samples or controls computes only those); returns the table. ``pairs`` gives the response means of the
+    vector's contrastive pairs (``pair_activations``), for the label-shuffled controls (``control_vectors``)."""
     check_layers(config.layers, handle.n_blocks)
     out = Path(out)
     extends = {"layers": config.layers, "alphas": config.alphas, "eval_samples": config.eval_samples}
@@ -291,7 +321,7 @@ def run_sweep(
     scales = scale_vectors(handle, vector, config.layers, config.scale, calibration_prompts(handle))
     for scaled in scales.values():
         say(scaled.describe([a for a in config.alphas if a != 0]), progress)
-    controls = control_vectors(handle, config, pairs)
+    controls = control_vectors(handle, config, pairs, out, keep=True)
     if controls is not None:
         kinds = sorted({name.split("-")[0] for name in next(iter(controls.values()))})
         missing = "" if "shuffled" in kinds else " (no label-shuffled ones: the vector's folder keeps no pairs)"
@@ -315,6 +345,8 @@ def run_sweep(
     if control_table is not None:
         write_csv(control_table, out / "controls.csv")
         markdown += "\n\n" + _controls_markdown(control_table)
+    else:  # a rerun without controls: the table of an earlier run would describe answers this one does not show
+        (out / "controls.csv").unlink(missing_ok=True)
     (out / "sweep.md").write_text(markdown)
     for metric in ("trait", "coherence"):
         grid = table.pivot(index="layer", columns="alpha", values=f"{metric}_mean")
