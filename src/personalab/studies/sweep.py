@@ -119,7 +119,8 @@ CONTROLS_FILE = "controls.safetensors"
 """A sweep's control directions (``LAYER/NAME``, float32 ``[hidden]``), kept so that a rerun adds the same ones."""
 
 Pairs = Callable[[], torch.Tensor | None]
-"""The response means of the vector's pairs (``pair_activations``), captured when first needed; ``None``: none."""
+"""The activations of the vector's pairs in its variant (``pair_activations``), captured when first needed; ``None``
+where the vector keeps no pairs."""
 
 
 def control_vectors(
@@ -302,7 +303,7 @@ def run_sweep(
     pairs: Pairs = lambda: None,
 ) -> pd.DataFrame:
     """Run the sweep into ``out`` (resumable through ``out/generations.sqlite``; a rerun with more layers,
-    alphas, samples or controls computes only those); returns the table. ``pairs`` gives the response means of the
+    alphas, samples or controls computes only those); returns the table. ``pairs`` gives the activations of the
     vector's contrastive pairs (``pair_activations``), for the label-shuffled controls (``control_vectors``)."""
     check_layers(config.layers, handle.n_blocks)
     out = Path(out)
