@@ -45,9 +45,14 @@ def pair_activations(
     folder of ``source`` (the folder or its ``vectors.safetensors``) kept (``pairs.jsonl``: judged pairs, or those of
     ``extract --pairs``, which have ``response_mean`` alone), captured on ``handle``; ``None`` where there are none
     (a lone vector file, a public ``.pt``)."""
-    folder = source if source.is_dir() else source.parent
+    if source.is_dir():
+        folder = source
+    elif source.name == "vectors.safetensors":
+        folder = source.parent
+    else:
+        return None
     path = folder / PAIRS
-    if not path.is_file() or not (source.is_dir() or source.name == "vectors.safetensors"):
+    if not path.is_file():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     kept = [row for row in rows if row.get("kept")]
