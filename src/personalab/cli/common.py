@@ -203,16 +203,20 @@ def checked(kind: type, options: dict[str, Any], **fixed: Any) -> dict[str, Any]
     return options
 
 
-def prepare(threads: int | None, device: str) -> None:
-    """First step of a model command: the ``device`` checked (before any judge or model is opened), torch's
-    intra-op threads (default: the cores this process may use), and no progress bars from transformers (personalab
-    shows its own)."""
+def prepare(threads: int | None, device: str, *models: str | None) -> None:
+    """First step of a model command: the ``device`` and any GGUF file among ``models`` checked (before any judge or
+    model is opened), torch's intra-op threads (default: the cores this process may use), and no progress bars from
+    transformers (personalab shows its own)."""
     from transformers.utils import logging as hf_logging
 
+    from personalab.engine.gguf import gguf_file
     from personalab.engine.model import resolve_device
     from personalab.engine.threads import set_threads
 
     resolve_device(device)
+    for model in models:
+        if model is not None:
+            gguf_file(model)
     set_threads(threads)
     hf_logging.disable_progress_bar()
 
@@ -296,6 +300,7 @@ def open_model(
     from personalab.engine.checkpoints import weights
     from personalab.engine.model import load_model, local_folder
 
+    say_dequantising(model)
     folder = local_folder(model)
     if folder is not None and weights(folder).folder != folder:
         console.print(f"model: {weights(folder).describe()}", highlight=False, markup=False, soft_wrap=True)
@@ -305,6 +310,22 @@ def open_model(
     if engine is not None:
         attach_engine(handle, engine, lora_rank)
     return handle
+
+
+def say_dequantising(model: str) -> None:
+    """Say so before a GGUF file (``FILE.gguf``, a built-in GGUF model) is dequantised into the cache, the first time
+    it is loaded (``personalab.engine.gguf``); checks the file (one line naming the fix when it is bad)."""
+    from personalab.engine.gguf import cache_root, cached, gguf_file
+
+    path = gguf_file(model)
+    if path is not None and not cached(path):
+        console.print(
+            f"model: dequantising {path.name} to float32 once, into {cache_root() / 'gguf'} (about a minute for "
+            f"135M parameters on 2 cores); later loads read it",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def open_trained(

@@ -21,6 +21,7 @@ from personalab.cli.common import (
     console,
     prepare,
     reported,
+    say_dequantising,
 )
 from personalab.errors import InvalidInputError
 
@@ -57,8 +58,9 @@ def info(
         if (model is None) == (model_option is None):
             raise InvalidInputError("give the model once: personalab info MODEL, or --model MODEL as elsewhere")
         model = model or model_option
-        prepare(threads, device)
+        prepare(threads, device, model)
         from personalab.engine.chat import detect_chat_format, positions_example
+        from personalab.engine.gguf import dequantised, gguf_file
         from personalab.engine.model import (
             MissingTokenizerError,
             find_blocks,
@@ -68,6 +70,8 @@ def info(
         )
         from personalab.errors import as_flags
 
+        say_dequantising(model)
+        source = gguf_file(model)
         weights = load_weights(model, revision=revision, dtype=dtype, device=device)
         try:
             found = load_tokenizer(tokenizer or model, None if tokenizer else revision)
@@ -76,6 +80,8 @@ def info(
     path, blocks = find_blocks(weights)
     archs = getattr(weights.config, "architectures", None)
     table = Table(title=model, show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")
     rows = [
         ("architecture", archs[0] if archs else type(weights).__name__),
         ("decoder blocks", f"{len(blocks)} (at {path})"),
@@ -84,6 +90,8 @@ def info(
         ("dtype", str(next(weights.parameters()).dtype).removeprefix("torch.")),
         ("device", str(weights.get_input_embeddings().weight.device)),
     ]
+    if source is not None:
+        rows.append(("weights", dequantised(source).describe()))
     if found is not None:
         chat = detect_chat_format(found, thinking)
         rows += _chat_rows(chat) + positions_example(found, chat)

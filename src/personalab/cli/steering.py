@@ -97,7 +97,7 @@ def steer_command(
 ) -> None:
     """Print the steered answer beside the unsteered one."""
     with reported():
-        prepare(threads, device)
+        prepare(threads, device, model)
         check_engine(engine)
         from personalab.engine import generation
         from personalab.engine.interventions import Ablate, Clamp, Steer
@@ -193,7 +193,7 @@ def sweep(
 ) -> None:
     """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         check_engine(engine)
         from personalab.api import sweep as run
         from personalab.api.common import default_out

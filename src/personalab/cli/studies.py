@@ -121,7 +121,7 @@ def trace(
 ) -> None:
     """Trace a trait through training checkpoints: extraction, geometry, emergence and transfer steering."""
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         check_engine(engine)
         from personalab.api import trace as run
         from personalab.studies.trace.run import finite
@@ -202,7 +202,7 @@ def localize(
 ) -> None:
     """Where personas live: per-layer divergence of persona statements, and PCA, t-SNE and UMAP figures."""
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         from personalab.api import localize as run
         from personalab.api.studies import statements as load_statements
         from personalab.engine.layers import check_layers
@@ -265,7 +265,7 @@ def deepscan(
 ) -> None:
     """DeepScan: the hidden units and statements jointly anomalous for each persona, and their overlap."""
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         from personalab.api import deepscan as run
         from personalab.api.studies import statements as load_statements
         from personalab.engine.model import model_shape
@@ -317,7 +317,7 @@ def compose(
 ) -> None:
     """As X, do Y: 2x2 residual decomposition, additive substitution with causal KL, markers, host injection."""
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         from personalab.api import compose as run
         from personalab.engine.model import model_shape
         from personalab.studies.compose import ComposeConfig, load_grid
@@ -366,7 +366,7 @@ def correlate(
     """Projection shift against judged trait across fine-tuned models: Pearson r over the n fine-tunes, its p, and a
     bootstrap interval from n = 10."""
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         check_engine(engine)
         from personalab.api import correlate as run
         from personalab.studies.correlate import CorrelateConfig

@@ -109,7 +109,7 @@ def extract(
     """Extract a persona vector: generate, judge, filter, and take per-layer mean differences. Answers are at most
     --max-new-tokens (256) tokens; the persona-vectors reference generates up to 1000."""
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         check_engine(engine)
         from personalab.api import extract as run
         from personalab.api.common import default_out
@@ -201,7 +201,7 @@ def project(
     """Project records, their shift against the model's own answers, or a fine-tune's change (--tuned) onto a
     persona vector."""
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         check_engine(engine)
         from personalab.api import project as run
         from personalab.api.common import default_out
@@ -268,7 +268,7 @@ def features(
     most on the same texts (--prompts records with their responses or the base model's greedy answers, else the
     trait's evaluation questions), each with its cosine to --vector."""
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         from personalab.sae import as_sae
 
         chosen = as_sae(sae, layer)

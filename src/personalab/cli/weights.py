@@ -104,7 +104,7 @@ def distill_command(
     Data-parallel on several GPUs: `accelerate launch --multi_gpu --num_processes N -m personalab distill ...`.
     """
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         check_engine(engine)
         from personalab.api import distill as run
         from personalab.api.weights import training_dtype, training_placement
@@ -185,7 +185,7 @@ def compare(
 ) -> None:
     """Judge base, steered and distilled (--tuned) models on the trait's evaluation questions."""
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         check_engine(engine)
         from personalab.api import compare as run
         from personalab.studies.compare import CompareConfig
@@ -239,7 +239,7 @@ def bake(
 ) -> None:
     """Bake steering on all positions into the weights: the saved model's plain forward equals the steered one."""
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         from personalab.api import bake as run
 
         if not exact:
@@ -318,7 +318,7 @@ def finetune(
     Data-parallel on several GPUs: `accelerate launch --multi_gpu --num_processes N -m personalab finetune ...`.
     """
     with reported(out):
-        prepare(threads, device)
+        prepare(threads, device, model)
         check_engine(engine)
         from personalab.api import finetune as run
         from personalab.api.weights import monitored, training_dtype, training_placement

