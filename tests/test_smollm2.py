@@ -117,7 +117,7 @@ def test_a_small_normalised_alpha_at_a_middle_layer_raises_the_joyful_score(smol
     16 questions x 3 samples (paired by question and sample seed), with a one-sided sign-flip p below 0.01, and the
     answers stay coherent (no more than 1 in 10 loses its words)."""
     trait = load_trait("joyful")
-    questions = trait.evaluation_questions + load_trait("optimistic").evaluation_questions[:8]
+    questions = trait.evaluation_questions[:8] + load_trait("optimistic").evaluation_questions[:8]
     prompts = [smollm2.encode(None, q) for q in questions]
     params = SamplingParams(temperature=0.7, max_new_tokens=40)
     scaled = scaled_vector(smollm2, joyful_vector, 15, "normalised", calibration_prompts(smollm2)).vector
@@ -170,3 +170,35 @@ def test_a_short_finetune_trains_the_end_of_turn(tmp_path):
                             checkpoint_every=20)  # fmt: skip
     finetune(handle, [record], config, tmp_path / "ft", progress=False)
     assert p_end() > 0.5
+
+
+def test_info_on_the_builtin_says_what_it_was_dequantised_from(smollm2):
+    """``personalab info --model builtin:smollm2-135m-instruct``: the real model's shape, the GGUF file it was
+    dequantised from (sha256 computed here) and the template's default system prompt."""
+    import hashlib
+    import re
+
+    from typer.testing import CliRunner
+
+    from personalab.cli import app
+
+    result = CliRunner().invoke(app, ["info", "--model", SMOLLM2, "--device", "cpu"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    text = re.sub(r"[\s│]", "", result.output)  # the table's rows, their wrapped lines joined
+    sha = hashlib.sha256(smollm2.gguf.file.read_bytes()).hexdigest()
+    assert "decoderblocks30(atmodel.layers)" in text and "hiddensize576" in text
+    assert f"(210Q4_1,61F32,1Q8_0tensors;sha256{sha[:12]})" in text and "dequantisedtofloat32from" in text
+
+
+def test_the_cached_tokenizer_is_the_one_transformers_reads_from_the_gguf_file(smollm2):
+    """The cache folder's tokenizer (saved once) against ``AutoTokenizer.from_pretrained(gguf_file=...)``: the same
+    vocabulary, special tokens, chat template and ids for text with the template's markers."""
+    from transformers import AutoTokenizer
+
+    file = smollm2.gguf.file
+    direct = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    cached = smollm2.tokenizer
+    assert direct.get_vocab() == cached.get_vocab() and direct.chat_template == cached.chat_template
+    assert (direct.bos_token_id, direct.eos_token_id) == (cached.bos_token_id, cached.eos_token_id)
+    text = "<|im_start|>user\nWhat's 2+2? Ünïcode, tabs\tand  spaces.<|im_end|>\n"
+    assert direct(text)["input_ids"] == cached(text)["input_ids"]

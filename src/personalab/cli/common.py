@@ -76,7 +76,10 @@ POS_THRESHOLD_HELP = "Keep a pair when its positive answer's trait >= this."
 NEG_THRESHOLD_HELP = "... and its negative answer's trait < this."
 COHERENCE_THRESHOLD_HELP = "... and both answers' coherence >= this."
 STEPS_HELP = "Optimizer steps."
-MODEL_HELP = "Hub name, local folder or run folder (finetune, distill, bake) of the model."
+MODEL_HELP = (
+    "Hub name, local folder, run folder (finetune, distill, bake), GGUF file, or builtin:NAME (stories260k, "
+    "smollm2-135m-instruct) of the model."
+)
 BATCH_HELP = "Sequences per forward batch when generating, capturing or scoring."
 MAX_NEW_TOKENS_HELP = "Most tokens generated per answer."
 SEED_HELP = "Random seed (sampling, and the command's own draws: probes, scans, training order)."

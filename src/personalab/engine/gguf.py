@@ -8,7 +8,7 @@ changed file is a new entry and a moved one is found again), and every load read
 built under a temporary name and renamed when complete; its ``gguf.json`` (written last) records the file,
 its sha256 and its tensor types, and a folder without it is a half-written one: it is removed and rebuilt.
 
-Run folders record the GGUF file and its sha256 (``GgufSource.record``) beside the model's name.
+Run folders record the GGUF file's name and sha256 (``GgufSource.record``) beside the model's name.
 """
 
 import hashlib
@@ -146,8 +146,10 @@ class GgufSource:
     folder: Path
 
     def record(self) -> dict:
-        """What run folders record of it: the file, its sha256 and what its tensors were quantised as."""
-        return {"file": str(self.file), "sha256": self.sha256, "tensor_types": self.tensor_types()}
+        """What run folders record of it (fingerprinted): the file's name, its sha256 and what its tensors were
+        quantised as. The name, not the path: the model's name already says where it was given, and the same file
+        installed in another environment is the same model."""
+        return {"file": self.file.name, "sha256": self.sha256, "tensor_types": self.tensor_types()}
 
     def tensor_types(self) -> dict[str, int]:
         """How many tensors of the file had each GGML type (``{"Q4_1": 210, "F32": 61, "Q8_0": 1}``)."""
