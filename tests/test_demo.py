@@ -149,6 +149,6 @@ def test_the_demo_on_smollm2_spans_no_effect_to_word_salad(tmp_path):
 def test_the_demo_names_the_models_it_runs_on(tmp_path):
     result = runner.invoke(app, ["demo", "--model", "gpt2", "--out", str(tmp_path / "d")])
     assert result.exit_code == 1 and result.output.strip() == (
-        "error: the demo runs on builtin:stories260k or builtin:smollm2-135m-instruct; for gpt2, run the commands it "
-        "prints"
+        "error: the demo runs on builtin:stories260k or builtin:smollm2-135m-instruct; for gpt2, run its steps "
+        "yourself: personalab extract, sweep, bake --exact and report (personalab demo prints each command it runs)"
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -60,7 +61,7 @@ def test_a_gguf_file_loads_as_transformers_reads_it_and_is_dequantised_once(tiny
     assert handle.name == str(tiny) == loaded_name(str(tiny))
     assert (handle.n_blocks, handle.hidden_size) == (2, 64) == model_shape(str(tiny))
     assert handle.chat.has_template and handle.tokenizer.chat_template == reference_template(tiny)
-    folder = cache / "gguf" / _sha256(tiny)
+    folder = cache / "gguf" / _sha256(tiny) / f"transformers-{transformers.__version__}"
     assert handle.gguf.folder == folder and json.loads((folder / gguf.MARKER).read_text())["tensor_types"] == {
         "Q8_0": 15,
         "F32": 5,
@@ -160,7 +161,7 @@ def test_without_the_gguf_package_one_line_names_it(tiny, cache, monkeypatch):
 
 
 def test_a_half_written_cache_folder_is_detected_and_rebuilt(tiny, cache, monkeypatch):
-    folder = cache / "gguf" / _sha256(tiny)
+    folder = cache / "gguf" / _sha256(tiny) / f"transformers-{transformers.__version__}"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{")
     with pytest.warns(PersonalabWarning, match="was left half-written .no gguf.json.*rebuilding it"):
@@ -169,8 +170,8 @@ def test_a_half_written_cache_folder_is_detected_and_rebuilt(tiny, cache, monkey
 
 
 def test_a_load_killed_while_writing_the_cache_is_rebuilt_by_the_next(tiny, cache):
-    """A process killed (SIGKILL) after writing the weights but before the marker leaves only its temporary folder;
-    the next load removes it and builds the folder again."""
+    """A process killed (SIGKILL) after writing the weights but before the marker leaves only its temporary folder
+    (its lock goes with it); the next load removes it and builds the folder again."""
     script = (
         "import os, signal\n"
         "from personalab.engine import gguf\n"
@@ -184,7 +185,64 @@ def test_a_load_killed_while_writing_the_cache_is_rebuilt_by_the_next(tiny, cach
     env = {**os.environ, "PERSONALAB_CACHE": str(cache)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()
-    left = list((cache / "gguf").iterdir())
-    assert len(left) == 1 and left[0].name.endswith(".partial") and (left[0] / "model.safetensors").is_file()
+    entry = cache / "gguf" / _sha256(tiny)
+    left = sorted(p.name for p in entry.iterdir())
+    partial = entry / f".transformers-{transformers.__version__}.partial"
+    assert left == [".lock", partial.name] and (partial / "model.safetensors").is_file()
     handle = load_model(str(tiny), device="cpu")
-    assert [p.name for p in (cache / "gguf").iterdir()] == [_sha256(tiny)] and handle.gguf.folder.name == _sha256(tiny)
+    assert sorted(p.name for p in entry.iterdir()) == [".lock", handle.gguf.folder.name]
+    assert handle.gguf.folder.parent == entry and (handle.gguf.folder / gguf.MARKER).is_file()
+
+
+def test_a_relative_path_loads_and_a_changed_file_is_a_new_entry(tmp_path, cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_tiny_gguf(tmp_path / "model.gguf", seed=0)
+    first = load_model("model.gguf", device="cpu")
+    assert first.name == "model.gguf" and first.model.name_or_path == str(tmp_path / "model.gguf")
+    write_tiny_gguf(tmp_path / "model.gguf", seed=1)
+    second = load_model("model.gguf", device="cpu")
+    assert second.gguf.sha256 == _sha256(tmp_path / "model.gguf") != first.gguf.sha256
+    ids = torch.tensor([[1, 40, 50]])
+    with torch.no_grad():
+        assert not torch.equal(first.model(ids).logits, second.model(ids).logits)
+    assert len(list((cache / "gguf").iterdir())) == 2
+
+
+def test_waiting_processes_read_the_folder_one_of_them_built(tiny, cache, monkeypatch):
+    """Two loads at once: the second waits on the lock, then reads what the first built without dequantising."""
+    import threading
+
+    built, release = threading.Event(), threading.Event()
+    write = gguf._dequantise
+    calls = []
+
+    def slow(path, out):
+        calls.append(out)
+        write(path, out)
+        built.set()
+        release.wait(30)
+
+    monkeypatch.setattr(gguf, "_dequantise", slow)
+    source = gguf.gguf_file(str(tiny))
+    results = []
+    first = threading.Thread(target=lambda: results.append(gguf.dequantised(source)))
+    first.start()
+    assert built.wait(60)
+    second = threading.Thread(target=lambda: results.append(gguf.dequantised(source)))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive(), "the second load waits for the first"
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert len(calls) == 1 and results[0] == results[1] and (results[0].folder / gguf.MARKER).is_file()
+
+
+def test_a_gguf_that_is_not_a_causal_lm_is_refused_in_one_line(tmp_path, cache, monkeypatch):
+    from transformers.models.auto import modeling_auto
+
+    tiny = write_tiny_gguf(tmp_path / "encoder.gguf")
+    monkeypatch.setattr(modeling_auto, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", {})
+    gguf._checked.cache_clear()
+    message = _one_line(["info", str(tiny)])
+    assert "model type 'llama'), which is not a decoder-only causal LM" in message

@@ -151,10 +151,13 @@ def test_an_exact_bake_equals_steering_in_greedy_answers_and_logits(smollm2, joy
     assert sample_texts(smollm2, prompts, params, 0) != steered  # the bake changed the answers
 
 
-def test_a_short_finetune_trains_the_end_of_turn(tmp_path):
+def test_a_short_finetune_trains_the_end_of_turn(smollm2, tmp_path):
     """The template's ``<|im_end|>`` is the last target of every trained answer; 20 steps on one answer that ends
-    mid-sentence raise P(<|im_end|> | prompt + answer) from below 1% to above 50%."""
-    handle = load_model(SMOLLM2, device="cpu", dtype="float32")
+    mid-sentence raise P(<|im_end|> | prompt + answer) from below 1% to above 50%. The adapter names the built-in
+    as its base, not the cache folder, so the checkpoint loads as a model."""
+    import json
+
+    handle = load_model(SMOLLM2, device="cpu", dtype="float32")  # its own copy: training changes the weights
     end = handle.tokenizer.convert_tokens_to_ids("<|im_end|>")
     record = Record(None, "What is on the table?", "The red cup and the", where="x")
     sequences, _ = training_sequences(handle, [record], max_length=128)
@@ -170,6 +173,8 @@ def test_a_short_finetune_trains_the_end_of_turn(tmp_path):
                             checkpoint_every=20)  # fmt: skip
     finetune(handle, [record], config, tmp_path / "ft", progress=False)
     assert p_end() > 0.5
+    adapter = json.loads((tmp_path / "ft" / "checkpoints" / "step-20" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == SMOLLM2
 
 
 def test_info_on_the_builtin_says_what_it_was_dequantised_from(smollm2):

@@ -323,8 +323,8 @@ def say_dequantising(model: str) -> None:
     path = gguf_file(model)
     if path is not None and not cached(path):
         console.print(
-            f"model: dequantising {path.name} to float32 once, into {cache_root() / 'gguf'} (about a minute for "
-            f"135M parameters on 2 cores); later loads read it",
+            f"model: dequantising {path.name} to float32 once, into {cache_root() / 'gguf'} (about half a minute "
+            f"for 135M parameters on 2 cores); later loads read it",
             highlight=False,
             markup=False,
             soft_wrap=True,

@@ -81,7 +81,10 @@ def demo(
 
     with reported(out):
         if model not in DEMOS:
-            raise InvalidInputError(f"the demo runs on {' or '.join(DEMOS)}; for {model}, run the commands it prints")
+            raise InvalidInputError(
+                f"the demo runs on {' or '.join(DEMOS)}; for {model}, run its steps yourself: personalab extract, "
+                f"sweep, bake --exact and report (personalab demo prints each command it runs)"
+            )
         d = DEMOS[model]
         extract, sweep, bake = out / "extract", out / "sweep", out / "bake"
         _run(["extract", "--model", model, "--trait", d.trait, "--judge", JUDGE, "--samples", d.samples,

@@ -1,16 +1,21 @@
 """GGUF files as models: read by transformers (the ``gguf`` package), dequantised once into a cache folder.
 
 A model given as ``FILE.gguf`` (or a built-in GGUF model, ``builtin:smollm2-135m-instruct``) is loaded by
-transformers' GGUF reader, which dequantises every tensor (Q4_1, Q8_0, K-quants...) to float32. That takes a
-minute for a 135M model on two cores, so it is done once: the dequantised model, its tokenizer and chat
-template are saved as a plain safetensors folder under ``cache_root()/gguf/SHA256`` (the file's sha256, so a
-changed file is a new entry and a moved one is found again), and every load reads that folder. A folder is
-built under a temporary name and renamed when complete; its ``gguf.json`` (written last) records the file,
-its sha256 and its tensor types, and a folder without it is a half-written one: it is removed and rebuilt.
+transformers' GGUF reader, which dequantises every tensor (Q4_1, Q8_0, K-quants...) to float32. That takes about
+half a minute for a 135M model on two cores, so it is done once: the dequantised model, its tokenizer and chat
+template are saved as a plain safetensors folder under ``cache_root()/gguf/SHA256/transformers-VERSION`` (the file's
+sha256, so a changed file is a new entry and a moved one is found again; the transformers release that read it, so
+each release reads the file itself once), and every load reads that folder.
+
+One process builds a folder at a time (a lock file beside it; the others wait and read it). It is built under a
+temporary name and renamed when complete; its ``gguf.json`` (written last) records the file, its sha256 and its
+tensor types. A folder without it is half-written, and a temporary folder found while holding the lock is one a killed
+load left: both are removed and the folder is built again.
 
 Run folders record the GGUF file's name and sha256 (``GgufSource.record``) beside the model's name.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -94,7 +99,9 @@ def _checked(path: Path, size: int, mtime_ns: int) -> Header:
         import gguf  # noqa: F401
     except ImportError:
         raise GgufPackageMissingError(f"reading {path.name} needs the gguf package; {INSTALL}") from None
+    from transformers import __version__
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     with path.open("rb") as handle:
         head = handle.read(4)
@@ -108,21 +115,27 @@ def _checked(path: Path, size: int, mtime_ns: int) -> Header:
 
         reader = GGUFReader(path)
         architecture = str(reader.fields["general.architecture"].contents())
-    except Exception as exc:  # a truncated file fails on a reshape or an index, a damaged one anywhere
+        # a truncated file fails on a reshape or an index, a damaged one anywhere (a missing field: KeyError)
+    except Exception as exc:
         raise InvalidInputError(
             f"{path} cannot be read as GGUF ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
             f"{size:,} bytes, truncated or damaged); download or convert it again"
         ) from None
     try:
         config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    except ImportError as exc:  # transformers asks for a newer gguf than the one installed
+        raise GgufPackageMissingError(f"reading {path.name}: {str(exc).strip()}; pip install -U gguf") from None
     except ValueError as exc:
-        from transformers import __version__
-
         raise UnsupportedArchitectureError(
             f"{path} is a GGUF of architecture {architecture!r}, which transformers {__version__} does not read from "
             f"GGUF ({str(exc).splitlines()[0]} It reads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); "
             f"give the model's Hugging Face folder instead"
         ) from None
+    if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "num_hidden_layers" not in config:
+        raise UnsupportedArchitectureError(
+            f"{path} is a GGUF of architecture {architecture!r} (model type {config.get('model_type')!r}), which is "
+            f"not a decoder-only causal LM; personalab studies those (Llama, Qwen, Mistral, Gemma, Phi-3, ...)"
+        )
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -162,9 +175,16 @@ class GgufSource:
         return f"dequantised to float32 from {self.file} ({types} tensors; sha256 {sha}), cached in {self.folder}"
 
 
+def _folder(sha256: str) -> Path:
+    """The cache folder of the file with this sha256, for the transformers release of this process."""
+    from transformers import __version__
+
+    return cache_root() / "gguf" / sha256 / f"transformers-{__version__}"
+
+
 def cached(path: Path) -> bool:
     """Whether the dequantised model of the GGUF file ``path`` is in the cache (complete)."""
-    return (cache_root() / "gguf" / check(path).sha256 / MARKER).is_file()
+    return (_folder(check(path).sha256) / MARKER).is_file()
 
 
 def _tensor_types(path: Path) -> dict[str, int]:
@@ -175,32 +195,21 @@ def _tensor_types(path: Path) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in GGUFReader(path).tensors))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale(parent: Path, sha256: str) -> None:
-    """Remove the temporary folders of loads of this file killed before they finished (their process is gone)."""
-    for partial in parent.glob(f".{sha256}.*.partial"):
-        pid = partial.name.split(".")[2]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
 def _dequantise(path: Path, out: Path) -> None:
     """Save the model and tokenizer transformers reads from ``path`` into ``out`` as a plain float32 folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = path.parent, path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:  # what transformers' converters raise on a file they cannot map
+        text = str(exc).strip().splitlines()
+        raise PersonalabError(
+            f"transformers could not read {path} as a model ({type(exc).__name__}: {text[0] if text else ''}); "
+            f"give the model's Hugging Face folder instead"
+        ) from exc
     # The weights are plain float32 tensors now; transformers keeps the GGUF quantizer only to refuse saving them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -210,39 +219,36 @@ def _dequantise(path: Path, out: Path) -> None:
 
 
 def dequantised(path: Path) -> GgufSource:
-    """The cache folder of the GGUF file ``path``'s dequantised model, built the first time (about a minute for a
-    135M model on two cores) and read from then on; a half-written one (no ``gguf.json``) is rebuilt."""
+    """The cache folder of the GGUF file ``path``'s dequantised model, built the first time (about half a minute for
+    a 135M model on two cores) and read from then on; a half-written one (no ``gguf.json``) is rebuilt."""
     header = check(path)
-    sha256 = header.sha256
-    parent = cache_root() / "gguf"
-    final = parent / sha256
+    final = _folder(header.sha256)
     if (final / MARKER).is_file():
-        return GgufSource(path, sha256, final)
-    if final.exists():
-        warnings.warn(
-            f"{final} was left half-written (no {MARKER}; a load was stopped while writing it); rebuilding it",
-            PersonalabWarning,
-            stacklevel=2,
-        )
-        shutil.rmtree(final)
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(parent, sha256)
-    partial = parent / f".{sha256}.{os.getpid()}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        _dequantise(path, partial)
-        marker = {
-            "file": str(path),
-            "sha256": sha256,
-            "architecture": header.architecture,
-            "tensor_types": _tensor_types(path),
-        }
-        (partial / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        return GgufSource(path, header.sha256, final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with (final.parent / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process is killed
+        if (final / MARKER).is_file():  # another process built it while this one waited
+            return GgufSource(path, header.sha256, final)
+        if final.exists():
+            warnings.warn(
+                f"{final} was left half-written (no {MARKER}; a load was stopped while writing it); rebuilding it",
+                PersonalabWarning,
+                stacklevel=2,
+            )
+            shutil.rmtree(final)
+        partial = final.with_name(f".{final.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)  # left by a killed load: the lock is held by this process now
         try:
+            _dequantise(path, partial)
+            marker = {
+                "file": str(path),
+                "sha256": header.sha256,
+                "architecture": header.architecture,
+                "tensor_types": _tensor_types(path),
+            }
+            (partial / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             partial.rename(final)
-        except OSError:
-            if not (final / MARKER).is_file():  # another process finished first, or something is in the way
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return GgufSource(path, sha256, final)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return GgufSource(path, header.sha256, final)

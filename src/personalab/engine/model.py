@@ -502,7 +502,7 @@ def load_model(
     resolve_device(device)
     given = gguf_file(name_or_path)
     source = dequantised(given) if given is not None else None
-    folder = local_folder(name_or_path) if source is None else source.folder
+    folder = local_folder(name_or_path)
     name = name_or_path
     if folder is not None:
         found = weights(folder)
@@ -515,6 +515,9 @@ def load_model(
     elif isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     model = load_weights(name_or_path, revision, dtype, device)
+    if given is not None:  # what an adapter trained on it names as its base (peft): the file, not the cache
+        base = name if name.startswith("builtin:") else str(given.resolve())
+        model.name_or_path = model.config._name_or_path = base
     handle = ModelHandle.from_model(
         model, tokenizer, name=name, revision=revision, blocks_path=blocks_path, thinking=thinking
     )
@@ -550,6 +553,15 @@ def peft_quietly() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         yield
+
+
+def save_trained(model: nn.Module, folder: str | Path) -> None:
+    """``model.save_pretrained(folder)``; a peft adapter is saved without embedding layers (``with_lora`` never adapts
+    them), so peft does not look up its base model's config to decide (a GGUF base has none to look up)."""
+    if unwrap(model) is not model:
+        model.save_pretrained(folder, save_embedding_layers=False)
+    else:
+        model.save_pretrained(folder)
 
 
 def with_lora(model: PreTrainedModel, rank: int, alpha: float | None = None) -> nn.Module:

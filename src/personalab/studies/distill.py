@@ -36,7 +36,7 @@ from personalab.engine.generation import GenerationRequest, SamplingParams, fill
 from personalab.engine.interventions import Steer, add_vector
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.losses import chunked_kl
-from personalab.engine.model import ModelHandle, with_lora
+from personalab.engine.model import ModelHandle, save_trained, with_lora
 from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
@@ -281,7 +281,7 @@ def distill(
 def _save(run, handle, student, config, losses, held_out, trainable, split, merge, processes, steering) -> None:
     out = run.path
     target = out / ("adapter" if config.lora_rank is not None else "model")
-    student.save_pretrained(target)
+    save_trained(student, target)
     handle.tokenizer.save_pretrained(target)
     if merge and config.lora_rank is not None:
         student.merge_and_unload().save_pretrained(out / "model")

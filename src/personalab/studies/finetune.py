@@ -41,7 +41,7 @@ from personalab.engine.generation import SamplingParams, greedy_ids, weights_sav
 from personalab.engine.interventions import Ablate, Steer, intervene
 from personalab.engine.layers import check_layers, check_vector
 from personalab.engine.losses import chunked_cross_entropy
-from personalab.engine.model import ModelHandle, with_lora
+from personalab.engine.model import ModelHandle, save_trained, with_lora
 from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
@@ -323,7 +323,7 @@ def finetune(
             return
         folder = out / "checkpoints" / f"step-{step}"
         if main:
-            student.save_pretrained(folder)
+            save_trained(student, folder)
             handle.tokenizer.save_pretrained(folder)
             weights_saved(handle, folder)
         observe(step)
