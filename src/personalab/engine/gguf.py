@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import PackageNotFoundError, distribution
@@ -90,6 +91,8 @@ class Header:
     sha256: str
     n_blocks: int
     hidden_size: int
+    tensor_types: dict[str, int]
+    """How many tensors had each GGML type (``{"Q4_1": 210, "F32": 61, "Q8_0": 1}``)."""
 
 
 @cache
@@ -115,6 +118,7 @@ def _checked(path: Path, size: int, mtime_ns: int) -> Header:
 
         reader = GGUFReader(path)
         architecture = str(reader.fields["general.architecture"].contents())
+        tensor_types = dict(Counter(t.tensor_type.name for t in reader.tensors))
         # a truncated file fails on a reshape or an index, a damaged one anywhere (a missing field: KeyError)
     except Exception as exc:
         raise InvalidInputError(
@@ -140,7 +144,8 @@ def _checked(path: Path, size: int, mtime_ns: int) -> Header:
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
-    return Header(architecture, digest.hexdigest(), int(config["num_hidden_layers"]), int(config["hidden_size"]))
+    n_blocks, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    return Header(architecture, digest.hexdigest(), n_blocks, hidden, tensor_types)
 
 
 def check(path: Path) -> Header:
@@ -152,25 +157,26 @@ def check(path: Path) -> Header:
 
 @dataclass(frozen=True)
 class GgufSource:
-    """A GGUF file and the cache folder of its dequantised model."""
+    """A GGUF file, its header and the cache folder of its dequantised model."""
 
     file: Path
-    sha256: str
+    header: Header
     folder: Path
+
+    @property
+    def sha256(self) -> str:
+        return self.header.sha256
 
     def record(self) -> dict:
         """What run folders record of it (fingerprinted): the file's name, its sha256 and what its tensors were
         quantised as. The name, not the path: the model's name already says where it was given, and the same file
         installed in another environment is the same model."""
-        return {"file": self.file.name, "sha256": self.sha256, "tensor_types": self.tensor_types()}
-
-    def tensor_types(self) -> dict[str, int]:
-        """How many tensors of the file had each GGML type (``{"Q4_1": 210, "F32": 61, "Q8_0": 1}``)."""
-        return json.loads((self.folder / MARKER).read_text())["tensor_types"]
+        return {"file": self.file.name, "sha256": self.sha256, "tensor_types": self.header.tensor_types}
 
     def describe(self) -> str:
         """One line for ``personalab info``: the weights were dequantised from a (quantised) file."""
-        types = ", ".join(f"{n} {kind}" for kind, n in sorted(self.tensor_types().items(), key=lambda kv: -kv[1]))
+        counts = sorted(self.header.tensor_types.items(), key=lambda kv: -kv[1])
+        types = ", ".join(f"{n} {kind}" for kind, n in counts)
         sha = self.sha256[:12]
         return f"dequantised to float32 from {self.file} ({types} tensors; sha256 {sha}), cached in {self.folder}"
 
@@ -185,14 +191,6 @@ def _folder(sha256: str) -> Path:
 def cached(path: Path) -> bool:
     """Whether the dequantised model of the GGUF file ``path`` is in the cache (complete)."""
     return (_folder(check(path).sha256) / MARKER).is_file()
-
-
-def _tensor_types(path: Path) -> dict[str, int]:
-    from collections import Counter
-
-    from gguf import GGUFReader
-
-    return dict(Counter(t.tensor_type.name for t in GGUFReader(path).tensors))
 
 
 def _dequantise(path: Path, out: Path) -> None:
@@ -224,12 +222,12 @@ def dequantised(path: Path) -> GgufSource:
     header = check(path)
     final = _folder(header.sha256)
     if (final / MARKER).is_file():
-        return GgufSource(path, header.sha256, final)
+        return GgufSource(path, header, final)
     final.parent.mkdir(parents=True, exist_ok=True)
     with (final.parent / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process is killed
         if (final / MARKER).is_file():  # another process built it while this one waited
-            return GgufSource(path, header.sha256, final)
+            return GgufSource(path, header, final)
         if final.exists():
             warnings.warn(
                 f"{final} was left half-written (no {MARKER}; a load was stopped while writing it); rebuilding it",
@@ -245,10 +243,10 @@ def dequantised(path: Path) -> GgufSource:
                 "file": str(path),
                 "sha256": header.sha256,
                 "architecture": header.architecture,
-                "tensor_types": _tensor_types(path),
+                "tensor_types": header.tensor_types,
             }
             (partial / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             partial.rename(final)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-    return GgufSource(path, header.sha256, final)
+    return GgufSource(path, header, final)
