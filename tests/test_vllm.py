@@ -6,6 +6,7 @@ run with ``python -m pytest -m vllm``; without vLLM they are skipped. vLLM runs 
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that each engine starts in seconds.
 """
 
+import copy
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from contextlib import closing
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import pandas as pd  # noqa: E402
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
@@ -44,7 +46,7 @@ from personalab.engine.vllm_engine import VllmEngine, VllmOptions  # noqa: E402
 from personalab.store import Store  # noqa: E402
 from personalab.traits import load_trait  # noqa: E402
 
-from conftest import make_tokenizer  # noqa: E402
+from conftest import STORIES, make_tokenizer  # noqa: E402
 from judge_server import JudgeServer  # noqa: E402
 from reference import stored_rows  # noqa: E402
 from test_extraction import hashed_score  # noqa: E402
@@ -151,6 +153,127 @@ def test_steering_inside_vllm_equals_the_hf_path_and_plain_hooks(folders, arch):
     n = len(prompts)
     assert on_vllm[n : n + 4] == plain_steer and on_vllm[5 * n : 5 * n + 4] == plain_ablate
     assert sum(a != b for a, b in zip(hf[:n], hf[n : 2 * n], strict=True)) >= n // 2, "steering changes answers"
+
+
+class _Block(torch.nn.Module):
+    """A vLLM-style decoder layer: ``(positions, hidden, residual) -> (hidden, residual)``, the stream their sum."""
+
+    def __init__(self, hidden: int, seed: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, hidden)
+        torch.nn.init.normal_(self.linear.weight, std=0.3, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, positions, hidden, residual):
+        stream = hidden if residual is None else hidden + residual
+        return torch.tanh(self.linear(stream)), stream
+
+
+class _Model(torch.nn.Module):
+    """A vLLM-style model: ``forward(input_ids, positions, ...)``, blocks at ``model.layers``, final ``model.norm``."""
+
+    def __init__(self, hidden: int = 16, n: int = 3):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed = torch.nn.Embedding(50, hidden)
+        self.model.layers = torch.nn.ModuleList(_Block(hidden, i) for i in range(n))
+        self.model.norm = torch.nn.LayerNorm(hidden)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        hidden, residual = self.model.embed(input_ids), None
+        for block in self.model.layers:
+            hidden, residual = block(positions, hidden, residual)
+        return self.model.norm(hidden + residual)
+
+
+def test_the_worker_reads_requests_and_positions_from_the_forward_context_on_any_runner():
+    """The steering worker against a stand-in runner that has only what vLLM's model runners V1 and V2 both have
+    (``get_model()``, ``kv_cache_config``): it learns each request's interventions from the scheduler output and each
+    token's request and position from the forward context's slot mapping and the model's ``positions``, whatever
+    order the batch is in, through finished requests whose blocks are reused, padding, and more requests than rows.
+    Every step equals the same model with a plain hook adding each token's own coefficient, computed here from the
+    position rules directly."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams as VllmSampling
+    from vllm.forward_context import create_forward_context, override_forward_context
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    from personalab.engine.vllm_worker import SteeringWorker
+
+    torch.manual_seed(0)
+    model, size = _Model(), 4
+    plain_model = copy.deepcopy(model)  # without the worker's hooks
+    v = torch.randn(16)
+    spec = FullAttentionSpec(block_size=size, num_kv_heads=1, head_size=8, dtype=torch.float32)
+    kv = KVCacheConfig(num_blocks=32, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["attn.0"], spec)])
+    config = SimpleNamespace(compilation_config=SimpleNamespace(fast_moe_cold_start=False, static_forward_context={}))
+    batches: list = []
+
+    class Worker(SteeringWorker):
+        model_runner = SimpleNamespace(get_model=lambda: model, kv_cache_config=kv)
+        vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=2))
+
+        def execute_model(self, scheduler_output):
+            """The runner's part: the batch in its own order, slots and positions in the forward context."""
+            tokens, slots, positions = batches[-1]
+            context = create_forward_context({}, config, slot_mapping={"attn.0": torch.tensor(slots)})
+            with override_forward_context(context):
+                return model(input_ids=torch.tensor(tokens), positions=torch.tensor(positions))
+
+    worker = Worker()
+    assert worker.personalab_setup("model.layers", "model.norm") == 3
+    worker.personalab_vectors({"v": v.tolist()})
+    prompts = {"a": 5, "b": 3, "c": 6, "d": 2}
+    blocks = {"a": [5, 9], "b": [3], "c": [12, 2], "d": [5]}  # d reuses a's block once a has finished
+    steering = {"a": [("generating", 2.0)], "c": [("response", -1.5), ("all", 0.5)], "d": [("all", 3.0)]}
+    rules = {"all": lambda p, n: True, "response": lambda p, n: p >= n, "generating": lambda p, n: p >= n - 1}
+
+    def new(req):
+        specs = [["steer", 1, "v", alpha, mode] for mode, alpha in steering.get(req, [])]
+        return NewRequestData(
+            req_id=req, prompt_token_ids=list(range(prompts[req])), mm_features=[],
+            sampling_params=VllmSampling(extra_args={"personalab": specs} if specs else None), pooling_params=None,
+            block_ids=(blocks[req],), num_computed_tokens=0, lora_request=None,
+        )  # fmt: skip
+
+    def step(new_reqs, cached, finished, order, padding=0):
+        """``cached``: request -> blocks added this step; ``order``: ``(request, first position, tokens)`` in the
+        runner's batch order."""
+        out = SchedulerOutput.make_empty()
+        out.scheduled_new_reqs = [new(r) for r in new_reqs]
+        out.scheduled_cached_reqs = CachedRequestData.make_empty()
+        out.scheduled_cached_reqs.req_ids = list(cached)
+        out.scheduled_cached_reqs.new_block_ids = [(cached[r],) if cached[r] else None for r in cached]
+        for req, added in cached.items():
+            blocks[req] += added
+        out.finished_req_ids = set(finished)
+        tokens, slots, positions, expected = [], [], [], []
+        for req, start, count in order:
+            for p in range(start, start + count):
+                tokens.append(p + 1)
+                positions.append(p)
+                slots.append(blocks[req][p // size] * size + p % size)
+                expected.append(sum(a for mode, a in steering.get(req, []) if rules[mode](p, prompts[req])))
+        tokens, slots, positions = tokens + [0] * padding, slots + [-1] * padding, positions + [0] * padding
+        batches.append((tokens, slots, positions))
+        steered = worker.execute_model(out)
+
+        def hook(module, args, output):
+            return output[0] + torch.tensor(expected + [0.0] * padding)[:, None] * v, output[1]
+
+        plain = plain_model.model.layers[0].register_forward_hook(hook)
+        try:
+            reference = plain_model(input_ids=torch.tensor(tokens), positions=torch.tensor(positions))
+        finally:
+            plain.remove()
+        torch.testing.assert_close(steered, reference, rtol=0, atol=1e-6)
+        return any(expected)
+
+    assert step(["a", "b", "c"], {}, [], [("c", 0, 6), ("a", 0, 5), ("b", 0, 3)])  # three requests, two rows
+    assert step([], {"a": [], "b": [], "c": []}, [], [("b", 3, 1), ("c", 6, 1), ("a", 5, 1)])
+    assert step(["d"], {"c": []}, ["a"], [("d", 0, 2), ("c", 7, 1)], padding=2)
+    assert not step([], {"b": [9]}, ["c", "d"], [("b", 4, 1)])  # a's other block, now b's
 
 
 def test_smollm2_gives_the_same_greedy_answers_on_both_engines(smollm2):
@@ -261,20 +384,28 @@ def test_sweep_on_vllm_has_the_table_resumes_and_extends(folders, tmp_path):
         a, b = (pd.read_csv(tmp_path / d / "sweep.csv") for d in ("a", "hf"))
         assert list(a.columns) == list(b.columns) and a[["layer", "alpha", "n"]].equals(b[["layer", "alpha", "n"]])
 
-        command = [sys.executable, "-m", "personalab", *base, "--alphas", "0,0.5", "--out", str(tmp_path / "b")]
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # As a user runs it: a command of its own, vLLM's default processes, two replicas; killed, then resumed.
+        command = [sys.executable, "-m", "personalab", *base, "--alphas", "0,0.5", "--out", str(tmp_path / "b"),
+                   "--data-parallel-size", "2", "--gpu-memory-utilization", "0.05"]  # fmt: skip
+        user = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        proc = subprocess.Popen(command, env=user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         store = tmp_path / "b" / "generations.sqlite"
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if stored_rows(store, "generations") >= 8:
                 break
             time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        resumed = runner.invoke(app, base + ["--alphas", "0,0.5", "--out", str(tmp_path / "b")], env=env)
-        assert resumed.exit_code == 0, resumed.output
+        assert len(children) >= 2, "two replicas ran"
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"{len(alive)} processes outlived the killed command"
+        resumed = subprocess.run(command, env=user, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-4000:]
+        assert "Traceback" not in resumed.stderr and "EOFError" not in resumed.stderr, resumed.stderr[-4000:]
         answers = [pd.read_json(tmp_path / d / "answers.jsonl", lines=True) for d in ("a", "b")]
-        pd.testing.assert_frame_equal(*answers)
+        pd.testing.assert_frame_equal(*answers)  # two replicas answer as one does
 
         with closing(sqlite3.connect(tmp_path / "a" / "generations.sqlite")) as db:
             before = db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
@@ -284,6 +415,30 @@ def test_sweep_on_vllm_has_the_table_resumes_and_extends(folders, tmp_path):
             after = db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
     assert after - before == 2 * len(load_trait("evil").evaluation_questions)
     assert json.loads((tmp_path / "a" / "meta.json").read_text())["settings"]["engine"] == "vllm"
+
+
+def test_what_vllm_cannot_run_is_refused_in_one_line_before_anything_loads(folders, tmp_path, monkeypatch):
+    """stories260k (head size 8, below vLLM's CPU attention), an architecture vLLM lacks (GPT-Neo: its config alone,
+    no weights exist) and tensor parallelism on a CPU: one line each, naming the cause, and no weights loaded."""
+    from transformers import GPTNeoConfig
+
+    neo = tmp_path / "neo"
+    GPTNeoConfig(hidden_size=64, num_layers=2, num_heads=2, attention_types=[[["global"], 2]]).save_pretrained(neo)
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("personalab.engine.model.load_weights", loaded)
+    cases = [
+        (STORIES, [], "the model's attention heads have size 8, which vLLM's attention does not run on a CPU"),
+        (neo, [], "vLLM does not run GPTNeoForCausalLM; set --engine to hf"),
+        (folders["llama"], ["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 needs GPUs and none is visible"),
+    ]
+    for model, extra, message in cases:
+        command = ["steer", "Hi?", "--model", str(model), "--vector", str(tmp_path), "--layer", "1", "--device", "cpu"]
+        result = runner.invoke(app, [*command, "--engine", "vllm", *extra])
+        assert result.exit_code == 1, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_a_lora_adapter_runs_as_a_vllm_lora_request(folders, tmp_path):

@@ -22,6 +22,7 @@ from personalab.files import check_writable
 
 if TYPE_CHECKING:
     from personalab.engine.model import ModelHandle
+    from personalab.engine.vllm_engine import VllmOptions
     from personalab.judging.judges import Judge
     from personalab.traits import Trait
 
@@ -66,6 +67,8 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
+_started: list = []
+"""Engines the running command started, closed when it ends."""
 
 # One help text per option name: an option means the same in every command that has it (tests/test_options.py).
 LAYER_HELP = "Layer l (hidden_states[l]: 0 = embeddings, l = output of block l-1)."
@@ -168,7 +171,7 @@ def reported(out: Path | None = None) -> Iterator[None]:
     """The body of a command: its ``out`` (``--out``) checked writable first (``check_writable``); a
     ``PersonalabError``, an invalid setting or a file that cannot be written turned into a one-line message on stderr
     and exit status 1; Ctrl-C into one line and exit status 130 (what was stored is kept: a run folder's command
-    resumes it)."""
+    resumes it). The engines the command started (``attach_engine``) are closed when it ends, however it ends."""
     from pydantic import ValidationError
 
     try:
@@ -195,6 +198,9 @@ def reported(out: Path | None = None) -> Iterator[None]:
             message = f"invalid --{str(first['loc'][-1]).replace('_', '-')}: {message}"
         errors.print("[red]error:[/red]", escape(as_flags(message)), highlight=False)
         raise typer.Exit(1) from None
+    finally:
+        while _started:
+            _started.pop().close()
 
 
 def checked(kind: type, options: dict[str, Any], **fixed: Any) -> dict[str, Any]:
@@ -364,8 +370,9 @@ def say_report(folder: Path, enabled: bool = True) -> None:
 ENGINES = ("hf", "vllm")
 
 
-def check_engine(options: EngineOptions) -> None:
-    """One-line errors for the engine options before any model loads (vLLM installed, of a supported version)."""
+def check_engine(options: EngineOptions, model: str | None = None, revision: str | None = None) -> None:
+    """One-line errors for the engine options before any model loads: vLLM installed, of a supported version, and
+    able to run ``model`` as asked (``personalab.engine.vllm_engine.check_runnable``)."""
     if options.engine not in ENGINES:
         raise InvalidInputError(f"unknown --engine {options.engine!r}; use hf or vllm")
     defaults = EngineOptions()
@@ -377,18 +384,18 @@ def check_engine(options: EngineOptions) -> None:
     if options.engine == "hf" and changed:
         raise InvalidInputError(f"--{changed[0].replace('_', '-')} is an option of vLLM; add --engine vllm")
     if options.engine == "vllm":
-        from personalab.engine.vllm_engine import check_installed
+        from personalab.engine.vllm_engine import check_installed, check_runnable
 
         check_installed()
+        if model is not None:
+            check_runnable(model, revision, vllm_options(options))
 
 
-def attach_engine(handle: "ModelHandle", options: EngineOptions, lora_rank: int | None = None) -> None:
-    """Make ``handle`` generate on the chosen engine (``lora_rank``: vLLM takes LoRA adapters of that rank later)."""
-    if options.engine != "vllm":
-        return
-    from personalab.engine.vllm_engine import VllmEngine, VllmOptions
+def vllm_options(options: EngineOptions) -> "VllmOptions":
+    """The command's vLLM options as the engine takes them."""
+    from personalab.engine.vllm_engine import VllmOptions
 
-    vllm = VllmOptions(
+    return VllmOptions(
         gpu_memory_utilization=options.gpu_memory_utilization,
         tensor_parallel_size=options.tensor_parallel_size,
         data_parallel_size=options.data_parallel_size,
@@ -396,5 +403,15 @@ def attach_engine(handle: "ModelHandle", options: EngineOptions, lora_rank: int 
         chunk=options.vllm_chunk,
         ray=options.ray,
     )
-    handle.engine = VllmEngine(handle, vllm, lora_rank)
+
+
+def attach_engine(handle: "ModelHandle", options: EngineOptions, lora_rank: int | None = None) -> None:
+    """Make ``handle`` generate on the chosen engine (``lora_rank``: vLLM takes LoRA adapters of that rank later);
+    the command closes it when it ends (``reported``)."""
+    if options.engine != "vllm":
+        return
+    from personalab.engine.vllm_engine import VllmEngine
+
+    handle.engine = VllmEngine(handle, vllm_options(options), lora_rank)
+    _started.append(handle.engine)
     console.print(f"engine: vllm ({handle.engine.describe()})", highlight=False, markup=False, soft_wrap=True)

@@ -98,7 +98,7 @@ def steer_command(
     """Print the steered answer beside the unsteered one."""
     with reported():
         prepare(threads, device, model)
-        check_engine(engine)
+        check_engine(engine, model, revision)
         from personalab.engine import generation
         from personalab.engine.interventions import Ablate, Clamp, Steer
         from personalab.engine.scale import projection_stats, scaled_vector
@@ -194,7 +194,7 @@ def sweep(
     """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
     with reported(out):
         prepare(threads, device, model)
-        check_engine(engine)
+        check_engine(engine, model, revision)
         from personalab.api import sweep as run
         from personalab.api.common import default_out
         from personalab.studies.sweep import SweepConfig

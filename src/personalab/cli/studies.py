@@ -122,7 +122,7 @@ def trace(
     """Trace a trait through training checkpoints: extraction, geometry, emergence and transfer steering."""
     with reported(out):
         prepare(threads, device, model)
-        check_engine(engine)
+        check_engine(engine, model)
         from personalab.api import trace as run
         from personalab.studies.trace.run import finite
 
@@ -367,7 +367,7 @@ def correlate(
     bootstrap interval from n = 10."""
     with reported(out):
         prepare(threads, device, model)
-        check_engine(engine)
+        check_engine(engine, model)
         from personalab.api import correlate as run
         from personalab.studies.correlate import CorrelateConfig
 

@@ -110,7 +110,7 @@ def extract(
     --max-new-tokens (256) tokens; the persona-vectors reference generates up to 1000."""
     with reported(out):
         prepare(threads, device, model)
-        check_engine(engine)
+        check_engine(engine, model, revision)
         from personalab.api import extract as run
         from personalab.api.common import default_out
         from personalab.studies.extraction import ExtractionConfig, with_reference_thresholds
@@ -202,7 +202,7 @@ def project(
     persona vector."""
     with reported(out):
         prepare(threads, device, model)
-        check_engine(engine)
+        check_engine(engine, model, revision)
         from personalab.api import project as run
         from personalab.api.common import default_out
 

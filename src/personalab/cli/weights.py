@@ -105,7 +105,7 @@ def distill_command(
     """
     with reported(out):
         prepare(threads, device, model)
-        check_engine(engine)
+        check_engine(engine, model, revision)
         from personalab.api import distill as run
         from personalab.api.weights import training_dtype, training_placement
         from personalab.studies.distill import DistillConfig
@@ -186,7 +186,7 @@ def compare(
     """Judge base, steered and distilled (--tuned) models on the trait's evaluation questions."""
     with reported(out):
         prepare(threads, device, model)
-        check_engine(engine)
+        check_engine(engine, model, revision)
         from personalab.api import compare as run
         from personalab.studies.compare import CompareConfig
 
@@ -319,7 +319,7 @@ def finetune(
     """
     with reported(out):
         prepare(threads, device, model)
-        check_engine(engine)
+        check_engine(engine, model, revision)
         from personalab.api import finetune as run
         from personalab.api.weights import monitored, training_dtype, training_placement
         from personalab.engine.model import model_shape

@@ -13,7 +13,13 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from personalab.engine.chat import (
     ChatFormat,
@@ -25,7 +31,7 @@ from personalab.engine.chat import (
 )
 from personalab.engine.checkpoints import weights
 from personalab.engine.gguf import BUILT_IN as BUILT_IN_GGUF
-from personalab.engine.gguf import GgufSource, check, dequantised, gguf_file
+from personalab.engine.gguf import GgufSource, cached, check, dequantised, gguf_file
 from personalab.errors import InvalidInputError, PersonalabError, UnsupportedArchitectureError
 from personalab.store import content_key
 
@@ -427,29 +433,36 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
 def model_shape(name_or_path: str, revision: str | None = None) -> tuple[int, int]:
     """``(n_blocks, hidden_size)`` from a model's config alone (no weights are loaded; a GGUF file's header); a run
     folder gives the shape of the model it holds (an adapter's: its base's)."""
-    from transformers import AutoConfig
-
     source = gguf_file(name_or_path)
     if source is not None:
         header = check(source)
         return header.n_blocks, header.hidden_size
+    text = read_config(name_or_path, revision).get_text_config()
+    return int(text.num_hidden_layers), int(text.hidden_size)
+
+
+def read_config(name_or_path: str, revision: str | None = None) -> PretrainedConfig | None:
+    """A model's transformers config, read alone (a run folder: of the model it holds; an adapter: its base's);
+    ``None`` for a GGUF file not yet dequantised (its header gives the shape: ``model_shape``)."""
+    from transformers import AutoConfig
+
+    source = gguf_file(name_or_path)
+    if source is not None and not cached(source):
+        return None
     folder = local_folder(name_or_path)
     if folder is not None:
         found = weights(folder)
         if found.adapter and found.base:
-            return model_shape(found.base)
+            return read_config(found.base)
         name_or_path = str(found.folder)
     try:
         if folder is not None:
-            config = AutoConfig.from_pretrained(name_or_path, revision=revision)
-        else:
-            config = from_hub(AutoConfig.from_pretrained, name_or_path, revision, "config")
+            return AutoConfig.from_pretrained(name_or_path, revision=revision)
+        return from_hub(AutoConfig.from_pretrained, name_or_path, revision, "config")
     except (OSError, ValueError) as exc:
         raise PersonalabError(
             f"cannot read the config of {_where(name_or_path, revision)}: {_first_line(exc)}"
         ) from exc
-    text = config.get_text_config()
-    return int(text.num_hidden_layers), int(text.hidden_size)
 
 
 def load_weights(

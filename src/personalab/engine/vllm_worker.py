@@ -1,5 +1,5 @@
 """Interventions inside vLLM's workers: the residual stream of each request steered, ablated or clamped on the
-same positions as the Hugging Face path (``personalab.engine.interventions``).
+same positions as the Hugging Face path (``personalab.engine.interventions``), on either of vLLM's model runners.
 
 ``SteeringWorker`` is mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``); the engine calls its
 methods through ``LLM.collective_rpc``, so every tensor-parallel rank holds the same vectors and, since the
@@ -7,17 +7,35 @@ residual stream is replicated across ranks, adds the same values. Each request c
 ``SamplingParams.extra_args["personalab"]`` as ``[kind, layer, vector id, value, positions]`` (``steer`` adds
 ``value * v``; ``clamp`` sets the projection onto unit ``v`` to ``value``; ``ablate`` is ``clamp`` at 0).
 
-Before each model step the worker reads, from the model runner's batch, which request each scheduled token
-belongs to and its position in that request's sequence (computed tokens plus its offset in the step), and builds
-per-token coefficients for every (layer, kind, vector); hooks on the decoder layers apply them during that step's
-forward only. Layers follow ``personalab.engine.layers``: layer ``0`` is the input of block 0, ``1 <= l <
-n_blocks`` the output of block ``l - 1`` (vLLM's layers return ``(hidden, residual)``, whose sum is the residual
-stream), ``n_blocks`` the output of the final norm. Positions are the names of
-``personalab.engine.positions``, as in a Hugging Face ``generate`` with a KV cache. This module imports only torch,
-numpy and that module, so vLLM's spawned workers import it without side effects.
-"""
+What it reads from vLLM, the same on model runner V1 (``v1/worker/gpu_model_runner.py``, and the CPU runner that
+subclasses it) and V2 (``v1/worker/gpu/model_runner.py``, ``v1/worker/cpu/model_runner.py``) of vLLM 0.32, none of
+it a runner's private method or batch object:
 
-from types import MethodType
+* the worker's ``execute_model(scheduler_output)``, which every step passes through (``WorkerWrapperBase``
+  calls ``worker.execute_model``): ``scheduled_new_reqs`` (request id, ``sampling_params``, prompt token ids,
+  ``block_ids``), ``scheduled_cached_reqs`` (``req_ids``, ``new_block_ids``) and ``finished_req_ids``. From these
+  the worker keeps, on the device, the owner of every KV-cache block (a request's row, or none) and per request its
+  prompt length and each intervention's value;
+* the forward context (``vllm.forward_context.get_forward_context()``) that both runners set around the model's
+  forward: ``slot_mapping[layer name]``, each token's KV-cache slot (``block * block_size + offset``; ``-1`` for
+  padding). Prefix caching is off (``personalab.engine.vllm_engine``), so a block holds one request's tokens and
+  ``slot // block_size`` names the request a token belongs to, whatever order the runner put the batch in;
+* the ``positions`` the runner passes to the model's ``forward``: the index of each token in its request's
+  sequence, the positions vLLM's rotary embedding rotates by (both runners compute them as computed tokens plus the
+  token's offset in the step: V1 ``_prepare_inputs``, V2 ``prepare_pos_seq_lens``), so ``prompt``, ``response``
+  and the other names of ``personalab.engine.positions`` select the same tokens as on Hugging Face. M-RoPE models
+  pass ``[3, T]``; the first row, equal to the others on text tokens, is used;
+* ``model_runner.get_model()`` and ``model_runner.kv_cache_config`` (the KV-cache groups: the slot mapping of the
+  first full-attention group, with its ``block_size``), both public on the two runners.
+
+Per step, the tables are updated from the scheduler output in one non-blocking copy of what changed (pinned on a
+GPU); a forward pre-hook on the model turns slots and positions into per-token coefficients on the device, with no
+host synchronisation; hooks on the decoder layers apply them. Layers follow ``personalab.engine.layers``: layer
+``0`` is the input of block 0, ``1 <= l < n_blocks`` the output of block ``l - 1`` (vLLM's layers return
+``(hidden, residual)``, whose sum is the residual stream), ``n_blocks`` the output of the final norm. This module
+imports only torch, numpy and ``personalab.engine.positions`` at import time, so vLLM's spawned workers import it
+without side effects.
+"""
 
 import numpy as np
 import torch
@@ -25,6 +43,8 @@ import torch
 from personalab.engine.positions import named_mask
 
 KEY = "personalab"
+NONE = -1
+"""Owner of a block that no steered request holds."""
 
 
 def _stream(output) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -32,6 +52,107 @@ def _stream(output) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(output, torch.Tensor):
         return output, None
     return output[0], output[1] if len(output) > 1 and isinstance(output[1], torch.Tensor) else None
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` on ``device``, copied without waiting (through pinned memory on a GPU)."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+class Requests:
+    """The steered requests vLLM holds: a row each, their prompt lengths, each intervention group's values, and
+    the owner row of every KV-cache block, mirrored on the device.
+
+    A group is one ``(layer, kind, vector, positions)``; ``values[g][row]`` is its value for that request and
+    ``active[g][row]`` whether the request has it. Row ``capacity`` (the last) is "no steered request"."""
+
+    def __init__(self, num_blocks: int, capacity: int, device: torch.device):
+        self.device = device
+        self.capacity = capacity
+        self.rows: dict[str, int] = {}
+        self.specs: dict[str, list] = {}
+        self.prompt_len = np.zeros(capacity + 1, np.int64)
+        self.groups: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self.owner = torch.full((num_blocks,), NONE, dtype=torch.int32, device=device)
+        self.on_device: dict = {}
+        self.changed = True
+
+    def _free_row(self) -> int:
+        used = set(self.rows.values())
+        row = next((r for r in range(self.capacity) if r not in used), None)
+        if row is not None:
+            return row
+        grown = self.capacity * 2
+        self.prompt_len = np.concatenate([self.prompt_len[:-1], np.zeros(grown - self.capacity + 1, np.int64)])
+        self.groups = {
+            g: (np.concatenate([v[:-1], np.zeros(grown - self.capacity + 1, np.float32)]),
+                np.concatenate([a[:-1], np.zeros(grown - self.capacity + 1, bool)]))
+            for g, (v, a) in self.groups.items()
+        }  # fmt: skip
+        row, self.capacity = self.capacity, grown
+        return row
+
+    def add(self, req_id: str, specs: list, prompt_len: int) -> int:
+        """Register a steered request; returns its row."""
+        self.remove(req_id)
+        row = self._free_row()
+        self.rows[req_id], self.specs[req_id] = row, specs
+        self.prompt_len[row] = prompt_len
+        for kind, layer, vector, value, mode in specs:
+            key = (int(layer), kind, vector, mode)
+            if key not in self.groups:
+                self.groups[key] = (np.zeros(self.capacity + 1, np.float32), np.zeros(self.capacity + 1, bool))
+            values, active = self.groups[key]
+            values[row], active[row] = value, True
+        self.changed = True
+        return row
+
+    def remove(self, req_id: str) -> None:
+        """Forget a request (finished); groups no request uses any more are dropped."""
+        row = self.rows.pop(req_id, None)
+        if row is None:
+            return
+        for kind, layer, vector, _, mode in self.specs.pop(req_id):
+            key = (int(layer), kind, vector, mode)
+            if key in self.groups:
+                values, active = self.groups[key]
+                values[row], active[row] = 0.0, False
+                if not active.any():
+                    del self.groups[key]
+        self.changed = True
+
+    def assign(self, blocks: list[int], owners: list[int]) -> None:
+        """``owner[blocks[i]] = owners[i]`` on the device (one copy)."""
+        if blocks:
+            pairs = _to_device(np.array([blocks, owners], np.int64), self.device)
+            self.owner[pairs[0]] = pairs[1].to(torch.int32)
+
+    def device_tables(self) -> dict:
+        """``{"prompt_len": [R + 1], group: (values [R + 1], active [R + 1])}`` on the device, copied again only
+        after a change."""
+        if self.changed:
+            self.on_device = {"prompt_len": _to_device(self.prompt_len.copy(), self.device)}
+            for key, (values, active) in self.groups.items():
+                self.on_device[key] = (_to_device(values.copy(), self.device), _to_device(active.copy(), self.device))
+            self.changed = False
+        return self.on_device
+
+    def plan(self, slots: torch.Tensor, positions: torch.Tensor, block_size: int) -> dict[int, list]:
+        """Per layer, ``[(kind, vector id, coefficients [T], mask [T])]`` for tokens with KV-cache ``slots [T]``
+        (``-1``: padding) at ``positions [T]``; tokens of no steered request get zeros."""
+        tables = self.device_tables()
+        valid = slots >= 0
+        owner = self.owner[torch.where(valid, slots, 0) // block_size].long()
+        rows = torch.where(valid & (owner >= 0), owner, self.capacity)
+        prompt_len = tables["prompt_len"][rows]
+        plan: dict[int, list] = {}
+        for (layer, kind, vector, mode), (values, active) in ((k, tables[k]) for k in self.groups):
+            mask = active[rows] & named_mask(mode, positions, prompt_len)
+            plan.setdefault(layer, []).append((kind, vector, values[rows] * mask, mask))
+        return plan
 
 
 class SteeringWorker:
@@ -42,76 +163,90 @@ class SteeringWorker:
         (once); returns the number of blocks."""
         if getattr(self, "_pl_blocks", None) is not None:
             return len(self._pl_blocks)
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
         runner = self.model_runner
-        model = runner.model
+        model = runner.get_model()
+        groups = runner.kv_cache_config.kv_cache_groups
+        group = next((i for i, g in enumerate(groups) if isinstance(g.kv_cache_spec, FullAttentionSpec)), 0)
+        self._pl_group = group
+        self._pl_layer = groups[group].layer_names[0]
+        self._pl_block_size = groups[group].kv_cache_spec.block_size
+        device = next(model.parameters()).device
+        self._pl_requests = Requests(
+            runner.kv_cache_config.num_blocks, self.vllm_config.scheduler_config.max_num_seqs, device
+        )
         self._pl_vectors: dict[str, torch.Tensor] = {}
-        self._pl_plan: dict[int, list] | None = None
         self._pl_step: dict[int, list] | None = None
         self._pl_blocks = model.get_submodule(blocks_path)
         n = len(self._pl_blocks)
+        model.register_forward_pre_hook(self._pl_on_forward, with_kwargs=True)
         self._pl_blocks[0].register_forward_pre_hook(self._pl_pre_hook, with_kwargs=True)
         for layer in range(1, n):
             self._pl_blocks[layer - 1].register_forward_hook(self._pl_post_hook(layer))
         model.get_submodule(norm_path).register_forward_hook(self._pl_post_hook(n, final=True))
+        execute = self.execute_model
 
-        prepare, forward = runner._prepare_inputs, runner._model_forward
-        worker = self
+        def execute_model(scheduler_output, *args, **kwargs):
+            self._pl_schedule(scheduler_output)
+            return execute(scheduler_output, *args, **kwargs)
 
-        def prepare_inputs(runner, scheduler_output, num_scheduled_tokens):
-            result = prepare(scheduler_output, num_scheduled_tokens)
-            worker._pl_plan = worker._pl_build(num_scheduled_tokens)
-            return result
-
-        def model_forward(runner, *args, **kwargs):
-            worker._pl_step, worker._pl_plan = worker._pl_plan, None
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                worker._pl_step = None
-
-        runner._prepare_inputs = MethodType(prepare_inputs, runner)
-        runner._model_forward = MethodType(model_forward, runner)
+        self.execute_model = execute_model
         return n
 
     def personalab_vectors(self, vectors: dict[str, list[float]]) -> int:
         """Register float32 vectors by id (the unit vector is taken where an intervention needs one)."""
-        device = next(self.model_runner.model.parameters()).device
+        device = next(self.model_runner.get_model().parameters()).device
         for key, values in vectors.items():
             self._pl_vectors[key] = torch.tensor(values, dtype=torch.float32, device=device)
         return len(self._pl_vectors)
 
-    def _pl_build(self, num_scheduled_tokens) -> dict[int, list] | None:
-        """Per layer, ``[(kind, vector id, coefficients [T], mask [T])]`` for this step's ``T`` tokens."""
-        batch = self.model_runner.input_batch
-        n = batch.num_reqs
-        counts = np.asarray(num_scheduled_tokens[:n])
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        plan: dict[int, dict] = {}
-        for i, req_id in enumerate(batch.req_ids[:n]):
-            params = self.model_runner.requests[req_id].sampling_params
+    def _pl_schedule(self, scheduler_output) -> None:
+        """Update the steered requests and the blocks' owners from one step's scheduler output."""
+        requests, group = self._pl_requests, self._pl_group
+        for req_id in scheduler_output.finished_req_ids:
+            requests.remove(req_id)
+        blocks: list[int] = []
+        owners: list[int] = []
+        for new in scheduler_output.scheduled_new_reqs:
+            params = new.sampling_params
             specs = (params.extra_args or {}).get(KEY) if params is not None else None
-            if not specs:
-                continue
-            positions = batch.num_computed_tokens_cpu[i] + np.arange(counts[i])
-            prompt_len = int(batch.num_prompt_tokens[i])
-            for kind, layer, vector, value, mode in specs:
-                chosen = named_mask(mode, positions, prompt_len)
-                group = plan.setdefault(int(layer), {})
-                if (kind, vector) not in group:
-                    group[(kind, vector)] = (np.zeros(starts[-1], np.float32), np.zeros(starts[-1], bool))
-                coefficients, mask = group[(kind, vector)]
-                coefficients[starts[i] : starts[i + 1]][chosen] = value
-                mask[starts[i] : starts[i + 1]] |= chosen
-        if not plan:
+            if specs:
+                row = requests.add(new.req_id, specs, len(new.prompt_token_ids or ()))
+            else:
+                requests.remove(new.req_id)
+                row = NONE
+            blocks += new.block_ids[group]
+            owners += [row] * len(new.block_ids[group])
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, assigned in zip(cached.req_ids, cached.new_block_ids, strict=True):
+            if assigned is not None and assigned[group]:
+                blocks += assigned[group]
+                owners += [requests.rows.get(req_id, NONE)] * len(assigned[group])
+        requests.assign(blocks, owners)
+
+    def _pl_on_forward(self, module, args, kwargs):
+        """Before the model's forward: this step's per-token plan from the forward context's slot mapping and the
+        ``positions`` argument (or none, when no steered request is held)."""
+        self._pl_step = None
+        if not self._pl_requests.groups:
             return None
-        device = next(self.model_runner.model.parameters()).device
-        return {
-            layer: [
-                (kind, vector, torch.from_numpy(c).to(device), torch.from_numpy(m).to(device))
-                for (kind, vector), (c, m) in group.items()
-            ]
-            for layer, group in plan.items()
-        }
+        from vllm.forward_context import get_forward_context
+
+        positions = kwargs["positions"] if "positions" in kwargs else args[1]
+        positions = positions[0] if positions.dim() == 2 else positions
+        mapping = get_forward_context().slot_mapping
+        if not isinstance(mapping, dict) or self._pl_layer not in mapping:
+            raise RuntimeError(
+                "personalab's steering reads each token's KV-cache slot from vLLM's forward context and found none "
+                "for this step (micro-batching or an unsupported runner); run without it or set `engine` to hf"
+            )
+        slots = mapping[self._pl_layer]
+        t = positions.shape[0]
+        if slots.shape[0] < t:
+            slots = torch.cat([slots, slots.new_full((t - slots.shape[0],), -1)])
+        self._pl_step = self._pl_requests.plan(slots[:t], positions, self._pl_block_size)
+        return None
 
     def _pl_delta(self, layer: int, stream: torch.Tensor) -> torch.Tensor | None:
         """What this step's interventions at ``layer`` add to the residual stream ``[T, hidden]`` (float32)."""
