@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from contextlib import closing
+from unittest.mock import patch
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -39,6 +40,7 @@ vllm = pytest.importorskip("vllm")
 
 from personalab import load_model  # noqa: E402
 from personalab.cli import app  # noqa: E402
+from personalab.engine.capture import capture_means  # noqa: E402
 from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store, run_batch  # noqa: E402
 from personalab.engine.interventions import Ablate, Clamp, Steer, spec_of  # noqa: E402
 from personalab.engine.model import load_trained  # noqa: E402
@@ -274,6 +276,30 @@ def test_the_worker_reads_requests_and_positions_from_the_forward_context_on_any
     assert step([], {"a": [], "b": [], "c": []}, [], [("b", 3, 1), ("c", 6, 1), ("a", 5, 1)])
     assert step(["d"], {"c": []}, ["a"], [("d", 0, 2), ("c", 7, 1)], padding=2)
     assert not step([], {"b": [9]}, ["c", "d"], [("b", 4, 1)])  # a's other block, now b's
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_capture_inside_vllm_equals_capture_on_hugging_face(folders, arch):
+    """Means over the response, the prompt and the last prompt token at every layer (0: embeddings, n_blocks: the
+    final norm), of 40 prompt + answer sequences of many lengths: vLLM's prompt-only forwards (more sequences than a
+    capture call takes) equal transformers' forward with personalab's capture, to 1e-4 in float32."""
+    handle = load_model(str(folders[arch]), device="cpu", dtype="float32")
+    answers = ["Bread is food.", "Once upon a time there was a girl named Lily who liked to bake.", "Yes.", ""]
+    sequences = [handle.encode("Be brief.", q, a + " " * (i % 3)) for i, q in enumerate(QUESTIONS) for a in answers]
+    sequences = [s for s in sequences if s.response_len > 0][:40] * 2
+    positions = ["response", "prompt", "last_prompt"]
+    hf = torch.stack(capture_means(handle, sequences, positions), dim=1)
+    handle.engine = VllmEngine(handle, OPTIONS)
+    try:
+        no_hf = patch.object(handle.model, "forward", side_effect=AssertionError("the HF model ran"))
+        with patch("personalab.engine.vllm_engine.CAPTURE_CHUNK", 24), no_hf:
+            on_vllm = torch.stack(capture_means(handle, sequences, positions), dim=1)
+    finally:
+        handle.engine.close()
+        handle.engine = None
+    assert on_vllm.shape == (len(sequences), 3, handle.n_blocks + 1, handle.hidden_size)
+    torch.testing.assert_close(on_vllm, hf, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(on_vllm[:, 0], on_vllm[:, 1]), "the specs read different tokens"
 
 
 def test_smollm2_gives_the_same_greedy_answers_on_both_engines(smollm2):

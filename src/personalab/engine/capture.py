@@ -79,10 +79,14 @@ class _Recorder:
     def check_finite(self, dtype: torch.dtype) -> None:
         for layer in self.layers:
             if not bool(self.finite[layer]):
-                raise NonFiniteActivationError(
-                    f"NaN or inf in the residual stream at layer {layer} (model dtype {dtype}); "
-                    f"load the model with dtype bfloat16 or float32"
-                )
+                raise _non_finite(layer, dtype)
+
+
+def _non_finite(layer: int, dtype: torch.dtype) -> NonFiniteActivationError:
+    return NonFiniteActivationError(
+        f"NaN or inf in the residual stream at layer {layer} (model dtype {dtype}); "
+        f"load the model with dtype bfloat16 or float32"
+    )
 
 
 def _run(
@@ -98,11 +102,17 @@ def _run(
 ) -> torch.Tensor | list[torch.Tensor | None]:
     """One forward pass per length-sorted batch with a hook per layer; in input order, float32
     ``[n_sequences, n_specs, n_layers, hidden]`` (mean) or one ``[n_layers, n_selected_i, ...]`` per sequence
-    (gather, norm: one spec)."""
+    (gather, norm: one spec). Means over named positions run in the handle's engine when it has one (vLLM)."""
     if not sequences:
         raise InvalidInputError("no sequences to capture; pass at least one")
     layer_list = check_layers(layers, handle.n_blocks)
     selected = [select_positions(spec, sequences) for spec in specs]
+    if reduce == "mean" and handle.engine is not None and all(isinstance(spec, str) for spec in specs):
+        means = handle.engine.capture_means(handle, sequences, [str(s) for s in specs], layer_list, progress, label)
+        for j, layer in enumerate(layer_list):
+            if not bool(torch.isfinite(means[:, :, j]).all()):
+                raise _non_finite(layer, handle.dtype)
+        return means
     recorder = _Recorder(layer_list, reduce)
     device = handle.input_device
     pad_id = handle.tokenizer.pad_token_id

@@ -107,6 +107,19 @@ class Engine(Protocol):
         """One answer per prompt, row ``i`` sampled from seed ``seeds[i]`` under ``specs[i]``."""
         ...
 
+    def capture_means(
+        self,
+        handle: ModelHandle,
+        sequences: Sequence[TokenSequence],
+        positions: Sequence[str],
+        layers: Sequence[int],
+        progress: bool = False,
+        label: str = "capture",
+    ) -> torch.Tensor:
+        """Float32 ``[n_sequences, n_specs, n_layers, hidden]``: each sequence's residual stream at ``layers``
+        averaged over each named ``positions`` spec (``personalab.engine.capture``'s means)."""
+        ...
+
     def use_adapter(self, folder: str | Path) -> None:
         """Answer with the LoRA adapter in ``folder`` from now on."""
         ...

@@ -44,15 +44,19 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalab.console import progress_bar
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import Completion, SamplingParams, completion
 from personalab.engine.interventions import Spec
 from personalab.engine.model import ModelHandle, read_config, unwrap
+from personalab.engine.vllm_worker import CAPTURE, KEY
 from personalab.errors import InvalidInputError, PersonalabError
 
 SUPPORTED = ("0.32",)
 """vLLM release series this engine is built and tested against (``major.minor``)."""
 WORKER = "personalab.engine.vllm_worker.SteeringWorker"
+CAPTURE_CHUNK = 64
+"""Sequences per capture call and replica: the worker holds their sums (``[n_blocks + 1, specs, hidden]`` each)."""
 NORMS = ("norm", "ln_f", "final_layer_norm")
 """Names of the final norm in the module holding the decoder blocks."""
 GPU_SHARE = 0.7
@@ -212,6 +216,16 @@ class _Instance:
         )
         return [list(out.outputs[0].token_ids) for out in outputs]
 
+    def capture(self, prompts: list[list[int]], captures: list[list], lora: tuple | None) -> torch.Tensor:
+        """Prompt-only forwards of ``prompts``, each capture ``[key, prompt_len, positions names]``; the means,
+        float32 ``[n, n_specs, n_blocks + 1, hidden]``."""
+        sampling = [
+            {"max_tokens": 1, "temperature": 0.0, "detokenize": False, "extra_args": {CAPTURE: c}} for c in captures
+        ]
+        self.generate(prompts, sampling, lora)
+        (means, *_) = self.llm.collective_rpc("personalab_captured", args=([c[0] for c in captures],))
+        return torch.stack(means)
+
     def close(self) -> None:
         shutdown = getattr(getattr(getattr(self.llm, "llm_engine", None), "engine_core", None), "shutdown", None)
         if shutdown is not None:
@@ -370,6 +384,7 @@ class VllmEngine:
         self.lora = None if adapter is None else ("personalab", 1, str(adapter))
         self.lora_enabled = bool(lora)
         self._adapters = 1
+        self._captures = 0
         self._sent: set[str] = set()
 
     def describe(self) -> str:
@@ -403,6 +418,34 @@ class VllmEngine:
         self._adapters += 1
         self.lora = (f"personalab-{self._adapters}", self._adapters, str(folder))
 
+    def capture_means(
+        self,
+        handle: ModelHandle,
+        sequences: Sequence[TokenSequence],
+        positions: Sequence[str],
+        layers: Sequence[int],
+        progress: bool = False,
+        label: str = "capture",
+    ) -> torch.Tensor:
+        """The residual stream of each whole sequence (one prompt-only forward in vLLM), averaged over each named
+        ``positions`` spec at ``layers``: float32 ``[n_sequences, n_specs, n_layers, hidden]``, as
+        ``personalab.engine.capture`` reads it on Hugging Face."""
+        out = torch.empty(len(sequences), len(positions), len(layers), handle.hidden_size)
+        step = CAPTURE_CHUNK * len(self.instances)
+        with progress_bar(label, len(sequences), progress) as advance:
+            for start in range(0, len(sequences), step):
+                rows = list(range(start, min(start + step, len(sequences))))
+                self._captures += 1
+                captures = [[f"{self._captures}-{i}", sequences[i].prompt_len, list(positions)] for i in rows]
+                ids = [list(sequences[i].ids) for i in rows]
+                parts = [slice(j, j + CAPTURE_CHUNK) for j in range(0, len(rows), CAPTURE_CHUNK)]
+                parts += [slice(0, 0)] * (len(self.instances) - len(parts))
+                payloads = [(ids[p], captures[p], self.lora) if ids[p] else None for p in parts]
+                means = torch.cat(self._call("capture", payloads))
+                out[rows] = means[:, :, list(layers)]
+                advance(len(rows))
+        return out
+
     def generate(
         self,
         handle: ModelHandle,
@@ -426,7 +469,7 @@ class VllmEngine:
                 "seed": int(seed),
                 "stop_token_ids": sorted(handle.stop_ids),
                 "detokenize": False,
-                "extra_args": {"personalab": [[s.kind, s.layer, s.vector, s.value, s.positions] for s in row]},
+                "extra_args": {KEY: [[s.kind, s.layer, s.vector, s.value, s.positions] for s in row]},
             }
             for seed, row in zip(seeds, specs, strict=True)
         ]

@@ -43,6 +43,8 @@ import torch
 from personalab.engine.positions import named_mask
 
 KEY = "personalab"
+CAPTURE = "personalab_capture"
+"""``extra_args`` key of a capture request: ``[key, prompt_len, [positions names]]``."""
 NONE = -1
 """Owner of a block that no steered request holds."""
 
@@ -60,6 +62,13 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def _assign(owner: torch.Tensor, blocks: list[int], rows: list[int]) -> None:
+    """``owner[blocks[i]] = rows[i]`` on the device, in one copy."""
+    if blocks:
+        pairs = _to_device(np.array([blocks, rows], np.int64), owner.device)
+        owner[pairs[0]] = pairs[1].to(torch.int32)
 
 
 class Requests:
@@ -124,12 +133,6 @@ class Requests:
                     del self.groups[key]
         self.changed = True
 
-    def assign(self, blocks: list[int], owners: list[int]) -> None:
-        """``owner[blocks[i]] = owners[i]`` on the device (one copy)."""
-        if blocks:
-            pairs = _to_device(np.array([blocks, owners], np.int64), self.device)
-            self.owner[pairs[0]] = pairs[1].to(torch.int32)
-
     def device_tables(self) -> dict:
         """``{"prompt_len": [R + 1], group: (values [R + 1], active [R + 1])}`` on the device, copied again only
         after a change."""
@@ -155,6 +158,81 @@ class Requests:
         return plan
 
 
+class Captures:
+    """Capture requests: a prompt-only forward whose residual stream is summed, per layer, over each named positions
+    spec, until ``take`` hands the means over. ``sums[layer, spec, row]`` ``[hidden]`` float32, ``counts[spec, row]``;
+    row ``capacity`` is "not captured"."""
+
+    def __init__(self, num_blocks: int, n_layers: int, hidden: int, device: torch.device):
+        self.device, self.n_layers, self.hidden = device, n_layers, hidden
+        self.capacity = 0
+        self.rows: dict[str, int] = {}
+        self.by_request: dict[str, str] = {}
+        self.modes: tuple[str, ...] = ()
+        self.prompt_len = torch.zeros(1, dtype=torch.int64, device=device)
+        self.owner = torch.full((num_blocks,), NONE, dtype=torch.int32, device=device)
+        self.sums = torch.zeros(0)
+        self.counts = torch.zeros(0)
+
+    def _allocate(self, capacity: int, modes: tuple[str, ...]) -> None:
+        self.capacity, self.modes = capacity, modes
+        self.sums = torch.zeros(self.n_layers, len(modes), capacity + 1, self.hidden, device=self.device)
+        self.counts = torch.zeros(len(modes), capacity + 1, device=self.device)
+        self.prompt_len = torch.zeros(capacity + 1, dtype=torch.int64, device=self.device)
+
+    def add(self, req_id: str, key: str, prompt_len: int, modes: list[str]) -> int:
+        """Register a capture request; returns its row (all requests in flight capture the same ``modes``)."""
+        modes = tuple(modes)
+        if modes != self.modes and self.rows:
+            raise RuntimeError("capture requests in flight capture other positions; capture one set at a time")
+        if modes != self.modes or len(self.rows) == self.capacity:
+            held = (self.sums, self.counts, self.prompt_len, self.capacity)
+            self._allocate(max(64, 2 * self.capacity) if modes == self.modes else 64, modes)
+            if self.rows:
+                sums, counts, lengths, old = held
+                self.sums[:, :, :old], self.counts[:, :old], self.prompt_len[:old] = (
+                    sums[:, :, :old],
+                    counts[:, :old],
+                    lengths[:old],
+                )
+        used = set(self.rows.values())
+        row = next(r for r in range(self.capacity) if r not in used)
+        self.rows[key], self.by_request[req_id] = row, key
+        self.sums[:, :, row] = 0
+        self.counts[:, row] = 0
+        self.prompt_len[row] = prompt_len
+        return row
+
+    def plan(self, slots: torch.Tensor, positions: torch.Tensor, block_size: int):
+        """``(rows [T], masks [M, T] float32)`` of this step's tokens (``None`` when nothing is captured)."""
+        if not self.rows:
+            return None
+        valid = slots >= 0
+        owner = self.owner[torch.where(valid, slots, 0) // block_size].long()
+        rows = torch.where(valid & (owner >= 0), owner, self.capacity)
+        captured = rows < self.capacity
+        lengths = self.prompt_len[rows]
+        masks = torch.stack([(captured & named_mask(m, positions, lengths)).float() for m in self.modes])
+        self.counts.index_add_(1, rows, masks)
+        return rows, masks
+
+    def record(self, layer: int, step, stream: torch.Tensor) -> None:
+        """Add this step's ``stream [T, hidden]`` at ``layer`` to the sums of the captured tokens."""
+        rows, masks = step
+        x = stream.float()
+        for m in range(len(self.modes)):
+            self.sums[layer, m].index_add_(0, rows, x * masks[m][:, None])
+
+    def take(self, keys: list[str]) -> list[torch.Tensor]:
+        """The means ``[M, n_layers, hidden]`` float32 on the CPU of the requests ``keys``; their rows are freed."""
+        out = []
+        for key in keys:
+            row = self.rows.pop(key)
+            out.append((self.sums[:, :, row] / self.counts[:, row][None, :, None]).transpose(0, 1).cpu())
+        self.by_request = {r: k for r, k in self.by_request.items() if k in self.rows}
+        return out
+
+
 class SteeringWorker:
     """Methods added to vLLM's worker; ``personalab_setup`` installs the hooks, ``personalab_vectors`` adds vectors."""
 
@@ -176,9 +254,12 @@ class SteeringWorker:
         self._pl_requests = Requests(
             runner.kv_cache_config.num_blocks, self.vllm_config.scheduler_config.max_num_seqs, device
         )
+        self._pl_blocks = model.get_submodule(blocks_path)
+        hidden = model.get_submodule(norm_path).weight.shape[0]
+        self._pl_captures = Captures(runner.kv_cache_config.num_blocks, len(self._pl_blocks) + 1, hidden, device)
+        self._pl_capturing = None
         self._pl_vectors: dict[str, torch.Tensor] = {}
         self._pl_step: dict[int, list] | None = None
-        self._pl_blocks = model.get_submodule(blocks_path)
         n = len(self._pl_blocks)
         model.register_forward_pre_hook(self._pl_on_forward, with_kwargs=True)
         self._pl_blocks[0].register_forward_pre_hook(self._pl_pre_hook, with_kwargs=True)
@@ -201,35 +282,44 @@ class SteeringWorker:
             self._pl_vectors[key] = torch.tensor(values, dtype=torch.float32, device=device)
         return len(self._pl_vectors)
 
+    def personalab_captured(self, keys: list[str]) -> list[torch.Tensor]:
+        """The captured means of the finished capture requests ``keys``, each float32 ``[M, n_layers, hidden]``."""
+        return self._pl_captures.take(keys)
+
     def _pl_schedule(self, scheduler_output) -> None:
-        """Update the steered requests and the blocks' owners from one step's scheduler output."""
-        requests, group = self._pl_requests, self._pl_group
+        """Update the steered and captured requests and the blocks' owners from one step's scheduler output."""
+        requests, captures, group = self._pl_requests, self._pl_captures, self._pl_group
         for req_id in scheduler_output.finished_req_ids:
             requests.remove(req_id)
         blocks: list[int] = []
         owners: list[int] = []
+        captured: list[int] = []
         for new in scheduler_output.scheduled_new_reqs:
-            params = new.sampling_params
-            specs = (params.extra_args or {}).get(KEY) if params is not None else None
-            if specs:
-                row = requests.add(new.req_id, specs, len(new.prompt_token_ids or ()))
+            extra = (new.sampling_params.extra_args if new.sampling_params is not None else None) or {}
+            if extra.get(KEY):
+                row = requests.add(new.req_id, extra[KEY], len(new.prompt_token_ids or ()))
             else:
                 requests.remove(new.req_id)
                 row = NONE
+            capture = NONE if CAPTURE not in extra else captures.add(new.req_id, *extra[CAPTURE])
             blocks += new.block_ids[group]
             owners += [row] * len(new.block_ids[group])
+            captured += [capture] * len(new.block_ids[group])
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, assigned in zip(cached.req_ids, cached.new_block_ids, strict=True):
             if assigned is not None and assigned[group]:
                 blocks += assigned[group]
                 owners += [requests.rows.get(req_id, NONE)] * len(assigned[group])
-        requests.assign(blocks, owners)
+                key = captures.by_request.get(req_id)
+                captured += [captures.rows[key] if key is not None else NONE] * len(assigned[group])
+        _assign(requests.owner, blocks, owners)
+        _assign(captures.owner, blocks, captured)
 
     def _pl_on_forward(self, module, args, kwargs):
         """Before the model's forward: this step's per-token plan from the forward context's slot mapping and the
         ``positions`` argument (or none, when no steered request is held)."""
-        self._pl_step = None
-        if not self._pl_requests.groups:
+        self._pl_step = self._pl_capturing = None
+        if not self._pl_requests.groups and not self._pl_captures.rows:
             return None
         from vllm.forward_context import get_forward_context
 
@@ -245,7 +335,9 @@ class SteeringWorker:
         t = positions.shape[0]
         if slots.shape[0] < t:
             slots = torch.cat([slots, slots.new_full((t - slots.shape[0],), -1)])
-        self._pl_step = self._pl_requests.plan(slots[:t], positions, self._pl_block_size)
+        if self._pl_requests.groups:
+            self._pl_step = self._pl_requests.plan(slots[:t], positions, self._pl_block_size)
+        self._pl_capturing = self._pl_captures.plan(slots[:t], positions, self._pl_block_size)
         return None
 
     def _pl_delta(self, layer: int, stream: torch.Tensor) -> torch.Tensor | None:
@@ -269,18 +361,25 @@ class SteeringWorker:
         """Layer 0: the input of block 0, its ``hidden_states`` (a keyword, or the first 2-D floating argument:
         vLLM's blocks take ``(positions, hidden_states, ...)`` or ``(hidden_states,)``)."""
         entries = (self._pl_step or {}).get(0)
+        if not entries and self._pl_capturing is None:
+            return None
+        if "hidden_states" in kwargs:
+            at, hidden = None, kwargs["hidden_states"]
+        else:
+            at = next(
+                i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() == 2 and a.is_floating_point()
+            )
+            hidden = args[at]
+        if entries:
+            t = len(entries[0][2])
+            hidden = hidden.clone()
+            hidden[:t] += self._pl_delta(0, hidden[:t]).to(hidden.dtype)
+        if self._pl_capturing is not None:
+            self._pl_captures.record(0, self._pl_capturing, hidden[: len(self._pl_capturing[0])])
         if not entries:
             return None
-        t = len(entries[0][2])
-        if "hidden_states" in kwargs:
-            hidden = kwargs["hidden_states"].clone()
-            hidden[:t] += self._pl_delta(0, hidden[:t]).to(hidden.dtype)
+        if at is None:
             return args, {**kwargs, "hidden_states": hidden}
-        at = next(
-            i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() == 2 and a.is_floating_point()
-        )
-        hidden = args[at].clone()
-        hidden[:t] += self._pl_delta(0, hidden[:t]).to(hidden.dtype)
         return (*args[:at], hidden, *args[at + 1 :]), kwargs
 
     def _pl_post_hook(self, layer: int, final: bool = False):
@@ -289,15 +388,22 @@ class SteeringWorker:
 
         def hook(module, args, output):
             entries = (self._pl_step or {}).get(layer)
-            if not entries:
+            capturing = self._pl_capturing
+            if not entries and capturing is None:
                 return None
             hidden, residual = _stream(output)
             residual = None if final else residual
-            t = len(entries[0][2])
+            t = len(entries[0][2]) if entries else len(capturing[0])
             stream = hidden[:t] if residual is None else hidden[:t] + residual[:t]
-            delta = self._pl_delta(layer, stream)
-            hidden = hidden.clone()
-            hidden[:t] += delta.to(hidden.dtype)
+            if entries:
+                delta = self._pl_delta(layer, stream)
+                hidden = hidden.clone()
+                hidden[:t] += delta.to(hidden.dtype)
+                stream = stream + delta.to(stream.dtype)
+            if capturing is not None:
+                self._pl_captures.record(layer, capturing, stream)
+            if not entries:
+                return None
             if isinstance(output, torch.Tensor):
                 return hidden
             return (hidden, *output[1:])
