@@ -35,6 +35,10 @@ CONFIGS = {
         vocab_size=vocab, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=4, max_position_embeddings=1024,
     ),
+    "llama-tiny": lambda vocab: LlamaConfig(
+        vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
+    ),
     "qwen2.5-1.5b": lambda vocab: Qwen2Config(
         vocab_size=vocab, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
         num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,

