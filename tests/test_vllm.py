@@ -17,10 +17,12 @@ import sys
 import time
 import urllib.request
 from contextlib import closing
+from pathlib import Path
 from unittest.mock import patch
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 import pytest  # noqa: E402
@@ -40,7 +42,8 @@ vllm = pytest.importorskip("vllm")
 
 from personalab import load_model  # noqa: E402
 from personalab.cli import app  # noqa: E402
-from personalab.engine.capture import capture_means  # noqa: E402
+from personalab.engine.capture import capture, capture_means  # noqa: E402
+from personalab.engine.forward import response_nll  # noqa: E402
 from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store, run_batch  # noqa: E402
 from personalab.engine.interventions import Ablate, Clamp, Steer, spec_of  # noqa: E402
 from personalab.engine.model import load_trained  # noqa: E402
@@ -54,6 +57,7 @@ from reference import stored_rows  # noqa: E402
 from test_extraction import hashed_score  # noqa: E402
 
 pytestmark = pytest.mark.vllm
+ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 OPTIONS = VllmOptions(gpu_memory_utilization=0.2, max_model_len=256)
 ENGINE = ["--engine", "vllm", "--gpu-memory-utilization", "0.2", "--max-model-len", "256"]
@@ -281,25 +285,33 @@ def test_the_worker_reads_requests_and_positions_from_the_forward_context_on_any
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_capture_inside_vllm_equals_capture_on_hugging_face(folders, arch):
     """Means over the response, the prompt and the last prompt token at every layer (0: embeddings, n_blocks: the
-    final norm), of 40 prompt + answer sequences of many lengths: vLLM's prompt-only forwards (more sequences than a
-    capture call takes) equal transformers' forward with personalab's capture, to 1e-4 in float32."""
+    final norm), every token's norm, and the answers' NLL, of 80 prompt + answer sequences of many lengths: vLLM's
+    prompt-only forwards (more sequences than a capture call takes) equal transformers' forward with personalab's
+    capture and ``response_nll``, to 1e-4 in float32."""
     handle = load_model(str(folders[arch]), device="cpu", dtype="float32")
     answers = ["Bread is food.", "Once upon a time there was a girl named Lily who liked to bake.", "Yes.", ""]
     sequences = [handle.encode("Be brief.", q, a + " " * (i % 3)) for i, q in enumerate(QUESTIONS) for a in answers]
     sequences = [s for s in sequences if s.response_len > 0][:40] * 2
     positions = ["response", "prompt", "last_prompt"]
     hf = torch.stack(capture_means(handle, sequences, positions), dim=1)
+    hf_norms = capture(handle, sequences, [0, 2], "response", reduce="norm")
+    hf_nll = response_nll(handle, sequences)
     handle.engine = VllmEngine(handle, OPTIONS)
     try:
         no_hf = patch.object(handle.model, "forward", side_effect=AssertionError("the HF model ran"))
         with patch("personalab.engine.vllm_engine.CAPTURE_CHUNK", 24), no_hf:
             on_vllm = torch.stack(capture_means(handle, sequences, positions), dim=1)
+            norms = capture(handle, sequences, [0, 2], "response", reduce="norm")
+            nll = response_nll(handle, sequences)
     finally:
         handle.engine.close()
         handle.engine = None
     assert on_vllm.shape == (len(sequences), 3, handle.n_blocks + 1, handle.hidden_size)
     torch.testing.assert_close(on_vllm, hf, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(on_vllm[:, 0], on_vllm[:, 1]), "the specs read different tokens"
+    assert [n.shape for n in norms] == [(2, s.response_len) for s in sequences]
+    torch.testing.assert_close(norms, hf_norms, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(nll, hf_nll, rtol=1e-4)
 
 
 def test_smollm2_gives_the_same_greedy_answers_on_both_engines(smollm2):
@@ -401,10 +413,17 @@ def test_sweep_on_vllm_has_the_table_resumes_and_extends(folders, tmp_path):
     vector = _vector_folder(tmp_path, handle)
     base = ["sweep", "--model", str(folders["llama"]), "--vector", str(vector), "--judge", "api:j", "--layers", "1"]
     base += ["--eval-samples", "2", "--max-new-tokens", "6", "--device", "cpu", *ENGINE, "--vllm-chunk", "8"]
+    no_hf = patch("personalab.engine.model.load_weights", side_effect=AssertionError("the HF weights loaded"))
     with JudgeServer(scorer=_scorer) as server:
         env = {**os.environ, "PERSONALAB_JUDGE_BASE_URL": server.base_url, "PERSONALAB_JUDGE_API_KEY": "x"}
-        straight = runner.invoke(app, base + ["--alphas", "0,0.5", "--out", str(tmp_path / "a")], env=env)
-        assert straight.exit_code == 0, straight.output
+        with no_hf:  # with vLLM, generation, the scale's token norms and extraction's capture all run inside it
+            straight = runner.invoke(app, base + ["--alphas", "0,0.5", "--out", str(tmp_path / "a")], env=env)
+            assert straight.exit_code == 0, straight.output
+            extracted = runner.invoke(app, [
+                "extract", "--model", str(folders["llama"]), "--trait", "evil", "--judge", "api:j", "--samples", "1",
+                "--max-new-tokens", "6", "--pos-threshold", "0", "--neg-threshold", "101", "--coherence-threshold", "0",
+                "--min-pairs", "1", "--device", "cpu", *ENGINE, "--out", str(tmp_path / "x")], env=env)  # fmt: skip
+            assert extracted.exit_code == 0, extracted.output
         hf = runner.invoke(app, base[:-8] + ["--alphas", "0,0.5", "--out", str(tmp_path / "hf")], env=env)
         assert hf.exit_code == 0, hf.output
         a, b = (pd.read_csv(tmp_path / d / "sweep.csv") for d in ("a", "hf"))
@@ -466,6 +485,25 @@ def test_what_vllm_cannot_run_is_refused_in_one_line_before_anything_loads(folde
         result = runner.invoke(app, [*command, "--engine", "vllm", *extra])
         assert result.exit_code == 1, result.output
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_the_gpu_check_runs_at_tiny_size(tmp_path):
+    """``benchmarks/gpu_check.py`` as prepared for a GPU, at tiny sizes on this CPU: Hugging Face and vLLM's model
+    runner V1 give the same greedy answers to the 16 steered prompts; V2 is reported with vLLM's reason (it needs
+    Triton, which vLLM-CPU lacks), not raised."""
+    out = tmp_path / "gpu_check.json"
+    command = [sys.executable, "gpu_check.py", "--config", "llama-tiny", "--requests", "16", "--max-new-tokens", "8",
+               "--hf-batch", "16", "--out", str(out)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    done = subprocess.run(command, cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    figures = json.loads(out.read_text())
+    v1, v2 = figures["vllm"]["V1"], figures["vllm"]["V2"]
+    assert v1["runner"] == "V1" and v1["greedy"] == figures["hf"]["greedy"] and len(v1["greedy"]) == 16
+    assert len({tuple(a) for a in v1["greedy"]}) > 8, "the alphas steer"
+    assert v1["unsteered"] > 0 and min(v1["steered"].values()) > 0 and v1["peak_gib"] > 0
+    assert "Triton" in v2["error"]
+    assert "greedy parity 16/16" in done.stdout and "model runner V2: not started here" in done.stdout
 
 
 def test_a_lora_adapter_runs_as_a_vllm_lora_request(folders, tmp_path):

@@ -305,7 +305,8 @@ def open_model(
     lora_rank: int | None = None,
 ) -> "ModelHandle":
     """``load_model`` with the command's options, generating on ``engine``; prints what a run folder resolved to
-    and what personalab does with the model's chat template."""
+    and what personalab does with the model's chat template. With vLLM the Hugging Face weights are deferred: loaded
+    only if a step needs a Hugging Face forward pass (``ModelHandle.model``)."""
     from personalab.engine.checkpoints import weights
     from personalab.engine.model import load_model, local_folder
 
@@ -313,7 +314,11 @@ def open_model(
     folder = local_folder(model)
     if folder is not None and weights(folder).folder != folder:
         console.print(f"model: {weights(folder).describe()}", highlight=False, markup=False, soft_wrap=True)
-    handle = load_model(model, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer, thinking=thinking)
+    on_vllm = engine is not None and engine.engine == "vllm"
+    handle = load_model(
+        model, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer, thinking=thinking,
+        defer_weights=on_vllm,
+    )  # fmt: skip
     for note in handle.chat.notes():
         console.print(f"chat format: {note}", highlight=False, markup=False, soft_wrap=True)
     if engine is not None:

@@ -102,17 +102,24 @@ def _run(
 ) -> torch.Tensor | list[torch.Tensor | None]:
     """One forward pass per length-sorted batch with a hook per layer; in input order, float32
     ``[n_sequences, n_specs, n_layers, hidden]`` (mean) or one ``[n_layers, n_selected_i, ...]`` per sequence
-    (gather, norm: one spec). Means over named positions run in the handle's engine when it has one (vLLM)."""
+    (gather, norm: one spec). Means over named positions and norms run in the handle's engine when it has one
+    (vLLM: prompt-only forwards); gathered activations run on Hugging Face."""
     if not sequences:
         raise InvalidInputError("no sequences to capture; pass at least one")
     layer_list = check_layers(layers, handle.n_blocks)
     selected = [select_positions(spec, sequences) for spec in specs]
-    if reduce == "mean" and handle.engine is not None and all(isinstance(spec, str) for spec in specs):
+    if handle.engine is not None and reduce == "mean" and all(isinstance(spec, str) for spec in specs):
         means = handle.engine.capture_means(handle, sequences, [str(s) for s in specs], layer_list, progress, label)
         for j, layer in enumerate(layer_list):
             if not bool(torch.isfinite(means[:, :, j]).all()):
                 raise _non_finite(layer, handle.dtype)
         return means
+    if handle.engine is not None and reduce == "norm":
+        norms = handle.engine.capture_norms(handle, sequences, layer_list, progress, label)
+        for j, layer in enumerate(layer_list):
+            if not all(bool(torch.isfinite(n[j]).all()) for n in norms):
+                raise _non_finite(layer, handle.dtype)
+        return [n[:, idx] for n, idx in zip(norms, selected[0], strict=True)]
     recorder = _Recorder(layer_list, reduce)
     device = handle.input_device
     pad_id = handle.tokenizer.pad_token_id

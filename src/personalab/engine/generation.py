@@ -120,6 +120,23 @@ class Engine(Protocol):
         averaged over each named ``positions`` spec (``personalab.engine.capture``'s means)."""
         ...
 
+    def capture_norms(
+        self,
+        handle: ModelHandle,
+        sequences: Sequence[TokenSequence],
+        layers: Sequence[int],
+        progress: bool = False,
+        label: str = "capture",
+    ) -> list[torch.Tensor]:
+        """Float32 ``[n_layers, len(sequence)]`` per sequence: the residual stream's L2 norm at every token."""
+        ...
+
+    def response_nll(
+        self, handle: ModelHandle, sequences: Sequence[TokenSequence], progress: bool = False, label: str = "fluency"
+    ) -> list[float | None]:
+        """``personalab.engine.forward.response_nll``: the mean NLL per response token, ``None`` for an empty one."""
+        ...
+
     def use_adapter(self, folder: str | Path) -> None:
         """Answer with the LoRA adapter in ``folder`` from now on."""
         ...

@@ -3,7 +3,7 @@
 import gc
 import socket
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, partial
@@ -127,13 +127,15 @@ class ModelHandle:
 
     ``blocks[i]`` is decoder block ``i``; ``stack`` is the module that holds the blocks
     and returns ``hidden_states[n_blocks]`` (after the final norm) as its first output.
+
+    ``module`` is the model as built; with ``deferred`` set it is an empty copy on the meta device (``load_model(...,
+    defer_weights=True)``, for an engine that runs every forward pass itself), and ``model``, ``blocks`` and ``stack``
+    load the weights the first time they are used. ``config``, ``architecture``, ``dtype`` and the shape never do.
     """
 
-    model: PreTrainedModel
+    module: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    blocks: nn.ModuleList
     blocks_path: str
-    stack: nn.Module
     n_blocks: int
     hidden_size: int
     chat: ChatFormat
@@ -148,6 +150,36 @@ class ModelHandle:
     """What generates (``personalab.engine.generation.Engine``); ``None`` is Hugging Face ``generate``."""
     gguf: GgufSource | None = None
     """The GGUF file the weights were dequantised from (``personalab.engine.gguf``), or ``None``."""
+    deferred: Callable[[], PreTrainedModel] | None = None
+    """What loads the weights while ``module`` is an empty copy (``None`` once they are loaded)."""
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The model with its weights (loaded now if they were deferred)."""
+        if self.deferred is not None:
+            self.module, self.deferred = self.deferred(), None
+        return self.module
+
+    @property
+    def weights_loaded(self) -> bool:
+        """Whether the Hugging Face weights are in memory (``False`` while deferred)."""
+        return self.deferred is None
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder blocks, ``blocks[i]`` block ``i``."""
+        return unwrap(self.model).get_submodule(self.blocks_path)
+
+    @property
+    def stack(self) -> nn.Module:
+        """The module that holds the blocks and returns ``hidden_states[n_blocks]`` as its first output."""
+        inner = unwrap(self.model)
+        return inner.get_submodule(self.blocks_path.rpartition(".")[0]) if "." in self.blocks_path else inner
+
+    @property
+    def config(self) -> PretrainedConfig:
+        """The model's transformers config (without loading deferred weights)."""
+        return unwrap(self.module).config
 
     @classmethod
     def from_model(
@@ -163,7 +195,6 @@ class ModelHandle:
         (``personalab.engine.chat``)."""
         path, blocks = find_blocks(model, blocks_path)
         inner = unwrap(model)
-        stack = inner.get_submodule(path.rpartition(".")[0]) if "." in path else inner
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         chat = detect_chat_format(tokenizer, thinking)
@@ -172,11 +203,9 @@ class ModelHandle:
         declared = declared if isinstance(declared, list) else [] if declared is None else [declared]
         stops = {tokenizer.eos_token_id, *declared} | ({end[-1]} if end else set())
         return cls(
-            model=model,
+            module=model,
             tokenizer=tokenizer,
-            blocks=blocks,
             blocks_path=path,
-            stack=stack,
             n_blocks=len(blocks),
             hidden_size=hidden_size(model),
             chat=chat,
@@ -202,12 +231,12 @@ class ModelHandle:
 
     @property
     def architecture(self) -> str:
-        archs = getattr(unwrap(self.model).config, "architectures", None)
-        return archs[0] if archs else type(unwrap(self.model)).__name__
+        archs = getattr(self.config, "architectures", None)
+        return archs[0] if archs else type(unwrap(self.module)).__name__
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return next(self.module.parameters()).dtype
 
     @property
     def input_device(self) -> torch.device:
@@ -492,6 +521,29 @@ def load_weights(
     return model.eval()
 
 
+def empty_model(name_or_path: str, revision: str | None, dtype: str | torch.dtype, device: str) -> PreTrainedModel:
+    """The causal LM ``load_weights`` would load, built from its config on the meta device: its modules, shapes,
+    dtype and generation config (its end-of-sequence tokens), no weights and no memory."""
+    from transformers import GenerationConfig
+
+    config = read_config(name_or_path, revision)
+    resolved = resolve_dtype(dtype, resolve_device(device))
+    if resolved == "auto":
+        resolved = getattr(config, "dtype", None) or torch.float32
+        resolved = _DTYPES.get(str(resolved).removeprefix("torch."), torch.float32)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=resolved).eval()
+    load = GenerationConfig.from_pretrained
+    try:
+        if local_folder(name_or_path) is not None:
+            model.generation_config = load(name_or_path, revision=revision)
+        else:
+            model.generation_config = from_hub(load, name_or_path, revision, "generation config")
+    except OSError:  # no generation_config.json: from_pretrained derives it from the config, as from_config did
+        pass
+    return model
+
+
 def load_model(
     name_or_path: str,
     revision: str | None = None,
@@ -500,6 +552,7 @@ def load_model(
     blocks_path: str | None = None,
     tokenizer: str | PreTrainedTokenizerBase | None = None,
     thinking: bool = False,
+    defer_weights: bool = False,
 ) -> ModelHandle:
     """Load a causal LM and its tokenizer with ``from_pretrained`` (hub name, local folder, or GGUF file).
 
@@ -511,6 +564,9 @@ def load_model(
     is named after the folder the weights were loaded from; a GGUF file (``FILE.gguf``, ``builtin:NAME`` of a
     GGUF model) is dequantised once into a cache folder (``personalab.engine.gguf``) and keeps its own name.
     ``thinking`` keeps the chat template's thinking markers (``personalab.engine.chat``; off by default).
+    ``defer_weights`` builds the handle on an empty copy of the model (``empty_model``) and loads the weights the
+    first time a Hugging Face forward pass needs them (``ModelHandle.model``): with an engine that holds its own copy
+    (vLLM), a command that never needs them never loads them. An adapter folder is loaded at once.
     """
     resolve_device(device)
     given = gguf_file(name_or_path)
@@ -527,16 +583,25 @@ def load_model(
         tokenizer = load_tokenizer(name_or_path, revision)
     elif isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
-    model = load_weights(name_or_path, revision, dtype, device)
-    if given is not None:  # what an adapter trained on it names as its base (peft): the file, not the cache
-        base = name if name.startswith("builtin:") else str(given.resolve())
-        model.name_or_path = model.config._name_or_path = base
+    # what an adapter trained on a GGUF file names as its base (peft): the file, not the cache
+    base = None if given is None else name if name.startswith("builtin:") else str(given.resolve())
+    load = partial(_named, partial(load_weights, name_or_path, revision, dtype, device), base)
+    model = _named(partial(empty_model, name_or_path, revision, dtype, device), base) if defer_weights else load()
     handle = ModelHandle.from_model(
         model, tokenizer, name=name, revision=revision, blocks_path=blocks_path, thinking=thinking
     )
     handle.origin = (name_or_path, revision, None)
     handle.gguf = source
+    handle.deferred = load if defer_weights else None
     return handle
+
+
+def _named(build: Callable[[], PreTrainedModel], base: str | None) -> PreTrainedModel:
+    """``build()``, its ``name_or_path`` set to ``base`` when given."""
+    model = build()
+    if base is not None:
+        model.name_or_path = model.config._name_or_path = base
+    return model
 
 
 def loaded_name(name_or_path: str | Path) -> str:

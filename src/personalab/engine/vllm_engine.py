@@ -168,7 +168,7 @@ def check_devices(options: "VllmOptions") -> None:
 def norm_path(handle: ModelHandle) -> str:
     """The attribute path of the final norm (the module whose output is ``hidden_states[n_blocks]``)."""
     stack = handle.blocks_path.rpartition(".")[0]
-    inner = unwrap(handle.model)
+    inner = unwrap(handle.module)
     for name in NORMS:
         path = f"{stack}.{name}" if stack else name
         try:
@@ -223,15 +223,33 @@ class _Instance:
         )
         return [list(out.outputs[0].token_ids) for out in outputs]
 
-    def capture(self, prompts: list[list[int]], captures: list[list], lora: tuple | None) -> torch.Tensor:
-        """Prompt-only forwards of ``prompts``, each capture ``[key, prompt_len, positions names]``; the means,
-        float32 ``[n, n_specs, n_blocks + 1, hidden]``."""
+    def prompt_logprobs(self, prompts: list[list[int]], lora: tuple | None) -> list[list[float]]:
+        """Per prompt, ``log p(ids[t] | ids[:t])`` for ``t >= 1`` (vLLM's ``prompt_logprobs``, from the raw logits in
+        float32)."""
+        from vllm import SamplingParams as VllmSampling
+        from vllm.lora.request import LoRARequest
+
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            VllmSampling(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
+            lora_request=None if lora is None else LoRARequest(*lora),
+            use_tqdm=False,
+        )
+        return [
+            [step[token].logprob for step, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+            for out, ids in zip(outputs, prompts, strict=True)
+        ]
+
+    def capture(self, prompts: list[list[int]], captures: list[list], lora: tuple | None) -> list[tuple]:
+        """Prompt-only forwards of ``prompts``, each capture ``[key, prompt_len, positions names, norms]``; per
+        prompt, the means float32 ``[n_specs, n_blocks + 1, hidden]`` and the norms ``[n_blocks + 1, length]`` or
+        ``None``."""
         sampling = [
             {"max_tokens": 1, "temperature": 0.0, "detokenize": False, "extra_args": {CAPTURE: c}} for c in captures
         ]
         self.generate(prompts, sampling, lora)
-        (means, *_) = self.llm.collective_rpc("personalab_captured", args=([c[0] for c in captures],))
-        return torch.stack(means)
+        (taken, *_) = self.llm.collective_rpc("personalab_captured", args=([c[0] for c in captures],))
+        return taken
 
     def close(self) -> None:
         shutdown = getattr(getattr(getattr(self.llm, "llm_engine", None), "engine_core", None), "shutdown", None)
@@ -337,7 +355,7 @@ class VllmEngine:
         self.options = o = options or VllmOptions()
         self.chunk = o.chunk
         check_devices(o)
-        check_architecture(handle.architecture, head_size(unwrap(handle.model).config))
+        check_architecture(handle.architecture, head_size(handle.config))
         model, revision, adapter = handle.origin
         if not model:
             raise PersonalabError("the model was not loaded from a name or folder vLLM can load; set `engine` to hf")
@@ -440,20 +458,62 @@ class VllmEngine:
         ``positions`` spec at ``layers``: float32 ``[n_sequences, n_specs, n_layers, hidden]``, as
         ``personalab.engine.capture`` reads it on Hugging Face."""
         out = torch.empty(len(sequences), len(positions), len(layers), handle.hidden_size)
+        for rows, taken in self._capture(sequences, positions, False, progress, label):
+            out[rows] = torch.stack([means for means, _ in taken])[:, :, list(layers)]
+        return out
+
+    def capture_norms(
+        self,
+        handle: ModelHandle,
+        sequences: Sequence[TokenSequence],
+        layers: Sequence[int],
+        progress: bool = False,
+        label: str = "capture",
+    ) -> list[torch.Tensor]:
+        """The L2 norm of the residual stream at every token of each sequence at ``layers``: float32
+        ``[n_layers, len(sequence)]`` per sequence."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+        for rows, taken in self._capture(sequences, (), True, progress, label):
+            for i, (_, norms) in zip(rows, taken, strict=True):
+                out[i] = norms[list(layers)]
+        return out
+
+    def response_nll(
+        self, handle: ModelHandle, sequences: Sequence[TokenSequence], progress: bool = False, label: str = "fluency"
+    ) -> list[float | None]:
+        """Mean negative log-likelihood (nats) per response token of each sequence, teacher-forced in vLLM (one
+        prompt-only forward with its prompt log-probabilities); ``None`` for an empty response."""
+        out: list[float | None] = [None] * len(sequences)
+        rows = [i for i, seq in enumerate(sequences) if seq.response_len > 0]
+        step = CAPTURE_CHUNK * len(self.instances)
+        with progress_bar(label, len(rows), progress) as advance:
+            for start in range(0, len(rows), step):
+                chosen = rows[start : start + step]
+                ids = [list(sequences[i].ids) for i in chosen]
+                parts = [slice(j, j + CAPTURE_CHUNK) for j in range(0, len(chosen), CAPTURE_CHUNK)]
+                parts += [slice(0, 0)] * (len(self.instances) - len(parts))
+                payloads = [(ids[p], self.lora) if ids[p] else None for p in parts]
+                logprobs = [item for part in self._call("prompt_logprobs", payloads) for item in part]
+                for i, values in zip(chosen, logprobs, strict=True):
+                    response = values[sequences[i].prompt_len - 1 :]
+                    out[i] = -sum(response) / len(response)
+                advance(len(chosen))
+        return out
+
+    def _capture(self, sequences: Sequence[TokenSequence], positions: Sequence[str], norms: bool, progress, label):
+        """``(rows, what each captured)`` per call of ``CAPTURE_CHUNK`` sequences per replica."""
         step = CAPTURE_CHUNK * len(self.instances)
         with progress_bar(label, len(sequences), progress) as advance:
             for start in range(0, len(sequences), step):
                 rows = list(range(start, min(start + step, len(sequences))))
                 self._captures += 1
-                captures = [[f"{self._captures}-{i}", sequences[i].prompt_len, list(positions)] for i in rows]
+                captures = [[f"{self._captures}-{i}", sequences[i].prompt_len, list(positions), norms] for i in rows]
                 ids = [list(sequences[i].ids) for i in rows]
                 parts = [slice(j, j + CAPTURE_CHUNK) for j in range(0, len(rows), CAPTURE_CHUNK)]
                 parts += [slice(0, 0)] * (len(self.instances) - len(parts))
                 payloads = [(ids[p], captures[p], self.lora) if ids[p] else None for p in parts]
-                means = torch.cat(self._call("capture", payloads))
-                out[rows] = means[:, :, list(layers)]
+                yield rows, [item for part in self._call("capture", payloads) for item in part]
                 advance(len(rows))
-        return out
 
     def generate(
         self,

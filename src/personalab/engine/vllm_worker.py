@@ -5,17 +5,21 @@ same positions as the Hugging Face path (``personalab.engine.interventions``), o
 methods through ``LLM.collective_rpc``, so every tensor-parallel rank holds the same vectors and, since the
 residual stream is replicated across ranks, adds the same values. Each request carries its interventions in
 ``SamplingParams.extra_args["personalab"]`` as ``[kind, layer, vector id, value, positions]`` (``steer`` adds
-``value * v``; ``clamp`` sets the projection onto unit ``v`` to ``value``; ``ablate`` is ``clamp`` at 0).
+``value * v``; ``clamp`` sets the projection onto unit ``v`` to ``value``; ``ablate`` is ``clamp`` at 0). A
+capture request carries ``extra_args["personalab_capture"] = [key, prompt_len, positions names, norms]``: the same
+hooks read its residual stream at every layer and sum it over each named positions spec, and with ``norms`` keep
+each token's L2 norm (``Captures``), until ``personalab_captured`` hands them over.
 
 What it reads from vLLM, the same on model runner V1 (``v1/worker/gpu_model_runner.py``, and the CPU runner that
 subclasses it) and V2 (``v1/worker/gpu/model_runner.py``, ``v1/worker/cpu/model_runner.py``) of vLLM 0.32, none of
 it a runner's private method or batch object:
 
 * the worker's ``execute_model(scheduler_output)``, which every step passes through (``WorkerWrapperBase``
-  calls ``worker.execute_model``): ``scheduled_new_reqs`` (request id, ``sampling_params``, prompt token ids,
-  ``block_ids``), ``scheduled_cached_reqs`` (``req_ids``, ``new_block_ids``) and ``finished_req_ids``. From these
-  the worker keeps, on the device, the owner of every KV-cache block (a request's row, or none) and per request its
-  prompt length and each intervention's value;
+  calls ``worker.execute_model``; the worker's method is wrapped on the instance): ``scheduled_new_reqs`` (request
+  id, ``sampling_params``, prompt token ids, ``block_ids``), ``scheduled_cached_reqs`` (``req_ids``,
+  ``new_block_ids``: a resumed request's are all its blocks) and ``finished_req_ids``. From these the worker keeps,
+  on the device, the owner of every KV-cache block (a request's row, or none) and per request its prompt length and
+  each intervention's value;
 * the forward context (``vllm.forward_context.get_forward_context()``) that both runners set around the model's
   forward: ``slot_mapping[layer name]``, each token's KV-cache slot (``block * block_size + offset``; ``-1`` for
   padding). Prefix caching is off (``personalab.engine.vllm_engine``), so a block holds one request's tokens and
@@ -28,7 +32,7 @@ it a runner's private method or batch object:
 * ``model_runner.get_model()`` and ``model_runner.kv_cache_config`` (the KV-cache groups: the slot mapping of the
   first full-attention group, with its ``block_size``), both public on the two runners.
 
-Per step, the tables are updated from the scheduler output in one non-blocking copy of what changed (pinned on a
+Per step, the tables are updated from the scheduler output by non-blocking copies of what changed (pinned on a
 GPU); a forward pre-hook on the model turns slots and positions into per-token coefficients on the device, with no
 host synchronisation; hooks on the decoder layers apply them. Layers follow ``personalab.engine.layers``: layer
 ``0`` is the input of block 0, ``1 <= l < n_blocks`` the output of block ``l - 1`` (vLLM's layers return
@@ -44,7 +48,7 @@ from personalab.engine.positions import named_mask
 
 KEY = "personalab"
 CAPTURE = "personalab_capture"
-"""``extra_args`` key of a capture request: ``[key, prompt_len, [positions names]]``."""
+"""``extra_args`` key of a capture request: ``[key, prompt_len, [positions names], norms]``."""
 NONE = -1
 """Owner of a block that no steered request holds."""
 
@@ -82,6 +86,7 @@ class Requests:
         self.device = device
         self.capacity = capacity
         self.rows: dict[str, int] = {}
+        self.free = list(range(capacity - 1, -1, -1))
         self.specs: dict[str, list] = {}
         self.prompt_len = np.zeros(capacity + 1, np.int64)
         self.groups: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -90,10 +95,8 @@ class Requests:
         self.changed = True
 
     def _free_row(self) -> int:
-        used = set(self.rows.values())
-        row = next((r for r in range(self.capacity) if r not in used), None)
-        if row is not None:
-            return row
+        if self.free:
+            return self.free.pop()
         grown = self.capacity * 2
         self.prompt_len = np.concatenate([self.prompt_len[:-1], np.zeros(grown - self.capacity + 1, np.int64)])
         self.groups = {
@@ -102,6 +105,7 @@ class Requests:
             for g, (v, a) in self.groups.items()
         }  # fmt: skip
         row, self.capacity = self.capacity, grown
+        self.free = list(range(grown - 1, row, -1))
         return row
 
     def add(self, req_id: str, specs: list, prompt_len: int) -> int:
@@ -124,6 +128,7 @@ class Requests:
         row = self.rows.pop(req_id, None)
         if row is None:
             return
+        self.free.append(row)
         for kind, layer, vector, _, mode in self.specs.pop(req_id):
             key = (int(layer), kind, vector, mode)
             if key in self.groups:
@@ -160,8 +165,8 @@ class Requests:
 
 class Captures:
     """Capture requests: a prompt-only forward whose residual stream is summed, per layer, over each named positions
-    spec, until ``take`` hands the means over. ``sums[layer, spec, row]`` ``[hidden]`` float32, ``counts[spec, row]``;
-    row ``capacity`` is "not captured"."""
+    spec (and whose per-token norms are kept), until ``take`` hands them over. ``sums[layer, spec, row]`` ``[hidden]``
+    float32, ``counts[spec, row]``, ``norms[layer, row, position]``; row ``capacity`` is "not captured"."""
 
     def __init__(self, num_blocks: int, n_layers: int, hidden: int, device: torch.device):
         self.device, self.n_layers, self.hidden = device, n_layers, hidden
@@ -173,6 +178,8 @@ class Captures:
         self.owner = torch.full((num_blocks,), NONE, dtype=torch.int32, device=device)
         self.sums = torch.zeros(0)
         self.counts = torch.zeros(0)
+        self.norms: torch.Tensor | None = None
+        self.lengths: dict[str, int] = {}
 
     def _allocate(self, capacity: int, modes: tuple[str, ...]) -> None:
         self.capacity, self.modes = capacity, modes
@@ -180,8 +187,9 @@ class Captures:
         self.counts = torch.zeros(len(modes), capacity + 1, device=self.device)
         self.prompt_len = torch.zeros(capacity + 1, dtype=torch.int64, device=self.device)
 
-    def add(self, req_id: str, key: str, prompt_len: int, modes: list[str]) -> int:
-        """Register a capture request; returns its row (all requests in flight capture the same ``modes``)."""
+    def add(self, req_id: str, key: str, prompt_len: int, modes: list[str], norms: bool, length: int) -> int:
+        """Register a capture request of ``length`` tokens; returns its row (all requests in flight capture the same
+        ``modes``)."""
         modes = tuple(modes)
         if modes != self.modes and self.rows:
             raise RuntimeError("capture requests in flight capture other positions; capture one set at a time")
@@ -195,16 +203,31 @@ class Captures:
                     counts[:, :old],
                     lengths[:old],
                 )
+        if norms or self.lengths:
+            self._hold_norms(length if norms else 0)
         used = set(self.rows.values())
         row = next(r for r in range(self.capacity) if r not in used)
         self.rows[key], self.by_request[req_id] = row, key
+        if norms:
+            self.lengths[key] = length
         self.sums[:, :, row] = 0
         self.counts[:, row] = 0
         self.prompt_len[row] = prompt_len
         return row
 
+    def _hold_norms(self, length: int) -> None:
+        """A norms buffer of ``capacity + 1`` rows and at least ``length`` positions, keeping what it holds."""
+        held = self.norms
+        rows, width = self.capacity + 1, max(length, 0 if held is None else held.shape[2])
+        if held is not None and held.shape[1] == rows and held.shape[2] == width:
+            return
+        self.norms = torch.zeros(self.n_layers, rows, width, device=self.device)
+        if held is not None and self.lengths:
+            self.norms[:, : held.shape[1] - 1, : held.shape[2]] = held[:, :-1]
+
     def plan(self, slots: torch.Tensor, positions: torch.Tensor, block_size: int):
-        """``(rows [T], masks [M, T] float32)`` of this step's tokens (``None`` when nothing is captured)."""
+        """``(rows [T], masks [M, T] float32, positions [T])`` of this step's tokens (``None`` when nothing is
+        captured)."""
         if not self.rows:
             return None
         valid = slots >= 0
@@ -212,23 +235,31 @@ class Captures:
         rows = torch.where(valid & (owner >= 0), owner, self.capacity)
         captured = rows < self.capacity
         lengths = self.prompt_len[rows]
-        masks = torch.stack([(captured & named_mask(m, positions, lengths)).float() for m in self.modes])
-        self.counts.index_add_(1, rows, masks)
-        return rows, masks
+        masks = [(captured & named_mask(m, positions, lengths)).float() for m in self.modes]
+        if masks:
+            self.counts.index_add_(1, rows, torch.stack(masks))
+        return rows, masks, positions
 
     def record(self, layer: int, step, stream: torch.Tensor) -> None:
-        """Add this step's ``stream [T, hidden]`` at ``layer`` to the sums of the captured tokens."""
-        rows, masks = step
+        """Add this step's ``stream [T, hidden]`` at ``layer`` to the sums of the captured tokens and keep their
+        norms (tokens of other requests go to row ``capacity``)."""
+        rows, masks, positions = step
         x = stream.float()
-        for m in range(len(self.modes)):
-            self.sums[layer, m].index_add_(0, rows, x * masks[m][:, None])
+        for m, mask in enumerate(masks):
+            self.sums[layer, m].index_add_(0, rows, x * mask[:, None])
+        if self.lengths:
+            at = positions.clamp(max=self.norms.shape[2] - 1)
+            self.norms[layer].index_put_((rows, at), x.norm(dim=-1))
 
-    def take(self, keys: list[str]) -> list[torch.Tensor]:
-        """The means ``[M, n_layers, hidden]`` float32 on the CPU of the requests ``keys``; their rows are freed."""
+    def take(self, keys: list[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per request of ``keys``, on the CPU: the means float32 ``[M, n_layers, hidden]`` and the norms float32
+        ``[n_layers, length]`` (``None`` when not asked for); their rows are freed."""
         out = []
         for key in keys:
             row = self.rows.pop(key)
-            out.append((self.sums[:, :, row] / self.counts[:, row][None, :, None]).transpose(0, 1).cpu())
+            means = (self.sums[:, :, row] / self.counts[:, row][None, :, None]).transpose(0, 1).cpu()
+            length = self.lengths.pop(key, None)
+            out.append((means, None if length is None else self.norms[:, row, :length].cpu()))
         self.by_request = {r: k for r, k in self.by_request.items() if k in self.rows}
         return out
 
@@ -287,8 +318,8 @@ class SteeringWorker:
         runner = type(self.model_runner)
         return f"{runner.__module__}.{runner.__qualname__}"
 
-    def personalab_captured(self, keys: list[str]) -> list[torch.Tensor]:
-        """The captured means of the finished capture requests ``keys``, each float32 ``[M, n_layers, hidden]``."""
+    def personalab_captured(self, keys: list[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """What the finished capture requests ``keys`` captured (``Captures.take``)."""
         return self._pl_captures.take(keys)
 
     def _pl_schedule(self, scheduler_output) -> None:
@@ -306,7 +337,8 @@ class SteeringWorker:
             else:
                 requests.remove(new.req_id)
                 row = NONE
-            capture = NONE if CAPTURE not in extra else captures.add(new.req_id, *extra[CAPTURE])
+            length = len(new.prompt_token_ids or ())
+            capture = NONE if CAPTURE not in extra else captures.add(new.req_id, *extra[CAPTURE], length)
             blocks += new.block_ids[group]
             owners += [row] * len(new.block_ids[group])
             captured += [capture] * len(new.block_ids[group])

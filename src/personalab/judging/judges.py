@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from personalab.engine.forward import next_token_logits
-from personalab.engine.model import ModelHandle, load_model, unwrap
+from personalab.engine.model import ModelHandle, load_model
 from personalab.errors import InvalidInputError, PersonalabError
 from personalab.traits import COHERENCE_RUBRIC, load_trait
 from personalab.traits.schema import render_rubric
@@ -300,7 +300,7 @@ class LocalJudge:
             raise InvalidInputError(f"batch_size must be >= 1, not {batch_size}")
         self.handle, self.batch_size, self.min_mass = handle, batch_size, min_mass
         self.name = f"local:{handle.name}"
-        vocab = min(len(handle.tokenizer), unwrap(handle.model).config.get_text_config().vocab_size)
+        vocab = min(len(handle.tokenizer), handle.config.get_text_config().vocab_size)
         texts = handle.tokenizer.batch_decode([[i] for i in range(vocab)])
         found = [(i, v) for i, v in enumerate(map(score_value, texts)) if v is not None]
         self.ids = torch.tensor([i for i, _ in found], dtype=torch.long)
