@@ -197,7 +197,7 @@ SMOLLM2 = "builtin:smollm2-135m-instruct"
 
 def pytest_configure(config: pytest.Config) -> None:
     """personalab's cache (GGUF files dequantised once) in pytest's cache folder, kept between runs."""
-    if config.cache is not None and "PERSONALAB_CACHE" not in os.environ:
+    if getattr(config, "cache", None) is not None and "PERSONALAB_CACHE" not in os.environ:
         os.environ["PERSONALAB_CACHE"] = str(config.cache.mkdir("personalab"))
 
 

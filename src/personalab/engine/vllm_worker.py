@@ -119,7 +119,8 @@ class Requests:
             if key not in self.groups:
                 self.groups[key] = (np.zeros(self.capacity + 1, np.float32), np.zeros(self.capacity + 1, bool))
             values, active = self.groups[key]
-            values[row], active[row] = value, True
+            values[row] = values[row] + value if kind == "steer" and active[row] else value  # two steers add up
+            active[row] = True
         self.changed = True
         return row
 
@@ -174,7 +175,7 @@ class Captures:
         self.rows: dict[str, int] = {}
         self.by_request: dict[str, str] = {}
         self.modes: tuple[str, ...] = ()
-        self.prompt_len = torch.zeros(1, dtype=torch.int64, device=device)
+        self.bounds = torch.zeros(1, 2, dtype=torch.int64, device=device)
         self.owner = torch.full((num_blocks,), NONE, dtype=torch.int32, device=device)
         self.sums = torch.zeros(0)
         self.counts = torch.zeros(0)
@@ -185,7 +186,7 @@ class Captures:
         self.capacity, self.modes = capacity, modes
         self.sums = torch.zeros(self.n_layers, len(modes), capacity + 1, self.hidden, device=self.device)
         self.counts = torch.zeros(len(modes), capacity + 1, device=self.device)
-        self.prompt_len = torch.zeros(capacity + 1, dtype=torch.int64, device=self.device)
+        self.bounds = torch.zeros(capacity + 1, 2, dtype=torch.int64, device=self.device)
 
     def add(self, req_id: str, key: str, prompt_len: int, modes: list[str], norms: bool, length: int) -> int:
         """Register a capture request of ``length`` tokens; returns its row (all requests in flight capture the same
@@ -194,14 +195,14 @@ class Captures:
         if modes != self.modes and self.rows:
             raise RuntimeError("capture requests in flight capture other positions; capture one set at a time")
         if modes != self.modes or len(self.rows) == self.capacity:
-            held = (self.sums, self.counts, self.prompt_len, self.capacity)
+            held = (self.sums, self.counts, self.bounds, self.capacity)
             self._allocate(max(64, 2 * self.capacity) if modes == self.modes else 64, modes)
             if self.rows:
-                sums, counts, lengths, old = held
-                self.sums[:, :, :old], self.counts[:, :old], self.prompt_len[:old] = (
+                sums, counts, bounds, old = held
+                self.sums[:, :, :old], self.counts[:, :old], self.bounds[:old] = (
                     sums[:, :, :old],
                     counts[:, :old],
-                    lengths[:old],
+                    bounds[:old],
                 )
         if norms or self.lengths:
             self._hold_norms(length if norms else 0)
@@ -212,7 +213,7 @@ class Captures:
             self.lengths[key] = length
         self.sums[:, :, row] = 0
         self.counts[:, row] = 0
-        self.prompt_len[row] = prompt_len
+        self.bounds[row] = torch.tensor([prompt_len, length])
         return row
 
     def _hold_norms(self, length: int) -> None:
@@ -226,16 +227,17 @@ class Captures:
             self.norms[:, : held.shape[1] - 1, : held.shape[2]] = held[:, :-1]
 
     def plan(self, slots: torch.Tensor, positions: torch.Tensor, block_size: int):
-        """``(rows [T], masks [M, T] float32, positions [T])`` of this step's tokens (``None`` when nothing is
-        captured)."""
+        """``(rows [T], one float32 mask [T] per positions spec, positions [T])`` of this step's tokens, rows of
+        tokens not captured being ``capacity`` (``None`` when nothing is captured)."""
         if not self.rows:
             return None
         valid = slots >= 0
         owner = self.owner[torch.where(valid, slots, 0) // block_size].long()
         rows = torch.where(valid & (owner >= 0), owner, self.capacity)
-        captured = rows < self.capacity
-        lengths = self.prompt_len[rows]
-        masks = [(captured & named_mask(m, positions, lengths)).float() for m in self.modes]
+        bounds = self.bounds[rows]
+        captured = (rows < self.capacity) & (positions < bounds[:, 1])  # the sequence's own tokens, nothing sampled
+        rows = torch.where(captured, rows, self.capacity)
+        masks = [(captured & named_mask(m, positions, bounds[:, 0])).float() for m in self.modes]
         if masks:
             self.counts.index_add_(1, rows, torch.stack(masks))
         return rows, masks, positions
