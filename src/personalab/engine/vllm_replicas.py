@@ -148,7 +148,8 @@ class Replica:
         try:
             status, value = self.conn.recv()
         except EOFError:
-            raise RuntimeError(f"the vLLM replica exited with code {self.process.exitcode}") from None
+            self.process.join(timeout=10)
+            raise RuntimeError(f"the vLLM replica exited (exit code {self.process.exitcode})") from None
         if status == "error":
             raise RuntimeError(value)
         return value
