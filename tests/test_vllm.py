@@ -45,7 +45,7 @@ from personalab.cli import app  # noqa: E402
 from personalab.engine.capture import capture, capture_means  # noqa: E402
 from personalab.engine.forward import response_nll  # noqa: E402
 from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store, run_batch  # noqa: E402
-from personalab.engine.interventions import Ablate, Clamp, Steer, spec_of  # noqa: E402
+from personalab.engine.interventions import Ablate, Clamp, Steer, intervene, spec_of  # noqa: E402
 from personalab.engine.model import load_trained  # noqa: E402
 from personalab.engine.vllm_engine import VllmEngine, VllmOptions  # noqa: E402
 from personalab.store import Store  # noqa: E402
@@ -296,6 +296,9 @@ def test_capture_inside_vllm_equals_capture_on_hugging_face(folders, arch):
     hf = torch.stack(capture_means(handle, sequences, positions), dim=1)
     hf_norms = capture(handle, sequences, [0, 2], "response", reduce="norm")
     hf_nll = response_nll(handle, sequences)
+    steer = Steer(1, _direction(handle), 2.0, "all")
+    with intervene(handle, steer):
+        hf_steered = capture_means(handle, sequences[:8], ["response"])[0]
     handle.engine = VllmEngine(handle, OPTIONS)
     try:
         no_hf = patch.object(handle.model, "forward", side_effect=AssertionError("the HF model ran"))
@@ -303,6 +306,8 @@ def test_capture_inside_vllm_equals_capture_on_hugging_face(folders, arch):
             on_vllm = torch.stack(capture_means(handle, sequences, positions), dim=1)
             norms = capture(handle, sequences, [0, 2], "response", reduce="norm")
             nll = response_nll(handle, sequences)
+        with intervene(handle, steer):  # hooks on the Hugging Face model: its forward runs, not vLLM's
+            steered = capture_means(handle, sequences[:8], ["response"])[0]
     finally:
         handle.engine.close()
         handle.engine = None
@@ -312,13 +317,17 @@ def test_capture_inside_vllm_equals_capture_on_hugging_face(folders, arch):
     assert [n.shape for n in norms] == [(2, s.response_len) for s in sequences]
     torch.testing.assert_close(norms, hf_norms, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(nll, hf_nll, rtol=1e-4)
+    torch.testing.assert_close(steered, hf_steered, rtol=0, atol=0)
+    assert not torch.allclose(steered, hf[:8, 0])
 
 
 def test_smollm2_gives_the_same_greedy_answers_on_both_engines(smollm2):
     """The real SmolLM2-135M-Instruct (loaded from its GGUF file; vLLM reads the dequantised cache folder): 16
     questions, each steered at layer 15 with its own normalised alpha (0, +-0.25, +-0.5, 1.0: none to far past the
-    model's fluent range), 32 greedy tokens in one batch: the token ids are the same on both engines."""
-    from personalab.engine.scale import scaled_vector
+    model's fluent range), 32 greedy tokens in one batch: the token ids are the same on both engines. The unsteered
+    answers read back (capture's means at every layer, with position 0's massive activation; the scale's token
+    norms; the answers' NLL) agree to 1e-4 relative."""
+    from personalab.engine.scale import scaled_vector, token_norms
     from personalab.traits import calibration_prompts
 
     v = torch.randn(smollm2.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -335,15 +344,28 @@ def test_smollm2_gives_the_same_greedy_answers_on_both_engines(smollm2):
         done = run_batch(smollm2, [p for p, _ in rows], params, [0] * len(rows), [s for _, s in rows], vectors)
         return [a.ids + (() if a.stop is None else (a.stop,)) for a in done]
 
+    def read_back():
+        texts = [smollm2.tokenizer.decode(a[:-1] if a[-1] in smollm2.stop_ids else a) for a in hf[:6:2]]
+        seqs = [smollm2.encode(None, q, t) for q, t in zip(QUESTIONS[:6:2], texts, strict=True)]
+        means = torch.stack(capture_means(smollm2, seqs, ["response", "prompt", "last_prompt"]), dim=1)
+        return means, token_norms(smollm2, seqs, [0, 15, 30]), response_nll(smollm2, seqs)
+
     hf = answers()
+    hf_read = read_back()
     smollm2.engine = VllmEngine(smollm2, OPTIONS)
     try:
         on_vllm = answers()
+        vllm_read = read_back()
     finally:
         smollm2.engine.close()
         smollm2.engine = None
     assert on_vllm == hf
     assert len({a for a, (_, s) in zip(hf, rows, strict=True) if s}) == 13, "every steered answer is its own"
+    for k in range(3):  # the prompt's mean holds position 0's massive activation: a tolerance relative to each spec
+        mine, theirs = vllm_read[0][:, k], hf_read[0][:, k]
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+    torch.testing.assert_close(vllm_read[1], hf_read[1], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(vllm_read[2], hf_read[2], rtol=1e-4)
 
 
 def test_per_request_seeds_make_sampling_independent_of_batching(folders, tmp_path):

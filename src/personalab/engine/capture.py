@@ -103,19 +103,21 @@ def _run(
     """One forward pass per length-sorted batch with a hook per layer; in input order, float32
     ``[n_sequences, n_specs, n_layers, hidden]`` (mean) or one ``[n_layers, n_selected_i, ...]`` per sequence
     (gather, norm: one spec). Means over named positions and norms run in the handle's engine when it has one
-    (vLLM: prompt-only forwards); gathered activations run on Hugging Face."""
+    (vLLM: prompt-only forwards; not inside an ``intervene`` block: ``ModelHandle.forward_engine``); gathered
+    activations run on Hugging Face."""
     if not sequences:
         raise InvalidInputError("no sequences to capture; pass at least one")
     layer_list = check_layers(layers, handle.n_blocks)
     selected = [select_positions(spec, sequences) for spec in specs]
-    if handle.engine is not None and reduce == "mean" and all(isinstance(spec, str) for spec in specs):
-        means = handle.engine.capture_means(handle, sequences, [str(s) for s in specs], layer_list, progress, label)
+    engine = handle.forward_engine
+    if engine is not None and reduce == "mean" and all(isinstance(spec, str) for spec in specs):
+        means = engine.capture_means(handle, sequences, [str(s) for s in specs], layer_list, progress, label)
         for j, layer in enumerate(layer_list):
             if not bool(torch.isfinite(means[:, :, j]).all()):
                 raise _non_finite(layer, handle.dtype)
         return means
-    if handle.engine is not None and reduce == "norm":
-        norms = handle.engine.capture_norms(handle, sequences, layer_list, progress, label)
+    if engine is not None and reduce == "norm":
+        norms = engine.capture_norms(handle, sequences, layer_list, progress, label)
         for j, layer in enumerate(layer_list):
             if not all(bool(torch.isfinite(n[j]).all()) for n in norms):
                 raise _non_finite(layer, handle.dtype)

@@ -108,9 +108,9 @@ def response_nll(
     """Mean negative log-likelihood (nats) per response token of each sequence: ``-mean log p(ids[t] | ids[:t])`` over
     ``t`` in ``prompt_len .. len(ids) - 1``, teacher-forced, one forward per length-sorted, right-padded batch; the LM
     head runs on the response positions only, ``chunk`` at a time, in float32. ``None`` for an empty response. With
-    an engine of its own (vLLM) the engine computes it (``Engine.response_nll``)."""
-    if handle.engine is not None:
-        return handle.engine.response_nll(handle, sequences, progress, label)
+    an engine of its own (vLLM) the engine computes it (``ModelHandle.forward_engine``)."""
+    if handle.forward_engine is not None:
+        return handle.forward_engine.response_nll(handle, sequences, progress, label)
     head = logits_fn(handle)
     out: list[float | None] = [None] * len(sequences)
     rows = [i for i, seq in enumerate(sequences) if seq.response_len > 0]

@@ -268,7 +268,8 @@ def intervene(
     *interventions: Intervention,
     prompt_lengths: Sequence[int] | torch.Tensor | None = None,
 ) -> Iterator[None]:
-    """Apply ``interventions`` to every forward pass of ``handle.model`` inside the block.
+    """Apply ``interventions`` to every forward pass of ``handle.model`` inside the block (capture and NLL run on
+    the Hugging Face model there, not in the handle's engine: ``ModelHandle.forward_engine``).
 
     Interventions at the same layer apply in the order given, before any capture hook.
     All inputs are validated before a hook is placed; all hooks are removed on exit.
@@ -289,6 +290,8 @@ def intervene(
         return fn
 
     with ExitStack() as stack:
+        handle.intervening += 1
+        stack.callback(setattr, handle, "intervening", handle.intervening - 1)
         stack.callback(hook_call(handle, state.on_call).remove)
         for layer, applies in by_layer.items():
             stack.callback(hook_residual(handle, layer, layer_fn(applies), prepend=True).remove)

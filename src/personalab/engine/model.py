@@ -152,6 +152,14 @@ class ModelHandle:
     """The GGUF file the weights were dequantised from (``personalab.engine.gguf``), or ``None``."""
     deferred: Callable[[], PreTrainedModel] | None = None
     """What loads the weights while ``module`` is an empty copy (``None`` once they are loaded)."""
+    intervening: int = 0
+    """How many ``intervene`` blocks hook the Hugging Face model now (``personalab.engine.interventions``)."""
+
+    @property
+    def forward_engine(self) -> Any:
+        """The engine that runs this handle's prompt-only forward passes (capture's means and norms, answers' NLL):
+        its ``engine``, unless an ``intervene`` block hooks the Hugging Face model, whose forwards then run there."""
+        return None if self.intervening else self.engine
 
     @property
     def model(self) -> PreTrainedModel:

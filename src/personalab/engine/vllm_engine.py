@@ -1,11 +1,13 @@
 """vLLM as personalab's second generation engine (``--engine vllm``): the one module that talks to vLLM.
 
-The engine loads the handle's weights a second time, in vLLM (``ModelHandle.origin``: the model, its revision,
-and a LoRA adapter that runs as a vLLM LoRA request), and answers requests with the prompt token ids personalab
-rendered, each with its own seed and its interventions (``personalab.engine.vllm_worker``, on the same positions
-as the Hugging Face path). ``capture_means`` reads the residual stream of whole sequences in vLLM (prompt-only
-forwards, one sampled token each, that the worker sums over named positions at every layer); the steering scale's
-per-token norms, KL, training and judging stay on the Hugging Face model.
+The engine loads the handle's weights in vLLM (``ModelHandle.origin``: the model, its revision, and a LoRA adapter
+that runs as a vLLM LoRA request), and answers requests with the prompt token ids personalab rendered, each with its
+own seed and its interventions (``personalab.engine.vllm_worker``, on the same positions as the Hugging Face path).
+It also runs the handle's prompt-only forwards (``ModelHandle.forward_engine``): ``capture_means`` and
+``capture_norms`` (the worker sums the residual stream of whole sequences over named positions at every layer, and
+keeps each token's norm) and ``response_nll`` (vLLM's prompt log-probabilities). A handle loaded with
+``defer_weights`` therefore holds no Hugging Face weights until a step needs them (KL, training, gathered
+activations).
 
 What it sets, so that nothing is inherited implicitly: ``generation_config="vllm"`` (the checkpoint's sampling
 defaults are not applied), stop tokens ``ModelHandle.stop_ids``, no prefix caching (a cached prefix computed

@@ -23,7 +23,7 @@ from personalab.engine.vllm_worker import CAPTURE
 
 GPU_SHARE = 0.7
 """Default KV-cache share on a GPU: this fraction of the memory free when vLLM starts (the rest stays for the
-Hugging Face model's forward passes)."""
+Hugging Face weights where a step loads them, and for the activations of its forward passes)."""
 
 
 class Instance:
@@ -46,30 +46,27 @@ class Instance:
     def vectors(self, vectors: dict[str, list]) -> None:
         self.llm.collective_rpc("personalab_vectors", args=(vectors,))
 
-    def generate(self, prompts: list[list[int]], sampling: list[dict], lora: tuple | None) -> list[list[int]]:
+    def _outputs(self, prompts: list[list[int]], sampling: list[dict], lora: tuple | None) -> list:
+        """vLLM's outputs for token-id ``prompts``, each with its sampling parameters (``vllm.SamplingParams``
+        keywords), under the LoRA request ``lora`` or none."""
         from vllm import SamplingParams as VllmSampling
         from vllm.lora.request import LoRARequest
 
-        outputs = self.llm.generate(
+        return self.llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
             [VllmSampling(**s) for s in sampling],
             lora_request=None if lora is None else LoRARequest(*lora),
             use_tqdm=False,
         )
-        return [list(out.outputs[0].token_ids) for out in outputs]
+
+    def generate(self, prompts: list[list[int]], sampling: list[dict], lora: tuple | None) -> list[list[int]]:
+        return [list(out.outputs[0].token_ids) for out in self._outputs(prompts, sampling, lora)]
 
     def prompt_logprobs(self, prompts: list[list[int]], lora: tuple | None) -> list[list[float]]:
         """Per prompt, ``log p(ids[t] | ids[:t])`` for ``t >= 1`` (vLLM's ``prompt_logprobs``, from the raw logits in
         float32)."""
-        from vllm import SamplingParams as VllmSampling
-        from vllm.lora.request import LoRARequest
-
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": p} for p in prompts],
-            VllmSampling(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
-            lora_request=None if lora is None else LoRARequest(*lora),
-            use_tqdm=False,
-        )
+        sampling = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0, "detokenize": False}
+        outputs = self._outputs(prompts, [sampling] * len(prompts), lora)
         return [
             [step[token].logprob for step, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
             for out, ids in zip(outputs, prompts, strict=True)
@@ -82,7 +79,7 @@ class Instance:
         sampling = [
             {"max_tokens": 1, "temperature": 0.0, "detokenize": False, "extra_args": {CAPTURE: c}} for c in captures
         ]
-        self.generate(prompts, sampling, lora)
+        self._outputs(prompts, sampling, lora)
         (taken, *_) = self.llm.collective_rpc("personalab_captured", args=([c[0] for c in captures],))
         return taken
 
