@@ -68,11 +68,21 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _assign(owner: torch.Tensor, blocks: list[int], rows: list[int]) -> None:
-    """``owner[blocks[i]] = rows[i]`` on the device, in one copy."""
+def _assign(blocks: list[int], *tables: tuple[torch.Tensor, list[int]]) -> None:
+    """``owner[blocks[i]] = rows[i]`` for each ``(owner, rows)`` of ``tables`` on one device, in one copy."""
     if blocks:
-        pairs = _to_device(np.array([blocks, rows], np.int64), owner.device)
-        owner[pairs[0]] = pairs[1].to(torch.int32)
+        device = tables[0][0].device
+        values = _to_device(np.array([blocks, *(rows for _, rows in tables)], np.int64), device)
+        for (owner, _), rows in zip(tables, values[1:], strict=True):
+            owner[values[0]] = rows.to(torch.int32)
+
+
+def _token_rows(owner: torch.Tensor, slots: torch.Tensor, block_size: int, none: int) -> torch.Tensor:
+    """The row of the request each token belongs to, from its KV-cache slot (``-1``: padding) and the blocks'
+    ``owner`` rows; ``none`` for padding and blocks no row owns."""
+    valid = slots >= 0
+    found = owner[torch.where(valid, slots, 0) // block_size].long()
+    return torch.where(valid & (found >= 0), found, none)
 
 
 class Requests:
@@ -153,9 +163,7 @@ class Requests:
         """Per layer, ``[(kind, vector id, coefficients [T], mask [T])]`` for tokens with KV-cache ``slots [T]``
         (``-1``: padding) at ``positions [T]``; tokens of no steered request get zeros."""
         tables = self.device_tables()
-        valid = slots >= 0
-        owner = self.owner[torch.where(valid, slots, 0) // block_size].long()
-        rows = torch.where(valid & (owner >= 0), owner, self.capacity)
+        rows = _token_rows(self.owner, slots, block_size, self.capacity)
         prompt_len = tables["prompt_len"][rows]
         plan: dict[int, list] = {}
         for (layer, kind, vector, mode), (values, active) in ((k, tables[k]) for k in self.groups):
@@ -231,9 +239,7 @@ class Captures:
         tokens not captured being ``capacity`` (``None`` when nothing is captured)."""
         if not self.rows:
             return None
-        valid = slots >= 0
-        owner = self.owner[torch.where(valid, slots, 0) // block_size].long()
-        rows = torch.where(valid & (owner >= 0), owner, self.capacity)
+        rows = _token_rows(self.owner, slots, block_size, self.capacity)
         bounds = self.bounds[rows]
         captured = (rows < self.capacity) & (positions < bounds[:, 1])  # the sequence's own tokens, nothing sampled
         rows = torch.where(captured, rows, self.capacity)
@@ -351,8 +357,7 @@ class SteeringWorker:
                 owners += [requests.rows.get(req_id, NONE)] * len(assigned[group])
                 key = captures.by_request.get(req_id)
                 captured += [captures.rows[key] if key is not None else NONE] * len(assigned[group])
-        _assign(requests.owner, blocks, owners)
-        _assign(captures.owner, blocks, captured)
+        _assign(blocks, (requests.owner, owners), (captures.owner, captured))
 
     def _pl_on_forward(self, module, args, kwargs):
         """Before the model's forward: this step's per-token plan from the forward context's slot mapping and the
