@@ -4,11 +4,12 @@ bfloat16), the sweep workload of ``bench_engines.py``, on Hugging Face and on ea
 Prints and writes (``--out``, JSON):
 
 * greedy parity of Hugging Face and vLLM on 16 prompts with mixed alphas (0, +-0.25, +-0.5, 1.0 x a typical
-  token's residual at the middle layer), on model runner V1 and on V2 (each in a process of its own,
-  ``VLLM_USE_V2_MODEL_RUNNER``); a runner vLLM cannot start here is reported with vLLM's reason (V2 needs Triton,
+  token's residual at the middle layer), on model runner V1 and on V2, each eager and on the graph path
+  (``VllmOptions.graphs``: compiled, with CUDA graphs on a GPU), each in a process of its own
+  (``VLLM_USE_V2_MODEL_RUNNER``); a runner vLLM cannot start here is reported with vLLM's reason (V2 needs Triton,
   so on a CPU it is always unavailable);
-* tokens per second of the sweep workload: Hugging Face (best of ``--hf-batch``) and vLLM eager, steered and
-  unsteered (the cost of steering inside vLLM); vLLM with CUDA graphs is not built (steering runs eager);
+* tokens per second of the sweep workload: Hugging Face (best of ``--hf-batch``) and each vLLM run, steered and
+  unsteered (the cost of steering inside vLLM);
 * peak memory: GPU memory reserved by torch in each process (on a CPU, the peak resident set size).
 
 Run on a GPU: ``python benchmarks/gpu_check.py`` (about 10 minutes on one H100 for qwen2.5-1.5b); on a CPU at
@@ -30,6 +31,7 @@ import torch
 from bench_engines import CONFIGS, build, workload
 
 RUNNERS = ("V1", "V2")
+MODES = ("eager", "graphs")
 ALPHAS = [0.0, 0.25, -0.25, 0.5, -0.5, 1.0]
 
 
@@ -86,14 +88,15 @@ def measure(handle, requests: int, max_new_tokens: int, batches: list[int]) -> d
     return {"greedy": answers, "steered": steered, "unsteered": unsteered, "peak_gib": peak_memory()}
 
 
-def run_vllm(folder: str, dtype: str, requests: int, max_new_tokens: int, out: Path) -> None:
-    """In this process (started by ``main`` with the runner set): vLLM on ``folder``, measured into ``out``."""
+def run_vllm(folder: str, dtype: str, requests: int, max_new_tokens: int, graphs: bool, out: Path) -> None:
+    """In this process (started by ``main`` with the runner set): vLLM on ``folder``, eager or on the graph path,
+    measured into ``out``."""
     from personalab import load_model
     from personalab.engine.vllm_engine import VllmEngine, VllmOptions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     handle = load_model(folder, device=device, dtype=dtype)
-    options = VllmOptions(gpu_memory_utilization=None if device == "cuda" else 0.1, chunk=requests)
+    options = VllmOptions(gpu_memory_utilization=None if device == "cuda" else 0.1, chunk=requests, graphs=graphs)
     try:
         handle.engine = VllmEngine(handle, options)
     except Exception as exc:  # reported, not raised: a runner vLLM cannot start here is a finding
@@ -112,11 +115,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--hf-batch", type=int, nargs="+", default=[64])
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--modes", choices=MODES, nargs="+", default=list(MODES), help="vLLM eager, graph path")
     parser.add_argument("--runner", choices=RUNNERS, help=argparse.SUPPRESS)
+    parser.add_argument("--graphs", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runner:
-        run_vllm(args.folder, args.dtype, args.requests, args.max_new_tokens, args.out)
+        run_vllm(args.folder, args.dtype, args.requests, args.max_new_tokens, args.graphs, args.out)
         return
     from personalab import load_model
 
@@ -128,30 +133,31 @@ def main() -> None:
         hf = measure(handle, args.requests, args.max_new_tokens, args.hf_batch)
         del handle
         engines = {}
-        for runner in RUNNERS:
-            part = Path(root) / f"{runner}.json"
+        for runner, mode in ((r, m) for r in RUNNERS for m in args.modes):
+            part = Path(root) / f"{runner}-{mode}.json"
             env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": str(int(runner == "V2")),
                    "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # fmt: skip
             command = [sys.executable, __file__, "--runner", runner, "--folder", folder, "--dtype", args.dtype,
                        "--requests", str(args.requests), "--max-new-tokens", str(args.max_new_tokens),
-                       "--out", str(part)]  # fmt: skip
+                       "--out", str(part), *(["--graphs"] if mode == "graphs" else [])]  # fmt: skip
             subprocess.run(command, env=env, check=True, cwd=Path(__file__).parent)
-            engines[runner] = json.loads(part.read_text())
+            engines[f"{runner} {mode}"] = json.loads(part.read_text())
     best = max(hf["steered"].values())
     size = f"{args.requests} requests x {args.max_new_tokens} tokens"
     print(f"{args.config} ({args.dtype}, random weights) on {name}: {size}")
     print(f"  hf generate, best batch        {best:9.0f} tokens/s   peak {hf['peak_gib']:.2f} GiB")
-    for runner, result in engines.items():
+    for asked, result in engines.items():
         if "error" in result:
-            print(f"  vllm model runner {runner}: not started here: {result['error']}")
+            print(f"  vllm model runner {asked}: not started here: {result['error']}")
             continue
         same = sum(a == b for a, b in zip(hf["greedy"], result["greedy"], strict=True))
         steered = result["steered"][str(args.requests)]
-        print(f"  vllm model runner {result['runner']} (asked {runner}): greedy parity {same}/{len(hf['greedy'])}, "
+        mode = asked.split()[1]
+        print(f"  vllm model runner {result['runner']} {mode} (asked {asked}): greedy parity "
+              f"{same}/{len(hf['greedy'])}, "
               f"steered {steered:.0f} tokens/s ({steered / best:.2f}x hf), steering costs "
               f"{100 * (result['unsteered'] / steered - 1):+.1f}% per token, "
               f"peak {result['peak_gib']:.2f} GiB")  # fmt: skip
-    print("  vllm with CUDA graphs: not built (steering runs eager)")
     if args.out:
         args.out.write_text(json.dumps({"device": name, "config": args.config, "dtype": args.dtype, "hf": hf,
                                         "vllm": engines}, indent=1))  # fmt: skip

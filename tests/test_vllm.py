@@ -48,6 +48,7 @@ from personalab.engine.generation import GenerationRequest, SamplingParams, fill
 from personalab.engine.interventions import Ablate, Clamp, Steer, intervene, spec_of  # noqa: E402
 from personalab.engine.model import load_trained  # noqa: E402
 from personalab.engine.vllm_engine import VllmEngine, VllmOptions  # noqa: E402
+from personalab.errors import PersonalabError  # noqa: E402
 from personalab.store import Store  # noqa: E402
 from personalab.traits import load_trait  # noqa: E402
 
@@ -161,6 +162,47 @@ def test_steering_inside_vllm_equals_the_hf_path_and_plain_hooks(folders, arch):
     assert sum(a != b for a, b in zip(hf[:n], hf[n : 2 * n], strict=True)) >= n // 2, "steering changes answers"
 
 
+def test_the_graph_path_steers_as_the_eager_path_under_torch_compile(folders):
+    """``graphs``: vLLM compiled (vLLM-CPU traces the model once with torch.compile and compiles it with inductor;
+    hooks added after that trace would be left out of it). Steering at layer 0, a block's output and the final norm,
+    on each positions name, two vectors at one layer and two steers of one request adding up: the same greedy
+    answers as the eager path, which steering changes; ablation is refused in one line, and capture runs on the
+    Hugging Face model."""
+    from vllm.compilation.counter import compilation_counter
+
+    handle = load_model(str(folders["llama"]), device="cpu", dtype="float32")
+    v, w = _direction(handle), _direction(handle, seed=1)
+    prompts = [handle.encode(None, q) for q in QUESTIONS[:8]]
+    conditions = [(), (Steer(0, v, 0.5, "all"),), (Steer(1, v, 1.5, "generating"),), (Steer(1, v, -1.5, "response"),),
+                  (Steer(1, v, 1.0, "prompt"), Steer(1, w, -1.0, "last_prompt")), (Steer(2, w, 2.0, "generating"),),
+                  (Steer(1, v, 0.75, "generating"), Steer(1, v, 0.75, "generating"))]  # fmt: skip
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    vectors: dict = {}
+    rows = [(p, tuple(spec_of(iv, vectors) for iv in c)) for c in conditions for p in prompts]
+
+    def answers(options):
+        handle.engine = VllmEngine(handle, options)
+        try:
+            done = run_batch(handle, [p for p, _ in rows], params, [0] * len(rows), [s for _, s in rows], vectors)
+            if options.graphs:
+                assert handle.forward_engine is None and "compiled" in handle.engine.describe()
+                with pytest.raises(PersonalabError, match="graph path .* steering vectors only"):
+                    run_batch(handle, prompts[:1], params, [0], [(spec_of(Ablate(1, v), vectors),)], vectors)
+        finally:
+            handle.engine.close()
+            handle.engine = None
+        return [a.ids + (() if a.stop is None else (a.stop,)) for a in done]
+
+    eager = answers(OPTIONS)
+    compiled = compilation_counter.num_models_seen
+    graphs = answers(OPTIONS.model_copy(update={"graphs": True}))
+    assert compilation_counter.num_models_seen > compiled, "vLLM compiled the model"
+    assert graphs == eager
+    n = len(prompts)
+    for c in range(1, len(conditions)):
+        assert sum(a != b for a, b in zip(graphs[:n], graphs[c * n : (c + 1) * n], strict=True)) >= n // 2, c
+
+
 class _Block(torch.nn.Module):
     """A vLLM-style decoder layer: ``(positions, hidden, residual) -> (hidden, residual)``, the stream their sum."""
 
@@ -191,13 +233,15 @@ class _Model(torch.nn.Module):
         return self.model.norm(hidden + residual)
 
 
-def test_the_worker_reads_requests_and_positions_from_the_forward_context_on_any_runner():
+@pytest.mark.parametrize("graph", [False, True])
+def test_the_worker_reads_requests_and_positions_from_the_forward_context_on_any_runner(graph):
     """The steering worker against a stand-in runner that has only what vLLM's model runners V1 and V2 both have
     (``get_model()``, ``kv_cache_config``): it learns each request's interventions from the scheduler output and each
     token's request and position from the forward context's slot mapping and the model's ``positions``, whatever
-    order the batch is in, through finished requests whose blocks are reused, padding, and more requests than rows.
-    Every step equals the same model with a plain hook adding each token's own coefficient, computed here from the
-    position rules directly."""
+    order the batch is in, through finished requests whose blocks are reused, padding, and (eager path) more requests
+    than rows. Every step equals the same model with a plain hook adding each token's own coefficient, computed here
+    from the position rules directly. ``graph``: the graph path's worker, set up as vLLM loads the model and sizes
+    its KV cache, with its fixed tables."""
     from types import SimpleNamespace
 
     from vllm import SamplingParams as VllmSampling
@@ -205,7 +249,7 @@ def test_the_worker_reads_requests_and_positions_from_the_forward_context_on_any
     from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
-    from personalab.engine.vllm_worker import SteeringWorker
+    from personalab.engine.vllm_worker import GraphSteeringWorker, SteeringWorker
 
     torch.manual_seed(0)
     model, size = _Model(), 4
@@ -216,9 +260,22 @@ def test_the_worker_reads_requests_and_positions_from_the_forward_context_on_any
     config = SimpleNamespace(compilation_config=SimpleNamespace(fast_moe_cold_start=False, static_forward_context={}))
     batches: list = []
 
-    class Worker(SteeringWorker):
+    class Platform:
+        """The platform worker's part: loading the model and sizing the KV cache."""
+
+        def load_model(self):
+            pass
+
+        def initialize_from_config(self, kv_cache_config):
+            pass
+
+    class Worker(GraphSteeringWorker if graph else SteeringWorker, Platform):
         model_runner = SimpleNamespace(get_model=lambda: model, kv_cache_config=kv)
-        vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=2))
+        vllm_config = SimpleNamespace(
+            scheduler_config=SimpleNamespace(max_num_seqs=2, max_num_batched_tokens=16),
+            compilation_config=SimpleNamespace(max_cudagraph_capture_size=None),
+            additional_config={"personalab": {"blocks": "model.layers", "norm": "model.norm", "capacity": 3}},
+        )
 
         def execute_model(self, scheduler_output):
             """The runner's part: the batch in its own order, slots and positions in the forward context."""
@@ -228,6 +285,9 @@ def test_the_worker_reads_requests_and_positions_from_the_forward_context_on_any
                 return model(input_ids=torch.tensor(tokens), positions=torch.tensor(positions))
 
     worker = Worker()
+    if graph:
+        worker.load_model()
+        worker.initialize_from_config(kv)
     assert worker.personalab_setup("model.layers", "model.norm") == 3
     worker.personalab_vectors({"v": v.tolist()})
     prompts = {"a": 5, "b": 3, "c": 6, "d": 2}
@@ -487,7 +547,8 @@ def test_sweep_on_vllm_has_the_table_resumes_and_extends(folders, tmp_path):
 
 def test_what_vllm_cannot_run_is_refused_in_one_line_before_anything_loads(folders, tmp_path, monkeypatch):
     """stories260k (head size 8, below vLLM's CPU attention), an architecture vLLM lacks (GPT-Neo: its config alone,
-    no weights exist) and tensor parallelism on a CPU: one line each, naming the cause, and no weights loaded."""
+    no weights exist), tensor parallelism on a CPU and ablation on the graph path: one line each, naming the cause,
+    and no weights loaded."""
     from transformers import GPTNeoConfig
 
     neo = tmp_path / "neo"
@@ -501,6 +562,7 @@ def test_what_vllm_cannot_run_is_refused_in_one_line_before_anything_loads(folde
         (STORIES, [], "the model's attention heads have size 8, which vLLM's attention does not run on a CPU"),
         (neo, [], "vLLM does not run GPTNeoForCausalLM; set --engine to hf"),
         (folders["llama"], ["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 needs GPUs and none is visible"),
+        (folders["llama"], ["--vllm-graphs", "--ablate"], "--vllm-graphs adds steering vectors only"),
     ]
     for model, extra, message in cases:
         command = ["steer", "Hi?", "--model", str(model), "--vector", str(tmp_path), "--layer", "1", "--device", "cpu"]
@@ -511,8 +573,8 @@ def test_what_vllm_cannot_run_is_refused_in_one_line_before_anything_loads(folde
 
 def test_the_gpu_check_runs_at_tiny_size(tmp_path):
     """``benchmarks/gpu_check.py`` as prepared for a GPU, at tiny sizes on this CPU: Hugging Face and vLLM's model
-    runner V1 give the same greedy answers to the 16 steered prompts; V2 is reported with vLLM's reason (it needs
-    Triton, which vLLM-CPU lacks), not raised."""
+    runner V1, eager and on the graph path (compiled), give the same greedy answers to the 16 steered prompts; V2 is
+    reported with vLLM's reason (it needs Triton, which vLLM-CPU lacks), not raised."""
     out = tmp_path / "gpu_check.json"
     command = [sys.executable, "gpu_check.py", "--config", "llama-tiny", "--requests", "16", "--max-new-tokens", "8",
                "--hf-batch", "16", "--out", str(out)]  # fmt: skip
@@ -520,12 +582,14 @@ def test_the_gpu_check_runs_at_tiny_size(tmp_path):
     done = subprocess.run(command, cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     figures = json.loads(out.read_text())
-    v1, v2 = figures["vllm"]["V1"], figures["vllm"]["V2"]
-    assert v1["runner"] == "V1" and v1["greedy"] == figures["hf"]["greedy"] and len(v1["greedy"]) == 16
-    assert len({tuple(a) for a in v1["greedy"]}) > 8, "the alphas steer"
-    assert v1["unsteered"] > 0 and min(v1["steered"].values()) > 0 and v1["peak_gib"] > 0
-    assert "Triton" in v2["error"]
-    assert "greedy parity 16/16" in done.stdout and "model runner V2: not started here" in done.stdout
+    for mode in ("eager", "graphs"):
+        v1, v2 = figures["vllm"][f"V1 {mode}"], figures["vllm"][f"V2 {mode}"]
+        assert v1["runner"] == "V1" and v1["greedy"] == figures["hf"]["greedy"] and len(v1["greedy"]) == 16
+        assert v1["unsteered"] > 0 and min(v1["steered"].values()) > 0 and v1["peak_gib"] > 0
+        assert "Triton" in v2["error"]
+        assert f"V1 {mode} (asked V1 {mode}): greedy parity 16/16" in done.stdout
+    assert len({tuple(a) for a in figures["hf"]["greedy"]}) > 8, "the alphas steer"
+    assert "model runner V2 graphs: not started here" in done.stdout
 
 
 def test_a_lora_adapter_runs_as_a_vllm_lora_request(folders, tmp_path):

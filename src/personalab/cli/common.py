@@ -407,6 +407,7 @@ def vllm_options(options: EngineOptions) -> "VllmOptions":
         max_model_len=options.max_model_len,
         chunk=options.vllm_chunk,
         ray=options.ray,
+        graphs=options.vllm_graphs,
     )
 
 

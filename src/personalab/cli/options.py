@@ -74,3 +74,8 @@ class EngineOptions:
     ray: Annotated[
         bool, typer.Option(help="vLLM: place the ranks on a Ray cluster (several nodes).", rich_help_panel=ENGINE)
     ] = False
+    vllm_graphs: Annotated[
+        bool,
+        typer.Option(help="vLLM: compiled, with CUDA graphs on a GPU (steering only; capture runs on transformers).",
+                     rich_help_panel=ENGINE),
+    ] = False  # fmt: skip

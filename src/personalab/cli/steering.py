@@ -110,6 +110,8 @@ def steer_command(
             raise InvalidInputError("choose one of --ablate and --clamp")
         if alpha is not None and (ablate or clamp is not None):
             raise InvalidInputError("--alpha sets how much is added; --ablate and --clamp add nothing: drop --alpha")
+        if engine.vllm_graphs and (ablate or clamp is not None):
+            raise InvalidInputError("--vllm-graphs adds steering vectors only; drop it to ablate or clamp")
         if prompt_format is not None:
             check_format(prompt_format)
         from personalab.persona import check_origin

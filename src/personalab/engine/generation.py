@@ -90,10 +90,12 @@ class GenerationRequest:
 
 
 class Engine(Protocol):
-    """What generates: ``name`` goes into store keys; ``chunk`` is how many requests one call takes."""
+    """What generates: ``name`` goes into store keys; ``chunk`` is how many requests one call takes; ``captures``
+    whether it also runs the prompt-only forwards below (``ModelHandle.forward_engine``)."""
 
     name: str
     chunk: int
+    captures: bool
 
     def generate(
         self,

@@ -158,8 +158,9 @@ class ModelHandle:
     @property
     def forward_engine(self) -> Any:
         """The engine that runs this handle's prompt-only forward passes (capture's means and norms, answers' NLL):
-        its ``engine``, unless an ``intervene`` block hooks the Hugging Face model, whose forwards then run there."""
-        return None if self.intervening else self.engine
+        its ``engine``, unless an ``intervene`` block hooks the Hugging Face model or the engine runs no such passes
+        (its ``captures`` is off), whose forwards then run on the Hugging Face model."""
+        return None if self.intervening or not getattr(self.engine, "captures", False) else self.engine
 
     @property
     def model(self) -> PreTrainedModel:

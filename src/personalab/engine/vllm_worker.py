@@ -34,7 +34,12 @@ it a runner's private method or batch object:
 
 Per step, the tables are updated from the scheduler output by non-blocking copies of what changed (pinned on a
 GPU); a forward pre-hook on the model turns slots and positions into per-token coefficients on the device, with no
-host synchronisation; hooks on the decoder layers apply them. Layers follow ``personalab.engine.layers``: layer
+host synchronisation; hooks on the decoder layers apply them. That is the eager path: the hooks run Python that
+depends on the step. The graph path (``GraphSteeringWorker``, vLLM compiled) adds steering vectors only, with hooks
+installed as the model loads and operations of fixed shape on tables at fixed addresses (``GraphTables``), so that
+torch.compile traces them once and a CUDA graph replays them; the forward context's slot mapping and the
+``positions`` are persistent buffers on both runners for the same reason (CUDA graphs replay attention too).
+Layers follow ``personalab.engine.layers``: layer
 ``0`` is the input of block 0, ``1 <= l < n_blocks`` the output of block ``l - 1`` (vLLM's layers return
 ``(hidden, residual)``, whose sum is the residual stream), ``n_blocks`` the output of the final norm. This module
 imports only torch, numpy and ``personalab.engine.positions`` at import time, so vLLM's spawned workers import it
@@ -44,13 +49,15 @@ without side effects.
 import numpy as np
 import torch
 
-from personalab.engine.positions import named_mask
+from personalab.engine.positions import NAMED, named_mask
 
 KEY = "personalab"
 CAPTURE = "personalab_capture"
 """``extra_args`` key of a capture request: ``[key, prompt_len, [positions names], norms]``."""
 NONE = -1
 """Owner of a block that no steered request holds."""
+SLOTS = 8
+"""Vectors one layer holds at once on the graph path."""
 
 
 def _stream(output) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -58,6 +65,15 @@ def _stream(output) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(output, torch.Tensor):
         return output, None
     return output[0], output[1] if len(output) > 1 and isinstance(output[1], torch.Tensor) else None
+
+
+def _hidden_argument(args: tuple, kwargs: dict) -> tuple[int | None, torch.Tensor]:
+    """Where a decoder block's ``hidden_states`` input is (``None``: the keyword; else the index of the first 2-D
+    floating argument: vLLM's blocks take ``(positions, hidden_states, ...)`` or ``(hidden_states,)``), and it."""
+    if "hidden_states" in kwargs:
+        return None, kwargs["hidden_states"]
+    at = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() == 2 and a.is_floating_point())
+    return at, args[at]
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -90,11 +106,13 @@ class Requests:
     the owner row of every KV-cache block, mirrored on the device.
 
     A group is one ``(layer, kind, vector, positions)``; ``values[g][row]`` is its value for that request and
-    ``active[g][row]`` whether the request has it. Row ``capacity`` (the last) is "no steered request"."""
+    ``active[g][row]`` whether the request has it. Row ``capacity`` (the last) is "no steered request". The
+    rows double when full, unless ``grows`` is off (the graph path's tables have a fixed size)."""
 
-    def __init__(self, num_blocks: int, capacity: int, device: torch.device):
+    def __init__(self, num_blocks: int, capacity: int, device: torch.device, grows: bool = True):
         self.device = device
         self.capacity = capacity
+        self.grows = grows
         self.rows: dict[str, int] = {}
         self.free = list(range(capacity - 1, -1, -1))
         self.specs: dict[str, list] = {}
@@ -107,6 +125,8 @@ class Requests:
     def _free_row(self) -> int:
         if self.free:
             return self.free.pop()
+        if not self.grows:
+            raise RuntimeError(f"more than {self.capacity} steered requests at once on vLLM's graph path")
         grown = self.capacity * 2
         self.prompt_len = np.concatenate([self.prompt_len[:-1], np.zeros(grown - self.capacity + 1, np.int64)])
         self.groups = {
@@ -272,39 +292,129 @@ class Captures:
         return out
 
 
+class GraphTables:
+    """The graph path's additive steering: fixed-shape operations on tables at fixed addresses, so that
+    torch.compile traces them once with the model and a CUDA graph replays them, every step reading what the host
+    wrote into the tables since.
+
+    ``vectors[layer, k]`` ``[hidden]`` is the vector in slot ``k`` of a layer (``SLOTS`` per layer);
+    ``coef[layer, m, row, k]`` what steered request ``row`` adds of slot ``k`` on the positions named
+    ``NAMED[m]``; ``prompt_len[row]``. Per step, ``rows[t]`` is token ``t``'s request (``capacity``: none) and
+    ``masks[m, t]`` whether positions ``NAMED[m]`` select it, so that a layer adds
+    ``sum_m masks[m, t] * coef[layer, m, rows[t]] @ vectors[layer]`` (float32) to token ``t``."""
+
+    def __init__(self, n_layers: int, hidden: int, capacity: int, max_tokens: int, device: torch.device):
+        self.capacity, self.device = capacity, device
+        self.vectors = torch.zeros(n_layers, SLOTS, hidden, device=device)
+        self.coef = torch.zeros(n_layers, len(NAMED), capacity + 1, SLOTS, device=device)
+        self.prompt_len = torch.zeros(capacity + 1, dtype=torch.int64, device=device)
+        # one row more than a step has tokens: a slice never spans the whole buffer, so tracing keeps its length
+        # symbolic rather than specialising it to the buffer's
+        self.rows = torch.full((max_tokens + 1,), capacity, dtype=torch.int64, device=device)
+        self.masks = torch.zeros(len(NAMED), max_tokens + 1, device=device)
+        self.slots: list[dict[str, int]] = [{} for _ in range(n_layers)]
+
+    def load(self, requests: Requests, vectors: dict[str, torch.Tensor]) -> None:
+        """Write the steered requests' values, prompt lengths and vectors into the tables, in place (the copies
+        follow the previous step's forward on the device's stream)."""
+        used: list[set[str]] = [set() for _ in self.slots]
+        for layer, _, vector, _ in requests.groups:
+            used[layer].add(vector)
+        for layer, held in enumerate(self.slots):
+            for vector in [v for v in held if v not in used[layer]]:
+                del held[vector]
+            for vector in sorted(used[layer] - held.keys()):
+                free = next((k for k in range(SLOTS) if k not in held.values()), None)
+                if free is None:
+                    raise RuntimeError(f"more than {SLOTS} vectors steer layer {layer} at once on vLLM's graph path")
+                held[vector] = free
+                self.vectors[layer, free] = vectors[vector]
+        coef = np.zeros(self.coef.shape, np.float32)
+        for (layer, _, vector, mode), (values, active) in requests.groups.items():
+            coef[layer, NAMED.index(mode), :, self.slots[layer][vector]] += values * active
+        self.coef.copy_(_to_device(coef, self.device))
+        self.prompt_len.copy_(_to_device(requests.prompt_len.copy(), self.device))
+
+    def plan(self, slots: torch.Tensor | None, positions: torch.Tensor, owner: torch.Tensor | None, block_size: int):
+        """This step's ``rows`` and ``masks`` for tokens with KV-cache ``slots [T]`` at ``positions [T]`` (no
+        slots: no steered token), written in place."""
+        t = positions.shape[0]
+        if t >= self.rows.shape[0]:
+            raise RuntimeError(f"a step of {t} tokens exceeds the graph path's {self.rows.shape[0] - 1}")
+        if slots is None or owner is None:
+            self.rows[:t].fill_(self.capacity)
+            return
+        rows = _token_rows(owner, slots, block_size, self.capacity)
+        self.rows[:t].copy_(rows)
+        prompt_len = self.prompt_len[rows]
+        for m, name in enumerate(NAMED):
+            self.masks[m, :t].copy_(named_mask(name, positions, prompt_len))
+
+    def delta(self, layer: int, t: int) -> torch.Tensor:
+        """What the steered requests add at ``layer`` to this step's first ``t`` tokens: float32 ``[t, hidden]``."""
+        rows, masks = self.rows.narrow(0, 0, t), self.masks.narrow(1, 0, t)  # narrow: t stays symbolic when traced
+        return (self.coef[layer][:, rows] * masks[:, :, None]).sum(0) @ self.vectors[layer]
+
+
 class SteeringWorker:
     """Methods added to vLLM's worker; ``personalab_setup`` installs the hooks, ``personalab_vectors`` adds vectors."""
 
     def personalab_setup(self, blocks_path: str, norm_path: str) -> int:
         """Hook the decoder blocks at ``blocks_path`` and the final norm at ``norm_path`` of the worker's model
-        (once); returns the number of blocks."""
-        if getattr(self, "_pl_blocks", None) is not None:
-            return len(self._pl_blocks)
+        (once; the graph path's worker has done it as the model loaded); returns the number of blocks."""
+        if getattr(self, "_pl_blocks", None) is None:
+            self._pl_install(blocks_path, norm_path)
+            self._pl_allocate()
+        return len(self._pl_blocks)
+
+    def _pl_install(self, blocks_path: str, norm_path: str, capacity: int | None = None) -> None:
+        """Install the hooks: the eager path's, or with ``capacity`` (steered requests at once) the graph path's,
+        whose tables are allocated here, before torch.compile traces the model's first forward."""
+        model = self.model_runner.get_model()
+        device = next(model.parameters()).device
+        self._pl_blocks = model.get_submodule(blocks_path)
+        n = len(self._pl_blocks)
+        hidden = model.get_submodule(norm_path).weight.shape[0]
+        self._pl_hidden, self._pl_capacity = hidden, capacity
+        self._pl_vectors: dict[str, torch.Tensor] = {}
+        self._pl_step: dict[int, list] | None = None
+        self._pl_capturing = None
+        self._pl_requests: Requests | None = None
+        self._pl_graph: GraphTables | None = None
+        if capacity is None:
+            model.register_forward_pre_hook(self._pl_on_forward, with_kwargs=True)
+            self._pl_blocks[0].register_forward_pre_hook(self._pl_pre_hook, with_kwargs=True)
+            post = self._pl_post_hook
+        else:
+            config = self.vllm_config
+            tokens = max(
+                config.scheduler_config.max_num_batched_tokens,
+                config.compilation_config.max_cudagraph_capture_size or 0,
+            )
+            self._pl_graph = GraphTables(n + 1, hidden, capacity, tokens, device)
+            model.register_forward_pre_hook(self._pl_on_forward_graph, with_kwargs=True)
+            self._pl_blocks[0].register_forward_pre_hook(self._pl_graph_pre_hook, with_kwargs=True)
+            post = self._pl_graph_post_hook
+        for layer in range(1, n):
+            self._pl_blocks[layer - 1].register_forward_hook(post(layer))
+        model.get_submodule(norm_path).register_forward_hook(post(n, final=True))
+
+    def _pl_allocate(self) -> None:
+        """The tables that need the KV cache's layout, and the wrapped ``execute_model`` that updates them."""
         from vllm.v1.kv_cache_interface import FullAttentionSpec
 
         runner = self.model_runner
-        model = runner.get_model()
         groups = runner.kv_cache_config.kv_cache_groups
         group = next((i for i, g in enumerate(groups) if isinstance(g.kv_cache_spec, FullAttentionSpec)), 0)
         self._pl_group = group
         self._pl_layer = groups[group].layer_names[0]
         self._pl_block_size = groups[group].kv_cache_spec.block_size
-        device = next(model.parameters()).device
-        self._pl_requests = Requests(
-            runner.kv_cache_config.num_blocks, self.vllm_config.scheduler_config.max_num_seqs, device
-        )
-        self._pl_blocks = model.get_submodule(blocks_path)
-        hidden = model.get_submodule(norm_path).weight.shape[0]
-        self._pl_captures = Captures(runner.kv_cache_config.num_blocks, len(self._pl_blocks) + 1, hidden, device)
-        self._pl_capturing = None
-        self._pl_vectors: dict[str, torch.Tensor] = {}
-        self._pl_step: dict[int, list] | None = None
-        n = len(self._pl_blocks)
-        model.register_forward_pre_hook(self._pl_on_forward, with_kwargs=True)
-        self._pl_blocks[0].register_forward_pre_hook(self._pl_pre_hook, with_kwargs=True)
-        for layer in range(1, n):
-            self._pl_blocks[layer - 1].register_forward_hook(self._pl_post_hook(layer))
-        model.get_submodule(norm_path).register_forward_hook(self._pl_post_hook(n, final=True))
+        device = next(runner.get_model().parameters()).device
+        blocks = runner.kv_cache_config.num_blocks
+        fixed = self._pl_capacity is not None
+        capacity = self._pl_capacity if fixed else self.vllm_config.scheduler_config.max_num_seqs
+        self._pl_requests = Requests(blocks, capacity, device, grows=not fixed)
+        self._pl_captures = Captures(blocks, len(self._pl_blocks) + 1, self._pl_hidden, device)
         execute = self.execute_model
 
         def execute_model(scheduler_output, *args, **kwargs):
@@ -312,7 +422,6 @@ class SteeringWorker:
             return execute(scheduler_output, *args, **kwargs)
 
         self.execute_model = execute_model
-        return n
 
     def personalab_vectors(self, vectors: dict[str, list[float]]) -> int:
         """Register float32 vectors by id (the unit vector is taken where an intervention needs one)."""
@@ -358,6 +467,31 @@ class SteeringWorker:
                 key = captures.by_request.get(req_id)
                 captured += [captures.rows[key] if key is not None else NONE] * len(assigned[group])
         _assign(blocks, (requests.owner, owners), (captures.owner, captured))
+        if self._pl_graph is not None and requests.changed:
+            self._pl_graph.load(requests, self._pl_vectors)
+            requests.changed = False
+
+    def _pl_slots(self, args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """This step's KV-cache slots ``[T]`` (``-1``: padding) from the forward context, and the ``positions``
+        ``[T]`` the model's forward receives; slots are ``None`` before the KV cache exists (vLLM's profiling run)."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        positions = kwargs["positions"] if "positions" in kwargs else args[1]
+        positions = positions[0] if positions.dim() == 2 else positions
+        if self._pl_requests is None or not is_forward_context_available():
+            return None, positions
+        mapping = get_forward_context().slot_mapping
+        if not isinstance(mapping, dict):
+            raise RuntimeError(
+                "personalab's steering reads each token's KV-cache slot from vLLM's forward context and found "
+                "micro-batches; run without micro-batching or set `engine` to hf"
+            )
+        if self._pl_layer not in mapping:
+            return None, positions
+        slots, t = mapping[self._pl_layer], positions.shape[0]
+        if slots.shape[0] < t:
+            slots = torch.cat([slots, slots.new_full((t - slots.shape[0],), -1)])
+        return slots[:t], positions
 
     def _pl_on_forward(self, module, args, kwargs):
         """Before the model's forward: this step's per-token plan from the forward context's slot mapping and the
@@ -365,24 +499,43 @@ class SteeringWorker:
         self._pl_step = self._pl_capturing = None
         if not self._pl_requests.groups and not self._pl_captures.rows:
             return None
-        from vllm.forward_context import get_forward_context
-
-        positions = kwargs["positions"] if "positions" in kwargs else args[1]
-        positions = positions[0] if positions.dim() == 2 else positions
-        mapping = get_forward_context().slot_mapping
-        if not isinstance(mapping, dict) or self._pl_layer not in mapping:
+        slots, positions = self._pl_slots(args, kwargs)
+        if slots is None:
             raise RuntimeError(
                 "personalab's steering reads each token's KV-cache slot from vLLM's forward context and found none "
-                "for this step (micro-batching or an unsupported runner); run without it or set `engine` to hf"
+                "for this step (an unsupported runner); set `engine` to hf"
             )
-        slots = mapping[self._pl_layer]
-        t = positions.shape[0]
-        if slots.shape[0] < t:
-            slots = torch.cat([slots, slots.new_full((t - slots.shape[0],), -1)])
         if self._pl_requests.groups:
-            self._pl_step = self._pl_requests.plan(slots[:t], positions, self._pl_block_size)
-        self._pl_capturing = self._pl_captures.plan(slots[:t], positions, self._pl_block_size)
+            self._pl_step = self._pl_requests.plan(slots, positions, self._pl_block_size)
+        self._pl_capturing = self._pl_captures.plan(slots, positions, self._pl_block_size)
         return None
+
+    def _pl_on_forward_graph(self, module, args, kwargs):
+        """The graph path, before the model's forward: this step's rows and masks, into ``GraphTables``."""
+        slots, positions = self._pl_slots(args, kwargs)
+        owner = None if self._pl_requests is None else self._pl_requests.owner
+        self._pl_graph.plan(slots, positions, owner, getattr(self, "_pl_block_size", 1))
+        return None
+
+    def _pl_graph_pre_hook(self, module, args, kwargs):
+        """The graph path at layer 0: the steered input of block 0."""
+        at, hidden = _hidden_argument(args, kwargs)
+        hidden = hidden + self._pl_graph.delta(0, hidden.shape[0]).to(hidden.dtype)
+        if at is None:
+            return args, {**kwargs, "hidden_states": hidden}
+        return (*args[:at], hidden, *args[at + 1 :]), kwargs
+
+    def _pl_graph_post_hook(self, layer: int, final: bool = False):
+        """The graph path at ``layer``: a block's output, whose ``hidden`` part takes the steering (as on the
+        eager path), or, ``final``, the final norm's output."""
+        tables = self._pl_graph
+
+        def hook(module, args, output):
+            hidden, _ = _stream(output)
+            hidden = hidden + tables.delta(layer, hidden.shape[0]).to(hidden.dtype)
+            return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+        return hook
 
     def _pl_delta(self, layer: int, stream: torch.Tensor) -> torch.Tensor | None:
         """What this step's interventions at ``layer`` add to the residual stream ``[T, hidden]`` (float32)."""
@@ -407,13 +560,7 @@ class SteeringWorker:
         entries = (self._pl_step or {}).get(0)
         if not entries and self._pl_capturing is None:
             return None
-        if "hidden_states" in kwargs:
-            at, hidden = None, kwargs["hidden_states"]
-        else:
-            at = next(
-                i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() == 2 and a.is_floating_point()
-            )
-            hidden = args[at]
+        at, hidden = _hidden_argument(args, kwargs)
         if entries:
             t = len(entries[0][2])
             hidden = hidden.clone()
@@ -453,3 +600,39 @@ class SteeringWorker:
             return (hidden, *output[1:])
 
         return hook
+
+
+class GraphSteeringWorker(SteeringWorker):
+    """The graph path's worker: the platform's worker with personalab's hooks installed as the model loads, before
+    torch.compile traces its first forward (hooks added later would be left out of the compiled graph), and its
+    tables allocated with the KV cache. The settings come from ``vllm_config.additional_config[KEY]``:
+    ``{"blocks": path, "norm": path, "capacity": steered requests at once}``."""
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        settings = self.vllm_config.additional_config[KEY]
+        self._pl_install(settings["blocks"], settings["norm"], settings["capacity"])
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        super().initialize_from_config(kv_cache_config)
+        self._pl_allocate()
+
+
+GRAPH_WORKERS = {
+    "GraphCPUWorker": "vllm.v1.worker.cpu_worker.CPUWorker",
+    "GraphGPUWorker": "vllm.v1.worker.gpu_worker.Worker",
+}
+"""The graph path's worker classes (vLLM's ``worker_cls``, ``personalab.engine.vllm_worker.NAME``) and the worker
+each extends: the ones vLLM 0.32's CPU and CUDA platforms pick for ``worker_cls="auto"``."""
+
+
+def __getattr__(name: str) -> type:
+    """``GRAPH_WORKERS``' classes, made on first use (vLLM is imported then, in vLLM's worker process)."""
+    if name not in GRAPH_WORKERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module, _, base = GRAPH_WORKERS[name].rpartition(".")
+    made = type(name, (GraphSteeringWorker, getattr(importlib.import_module(module), base)), {"__module__": __name__})
+    globals()[name] = made
+    return made
