@@ -64,6 +64,39 @@ def test_persona_vector_geometry_matches_direct_formulas(tiny):
         a.at(layer, variant="prompt_mean")
 
 
+def test_vector_arithmetic_is_per_variant_and_keeps_what_both_share(tiny, tmp_path):
+    """``a - b``, ``a + b``, ``2 * a``, ``-a``: per variant both have, equal to the tensors' own arithmetic; the result
+    keeps the model and the provenance both record, names its expression, saves and loads; vectors of other models
+    or shapes, and of no common variant, are refused in one line."""
+    handle = tiny("llama", "chatml")
+    a, b = _vector(handle, 0), _vector(handle, 1)
+    b.variants = {"response_mean": b.variants["response_mean"], "prompt_mean": b.variants["last_prompt"]}
+    b.meta = {"note": "planted", "tokenizer_sha256": "x"}
+    a.meta = {**a.meta, "tokenizer_sha256": "x", "kept_pairs": 3}
+    diff = a - b
+    assert list(diff.variants) == ["response_mean"] and diff.model == handle.name and diff.trait is None
+    assert torch.equal(diff.tensor(), a.tensor() - b.tensor())
+    assert torch.equal((a + b).tensor(), a.tensor() + b.tensor())
+    assert torch.equal((2 * a).tensor("last_prompt"), 2 * a.tensor("last_prompt")) and torch.equal(
+        (a * 2).tensor(), 2 * a.tensor()
+    )
+    assert torch.equal((-a).tensor(), -a.tensor())
+    assert diff.meta == {"note": "planted", "tokenizer_sha256": "x", "expression": "(grumpy) - (grumpy)"}
+    assert (0.5 * diff).name == "0.5 * ((grumpy) - (grumpy))"
+    back = pl.PersonaVector.load(diff.save(tmp_path / "diff"))
+    assert torch.equal(back.tensor(), diff.tensor()) and back.meta["expression"] == diff.meta["expression"]
+    other = pl.PersonaVector(dict(a.variants), model="another-model")
+    for bad, message in [
+        (lambda: a - other, "combine vectors of one model"),
+        (lambda: a + pl.PersonaVector({"response_mean": torch.zeros(2, 3)}, model=handle.name), "shapes"),
+        (lambda: a + pl.PersonaVector({"prompt_mean": a.tensor()}, model=handle.name), "share no variant"),
+    ]:
+        with pytest.raises(pl.PersonalabError, match=message):
+            bad()
+    with pytest.raises(TypeError):
+        a + 1.0
+
+
 def test_save_load_and_export_round_trip(tiny, tmp_path):
     handle = tiny("llama", "chatml")
     vec = _vector(handle)

@@ -64,8 +64,9 @@ TRAIT = Trait(
 CONFIG = ExtractionConfig(samples=3, sampling=SamplingParams(max_new_tokens=6, seed=3), min_pairs=1, batch_size=4)
 
 
-def reference_vectors(handle, trait, texts, judge_fn, config):
-    """Vectors computed directly with output_hidden_states over the pairs the filter should keep."""
+def reference_activations(handle, trait, texts, judge_fn, config):
+    """Per variant, the kept pairs' positive and negative activations ``[kept, n_blocks + 1, hidden]`` each, computed
+    directly with output_hidden_states over the pairs the filter should keep."""
     pos, neg = {"r": [], "p": [], "l": []}, {"r": [], "p": [], "l": []}
     i = 0
     for question in trait.extraction_questions:
@@ -83,7 +84,14 @@ def reference_vectors(handle, trait, texts, judge_fn, config):
                     bucket["p"].append(hs[:, : seq.prompt_len].mean(1))
                     bucket["l"].append(hs[:, seq.prompt_len - 1])
     names = {"r": "response_mean", "p": "prompt_mean", "l": "last_prompt"}
-    return {names[k]: torch.stack(pos[k]).mean(0) - torch.stack(neg[k]).mean(0) for k in names}, len(pos["r"])
+    return {names[k]: (torch.stack(pos[k]), torch.stack(neg[k])) for k in names}
+
+
+def reference_vectors(handle, trait, texts, judge_fn, config):
+    """Vectors computed directly with output_hidden_states over the pairs the filter should keep."""
+    acts = reference_activations(handle, trait, texts, judge_fn, config)
+    kept = len(acts["response_mean"][0])
+    return {name: pos.mean(0) - neg.mean(0) for name, (pos, neg) in acts.items()}, kept
 
 
 def test_vectors_equal_a_direct_reference_and_reruns_reuse_the_store(tiny, tmp_path, monkeypatch):
@@ -139,6 +147,37 @@ def test_vectors_equal_a_direct_reference_and_reruns_reuse_the_store(tiny, tmp_p
     assert len(forwards) == -(-2 * kept // CONFIG.batch_size), "one capture pass over the kept answers, all variants"
     for variant in ref:
         torch.testing.assert_close(rerun.vectors[variant], result.vectors[variant])
+
+
+@pytest.mark.parametrize("aggregation", ["pca", "logistic"])
+def test_another_aggregation_recomputes_the_vector_from_the_stored_answers(tiny, tmp_path, monkeypatch, aggregation):
+    """A rerun with ``aggregation`` pca or logistic generates and judges nothing, and its vector is the mean
+    difference's component along scikit-learn's direction (the first principal component of the paired differences;
+    the logistic regression's weights) over activations read with output_hidden_states."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    handle = tiny("llama", "chatml")
+    first = run_extraction(handle, TRAIT, ScriptedJudge(), tmp_path, CONFIG, progress=False)
+    acts = reference_activations(handle, TRAIT, [a.text for a in first.answers], hashed_score, CONFIG)
+    monkeypatch.setattr(handle.model, "generate", lambda *a, **k: pytest.fail("generated"))
+    again = ScriptedJudge()
+    rerun = run_extraction(handle, TRAIT, again, tmp_path, CONFIG.model_copy(update={"aggregation": aggregation}),
+                           progress=False)  # fmt: skip
+    assert again.calls == 0 and rerun.meta["config"]["aggregation"] == aggregation
+    for variant, (pos, neg) in acts.items():
+        for layer in range(1, handle.n_layers):
+            if aggregation == "pca":
+                u = PCA(n_components=1).fit((pos[:, layer] - neg[:, layer]).double().numpy()).components_[0]
+            else:
+                x = torch.cat([pos[:, layer], neg[:, layer]]).double().numpy()
+                labels = [1] * len(pos) + [0] * len(neg)
+                u = LogisticRegression(C=1.0, max_iter=5000).fit(x / x.std(), labels).coef_[0]
+            u = torch.from_numpy(u / (u**2).sum() ** 0.5).float()
+            mean = pos[:, layer].mean(0) - neg[:, layer].mean(0)
+            expected = (mean @ u) * u
+            torch.testing.assert_close(rerun.vectors[variant][layer], expected, atol=2e-4, rtol=2e-3)
+        assert not torch.allclose(rerun.vectors[variant], first.vectors[variant])
 
 
 def test_too_few_pairs_is_a_clear_error_and_keeps_the_work(tiny, tmp_path):

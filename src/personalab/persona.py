@@ -116,8 +116,10 @@ class PersonaVector:
 
     @property
     def name(self) -> str:
-        """The trait's name, else the source's name."""
-        return self.trait.name if self.trait else self.meta.get("trait") or (self.source.name if self.source else "")
+        """The trait's name, else the source's name, else the expression that made it (``a - b``)."""
+        if self.trait:
+            return self.trait.name
+        return self.meta.get("trait") or (self.source.name if self.source else "") or self.meta.get("expression", "")
 
     @property
     def n_layers(self) -> int:
@@ -253,6 +255,56 @@ class PersonaVector:
         if not self.name:
             raise InvalidInputError("the vector has no trait name to name its files; set its trait first")
         return export_public({k: v for k, v in self.variants.items() if k in VARIANTS}, folder, self.name)
+
+    def __add__(self, other: "PersonaVector") -> "PersonaVector":
+        """Per variant both have, the sum at every layer (vectors of one model)."""
+        return self._combined(other, 1.0, "+")
+
+    def __sub__(self, other: "PersonaVector") -> "PersonaVector":
+        """Per variant both have, the difference at every layer (vectors of one model)."""
+        return self._combined(other, -1.0, "-")
+
+    def __mul__(self, factor: float) -> "PersonaVector":
+        """Every variant times the number ``factor``."""
+        if isinstance(factor, bool) or not isinstance(factor, int | float):
+            return NotImplemented
+        meta = {k: v for k, v in self.meta.items() if k != "trait"}
+        variants = {k: v * factor for k, v in self.variants.items()}
+        return self._derived(variants, meta, f"{factor:g} * ({self.name or '?'})")
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "PersonaVector":
+        return self * -1.0
+
+    def _combined(self, other: "PersonaVector", sign: float, symbol: str) -> "PersonaVector":
+        """``self + sign * other`` over their common variants; the result keeps the provenance both share."""
+        if not isinstance(other, PersonaVector):
+            return NotImplemented
+        if (self.n_layers, self.hidden_size) != (other.n_layers, other.hidden_size):
+            raise InvalidInputError(
+                f"vectors of shapes [{self.n_layers}, {self.hidden_size}] and [{other.n_layers}, "
+                f"{other.hidden_size}]; combine vectors of one model"
+            )
+        if (self.model, self.revision) != (other.model, other.revision):
+            raise InvalidInputError(
+                f"vectors of {_named(str(self.model), self.revision)} and {_named(str(other.model), other.revision)}; "
+                "combine vectors of one model"
+            )
+        common = [k for k in self.variants if k in other.variants]
+        if not common:
+            raise InvalidInputError(
+                f"the vectors share no variant ({', '.join(self.variants)} vs {', '.join(other.variants)})"
+            )
+        shared = {k: v for k, v in self.meta.items() if k != "trait" and other.meta.get(k) == v}
+        variants = {k: self.variants[k] + sign * other.variants[k] for k in common}
+        return self._derived(variants, shared, f"({self.name or '?'}) {symbol} ({other.name or '?'})")
+
+    def _derived(self, variants: dict[str, torch.Tensor], meta: dict, expression: str) -> "PersonaVector":
+        """A vector computed from this one: same model, no trait, its ``expression`` in ``meta``."""
+        return PersonaVector(
+            variants, model=self.model, revision=self.revision, meta={**meta, "expression": expression}
+        )
 
     def __repr__(self) -> str:
         return (

@@ -56,7 +56,8 @@ def extract(
 
     ``pairs`` (a JSONL file or ``ContrastPair``-shaped records: ``positive`` and ``negative`` texts, each with an
     optional ``prompt`` and ``system``) makes the vector from those texts instead, generating and judging nothing
-    (``run_pair_extraction``; only ``batch_size`` of the options applies, the trait is optional and kept)."""
+    (``run_pair_extraction``; only ``batch_size`` and ``aggregation`` of the options apply, the trait is optional and
+    kept)."""
     from personalab.studies.extraction import (
         ExtractionConfig,
         FilterError,
@@ -93,6 +94,7 @@ def extract(
 
 def _from_pairs(model, trait, judge, pairs, out, report, trait_dir, trait_threshold, progress, dry_run, options):
     """``extract`` from given contrastive texts; options that only a judged extraction has are refused."""
+    from personalab.studies.aggregation import check_aggregation
     from personalab.studies.extraction import (
         ContrastPair,
         check_pair_options,
@@ -101,13 +103,17 @@ def _from_pairs(model, trait, judge, pairs, out, report, trait_dir, trait_thresh
     )
 
     check_pair_options({"judge": judge, "trait_threshold": trait_threshold, "dry_run": dry_run, **options}
-                       | {"batch_size": None})  # fmt: skip
+                       | {"batch_size": None, "aggregation": None})  # fmt: skip
+    aggregation = options.get("aggregation", "mean_diff")
+    check_aggregation(aggregation)
     source = Path(pairs) if isinstance(pairs, str | Path) else None
     rows = load_contrast_pairs(source) if source is not None else [ContrastPair.model_validate(p) for p in pairs]
     handle = as_model(model)
     chosen = as_trait(trait, None, trait_dir) if trait is not None else None
     with run_folder(out) as (folder, kept):
-        result = run_pair_extraction(handle, rows, folder, chosen, source, options.get("batch_size", 16), progress)
+        result = run_pair_extraction(
+            handle, rows, folder, chosen, source, options.get("batch_size", 16), progress, aggregation
+        )
         write_run_report(folder, report and kept)
     return PersonaVector(
         result.vectors, trait=chosen, model=handle.name, revision=handle.revision, meta=result.meta,

@@ -135,6 +135,11 @@ ThreadsOption = Annotated[
 TopPOption = Annotated[float, typer.Option(help="Nucleus sampling: the smallest token set of this probability.")]
 RepetitionPenaltyOption = Annotated[float, typer.Option(help="Divide the logits of tokens already present (1: off).")]
 SamplesOption = Annotated[int, typer.Option(help="Answers per extraction question and instruction pair.")]
+AggregationOption = Annotated[
+    str,
+    typer.Option(help="How kept pairs become the vector: mean_diff (positive mean minus negative mean), pca (first "
+                 "principal component of the paired differences) or logistic (logistic-regression direction).")
+]  # fmt: skip
 EvalSamplesOption = Annotated[int, typer.Option(help="Answers per evaluation question under each condition.")]
 DryRunOption = Annotated[
     bool, typer.Option(help="Print the plan (answers to sample, tokens, judge calls; stored ones excluded) and stop.")

@@ -23,6 +23,7 @@ from personalab.cli.common import (
     TEMPERATURE_HELP,
     TRAIT_HELP,
     TUNED_HELP,
+    AggregationOption,
     DeviceOption,
     DryRunOption,
     DtypeOption,
@@ -108,6 +109,7 @@ def trace(
     pos_threshold: Annotated[float, typer.Option(help=POS_THRESHOLD_HELP)] = 50.0,
     neg_threshold: Annotated[float, typer.Option(help=NEG_THRESHOLD_HELP)] = 50.0,
     coherence_threshold: Annotated[float, typer.Option(help=COHERENCE_THRESHOLD_HELP)] = 50.0,
+    aggregation: AggregationOption = "mean_diff",
     batch_size: Annotated[int, typer.Option(help=BATCH_HELP)] = 16,
     seed: Annotated[int, typer.Option(help=SEED_HELP)] = 0,
     tokenizer: TokenizerOption = None,
@@ -148,8 +150,8 @@ def trace(
             samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, min_pairs=min_pairs,
             pos_threshold=pos_threshold,
-            neg_threshold=neg_threshold, coherence_threshold=coherence_threshold, batch_size=batch_size,
-            dry_run=dry_run,
+            neg_threshold=neg_threshold, coherence_threshold=coherence_threshold, aggregation=aggregation,
+            batch_size=batch_size, dry_run=dry_run,
         )  # fmt: skip
     if not dry_run:
         say_report(out, report)

@@ -25,6 +25,7 @@ from personalab.cli.common import (
     TUNED_HELP,
     VECTOR_HELP,
     VECTORS,
+    AggregationOption,
     DeviceOption,
     DryRunOption,
     DtypeOption,
@@ -96,6 +97,7 @@ def extract(
         ),
     ] = None,
     coherence_threshold: Annotated[float, typer.Option(help=COHERENCE_THRESHOLD_HELP)] = 50.0,
+    aggregation: AggregationOption = "mean_diff",
     revision: RevisionOption = None,
     tokenizer: TokenizerOption = None,
     dtype: DtypeOption = "auto",
@@ -121,7 +123,7 @@ def extract(
         options = dict(
             samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
             repetition_penalty=repetition_penalty, seed=seed, batch_size=batch_size, min_pairs=min_pairs,
-            coherence_threshold=coherence_threshold, **cutoffs,
+            coherence_threshold=coherence_threshold, aggregation=aggregation, **cutoffs,
         )  # fmt: skip
         checked(ExtractionConfig, with_reference_thresholds(options, trait_threshold))
         if pairs is not None:
@@ -157,7 +159,8 @@ def _extract_pairs(model, trait, judge, pairs, trait_dir, options, trait_thresho
     from personalab.traits import load_trait
 
     defaults = option_defaults(ExtractionConfig)
-    changed = {name: value for name, value in options.items() if name != "batch_size" and value != defaults[name]}
+    applies = ("batch_size", "aggregation")
+    changed = {name: value for name, value in options.items() if name not in applies and value != defaults[name]}
     check_pair_options({"judge": judge, "trait_threshold": trait_threshold, "dry_run": dry_run, "engine":
                         engine.engine != "hf" or None, **changed})  # fmt: skip
     load_contrast_pairs(pairs)
@@ -165,7 +168,8 @@ def _extract_pairs(model, trait, judge, pairs, trait_dir, options, trait_thresho
     handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
     folder = out or default_out("", chosen.name if chosen is not None else pairs.stem, model)
     try:
-        vector = run(handle, chosen, pairs=pairs, out=folder, report=report, batch_size=options["batch_size"])
+        vector = run(handle, chosen, pairs=pairs, out=folder, report=report, batch_size=options["batch_size"],
+                     aggregation=options["aggregation"])  # fmt: skip
     finally:
         say_report(folder, report)
     console.print(f"{vector.meta['counts']['pairs']} pairs; wrote {folder}/vectors.safetensors, summary.md")

@@ -60,8 +60,11 @@ from personalab.errors import InvalidInputError, PersonalabError
 SUPPORTED = ("0.32",)
 """vLLM release series this engine is built and tested against (``major.minor``)."""
 WORKER = "personalab.engine.vllm_worker.SteeringWorker"
-CAPTURE_CHUNK = 64
-"""Sequences per capture call and replica: the worker holds their sums (``[n_blocks + 1, specs, hidden]`` each)."""
+FORWARD_CHUNK = 256
+"""Most sequences per prompt-only forward call and replica."""
+CAPTURE_BYTES = 256 * 2**20
+"""What the sums of one capture call may take per replica (``[n_blocks + 1, specs, hidden]`` float32 per sequence, on
+the worker's device): a call takes as many sequences as fit, up to ``FORWARD_CHUNK``."""
 NORMS = ("norm", "ln_f", "final_layer_norm")
 """Names of the final norm in the module holding the decoder blocks."""
 CPU_SHARE = 0.25
@@ -315,7 +318,7 @@ class VllmEngine:
         ``positions`` spec at ``layers``: float32 ``[n_sequences, n_specs, n_layers, hidden]``, as
         ``personalab.engine.capture`` reads it on Hugging Face."""
         out = torch.empty(len(sequences), len(positions), len(layers), handle.hidden_size)
-        for rows, taken in self._capture(sequences, positions, False, progress, label):
+        for rows, taken in self._capture(handle, sequences, positions, False, progress, label):
             out[rows] = torch.stack([means for means, _ in taken])[:, :, list(layers)]
         return out
 
@@ -330,7 +333,7 @@ class VllmEngine:
         """The L2 norm of the residual stream at every token of each sequence at ``layers``: float32
         ``[n_layers, len(sequence)]`` per sequence."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
-        for rows, taken in self._capture(sequences, (), True, progress, label):
+        for rows, taken in self._capture(handle, sequences, (), True, progress, label):
             for i, (_, norms) in zip(rows, taken, strict=True):
                 out[i] = norms[list(layers)]
         return out
@@ -343,7 +346,7 @@ class VllmEngine:
         out: list[float | None] = [None] * len(sequences)
         rows = [i for i, seq in enumerate(sequences) if seq.response_len > 0]
         with progress_bar(label, len(rows), progress) as advance:
-            for taken, parts in self._forwards(len(rows)):
+            for taken, parts in self._forwards(len(rows), FORWARD_CHUNK):
                 chosen = [rows[k] for k in taken]
                 ids = [list(sequences[i].ids) for i in chosen]
                 payloads = [(ids[p], self.lora) if ids[p] else None for p in parts]
@@ -354,19 +357,22 @@ class VllmEngine:
                 advance(len(chosen))
         return out
 
-    def _forwards(self, count: int):
-        """Prompt-only forward calls over ``count`` sequences: per call, the indices it takes (``CAPTURE_CHUNK`` per
-        replica) and each replica's slice of them."""
-        step = CAPTURE_CHUNK * len(self.instances)
+    def _forwards(self, count: int, chunk: int):
+        """Prompt-only forward calls over ``count`` sequences: per call, the indices it takes (``chunk`` per replica)
+        and each replica's slice of them."""
+        step = chunk * len(self.instances)
         for start in range(0, count, step):
             taken = list(range(start, min(start + step, count)))
-            parts = [slice(j, j + CAPTURE_CHUNK) for j in range(0, len(taken), CAPTURE_CHUNK)]
+            parts = [slice(j, j + chunk) for j in range(0, len(taken), chunk)]
             yield taken, parts + [slice(0, 0)] * (len(self.instances) - len(parts))
 
-    def _capture(self, sequences: Sequence[TokenSequence], positions: Sequence[str], norms: bool, progress, label):
+    def _capture(self, handle: ModelHandle, sequences: Sequence[TokenSequence], positions: Sequence[str], norms: bool,
+                 progress: bool, label: str):  # fmt: skip
         """``(rows, what each captured)`` per call of ``_forwards``."""
+        row = (handle.n_blocks + 1) * max(len(positions), 1) * handle.hidden_size * 4
+        chunk = max(1, min(FORWARD_CHUNK, CAPTURE_BYTES // row))
         with progress_bar(label, len(sequences), progress) as advance:
-            for rows, parts in self._forwards(len(sequences)):
+            for rows, parts in self._forwards(len(sequences), chunk):
                 self._captures += 1
                 captures = [[f"{self._captures}-{i}", sequences[i].prompt_len, list(positions), norms] for i in rows]
                 ids = [list(sequences[i].ids) for i in rows]

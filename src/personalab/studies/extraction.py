@@ -6,9 +6,10 @@ A pair is kept when ``trait(pos) >= pos_threshold``, ``trait(neg) < neg_threshol
 both coherence scores are ``>= coherence_threshold`` (50, 50 and 50 by default, as in the
 public pipeline). The run folder keeps the full trait (``trait.json``), every pair with its
 scores and the rules it breaks (``pairs.jsonl``, written before the minimum-pairs check), and
-``summary.md`` says how many pairs each rule dropped, with example dropped pairs. Each vector variant is the mean
-activation over kept ``pos`` answers minus the mean over kept ``neg`` answers, at every
-layer (``[n_blocks + 1, hidden]``, convention in ``personalab.engine.layers``).
+``summary.md`` says how many pairs each rule dropped, with example dropped pairs. Each vector variant is by default
+the mean activation over kept ``pos`` answers minus the mean over kept ``neg`` answers, at every
+layer (``[n_blocks + 1, hidden]``, convention in ``personalab.engine.layers``; other aggregations:
+``personalab.studies.aggregation``).
 """
 
 import json
@@ -32,6 +33,7 @@ from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scoring import Plan, plan_judged, score_cached
 from personalab.runfolder import claim, model_settings
 from personalab.store import Store, content_key
+from personalab.studies.aggregation import Aggregation, aggregate
 from personalab.traits import RUN_TRAIT, Trait, coherence_rubric
 from personalab.traits.elicitation import elicit, elicitation_format
 from personalab.vectors import VARIANTS, save_vector_file
@@ -54,10 +56,14 @@ class ExtractionConfig(BaseModel):
     coherence_threshold: float = Field(50.0, ge=0, le=100)
     min_pairs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
+    aggregation: Aggregation = "mean_diff"
+    """How the kept pairs' activations become the vector (``personalab.studies.aggregation``)."""
 
 
 FILTER = ("pos_threshold", "neg_threshold", "coherence_threshold", "min_pairs")
 """The settings that only choose among stored pairs: a rerun with others re-filters without generating or judging."""
+RECOMPUTED = (*FILTER, "aggregation")
+"""The settings a rerun applies to the stored answers (filter and aggregation) without generating or judging."""
 
 
 @dataclass(frozen=True)
@@ -148,11 +154,6 @@ def failures(pos: Answer, neg: Answer, config: ExtractionConfig) -> list[str]:
     return broken
 
 
-def _difference(acts: torch.Tensor, n_pos: int) -> torch.Tensor:
-    """``mean(acts[:n_pos]) - mean(acts[n_pos:])`` over the first dimension."""
-    return acts[:n_pos].mean(dim=0) - acts[n_pos:].mean(dim=0)
-
-
 def answer_activations(
     handle: ModelHandle, answers: list[Answer], batch_size: int = 16, progress: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -171,15 +172,16 @@ def compute_vectors(
     batch_size: int = 16,
     progress: bool = False,
     activations: dict[str, torch.Tensor] | None = None,
+    aggregation: Aggregation = "mean_diff",
 ) -> dict[str, torch.Tensor]:
-    """The three variants from kept ``(pos, neg)`` pairs, float32 ``[n_blocks + 1, hidden]`` each: the mean over
-    positive answers minus the mean over negative ones. Each answer is encoded in its own style, so pairs of several
-    strategies can be pooled. ``activations`` is ``answer_activations`` of ``[pos..., neg...]`` when already
-    captured."""
+    """The three variants from kept ``(pos, neg)`` pairs, float32 ``[n_blocks + 1, hidden]`` each: by default the
+    mean over positive answers minus the mean over negative ones (``aggregation``: ``studies.aggregation``). Each
+    answer is encoded in its own style, so pairs of several strategies can be pooled. ``activations`` is
+    ``answer_activations`` of ``[pos..., neg...]`` when already captured."""
     answers = [p for p, _ in kept] + [n for _, n in kept]
     if activations is None:
         activations = answer_activations(handle, answers, batch_size, progress)
-    return {variant: _difference(activations[variant], len(kept)) for variant in VARIANTS}
+    return {variant: aggregate(activations[variant], len(kept), aggregation) for variant in VARIANTS}
 
 
 @dataclass
@@ -344,7 +346,7 @@ def run_extraction(
             f"only {counts['kept']} of {counts['pairs']} pairs passed the filter (need {config.min_pairs}; "
             f"rejected {reasons}); raise `samples`, lower `min_pairs` or the thresholds, or check the judge{kept}"
         )
-    vectors = compute_vectors(handle, report.kept, config.batch_size, progress)
+    vectors = compute_vectors(handle, report.kept, config.batch_size, progress, aggregation=config.aggregation)
     meta = _meta(handle, trait, judge, config, counts, vectors)
     trait.save(out / RUN_TRAIT)
     save_vector_file(out / "vectors.safetensors", vectors)
@@ -435,11 +437,13 @@ def run_pair_extraction(
     source: Path | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    aggregation: Aggregation = "mean_diff",
 ) -> ExtractionResult:
-    """A vector from given contrastive texts, with nothing generated or judged: ``response_mean``, the mean residual
-    over each positive text's tokens (its answer's, where it has a prompt) minus the same over the negative ones, at
-    every layer, through the extraction's capture, into the run folder ``out`` (``source``: the pairs' file,
-    fingerprinted as an input; ``trait``: kept as ``trait.json`` for the commands that read one)."""
+    """A vector from given contrastive texts, with nothing generated or judged: ``response_mean``, by default the
+    mean residual over each positive text's tokens (its answer's, where it has a prompt) minus the same over the
+    negative ones (``aggregation``: ``studies.aggregation``), at every layer, through the extraction's capture, into
+    the run folder ``out`` (``source``: the pairs' file, fingerprinted as an input; ``trait``: kept as
+    ``trait.json`` for the commands that read one)."""
     out = Path(out)
     prompted = sum(p.prompt is not None for p in pairs)
     described = "; ".join(
@@ -452,12 +456,13 @@ def run_pair_extraction(
     sequences = contrast_sequences(handle, pairs)
     (means,) = capture_means(handle, sequences, ["response"], batch_size=batch_size, progress=progress,
                              label="capture pairs")  # fmt: skip
-    vectors = {"response_mean": _difference(means, len(pairs))}
+    vectors = {"response_mean": aggregate(means, len(pairs), aggregation)}
     meta = {
         **_model_meta(handle),
         "source": "pairs",
         **({"trait": trait.name, "trait_sha256": trait.digest()} if trait is not None else {}),
         "counts": {"pairs": len(pairs), "kept": len(pairs)},
+        "aggregation": aggregation,
         "norms": {"response_mean": vectors["response_mean"].norm(dim=-1).tolist()},
     }
     if trait is not None:
@@ -471,7 +476,9 @@ def run_pair_extraction(
         f"# {name} on {handle.name}, from {len(pairs)} given pairs",
         "",
         f"- pairs: {described}; nothing generated or judged",
-        f"- response_mean: mean over the positive texts' tokens minus the negative texts', every layer ({CONVENTION})",
+        f"- response_mean: mean over the positive texts' tokens minus the negative texts', every layer ({CONVENTION})"
+        if aggregation == "mean_diff"
+        else f"- response_mean: {aggregation} of the positive against the negative texts, every layer ({CONVENTION})",
         "",
         "![per-layer norms](norms.png)",
         "",
@@ -481,13 +488,14 @@ def run_pair_extraction(
 
 
 def settings(handle: ModelHandle, trait: Trait, judge: Judge, config: ExtractionConfig) -> dict:
-    """What an extraction's answers and judgements depend on (``samples`` only extends a run; the ``FILTER``
-    settings only choose among stored answers: ``meta.json``'s ``config`` records those the vector was made with)."""
+    """What an extraction's answers and judgements depend on (``samples`` only extends a run; the ``RECOMPUTED``
+    settings only choose among stored answers and aggregate them: ``meta.json``'s ``config`` records those the
+    vector was made with)."""
     return {
         **model_settings(handle),
         "trait_sha256": trait.digest(),
         "judge": judge.name,
-        "config": config.model_dump(mode="json", exclude={"samples", "batch_size", *FILTER}),
+        "config": config.model_dump(mode="json", exclude={"samples", "batch_size", *RECOMPUTED}),
     }
 
 
@@ -539,6 +547,7 @@ def _write_summary(out: Path, meta: dict, examples: list[dict]) -> None:
         f"- pairs kept: **{counts['kept']} / {counts['pairs']}** (positive threshold {config['pos_threshold']:g}, "
         f"negative threshold {config['neg_threshold']:g}, coherence threshold {config['coherence_threshold']:g})",
         f"- layers: {CONVENTION}",
+        *([f"- aggregation: {config['aggregation']}"] if config.get("aggregation", "mean_diff") != "mean_diff" else []),
         f"- largest response_mean norms at layers {best}",
         "",
     ]

@@ -44,10 +44,12 @@ _SETTINGS = (
 
 
 def settings(config: TraceConfig, judge: Judge) -> dict:
-    """The settings of a trace (its checkpoints, units and controls only extend it)."""
+    """The settings of a trace (its checkpoints, units and controls only extend it; the extraction's ``aggregation``
+    is one of them only when it is not the default, so that traces begun before it was an option still resume)."""
+    excluded = {"batch_size"} | ({"aggregation"} if config.extraction.aggregation == "mean_diff" else set())
     return {
         **{k: v for k, v in config.model_dump(mode="json", exclude={"extraction"}).items() if k in _SETTINGS},
-        "extraction": config.extraction.model_dump(mode="json", exclude={"batch_size"}),
+        "extraction": config.extraction.model_dump(mode="json", exclude=excluded),
         "judge": judge.name,
     }
 

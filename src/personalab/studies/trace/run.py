@@ -305,7 +305,9 @@ def process_checkpoint(
             activations = answer_activations(handle, answers, config.extraction.batch_size, progress)
         if "status" not in done:
             if extractable:
-                vectors = compute_vectors(handle, kept, config.extraction.batch_size, progress, activations)
+                vectors = compute_vectors(
+                    handle, kept, config.extraction.batch_size, progress, activations, config.extraction.aggregation
+                )
                 save_vector_file(out / unit.name / "vectors" / f"{checkpoint.label}.safetensors", vectors)
             done["status"] = {**counts, "extractable": extractable}
             kept_text = f"kept {counts['kept']} of {counts['pairs']} pairs"
