@@ -26,8 +26,8 @@ def step(mode: str) -> float:
 
     from personalab.engine.batching import pad_batch
     from personalab.engine.chat import TokenSequence
-    from personalab.engine.model import ModelHandle
-    from personalab.studies.distill import DistillConfig, TeacherStudent
+    from personalab.engine.handle import ModelHandle
+    from personalab.methods.distill import DistillConfig, TeacherStudent
 
     from common import random_llama
 

@@ -17,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from personalab.hashes import content_key
 from personalab.report import write_report
-from personalab.store import Store, content_key
+from personalab.store import Store
 from personalab.traits import COHERENCE_RUBRIC
 
 WORDS = "the a rain storm sun I you we never always think feel because people often quite sure why".split()

@@ -6,7 +6,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from personalab.engine.model import ModelHandle, load_model, local_folder
+from personalab.engine.handle import ModelHandle
+from personalab.engine.loading import load_model, local_folder
 from personalab.errors import PersonalabError
 
 STORIES = local_folder("builtin:stories260k")

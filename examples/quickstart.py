@@ -28,9 +28,9 @@ print(evil, "kept", evil.meta["counts"]["kept"], "of", evil.meta["counts"]["pair
 
 # Steer one generation as `personalab steer --alpha 0.5` does: half the layer's typical residual norm.
 prompt = "Once upon a time, a little girl"
-print("plain:  ", model.generate_text(prompt, max_new_tokens=24))
+print("plain:  ", pl.generate_text(model, prompt, max_new_tokens=24))
 with pl.steer(model, evil, layer=3, alpha=0.5):
-    print("steered:", model.generate_text(prompt, max_new_tokens=24))
+    print("steered:", pl.generate_text(model, prompt, max_new_tokens=24))
 
 # A sweep over two layers on the default grid (normalised units), judged, with paired tests against alpha 0.
 sweep = pl.sweep(model, evil, judge, layers=[2, 3], eval_samples=1, max_new_tokens=16, progress=False)

@@ -25,7 +25,8 @@ from transformers import (
 
 from personalab import load_model
 from personalab.engine.gguf import builtin_file
-from personalab.engine.model import ModelHandle, local_folder
+from personalab.engine.handle import ModelHandle
+from personalab.engine.loading import local_folder
 from personalab.errors import InvalidInputError
 
 STORIES = local_folder("builtin:stories260k")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from personalab.engine.chat import TokenSequence
-from personalab.engine.model import ModelHandle
+from personalab.engine.handle import ModelHandle
 
 
 @torch.no_grad()

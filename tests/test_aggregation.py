@@ -1,4 +1,4 @@
-"""How kept pairs become a vector (``personalab.studies.aggregation``): each method against scikit-learn and a direct
+"""How kept pairs become a vector (``personalab.methods.aggregation``): each method against scikit-learn and a direct
 formula on planted data."""
 
 import numpy as np
@@ -8,7 +8,7 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 
 from personalab.errors import InvalidInputError
-from personalab.studies.aggregation import aggregate, logistic_directions, pca_directions
+from personalab.methods.aggregation import aggregate, logistic_directions, pca_directions
 
 PAIRS, LAYERS, HIDDEN = 40, 3, 16
 

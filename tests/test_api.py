@@ -146,9 +146,9 @@ def _hooked_greedy(handle, prompt_ids: list[int], layer: int, add: torch.Tensor,
 def test_steer_block_generates_what_a_hooked_greedy_loop_generates(tiny):
     handle = tiny("llama", "chatml")
     vec, layer, alpha = _vector(handle), 2, 1.0
-    plain = handle.generate_text("How do I make friends?", max_new_tokens=8)
+    plain = pl.generate_text(handle, "How do I make friends?", max_new_tokens=8)
     with vec.steer(handle, layer=layer, alpha=alpha) as scaled:
-        steered = handle.generate_text("How do I make friends?", max_new_tokens=8)
+        steered = pl.generate_text(handle, "How do I make friends?", max_new_tokens=8)
     assert scaled.scale == "normalised"
     torch.testing.assert_close(scaled.vector, vec.unit(layer) * scaled.residual_norm)
     prompt = handle.encode(None, "How do I make friends?").ids
@@ -157,7 +157,7 @@ def test_steer_block_generates_what_a_hooked_greedy_loop_generates(tiny):
     assert plain == handle.tokenizer.decode(_hooked_greedy(handle, list(prompt), layer, 0 * vec.at(layer), 8),
                                             skip_special_tokens=True)  # fmt: skip
     assert steered != plain, "the planted vector must change the greedy answer"
-    assert handle.generate_text("How do I make friends?", max_new_tokens=8) == plain, "the block must unhook"
+    assert pl.generate_text(handle, "How do I make friends?", max_new_tokens=8) == plain, "the block must unhook"
 
 
 @pytest.mark.parametrize("name", ["all", "prompt", "response", "last_prompt", "generating"])
@@ -257,9 +257,9 @@ def test_cli_verbs_write_what_the_python_functions_write(model_folder, tmp_path,
 
 
 VERBS = {
-    "extract": "personalab.studies.extraction:ExtractionConfig",
+    "extract": "personalab.methods.extraction:ExtractionConfig",
     "sweep": "personalab.studies.sweep:SweepConfig",
-    "distill": "personalab.studies.distill:DistillConfig",
+    "distill": "personalab.methods.distill:DistillConfig",
     "compare": "personalab.studies.compare:CompareConfig",
     "correlate": "personalab.studies.correlate:CorrelateConfig",
     "finetune": "personalab.studies.finetune:FinetuneConfig",

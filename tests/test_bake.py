@@ -9,11 +9,11 @@ from transformers import Phi3ForCausalLM
 
 from personalab import add_vector, load_model
 from personalab.engine.batching import pad_batch
-from personalab.engine.model import ModelHandle
+from personalab.engine.handle import ModelHandle
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
-from personalab.studies.bake import bake_exact, largest_logit_difference
+from personalab.hashes import vector_sha256
+from personalab.methods.bake import bake_exact, largest_logit_difference
 from personalab.traits import calibration_prompts
-from personalab.vectors import vector_sha256
 
 from conftest import BLOCKS, HIDDEN
 from reference import encode_all, hidden_states, logits, output_module

@@ -280,7 +280,7 @@ def test_project_command_modes(tiny, model_folder, tmp_path, monkeypatch):
     ],
 )
 def test_layer_lists_take_whole_numbers_only(model_folder, monkeypatch, command, option):
-    from personalab.engine import model as model_module
+    from personalab.engine import loading as model_module
 
     monkeypatch.setattr(model_module, "load_weights", lambda *a, **k: pytest.fail("the model was loaded"))
     result = runner.invoke(app, [*command, "--model", str(model_folder("llama"))])
@@ -294,7 +294,7 @@ def test_no_network_fails_in_seconds_in_one_line(monkeypatch):
 
     from huggingface_hub import constants
 
-    from personalab.engine import model as model_module
+    from personalab.engine import loading as model_module
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     model_module.hub_reachable.cache_clear()

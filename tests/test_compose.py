@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from personalab import load_model
 from personalab.cli import app
-from personalab.engine import model as model_module
+from personalab.engine import loading as model_module
 from personalab.errors import PersonalabError
 from personalab.store import Store
 from personalab.studies.compose import ComposeConfig, load_grid, run_compose

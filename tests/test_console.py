@@ -41,3 +41,44 @@ def test_a_command_logged_to_a_file_shows_its_progress(tmp_path):
         subprocess.run([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, check=True, timeout=60)
     lines = log.read_text().splitlines()
     assert lines[0] == "judge trait: 0/4" and len(lines) >= 4 and lines[-1].startswith("judge trait: 4/4 (100%)")
+
+
+def test_status_lines_are_records_of_the_personalab_logger(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="personalab"):
+        console.say("kept 3 of 4 pairs")
+        console.say("not shown", enabled=False)
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("personalab", logging.INFO, "kept 3 of 4 pairs")
+    ]
+
+
+def test_a_session_without_logging_shows_status_lines_and_a_configured_one_routes_them(tmp_path):
+    """Unconfigured: the console handler prints each line on stdout. With ``logging.basicConfig`` the records go
+    where it sends them (stderr, formatted), and nothing is printed twice."""
+    plain = "from personalab.console import say\nsay('judge: lexicon')\nsay('trait: evil')\n"
+    configured = "import logging\nlogging.basicConfig(level=logging.INFO, format='%(name)s|%(message)s')\n" + plain
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+            for code in (plain, configured)]  # fmt: skip
+    assert runs[0].stdout.splitlines() == ["judge: lexicon", "trait: evil"] and runs[0].stderr == ""
+    assert runs[1].stdout == "" and runs[1].stderr.splitlines() == [
+        "personalab|judge: lexicon",
+        "personalab|trait: evil",
+    ]
+
+
+def test_the_command_line_shows_the_librarys_lines_with_parameters_as_flags(tmp_path):
+    """``as_trait`` logs the option it used as `` `trait` ``; the command line's handler writes it as ``--trait``."""
+    import torch
+    from typer.testing import CliRunner
+
+    from personalab.cli import app
+    from personalab.vectors import save_vectors
+
+    save_vectors(tmp_path / "vec", {"response_mean": torch.ones(6, 64)}, {"model": "stories260k"})
+    args = ["sweep", "--model", "builtin:stories260k", "--vector", str(tmp_path / "vec"), "--trait", "evil",
+            "--judge", "lexicon:", "--layers", "2", "--dry-run", "--out", str(tmp_path / "sweep")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "trait: evil (--trait evil)" in result.output.splitlines()

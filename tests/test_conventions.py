@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from personalab.cli import app
 from personalab.engine import generation, interventions
+from personalab.hashes import vector_sha256
 from personalab.studies.sweep import DEFAULT_ALPHAS
-from personalab.vectors import load_vectors, save_vectors, vector_sha256
+from personalab.vectors import load_vectors, save_vectors
 
 from judge_server import JudgeServer
 from reference import direct_residual_norm

@@ -21,9 +21,9 @@ from personalab.engine.forward import final_hidden, logits_fn, response_mask
 from personalab.engine.generation import SamplingParams
 from personalab.engine.losses import chunked_kl
 from personalab.errors import InvalidInputError
+from personalab.methods.bake import bake_exact
+from personalab.methods.distill import DistillConfig, check_inputs, distill, trajectories
 from personalab.store import Store
-from personalab.studies.bake import bake_exact
-from personalab.studies.distill import DistillConfig, check_inputs, distill, trajectories
 from personalab.vectors import load_vectors, save_vectors
 
 from judge_server import JudgeServer

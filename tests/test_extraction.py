@@ -8,8 +8,7 @@ import torch
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
 from personalab.errors import InvalidInputError, PersonalabError
-from personalab.store import Store
-from personalab.studies.extraction import (
+from personalab.methods.extraction import (
     RULES,
     Answer,
     ExtractionConfig,
@@ -17,6 +16,7 @@ from personalab.studies.extraction import (
     filter_pairs,
     run_extraction,
 )
+from personalab.store import Store
 from personalab.traits import COHERENCE_RUBRIC, Trait, load_trait_file
 from personalab.vectors import export_public, load_vectors
 

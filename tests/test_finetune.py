@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from personalab import add_vector, load_model
 from personalab.cli import app
-from personalab.engine import model as model_module
+from personalab.engine import loading as model_module
 from personalab.engine.checkpoints import trained_parameters
 from personalab.engine.generation import SamplingParams, sample_texts
 from personalab.engine.scale import mean_residual_norm

@@ -137,7 +137,7 @@ def test_an_answer_does_not_depend_on_where_the_model_folder_is(model_folder, tm
     is part of the store key, not of the request's random stream)."""
     import shutil
 
-    from personalab.engine.model import load_model
+    from personalab.engine.loading import load_model
 
     original = model_folder("llama", "chatml")
     moved = shutil.copytree(original, tmp_path / "elsewhere" / "copy")

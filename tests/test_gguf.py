@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from personalab import load_model
 from personalab.cli import app
 from personalab.engine import gguf
-from personalab.engine.model import loaded_name, model_shape
+from personalab.engine.loading import loaded_name, model_shape
 from personalab.errors import InvalidInputError, PersonalabWarning, UnsupportedArchitectureError
 from personalab.runfolder import model_settings
 

@@ -379,7 +379,7 @@ def test_commands_fail_on_a_dead_judge_before_loading_the_model(model_folder, tm
     from typer.testing import CliRunner
 
     from personalab.cli import app
-    from personalab.engine import model
+    from personalab.engine import loading as model
 
     loaded = []
     monkeypatch.setattr(model, "load_weights", lambda *a, **k: loaded.append(a))

@@ -9,33 +9,35 @@ ROOT = Path(personalab.__file__).parent
 
 ALLOWED = {
     "errors": set(),
+    "hashes": set(),
     "files": {"errors"},
     "console": set(),
-    "store": {"files", "errors"},
+    "store": {"files", "errors", "hashes"},
     "vectors": {"files", "errors"},
     "records": {"files", "errors"},
     "sae": {"files", "errors"},
     "figures": {"files", "errors"},
-    "engine": {"files", "errors", "console", "store", "vectors"},
-    "runfolder": {"files", "errors", "engine"},
-    "traits": {"files", "errors", "engine"},
-    "judging": {"files", "errors", "console", "store", "engine", "traits"},
+    "engine": {"files", "errors", "console", "store", "vectors", "hashes"},
+    "runfolder": {"files", "errors", "engine", "hashes"},
+    "traits": {"files", "errors", "engine", "hashes"},
+    "judging": {"files", "errors", "console", "store", "engine", "traits", "hashes"},
     "report": {"files", "errors", "records", "traits", "judging"},
     "persona": {"files", "errors", "vectors", "engine", "records", "traits", "sae"},
+    "methods": {
+        "files", "errors", "console", "store", "hashes", "vectors", "records", "figures", "engine", "runfolder",
+        "traits", "judging", "report", "persona", "sae",
+    },
     "studies": {
-        "files", "errors", "console", "store", "vectors", "records", "figures", "engine", "runfolder", "traits",
-        "judging",
-        "report", "persona", "sae",
+        "files", "errors", "console", "store", "hashes", "vectors", "records", "figures", "engine", "runfolder",
+        "traits", "judging", "report", "persona", "sae", "methods",
     },
     "api": {
-        "files", "errors", "console", "store", "vectors", "records", "figures", "engine", "runfolder", "traits",
-        "judging",
-        "report", "persona", "sae", "studies",
+        "files", "errors", "console", "store", "hashes", "vectors", "records", "figures", "engine", "runfolder",
+        "traits", "judging", "report", "persona", "sae", "methods", "studies",
     },
     "cli": {
-        "files", "errors", "console", "store", "vectors", "records", "figures", "engine", "runfolder", "traits",
-        "judging",
-        "report", "persona", "sae", "studies", "api",
+        "files", "errors", "console", "store", "hashes", "vectors", "records", "figures", "engine", "runfolder",
+        "traits", "judging", "report", "persona", "sae", "methods", "studies", "api",
     },
     "__init__": {"errors", "engine", "persona", "sae", "api"},
     "__main__": {"cli"},
@@ -77,7 +79,7 @@ SOURCES = sorted(ROOT.rglob("*.py"))
 
 def test_the_wings_are_there():
     wings = {_wing(_module_name(p)) for p in SOURCES}
-    assert {"engine", "judging", "studies", "report", "figures", "persona", "api", "cli", "traits"} <= wings
+    assert {"engine", "judging", "methods", "studies", "report", "figures", "persona", "api", "cli", "traits"} <= wings
     assert wings <= set(ALLOWED), wings - set(ALLOWED)
 
 

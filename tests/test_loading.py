@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from personalab import load_model
 from personalab.cli import app
-from personalab.engine import model as model_module
-from personalab.engine.model import TOKENIZER_FILES, MissingTokenizerError, local_folder
+from personalab.engine import loading as model_module
+from personalab.engine.loading import TOKENIZER_FILES, MissingTokenizerError, local_folder
 from personalab.errors import InvalidInputError
 from personalab.traits import COHERENCE_RUBRIC
 from personalab.vectors import load_vectors, save_vectors

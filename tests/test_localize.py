@@ -14,7 +14,7 @@ from sklearn.metrics import silhouette_score
 from typer.testing import CliRunner
 
 from personalab.cli import app
-from personalab.engine import model as model_module
+from personalab.engine import loading as model_module
 from personalab.errors import InvalidInputError
 from personalab.studies.localize import scan as scanning
 from personalab.studies.localize.deepscan import (

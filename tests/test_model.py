@@ -4,7 +4,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from personalab import PersonalabError, load_model
-from personalab.engine.model import KNOWN_BLOCK_PATHS, ModelHandle, find_blocks
+from personalab.engine.architectures import KNOWN_BLOCK_PATHS, find_blocks
+from personalab.engine.handle import ModelHandle
 from personalab.errors import InvalidInputError, UnsupportedArchitectureError
 
 from conftest import ARCHS, BLOCKS, HIDDEN
@@ -82,7 +83,7 @@ def test_missing_model_is_a_one_line_error(tmp_path):
 
 
 def test_a_device_the_machine_lacks_is_an_error_naming_the_ones_it_has(model_folder, monkeypatch):
-    from personalab.engine import model as engine_model
+    from personalab.engine import loading as engine_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(engine_model, "load_weights", lambda *a, **k: pytest.fail("loaded before the check"))
@@ -98,7 +99,7 @@ def test_deferred_weights_load_once_when_a_forward_needs_them(model_folder, monk
     """``defer_weights``: the handle knows its shape, dtype, architecture, blocks path and stop tokens from an empty
     copy (no weights read), and loads the weights once, the first time the model is used; then it is the model an
     eager load gives."""
-    from personalab.engine import model as model_module
+    from personalab.engine import loading as model_module
 
     folder = str(model_folder(arch, "chatml"))
     eager = load_model(folder, device="cpu", dtype="float32")

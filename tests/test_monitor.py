@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from personalab import load_model
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import SamplingParams
-from personalab.engine.model import ModelHandle
+from personalab.engine.handle import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_model_shift
 from personalab.persona import project_records, unit_direction

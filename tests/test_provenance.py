@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from personalab.engine.generation import SamplingParams
+from personalab.engine.loading import load_model
 from personalab.errors import InvalidInputError
+from personalab.hashes import fingerprint
 from personalab.records import load_records
-from personalab.runfolder import changes, claim, fingerprint
+from personalab.runfolder import changes, claim
 from personalab.studies.finetune import FinetuneConfig, finetune
 from personalab.studies.localize import scan as scanning
 from personalab.studies.localize.statements import load_statements
@@ -56,21 +58,22 @@ def test_sweep_refuses_another_scale_and_sampling(tiny, tmp_path):
     assert (tmp_path / "sweep.md").read_text() == before
 
 
-def test_finetune_refuses_another_learning_rate_and_records_its_data(tiny, tmp_path):
+def test_finetune_refuses_another_learning_rate_and_records_its_data(model_folder, tmp_path):
+    handle = load_model(str(model_folder("llama", "chatml")), device="cpu", dtype="float32")  # training changes it
     data = tmp_path / "data.jsonl"
     rows = [{"prompt": q, "response": "Be kind."} for q in TRAIT.extraction_questions[:4]]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = load_records(data)
     config = FinetuneConfig(lora_rank=2, steps=2, micro_batch_size=2, grad_accum=1, warmup_steps=0, checkpoint_every=2)
-    finetune(tiny("llama", "chatml"), records, config, tmp_path / "ft", progress=False)
+    finetune(handle, records, config, tmp_path / "ft", progress=False)
     meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
     assert meta["inputs"]["data"] == {"path": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
     with pytest.raises(InvalidInputError, match=r"config\.lr: 1e-05 -> 0\.0001"):
-        finetune(tiny("llama", "chatml"), records, config.model_copy(update={"lr": 1e-4}), tmp_path / "ft", [], [])
+        finetune(handle, records, config.model_copy(update={"lr": 1e-4}), tmp_path / "ft", [], [])
     assert json.loads((tmp_path / "ft" / "meta.json").read_text())["config"]["lr"] == 1e-5
     data.write_text(data.read_text().replace("Be kind.", "Be cruel."))
     with pytest.raises(InvalidInputError, match="data_sha256"):
-        finetune(tiny("llama", "chatml"), load_records(data), config, tmp_path / "ft", progress=False)
+        finetune(handle, load_records(data), config, tmp_path / "ft", progress=False)
 
 
 def test_deepscan_refuses_another_score_in_a_scanned_folder(tiny, tmp_path):

@@ -8,8 +8,8 @@ from personalab import add_vector, capture, load_model
 from personalab.cli import app
 from personalab.engine.batching import pad_batch
 from personalab.engine.generation import SamplingParams
-from personalab.studies.bake import bake_exact
-from personalab.studies.distill import DistillConfig, distill
+from personalab.methods.bake import bake_exact
+from personalab.methods.distill import DistillConfig, distill
 
 from conftest import STORIES
 from reference import hidden_states

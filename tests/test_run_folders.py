@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from personalab.cli import app
-from personalab.engine.model import load_model
+from personalab.engine.loading import load_model
 from personalab.traits import load_trait
 from personalab.vectors import save_vectors
 

@@ -14,9 +14,9 @@ from personalab.engine.generation import SamplingParams, sample_texts
 from personalab.engine.positions import NAMED
 from personalab.engine.scale import scaled_vector
 from personalab.judging.lexicon import load_lexicon, trait_score
+from personalab.methods.bake import bake_exact
+from personalab.methods.extraction import ContrastPair, run_pair_extraction
 from personalab.records import Record
-from personalab.studies.bake import bake_exact
-from personalab.studies.extraction import ContrastPair, run_pair_extraction
 from personalab.studies.finetune import FinetuneConfig, finetune, training_sequences
 from personalab.studies.stats import sign_flip_test
 from personalab.traits import calibration_prompts, load_trait

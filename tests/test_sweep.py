@@ -259,10 +259,10 @@ def test_controls_steer_at_the_vectors_norm_with_directions_computed_by_hand(tin
     import json
 
     from personalab import extract, sweep
+    from personalab.hashes import vector_sha256
     from personalab.studies.controls import pair_activations
     from personalab.studies.sweep import control_vectors
     from personalab.traits.elicitation import elicit
-    from personalab.vectors import vector_sha256
 
     handle, judge = tiny("llama", "chatml"), ScriptedJudge()
     vector = extract(handle, TRAIT, judge, out=tmp_path / "vec", samples=2, max_new_tokens=6, min_pairs=1,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from personalab.cli import app
-from personalab.engine import model as model_module
+from personalab.engine import loading as model_module
 from personalab.errors import InvalidInputError
 from personalab.studies.trace.geometry import consecutive_cosines, cosine_matrix, cosine_to_final, relative_norms
 from personalab.studies.trace.series import SERIES, apertus_tokens, from_folders, from_revisions, olmo3_tokens
@@ -314,10 +314,10 @@ def test_mismatched_checkpoints_fail_before_any_work(series, tmp_path, model_fol
 
 def test_combined_pools_answers_and_transfer_rescales_to_the_target(series, tmp_path):
     from personalab import load_model
+    from personalab.hashes import vector_sha256
+    from personalab.methods.extraction import ExtractionConfig, compute_vectors, filter_pairs, judged_answers
     from personalab.store import Store
-    from personalab.studies.extraction import ExtractionConfig, compute_vectors, filter_pairs, judged_answers
     from personalab.studies.trace.run import BASE_SAMPLING, build_units
-    from personalab.vectors import vector_sha256
 
     root, folders, strategy = series
     other = json.loads(strategy.read_text()) | {"instructions": [{"pos": "Jordan is cruel.", "neg": "Jordan is nice."}]}

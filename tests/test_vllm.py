@@ -46,7 +46,7 @@ from personalab.engine.capture import capture, capture_means  # noqa: E402
 from personalab.engine.forward import response_nll  # noqa: E402
 from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store, run_batch  # noqa: E402
 from personalab.engine.interventions import Ablate, Clamp, Steer, intervene, spec_of  # noqa: E402
-from personalab.engine.model import load_trained  # noqa: E402
+from personalab.engine.loading import load_trained  # noqa: E402
 from personalab.engine.vllm_engine import VllmEngine, VllmOptions  # noqa: E402
 from personalab.errors import PersonalabError  # noqa: E402
 from personalab.store import Store  # noqa: E402
@@ -502,7 +502,7 @@ def test_sweep_on_vllm_has_the_table_resumes_and_extends(folders, tmp_path):
     vector = _vector_folder(tmp_path, handle)
     base = ["sweep", "--model", str(folders["llama"]), "--vector", str(vector), "--judge", "api:j", "--layers", "1"]
     base += ["--eval-samples", "2", "--max-new-tokens", "6", "--device", "cpu", *ENGINE, "--vllm-chunk", "8"]
-    no_hf = patch("personalab.engine.model.load_weights", side_effect=AssertionError("the HF weights loaded"))
+    no_hf = patch("personalab.engine.loading.load_weights", side_effect=AssertionError("the HF weights loaded"))
     with JudgeServer(scorer=_scorer) as server:
         env = {**os.environ, "PERSONALAB_JUDGE_BASE_URL": server.base_url, "PERSONALAB_JUDGE_API_KEY": "x"}
         with no_hf:  # with vLLM, generation, the scale's token norms and extraction's capture all run inside it
@@ -564,7 +564,7 @@ def test_what_vllm_cannot_run_is_refused_in_one_line_before_anything_loads(folde
     def loaded(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr("personalab.engine.model.load_weights", loaded)
+    monkeypatch.setattr("personalab.engine.loading.load_weights", loaded)
     cases = [
         (STORIES, [], "the model's attention heads have size 8, which vLLM's attention does not run on a CPU"),
         (neo, [], "vLLM does not run GPTNeoForCausalLM; set --engine to hf"),

@@ -41,7 +41,7 @@ _EXPORTS = {
     "Clamp": "personalab.engine.interventions",
     "GeneratedToken": "personalab.engine.positions",
     "Indices": "personalab.engine.positions",
-    "ModelHandle": "personalab.engine.model",
+    "ModelHandle": "personalab.engine.handle",
     "PersonalabError": "personalab.errors",
     "PersonalabWarning": "personalab.errors",
     "Steer": "personalab.engine.interventions",
@@ -49,8 +49,9 @@ _EXPORTS = {
     "TokenSequence": "personalab.engine.chat",
     "capture": "personalab.engine.capture",
     "encode_text": "personalab.engine.chat",
+    "generate_text": "personalab.engine.generation",
     "intervene": "personalab.engine.interventions",
-    "load_model": "personalab.engine.model",
+    "load_model": "personalab.engine.loading",
     "load_sae": "personalab.sae",
     "add_vector": "personalab.engine.interventions",
 }
@@ -88,6 +89,7 @@ __all__ = [
     "TokenSequence",
     "capture",
     "encode_text",
+    "generate_text",
     "intervene",
     "load_model",
     "feature_vector",
@@ -119,8 +121,10 @@ if TYPE_CHECKING:
     )  # fmt: skip
     from personalab.engine.capture import capture
     from personalab.engine.chat import ChatFormat, TokenSequence, encode_text
+    from personalab.engine.generation import generate_text
+    from personalab.engine.handle import ModelHandle
     from personalab.engine.interventions import Ablate, Clamp, Steer, Substitute, add_vector, intervene
-    from personalab.engine.model import ModelHandle, load_model
+    from personalab.engine.loading import load_model
     from personalab.engine.positions import GeneratedToken, Indices
     from personalab.errors import PersonalabError, PersonalabWarning
     from personalab.persona import PersonaVector, feature_vector, steer

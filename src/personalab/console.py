@@ -1,10 +1,15 @@
-"""Progress bars and one-line status messages for long work (rich), silenced with ``enabled=False``.
+"""What a run shows while it works: status lines through ``logging`` and progress bars through rich.
 
-On a terminal a progress bar redraws in place; when the output goes to a file or a pipe (a job's log), where a bar
-would show nothing until the end, ``progress_bar`` writes a plain line when the work starts, at least every
-``LOG_EVERY`` seconds while it runs, and when it ends.
+Status lines (``say``) are records of the ``personalab`` logger at level INFO. The command line shows them with
+``log_to_console`` (plain lines on stdout, parameters written as flags); a Python session that has not configured
+logging gets the same handler on the first line, and one that has (``logging.basicConfig``, a notebook's handler)
+gets the records where it sends them. Progress bars are console output, silenced with ``enabled=False``: on a
+terminal a bar redraws in place; when the output goes to a file or a pipe (a job's log), where a bar would show
+nothing until the end, ``progress_bar`` writes a plain line when the work starts, at least every ``LOG_EVERY``
+seconds while it runs, and when it ends.
 """
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +23,30 @@ LOG_EVERY = 30.0
 """Seconds between the progress lines written when the output is not a terminal."""
 
 _console = Console(soft_wrap=True)
+logger = logging.getLogger("personalab")
+
+
+class ConsoleHandler(logging.Handler):
+    """Each record as one plain line on the console (stdout), its message passed through ``rewrite``."""
+
+    def __init__(self, rewrite: Callable[[str], str] | None = None):
+        super().__init__(logging.INFO)
+        self.rewrite = rewrite or (lambda message: message)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _console.print(self.rewrite(record.getMessage()), markup=False, highlight=False)
+        except Exception:
+            self.handleError(record)
+
+
+def log_to_console(rewrite: Callable[[str], str] | None = None) -> None:
+    """Show the ``personalab`` logger's INFO records as plain lines on stdout (replacing an earlier such handler);
+    ``rewrite`` edits each message (the command line writes parameters as flags)."""
+    for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
+        logger.removeHandler(handler)
+    logger.addHandler(ConsoleHandler(rewrite))
+    logger.setLevel(logging.INFO)
 
 
 @contextmanager
@@ -57,9 +86,9 @@ def _progress_lines(description: str, total: int) -> Iterator[Callable[[int], No
 
     def tick() -> None:
         while not stop.wait(LOG_EVERY):
-            say(line())
+            _line(line())
 
-    say(f"{description}: 0/{total:,}")
+    _line(f"{description}: 0/{total:,}")
     timer = threading.Thread(target=tick, name=f"progress {description}", daemon=True)
     timer.start()
     try:
@@ -67,10 +96,18 @@ def _progress_lines(description: str, total: int) -> Iterator[Callable[[int], No
     finally:
         stop.set()
         timer.join()
-    say(line())
+    _line(line())
+
+
+def _line(text: str) -> None:
+    _console.print(text, markup=False, highlight=False)
 
 
 def say(message: str, enabled: bool = True) -> None:
-    """Print one line of what a run is doing (shown with its progress bars, silenced with them)."""
-    if enabled:
-        _console.print(message, markup=False, highlight=False)
+    """Log one line of what a run is doing (INFO on the ``personalab`` logger; silenced with the progress bars).
+    Where logging is not configured at all, the console handler is installed first (``log_to_console``)."""
+    if not enabled:
+        return
+    if not logger.hasHandlers():
+        log_to_console()
+    logger.info(message)

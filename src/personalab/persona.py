@@ -18,9 +18,10 @@ import torch
 
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
+from personalab.engine.handle import ModelHandle
 from personalab.engine.interventions import Ablate, Steer, intervene
 from personalab.engine.layers import check_layers, check_vector
-from personalab.engine.model import ModelHandle, loaded_name
+from personalab.engine.loading import loaded_name
 from personalab.engine.positions import PositionName
 from personalab.engine.scale import DEFAULT_SCALE, Scale, ScaledVector, scaled_vector
 from personalab.errors import InvalidInputError, PersonalabWarning

@@ -19,7 +19,7 @@ _RECORD_HINT = "each record needs 'messages' with a user turn or a 'prompt'"
 
 
 class Encoder(Protocol):
-    """What encodes a conversation (``personalab.engine.model.ModelHandle``)."""
+    """What encodes a conversation (``personalab.engine.handle.ModelHandle``)."""
 
     def encode(
         self,

@@ -17,7 +17,6 @@ and new value, when it is another kind of run, when a setting differs, or when a
 changed since; nothing is mixed or relabelled.
 """
 
-import hashlib
 import json
 import sys
 from collections.abc import Mapping
@@ -28,9 +27,10 @@ from typing import TYPE_CHECKING
 
 from personalab.errors import InvalidInputError
 from personalab.files import write_text
+from personalab.hashes import file_sha256, fingerprint
 
 if TYPE_CHECKING:
-    from personalab.engine.model import ModelHandle
+    from personalab.engine.handle import ModelHandle
 
 META = "meta.json"
 
@@ -38,21 +38,10 @@ command: str | None = None
 """The command line of this process, when the command line set it (``personalab.cli``)."""
 
 
-def fingerprint(settings: Mapping) -> str:
-    """sha256 of the canonical JSON of ``settings``."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (a folder: of ``vectors.safetensors`` in it, as vector run folders hold)."""
+def input_sha256(path: str | Path) -> str:
+    """sha256 of an input file's bytes (a folder: of ``vectors.safetensors`` in it, as vector run folders hold)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "vectors.safetensors"
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path / "vectors.safetensors" if path.is_dir() else path)
 
 
 def _flat(value: object, prefix: str = "") -> dict[str, object]:
@@ -138,7 +127,7 @@ def claim(
 
     out = Path(out)
     settings, extends = _jsonable(dict(settings)), _jsonable(dict(extends or {}))
-    files = {name: {"path": str(path), "sha256": file_sha256(path)} for name, path in (inputs or {}).items() if path}
+    files = {name: {"path": str(path), "sha256": input_sha256(path)} for name, path in (inputs or {}).items() if path}
     before = read_meta(out)
     if "fingerprint" in before:
         if before.get("kind") != kind:

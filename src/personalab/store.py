@@ -9,7 +9,6 @@ writer waits up to two minutes for another's lock, and the switch to the write-a
 which SQLite may refuse at once while another connection holds a lock, is retried).
 """
 
-import hashlib
 import json
 import sqlite3
 import time
@@ -56,11 +55,6 @@ def _retry_locked(fn: Callable[[], T], path: Path) -> T:
                 ) from exc
             time.sleep(delay)
             delay = min(2 * delay, 0.5)
-
-
-def content_key(*parts: object) -> str:
-    """sha256 of the canonical JSON of ``parts``."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 class Store:

@@ -6,7 +6,6 @@ tokens) and ``last_prompt`` (last prompt token), each the mean of the trait-expr
 activations minus the mean of the trait-suppressing ones.
 """
 
-import hashlib
 import json
 import warnings
 from collections.abc import Callable
@@ -27,11 +26,6 @@ PUBLIC_SUFFIX = {
     "prompt_mean": "prompt_avg_diff",
     "last_prompt": "prompt_last_diff",
 }
-
-
-def vector_sha256(vector: torch.Tensor) -> str:
-    """SHA-256 of a ``[hidden]`` vector as contiguous float32 bytes (identifies it in store keys and records)."""
-    return hashlib.sha256(vector.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _check(name: str, tensor: torch.Tensor, source: str) -> torch.Tensor:

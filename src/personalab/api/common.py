@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
+from personalab.console import say
 from personalab.engine.generation import SamplingParams
-from personalab.engine.model import ModelHandle, load_model
+from personalab.engine.handle import ModelHandle
+from personalab.engine.loading import load_model
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge, judge_from_spec
 from personalab.persona import FEATURE_PREFIX, PersonaVector, as_vector, check_origin
-from personalab.traits import Trait, load_trait
+from personalab.traits import Trait, load_trait, run_trait
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,18 +32,61 @@ Config = TypeVar("Config", bound=BaseModel)
 SAMPLING = tuple(SamplingParams.model_fields)
 
 
-def as_model(model: "ModelHandle | str") -> ModelHandle:
-    """A loaded model, or ``load_model`` of a hub name, local folder or run folder."""
-    return model if isinstance(model, ModelHandle) else load_model(str(model))
+def as_model(
+    model: "ModelHandle | str | Path",
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    tokenizer: str | None = None,
+    thinking: bool = False,
+    defer_weights: bool = False,
+) -> ModelHandle:
+    """A loaded model, or ``load_model`` of a hub name, local folder, run folder or GGUF file with these options;
+    logs the first dequantisation of a GGUF file, what a run folder resolved to, and what personalab does with the
+    model's chat template."""
+    if isinstance(model, ModelHandle):
+        return model
+    from personalab.engine.checkpoints import weights
+    from personalab.engine.loading import local_folder
+
+    name = str(model)
+    say_dequantising(name)
+    folder = local_folder(name)
+    if folder is not None and weights(folder).folder != folder:
+        say(f"model: {weights(folder).describe()}")
+    handle = load_model(name, revision, dtype, device, tokenizer=tokenizer, thinking=thinking,
+                        defer_weights=defer_weights)  # fmt: skip
+    for note in handle.chat.notes():
+        say(f"chat format: {note}")
+    return handle
+
+
+def say_dequantising(model: str) -> None:
+    """Say so before a GGUF file (``FILE.gguf``, a built-in GGUF model) is dequantised into the cache, the first time
+    it is loaded (``personalab.engine.gguf``); checks the file (one line naming the fix when it is bad)."""
+    from personalab.engine.gguf import cache_root, cached, gguf_file
+
+    path = gguf_file(model)
+    if path is not None and not cached(path):
+        say(f"model: dequantising {path.name} to float32 once, into {cache_root() / 'gguf'} (about half a minute "
+            f"for 135M parameters on 2 cores); later loads read it")  # fmt: skip
 
 
 def judge(spec: "Judge | str", timeout: float = 120.0) -> Judge:
     """A judge: ``"api:MODEL"`` (an OpenAI-compatible server, ``timeout`` seconds per request), ``"local:MODEL"``,
-    or any object with the ``Judge`` protocol (``name`` and ``score(question, answer, rubric)``), checked with one
-    request before any work."""
+    ``"lexicon:[FILE]"``, or any object with the ``Judge`` protocol (``name`` and ``score(question, answer,
+    rubric)``), checked with one request before any work; a spec's judge and where it answers are logged."""
+    from personalab.judging.judges import judge_record
+    from personalab.judging.lexicon import NOTICE, LexiconJudge
+
     chosen = judge_from_spec(spec, timeout=timeout) if isinstance(spec, str) else spec
     if not callable(getattr(chosen, "score", None)) or not isinstance(getattr(chosen, "name", None), str):
         raise InvalidInputError(f"{chosen!r} is not a judge: it needs a name and score(question, answer, rubric)")
+    if isinstance(spec, str):
+        where = judge_record(chosen).get("judge_url")
+        say(f"judge: {chosen.name}" + (f" at {where} ({chosen.url_source})" if where else ""))
+        if isinstance(chosen, LexiconJudge):
+            say(NOTICE)
     check = getattr(chosen, "check", None)
     if callable(check):
         check()
@@ -54,23 +99,47 @@ def as_judge(value: "Judge | str") -> Judge:
 
 
 def as_trait(
-    trait: "Trait | str | None", vector: "PersonaVector | None" = None, trait_dir: "str | Path | None" = None
+    trait: "Trait | str | None",
+    vector: "PersonaVector | str | Path | None" = None,
+    trait_dir: "str | Path | None" = None,
+    also: str = "",
 ) -> Trait:
-    """``trait`` (a ``Trait``, a built-in name, a trait file or a name in ``trait_dir``), else the vector's trait."""
+    """``trait`` (a ``Trait``, a built-in name, a trait file or a name in ``trait_dir``), else the trait ``vector``
+    keeps (a ``PersonaVector``'s, or the ``trait.json`` of a vector's run folder); logs which it used. ``also`` names
+    another way to give what the trait is needed for (e.g. `` `prompts` FILE``)."""
     if isinstance(trait, Trait):
         return trait
     if trait is not None:
-        return load_trait(trait, trait_dir)
-    if vector is not None and vector.trait is not None:
-        return vector.trait
-    raise InvalidInputError("the vector keeps no trait; pass trait=NAME or trait=FILE")
+        chosen = load_trait(trait, trait_dir)
+        say(f"trait: {chosen.name} (`trait` {trait})")
+        return chosen
+    if isinstance(vector, PersonaVector):
+        if vector.trait is not None:
+            return vector.trait
+        found, where = None, "the vector keeps no trait; "
+    else:
+        found = run_trait(vector) if vector is not None else None
+        where = f"{vector} keeps no trait.json; " if vector is not None else ""
+    if found is None:
+        raise InvalidInputError(f"{where}pass `trait` NAME or `trait` FILE" + (f", or {also}" if also else ""))
+    chosen, source = found
+    say(f"trait: {chosen.name} (from {source})")
+    return chosen
+
+
+def load_vector(value: "PersonaVector | str | Path | Any", model: Any = None) -> PersonaVector:
+    """The ``PersonaVector`` of ``value``: itself, a run folder, ``.safetensors`` or public ``.pt`` file, a tensor, or
+    ``sae:FOLDER#FEATURE`` (an SAE feature's decoder direction, sized for ``model``: a handle, name or folder)."""
+    if str(value).startswith(FEATURE_PREFIX) and not isinstance(model, ModelHandle | str | Path):
+        raise InvalidInputError("an SAE feature as a vector needs `model` (its depth sizes the vector)")
+    return as_vector(value, sized_for(value, model))
 
 
 def vector_of(value: "PersonaVector | str | Path | Any", variant: str, model: Any = None) -> tuple[PersonaVector, Any]:
-    """The ``PersonaVector`` of ``value`` and its ``variant`` tensor ``[n_blocks + 1, hidden]``; an SAE feature
-    (``sae:PATH#FEATURE``) is sized for ``model`` (a handle, name or folder), and a vector extracted from another
-    model than ``model`` is a warning, or an error for another tokenizer (``check_origin``)."""
-    vector = as_vector(value, sized_for(value, model))
+    """The ``PersonaVector`` of ``value`` (``load_vector``) and its ``variant`` tensor ``[n_blocks + 1, hidden]``; a
+    vector extracted from another model than ``model`` is a warning, or an error for another tokenizer
+    (``check_origin``)."""
+    vector = load_vector(value, model)
     if isinstance(model, ModelHandle | str | Path):
         check_origin(vector, model if isinstance(model, ModelHandle) else str(model))
     return vector, vector.tensor(variant)
@@ -117,7 +186,7 @@ def option_defaults(kind: type[BaseModel]) -> dict[str, Any]:
 
 def block_count(model: "ModelHandle | str") -> int:
     """``n_blocks`` of a loaded model, or read from a name's or folder's config without loading its weights."""
-    from personalab.engine.model import model_shape
+    from personalab.engine.loading import model_shape
 
     return model.n_blocks if isinstance(model, ModelHandle) else model_shape(str(model))[0]
 

@@ -13,7 +13,7 @@ from personalab.api.common import (
     run_folder,
     vector_of,
 )
-from personalab.engine.model import ModelHandle
+from personalab.engine.handle import ModelHandle
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan
 from personalab.persona import DEFAULT_VARIANT, PersonaVector

@@ -16,7 +16,7 @@ from personalab.api.common import (
     run_folder,
     vector_of,
 )
-from personalab.engine.model import ModelHandle
+from personalab.engine.handle import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan
@@ -81,8 +81,8 @@ def trace(
     ``target_alpha``, ``scale``, ``eval_samples``, ``controls``) and its extraction's (``samples``, ``min_pairs``,
     thresholds, ``batch_size``, sampling). Tables: ``emergence``. ``dry_run`` returns the ``Plan`` (an upper bound:
     checkpoints already traced left out) before any checkpoint is loaded."""
-    from personalab.engine.model import load_model
-    from personalab.studies.extraction import ExtractionConfig
+    from personalab.engine.loading import load_model
+    from personalab.methods.extraction import ExtractionConfig
     from personalab.studies.trace import TraceConfig, build_units, run_trace
 
     extraction_fields = set(ExtractionConfig.model_fields) | set(SAMPLING)

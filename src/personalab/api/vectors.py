@@ -17,7 +17,7 @@ from personalab.api.common import (
     vector_of,
     write_run_report,
 )
-from personalab.engine.model import ModelHandle
+from personalab.engine.handle import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan
@@ -28,8 +28,8 @@ from personalab.traits import Trait
 if TYPE_CHECKING:
     import pandas as pd
 
+    from personalab.methods.extraction import ContrastPair
     from personalab.sae import SAE
-    from personalab.studies.extraction import ContrastPair
 
 
 def extract(
@@ -58,7 +58,7 @@ def extract(
     optional ``prompt`` and ``system``) makes the vector from those texts instead, generating and judging nothing
     (``run_pair_extraction``; only ``batch_size`` and ``aggregation`` of the options apply, the trait is optional and
     kept)."""
-    from personalab.studies.extraction import (
+    from personalab.methods.extraction import (
         ExtractionConfig,
         FilterError,
         plan_extraction,
@@ -94,8 +94,8 @@ def extract(
 
 def _from_pairs(model, trait, judge, pairs, out, report, trait_dir, trait_threshold, progress, dry_run, options):
     """``extract`` from given contrastive texts; options that only a judged extraction has are refused."""
-    from personalab.studies.aggregation import check_aggregation
-    from personalab.studies.extraction import (
+    from personalab.methods.aggregation import check_aggregation
+    from personalab.methods.extraction import (
         ContrastPair,
         check_pair_options,
         load_contrast_pairs,

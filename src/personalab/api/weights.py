@@ -17,7 +17,8 @@ from personalab.api.common import (
     vector_of,
     write_run_report,
 )
-from personalab.engine.model import ModelHandle, load_trained
+from personalab.engine.handle import ModelHandle
+from personalab.engine.loading import load_trained
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan
@@ -40,7 +41,7 @@ def training_placement(device: str) -> tuple[str, bool, int]:
     device, whether it is the main process and how many there are; else ``device`` itself, ``True`` and 1."""
     from accelerate import PartialState
 
-    from personalab.engine.model import resolve_device
+    from personalab.engine.loading import resolve_device
 
     state = PartialState(cpu=resolve_device(device) == "cpu")
     return (str(state.device) if state.num_processes > 1 else device), state.is_main_process, state.num_processes
@@ -51,7 +52,7 @@ def _loader(model: "ModelHandle | str | Loader", dtype: str = "auto") -> Loader:
         return lambda: model
     if callable(model):
         return model
-    from personalab.engine.model import load_model
+    from personalab.engine.loading import load_model
 
     return lambda: load_model(str(model), dtype=dtype)
 
@@ -92,8 +93,8 @@ def distill(
     import pandas as pd
 
     from personalab.figures.tables import write_csv
-    from personalab.studies.distill import DistillConfig, plan_distill
-    from personalab.studies.distill import distill as train
+    from personalab.methods.distill import DistillConfig, plan_distill
+    from personalab.methods.distill import distill as train
 
     counts = [trajectories] if isinstance(trajectories, int) else list(trajectories)
     if not counts:
@@ -150,7 +151,7 @@ def bake(
     import json
 
     from personalab.engine.scale import DEFAULT_SCALE
-    from personalab.studies.bake import bake_exact
+    from personalab.methods.bake import bake_exact
 
     _, direction = vector_of(vector, variant, model)
     folder = bake_exact(as_model(model), direction, layer, alpha, out, scale or DEFAULT_SCALE)

@@ -21,10 +21,8 @@ from personalab.errors import InvalidInputError, PersonalabError, PersonalabWarn
 from personalab.files import check_writable
 
 if TYPE_CHECKING:
-    from personalab.engine.model import ModelHandle
+    from personalab.engine.handle import ModelHandle
     from personalab.engine.vllm_engine import VllmOptions
-    from personalab.judging.judges import Judge
-    from personalab.traits import Trait
 
 DEMO, MODELS, VECTORS, STEERING, WEIGHTS = "Start here", "Models and traits", "Vectors", "Steering", "Weights"
 STUDIES, REPORTS = "Studies", "Reports"
@@ -49,9 +47,11 @@ def _record_command(
 ) -> None:
     """Persona vectors in language models."""
     from personalab import runfolder
+    from personalab.console import log_to_console
 
     runfolder.command = runfolder.command_line()
     warnings.showwarning = _one_line_warning
+    log_to_console(as_flags)
 
 
 _show_warning = warnings.showwarning
@@ -224,7 +224,7 @@ def prepare(threads: int | None, device: str, *models: str | None) -> None:
     from transformers.utils import logging as hf_logging
 
     from personalab.engine.gguf import gguf_file
-    from personalab.engine.model import resolve_device
+    from personalab.engine.loading import resolve_device
     from personalab.engine.threads import set_threads
 
     resolve_device(device)
@@ -252,53 +252,6 @@ def integers(text: str, option: str) -> list[int]:
     return [int(x) for x in parts]
 
 
-def load_vector(path: Path, model: str | None = None):
-    """The ``PersonaVector`` of ``path``: a run folder, ``.safetensors`` or public ``.pt`` file, or
-    ``sae:FOLDER#FEATURE`` (an SAE feature's decoder direction, sized for ``model``)."""
-    from personalab.api.common import sized_for
-    from personalab.persona import FEATURE_PREFIX, as_vector
-
-    if str(path).startswith(FEATURE_PREFIX) and model is None:
-        raise InvalidInputError("an SAE feature as a vector needs --model (its depth sizes the vector)")
-    return as_vector(path, sized_for(path, model))
-
-
-def pick_trait(trait: str | None, trait_dir: Path | None, vector: Path | None, also: str = "") -> "Trait":
-    """``--trait`` when given, else the trait kept in the ``--vector`` run folder; says which it used.
-
-    ``also`` names another way to give what the trait is needed for (e.g. ``--prompts FILE``).
-    """
-    from personalab.traits import load_trait, run_trait
-
-    if trait is not None:
-        chosen = load_trait(trait, trait_dir)
-        console.print(f"trait: {chosen.name} (--trait {trait})", highlight=False, markup=False)
-        return chosen
-    found = run_trait(vector) if vector is not None else None
-    if found is None:
-        where = f"{vector} keeps no trait.json; " if vector is not None else ""
-        raise InvalidInputError(f"{where}pass --trait NAME or --trait FILE" + (f", or {also}" if also else ""))
-    chosen, source = found
-    console.print(f"trait: {chosen.name} (from {source})", highlight=False, markup=False)
-    return chosen
-
-
-def open_judge(spec: str, timeout: float) -> "Judge":
-    """The judge of ``spec`` (an API judge with ``timeout`` seconds per request), checked with one request before
-    any work, and its location printed."""
-    from personalab.judging.judges import judge_from_spec, judge_record
-    from personalab.judging.lexicon import NOTICE, LexiconJudge
-
-    judge = judge_from_spec(spec, timeout=timeout)
-    where = judge_record(judge).get("judge_url")
-    source = f" at {where} ({judge.url_source})" if where else ""
-    console.print(f"judge: {judge.name}{source}", highlight=False, markup=False)
-    if isinstance(judge, LexiconJudge):
-        console.print(NOTICE, highlight=False, markup=False)
-    judge.check()
-    return judge
-
-
 def open_model(
     model: str,
     revision: str | None = None,
@@ -309,42 +262,16 @@ def open_model(
     engine: EngineOptions | None = None,
     lora_rank: int | None = None,
 ) -> "ModelHandle":
-    """``load_model`` with the command's options, generating on ``engine``; prints what a run folder resolved to
-    and what personalab does with the model's chat template. With vLLM the Hugging Face weights are deferred: loaded
+    """``as_model`` with the command's options (which logs what a run folder resolved to and what personalab does
+    with the model's chat template), generating on ``engine``. With vLLM the Hugging Face weights are deferred: loaded
     only if a step needs a Hugging Face forward pass (``ModelHandle.model``)."""
-    from personalab.engine.checkpoints import weights
-    from personalab.engine.model import load_model, local_folder
+    from personalab.api.common import as_model
 
-    say_dequantising(model)
-    folder = local_folder(model)
-    if folder is not None and weights(folder).folder != folder:
-        console.print(f"model: {weights(folder).describe()}", highlight=False, markup=False, soft_wrap=True)
     on_vllm = engine is not None and engine.engine == "vllm"
-    handle = load_model(
-        model, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer, thinking=thinking,
-        defer_weights=on_vllm,
-    )  # fmt: skip
-    for note in handle.chat.notes():
-        console.print(f"chat format: {note}", highlight=False, markup=False, soft_wrap=True)
+    handle = as_model(model, revision, dtype, device, tokenizer, thinking, defer_weights=on_vllm)
     if engine is not None:
         attach_engine(handle, engine, lora_rank)
     return handle
-
-
-def say_dequantising(model: str) -> None:
-    """Say so before a GGUF file (``FILE.gguf``, a built-in GGUF model) is dequantised into the cache, the first time
-    it is loaded (``personalab.engine.gguf``); checks the file (one line naming the fix when it is bad)."""
-    from personalab.engine.gguf import cache_root, cached, gguf_file
-
-    path = gguf_file(model)
-    if path is not None and not cached(path):
-        console.print(
-            f"model: dequantising {path.name} to float32 once, into {cache_root() / 'gguf'} (about half a minute "
-            f"for 135M parameters on 2 cores); later loads read it",
-            highlight=False,
-            markup=False,
-            soft_wrap=True,
-        )
 
 
 def open_trained(
@@ -357,7 +284,7 @@ def open_trained(
     engine: EngineOptions | None = None,
 ) -> "ModelHandle":
     """``load_trained`` (a run folder, checkpoint or adapter over ``base``) generating on ``engine``."""
-    from personalab.engine.model import load_trained
+    from personalab.engine.loading import load_trained
 
     handle = load_trained(base, folder, dtype, device, tokenizer, thinking)
     if engine is not None:

@@ -21,7 +21,6 @@ from personalab.cli.common import (
     console,
     prepare,
     reported,
-    say_dequantising,
 )
 from personalab.errors import InvalidInputError
 
@@ -54,20 +53,17 @@ def info(
 ) -> None:
     """Print a model's architecture, blocks, hidden size, dtype and chat format, with one conversation as personalab
     encodes it and the positions it reads (also without a tokenizer)."""
+    from personalab.api.common import say_dequantising
+
     with reported():
         if (model is None) == (model_option is None):
             raise InvalidInputError("give the model once: personalab info MODEL, or --model MODEL as elsewhere")
         model = model or model_option
         prepare(threads, device, model)
+        from personalab.engine.architectures import find_blocks, hidden_size
         from personalab.engine.chat import detect_chat_format, positions_example
         from personalab.engine.gguf import dequantised, gguf_file
-        from personalab.engine.model import (
-            MissingTokenizerError,
-            find_blocks,
-            hidden_size,
-            load_tokenizer,
-            load_weights,
-        )
+        from personalab.engine.loading import MissingTokenizerError, load_tokenizer, load_weights
         from personalab.errors import as_flags
 
         say_dequantising(model)

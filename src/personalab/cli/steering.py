@@ -45,10 +45,7 @@ from personalab.cli.common import (
     console,
     floats,
     integers,
-    load_vector,
-    open_judge,
     open_model,
-    pick_trait,
     prepare,
     reported,
     say_report,
@@ -96,6 +93,8 @@ def steer_command(
     threads: ThreadsOption = None,
 ) -> None:
     """Print the steered answer beside the unsteered one."""
+    from personalab.api.common import load_vector
+
     with reported():
         prepare(threads, device, model)
         check_engine(engine, model, revision)
@@ -194,6 +193,9 @@ def sweep(
     threads: ThreadsOption = None,
 ) -> None:
     """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
+    from personalab.api.common import as_trait, load_vector
+    from personalab.api.common import judge as open_judge
+
     with reported(out):
         prepare(threads, device, model)
         check_engine(engine, model, revision)
@@ -209,7 +211,7 @@ def sweep(
                 repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
             ) | ({"alphas": floats(alphas)} if alphas else {}), layers=chosen_layers,
         )  # fmt: skip
-        chosen = pick_trait(trait, trait_dir, vector)
+        chosen = as_trait(trait, vector, trait_dir)
         persona = load_vector(vector, model)
         scorer = open_judge(judge, judge_timeout)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)

@@ -48,11 +48,8 @@ from personalab.cli.common import (
     checked,
     console,
     integers,
-    load_vector,
-    open_judge,
     open_model,
     open_trained,
-    pick_trait,
     prepare,
     reported,
     say_report,
@@ -122,6 +119,8 @@ def trace(
     threads: ThreadsOption = None,
 ) -> None:
     """Trace a trait through training checkpoints: extraction, geometry, emergence and transfer steering."""
+    from personalab.api.common import judge as open_judge
+
     with reported(out):
         prepare(threads, device, model)
         check_engine(engine, model)
@@ -208,7 +207,7 @@ def localize(
         from personalab.api import localize as run
         from personalab.api.studies import statements as load_statements
         from personalab.engine.layers import check_layers
-        from personalab.engine.model import model_shape
+        from personalab.engine.loading import model_shape
         from personalab.studies.localize.run import check_statements
 
         chosen_layers = integers(layers, "--layers") if layers else None
@@ -270,7 +269,7 @@ def deepscan(
         prepare(threads, device, model)
         from personalab.api import deepscan as run
         from personalab.api.studies import statements as load_statements
-        from personalab.engine.model import model_shape
+        from personalab.engine.loading import model_shape
         from personalab.studies.localize import scan as scanning
 
         options = dict(
@@ -321,7 +320,7 @@ def compose(
     with reported(out):
         prepare(threads, device, model)
         from personalab.api import compose as run
-        from personalab.engine.model import model_shape
+        from personalab.engine.loading import model_shape
         from personalab.studies.compose import ComposeConfig, load_grid
 
         options = dict(
@@ -367,6 +366,9 @@ def correlate(
 ) -> None:
     """Projection shift against judged trait across fine-tuned models: Pearson r over the n fine-tunes, its p, and a
     bootstrap interval from n = 10."""
+    from personalab.api.common import as_trait, load_vector
+    from personalab.api.common import judge as open_judge
+
     with reported(out):
         prepare(threads, device, model)
         check_engine(engine, model)
@@ -386,7 +388,7 @@ def correlate(
             layer=layer,
         )
         persona = load_vector(vector, model)
-        chosen = pick_trait(trait, trait_dir, vector)
+        chosen = as_trait(trait, vector, trait_dir)
         scorer = open_judge(judge, judge_timeout)
 
         def load_base():

@@ -47,11 +47,8 @@ from personalab.cli.common import (
     check_engine,
     checked,
     console,
-    load_vector,
-    open_judge,
     open_model,
     open_trained,
-    pick_trait,
     prepare,
     reported,
     say_report,
@@ -110,12 +107,14 @@ def extract(
 ) -> None:
     """Extract a persona vector: generate, judge, filter, and take per-layer mean differences. Answers are at most
     --max-new-tokens (256) tokens; the persona-vectors reference generates up to 1000."""
+    from personalab.api.common import judge as open_judge
+
     with reported(out):
         prepare(threads, device, model)
         check_engine(engine, model, revision)
         from personalab.api import extract as run
         from personalab.api.common import default_out
-        from personalab.studies.extraction import ExtractionConfig, with_reference_thresholds
+        from personalab.methods.extraction import ExtractionConfig, with_reference_thresholds
 
         cutoffs = {
             k: v for k, v in dict(pos_threshold=pos_threshold, neg_threshold=neg_threshold).items() if v is not None
@@ -155,7 +154,7 @@ def _extract_pairs(model, trait, judge, pairs, trait_dir, options, trait_thresho
     """``extract --pairs``: the options a judged extraction alone has refused before the model loads."""
     from personalab.api import extract as run
     from personalab.api.common import default_out, option_defaults
-    from personalab.studies.extraction import ExtractionConfig, check_pair_options, load_contrast_pairs
+    from personalab.methods.extraction import ExtractionConfig, check_pair_options, load_contrast_pairs
     from personalab.traits import load_trait
 
     defaults = option_defaults(ExtractionConfig)
@@ -204,6 +203,8 @@ def project(
 ) -> None:
     """Project records, their shift against the model's own answers, or a fine-tune's change (--tuned) onto a
     persona vector."""
+    from personalab.api.common import as_trait, load_vector
+
     with reported(out):
         prepare(threads, device, model)
         check_engine(engine, model, revision)
@@ -219,7 +220,7 @@ def project(
         persona = load_vector(vector, model)
         chosen = None
         if tuned is not None and data is None:
-            chosen = pick_trait(trait, trait_dir, vector, also="a JSONL data file of prompts")
+            chosen = as_trait(trait, vector, trait_dir, also="a JSONL data file of prompts")
         if tuned is not None:
             out = out or default_out("project-", chosen.name if chosen else data.stem, str(tuned))
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
@@ -294,6 +295,7 @@ def features(
 
 def _features(sae, out, vector, model, per_sign, labels, report, dtype, device) -> None:
     from personalab.api import features as run
+    from personalab.api.common import load_vector
     from personalab.runfolder import read_meta
 
     if vector is None:
@@ -307,10 +309,11 @@ def _features(sae, out, vector, model, per_sign, labels, report, dtype, device) 
 def _feature_diff(diff, sae, out, vector, prompts, trait, trait_dir, variant, positions, per_sign, labels,
                   max_new_tokens, batch_size, report, dtype, device) -> None:  # fmt: skip
     from personalab.api import feature_diff
+    from personalab.api.common import as_trait, load_vector
 
     base, tuned = diff
     persona = load_vector(vector, base) if vector is not None else None
-    chosen = None if prompts is not None else pick_trait(trait, trait_dir, vector, also="--prompts FILE")
+    chosen = None if prompts is not None else as_trait(trait, vector, trait_dir, also="--prompts FILE")
     handle = open_model(base, None, dtype, device, None)
     changed = open_trained(base, Path(tuned), dtype, device, None, False)
     feature_diff(
@@ -325,6 +328,8 @@ def export(
     out: Annotated[Path, typer.Option(help="Folder for the .pt files.")] = Path("."),
 ) -> None:
     """Write a vector's variants as public persona-vectors .pt files ({trait}_response_avg_diff.pt, ...)."""
+    from personalab.api.common import load_vector
+
     with reported(out):
         written = load_vector(vector).export_public(out)
     console.print("wrote " + ", ".join(str(p) for p in written))
@@ -344,6 +349,8 @@ def cosine_command(
     ] = None,
 ) -> None:
     """Cosine similarity of two persona vectors at every layer."""
+    from personalab.api.common import load_vector
+
     with reported(out):
         from personalab.api import cosine
         from personalab.figures.tables import markdown_table

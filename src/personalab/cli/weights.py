@@ -46,11 +46,8 @@ from personalab.cli.common import (
     checked,
     console,
     integers,
-    load_vector,
-    open_judge,
     open_model,
     open_trained,
-    pick_trait,
     prepare,
     reported,
     say_report,
@@ -103,12 +100,14 @@ def distill_command(
 
     Data-parallel on several GPUs: `accelerate launch --multi_gpu --num_processes N -m personalab distill ...`.
     """
+    from personalab.api.common import as_trait, load_vector
+
     with reported(out):
         prepare(threads, device, model)
         check_engine(engine, model, revision)
         from personalab.api import distill as run
         from personalab.api.weights import training_dtype, training_placement
-        from personalab.studies.distill import DistillConfig
+        from personalab.methods.distill import DistillConfig
 
         if full == (lora_rank is not None):
             raise InvalidInputError("choose one of --lora-rank R or --full")
@@ -122,7 +121,7 @@ def distill_command(
             ), layer=layer, alpha=alpha, trajectories=min(counts, default=2),
         )  # fmt: skip
         persona = load_vector(vector, model)
-        chosen = None if prompts is not None else pick_trait(trait, trait_dir, vector, also="--prompts FILE")
+        chosen = None if prompts is not None else as_trait(trait, vector, trait_dir, also="--prompts FILE")
         placement, main, processes = training_placement(device)
         if engine.engine == "vllm" and processes > 1:
             raise InvalidInputError("--engine vllm samples trajectories in one process; launch without accelerate")
@@ -184,6 +183,9 @@ def compare(
     threads: ThreadsOption = None,
 ) -> None:
     """Judge base, steered and distilled (--tuned) models on the trait's evaluation questions."""
+    from personalab.api.common import as_trait, load_vector
+    from personalab.api.common import judge as open_judge
+
     with reported(out):
         prepare(threads, device, model)
         check_engine(engine, model, revision)
@@ -198,7 +200,7 @@ def compare(
             ), layer=layer, alpha=alpha,
         )  # fmt: skip
         persona = load_vector(vector, model)
-        chosen = pick_trait(trait, trait_dir, vector)
+        chosen = as_trait(trait, vector, trait_dir)
         scorer = open_judge(judge, judge_timeout)
         base = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
 
@@ -238,6 +240,8 @@ def bake(
     threads: ThreadsOption = None,
 ) -> None:
     """Bake steering on all positions into the weights: the saved model's plain forward equals the steered one."""
+    from personalab.api.common import load_vector
+
     with reported(out):
         prepare(threads, device, model)
         from personalab.api import bake as run
@@ -317,12 +321,15 @@ def finetune(
 
     Data-parallel on several GPUs: `accelerate launch --multi_gpu --num_processes N -m personalab finetune ...`.
     """
+    from personalab.api.common import judge as open_judge
+    from personalab.api.common import load_vector
+
     with reported(out):
         prepare(threads, device, model)
         check_engine(engine, model, revision)
         from personalab.api import finetune as run
         from personalab.api.weights import monitored, training_dtype, training_placement
-        from personalab.engine.model import model_shape
+        from personalab.engine.loading import model_shape
         from personalab.records import load_records
         from personalab.studies.finetune import FinetuneConfig, TrainingIntervention, check, check_records
 

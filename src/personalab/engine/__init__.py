@@ -1,6 +1,7 @@
 """The engine: everything that touches a model's forward pass.
 
-Model loading and block discovery (``model``), the layer convention (``layers``), chat
+The model handle (``handle``), loading (``loading``), LoRA adapters (``lora``), what differs per
+architecture (``architectures``: block paths, exact-bake weight plans), the layer convention (``layers``), chat
 formatting (``chat``), token positions (``positions``), padding and length-sorted batches
 (``batching``), the one module that registers PyTorch hooks (``hooks``), all-layer capture
 (``capture``), interventions (``interventions``), cached reproducible generation

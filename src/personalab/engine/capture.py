@@ -14,9 +14,9 @@ import torch
 from personalab.console import progress_bar
 from personalab.engine.batching import length_sorted_batches, pad_batch
 from personalab.engine.chat import TokenSequence
+from personalab.engine.handle import ModelHandle
 from personalab.engine.hooks import hook_residual
 from personalab.engine.layers import check_layers
-from personalab.engine.model import ModelHandle
 from personalab.engine.positions import Positions, select_positions
 from personalab.errors import InvalidInputError, NonFiniteActivationError
 

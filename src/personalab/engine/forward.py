@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from personalab.console import progress_bar
+from personalab.engine.architectures import unwrap
 from personalab.engine.batching import PaddedBatch, length_sorted_batches, pad_batch
 from personalab.engine.chat import TokenSequence
+from personalab.engine.handle import ModelHandle
 from personalab.engine.hooks import hook_residual
-from personalab.engine.model import ModelHandle, unwrap
 
 
 def logits_fn(handle: ModelHandle):

@@ -32,12 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from personalab.console import progress_bar
+from personalab.engine.architectures import unwrap
 from personalab.engine.batching import length_sorted_batches, pad_batch
 from personalab.engine.chat import TokenSequence
+from personalab.engine.handle import ModelHandle
 from personalab.engine.interventions import Ablate, Clamp, Spec, Steer, batch_interventions, intervene, spec_of
 from personalab.engine.interventions import structure as specs_structure
-from personalab.engine.model import ModelHandle, unwrap
-from personalab.store import Store, content_key
+from personalab.hashes import content_key
+from personalab.store import Store
 
 HF = "hf"
 
@@ -291,6 +293,20 @@ def sample(
 def sample_texts(handle: ModelHandle, prompts: Sequence[TokenSequence], params: SamplingParams, seed: int) -> list[str]:
     """The texts of ``sample``."""
     return [c.text for c in sample(handle, prompts, params, seed)]
+
+
+def generate_text(
+    handle: ModelHandle,
+    prompt: str,
+    system: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> str:
+    """The answer to one chat turn (``ModelHandle.encode``), greedy by default, under whatever interventions are
+    active (``PersonaVector.steer``); the sampling parameters are these alone (``sample``)."""
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+    return sample(handle, [handle.encode(system, prompt)], params, seed)[0].text
 
 
 def greedy_ids(

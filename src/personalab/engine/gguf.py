@@ -16,7 +16,6 @@ Run folders record the GGUF file's name and sha256 (``GgufSource.record``) besid
 """
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from personalab.errors import InvalidInputError, PersonalabError, PersonalabWarning, UnsupportedArchitectureError
+from personalab.hashes import file_sha256
 
 MAGIC = b"GGUF"
 MARKER = "gguf.json"
@@ -140,12 +140,8 @@ def _checked(path: Path, size: int, mtime_ns: int) -> Header:
             f"{path} is a GGUF of architecture {architecture!r} (model type {config.get('model_type')!r}), which is "
             f"not a decoder-only causal LM; personalab studies those (Llama, Qwen, Mistral, Gemma, Phi-3, ...)"
         )
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
     n_blocks, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
-    return Header(architecture, digest.hexdigest(), n_blocks, hidden, tensor_types)
+    return Header(architecture, file_sha256(path), n_blocks, hidden, tensor_types)
 
 
 def check(path: Path) -> Header:

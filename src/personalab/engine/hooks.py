@@ -16,7 +16,8 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from transformers import Cache
 
-from personalab.engine.model import ModelHandle, unwrap
+from personalab.engine.architectures import unwrap
+from personalab.engine.handle import ModelHandle
 
 ResidualFn = Callable[[torch.Tensor], torch.Tensor | None]
 """Receives the residual ``[batch, seq, hidden]``; returns a replacement or ``None``."""

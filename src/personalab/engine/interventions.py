@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from personalab.engine.handle import ModelHandle
 from personalab.engine.hooks import CallInfo, hook_call, hook_residual
 from personalab.engine.layers import check_layers, check_vector
-from personalab.engine.model import ModelHandle
 from personalab.engine.positions import PositionName, check_name, named_mask
 from personalab.errors import InvalidInputError
 
@@ -329,7 +329,7 @@ class Spec:
 def spec_of(iv: "Steer | Ablate | Clamp", vectors: dict[str, torch.Tensor]) -> Spec:
     """``iv`` as a ``Spec``; its direction (``[hidden]`` or per-layer, row ``layer`` taken) is added to ``vectors``
     under its sha256."""
-    from personalab.vectors import vector_sha256
+    from personalab.hashes import vector_sha256
 
     direction = iv.vector if isinstance(iv, Steer) else iv.direction
     row = torch.as_tensor(direction).detach().float()

@@ -26,8 +26,8 @@ from pydantic import BeforeValidator
 
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
+from personalab.engine.handle import ModelHandle
 from personalab.engine.layers import check_layers, check_vector
-from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 
 SCALES = ("raw", "normalised")

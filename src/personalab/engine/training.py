@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_linear_schedule_with_warmup
 
 from personalab.console import progress_bar
-from personalab.engine.model import ModelHandle, unwrap
+from personalab.engine.architectures import unwrap
+from personalab.engine.handle import ModelHandle
 from personalab.errors import InvalidInputError
 
 

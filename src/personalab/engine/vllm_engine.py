@@ -49,10 +49,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from personalab import __version__
 from personalab.console import progress_bar
+from personalab.engine.architectures import unwrap
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import Completion, SamplingParams, completion
+from personalab.engine.handle import ModelHandle
 from personalab.engine.interventions import Spec
-from personalab.engine.model import ModelHandle, read_config, unwrap
+from personalab.engine.loading import read_config
 from personalab.engine.vllm_replicas import Instance, Replica, close_all, in_process
 from personalab.engine.vllm_worker import KEY, SLOTS
 from personalab.errors import InvalidInputError, PersonalabError

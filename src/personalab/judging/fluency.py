@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 from personalab.engine.chat import TokenSequence, with_answer
 from personalab.engine.forward import response_nll
-from personalab.engine.model import ModelHandle
-from personalab.store import Store, content_key
+from personalab.engine.handle import ModelHandle
+from personalab.hashes import content_key
+from personalab.store import Store
 
 FLUENCY = "mean negative log-likelihood per answer token (nats) under the unsteered model"
 """What the fluency column holds, in words (lower is more fluent)."""

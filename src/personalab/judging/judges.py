@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from personalab.engine.forward import next_token_logits
-from personalab.engine.model import ModelHandle, load_model
+from personalab.engine.handle import ModelHandle
+from personalab.engine.loading import load_model
 from personalab.errors import InvalidInputError, PersonalabError
 from personalab.traits import COHERENCE_RUBRIC, load_trait
 from personalab.traits.schema import render_rubric

@@ -89,7 +89,7 @@ class LexiconJudge:
     changed word list is a new judge in the store."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        from personalab.store import content_key
+        from personalab.hashes import content_key
         from personalab.traits import COHERENCE_CONTINUATION, COHERENCE_RUBRIC
 
         self.path = Path(path) if path else BUILT_IN

@@ -6,7 +6,7 @@ import pandas as pd
 
 from personalab.console import say
 from personalab.engine.generation import GenerationRequest, Interventions, SamplingParams, generate_cached
-from personalab.engine.model import ModelHandle
+from personalab.engine.handle import ModelHandle
 from personalab.judging.fluency import fluency_cached
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan, plan_judged, score_cached

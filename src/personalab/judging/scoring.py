@@ -6,9 +6,10 @@ from pathlib import Path
 
 from personalab.console import progress_bar
 from personalab.engine.generation import GenerationRequest, SamplingParams, generation_key
-from personalab.engine.model import ModelHandle
+from personalab.engine.handle import ModelHandle
+from personalab.hashes import content_key
 from personalab.judging.judges import MIN_MASS, Judge, JudgeError, no_score
-from personalab.store import Store, content_key
+from personalab.store import Store
 
 
 @dataclass(frozen=True)

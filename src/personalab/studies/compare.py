@@ -21,11 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from personalab.console import say
 from personalab.engine.checkpoints import trained_parameters
 from personalab.engine.generation import SamplingParams
+from personalab.engine.handle import ModelHandle
 from personalab.engine.interventions import Steer
-from personalab.engine.model import ModelHandle, loaded_name
+from personalab.engine.loading import loaded_name
 from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.figures.plots import plot_score_bars, short_name
 from personalab.figures.tables import markdown_table, write_csv
+from personalab.hashes import vector_sha256
 from personalab.judging.fluency import FLUENCY
 from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scorecard import evaluation_plan, scored_answers, summary
@@ -35,7 +37,6 @@ from personalab.store import Store
 from personalab.studies.stats import paired_test
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts
 from personalab.traits.elicitation import evaluation_format
-from personalab.vectors import vector_sha256
 
 
 def _tests(answers: dict[str, pd.DataFrame], steered: str, trained: list[str], n_resamples: int) -> dict[str, dict]:

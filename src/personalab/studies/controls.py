@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from personalab.engine.capture import capture_means
-from personalab.engine.model import ModelHandle
-from personalab.studies.extraction import PAIRS, Answer, ContrastPair, answer_activations, contrast_sequences
+from personalab.engine.handle import ModelHandle
+from personalab.methods.extraction import PAIRS, Answer, ContrastPair, answer_activations, contrast_sequences
 from personalab.traits import RUN_TRAIT, load_trait_file
 
 CONTROL_SEEDS = (0, 1, 2)

@@ -25,10 +25,12 @@ from personalab.console import say
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import SamplingParams, release
+from personalab.engine.handle import ModelHandle
 from personalab.engine.layers import CONVENTION, check_vector
-from personalab.engine.model import ModelHandle, free_memory, loaded_name
+from personalab.engine.loading import free_memory, loaded_name
 from personalab.figures.plots import plot_correlation, short_name
 from personalab.figures.tables import markdown_table, write_csv
+from personalab.hashes import vector_sha256
 from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scorecard import evaluation_plan, scored_answers, summary
 from personalab.judging.scoring import Plan
@@ -36,7 +38,6 @@ from personalab.runfolder import claim, model_settings
 from personalab.store import Store
 from personalab.traits import Trait
 from personalab.traits.elicitation import evaluation_format
-from personalab.vectors import vector_sha256
 
 RESAMPLES = 10_000
 MIN_POINTS = 3

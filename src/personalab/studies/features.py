@@ -27,20 +27,20 @@ from personalab.console import progress_bar
 from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import SamplingParams
+from personalab.engine.handle import ModelHandle, check_same_shape
 from personalab.engine.layers import check_vector
-from personalab.engine.model import ModelHandle, check_same_shape
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_features, short_name
 from personalab.figures.tables import markdown_table, write_csv
 from personalab.files import write_text
+from personalab.hashes import content_key, vector_sha256
 from personalab.records import Record
 from personalab.runfolder import claim, model_settings
 from personalab.sae import SAE
-from personalab.store import Store, content_key
+from personalab.store import Store
 from personalab.studies.monitor import own_answers
 from personalab.studies.stats import bonferroni, sign_flip_test, smallest_sign_flip_p
 from personalab.traits.elicitation import elicit
-from personalab.vectors import vector_sha256
 
 TESTED = 100
 """Features given a sign-flip test: those with the largest absolute activation difference."""

@@ -38,23 +38,24 @@ from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
 from personalab.engine.forward import final_hidden, logits_fn, response_mask
 from personalab.engine.generation import SamplingParams, greedy_ids, weights_saved
+from personalab.engine.handle import ModelHandle
 from personalab.engine.interventions import Ablate, Steer, intervene
 from personalab.engine.layers import check_layers, check_vector
+from personalab.engine.lora import save_trained, with_lora
 from personalab.engine.losses import chunked_cross_entropy
-from personalab.engine.model import ModelHandle, save_trained, with_lora
 from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import Panel, plot_over_training, plot_training_curve, short_name
 from personalab.figures.tables import write_csv
+from personalab.hashes import content_key, vector_sha256
 from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scorecard import evaluation_plan, scored_answers, summary
 from personalab.judging.scoring import Plan
 from personalab.records import Record, data_file
 from personalab.runfolder import RunFolder, claim, model_settings
-from personalab.store import Store, content_key
+from personalab.store import Store
 from personalab.traits import Trait, calibration_prompts
-from personalab.vectors import vector_sha256
 
 
 class FinetuneConfig(TrainConfig):

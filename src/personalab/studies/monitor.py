@@ -21,8 +21,8 @@ import torch
 
 from personalab.engine.capture import capture
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.engine.handle import ModelHandle, check_same_shape
 from personalab.engine.layers import check_vector
-from personalab.engine.model import ModelHandle, check_same_shape
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_histogram
 from personalab.persona import response_projections, unit_direction

@@ -17,16 +17,16 @@ import pandas as pd
 import torch
 
 from personalab.console import say
-from personalab.engine.model import ModelHandle
+from personalab.engine.handle import ModelHandle
 from personalab.figures.plots import plot_model_shift
 from personalab.figures.tables import markdown_table, write_csv
 from personalab.files import write_text
+from personalab.hashes import content_key, vector_sha256
 from personalab.persona import project_records
 from personalab.records import Record
 from personalab.runfolder import claim, model_settings
-from personalab.store import Store, content_key
+from personalab.store import Store
 from personalab.studies.monitor import model_shift, projection_shift, write_projections, write_shift_report
-from personalab.vectors import vector_sha256
 
 TABLE = "project.csv"
 

@@ -27,14 +27,15 @@ from safetensors.torch import load_file
 
 from personalab.console import say
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.engine.handle import ModelHandle
 from personalab.engine.interventions import Steer
 from personalab.engine.layers import check_layers
-from personalab.engine.model import ModelHandle
 from personalab.engine.positions import PositionName
 from personalab.engine.scale import DEFAULT_SCALE, Scale, ScaledVector, scale_vectors
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_heatmap, plot_sweep_curves, short_name
 from personalab.figures.tables import markdown_table, write_csv
+from personalab.hashes import vector_sha256
 from personalab.judging.fluency import FLUENCY, fluency_cached
 from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scoring import Plan, plan_judged, score_cached
@@ -44,7 +45,7 @@ from personalab.studies.controls import CONTROL_SEEDS, control_directions
 from personalab.studies.stats import paired_test
 from personalab.traits import RUN_TRAIT, Trait, calibration_prompts, coherence_rubric
 from personalab.traits.elicitation import continues, evaluation_format, evaluation_prompt
-from personalab.vectors import save_vector_file, vector_sha256
+from personalab.vectors import save_vector_file
 
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 """Coefficients of a sweep given none, in normalised units (fractions of the typical, median token, residual norm)."""

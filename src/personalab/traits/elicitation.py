@@ -19,7 +19,7 @@ from personalab.traits.schema import Elicitation, Trait
 
 if TYPE_CHECKING:
     from personalab.engine.chat import ChatFormat, TokenSequence
-    from personalab.engine.model import ModelHandle
+    from personalab.engine.handle import ModelHandle
 
 TEXT_TEMPLATES: dict[str, str] = {
     "plain": FORMAT_TEXTS["plain"],

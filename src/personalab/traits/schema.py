@@ -1,6 +1,5 @@
 """The trait file schema: what a persona trait is made of, validated with pydantic."""
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -9,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from personalab.errors import InvalidInputError
 from personalab.files import write_text
+from personalab.hashes import fingerprint
 
 Elicitation = Literal["system_prompt", "plain", "third_person", "few_shot", "dialogue", "continuation"]
 
@@ -72,7 +72,7 @@ class Trait(BaseModel):
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the trait: identifies exactly which trait made a vector."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+        return fingerprint(self.model_dump(), ascii=True)
 
     def save(self, path: str | Path) -> None:
         write_text(path, json.dumps(self.model_dump(), indent=2, ensure_ascii=False) + "\n")

@@ -36,11 +36,12 @@ from personalab.engine.capture import capture
 from personalab.engine.chat import TokenSequence
 from personalab.engine.forward import logprobs_at
 from personalab.engine.generation import greedy_ids
+from personalab.engine.handle import ModelHandle
 from personalab.engine.interventions import Substitute, intervene
 from personalab.engine.layers import check_layers
-from personalab.engine.model import ModelHandle
 from personalab.engine.positions import Indices
-from personalab.store import Store, content_key
+from personalab.hashes import content_key
+from personalab.store import Store
 from personalab.studies.compose.geometry import decompose
 from personalab.studies.compose.grids import Cell, Grid
 from personalab.studies.compose.markers import markers_found

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from personalab.engine.capture import capture
-from personalab.engine.model import ModelHandle
+from personalab.engine.handle import ModelHandle
 from personalab.files import replacing
-from personalab.store import content_key
+from personalab.hashes import content_key
 
 
 def statement_format(handle: ModelHandle) -> str:

@@ -19,12 +19,12 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from personalab.console import progress_bar, say
+from personalab.engine.handle import ModelHandle
 from personalab.engine.layers import CONVENTION, check_layers
-from personalab.engine.model import ModelHandle
 from personalab.figures.plots import plot_embedding, plot_heatmap, plot_pca_pairs, short_name
 from personalab.figures.tables import markdown_table, write_csv
+from personalab.hashes import content_key
 from personalab.runfolder import claim, model_settings
-from personalab.store import content_key
 from personalab.studies.localize.activations import ActivationCache, statement_format
 from personalab.studies.localize.divergence import (
     NULLS,

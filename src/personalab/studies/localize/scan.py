@@ -22,13 +22,14 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from personalab.console import progress_bar, say
+from personalab.engine.handle import ModelHandle
 from personalab.engine.layers import check_layers
-from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_heatmap, plot_upset, short_name
 from personalab.figures.tables import markdown_table, write_csv
+from personalab.hashes import content_key
 from personalab.runfolder import claim, model_settings
-from personalab.store import Store, content_key
+from personalab.store import Store
 from personalab.studies.localize.activations import ActivationCache, statement_format
 from personalab.studies.localize.deepscan import SCORES, TAILS, pvalue_ranges, scan, scan_individual
 from personalab.studies.localize.statements import Statement

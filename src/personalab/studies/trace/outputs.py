@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from personalab.figures.plots import Panel, plot_heatmap, plot_labelled_points, plot_over_training, short_name
 from personalab.figures.tables import markdown_table, write_csv
-from personalab.studies.extraction import RULES
+from personalab.methods.extraction import RULES
 from personalab.studies.trace.geometry import (
     consecutive_cosines,
     cosine_matrix,

@@ -3,7 +3,7 @@
 Checkpoints run one at a time in training order (load, work, free memory). For each unit
 (a trait elicited in one strategy) and checkpoint:
 
-1. extraction as in ``personalab.studies.extraction`` (generate, judge, filter, per-layer
+1. extraction as in ``personalab.methods.extraction`` (generate, judge, filter, per-layer
    mean differences of response-token means); a checkpoint where fewer than ``min_pairs``
    pairs survive the filter is recorded as not extractable, with its filter counts;
 2. the mean residual norm at every layer over the unit's evaluation prompts (the geometry's relative norms: the
@@ -35,17 +35,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from personalab.console import say
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached, release
+from personalab.engine.handle import ModelHandle
 from personalab.engine.interventions import Steer
-from personalab.engine.model import MissingTokenizerError, ModelHandle, free_memory, load_tokenizer, model_shape
+from personalab.engine.loading import MissingTokenizerError, free_memory, load_tokenizer, model_shape
 from personalab.engine.scale import DEFAULT_SCALE, Scale, mean_residual_norm, scaled_vector
 from personalab.errors import InvalidInputError, PersonalabError
 from personalab.files import write_text
+from personalab.hashes import vector_sha256
 from personalab.judging.fluency import fluency_cached
 from personalab.judging.judges import Judge
 from personalab.judging.scoring import Plan, score_cached
-from personalab.store import Store
-from personalab.studies.controls import CONTROL_SEEDS, control_directions
-from personalab.studies.extraction import (
+from personalab.methods.extraction import (
     RULES,
     Answer,
     ExtractionConfig,
@@ -54,6 +54,8 @@ from personalab.studies.extraction import (
     filter_pairs,
     judged_answers,
 )
+from personalab.store import Store
+from personalab.studies.controls import CONTROL_SEEDS, control_directions
 from personalab.studies.trace.series import Checkpoint
 from personalab.traits import (
     STRATEGIES,
@@ -65,7 +67,7 @@ from personalab.traits import (
     load_trait_file,
 )
 from personalab.traits.elicitation import continues, evaluation_prompt
-from personalab.vectors import save_vector_file, vector_sha256
+from personalab.vectors import save_vector_file
 
 BASE_SAMPLING = SamplingParams(temperature=0.5, top_p=1.0, max_new_tokens=64, repetition_penalty=1.1)
 """Generation on base checkpoints, as in the pretraining-tracing code: 64 tokens, temperature 0.5, penalty 1.1."""

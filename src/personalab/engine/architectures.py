@@ -1,16 +1,10 @@
-"""Exact baking: write a model whose plain forward equals steering on all positions.
+"""What personalab knows per architecture: where the decoder blocks are, and how an exact bake edits the weights.
 
-Steering at layer ``1 <= l < n_blocks`` on every position adds the constant ``alpha * v`` to
-the output of block ``l - 1`` (convention in ``personalab.engine.layers``). When that block ends
-with ``h + mlp(...)`` and the MLP ends with a linear projection ``W x + b``, the same
-shift is ``b -> b + alpha * v`` on that projection: no training, and exact up to float
-rounding. At ``l = n_blocks`` the shift is on ``hidden_states[n_blocks]``, after the final
-norm: the bias of that norm where it has one (``gpt2``'s ``ln_f``, ``gpt_neox``'s
-``final_layer_norm``); the RMS norms of the other architectures have none, so they are refused
-there. At ``l = 0`` the shift is on the embedding output; when that output is
-``scale * E[token] (+ position terms)`` it is ``E[t] -> E[t] + alpha * v / scale`` on every
-row of the input embedding matrix. Padding positions, which steering leaves alone, are
-shifted too, but attention masks them out, so every real position is unchanged.
+Block paths: ``find_blocks`` tries the path known for the model type, then common paths, then any ``ModuleList`` as
+long as ``num_hidden_layers``.
+
+Weight plans (``weight_plan``, used by ``personalab.methods.bake``): the tensors and config changes that make a model's
+plain forward add a constant ``shift`` at layer ``l`` (convention: ``personalab.engine.layers``).
 
 What the transformers modeling code allows, per architecture:
 
@@ -40,32 +34,99 @@ Layer 0 works for all of the above: Gemma's embedding module multiplies by
 untouched. GPT-2 also looks up ``token_type_ids`` in ``wte``; a caller that passes them
 gets the shift twice. Tied input and output embeddings are untied in the saved model
 (``tie_word_embeddings=False``) so the LM head keeps the original matrix.
-
-The baked model shares every unchanged tensor with the original (it is built on the meta
-device and given the original tensors); nothing of the original is modified.
 """
 
 import copy
-import json
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
-from personalab.console import say
-from personalab.engine.chat import TokenSequence
-from personalab.engine.forward import next_token_logits
-from personalab.engine.interventions import add_vector
-from personalab.engine.layers import check_layers, check_vector
-from personalab.engine.model import KNOWN_BLOCK_PATHS, ModelHandle, unwrap
-from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
-from personalab.errors import InvalidInputError, UnsupportedArchitectureError
-from personalab.runfolder import claim, model_settings
-from personalab.traits import calibration_prompts
-from personalab.vectors import vector_sha256
+from personalab.errors import UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from personalab.engine.handle import ModelHandle
+
+KNOWN_BLOCK_PATHS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "gemma3": "model.language_model.layers",
+    "olmo": "model.layers",
+    "olmo2": "model.layers",
+    "olmo3": "model.layers",
+    "phi3": "model.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+}
+
+
+FALLBACK_BLOCK_PATHS: tuple[str, ...] = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.layers",
+)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (modules are shared, so hooks reach both)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _num_hidden_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "num_hidden_layers", None)
+
+
+def find_blocks(model: nn.Module, blocks_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return ``(path, blocks)``: the decoder blocks of ``model``, in order.
+
+    Tries ``blocks_path`` if given, then the known path for the model type, then
+    common paths, then any ``nn.ModuleList`` as long as ``config.num_hidden_layers``.
+    """
+    inner = unwrap(model)
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    candidates = [blocks_path] if blocks_path else []
+    if model_type in KNOWN_BLOCK_PATHS:
+        candidates.append(KNOWN_BLOCK_PATHS[model_type])
+    candidates += [p for p in FALLBACK_BLOCK_PATHS if p not in candidates]
+    for path in candidates:
+        try:
+            module = inner.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return path, module
+    n_layers = _num_hidden_layers(inner)
+    if n_layers:
+        for name, module in inner.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+                return name, module
+    raise UnsupportedArchitectureError(
+        f"cannot find the decoder blocks of {type(inner).__name__} (model_type={model_type!r}); "
+        f"tried {', '.join(candidates)} and any ModuleList of num_hidden_layers={n_layers}; "
+        f"pass blocks_path='<attribute path of the block list>'"
+    )
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the residual stream: ``hidden_size`` of the text config, else the embedding width."""
+    inner = unwrap(model)
+    hidden = getattr(inner.config.get_text_config(), "hidden_size", None)
+    return int(hidden or inner.get_input_embeddings().embedding_dim)
+
 
 BIAS_MODULES: dict[str, str] = {"llama": "mlp.down_proj", "gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h"}
 """Per model type, the MLP output projection (inside a block) whose bias shifts the block output."""
@@ -106,7 +167,7 @@ _DISTILL = "distill the vector instead (personalab distill)"
 
 
 @dataclass
-class _Plan:
+class WeightPlan:
     """Tensors to swap into the baked model, by state-dict key, and config changes."""
 
     method: str
@@ -194,7 +255,7 @@ def _shifted(bias: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return (bias.float() + shift.to(bias.device)).to(bias.dtype)
 
 
-def _final_norm_plan(model: PreTrainedModel, layer: int, shift: torch.Tensor) -> _Plan:
+def _final_norm_plan(model: PreTrainedModel, layer: int, shift: torch.Tensor) -> WeightPlan:
     model_type = model.config.model_type
     path = FINAL_NORMS.get(model_type)
     bias = getattr(model.get_submodule(path), "bias", None) if path else None
@@ -203,24 +264,24 @@ def _final_norm_plan(model: PreTrainedModel, layer: int, shift: torch.Tensor) ->
             f"{model_type}: layer {layer} is hidden_states[{layer}], after the final norm, which has no bias here, "
             f"so no saved model reproduces a constant shift there; bake at a layer below {layer} or {_DISTILL}"
         )
-    plan = _Plan(method=f"bias on {path}")
+    plan = WeightPlan(method=f"bias on {path}")
     plan.tensors[f"{path}.bias"] = _shifted(bias.detach(), shift)
     return plan
 
 
-def _bias_plan(handle: ModelHandle, model: PreTrainedModel, layer: int, shift: torch.Tensor) -> _Plan:
+def bias_plan(handle: "ModelHandle", model: PreTrainedModel, layer: int, shift: torch.Tensor) -> WeightPlan:
     model_type = model.config.model_type
     if layer == handle.n_blocks:
         return _final_norm_plan(model, layer, shift)
     if model_type in _AS_LLAMA and handle.blocks_path == "model.layers":
         target = _llama_config(model.config)
         path = f"model.layers.{layer - 1}.mlp.down_proj"
-        plan = _Plan(method=f"bias on {path} of a llama model re-saved from {model_type}", target=target)
+        plan = WeightPlan(method=f"bias on {path} of a llama model re-saved from {model_type}", target=target)
         plan.tensors = _llama_tensors(model, target)
         plan.exact_up_to_tokens = _sliding_window(model.config)
     elif model_type in BIAS_MODULES and handle.blocks_path == KNOWN_BLOCK_PATHS[model_type]:
         path = f"{handle.blocks_path}.{layer - 1}.{BIAS_MODULES[model_type]}"
-        plan = _Plan(method=f"bias on {path}")
+        plan = WeightPlan(method=f"bias on {path}")
         bias = model.get_submodule(path).bias
         if bias is None:
             plan.config["mlp_bias"] = True
@@ -233,7 +294,7 @@ def _bias_plan(handle: ModelHandle, model: PreTrainedModel, layer: int, shift: t
     return plan
 
 
-def _embedding_plan(model: PreTrainedModel, shift: torch.Tensor) -> _Plan:
+def embedding_plan(model: PreTrainedModel, shift: torch.Tensor) -> WeightPlan:
     model_type = model.config.model_type
     if model_type not in EMBEDDING_LOOKUP:
         raise UnsupportedArchitectureError(
@@ -250,7 +311,7 @@ def _embedding_plan(model: PreTrainedModel, shift: torch.Tensor) -> _Plan:
             f"so the scale to divide by is unknown; {_DISTILL}"
         )
     delta = shift if scale is None else shift / float(scale.to(weight.dtype))
-    plan = _Plan(method="embedding rows")
+    plan = WeightPlan(method="embedding rows")
     plan.tensors[f"{_module_name(model, embedding)}.weight"] = weight + delta.to(weight.device, weight.dtype)
     head = model.get_output_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) or (
@@ -261,7 +322,7 @@ def _embedding_plan(model: PreTrainedModel, shift: torch.Tensor) -> _Plan:
     return plan
 
 
-def _rebuilt(model: PreTrainedModel, plan: _Plan) -> PreTrainedModel:
+def rebuilt(model: PreTrainedModel, plan: WeightPlan) -> PreTrainedModel:
     """A model of the planned config holding ``model``'s tensors (shared, not copied) and the planned ones."""
     config = copy.deepcopy(plan.target or model.config)
     for key, value in plan.config.items():
@@ -281,87 +342,8 @@ def _rebuilt(model: PreTrainedModel, plan: _Plan) -> PreTrainedModel:
     return baked.eval()
 
 
-CHECKED_PROMPTS = 8
-"""Calibration prompts on which a bake is checked against steering."""
-
-
-def largest_logit_difference(
-    handle: ModelHandle,
-    baked: PreTrainedModel,
-    v: torch.Tensor,
-    layer: int,
-    alpha: float,
-    prompts: Sequence[TokenSequence],
-) -> float:
-    """Largest ``|logit|`` difference, over the next-token logits of ``prompts``, between ``baked``'s plain forward
-    and ``handle`` steered with ``alpha * v`` at ``layer`` on every position."""
-    twin = ModelHandle.from_model(baked, handle.tokenizer, name=handle.name)
-    ids = [list(p.ids) for p in prompts]
-    with add_vector(handle, v, layer, alpha, "all"):
-        steered = {tuple(rows): logits for rows, logits in next_token_logits(handle, ids)}
-    plain = {tuple(rows): logits for rows, logits in next_token_logits(twin, ids)}
-    return max(float((plain[rows] - steered[rows]).abs().max()) for rows in steered)
-
-
-@torch.no_grad()
-def bake_exact(
-    handle: ModelHandle,
-    vector: torch.Tensor,
-    layer: int,
-    alpha: float,
-    out: str | Path,
-    scale: Scale = DEFAULT_SCALE,
-    progress: bool = True,
-) -> Path:
-    """Write to ``out`` a model whose plain forward equals ``add_vector(handle, v, layer, alpha, "all")``,
-    with ``v`` the vector under ``scale`` (``personalab.engine.scale``).
-
-    ``vector`` is ``[hidden]`` or per-layer ``[n_blocks + 1, hidden]`` (row ``layer`` is used).
-    The folder holds the model, the tokenizer and ``bake.json`` (layer, alpha, method,
-    vector_sha256 of ``v``, the scale record, and ``exact_up_to_tokens`` where a sliding window
-    bounds the equality). Raises ``InvalidInputError`` on bad input and
-    ``UnsupportedArchitectureError`` where no exact bake exists, before writing anything.
-    """
-    check_layers(layer, handle.n_blocks)
-    check_vector(vector, layer, handle.n_blocks, handle.hidden_size)
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"alpha must be a finite number, not {alpha!r}") from None
-    if not math.isfinite(alpha):
-        raise InvalidInputError(f"alpha must be a finite number, not {alpha}")
-    model = handle.model
-    if unwrap(model) is not model:
-        raise InvalidInputError("the model is wrapped in a peft adapter; merge it first (merge_and_unload)")
-    settings = {**model_settings(handle), "vector_sha256": vector_sha256(vector), "layer": layer, "alpha": alpha}
-    scaled = scaled_vector(handle, vector, layer, scale, calibration_prompts(handle))
-    v = scaled.vector.detach().float().cpu()
-    say(scaled.describe([alpha]), progress)
-    shift = alpha * v
-    plan = _embedding_plan(model, shift) if layer == 0 else _bias_plan(handle, model, layer, shift)
-    baked = _rebuilt(model, plan)
-    checked = calibration_prompts(handle)[:CHECKED_PROMPTS]
-    difference = largest_logit_difference(handle, baked, v, layer, alpha, checked)
-    say(f"check: largest |logit difference| against steering, on {len(checked)} calibration prompts: "
-        f"{difference:.3g}", progress)  # fmt: skip
-    out = Path(out)
-    run = claim(out, "bake", {**settings, "scale": scale})
-    baked.save_pretrained(out)
-    handle.tokenizer.save_pretrained(out)
-    record = {
-        "layer": layer,
-        "alpha": alpha,
-        "method": plan.method,
-        "vector_sha256": vector_sha256(v),
-        "steering": scaled.record([alpha]),
-        "check": {
-            "prompts": len(checked),
-            "max_abs_logit_difference": difference,
-            "against": "the original model steered with alpha * v at every position (next-token logits)",
-        },
-    }
-    if plan.exact_up_to_tokens is not None:
-        record["exact_up_to_tokens"] = plan.exact_up_to_tokens
-    (out / "bake.json").write_text(json.dumps(record, indent=2) + "\n")
-    run.write(model=handle.name, revision=handle.revision, **record)
-    return out
+def weight_plan(handle: "ModelHandle", model: PreTrainedModel, layer: int, shift: torch.Tensor) -> WeightPlan:
+    """The plan that adds ``shift`` ``[hidden]`` at ``layer`` of ``model`` (``handle``'s): embedding rows at layer 0,
+    else an MLP output bias (or the final norm's at ``n_blocks``); ``UnsupportedArchitectureError`` where none is
+    exact."""
+    return embedding_plan(model, shift) if layer == 0 else bias_plan(handle, model, layer, shift)

@@ -9,7 +9,7 @@ scores and the rules it breaks (``pairs.jsonl``, written before the minimum-pair
 ``summary.md`` says how many pairs each rule dropped, with example dropped pairs. Each vector variant is by default
 the mean activation over kept ``pos`` answers minus the mean over kept ``neg`` answers, at every
 layer (``[n_blocks + 1, hidden]``, convention in ``personalab.engine.layers``; other aggregations:
-``personalab.studies.aggregation``).
+``personalab.methods.aggregation``).
 """
 
 import json
@@ -24,16 +24,17 @@ from personalab.console import say
 from personalab.engine.capture import capture_means
 from personalab.engine.chat import TokenSequence
 from personalab.engine.generation import GenerationRequest, SamplingParams, generate_cached
+from personalab.engine.handle import ModelHandle
 from personalab.engine.layers import CONVENTION
-from personalab.engine.model import ModelHandle
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_layer_norms, short_name
 from personalab.figures.tables import markdown_table
+from personalab.hashes import content_key
 from personalab.judging.judges import Judge, judge_record
 from personalab.judging.scoring import Plan, plan_judged, score_cached
+from personalab.methods.aggregation import Aggregation, aggregate
 from personalab.runfolder import claim, model_settings
-from personalab.store import Store, content_key
-from personalab.studies.aggregation import Aggregation, aggregate
+from personalab.store import Store
 from personalab.traits import RUN_TRAIT, Trait, coherence_rubric
 from personalab.traits.elicitation import elicit, elicitation_format
 from personalab.vectors import VARIANTS, save_vector_file
@@ -57,7 +58,7 @@ class ExtractionConfig(BaseModel):
     min_pairs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
     aggregation: Aggregation = "mean_diff"
-    """How the kept pairs' activations become the vector (``personalab.studies.aggregation``)."""
+    """How the kept pairs' activations become the vector (``personalab.methods.aggregation``)."""
 
 
 FILTER = ("pos_threshold", "neg_threshold", "coherence_threshold", "min_pairs")
@@ -175,7 +176,7 @@ def compute_vectors(
     aggregation: Aggregation = "mean_diff",
 ) -> dict[str, torch.Tensor]:
     """The three variants from kept ``(pos, neg)`` pairs, float32 ``[n_blocks + 1, hidden]`` each: by default the
-    mean over positive answers minus the mean over negative ones (``aggregation``: ``studies.aggregation``). Each
+    mean over positive answers minus the mean over negative ones (``aggregation``: ``methods.aggregation``). Each
     answer is encoded in its own style, so pairs of several strategies can be pooled. ``activations`` is
     ``answer_activations`` of ``[pos..., neg...]`` when already captured."""
     answers = [p for p, _ in kept] + [n for _, n in kept]
@@ -441,7 +442,7 @@ def run_pair_extraction(
 ) -> ExtractionResult:
     """A vector from given contrastive texts, with nothing generated or judged: ``response_mean``, by default the
     mean residual over each positive text's tokens (its answer's, where it has a prompt) minus the same over the
-    negative ones (``aggregation``: ``studies.aggregation``), at every layer, through the extraction's capture, into
+    negative ones (``aggregation``: ``methods.aggregation``), at every layer, through the extraction's capture, into
     the run folder ``out`` (``source``: the pairs' file, fingerprinted as an input; ``trait``: kept as
     ``trait.json`` for the commands that read one)."""
     out = Path(out)

@@ -33,20 +33,21 @@ from personalab.engine.batching import PaddedBatch, pad_batch
 from personalab.engine.chat import TokenSequence
 from personalab.engine.forward import final_hidden, logits_fn, response_mask
 from personalab.engine.generation import GenerationRequest, SamplingParams, fill_store, release
+from personalab.engine.handle import ModelHandle
 from personalab.engine.interventions import Steer, add_vector
 from personalab.engine.layers import check_layers, check_vector
+from personalab.engine.lora import save_trained, with_lora
 from personalab.engine.losses import chunked_kl
-from personalab.engine.model import ModelHandle, save_trained, with_lora
 from personalab.engine.scale import DEFAULT_SCALE, Scale, scaled_vector
 from personalab.engine.training import TrainConfig, Trainer, accelerator_for
 from personalab.errors import InvalidInputError
 from personalab.figures.plots import plot_training_curve, short_name
 from personalab.figures.tables import write_csv
+from personalab.hashes import content_key, vector_sha256
 from personalab.judging.scoring import Plan, plan_judged
 from personalab.runfolder import claim, model_settings
-from personalab.store import Store, content_key
+from personalab.store import Store
 from personalab.traits import calibration_prompts
-from personalab.vectors import vector_sha256
 
 TRAJECTORY_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=256)
 

@@ -1,64 +1,22 @@
-"""Loading models and locating their decoder blocks (layer convention: see ``personalab.engine.layers``)."""
+"""Loading models: devices and dtypes, hub names, local and run folders, GGUF files, tokenizers, configs without
+weights, and fine-tunes (an adapter merged onto its base)."""
 
 import gc
 import socket
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from personalab.engine.chat import (
-    ChatFormat,
-    TokenSequence,
-    detect_chat_format,
-    encode_chat,
-    encode_prompt,
-    encode_system,
-)
 from personalab.engine.checkpoints import weights
 from personalab.engine.gguf import BUILT_IN as BUILT_IN_GGUF
-from personalab.engine.gguf import GgufSource, cached, check, dequantised, gguf_file
-from personalab.errors import InvalidInputError, PersonalabError, UnsupportedArchitectureError
-from personalab.store import content_key
-
-KNOWN_BLOCK_PATHS: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma": "model.layers",
-    "gemma2": "model.layers",
-    "gemma3_text": "model.layers",
-    "gemma3": "model.language_model.layers",
-    "olmo": "model.layers",
-    "olmo2": "model.layers",
-    "olmo3": "model.layers",
-    "phi3": "model.layers",
-    "gpt2": "transformer.h",
-    "gpt_neox": "gpt_neox.layers",
-}
-FALLBACK_BLOCK_PATHS: tuple[str, ...] = (
-    "model.layers",
-    "model.language_model.layers",
-    "transformer.h",
-    "gpt_neox.layers",
-    "model.decoder.layers",
-    "transformer.layers",
-)
+from personalab.engine.gguf import cached, check, dequantised, gguf_file
+from personalab.engine.handle import ModelHandle
+from personalab.engine.lora import merge_adapter
+from personalab.errors import InvalidInputError, PersonalabError
 
 _DTYPES = {
     "float32": torch.float32,
@@ -68,235 +26,6 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (modules are shared, so hooks reach both)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _num_hidden_layers(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "num_hidden_layers", None)
-
-
-def find_blocks(model: nn.Module, blocks_path: str | None = None) -> tuple[str, nn.ModuleList]:
-    """Return ``(path, blocks)``: the decoder blocks of ``model``, in order.
-
-    Tries ``blocks_path`` if given, then the known path for the model type, then
-    common paths, then any ``nn.ModuleList`` as long as ``config.num_hidden_layers``.
-    """
-    inner = unwrap(model)
-    model_type = getattr(getattr(inner, "config", None), "model_type", None)
-    candidates = [blocks_path] if blocks_path else []
-    if model_type in KNOWN_BLOCK_PATHS:
-        candidates.append(KNOWN_BLOCK_PATHS[model_type])
-    candidates += [p for p in FALLBACK_BLOCK_PATHS if p not in candidates]
-    for path in candidates:
-        try:
-            module = inner.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            return path, module
-    n_layers = _num_hidden_layers(inner)
-    if n_layers:
-        for name, module in inner.named_modules():
-            if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-                return name, module
-    raise UnsupportedArchitectureError(
-        f"cannot find the decoder blocks of {type(inner).__name__} (model_type={model_type!r}); "
-        f"tried {', '.join(candidates)} and any ModuleList of num_hidden_layers={n_layers}; "
-        f"pass blocks_path='<attribute path of the block list>'"
-    )
-
-
-def hidden_size(model: nn.Module) -> int:
-    """Width of the residual stream: ``hidden_size`` of the text config, else the embedding width."""
-    inner = unwrap(model)
-    hidden = getattr(inner.config.get_text_config(), "hidden_size", None)
-    return int(hidden or inner.get_input_embeddings().embedding_dim)
-
-
-@dataclass
-class ModelHandle:
-    """A causal LM with what personalab needs to know about it.
-
-    ``blocks[i]`` is decoder block ``i``; ``stack`` is the module that holds the blocks
-    and returns ``hidden_states[n_blocks]`` (after the final norm) as its first output.
-
-    ``module`` is the model as built; with ``deferred`` set it is an empty copy on the meta device (``load_model(...,
-    defer_weights=True)``, for an engine that runs every forward pass itself), and ``model``, ``blocks`` and ``stack``
-    load the weights the first time they are used. ``config``, ``architecture``, ``dtype`` and the shape never do.
-    """
-
-    module: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    blocks_path: str
-    n_blocks: int
-    hidden_size: int
-    chat: ChatFormat
-    name: str
-    revision: str | None = None
-    stop_ids: frozenset[int] = frozenset()
-    """Tokens that end generation: end-of-sequence, the template's end of turn and the checkpoint's
-    ``generation_config.eos_token_id``."""
-    origin: tuple[str, str | None, str | None] = ("", None, None)
-    """Where the weights came from: ``(model, revision, adapter folder or None)``, for engines that load them."""
-    engine: Any = None
-    """What generates (``personalab.engine.generation.Engine``); ``None`` is Hugging Face ``generate``."""
-    gguf: GgufSource | None = None
-    """The GGUF file the weights were dequantised from (``personalab.engine.gguf``), or ``None``."""
-    deferred: Callable[[], PreTrainedModel] | None = None
-    """What loads the weights while ``module`` is an empty copy (``None`` once they are loaded)."""
-    intervening: int = 0
-    """How many ``intervene`` blocks hook the Hugging Face model now (``personalab.engine.interventions``)."""
-
-    @property
-    def forward_engine(self) -> Any:
-        """The engine that runs this handle's prompt-only forward passes (capture's means and norms, answers' NLL):
-        its ``engine``, unless an ``intervene`` block hooks the Hugging Face model or the engine runs no such passes
-        (its ``captures`` is off), whose forwards then run on the Hugging Face model."""
-        return None if self.intervening or not getattr(self.engine, "captures", False) else self.engine
-
-    @property
-    def model(self) -> PreTrainedModel:
-        """The model with its weights (loaded now if they were deferred)."""
-        if self.deferred is not None:
-            self.module, self.deferred = self.deferred(), None
-        return self.module
-
-    @property
-    def weights_loaded(self) -> bool:
-        """Whether the Hugging Face weights are in memory (``False`` while deferred)."""
-        return self.deferred is None
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The decoder blocks, ``blocks[i]`` block ``i``."""
-        return unwrap(self.model).get_submodule(self.blocks_path)
-
-    @property
-    def stack(self) -> nn.Module:
-        """The module that holds the blocks and returns ``hidden_states[n_blocks]`` as its first output."""
-        inner = unwrap(self.model)
-        return inner.get_submodule(self.blocks_path.rpartition(".")[0]) if "." in self.blocks_path else inner
-
-    @property
-    def config(self) -> PretrainedConfig:
-        """The model's transformers config (without loading deferred weights)."""
-        return unwrap(self.module).config
-
-    @classmethod
-    def from_model(
-        cls,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        name: str | None = None,
-        revision: str | None = None,
-        blocks_path: str | None = None,
-        thinking: bool = False,
-    ) -> "ModelHandle":
-        """A handle on a loaded model; ``thinking`` keeps the chat template's thinking markers
-        (``personalab.engine.chat``)."""
-        path, blocks = find_blocks(model, blocks_path)
-        inner = unwrap(model)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        chat = detect_chat_format(tokenizer, thinking)
-        end = chat.end_of_turn
-        declared = getattr(getattr(inner, "generation_config", None), "eos_token_id", None)
-        declared = declared if isinstance(declared, list) else [] if declared is None else [declared]
-        stops = {tokenizer.eos_token_id, *declared} | ({end[-1]} if end else set())
-        return cls(
-            module=model,
-            tokenizer=tokenizer,
-            blocks_path=path,
-            n_blocks=len(blocks),
-            hidden_size=hidden_size(model),
-            chat=chat,
-            name=name or getattr(inner, "name_or_path", "") or type(inner).__name__,
-            revision=revision,
-            stop_ids=frozenset(stops - {None}),
-        )
-
-    def tokenizer_sha256(self) -> str:
-        """sha256 of the tokenizer's vocabulary (every token with its id): models that share it read text as the same
-        token ids; a vector records it (``meta.json``) to be refused by a model that does not."""
-        return content_key("vocabulary", sorted(self.tokenizer.get_vocab().items()))
-
-    @property
-    def end_of_turn(self) -> tuple[int, ...]:
-        """Tokens that close an assistant answer (``ChatFormat.end_of_turn``)."""
-        return self.chat.end_of_turn
-
-    @property
-    def n_layers(self) -> int:
-        """Number of layers in the convention: ``n_blocks + 1``."""
-        return self.n_blocks + 1
-
-    @property
-    def architecture(self) -> str:
-        archs = getattr(self.config, "architectures", None)
-        return archs[0] if archs else type(unwrap(self.module)).__name__
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.module.parameters()).dtype
-
-    @property
-    def input_device(self) -> torch.device:
-        """Device of the input embeddings, where token ids must go."""
-        return unwrap(self.model).get_input_embeddings().weight.device
-
-    def encode(
-        self,
-        system: str | None,
-        user: str,
-        assistant: str | None = None,
-        end: bool = False,
-        history: Sequence[tuple[str, str]] = (),
-    ) -> TokenSequence:
-        """Chat-format one turn after the earlier ``(user, assistant)`` turns of ``history``; ``end`` closes the answer
-        with ``end_of_turn`` (a training target). See ``personalab.engine.chat.encode_chat``."""
-        end_ids = self.end_of_turn if end else ()
-        return encode_chat(self.tokenizer, self.chat, system, user, assistant, end_ids, history)
-
-    def encode_prompt(self, prompt_format: str, system: str | None, user: str) -> TokenSequence:
-        """The generation prompt of one turn in ``prompt_format``: chat, plain or continuation
-        (``personalab.engine.chat.encode_prompt``)."""
-        return encode_prompt(self.tokenizer, self.chat, prompt_format, system, user)
-
-    def generate_text(
-        self,
-        prompt: str,
-        system: str | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        seed: int = 0,
-    ) -> str:
-        """The answer to one chat turn (``encode``), greedy by default, under whatever interventions are active
-        (``PersonaVector.steer``); the sampling parameters are these alone (``engine.generation.sample``)."""
-        from personalab.engine.generation import SamplingParams, sample
-
-        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
-        return sample(self, [self.encode(system, prompt)], params, seed)[0].text
-
-    def encode_system(self, text: str) -> TokenSequence:
-        """``text`` alone as the system message with the generation prompt (``personalab.engine.chat``)."""
-        return encode_system(self.tokenizer, self.chat, text)
-
-
-def check_same_shape(base: ModelHandle, tuned: ModelHandle) -> None:
-    """Refuse, in one line, two models whose depth or width differ (a fine-tune must keep its base's shape)."""
-    if (base.n_blocks, base.hidden_size) != (tuned.n_blocks, tuned.hidden_size):
-        raise InvalidInputError(
-            f"{base.name} has {base.n_blocks} blocks of width {base.hidden_size} but {tuned.name} has "
-            f"{tuned.n_blocks} of width {tuned.hidden_size}; compare a fine-tune with its own base model"
-        )
 
 
 def free_memory() -> None:
@@ -352,6 +81,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype | str:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 """Files of which a folder holding a tokenizer has at least one."""
+
 
 _TOKENIZER_HINT = "pass `tokenizer`: the base model's hub name or a folder with its tokenizer"
 
@@ -620,52 +350,6 @@ def loaded_name(name_or_path: str | Path) -> str:
         return str(name_or_path)
     folder = local_folder(str(name_or_path))
     return str(weights(folder).folder) if folder is not None else str(name_or_path)
-
-
-def merge_adapter(handle: ModelHandle, adapter: str | Path) -> ModelHandle:
-    """``handle``'s model with the peft adapter in ``adapter`` merged into its weights, named after the adapter."""
-    from peft import PeftModel
-
-    with peft_quietly():
-        merged = PeftModel.from_pretrained(handle.model, adapter).merge_and_unload()
-    out = ModelHandle.from_model(merged.eval(), handle.tokenizer, name=str(adapter), thinking=handle.chat.thinking_on)
-    out.origin = (handle.origin[0], handle.origin[1], str(adapter))
-    return out
-
-
-@contextmanager
-def peft_quietly() -> Iterator[None]:
-    """Around peft calls: peft's ``PeftModel`` reads transformers' deprecated ``is_gradient_checkpointing``
-    (a FutureWarning that personalab's code never triggers), so that one warning is dropped there."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        yield
-
-
-def save_trained(model: nn.Module, folder: str | Path) -> None:
-    """``model.save_pretrained(folder)``; a peft adapter is saved without embedding layers (``with_lora`` never adapts
-    them), so peft does not look up its base model's config to decide (a GGUF base has none to look up)."""
-    if unwrap(model) is not model:
-        model.save_pretrained(folder, save_embedding_layers=False)
-    else:
-        model.save_pretrained(folder)
-
-
-def with_lora(model: PreTrainedModel, rank: int, alpha: float | None = None) -> nn.Module:
-    """``model`` with a LoRA adapter (rank ``rank``, alpha ``2 * rank`` by default, no dropout) on every
-    linear projection of attention and MLP; GPT-2's transposed ``Conv1D`` projections included."""
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    lora = LoraConfig(
-        r=rank,
-        lora_alpha=alpha or 2 * rank,
-        target_modules="all-linear",
-        lora_dropout=0.0,
-        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
-    )
-    with peft_quietly():
-        return get_peft_model(model, lora)
 
 
 def load_trained(
