@@ -1,16 +1,19 @@
-"""Models and timing shared by the benchmarks."""
+"""Models and timing shared by the benchmarks (the models' paths come from the tests' helpers)."""
 
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from personalab.engine.handle import ModelHandle
-from personalab.engine.loading import load_model, local_folder
+from personalab.engine.loading import load_model
 from personalab.errors import PersonalabError
 
-STORIES = local_folder("builtin:stories260k")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers.models import SMOLLM2, STORIES  # noqa: E402
 
 
 def random_llama() -> torch.nn.Module:
@@ -29,9 +32,6 @@ def random_llama() -> torch.nn.Module:
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).to("cuda" if torch.cuda.is_available() else "cpu")
-
-
-SMOLLM2 = "builtin:smollm2-135m-instruct"
 
 
 def models() -> dict[str, ModelHandle]:

@@ -70,7 +70,7 @@ errors = Console(stderr=True, soft_wrap=True)
 _started: list = []
 """Engines the running command started, closed when it ends."""
 
-# One help text per option name: an option means the same in every command that has it (tests/test_options.py).
+# One help text per option name: an option means the same in every command that has it (tests/unit/test_options.py).
 LAYER_HELP = "Layer l (hidden_states[l]: 0 = embeddings, l = output of block l-1)."
 ALPHA_HELP = "Steering alpha (see --scale)."
 TEMPERATURE_HELP = "Sampling temperature (0: greedy)."
