@@ -1,16 +1,16 @@
 """``PersonaVector``: the three variants of a persona vector with their trait, model and provenance.
 
-Each variant is float32 ``[n_blocks + 1, hidden]``; row ``l`` is the direction at layer ``l``
-(``personalab.engine.layers``: ``hidden_states[l]``, 0 = embeddings). ``steer`` and ``ablate``
-are context managers over ``personalab.engine.interventions.intervene``, with the alpha
+Each variant holds the layers it has, ``{layer: [hidden]}`` float32, layer ``l`` the direction at
+``hidden_states[l]`` (``personalab.engine.layers``, 0 = embeddings): every layer ``0..n_blocks`` for an extracted
+vector, its SAE's layer alone for an SAE feature (which is made without knowing the model's depth). ``steer`` and
+``ablate`` are context managers over ``personalab.engine.interventions.intervene``, with the alpha
 convention of ``personalab.engine.scale`` and the command line's default scale; ``project``
 gives the projections of ``personalab project``.
 """
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,27 +93,66 @@ def project_records(
     ]
 
 
-@dataclass
+Rows = dict[int, torch.Tensor]
+"""One variant: ``{layer: [hidden]}``."""
+
+
+def _rows(value: "torch.Tensor | Mapping[int, torch.Tensor]") -> Rows:
+    """A variant as ``{layer: float32 [hidden]}``: a ``[n_layers, hidden]`` tensor gives every layer."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 2:
+            raise InvalidInputError(
+                f"a variant is [n_blocks + 1, hidden] or {{layer: [hidden]}}; got {tuple(value.shape)}"
+            )
+        return {layer: row for layer, row in enumerate(value.detach().float().cpu())}
+    rows = {int(layer): torch.as_tensor(row).detach().float().cpu() for layer, row in sorted(value.items())}
+    if any(layer < 0 or row.dim() != 1 for layer, row in rows.items()):
+        raise InvalidInputError("a variant's layers are whole numbers >= 0, each with a [hidden] row")
+    return rows
+
+
 class PersonaVector:
-    """A persona vector: ``variants`` maps ``response_mean``, ``prompt_mean`` and ``last_prompt`` (or the subset a
-    file holds) to float32 ``[n_blocks + 1, hidden]``; ``trait`` is the trait it was extracted for (``None`` when
-    unknown), ``model``/``revision`` the model, ``meta`` the extraction's ``meta.json`` and ``source`` where it was
-    loaded from."""
+    """A persona vector: per variant (``response_mean``, ``prompt_mean``, ``last_prompt``, or the subset a file holds)
+    the rows of the layers it has (``layers``); ``trait`` is the trait it was extracted for (``None`` when unknown),
+    ``model``/``revision`` the model, ``meta`` the extraction's ``meta.json`` and ``source`` where it was loaded from.
 
-    variants: dict[str, torch.Tensor]
-    trait: Trait | None = None
-    model: str | None = None
-    revision: str | None = None
-    meta: dict = field(default_factory=dict)
-    source: Path | None = None
+    ``variants`` may be given as ``[n_blocks + 1, hidden]`` tensors (every layer: the vector knows its model's depth,
+    ``n_layers``) or as ``{layer: [hidden]}`` mappings of some layers (``n_layers`` is then ``None`` and a dense
+    ``tensor`` takes the depth of the model it is applied to)."""
 
-    def __post_init__(self) -> None:
-        if not self.variants:
+    def __init__(
+        self,
+        variants: "Mapping[str, torch.Tensor | Mapping[int, torch.Tensor]]",
+        trait: Trait | None = None,
+        model: str | None = None,
+        revision: str | None = None,
+        meta: dict | None = None,
+        source: Path | None = None,
+    ):
+        if not variants:
             raise InvalidInputError("a persona vector needs at least one variant")
-        shapes = {tuple(v.shape) for v in self.variants.values()}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise InvalidInputError(f"variants must all be [n_blocks + 1, hidden]; got shapes {sorted(shapes)}")
-        self.variants = {k: v.detach().float().cpu() for k, v in self.variants.items()}
+        dense = {isinstance(v, torch.Tensor) for v in variants.values()}
+        self.layers: dict[str, Rows] = {name: _rows(value) for name, value in variants.items()}
+        self.trait, self.model, self.revision, self.source = trait, model, revision, source
+        self.meta = dict(meta or {})
+        shapes = {(tuple(rows), rows[next(iter(rows))].shape[0]) if rows else ((), 0) for rows in self.layers.values()}
+        if len(shapes) != 1 or not next(iter(shapes))[0]:
+            raise InvalidInputError(f"variants must hold the same layers of one width; got {sorted(shapes)}")
+        held, hidden = next(iter(shapes))
+        if any(row.shape != (hidden,) for rows in self.layers.values() for row in rows.values()):
+            raise InvalidInputError("every row of a vector has the same width")
+        self.n_layers: int | None = len(held) if dense == {True} else None
+        """``n_blocks + 1`` of the model it was made for, when it holds every layer; ``None`` otherwise."""
+
+    @property
+    def held(self) -> list[int]:
+        """The layers this vector has, ascending."""
+        return list(next(iter(self.layers.values())))
+
+    @property
+    def variants(self) -> dict[str, torch.Tensor]:
+        """Every variant as ``[n_blocks + 1, hidden]`` (a vector that holds every layer of its model)."""
+        return {name: self.tensor(name) for name in self.layers}
 
     @property
     def name(self) -> str:
@@ -123,24 +162,45 @@ class PersonaVector:
         return self.meta.get("trait") or (self.source.name if self.source else "") or self.meta.get("expression", "")
 
     @property
-    def n_layers(self) -> int:
-        """``n_blocks + 1``."""
-        return next(iter(self.variants.values())).shape[0]
-
-    @property
     def hidden_size(self) -> int:
-        return next(iter(self.variants.values())).shape[1]
+        rows = next(iter(self.layers.values()))
+        return next(iter(rows.values())).shape[0]
 
-    def tensor(self, variant: str = DEFAULT_VARIANT) -> torch.Tensor:
-        """The ``[n_blocks + 1, hidden]`` tensor of ``variant``."""
-        if variant not in self.variants:
-            raise InvalidInputError(f"this vector has no variant {variant!r}; it has {', '.join(self.variants)}")
-        return self.variants[variant]
+    def tensor(self, variant: str = DEFAULT_VARIANT, n_layers: int | None = None) -> torch.Tensor:
+        """``variant`` as ``[n_layers, hidden]``, zero at the layers it does not have; ``n_layers`` defaults to the
+        vector's own depth (needed for a vector of some layers: the depth of the model it is applied to)."""
+        rows = self._variant(variant)
+        depth = n_layers if n_layers is not None else self.n_layers
+        if depth is None:
+            raise InvalidInputError(
+                f"this vector has layer(s) {', '.join(map(str, rows))} only; give the model it is applied to"
+            )
+        if self.n_layers is not None and depth != self.n_layers:
+            raise InvalidInputError(
+                f"per-layer vector has {self.n_layers} rows but this model has {depth} layers (n_blocks + 1); use a "
+                f"vector extracted from this model"
+            )
+        past = [layer for layer in rows if layer >= depth]
+        if past:
+            raise InvalidInputError(f"the vector has layer {past[0]} but the model has layers 0..{depth - 1}")
+        out = torch.zeros(depth, self.hidden_size)
+        for layer, row in rows.items():
+            out[layer] = row
+        return out
+
+    def _variant(self, variant: str) -> Rows:
+        if variant not in self.layers:
+            raise InvalidInputError(f"this vector has no variant {variant!r}; it has {', '.join(self.layers)}")
+        return self.layers[variant]
 
     def at(self, layer: int, variant: str = DEFAULT_VARIANT) -> torch.Tensor:
         """The ``[hidden]`` direction at ``layer``."""
-        check_layers(layer, self.n_layers - 1)
-        return self.tensor(variant)[layer]
+        rows = self._variant(variant)
+        if self.n_layers is not None:
+            check_layers(layer, self.n_layers - 1)
+        if layer not in rows:
+            raise InvalidInputError(f"the vector has no layer {layer}; it has {', '.join(map(str, rows))}")
+        return rows[layer]
 
     def unit(self, layer: int, variant: str = DEFAULT_VARIANT) -> torch.Tensor:
         """The unit ``[hidden]`` direction at ``layer``."""
@@ -149,32 +209,49 @@ class PersonaVector:
             raise InvalidInputError(f"the vector is zero at layer {layer}; choose another layer")
         return row / row.norm()
 
-    def norms(self, variant: str = DEFAULT_VARIANT) -> torch.Tensor:
-        """``[n_blocks + 1]`` L2 norm per layer."""
-        return self.tensor(variant).norm(dim=-1)
+    def norms(self, variant: str = DEFAULT_VARIANT) -> "pd.Series":
+        """L2 norm per layer it has (a Series indexed by layer)."""
+        import pandas as pd
 
-    def cosine(self, other: "PersonaVector | torch.Tensor", variant: str = DEFAULT_VARIANT) -> torch.Tensor:
-        """``[n_blocks + 1]`` cosine similarity per layer with ``other`` (its same variant; 0 where either is zero)."""
-        theirs = other.tensor(variant) if isinstance(other, PersonaVector) else torch.as_tensor(other).float()
-        mine = self.tensor(variant)
-        if theirs.shape != mine.shape:
+        rows = self._variant(variant)
+        norms = torch.stack(list(rows.values())).norm(dim=-1)
+        return pd.Series(norms.tolist(), index=pd.Index(list(rows), name="layer"), name="norm")
+
+    def cosine(self, other: "PersonaVector | torch.Tensor", variant: str = DEFAULT_VARIANT) -> "pd.Series":
+        """Cosine similarity with ``other`` (its same variant, or a ``[n_layers, hidden]`` tensor) at every layer both
+        have: a Series indexed by layer (0 where either is zero)."""
+        import pandas as pd
+
+        theirs = other if isinstance(other, PersonaVector) else PersonaVector({variant: torch.as_tensor(other)})
+        mine, rows = self._variant(variant), theirs._variant(variant)
+        depths = {d for d in (self.n_layers, theirs.n_layers) if d is not None}
+        common = [layer for layer in mine if layer in rows]
+        if len(depths) > 1 or self.hidden_size != theirs.hidden_size or not common:
             raise InvalidInputError(
-                f"vectors of shapes {tuple(mine.shape)} and {tuple(theirs.shape)}; compare vectors of one model"
+                f"vectors of shapes {self._shape()} and {theirs._shape()}; compare vectors of one model"
             )
-        return torch.nn.functional.cosine_similarity(mine, theirs, dim=-1, eps=torch.finfo(torch.float32).tiny)
+        a = torch.stack([mine[layer] for layer in common])
+        b = torch.stack([rows[layer] for layer in common])
+        values = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=torch.finfo(torch.float32).tiny)
+        return pd.Series(values.tolist(), index=pd.Index(common, name="layer"), name="cosine")
+
+    def _shape(self) -> str:
+        depth = self.n_layers if self.n_layers is not None else f"layers {','.join(map(str, self.held))}"
+        return f"[{depth}, {self.hidden_size}]"
 
     def _check_model(self, model: ModelHandle, hooks: bool = True) -> None:
-        if (model.n_layers, model.hidden_size) != (self.n_layers, self.hidden_size):
+        fits = self.n_layers in (None, model.n_layers) and self.held[-1] < model.n_layers
+        if not fits or self.hidden_size != model.hidden_size:
             raise InvalidInputError(
-                f"the vector is [{self.n_layers}, {self.hidden_size}] but {model.name} has [{model.n_layers}, "
-                f"{model.hidden_size}]; use a vector extracted from this model"
+                f"the vector is {self._shape()} but {model.name} has [{model.n_layers}, {model.hidden_size}]; use a "
+                f"vector extracted from this model"
             )
         if hooks:
             _check_hooks(model)
 
     def scaled(self, model: ModelHandle, layer: int, scale: Scale = DEFAULT_SCALE, variant: str = DEFAULT_VARIANT):
         """What ``alpha = 1`` adds at ``layer`` under ``scale`` (``personalab.engine.scale.ScaledVector``)."""
-        return scaled_vector(model, self.tensor(variant), layer, scale, calibration_prompts(model))
+        return scaled_vector(model, self.tensor(variant, model.n_layers), layer, scale, calibration_prompts(model))
 
     @contextmanager
     def steer(
@@ -203,7 +280,7 @@ class PersonaVector:
     ) -> Iterator[None]:
         """Inside the block the direction at ``layer`` is projected out of the residual at ``positions``."""
         self._check_model(model)
-        with intervene(model, Ablate(layer, self.tensor(variant), positions)):
+        with intervene(model, Ablate(layer, self.tensor(variant, model.n_layers), positions)):
             yield
 
     def project(
@@ -222,11 +299,12 @@ class PersonaVector:
         self._check_model(model, hooks=False)
         rows = load_records(records) if isinstance(records, str | Path) else list(records)
         chosen = model.n_blocks // 2 if layer is None else layer
-        return pd.DataFrame(project_records(model, rows, self.tensor(variant), chosen, batch_size))
+        return pd.DataFrame(project_records(model, rows, self.tensor(variant, model.n_layers), chosen, batch_size))
 
     def save(self, folder: str | Path) -> Path:
         """Write ``vectors.safetensors``, ``meta.json`` and (with a trait) ``trait.json`` into ``folder``; a folder
-        that ``PersonaVector.load`` and every ``--vector`` option read."""
+        that ``PersonaVector.load`` and every ``--vector`` option read. A vector of some layers is saved as
+        ``dense(n_layers)``."""
         folder = Path(folder)
         meta = {**self.meta, "model": self.model, "revision": self.revision}
         if self.trait is not None:
@@ -257,6 +335,11 @@ class PersonaVector:
             raise InvalidInputError("the vector has no trait name to name its files; set its trait first")
         return export_public({k: v for k, v in self.variants.items() if k in VARIANTS}, folder, self.name)
 
+    def dense(self, n_layers: int) -> "PersonaVector":
+        """This vector over every layer of a model with ``n_layers`` (``n_blocks + 1``), zero where it has none."""
+        variants = {name: self.tensor(name, n_layers) for name in self.layers}
+        return PersonaVector(variants, self.trait, self.model, self.revision, self.meta, self.source)
+
     def __add__(self, other: "PersonaVector") -> "PersonaVector":
         """Per variant both have, the sum at every layer (vectors of one model)."""
         return self._combined(other, 1.0, "+")
@@ -270,7 +353,8 @@ class PersonaVector:
         if isinstance(factor, bool) or not isinstance(factor, int | float):
             return NotImplemented
         meta = {k: v for k, v in self.meta.items() if k != "trait"}
-        variants = {k: v * factor for k, v in self.variants.items()}
+        variants = {k: {layer: row * factor for layer, row in rows.items()} for k, rows in self.layers.items()}
+        variants = self._as_held(variants, self.n_layers)
         return self._derived(variants, meta, f"{factor:g} * ({self.name or '?'})")
 
     __rmul__ = __mul__
@@ -282,26 +366,48 @@ class PersonaVector:
         """``self + sign * other`` over their common variants; the result keeps the provenance both share."""
         if not isinstance(other, PersonaVector):
             return NotImplemented
-        if (self.n_layers, self.hidden_size) != (other.n_layers, other.hidden_size):
+        depths = {d for d in (self.n_layers, other.n_layers) if d is not None}
+        if len(depths) > 1 or self.hidden_size != other.hidden_size:
             raise InvalidInputError(
-                f"vectors of shapes [{self.n_layers}, {self.hidden_size}] and [{other.n_layers}, "
-                f"{other.hidden_size}]; combine vectors of one model"
+                f"vectors of shapes {self._shape()} and {other._shape()}; combine vectors of one model"
             )
         if (self.model, self.revision) != (other.model, other.revision):
             raise InvalidInputError(
                 f"vectors of {_named(str(self.model), self.revision)} and {_named(str(other.model), other.revision)}; "
                 "combine vectors of one model"
             )
-        common = [k for k in self.variants if k in other.variants]
+        common = [k for k in self.layers if k in other.layers]
         if not common:
             raise InvalidInputError(
-                f"the vectors share no variant ({', '.join(self.variants)} vs {', '.join(other.variants)})"
+                f"the vectors share no variant ({', '.join(self.layers)} vs {', '.join(other.layers)})"
             )
         shared = {k: v for k, v in self.meta.items() if k != "trait" and other.meta.get(k) == v}
-        variants = {k: self.variants[k] + sign * other.variants[k] for k in common}
+        depth = next(iter(depths), None)
+        variants = {}
+        for k in common:
+            mine, theirs = self.layers[k], other.layers[k]
+            zero = torch.zeros(self.hidden_size)
+            held = sorted(set(mine) | set(theirs))
+            variants[k] = {layer: mine.get(layer, zero) + sign * theirs.get(layer, zero) for layer in held}
+        variants = self._as_held(variants, depth)
         return self._derived(variants, shared, f"({self.name or '?'}) {symbol} ({other.name or '?'})")
 
-    def _derived(self, variants: dict[str, torch.Tensor], meta: dict, expression: str) -> "PersonaVector":
+    @staticmethod
+    def _as_held(variants: dict[str, Rows], depth: int | None) -> "dict[str, torch.Tensor | Rows]":
+        """Rows of every layer of a model of ``depth`` as dense tensors (the result then knows its depth)."""
+        if depth is None:
+            return variants
+        out = {}
+        for name, rows in variants.items():
+            dense = torch.zeros(depth, next(iter(rows.values())).shape[0])
+            for layer, row in rows.items():
+                if layer >= depth:
+                    raise InvalidInputError(f"a vector has layer {layer} but the other has layers 0..{depth - 1}")
+                dense[layer] = row
+            out[name] = dense
+        return out
+
+    def _derived(self, variants: "dict[str, torch.Tensor | Rows]", meta: dict, expression: str) -> "PersonaVector":
         """A vector computed from this one: same model, no trait, its ``expression`` in ``meta``."""
         return PersonaVector(
             variants, model=self.model, revision=self.revision, meta={**meta, "expression": expression}
@@ -309,8 +415,8 @@ class PersonaVector:
 
     def __repr__(self) -> str:
         return (
-            f"PersonaVector({self.name or '?'}, model={self.model!r}, variants={list(self.variants)}, "
-            f"shape=[{self.n_layers}, {self.hidden_size}])"
+            f"PersonaVector({self.name or '?'}, model={self.model!r}, variants={list(self.layers)}, "
+            f"shape={self._shape()})"
         )
 
 
@@ -351,24 +457,22 @@ def check_origin(vector: PersonaVector, model: ModelHandle | str) -> None:
         )
 
 
-def as_vector(value: "PersonaVector | torch.Tensor | str | Path", n_blocks: int | None = None) -> PersonaVector:
+def as_vector(value: "PersonaVector | torch.Tensor | str | Path") -> PersonaVector:
     """A ``PersonaVector`` from itself, a ``[n_blocks + 1, hidden]`` tensor (as ``response_mean``), a path, or
-    ``sae:PATH#FEATURE`` (``feature_vector``, sized by ``n_blocks``)."""
+    ``sae:PATH#FEATURE`` (``feature_vector``)."""
     if isinstance(value, PersonaVector):
         return value
     if isinstance(value, torch.Tensor):
         return PersonaVector({DEFAULT_VARIANT: value})
     if str(value).startswith(FEATURE_PREFIX):
-        if n_blocks is None:
-            raise InvalidInputError(f"{value!r}: an SAE feature as a vector needs the model's depth; give the model")
-        return feature_vector(str(value), n_blocks)
+        return feature_vector(str(value))
     return PersonaVector.load(value)
 
 
-def feature_vector(spec: str, n_blocks: int) -> PersonaVector:
-    """``sae:PATH#FEATURE``: feature ``FEATURE``'s decoder direction of the SAE folder ``PATH``, as a vector
-    ``[n_blocks + 1, hidden]`` that is that direction at the SAE's layer and zero elsewhere (variant
-    ``response_mean``); steering with it follows the same alpha convention as any vector."""
+def feature_vector(spec: str) -> PersonaVector:
+    """``sae:PATH#FEATURE``: feature ``FEATURE``'s decoder direction of the SAE folder ``PATH`` at the SAE's layer,
+    ``{layer: W_dec[FEATURE]}`` (variant ``response_mean``; a model's other layers are zero); steering with it follows
+    the same alpha convention as any vector."""
     from personalab.sae import load_sae
 
     path, _, index = spec.removeprefix(FEATURE_PREFIX).rpartition("#")
@@ -378,11 +482,8 @@ def feature_vector(spec: str, n_blocks: int) -> PersonaVector:
     feature = int(index)
     if feature >= sae.d_sae:
         raise InvalidInputError(f"{spec!r}: the SAE has features 0..{sae.d_sae - 1}")
-    sae.check_fits(n_blocks, sae.d_in)
-    rows = torch.zeros(n_blocks + 1, sae.d_in)
-    rows[sae.layer] = sae.W_dec[feature]
     meta = {"sae": str(path), "feature": feature, "layer": sae.layer, "hook_name": sae.hook_name}
-    return PersonaVector({DEFAULT_VARIANT: rows}, meta=meta)
+    return PersonaVector({DEFAULT_VARIANT: {sae.layer: sae.W_dec[feature]}}, meta=meta)
 
 
 def _check_hooks(model: ModelHandle) -> None:
@@ -413,7 +514,7 @@ def steer(
     if isinstance(vector, PersonaVector):
         vector._check_model(model, hooks=False)
         check_origin(vector, model)
-        vector = vector.tensor(variant)
+        vector = vector.tensor(variant, model.n_layers)
     _check_hooks(model)
     scaled = scaled_vector(model, torch.as_tensor(vector).detach().float(), layer, scale, calibration_prompts(model))
     with intervene(model, Steer(layer, scaled.vector, alpha, positions)):

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers.judge_server import JudgeServer, hashed_scores
@@ -53,11 +54,13 @@ def test_persona_vector_geometry_matches_direct_formulas(tiny):
     assert torch.equal(a.at(layer), torch.from_numpy(raw_a[layer]))
     torch.testing.assert_close(a.unit(layer), torch.from_numpy(raw_a[layer] / (raw_a[layer] ** 2).sum() ** 0.5))
     expected_norms = [sum(x * x for x in row) ** 0.5 for row in raw_a.tolist()]
-    torch.testing.assert_close(a.norms(), torch.tensor(expected_norms))
+    np.testing.assert_allclose(a.norms().to_numpy(), expected_norms, rtol=1e-5)
     dots = (raw_a * raw_b).sum(-1)
     expected_cos = dots / ((raw_a**2).sum(-1) ** 0.5 * (raw_b**2).sum(-1) ** 0.5)
-    torch.testing.assert_close(a.cosine(b), torch.from_numpy(expected_cos))
-    torch.testing.assert_close(a.cosine(a), torch.ones(a.n_layers))
+    cosines = a.cosine(b)
+    assert cosines.index.name == "layer" and cosines.index.tolist() == list(range(handle.n_layers))
+    torch.testing.assert_close(torch.tensor(cosines.to_numpy()), torch.from_numpy(expected_cos).double())
+    torch.testing.assert_close(torch.tensor(a.cosine(a).to_numpy()), torch.ones(a.n_layers).double())
     assert a.cosine(b, variant="last_prompt").shape == (handle.n_layers,)
     with pytest.raises(pl.PersonalabError, match="no variant 'prompt_mean'"):
         a.at(layer, variant="prompt_mean")
@@ -69,8 +72,10 @@ def test_vector_arithmetic_is_per_variant_and_keeps_what_both_share(tiny, tmp_pa
     or shapes, and of no common variant, are refused in one line."""
     handle = tiny("llama", "chatml")
     a, b = _vector(handle, 0), _vector(handle, 1)
-    b.variants = {"response_mean": b.variants["response_mean"], "prompt_mean": b.variants["last_prompt"]}
-    b.meta = {"note": "planted", "tokenizer_sha256": "x"}
+    b = pl.PersonaVector(
+        {"response_mean": b.variants["response_mean"], "prompt_mean": b.variants["last_prompt"]},
+        trait=TRAIT, model=handle.name, meta={"note": "planted", "tokenizer_sha256": "x"},
+    )  # fmt: skip
     a.meta = {**a.meta, "tokenizer_sha256": "x", "kept_pairs": 3}
     diff = a - b
     assert list(diff.variants) == ["response_mean"] and diff.model == handle.name and diff.trait is None
@@ -396,3 +401,37 @@ def test_training_and_projection_verbs_write_what_the_python_functions_write(mod
     result = pl.project(model, tmp_path / "vec", tmp_path / "py" / "data" / "d.jsonl", layer=2, progress=False)
     _same_run(tmp_path / "cli" / "data", tmp_path / "py" / "data")
     assert len(result.table) == len(rows) and set(result.table.columns) == {"layer", "last_prompt", "response_mean"}
+
+
+def test_a_vector_holds_the_layers_it_has(tiny):
+    """A vector of some layers (an SAE feature's shape) knows no depth: its dense tensor takes the model's, with zeros
+    elsewhere; arithmetic with a full vector is per layer (missing rows count as zero); cosine and norms are per layer
+    it has; a layer past the model's depth, or another width, is refused in one line."""
+    handle = tiny("llama", "chatml")
+    full = _vector(handle, 0)
+    row = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(5))
+    some = pl.PersonaVector({"response_mean": {3: row}}, model=handle.name)
+    assert some.held == [3] and some.n_layers is None and torch.equal(some.at(3), row)
+    dense = some.tensor(n_layers=handle.n_layers)
+    assert dense.shape == (handle.n_layers, handle.hidden_size) and torch.equal(dense[3], row)
+    assert not dense[[i for i in range(handle.n_layers) if i != 3]].any()
+    with pytest.raises(pl.PersonalabError, match="has layer\\(s\\) 3 only; give the model"):
+        some.tensor()
+    with pytest.raises(pl.PersonalabError, match="has layer 3 but the model has layers 0..2"):
+        some.tensor(n_layers=3)
+    with pytest.raises(pl.PersonalabError, match="no layer 2; it has 3"):
+        some.at(2)
+    total = full + some
+    assert total.n_layers == handle.n_layers
+    expected = full.tensor()
+    expected[3] += row
+    assert torch.equal(total.tensor(), expected)
+    assert torch.equal((2 * some).at(3), 2 * row) and (2 * some).n_layers is None
+    cosine = full.cosine(some)
+    assert cosine.index.tolist() == [3]
+    assert cosine.iloc[0] == pytest.approx(float(torch.nn.functional.cosine_similarity(full.at(3), row, dim=0)))
+    assert some.norms().to_dict() == {3: pytest.approx(float(row.norm()))}
+    with pytest.raises(pl.PersonalabError, match="combine vectors of one model"):
+        full + pl.PersonaVector({"response_mean": {3: torch.ones(7)}}, model=handle.name)
+    with pytest.raises(pl.PersonalabError, match="has layer 99 but the other has layers"):
+        full + pl.PersonaVector({"response_mean": {99: row}}, model=handle.name)

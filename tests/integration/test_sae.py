@@ -168,8 +168,8 @@ def test_labels_stated_layers_and_feature_vectors_in_python(tmp_path):
     spec = f"sae:{tmp_path / 'sae'}#4"
     persona, direction = vector_of(spec, "response_mean", str(STORIES))
     assert direction.shape == (6, D_IN) and torch.equal(direction[3], t["W_dec"][4])
-    with pytest.raises(InvalidInputError, match="needs the model's depth"):
-        pl.features(spec, tmp_path / "sae")
+    decomposed = pl.features(spec, tmp_path / "sae").table  # a feature needs no model: it holds its layer
+    assert decomposed.loc[0, "feature"] == 4 and decomposed.loc[0, "cosine"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_bad_folders_and_misfits_are_one_line(tmp_path):
@@ -293,16 +293,17 @@ def test_steering_along_a_feature_is_steering_along_its_decoder_row(tmp_path, mo
     with add_vector(handle, t["W_dec"][17], 3, alpha=8.0, positions="generating"):
         expected = sample_texts(handle, [seq], params, 0)
     assert produced[1][0].text == expected[0] != produced[0][0].text
-    vector = pl.feature_vector(spec, handle.n_blocks)
-    assert vector.tensor().shape == (6, D_IN) and torch.equal(vector.at(3), t["W_dec"][17])
-    assert not vector.tensor()[[0, 1, 2, 4, 5]].any(), "the direction lives at the SAE's layer only"
+    vector = pl.feature_vector(spec)  # made without the model: the SAE's layer alone
+    assert vector.held == [3] and vector.n_layers is None and torch.equal(vector.at(3), t["W_dec"][17])
+    dense = vector.tensor(n_layers=handle.n_layers)
+    assert dense.shape == (6, D_IN) and not dense[[0, 1, 2, 4, 5]].any(), "the direction lives at the SAE's layer only"
     raw = [*args[:5], "--layer", "2", "--alpha", "8", "--scale", "raw", "--device", "cpu", "Hi"]
     elsewhere = CliRunner().invoke(app, raw)
     assert elsewhere.exit_code == 1 and "vector at layer 2 is all zeros, so steering there adds nothing" in " ".join(
         elsewhere.output.split()
     )
     with pytest.raises(InvalidInputError, match="the SAE has features 0..255"):
-        pl.feature_vector(f"sae:{tmp_path / 'sae'}#999", handle.n_blocks)
+        pl.feature_vector(f"sae:{tmp_path / 'sae'}#999")
 
 
 STARTS = ["Once upon a time", "One day", "Tim was", "Lily had a", "The cat", "There was a", "The sun", "Sam and Mia",
@@ -323,7 +324,7 @@ def test_a_fine_tune_on_data_steered_along_a_feature_puts_it_first_in_the_diff(c
           hook_name=f"blocks.{layer - 1}.hook_resid_post")  # fmt: skip
     handle = pl.load_model(str(STORIES), device="cpu")
     seqs = [handle.encode(None, s) for s in STARTS]
-    direction = pl.feature_vector(f"sae:{tmp_path / 'sae'}#{feature}", handle.n_blocks).at(layer)
+    direction = pl.feature_vector(f"sae:{tmp_path / 'sae'}#{feature}").at(layer)
     with add_vector(handle, direction, layer, alpha=8.0, positions="all"):
         texts = [sample_texts(handle, seqs, SamplingParams(temperature=1.0, max_new_tokens=32), s) for s in range(4)]
     records = [Record(None, s, text) for answers in texts for s, text in zip(STARTS, answers, strict=True)]

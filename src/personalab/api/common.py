@@ -22,7 +22,7 @@ from personalab.engine.handle import ModelHandle
 from personalab.engine.loading import load_model
 from personalab.errors import InvalidInputError
 from personalab.judging.judges import Judge, judge_from_spec
-from personalab.persona import FEATURE_PREFIX, PersonaVector, as_vector, check_origin
+from personalab.persona import PersonaVector, as_vector, check_origin
 from personalab.traits import Trait, load_trait, run_trait
 
 if TYPE_CHECKING:
@@ -127,30 +127,15 @@ def as_trait(
     return chosen
 
 
-def load_vector(value: "PersonaVector | str | Path | Any", model: Any = None) -> PersonaVector:
-    """The ``PersonaVector`` of ``value``: itself, a run folder, ``.safetensors`` or public ``.pt`` file, a tensor, or
-    ``sae:FOLDER#FEATURE`` (an SAE feature's decoder direction, sized for ``model``: a handle, name or folder)."""
-    if str(value).startswith(FEATURE_PREFIX) and not isinstance(model, ModelHandle | str | Path):
-        raise InvalidInputError("an SAE feature as a vector needs `model` (its depth sizes the vector)")
-    return as_vector(value, sized_for(value, model))
-
-
 def vector_of(value: "PersonaVector | str | Path | Any", variant: str, model: Any = None) -> tuple[PersonaVector, Any]:
-    """The ``PersonaVector`` of ``value`` (``load_vector``) and its ``variant`` tensor ``[n_blocks + 1, hidden]``; a
-    vector extracted from another model than ``model`` is a warning, or an error for another tokenizer
-    (``check_origin``)."""
-    vector = load_vector(value, model)
+    """The ``PersonaVector`` of ``value`` (``as_vector``) and its ``variant`` tensor ``[n_blocks + 1, hidden]`` over
+    the layers of ``model`` (a handle, name or folder; the vector's own depth without one); a vector extracted from
+    another model than ``model`` is a warning, or an error for another tokenizer (``check_origin``)."""
+    vector = as_vector(value)
     if isinstance(model, ModelHandle | str | Path):
         check_origin(vector, model if isinstance(model, ModelHandle) else str(model))
+        return vector, vector.tensor(variant, block_count(model) + 1)
     return vector, vector.tensor(variant)
-
-
-def sized_for(value: Any, model: Any) -> int | None:
-    """The ``n_blocks`` an SAE feature given as ``value`` is sized by: ``model``'s, when it is a handle, name or
-    folder; None for any other value."""
-    if not str(value).startswith(FEATURE_PREFIX) or not isinstance(model, ModelHandle | str | Path):
-        return None
-    return block_count(model)
 
 
 def configured(kind: type[Config], options: Mapping[str, Any], **fixed: Any) -> Config:

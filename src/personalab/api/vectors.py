@@ -13,7 +13,6 @@ from personalab.api.common import (
     configured,
     finished,
     run_folder,
-    sized_for,
     vector_of,
     write_run_report,
 )
@@ -203,9 +202,10 @@ def features(
     from personalab.traits import run_trait
 
     chosen = as_sae(sae, layer)
-    persona = as_vector(vector, sized_for(vector, model))
-    rows = persona.tensor(next(iter(persona.variants)))
-    chosen.check_fits(rows.shape[0] - 1, rows.shape[1])
+    persona = as_vector(vector)
+    if chosen.layer not in persona.held:
+        raise InvalidInputError(f"the SAE reads layer {chosen.layer} but the vector has layers {persona.held}")
+    chosen.check_fits(persona.held[-1], persona.hidden_size)
     labels = load_labels(labels) if isinstance(labels, str | Path) else labels
     handle = as_model(model) if model is not None else None
     if handle is not None:
@@ -217,7 +217,8 @@ def features(
         pairs = [p for p in map(json.loads, (folder / "pairs.jsonl").read_text().splitlines()) if p["kept"]]
         found = run_trait(folder)
         style = found[0].elicitation if found else style
-    vectors = {name: persona.tensor(name) for name in persona.variants}
+    depth = handle.n_layers if handle is not None else persona.n_layers or persona.held[-1] + 1
+    vectors = {name: persona.tensor(name, depth) for name in persona.layers}
     trait = persona.trait.name if persona.trait is not None else ""
     with run_folder(out) as (target, kept):
         run_features(handle, vectors, chosen, target, pairs, style, labels, top_k, trait, progress)
@@ -258,7 +259,7 @@ def feature_diff(
     if positions in ("last_prompt", "generating"):
         raise InvalidInputError(f"positions {positions!r}: choose response, prompt or all")
     chosen = as_sae(sae, layer)
-    persona = as_vector(vector, sized_for(vector, model)) if vector is not None else None
+    persona = as_vector(vector) if vector is not None else None
     path = Path(prompts) if isinstance(prompts, str | Path) else None
     rows = _records(prompts) if prompts is not None else None
     if rows is None:
@@ -268,7 +269,7 @@ def feature_diff(
     labels = load_labels(labels) if isinstance(labels, str | Path) else labels
     base = as_model(model)
     chosen.check_fits(base.n_blocks, base.hidden_size)
-    direction = persona.tensor(variant) if persona is not None else None
+    direction = persona.tensor(variant, base.n_layers) if persona is not None else None
     changed = tuned if isinstance(tuned, ModelHandle) else trained_loader(base, tuned)()
     with run_folder(out) as (folder, kept):
         run_feature_diff(
@@ -292,12 +293,13 @@ def cosine(
 
     first, second = as_vector(a), as_vector(b)
     values = first.cosine(second, variant)
+    layers = list(values.index)
     table = pd.DataFrame(
         {
-            "layer": range(len(values)),
+            "layer": layers,
             "cosine": values.tolist(),
-            "norm_a": first.norms(variant).tolist(),
-            "norm_b": second.norms(variant).tolist(),
+            "norm_a": first.norms(variant)[layers].tolist(),
+            "norm_b": second.norms(variant)[layers].tolist(),
         }
     )
     if out is not None:

@@ -219,14 +219,14 @@ def monitored(
     questions = [r.prompt for r in rows] if rows else None
     out = []
     for value in vectors:
-        vector = as_vector(value, n_blocks)
+        vector = as_vector(value)
         name = vector.source.name if vector.source else vector.name
-        direction = vector.tensor(variant)
-        if direction.shape[0] != n_blocks + 1:
+        if vector.n_layers not in (None, n_blocks + 1):
             raise InvalidInputError(
-                f"monitor vector {name} has {direction.shape[0]} layers but the model has {n_blocks + 1}; "
+                f"monitor vector {name} has {vector.n_layers} layers but the model has {n_blocks + 1}; "
                 f"use a vector extracted from this model"
             )
+        direction = vector.tensor(variant, n_blocks + 1)
         if questions is None and vector.trait is None:
             raise InvalidInputError(f"{name} keeps no trait.json; pass monitor prompts (a JSONL of prompts)")
         if judged and vector.trait is None:

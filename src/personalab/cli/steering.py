@@ -93,7 +93,7 @@ def steer_command(
     threads: ThreadsOption = None,
 ) -> None:
     """Print the steered answer beside the unsteered one."""
-    from personalab.api.common import load_vector
+    from personalab.persona import as_vector
 
     with reported():
         prepare(threads, device, model)
@@ -113,10 +113,11 @@ def steer_command(
             raise InvalidInputError("--vllm-graphs adds steering vectors only; drop it to ablate or clamp")
         if prompt_format is not None:
             check_format(prompt_format)
+        from personalab.engine.loading import model_shape
         from personalab.persona import check_origin
 
-        persona = load_vector(vector, model)
-        direction = persona.tensor(variant)
+        persona = as_vector(vector)
+        direction = persona.tensor(variant, model_shape(model, revision)[0] + 1)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         check_origin(persona, handle)
         prompt_format = prompt_format or handle.chat.default_format
@@ -193,8 +194,9 @@ def sweep(
     threads: ThreadsOption = None,
 ) -> None:
     """Sweep layers x coefficients; judge trait and coherence; write tables and plots."""
-    from personalab.api.common import as_trait, load_vector
+    from personalab.api.common import as_trait
     from personalab.api.common import judge as open_judge
+    from personalab.persona import as_vector
 
     with reported(out):
         prepare(threads, device, model)
@@ -212,7 +214,7 @@ def sweep(
             ) | ({"alphas": floats(alphas)} if alphas else {}), layers=chosen_layers,
         )  # fmt: skip
         chosen = as_trait(trait, vector, trait_dir)
-        persona = load_vector(vector, model)
+        persona = as_vector(vector)
         scorer = open_judge(judge, judge_timeout)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
         folder = out or default_out("sweep-", chosen.name, model)

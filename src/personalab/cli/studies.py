@@ -366,8 +366,9 @@ def correlate(
 ) -> None:
     """Projection shift against judged trait across fine-tuned models: Pearson r over the n fine-tunes, its p, and a
     bootstrap interval from n = 10."""
-    from personalab.api.common import as_trait, load_vector
+    from personalab.api.common import as_trait
     from personalab.api.common import judge as open_judge
+    from personalab.persona import as_vector
 
     with reported(out):
         prepare(threads, device, model)
@@ -387,7 +388,7 @@ def correlate(
             ),
             layer=layer,
         )
-        persona = load_vector(vector, model)
+        persona = as_vector(vector)
         chosen = as_trait(trait, vector, trait_dir)
         scorer = open_judge(judge, judge_timeout)
 

@@ -203,7 +203,8 @@ def project(
 ) -> None:
     """Project records, their shift against the model's own answers, or a fine-tune's change (--tuned) onto a
     persona vector."""
-    from personalab.api.common import as_trait, load_vector
+    from personalab.api.common import as_trait
+    from personalab.persona import as_vector
 
     with reported(out):
         prepare(threads, device, model)
@@ -217,7 +218,7 @@ def project(
             raise InvalidInputError("pass a JSONL data file and --layer (or --tuned TUNED)")
         if top_k is not None and not shift:
             raise InvalidInputError("--top-k selects by projection shift; add --shift")
-        persona = load_vector(vector, model)
+        persona = as_vector(vector)
         chosen = None
         if tuned is not None and data is None:
             chosen = as_trait(trait, vector, trait_dir, also="a JSONL data file of prompts")
@@ -295,12 +296,12 @@ def features(
 
 def _features(sae, out, vector, model, per_sign, labels, report, dtype, device) -> None:
     from personalab.api import features as run
-    from personalab.api.common import load_vector
+    from personalab.persona import as_vector
     from personalab.runfolder import read_meta
 
     if vector is None:
         raise InvalidInputError("pass --vector (the persona vector to decompose), or --diff BASE TUNED")
-    persona = load_vector(vector, model)
+    persona = as_vector(vector)
     name = model or (read_meta(vector).get("model") if vector.is_dir() else None)
     handle = open_model(name, None, dtype, device, None) if name else None
     run(persona, sae, model=handle, top_k=per_sign, labels=labels, out=out, report=report)
@@ -309,10 +310,11 @@ def _features(sae, out, vector, model, per_sign, labels, report, dtype, device) 
 def _feature_diff(diff, sae, out, vector, prompts, trait, trait_dir, variant, positions, per_sign, labels,
                   max_new_tokens, batch_size, report, dtype, device) -> None:  # fmt: skip
     from personalab.api import feature_diff
-    from personalab.api.common import as_trait, load_vector
+    from personalab.api.common import as_trait
+    from personalab.persona import as_vector
 
     base, tuned = diff
-    persona = load_vector(vector, base) if vector is not None else None
+    persona = as_vector(vector) if vector is not None else None
     chosen = None if prompts is not None else as_trait(trait, vector, trait_dir, also="--prompts FILE")
     handle = open_model(base, None, dtype, device, None)
     changed = open_trained(base, Path(tuned), dtype, device, None, False)
@@ -328,10 +330,10 @@ def export(
     out: Annotated[Path, typer.Option(help="Folder for the .pt files.")] = Path("."),
 ) -> None:
     """Write a vector's variants as public persona-vectors .pt files ({trait}_response_avg_diff.pt, ...)."""
-    from personalab.api.common import load_vector
+    from personalab.persona import as_vector
 
     with reported(out):
-        written = load_vector(vector).export_public(out)
+        written = as_vector(vector).export_public(out)
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -349,13 +351,13 @@ def cosine_command(
     ] = None,
 ) -> None:
     """Cosine similarity of two persona vectors at every layer."""
-    from personalab.api.common import load_vector
+    from personalab.persona import as_vector
 
     with reported(out):
         from personalab.api import cosine
         from personalab.figures.tables import markdown_table
 
-        table = cosine(load_vector(a), load_vector(b), variant=variant, out=out)
+        table = cosine(as_vector(a), as_vector(b), variant=variant, out=out)
     console.print(markdown_table(table, {"cosine": "+.3f", "norm_a": ".4g", "norm_b": ".4g"}), markup=False)
     if out is not None:
         console.print(f"wrote {out}/cosine.csv, cosine.png", markup=False)

@@ -100,7 +100,8 @@ def distill_command(
 
     Data-parallel on several GPUs: `accelerate launch --multi_gpu --num_processes N -m personalab distill ...`.
     """
-    from personalab.api.common import as_trait, load_vector
+    from personalab.api.common import as_trait
+    from personalab.persona import as_vector
 
     with reported(out):
         prepare(threads, device, model)
@@ -120,7 +121,7 @@ def distill_command(
                 temperature=temperature, top_p=top_p,
             ), layer=layer, alpha=alpha, trajectories=min(counts, default=2),
         )  # fmt: skip
-        persona = load_vector(vector, model)
+        persona = as_vector(vector)
         chosen = None if prompts is not None else as_trait(trait, vector, trait_dir, also="--prompts FILE")
         placement, main, processes = training_placement(device)
         if engine.engine == "vllm" and processes > 1:
@@ -183,8 +184,9 @@ def compare(
     threads: ThreadsOption = None,
 ) -> None:
     """Judge base, steered and distilled (--tuned) models on the trait's evaluation questions."""
-    from personalab.api.common import as_trait, load_vector
+    from personalab.api.common import as_trait
     from personalab.api.common import judge as open_judge
+    from personalab.persona import as_vector
 
     with reported(out):
         prepare(threads, device, model)
@@ -199,7 +201,7 @@ def compare(
                 seed=seed,
             ), layer=layer, alpha=alpha,
         )  # fmt: skip
-        persona = load_vector(vector, model)
+        persona = as_vector(vector)
         chosen = as_trait(trait, vector, trait_dir)
         scorer = open_judge(judge, judge_timeout)
         base = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
@@ -240,7 +242,7 @@ def bake(
     threads: ThreadsOption = None,
 ) -> None:
     """Bake steering on all positions into the weights: the saved model's plain forward equals the steered one."""
-    from personalab.api.common import load_vector
+    from personalab.persona import as_vector
 
     with reported(out):
         prepare(threads, device, model)
@@ -248,7 +250,7 @@ def bake(
 
         if not exact:
             raise InvalidInputError("pass --exact; training-based baking is `personalab distill`")
-        persona = load_vector(vector, model)
+        persona = as_vector(vector)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking)
         result = run(handle, persona, layer=layer, alpha=alpha, out=out, scale=scale, variant=variant, report=report)
     console.print(f"baked alpha {alpha:g} at layer {layer} as {result.meta['method']}; wrote {result.folder}")
@@ -322,7 +324,7 @@ def finetune(
     Data-parallel on several GPUs: `accelerate launch --multi_gpu --num_processes N -m personalab finetune ...`.
     """
     from personalab.api.common import judge as open_judge
-    from personalab.api.common import load_vector
+    from personalab.persona import as_vector
 
     with reported(out):
         prepare(threads, device, model)
@@ -347,10 +349,10 @@ def finetune(
         check_records(load_records(data))
         n_blocks, hidden = model_shape(model, revision)
         monitors = monitored(monitor, monitor_layer, n_blocks, monitor_prompts, variant, monitor_judge is not None)
-        steering = [load_vector(p, model) for p in (steer, ablate) if p is not None]
+        steering = [as_vector(p) for p in (steer, ablate) if p is not None]
         kinds = [k for k, p in (("steer", steer), ("ablate", ablate)) if p is not None]
         planned = [
-            TrainingIntervention(k, layer, v.tensor(variant), alpha, scale)
+            TrainingIntervention(k, layer, v.tensor(variant, n_blocks + 1), alpha, scale)
             for k, v in zip(kinds, steering, strict=True)
         ]
         check(n_blocks, hidden, config, monitors, planned)
