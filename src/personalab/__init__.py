@@ -31,6 +31,7 @@ _EXPORTS = {
     "localize": "personalab.api",
     "project": "personalab.api",
     "report": "personalab.api",
+    "steer_answers": "personalab.api",
     "sweep": "personalab.api",
     "trace": "personalab.api",
     "PersonaVector": "personalab.persona",
@@ -73,6 +74,7 @@ __all__ = [
     "localize",
     "project",
     "report",
+    "steer_answers",
     "sweep",
     "trace",
     "PersonaVector",
@@ -116,6 +118,7 @@ if TYPE_CHECKING:
         localize,
         project,
         report,
+        steer_answers,
         sweep,
         trace,
     )  # fmt: skip

@@ -1,12 +1,14 @@
 """What a run shows while it works: status lines through ``logging`` and progress bars through rich.
 
 Status lines (``say``) are records of the ``personalab`` logger at level INFO. The command line shows them with
-``log_to_console`` (plain lines on stdout, parameters written as flags); a Python session that has not configured
-logging gets the same handler on the first line, and one that has (``logging.basicConfig``, a notebook's handler)
-gets the records where it sends them. Progress bars are console output, silenced with ``enabled=False``: on a
-terminal a bar redraws in place; when the output goes to a file or a pipe (a job's log), where a bar would show
-nothing until the end, ``progress_bar`` writes a plain line when the work starts, at least every ``LOG_EVERY``
-seconds while it runs, and when it ends.
+``log_to_console`` (plain lines on stdout, parameters written as flags) while a command runs; a Python session that
+has not configured logging gets the same handler on the first line, and one that has (``logging.basicConfig``, a
+notebook's handler) gets the records where it sends them, at the level it set (``basicConfig``'s default, WARNING,
+drops them).
+
+Progress bars are console output, silenced with ``enabled=False``: on a terminal a bar redraws in place; when the
+output goes to a file or a pipe (a job's log), where a bar would show nothing until the end, ``progress_bar``
+writes a plain line when the work starts, at least every ``LOG_EVERY`` seconds while it runs, and when it ends.
 """
 
 import logging
@@ -40,13 +42,24 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def log_to_console(rewrite: Callable[[str], str] | None = None) -> None:
+def log_to_console(rewrite: Callable[[str], str] | None = None) -> Callable[[], None]:
     """Show the ``personalab`` logger's INFO records as plain lines on stdout (replacing an earlier such handler);
-    ``rewrite`` edits each message (the command line writes parameters as flags)."""
-    for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
+    ``rewrite`` edits each message (the command line writes parameters as flags). Returns what puts the logger's
+    handlers and level back as they were (the command line calls it when the command ends)."""
+    handlers, level = list(logger.handlers), logger.level
+    for handler in [h for h in handlers if isinstance(h, ConsoleHandler)]:
         logger.removeHandler(handler)
     logger.addHandler(ConsoleHandler(rewrite))
     logger.setLevel(logging.INFO)
+
+    def restore() -> None:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.setLevel(level)
+
+    return restore
 
 
 @contextmanager
@@ -105,9 +118,12 @@ def _line(text: str) -> None:
 
 def say(message: str, enabled: bool = True) -> None:
     """Log one line of what a run is doing (INFO on the ``personalab`` logger; silenced with the progress bars).
-    Where logging is not configured at all, the console handler is installed first (``log_to_console``)."""
+    Where logging is not configured at all, the console handler is installed first, at INFO unless the logger's own
+    level was set."""
     if not enabled:
         return
     if not logger.hasHandlers():
-        log_to_console()
+        logger.addHandler(ConsoleHandler())
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
     logger.info(message)

@@ -14,6 +14,14 @@ def as_flags(message: str) -> str:
     return _PARAMETER.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
+def invalid_option(errors: list[dict]) -> str:
+    """The first of pydantic's ``ValidationError.errors()`` as one line naming the option: ``invalid `name`: why``."""
+    first = errors[0]
+    message = first["msg"].removeprefix("Value error, ")
+    names = [part for part in first["loc"] if isinstance(part, str)]
+    return f"invalid `{names[-1]}`: {message}" if names else message
+
+
 class PersonalabError(Exception):
     """Base class: the CLI prints the message on one line and exits with status 1."""
 

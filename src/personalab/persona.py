@@ -173,7 +173,8 @@ class PersonaVector:
         depth = n_layers if n_layers is not None else self.n_layers
         if depth is None:
             raise InvalidInputError(
-                f"this vector has layer(s) {', '.join(map(str, rows))} only; give the model it is applied to"
+                f"this vector has layer(s) {', '.join(map(str, rows))} only; give `n_layers` (the model's "
+                f"n_blocks + 1), or make it `dense(n_layers)` first"
             )
         if self.n_layers is not None and depth != self.n_layers:
             raise InvalidInputError(
@@ -226,10 +227,12 @@ class PersonaVector:
         mine, rows = self._variant(variant), theirs._variant(variant)
         depths = {d for d in (self.n_layers, theirs.n_layers) if d is not None}
         common = [layer for layer in mine if layer in rows]
-        if len(depths) > 1 or self.hidden_size != theirs.hidden_size or not common:
+        if len(depths) > 1 or self.hidden_size != theirs.hidden_size:
             raise InvalidInputError(
                 f"vectors of shapes {self._shape()} and {theirs._shape()}; compare vectors of one model"
             )
+        if not common:
+            raise InvalidInputError(f"the vectors share no layer ({self._shape()} and {theirs._shape()})")
         a = torch.stack([mine[layer] for layer in common])
         b = torch.stack([rows[layer] for layer in common])
         values = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=torch.finfo(torch.float32).tiny)
@@ -303,7 +306,7 @@ class PersonaVector:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``vectors.safetensors``, ``meta.json`` and (with a trait) ``trait.json`` into ``folder``; a folder
-        that ``PersonaVector.load`` and every ``--vector`` option read. A vector of some layers is saved as
+        that ``PersonaVector.load`` and every ``--vector`` option read. A vector of some layers is saved after
         ``dense(n_layers)``."""
         folder = Path(folder)
         meta = {**self.meta, "model": self.model, "revision": self.revision}
@@ -371,7 +374,7 @@ class PersonaVector:
             raise InvalidInputError(
                 f"vectors of shapes {self._shape()} and {other._shape()}; combine vectors of one model"
             )
-        if (self.model, self.revision) != (other.model, other.revision):
+        if None not in (self.model, other.model) and (self.model, self.revision) != (other.model, other.revision):
             raise InvalidInputError(
                 f"vectors of {_named(str(self.model), self.revision)} and {_named(str(other.model), other.revision)}; "
                 "combine vectors of one model"
@@ -390,7 +393,8 @@ class PersonaVector:
             held = sorted(set(mine) | set(theirs))
             variants[k] = {layer: mine.get(layer, zero) + sign * theirs.get(layer, zero) for layer in held}
         variants = self._as_held(variants, depth)
-        return self._derived(variants, shared, f"({self.name or '?'}) {symbol} ({other.name or '?'})")
+        known = self if self.model is not None else other  # a feature vector records no model
+        return known._derived(variants, shared, f"({self.name or '?'}) {symbol} ({other.name or '?'})")
 
     @staticmethod
     def _as_held(variants: dict[str, Rows], depth: int | None) -> "dict[str, torch.Tensor | Rows]":

@@ -4,6 +4,7 @@ study functions against the command line (same files, same defaults), and ``impo
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.fakes import ScriptedJudge
 from helpers.judge_server import JudgeServer, hashed_scores
 from typer.main import get_command
 from typer.testing import CliRunner
@@ -253,6 +255,17 @@ def test_cli_verbs_write_what_the_python_functions_write(model_folder, tmp_path,
         )
         _same_run(tmp_path / "cli" / "sweep", tmp_path / "py" / "sweep")
         assert list(result.table["layer"]) == list(result.tables["sweep"]["layer"]) and len(result.table) == 4
+        kept = tmp_path / "py" / "sweep"
+        memory = pl.sweep(model, vec, "api:j", layers=[1, 2], alphas=[0, 2], eval_samples=1, max_new_tokens=3)
+        assert memory.folder is None and memory.figures == {}
+        assert memory.images == {p.stem: p.read_bytes() for p in kept.glob("*.png")} and len(memory.images) >= 3
+        with sqlite3.connect(kept / "generations.sqlite") as db:
+            texts = [t for (t,) in db.execute("SELECT text FROM generations ORDER BY rowid")]
+        assert memory.answers["text"].tolist() == texts and len(texts) >= 4
+        judged = memory.answers.dropna(subset=["trait", "coherence"])
+        assert (
+            len(judged) == len(texts) and set(judged["alpha"]) == {0.0, 2.0} and set(judged["layer"].dropna()) == {1, 2}
+        )
 
     bake = ["bake", *base, "--vector", str(tmp_path / "cli" / "ext"), "--layer", "2", "--alpha", "3", "--exact"]
     assert runner.invoke(app, [*bake, "--out", str(tmp_path / "cli" / "bake")]).exit_code == 0
@@ -415,7 +428,7 @@ def test_a_vector_holds_the_layers_it_has(tiny):
     dense = some.tensor(n_layers=handle.n_layers)
     assert dense.shape == (handle.n_layers, handle.hidden_size) and torch.equal(dense[3], row)
     assert not dense[[i for i in range(handle.n_layers) if i != 3]].any()
-    with pytest.raises(pl.PersonalabError, match="has layer\\(s\\) 3 only; give the model"):
+    with pytest.raises(pl.PersonalabError, match="has layer\\(s\\) 3 only; give `n_layers`"):
         some.tensor()
     with pytest.raises(pl.PersonalabError, match="has layer 3 but the model has layers 0..2"):
         some.tensor(n_layers=3)
@@ -435,3 +448,45 @@ def test_a_vector_holds_the_layers_it_has(tiny):
         full + pl.PersonaVector({"response_mean": {3: torch.ones(7)}}, model=handle.name)
     with pytest.raises(pl.PersonalabError, match="has layer 99 but the other has layers"):
         full + pl.PersonaVector({"response_mean": {99: row}}, model=handle.name)
+    feature = pl.PersonaVector({"response_mean": {3: row}})  # a feature vector records no model
+    assert (full - feature).model == handle.name and torch.equal((full - feature).at(3), full.at(3) - row)
+    with pytest.raises(pl.PersonalabError, match="share no layer"):
+        some.cosine(pl.PersonaVector({"response_mean": {4: row}}))
+
+
+def test_bad_options_are_one_line_naming_the_parameter(tiny):
+    """An unknown option names the valid ones; an invalid value names its option (a sampling one too), not a pydantic
+    error of several lines."""
+    from personalab.api.common import configured
+    from personalab.methods.extraction import ExtractionConfig
+
+    with pytest.raises(pl.PersonalabError, match=r"unknown option 'sample'; the options are .*samples") as unknown:
+        configured(ExtractionConfig, {"sample": 2})
+    with pytest.raises(pl.PersonalabError, match=r"^invalid `samples`: Input should be greater than or equal to 1$"):
+        configured(ExtractionConfig, {"samples": 0})
+    with pytest.raises(pl.PersonalabError, match=r"^invalid `temperature`: ") as bad:
+        pl.extract(tiny("llama", "chatml"), TRAIT, ScriptedJudge(), temperature=-1.0)
+    assert "\n" not in str(bad.value) and "\n" not in str(unknown.value)
+
+
+def test_steer_answers_are_sampling_without_and_with_the_vector(tiny):
+    """``pl.steer_answers`` (``personalab steer``): each prompt's two answers equal ``sample`` without and under a plain
+    ``add_vector`` of the raw vector; a bad combination of options is one line before any generation."""
+    from personalab.engine.generation import SamplingParams, sample_texts
+    from personalab.engine.interventions import add_vector
+
+    handle = tiny("llama", "chatml")
+    vector = _vector(handle, 0)
+    prompts = ["Hi?", "What is bread?"]
+    answers = list(pl.steer_answers(handle, vector, prompts, layer=2, alpha=4.0, scale="raw", max_new_tokens=6))
+    params = SamplingParams(temperature=0.0, max_new_tokens=6)
+    seqs = [handle.encode_prompt(handle.chat.default_format, None, p) for p in prompts]
+    plain = [sample_texts(handle, [s], params, 0)[0] for s in seqs]
+    with add_vector(handle, vector.at(2), 2, alpha=4.0, positions="generating"):
+        steered = [sample_texts(handle, [s], params, 0)[0] for s in seqs]
+    assert [(a.prompt, a.unsteered, a.steered) for a in answers] == list(zip(prompts, plain, steered, strict=True))
+    assert plain != steered and {a.label for a in answers} == {"alpha 4 (raw scale)"}
+    (one,) = pl.steer_answers(handle, vector, "Hi?", layer=2, alpha=4.0, scale="raw", max_new_tokens=6)
+    assert (one.prompt, one.steered) == ("Hi?", steered[0]), "one prompt as a string is one prompt"
+    with pytest.raises(pl.PersonalabError, match=r"^`alpha` sets how much is added; `ablate` and `clamp` add nothing"):
+        pl.steer_answers(handle, vector, prompts, layer=2, alpha=1.0, ablate=True)

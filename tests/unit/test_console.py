@@ -66,3 +66,23 @@ def test_a_session_without_logging_shows_status_lines_and_a_configured_one_route
         "personalab|judge: lexicon",
         "personalab|trait: evil",
     ]
+
+
+def test_a_level_set_before_the_first_line_is_kept_and_the_command_line_puts_the_logger_back():
+    """``setLevel(WARNING)`` before any line silences the lines (the lazy handler does not reset it); the command
+    line's handler and level are removed when ``log_to_console``'s restore runs, as at the end of a command."""
+    code = (
+        "import logging\nfrom personalab.console import say\n"
+        "logging.getLogger('personalab').setLevel(logging.WARNING)\nsay('hidden')\n"
+        "logging.getLogger('personalab').setLevel(logging.INFO)\nsay('shown')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert run.stdout.splitlines() == ["shown"]
+    import logging
+
+    log = logging.getLogger("personalab")
+    before = (list(log.handlers), log.level)
+    restore = console.log_to_console(lambda m: m.upper())
+    assert any(isinstance(h, console.ConsoleHandler) for h in log.handlers) and log.level == logging.INFO
+    restore()
+    assert (list(log.handlers), log.level) == before

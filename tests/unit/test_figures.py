@@ -65,7 +65,9 @@ def test_every_plot_reads_at_its_saved_size_and_has_a_vector_copy(tmp_path, monk
             {v: rng.uniform(0, 5, 29).tolist() for v in ("response_mean", "prompt_mean", "last_prompt")},
             f"evil on {long}: per-layer vector norms (60 of 100 pairs kept)", p,
         ),
-        "cosine": lambda p: plots.plot_layer_cosine(rng.uniform(-1, 1, 29).tolist(), "cosine of two vectors", p),
+        "cosine": lambda p: plots.plot_layer_cosine(
+            range(29), rng.uniform(-1, 1, 29).tolist(), "cosine of two vectors", p
+        ),
         "heatmap": lambda p: plots.plot_heatmap(
             rng.uniform(0, 100, (len(layers), len(alphas))), layers, alphas,
             f"evil on {long}: mean trait (normalised scale), n = 100 answers per cell", "trait score (0-100)", p,

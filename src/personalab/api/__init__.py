@@ -8,7 +8,7 @@ paths, ``meta.json``).
 """
 
 from personalab.api.common import StudyResult, judge
-from personalab.api.steering import sweep
+from personalab.api.steering import steer_answers, sweep
 from personalab.api.studies import compose, correlate, deepscan, localize, report, trace
 from personalab.api.vectors import cosine, extract, feature_diff, features, project
 from personalab.api.weights import bake, compare, distill, finetune
@@ -30,6 +30,7 @@ __all__ = [
     "localize",
     "project",
     "report",
+    "steer_answers",
     "sweep",
     "trace",
 ]

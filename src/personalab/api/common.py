@@ -4,26 +4,26 @@ A study function takes the study's options as keyword arguments; ``configured`` 
 pydantic config, so the config's fields hold the one set of defaults (the command line's options take the
 same values, checked by the tests). Sampling options (``temperature``, ``top_p``, ``max_new_tokens``,
 ``repetition_penalty``, ``seed``...) go into the config's ``sampling``. ``out=None`` runs in a temporary
-folder that is removed afterwards: the result keeps its tables and metadata in memory, not its figures.
+folder that is removed afterwards: the result keeps its tables, figures (PNG bytes), answers and metadata in memory.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from personalab.console import say
 from personalab.engine.generation import SamplingParams
 from personalab.engine.handle import ModelHandle
 from personalab.engine.loading import load_model
-from personalab.errors import InvalidInputError
+from personalab.errors import InvalidInputError, invalid_option
 from personalab.judging.judges import Judge, judge_from_spec
 from personalab.persona import PersonaVector, as_vector, check_origin
-from personalab.traits import Trait, load_trait, run_trait
+from personalab.traits import RUN_TRAIT, Trait, load_trait, run_trait
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -140,7 +140,8 @@ def vector_of(value: "PersonaVector | str | Path | Any", variant: str, model: An
 
 def configured(kind: type[Config], options: Mapping[str, Any], **fixed: Any) -> Config:
     """``kind`` from keyword ``options`` and ``fixed`` values; sampling options go into ``kind``'s ``sampling`` (from
-    its default). An unknown option is a one-line error naming the valid ones."""
+    its default). An unknown option is a one-line error naming the valid ones, an invalid value one naming the
+    option (``invalid `temperature`: ...``)."""
     fields = kind.model_fields
     values = {**options, **fixed}
     sampling = {k: values.pop(k) for k in list(values) if k in SAMPLING and k not in fields}
@@ -149,10 +150,13 @@ def configured(kind: type[Config], options: Mapping[str, Any], **fixed: Any) -> 
         wrong = unknown[0] if unknown else next(iter(sampling))
         valid = sorted((set(fields) - {"sampling"}) | (set(SAMPLING) if "sampling" in fields else set()))
         raise InvalidInputError(f"unknown option {wrong!r}; the options are {', '.join(valid)}")
-    if sampling:
-        base = values.get("sampling") or fields["sampling"].get_default(call_default_factory=True)
-        values["sampling"] = type(base).model_validate(base.model_dump() | sampling)
-    return kind(**values)
+    try:
+        if sampling:
+            base = values.get("sampling") or fields["sampling"].get_default(call_default_factory=True)
+            values["sampling"] = type(base).model_validate(base.model_dump() | sampling)
+        return kind(**values)
+    except ValidationError as exc:
+        raise InvalidInputError(invalid_option(exc.errors())) from None
 
 
 def option_defaults(kind: type[BaseModel]) -> dict[str, Any]:
@@ -207,14 +211,26 @@ def write_run_report(folder: Path, enabled: bool = True) -> Path | None:
 
 @dataclass
 class StudyResult:
-    """What a study function returns: its tables (by file stem, e.g. ``"sweep"`` for ``sweep.csv``), its figures'
-    paths, its ``meta.json`` and its run folder (``None`` for ``out=None``, which keeps no figures)."""
+    """What a study function returns: its tables (by file stem, e.g. ``"sweep"`` for ``sweep.csv``), its figures
+    (their paths in a kept run folder, and ``images``: every figure's PNG bytes, also for ``out=None``), every answer
+    it generated with its scores (``answers``, ``None`` for a study that generates none), its ``meta.json`` and its
+    run folder (``None`` for ``out=None``)."""
 
     tables: "dict[str, pd.DataFrame]" = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     folder: Path | None = None
     report: Path | None = None
+    images: dict[str, bytes] = field(default_factory=dict)
+    read_answers: "pd.DataFrame | None" = field(default=None, repr=False)
+    """The answers read before a temporary folder was removed (a kept folder's are read when first asked for)."""
+
+    @property
+    def answers(self) -> "pd.DataFrame | None":
+        """Every answer the study generated, with its scores (``None`` for a study that generates none)."""
+        if self.read_answers is None and self.folder is not None:
+            self.read_answers = stored_answers(self.folder)
+        return self.read_answers
 
     @property
     def table(self) -> "pd.DataFrame":
@@ -227,6 +243,16 @@ class StudyResult:
         return self.table._repr_html_() if self.tables else repr(self)
 
 
+def in_run_folder(
+    out: "str | Path | None", report: bool, tables: "list[str]", work: "Callable[[Path], object]"
+) -> StudyResult:
+    """A study's run: ``work(folder)`` in the run folder ``out`` (``None``: a temporary folder, removed afterwards),
+    then its ``report.html`` and its ``StudyResult``, read before a temporary folder goes."""
+    with run_folder(out) as (folder, kept):
+        work(folder)
+        return finished(folder, kept, report, tables)
+
+
 def finished(folder: Path, kept: bool, report: bool, tables: "list[str] | None" = None) -> StudyResult:
     """A study's last step: ``report.html`` (when ``report`` and the folder is kept), then its ``StudyResult``."""
     return collect(folder, kept, tables, write_run_report(folder, report and kept))
@@ -234,7 +260,8 @@ def finished(folder: Path, kept: bool, report: bool, tables: "list[str] | None" 
 
 def collect(folder: Path, kept: bool, tables: "list[str] | None" = None, report: Path | None = None) -> StudyResult:
     """The ``StudyResult`` of a finished run folder: its CSV tables (``tables`` in that order first, else every
-    CSV), its PNG figures when the folder is kept, and its ``meta.json``."""
+    CSV), its PNG figures (paths when the folder is kept, bytes always), its stored answers with their scores, and
+    its ``meta.json``."""
     import json
 
     import pandas as pd
@@ -243,6 +270,19 @@ def collect(folder: Path, kept: bool, tables: "list[str] | None" = None, report:
 
     names = list(tables or []) + sorted(p.stem for p in folder.glob("*.csv") if p.stem not in (tables or []))
     frames = {name: pd.read_csv(folder / f"{name}.csv") for name in names if (folder / f"{name}.csv").is_file()}
-    figures = {p.stem: p for p in sorted(folder.glob("*.png"))} if kept else {}
+    pngs = sorted(folder.glob("*.png"))
+    figures = {p.stem: p for p in pngs} if kept else {}
     meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
-    return StudyResult(frames, figures, meta, folder if kept else None, report if kept else None)
+    images = {p.stem: p.read_bytes() for p in pngs}
+    answers = None if kept else stored_answers(folder)
+    return StudyResult(frames, figures, meta, folder if kept else None, report if kept else None, images, answers)
+
+
+def stored_answers(folder: Path) -> "pd.DataFrame | None":
+    """The answers of a run folder's store with their scores (``report.answers.answers_table``); ``None`` without
+    a store."""
+    from personalab.report.answers import answers_table
+    from personalab.report.folders import STORE
+
+    traits = [p for p in [folder / RUN_TRAIT] if p.is_file()]
+    return answers_table(folder / STORE, traits) if (folder / STORE).is_file() else None

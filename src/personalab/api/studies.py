@@ -13,6 +13,7 @@ from personalab.api.common import (
     block_count,
     configured,
     finished,
+    in_run_folder,
     run_folder,
     vector_of,
 )
@@ -146,9 +147,9 @@ def localize(
         if layers is not None:
             check_layers(layers, n_blocks)
     handle = as_model(model)
-    with run_folder(out) as (folder, kept):
-        run_localize(handle, chosen, folder, config, activations, progress)
-        return finished(folder, kept, report, ["divergence"])
+    return in_run_folder(
+        out, report, ["divergence"], lambda folder: run_localize(handle, chosen, folder, config, activations, progress)
+    )
 
 
 def deepscan(
@@ -210,9 +211,9 @@ def compose(
     n_blocks = block_count(model)
     config.check(n_blocks)
     handle = as_model(model)
-    with run_folder(out) as (folder, kept):
-        run_compose(handle, chosen, folder, config, marker_sets, progress)
-        return finished(folder, kept, report, ["kl"])
+    return in_run_folder(
+        out, report, ["kl"], lambda folder: run_compose(handle, chosen, folder, config, marker_sets, progress)
+    )
 
 
 def correlate(
@@ -250,9 +251,12 @@ def correlate(
         load_base = lambda: base  # noqa: E731
     else:
         loaders = [(str(f), lambda f=f: load(Path(f))) for f in tuned]
-    with run_folder(out) as (folder, kept):
-        run_correlate(load_base, loaders, direction, chosen, scorer, folder, config)
-        return finished(folder, kept, report, ["correlate"])
+    return in_run_folder(
+        out,
+        report,
+        ["correlate"],
+        lambda folder: run_correlate(load_base, loaders, direction, chosen, scorer, folder, config),
+    )
 
 
 def report(runs: Sequence[str | Path], out: str | Path | None = None) -> Path:

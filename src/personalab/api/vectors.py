@@ -12,6 +12,7 @@ from personalab.api.common import (
     as_trait,
     configured,
     finished,
+    in_run_folder,
     run_folder,
     vector_of,
     write_run_report,
@@ -203,9 +204,10 @@ def features(
 
     chosen = as_sae(sae, layer)
     persona = as_vector(vector)
+    chosen.check_fits(persona.held[-1] if persona.n_layers is None else persona.n_layers - 1, persona.hidden_size)
     if chosen.layer not in persona.held:
-        raise InvalidInputError(f"the SAE reads layer {chosen.layer} but the vector has layers {persona.held}")
-    chosen.check_fits(persona.held[-1], persona.hidden_size)
+        held = ", ".join(map(str, persona.held))
+        raise InvalidInputError(f"the SAE reads layer {chosen.layer} but the vector has layer(s) {held} only")
     labels = load_labels(labels) if isinstance(labels, str | Path) else labels
     handle = as_model(model) if model is not None else None
     if handle is not None:
@@ -220,9 +222,12 @@ def features(
     depth = handle.n_layers if handle is not None else persona.n_layers or persona.held[-1] + 1
     vectors = {name: persona.tensor(name, depth) for name in persona.layers}
     trait = persona.trait.name if persona.trait is not None else ""
-    with run_folder(out) as (target, kept):
-        run_features(handle, vectors, chosen, target, pairs, style, labels, top_k, trait, progress)
-        return finished(target, kept, report, ["features"])
+    return in_run_folder(
+        out,
+        report,
+        ["features"],
+        lambda target: run_features(handle, vectors, chosen, target, pairs, style, labels, top_k, trait, progress),
+    )
 
 
 def feature_diff(
@@ -307,6 +312,6 @@ def cosine(
         folder.mkdir(parents=True, exist_ok=True)
         write_csv(table, folder / "cosine.csv")
         names = [v.name or str(v.source or "?") for v in (first, second)]
-        plot_layer_cosine(table["cosine"], f"cosine of {names[0]} and {names[1]} per layer ({variant})",
+        plot_layer_cosine(table["layer"], table["cosine"], f"cosine of {names[0]} and {names[1]} per layer ({variant})",
                           folder / "cosine.png")  # fmt: skip
     return table

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from personalab.cli.options import EngineOptions
-from personalab.errors import InvalidInputError, PersonalabError, PersonalabWarning, as_flags
+from personalab.errors import InvalidInputError, PersonalabError, PersonalabWarning, as_flags, invalid_option
 from personalab.files import check_writable
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _record_command(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
     ] = False,
@@ -51,7 +52,7 @@ def _record_command(
 
     runfolder.command = runfolder.command_line()
     warnings.showwarning = _one_line_warning
-    log_to_console(as_flags)
+    ctx.call_on_close(log_to_console(as_flags))
 
 
 _show_warning = warnings.showwarning
@@ -197,11 +198,7 @@ def reported(out: Path | None = None) -> Iterator[None]:
         errors.print("[red]error:[/red]", escape(message), highlight=False)
         raise typer.Exit(1) from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        if first["loc"]:
-            message = f"invalid --{str(first['loc'][-1]).replace('_', '-')}: {message}"
-        errors.print("[red]error:[/red]", escape(as_flags(message)), highlight=False)
+        errors.print("[red]error:[/red]", escape(as_flags(invalid_option(exc.errors()))), highlight=False)
         raise typer.Exit(1) from None
     finally:
         while _started:

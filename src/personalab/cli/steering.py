@@ -93,64 +93,36 @@ def steer_command(
     threads: ThreadsOption = None,
 ) -> None:
     """Print the steered answer beside the unsteered one."""
-    from personalab.persona import as_vector
-
     with reported():
         prepare(threads, device, model)
         check_engine(engine, model, revision)
-        from personalab.engine import generation
-        from personalab.engine.interventions import Ablate, Clamp, Steer
-        from personalab.engine.scale import projection_stats, scaled_vector
-        from personalab.traits import calibration_prompts
+        from personalab.api import steer_answers
+        from personalab.engine.loading import model_shape
+        from personalab.persona import as_vector
+        from personalab.studies.steer import SteerConfig
 
         if prompt is None and not chat:
             raise InvalidInputError("give a PROMPT or --chat")
-        if ablate and clamp is not None:
-            raise InvalidInputError("choose one of --ablate and --clamp")
-        if alpha is not None and (ablate or clamp is not None):
-            raise InvalidInputError("--alpha sets how much is added; --ablate and --clamp add nothing: drop --alpha")
         if engine.vllm_graphs and (ablate or clamp is not None):
             raise InvalidInputError("--vllm-graphs adds steering vectors only; drop it to ablate or clamp")
         if prompt_format is not None:
             check_format(prompt_format)
-        from personalab.engine.loading import model_shape
-        from personalab.persona import check_origin
-
+        options = checked(
+            SteerConfig, dict(
+                alpha=alpha, positions=positions, scale=scale, ablate=ablate, clamp=clamp, system=system,
+                prompt_format=prompt_format, temperature=temperature, top_p=top_p,
+                repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
+            ), layer=layer,
+        )  # fmt: skip
         persona = as_vector(vector)
-        direction = persona.tensor(variant, model_shape(model, revision)[0] + 1)
+        persona.tensor(variant, model_shape(model, revision)[0] + 1)
         handle = open_model(model, revision, dtype, device, tokenizer, thinking=thinking, engine=engine)
-        check_origin(persona, handle)
-        prompt_format = prompt_format or handle.chat.default_format
-        handle.chat.check_format(prompt_format)
-        console.print(f"prompt format: {handle.chat.describe(prompt_format)}", markup=False, highlight=False)
-        if ablate:
-            intervention, label = Ablate(layer, direction, positions), "ablated"
-        elif clamp is not None:
-            mean, std = projection_stats(handle, direction, layer, calibration_prompts(handle))
-            console.print(
-                f"layer {layer}: the projection onto the unit direction is {mean:.4g} +- {std:.4g} (mean +- std over "
-                f"every token of the calibration prompts); clamped to {clamp:g}", markup=False, highlight=False,
-            )  # fmt: skip
-            intervention, label = Clamp(layer, direction, clamp, positions), f"projection clamped to {clamp:g}"
-        else:
-            alpha = 1.0 if alpha is None else alpha
-            scaled = scaled_vector(handle, direction, layer, scale, calibration_prompts(handle))
-            console.print(scaled.describe([alpha]), markup=False, highlight=False)
-            intervention, label = Steer(layer, scaled.vector, alpha, positions), f"alpha {alpha:g} ({scale} scale)"
-        params = generation.SamplingParams(
-            temperature=temperature,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            max_new_tokens=max_new_tokens,
-        )
-        for text in [prompt] if not chat else iter(_read_line, ""):
-            seq = handle.encode_prompt(prompt_format, system, text)
-            (plain,) = generation.sample(handle, [seq], params, seed)
-            (steered,) = generation.sample(handle, [seq], params, seed, (intervention,))
+        prompts = [prompt] if not chat else iter(_read_line, "")
+        for answer in steer_answers(handle, persona, prompts, layer=layer, variant=variant, **options):
             table = Table(show_lines=True)
             table.add_column("unsteered", ratio=1)
-            table.add_column(f"steered at layer {layer}, {positions} positions, {label}", ratio=1)
-            table.add_row(escape(plain.text), escape(steered.text))
+            table.add_column(f"steered at layer {layer}, {positions} positions, {answer.label}", ratio=1)
+            table.add_row(escape(answer.unsteered), escape(answer.steered))
             console.print(table)
 
 

@@ -54,11 +54,11 @@ def plot_layer_norms(norms: dict[str, list[float]], title: str, path: str | Path
     save_figure(fig, path)
 
 
-def plot_layer_cosine(cosines: Sequence[float], title: str, path: str | Path) -> None:
-    """Cosine similarity per layer (x: the layer index of ``personalab.engine.layers``), on [-1, 1]."""
+def plot_layer_cosine(layers: Sequence[int], cosines: Sequence[float], title: str, path: str | Path) -> None:
+    """Cosine similarity at each of ``layers`` (the layer index of ``personalab.engine.layers``), on [-1, 1]."""
     fig = Figure(figsize=(6.5, 3.8))
     ax = fig.subplots()
-    ax.plot(range(len(cosines)), list(cosines), marker="o", markersize=3)
+    ax.plot(list(layers), list(cosines), marker="o", markersize=3)
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel(LAYER_AXIS)

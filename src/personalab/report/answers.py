@@ -15,11 +15,16 @@ referenced by index, so a page with 100,000 answers stays a few times the size o
 
 import json
 import sqlite3
+from contextlib import closing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from personalab.judging.fluency import FLUENCY
 from personalab.records import jsonl_values
 from personalab.traits import COHERENCE_CONTINUATION, COHERENCE_RUBRIC, LIBRARY
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ANSWER_FIELDS = ("question", "instruction", "layer", "alpha", "sample", "condition", "model", "text")
 """The fields of an answer row, before its scores (one per score label)."""
@@ -77,7 +82,7 @@ def stored_answers(store: Path, trait_files: list[Path]) -> dict:
     label of ``scores`` (``None`` when not judged). Raises ``sqlite3.DatabaseError`` for a file
     that is not a readable store.
     """
-    with _connect(store) as db:
+    with closing(_connect(store)) as db:
         generations = db.execute("SELECT model, revision, request, text FROM generations ORDER BY rowid").fetchall()
         judged = db.execute("SELECT question, answer, rubric, score FROM judgements ORDER BY rowid").fetchall()
     requests = [json.loads(request) for _, _, request, _ in generations]
@@ -122,6 +127,20 @@ def stored_answers(store: Path, trait_files: list[Path]) -> dict:
         "values": {name: list(found) for name, found in values.items()},
         "rows": rows,
     }
+
+
+def answers_table(store: Path, trait_files: list[Path]) -> "pd.DataFrame":
+    """``stored_answers`` as a table: one row per generation, the ``ANSWER_FIELDS`` then one column per score."""
+    import pandas as pd
+
+    data = stored_answers(store, trait_files)
+    width = len(ANSWER_FIELDS)
+    rows = []
+    for row in data["rows"]:
+        fields = dict(zip(ANSWER_FIELDS, row[:width], strict=True))
+        fields.update({name: data["values"][name][fields[name]] for name in INTERNED})
+        rows.append({**fields, **dict(zip(data["scores"], row[width:], strict=True))})
+    return pd.DataFrame(rows, columns=[*ANSWER_FIELDS, *data["scores"]])
 
 
 def extraction_pairs(path: Path) -> list[dict]:

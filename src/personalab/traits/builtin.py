@@ -120,20 +120,3 @@ def load_trait(spec: str, trait_dir: str | Path | None = None) -> Trait:
 def builtin_strategies() -> list[str]:
     """Names of the base-model strategy variants shipped with personalab (``{trait}-{strategy}``)."""
     return sorted(p.stem for p in STRATEGIES.glob("*.json"))
-
-
-__all__ = [
-    "COHERENCE_CONTINUATION",
-    "COHERENCE_RUBRIC",
-    "Trait",
-    "builtin_strategies",
-    "builtin_traits",
-    "calibration_prompts",
-    "coherence_rubric",
-    "library_questions",
-    "load_public_trait",
-    "load_trait",
-    "load_trait_file",
-    "reference_system_prompt",
-    "run_trait",
-]
