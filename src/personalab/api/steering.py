@@ -56,10 +56,9 @@ def steer_answers(
                    repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     config = configured(SteerConfig, options, layer=layer)
     persona = as_vector(vector)
-    persona.tensor(variant, block_count(model) + 1)  # a missing variant or another depth, before the model loads
+    direction = persona.tensor(variant, block_count(model) + 1)  # a missing variant or another depth: before loading
     handle = as_model(model)
     check_origin(persona, handle)
-    direction = persona.tensor(variant, handle.n_layers)
     chosen = checked_format(handle, config)
     applied, label = intervention(handle, direction, config)
     return steered_answers(handle, [prompts] if isinstance(prompts, str) else prompts, config, applied, label, chosen)
