@@ -66,9 +66,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(model_folder, tmp_pat
     folder, trait_file = model_folder("llama", "chatml"), tmp_path / "grumpy.json"
     TRAIT.save(trait_file)
     run, db = tmp_path / "run", tmp_path / "run" / "generations.sqlite"
-    # A slow judge keeps the run busy for seconds after its third answer is stored, so the signal lands mid-run even
-    # when this loop reads the store late (a loaded machine: CI installs other environments meanwhile).
-    with JudgeServer(scorer=split_token_scorer, delay=0.25) as server:
+    with JudgeServer(scorer=split_token_scorer) as server:
         interrupted = extract_process(folder, trait_file, run, server.base_url)
         stored = _kill_when(interrupted, db, "generations", 3, how=signal.SIGINT)
         output = interrupted.stdout.read().decode()

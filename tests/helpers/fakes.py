@@ -3,6 +3,7 @@ local-judge scorers over token probabilities, and an extraction run as a separat
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -108,4 +109,12 @@ def extract_process(folder, trait_file, out, base_url, samples: int = 4, batch_s
         "cpu",
     ]
     env = {**os.environ, "PERSONALAB_JUDGE_BASE_URL": base_url, "PERSONALAB_JUDGE_API_KEY": "none"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Ctrl-C as on a terminal: a shell without job control starts background jobs with SIGINT ignored, and a child
+    # inherits that, so the run is given the default disposition whatever started the tests.
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
